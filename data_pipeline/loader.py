@@ -1,0 +1,224 @@
+"""The streaming loader, as a visible list of stages.
+
+    shard list ──► shuffle by (seed, epoch) ──► split by rank ──► split by worker
+        ──► read tar, group members by key ──► safe decode (PIL / json / txt, never pickle)
+        ──► build sample ──► preprocess image ──► tokenize (<image> -> N visual tokens)
+        ──► mask labels ──► batch + collate
+
+Each stage is a small function over an iterator, composed in `CaptionStream.__iter__`. The
+stream repeats epochs forever; the trainer decides how many batches to take, so every rank
+takes the same number and none waits at an epoch end.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import braceexpand
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+IGNORE_INDEX = -100
+IMAGE_PLACEHOLDER = "<image>"
+SAFE_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    """How text becomes token ids: the tokenizer and the visual-token expansion of `<image>`."""
+
+    tokenizer: Any
+    image_token_id: int
+    visual_tokens: int
+    max_len: int
+    prompt: str
+
+
+# ── stage 1: shard list ───────────────────────────────────────────────────────────────────────
+def expand_shards(pattern: str) -> list[str]:
+    """Brace patterns and `::`-separated lists to a flat list of shard URLs."""
+    urls = [url for part in pattern.split("::") for url in braceexpand.braceexpand(part)]
+    if not urls:
+        raise ValueError(f"data.shards={pattern!r} names no shards")
+    return urls
+
+
+# ── stage 2: deterministic shuffle ────────────────────────────────────────────────────────────
+def shuffle_shards(urls: list[str], seed: int, epoch: int) -> list[str]:
+    order = list(urls)
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+# ── stage 3: split by rank, then by worker ────────────────────────────────────────────────────
+def split_shards(urls: list[str], rank: int, world_size: int, worker: int, num_workers: int) -> list[str]:
+    consumers = world_size * num_workers
+    if len(urls) < consumers:
+        raise ValueError(
+            f"{len(urls)} shards cannot feed {world_size} ranks x {num_workers} workers; "
+            "write more, smaller shards or lower data.num_workers"
+        )
+    return urls[rank::world_size][worker::num_workers]
+
+
+# ── stage 4: tar read and key grouping (webdataset) ───────────────────────────────────────────
+def read_tar_groups(urls: list[str]) -> Iterator[dict[str, Any]]:
+    import webdataset as wds  # noqa: PLC0415
+
+    yield from wds.tarfile_to_samples()(iter([{"url": url} for url in urls]))
+
+
+# ── stage 5: safe decode ──────────────────────────────────────────────────────────────────────
+def safe_decode(group: dict[str, Any]) -> dict[str, Any]:
+    """Decode images, json and text; every other member stays raw bytes, so nothing unpickles."""
+    import json  # noqa: PLC0415
+
+    decoded: dict[str, Any] = {}
+    for name, value in group.items():
+        extension = name.rsplit(".", 1)[-1].lower()
+        if name.startswith("__"):
+            decoded[name] = value
+        elif extension in SAFE_IMAGE_EXTENSIONS:
+            image = Image.open(io.BytesIO(value))
+            decoded[name] = image.convert("RGB")
+        elif extension == "json":
+            decoded[name] = json.loads(value)
+        elif extension in ("txt", "text"):
+            decoded[name] = value.decode("utf-8")
+        else:
+            decoded[name] = value
+    return decoded
+
+
+# ── stage 6: build sample ─────────────────────────────────────────────────────────────────────
+def build_caption_sample(decoded: dict[str, Any]) -> dict[str, Any]:
+    image = next((decoded[ext] for ext in SAFE_IMAGE_EXTENSIONS if ext in decoded), None)
+    if image is None or "txt" not in decoded:
+        raise ValueError(f"sample {decoded.get('__key__')!r} is not a caption pair (needs an image and .txt)")
+    return {"key": decoded["__key__"], "image": image, "caption": decoded["txt"].strip()}
+
+
+# ── stage 7: image preprocessing ──────────────────────────────────────────────────────────────
+def preprocess_image(image_processor: Any, image: Image.Image) -> torch.Tensor:
+    return image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+
+# ── stages 8 and 9: tokenize with <image> expanded, mask labels ───────────────────────────────
+def tokenize_caption(spec: TextSpec, caption: str) -> tuple[list[int], list[int]]:
+    """(input_ids, labels): prompt with visual tokens, then caption + EOS; only the caption is learned."""
+    tokenizer = spec.tokenizer
+    prompt_ids: list[int] = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    pieces = spec.prompt.split(IMAGE_PLACEHOLDER)
+    for i, piece in enumerate(pieces):
+        if piece:
+            prompt_ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
+        if i < len(pieces) - 1:
+            prompt_ids += [spec.image_token_id] * spec.visual_tokens
+    caption_ids = tokenizer(caption, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if len(prompt_ids) >= spec.max_len:
+        raise ValueError(
+            f"the prompt alone takes {len(prompt_ids)} tokens (visual tokens included), over data.max_len={spec.max_len}"
+        )
+    input_ids = (prompt_ids + caption_ids)[: spec.max_len]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + caption_ids)[: spec.max_len]
+    return input_ids, labels
+
+
+# ── stage 10: batch and collate ───────────────────────────────────────────────────────────────
+def collate(samples: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
+    """Right-pad to the longest sequence; padding is masked out of attention and labels."""
+    length = max(len(s["input_ids"]) for s in samples)
+    input_ids = torch.full((len(samples), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(samples), length), dtype=torch.long)
+    for row, sample in enumerate(samples):
+        n = len(sample["input_ids"])
+        input_ids[row, :n] = torch.tensor(sample["input_ids"])
+        labels[row, :n] = torch.tensor(sample["labels"])
+        attention_mask[row, :n] = 1
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+        "keys": [s["key"] for s in samples],
+    }
+
+
+def shuffled(items: Iterable[Any], buffer_size: int, rng: random.Random) -> Iterator[Any]:
+    """Reservoir-style shuffle with a bounded buffer."""
+    if buffer_size <= 1:
+        yield from items
+        return
+    buffer: list[Any] = []
+    for item in items:
+        buffer.append(item)
+        if len(buffer) >= buffer_size:
+            yield buffer.pop(rng.randrange(len(buffer)))
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+class CaptionStream(IterableDataset):
+    """Endless stream of collated caption batches for one rank."""
+
+    def __init__(
+        self,
+        shards: str,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        text: TextSpec,
+        image_processor: Any,
+        seed: int,
+        shuffle_buffer: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.urls = expand_shards(shards)
+        self.rank, self.world_size = rank, world_size
+        self.batch_size = batch_size
+        self.text = text
+        self.image_processor = image_processor
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        # Validate the split now, in the parent, so a bad setting fails before workers start.
+        split_shards(self.urls, rank, world_size, 0, max(1, num_workers))
+
+    def samples(self, epoch: int, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
+        urls = split_shards(
+            shuffle_shards(self.urls, self.seed, epoch), self.rank, self.world_size, worker, num_workers
+        )
+        for group in read_tar_groups(urls):
+            sample = build_caption_sample(safe_decode(group))
+            input_ids, labels = tokenize_caption(self.text, sample["caption"])
+            yield {
+                "key": sample["key"],
+                "input_ids": input_ids,
+                "labels": labels,
+                "pixel_values": preprocess_image(self.image_processor, sample["image"]),
+            }
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        rng = random.Random(f"{self.seed}/{self.rank}/{worker}")
+        batch: list[dict[str, Any]] = []
+        epoch = 0
+        while True:
+            for sample in shuffled(self.samples(epoch, worker, num_workers), self.shuffle_buffer, rng):
+                batch.append(sample)
+                if len(batch) == self.batch_size:
+                    yield collate(batch, self.text.tokenizer.pad_token_id)
+                    batch = []
+            epoch += 1
+
+
+def make_loader(stream: CaptionStream, num_workers: int) -> DataLoader:
+    """Wrap a stream (already batched) in a DataLoader, which only adds worker processes."""
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0)

@@ -1,0 +1,3 @@
+from mtrain.cli import main
+
+raise SystemExit(main())

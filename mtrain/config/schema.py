@@ -1,0 +1,234 @@
+"""One small typed dataclass per concern, composed by `TrainConfig`.
+
+Each field is declared with `setting(default, doc)`; `mtrain validate --explain` prints the docs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from mtrain.config.core import Checkable, section, setting
+
+
+@dataclass
+class RunConfig(Checkable):
+    name: str = setting("tiny", "Run name, used in logs.")
+    dir: str = setting("runs/tiny", "Run folder: resolved config, DeepSpeed JSON, metrics, checkpoints.")
+    seed: int = setting(1234, "Seed for model init, data order and every sampler.")
+    max_steps: int = setting(40, "Optimizer steps to train for.")
+    precision: Literal["auto", "fp32", "bf16"] = setting(
+        "auto", "auto picks bf16 on GPU and fp32 on CPU; CPU ranks need fp32 or bf16."
+    )
+    device: Literal["auto", "cpu", "cuda"] = setting("auto", "auto picks cuda when a GPU is visible, else cpu.")
+
+    def check(self) -> list[tuple[str, str]]:
+        if self.max_steps < 1:
+            return [("max_steps", f"must be at least 1, got {self.max_steps}")]
+        return []
+
+
+@dataclass
+class FreezeConfig(Checkable):
+    vision_tower: bool = setting(True, "Freeze the vision encoder.")
+    projector: bool = setting(False, "Freeze the multimodal projector.")
+    language_model: bool = setting(True, "Freeze the language model's base weights (LoRA adapters still train).")
+    always_train: list[str] = setting(
+        [], "Parameter-name fragments trained even inside a frozen part, e.g. [lm_head] (PEFT's modules_to_save)."
+    )
+
+
+@dataclass
+class LoraConfig(Checkable):
+    enabled: bool = setting(False, "Attach PEFT LoRA adapters to the language model.")
+    rank: int = setting(8, "LoRA rank r.")
+    alpha: float = setting(16.0, "LoRA alpha; the update is scaled by alpha / rank.")
+    dropout: float = setting(0.05, "Dropout on the LoRA input.")
+    target_modules: list[str] = setting(
+        ["q_proj", "v_proj"], "Projection names inside the language model to adapt (vision tower excluded)."
+    )
+
+    def check(self) -> list[tuple[str, str]]:
+        if self.rank < 1:
+            return [("rank", f"must be a positive integer, got {self.rank}")]
+        if not 0.0 <= self.dropout < 1.0:
+            return [("dropout", f"must be in [0, 1), got {self.dropout}")]
+        if self.enabled and not self.target_modules:
+            return [("target_modules", "is empty; name at least one projection, e.g. [q_proj, v_proj]")]
+        return []
+
+
+@dataclass
+class TinyLlavaConfig(Checkable):
+    hidden_size: int = setting(64, "Language model width.")
+    num_layers: int = setting(2, "Language model depth.")
+    num_heads: int = setting(4, "Attention heads in the language model.")
+    vision_hidden_size: int = setting(32, "Vision tower width.")
+    vision_layers: int = setting(2, "Vision tower depth.")
+    image_size: int = setting(32, "Input image side in pixels.")
+    patch_size: int = setting(4, "Vision patch side; the grid is (image_size / patch_size)^2 tokens.")
+
+    @property
+    def visual_tokens(self) -> int:
+        """Visual tokens per image: the full patch grid (the CLS token is dropped)."""
+        return (self.image_size // self.patch_size) ** 2
+
+    def check(self) -> list[tuple[str, str]]:
+        if self.hidden_size % self.num_heads:
+            return [("hidden_size", f"{self.hidden_size} is not divisible by num_heads={self.num_heads}")]
+        if self.image_size % self.patch_size:
+            return [("image_size", f"{self.image_size} is not divisible by patch_size={self.patch_size}")]
+        return []
+
+
+@dataclass
+class ModelConfig(Checkable):
+    preset: Literal["tiny-llava", "none"] = setting(
+        "tiny-llava", "Built-in model with random weights and a local tokenizer; 'none' when path is set."
+    )
+    path: str | None = setting(None, "Local Hugging Face folder of a LLaVA-family checkpoint (never downloaded).")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = setting(
+        "auto", "auto uses flash_attention_2 when flash-attn imports on a GPU, else sdpa."
+    )
+    tiny: TinyLlavaConfig = section(TinyLlavaConfig, "Shape of the built-in tiny-llava preset.")
+    freeze: FreezeConfig = section(FreezeConfig, "Which parts keep their weights fixed.")
+    lora: LoraConfig = section(LoraConfig, "PEFT LoRA on the language model.")
+
+    def check(self) -> list[tuple[str, str]]:
+        if self.path and self.preset != "none":
+            return [("preset", f"is {self.preset!r} but model.path is set too; set model.preset=none to load the path")]
+        if not self.path and self.preset == "none":
+            return [("path", "is empty and model.preset=none; give a local model folder or preset tiny-llava")]
+        if self.lora.enabled and not self.freeze.language_model:
+            return [
+                (
+                    "lora.enabled",
+                    "adapts a frozen language model; set model.freeze.language_model=true or turn LoRA off",
+                )
+            ]
+        if self.freeze.vision_tower and self.freeze.projector and self.freeze.language_model and not self.lora.enabled:
+            return [("freeze", "freezes every part and LoRA is off, so nothing would train")]
+        return []
+
+
+@dataclass
+class DataConfig(Checkable):
+    shards: str = setting("data/sample/shard-{000000..000003}.tar", "Shard URLs, brace patterns allowed.")
+    micro_batch_size: int = setting(8, "Samples per rank per forward pass.")
+    max_len: int = setting(96, "Maximum tokens per sequence, visual tokens included.")
+    num_workers: int = setting(0, "DataLoader worker processes per rank.")
+    shuffle_buffer: int = setting(64, "Sample shuffle buffer size; 0 disables sample shuffling.")
+    prompt: str = setting("<image>\n", "Text placed before each caption; <image> marks the visual tokens.")
+
+    def check(self) -> list[tuple[str, str]]:
+        if self.micro_batch_size < 1:
+            return [("micro_batch_size", f"must be at least 1, got {self.micro_batch_size}")]
+        if self.num_workers < 0:
+            return [("num_workers", f"must be >= 0, got {self.num_workers}")]
+        if "<image>" not in self.prompt:
+            return [("prompt", f"{self.prompt!r} has no <image> placeholder; captions need one, e.g. '<image>\\n'")]
+        return []
+
+
+@dataclass
+class OptimConfig(Checkable):
+    lr: float = setting(1e-3, "Peak learning rate.")
+    weight_decay: float = setting(0.0, "AdamW weight decay.")
+    betas: list[float] = setting([0.9, 0.95], "AdamW betas.")
+    eps: float = setting(1e-8, "AdamW epsilon.")
+    warmup_steps: int = setting(5, "Linear warmup steps from 0 to lr.")
+    min_lr_ratio: float = setting(0.1, "Cosine decay floor as a fraction of lr.")
+    grad_clip: float = setting(1.0, "Clip the global gradient norm to this; 0 disables.")
+    grad_accum_steps: int = setting(1, "Micro-batches per optimizer step on each rank.")
+
+    def check(self) -> list[tuple[str, str]]:
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            return [("lr", f"must be a positive number, got {self.lr}")]
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            return [("betas", f"must be two numbers in [0, 1), got {self.betas}")]
+        if self.warmup_steps < 0:
+            return [("warmup_steps", f"must be >= 0, got {self.warmup_steps}")]
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            return [("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")]
+        if self.grad_accum_steps < 1:
+            return [("grad_accum_steps", f"must be at least 1, got {self.grad_accum_steps}")]
+        if self.grad_clip < 0:
+            return [("grad_clip", f"must be >= 0 (0 disables clipping), got {self.grad_clip}")]
+        return []
+
+
+@dataclass
+class ZeroConfig(Checkable):
+    stage: int = setting(3, "ZeRO stage; mtrain is built for 3 (parameters, gradients and optimizer sharded).")
+    param_persistence_threshold: int = setting(
+        100000, "Parameters with fewer elements stay replicated (DeepSpeed's default 1e5); 0 shards all."
+    )
+    overlap_comm: bool = setting(True, "Overlap gradient reduction with the backward pass.")
+    reduce_bucket_size: int = setting(50_000_000, "Elements per gradient-reduction bucket.")
+    prefetch_bucket_size: int = setting(50_000_000, "Elements of parameters prefetched ahead of use.")
+    offload_optimizer: Literal["none", "cpu"] = setting("none", "Keep optimizer state in CPU memory.")
+
+    def check(self) -> list[tuple[str, str]]:
+        if self.stage not in (0, 1, 2, 3):
+            return [("stage", f"must be 0, 1, 2 or 3, got {self.stage}")]
+        if self.param_persistence_threshold < 0:
+            return [("param_persistence_threshold", f"must be >= 0, got {self.param_persistence_threshold}")]
+        return []
+
+
+@dataclass
+class DistConfig(Checkable):
+    backend: Literal["auto", "gloo", "nccl"] = setting("auto", "auto: nccl on GPU, gloo on CPU.")
+    init_timeout_s: int = setting(300, "Seconds to wait for every rank at start-up before failing.")
+    master_port: int = setting(29500, "Rendezvous port when the launcher does not set MASTER_PORT.")
+
+    def check(self) -> list[tuple[str, str]]:
+        if self.init_timeout_s < 1:
+            return [("init_timeout_s", f"must be at least 1 second, got {self.init_timeout_s}")]
+        if not 1 <= self.master_port <= 65535:
+            return [("master_port", f"must be a TCP port 1..65535, got {self.master_port}")]
+        return []
+
+
+@dataclass
+class CheckpointConfig(Checkable):
+    save_every: int = setting(0, "Save every N optimizer steps; 0 saves only at the end.")
+    save_at_end: bool = setting(True, "Save a checkpoint after the last step.")
+    export_at_end: bool = setting(True, "Write a Hugging Face export of the final checkpoint.")
+
+    def check(self) -> list[tuple[str, str]]:
+        if self.save_every < 0:
+            return [("save_every", f"must be >= 0, got {self.save_every}")]
+        return []
+
+
+@dataclass
+class LoggingConfig(Checkable):
+    log_every: int = setting(1, "Log metrics every N optimizer steps.")
+    progress: bool = setting(True, "Show a progress bar on rank 0.")
+    tensorboard: bool = setting(True, "Write TensorBoard scalars under <run.dir>/tensorboard.")
+
+    def check(self) -> list[tuple[str, str]]:
+        if self.log_every < 1:
+            return [("log_every", f"must be at least 1, got {self.log_every}")]
+        return []
+
+
+@dataclass
+class TrainConfig(Checkable):
+    run: RunConfig = section(RunConfig, "Run identity, length and precision.")
+    model: ModelConfig = section(ModelConfig, "Model source, freezing and adapters.")
+    data: DataConfig = section(DataConfig, "Shards and batching.")
+    optim: OptimConfig = section(OptimConfig, "Optimizer and learning-rate schedule.")
+    zero: ZeroConfig = section(ZeroConfig, "DeepSpeed ZeRO sharding.")
+    dist: DistConfig = section(DistConfig, "Process-group start-up.")
+    checkpoint: CheckpointConfig = section(CheckpointConfig, "Saving and export.")
+    logging: LoggingConfig = section(LoggingConfig, "Metrics and progress.")
+
+    def check(self) -> list[tuple[str, str]]:
+        visual_tokens = self.model.tiny.visual_tokens
+        if self.model.preset == "tiny-llava" and self.data.max_len <= visual_tokens:
+            message = f"{self.data.max_len} leaves no room for text after {visual_tokens} visual tokens; raise it"
+            return [("data.max_len", message)]
+        return []

@@ -1,0 +1,1 @@
+"""DeepSpeed initialisation and the Trainer."""

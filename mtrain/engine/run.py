@@ -1,0 +1,139 @@
+"""`mtrain train`: from a validated config to a finished run folder."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from mtrain.config import TrainConfig, config_hash, dump_yaml
+from mtrain.config.deepspeed_json import deepspeed_config
+from mtrain.launch.distributed import init_distributed, print0
+from mtrain.launch.env import WorldInfo
+from mtrain.metrics.sinks import JsonlSink, MetricSink, NullSink, SinkGroup, TensorBoardSink
+
+
+def check_inputs_exist(cfg: TrainConfig) -> None:
+    """Fail before any process group forms when local shards or the model folder are missing."""
+    from data_pipeline.loader import expand_shards  # noqa: PLC0415
+
+    if cfg.model.path and not (Path(cfg.model.path) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model.path={cfg.model.path!r} is not a Hugging Face model folder (no config.json); "
+            "point it at a local folder written by save_pretrained"
+        )
+
+    missing = [u for u in expand_shards(cfg.data.shards) if "://" not in u and not Path(u).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"data.shards: {len(missing)} shard(s) not found, first {missing[0]!r}; "
+            "write the sample shards with `mtrain data sample` or point data.shards at your own"
+        )
+
+
+def prepare_run_dir(cfg: TrainConfig, ds_config: dict[str, Any], world: WorldInfo) -> Path:
+    run_dir = Path(cfg.run.dir)
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+        (run_dir / "ranks").mkdir(exist_ok=True)
+    if world.world_size > 1:
+        dist.barrier()
+    return run_dir
+
+
+def make_sink(cfg: TrainConfig, run_dir: Path, world: WorldInfo) -> MetricSink:
+    if not world.is_main:
+        return NullSink()
+    sinks: list[MetricSink] = [JsonlSink(run_dir / "metrics.jsonl")]
+    if cfg.logging.tensorboard:
+        sinks.append(TensorBoardSink(run_dir / "tensorboard"))
+    return SinkGroup(sinks)
+
+
+def run_training(cfg: TrainConfig) -> list[dict[str, float]]:
+    """Train as configured; every rank of the job calls this."""
+    from data_pipeline.loader import CaptionStream, TextSpec, make_loader  # noqa: PLC0415
+    from mtrain.checkpoint.export import export_checkpoint  # noqa: PLC0415
+    from mtrain.checkpoint.save import save_checkpoint  # noqa: PLC0415
+    from mtrain.engine.setup import initialize_engine, resolve_placement  # noqa: PLC0415
+    from mtrain.engine.trainer import Trainer  # noqa: PLC0415
+    from mtrain.model.build import build_model, parameter_elements  # noqa: PLC0415
+
+    check_inputs_exist(cfg)
+    started = time.time()
+    placement = resolve_placement(cfg)
+    world = init_distributed(placement.backend, cfg.dist.init_timeout_s, cfg.dist.master_port)
+    ds_config = deepspeed_config(cfg, world.world_size, placement.precision)
+    run_dir = prepare_run_dir(cfg, ds_config, world)
+    print0(
+        f"mtrain: {world.world_size} rank(s) via {world.launcher}, {placement.device}/{placement.precision}, "
+        f"ZeRO-{cfg.zero.stage}, run folder {run_dir}"
+    )
+
+    zero3 = ds_config if cfg.zero.stage == 3 else None
+    built = build_model(cfg.model, placement.dtype, zero3, cfg.run.seed)
+    elements = parameter_elements(built.model)
+    (run_dir / "ranks" / f"rank{world.rank:05d}.json").write_text(
+        json.dumps(
+            {
+                "rank": world.rank,
+                "world_size": world.world_size,
+                "launcher": world.launcher,
+                "config_hash": config_hash(cfg),
+                "parameter_elements": elements,
+            }
+        )
+    )
+    print0(
+        f"model {built.source}: {elements['total']:,} parameters, {elements['trainable']:,} trainable, "
+        f"{elements['local']:,} held by rank 0; {built.visual_tokens} visual tokens per image"
+    )
+    engine = initialize_engine(cfg, built, ds_config)
+
+    text = TextSpec(built.tokenizer, built.image_token_id, built.visual_tokens, cfg.data.max_len, cfg.data.prompt)
+    stream = CaptionStream(
+        cfg.data.shards,
+        world.rank,
+        world.world_size,
+        cfg.data.micro_batch_size,
+        text,
+        built.image_processor,
+        cfg.run.seed,
+        cfg.data.shuffle_buffer,
+        cfg.data.num_workers,
+    )
+    batches = iter(make_loader(stream, cfg.data.num_workers))
+    sink = make_sink(cfg, run_dir, world)
+    trainer = Trainer(cfg, world, engine, batches, sink, placement.device)
+    config_yaml = dump_yaml(cfg)
+
+    def save(t: Trainer) -> None:
+        save_checkpoint(engine, run_dir / "checkpoints", t.step, {"trainer": t.state_dict()}, config_yaml)
+
+    def maybe_save(t: Trainer) -> None:
+        if cfg.checkpoint.save_every and t.step % cfg.checkpoint.save_every == 0 and t.step < cfg.run.max_steps:
+            save(t)
+
+    history = trainer.train(on_step_end=maybe_save)
+    sink.close()
+    if cfg.checkpoint.save_at_end:
+        save(trainer)
+        print0(f"checkpoint: {run_dir / 'checkpoints'} (step {trainer.step})")
+        if cfg.checkpoint.export_at_end:
+            if world.is_main:
+                out = export_checkpoint(run_dir / "checkpoints", run_dir / "export")
+                print0(f"export: {out}/model (Hugging Face), adapter: {cfg.model.lora.enabled}")
+            if world.world_size > 1:
+                dist.barrier()
+    if history:
+        print0(
+            f"done: {trainer.step} steps in {time.time() - started:.0f}s, "
+            f"loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}"
+        )
+    dist.destroy_process_group()
+    return history

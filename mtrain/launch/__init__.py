@@ -1,0 +1,1 @@
+"""Where this process sits in the job, and the process group built from it."""

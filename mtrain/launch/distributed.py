@@ -1,0 +1,55 @@
+"""Process-group start-up from the launcher's environment, and rank-0 printing."""
+
+from __future__ import annotations
+
+import socket
+import sys
+import warnings
+from datetime import timedelta
+
+from mtrain.launch.env import WorldInfo, world_info_from_env
+
+_WORLD: WorldInfo | None = None
+
+
+def free_port() -> int:
+    """A TCP port that is free on loopback right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed(backend: str, timeout_s: int, default_port: int) -> WorldInfo:
+    """Join (or, for a single process, create) the default process group through DeepSpeed."""
+    global _WORLD
+    import deepspeed  # noqa: PLC0415  (slow import, kept off the `validate` path)
+    import torch.distributed as dist  # noqa: PLC0415
+
+    # DeepSpeed calls these collectives on every gather; torch warns on each call.
+    warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*deprecated")
+    world = world_info_from_env(default_port=default_port)
+    if world.launcher == "none":
+        # A lone process still needs a process group for DeepSpeed; pick a port nobody holds.
+        world = WorldInfo(0, 1, 0, 1, "127.0.0.1", free_port(), "none")
+    world.export()
+    if not dist.is_initialized():
+        deepspeed.init_distributed(
+            dist_backend=backend,
+            auto_mpi_discovery=False,  # its MPI discovery takes MASTER_ADDR from `hostname -I`
+            timeout=timedelta(seconds=timeout_s),
+            rank=world.rank,
+            world_size=world.world_size,
+            verbose=False,
+        )
+    _WORLD = world
+    return world
+
+
+def current_world() -> WorldInfo:
+    return _WORLD if _WORLD is not None else world_info_from_env()
+
+
+def print0(*parts: object) -> None:
+    """Print on rank 0 only."""
+    if current_world().is_main:
+        print(*parts, flush=True, file=sys.stderr)

@@ -1,0 +1,28 @@
+"""Rank-0 progress bar with loss, tokens/s and ETA (tqdm)."""
+
+from __future__ import annotations
+
+import sys
+
+from tqdm import tqdm
+
+
+class Progress:
+    def __init__(self, total_steps: int, initial_step: int, enabled: bool) -> None:
+        self.bar = tqdm(
+            total=total_steps,
+            initial=initial_step,
+            disable=not enabled,
+            desc="train",
+            unit="step",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            mininterval=0.5,
+        )
+
+    def update(self, loss: float, tokens_per_s: float) -> None:
+        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()

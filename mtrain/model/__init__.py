@@ -1,0 +1,1 @@
+"""Model construction: presets, local checkpoints, freezing and adapters."""

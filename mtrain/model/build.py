@@ -1,0 +1,235 @@
+"""Build the MLLM: the tiny preset or a local Hugging Face folder, sharded at construction.
+
+Under ZeRO-3 the caller passes the DeepSpeed config; an `HfDeepSpeedConfig` kept alive on the
+returned `BuiltModel` makes transformers construct (or load) every parameter already
+partitioned, so no rank ever holds the whole model.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mtrain.config.schema import ModelConfig, TinyLlavaConfig
+from mtrain.model.tokenizer import IMAGE_TOKEN, build_tiny_tokenizer
+
+# Loading code never reaches a hub: everything comes from the preset or a local folder.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SUPPORTED_MODEL_TYPES = ("llava",)
+
+
+@dataclass
+class BuiltModel:
+    model: nn.Module
+    tokenizer: Any
+    image_processor: Any
+    visual_tokens: int
+    image_token_id: int
+    source: str
+    # Keeps transformers' ZeRO-3 integration switched on while the model lives.
+    zero3_context: Any = field(default=None, repr=False)
+
+
+def attention_implementation(requested: str) -> str:
+    """flash_attention_2 when asked or (auto) when it imports on a GPU; otherwise sdpa."""
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        try:
+            import flash_attn  # noqa: F401, PLC0415
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def tiny_llava_config(tiny: TinyLlavaConfig, vocab_size: int, image_token_id: int, pad_token_id: int):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig  # noqa: PLC0415
+
+    text = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=tiny.hidden_size,
+        intermediate_size=tiny.hidden_size * 2,
+        num_hidden_layers=tiny.num_layers,
+        num_attention_heads=tiny.num_heads,
+        num_key_value_heads=tiny.num_heads,
+        max_position_embeddings=1024,
+        pad_token_id=pad_token_id,
+        tie_word_embeddings=False,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=tiny.vision_hidden_size,
+        intermediate_size=tiny.vision_hidden_size * 2,
+        num_hidden_layers=tiny.vision_layers,
+        num_attention_heads=max(1, tiny.vision_hidden_size // 8),
+        image_size=tiny.image_size,
+        patch_size=tiny.patch_size,
+    )
+    return LlavaConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=image_token_id,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        projector_hidden_act="gelu",
+    )
+
+
+def tiny_image_processor(image_size: int):
+    # The PIL implementation: the default one wants torchvision, which the CPU stack leaves out.
+    from transformers import CLIPImageProcessorPil  # noqa: PLC0415
+
+    return CLIPImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+    )
+
+
+def _visual_tokens(llava_config: Any) -> int:
+    vision = llava_config.vision_config
+    grid = (vision.image_size // vision.patch_size) ** 2
+    return grid + (1 if llava_config.vision_feature_select_strategy == "full" else 0)
+
+
+def _image_token_id(llava_config: Any) -> int:
+    value = getattr(llava_config, "image_token_id", None)
+    return value if value is not None else llava_config.image_token_index
+
+
+def build_model(cfg: ModelConfig, dtype: torch.dtype, zero3_ds_config: dict | None, seed: int) -> BuiltModel:
+    """Build or load the model described by `cfg`, partitioned under ZeRO-3 when a config is given."""
+    from transformers import LlavaForConditionalGeneration  # noqa: PLC0415
+    from transformers.integrations import HfDeepSpeedConfig  # noqa: PLC0415
+
+    zero3_context = HfDeepSpeedConfig(zero3_ds_config) if zero3_ds_config else None
+    attn = attention_implementation(cfg.attn_implementation)
+    torch.manual_seed(seed)  # identical initial weights (and LoRA init) on every rank
+    if cfg.path:
+        built = _load_local(cfg.path, dtype, attn)
+    else:
+        tokenizer = build_tiny_tokenizer()
+        image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        vocab_size = (len(tokenizer) + 63) // 64 * 64
+        llava_config = tiny_llava_config(cfg.tiny, vocab_size, image_token_id, tokenizer.pad_token_id)
+        llava_config._attn_implementation = attn
+        model = LlavaForConditionalGeneration._from_config(llava_config, dtype=dtype)
+        built = BuiltModel(
+            model=model,
+            tokenizer=tokenizer,
+            image_processor=tiny_image_processor(cfg.tiny.image_size),
+            visual_tokens=_visual_tokens(llava_config),
+            image_token_id=image_token_id,
+            source="preset:tiny-llava",
+        )
+    if cfg.lora.enabled:
+        # PEFT freezes the base and trains the adapters plus `modules_to_save`, so the saved
+        # adapter alone rebuilds the trained model on top of the original base.
+        built.model = attach_lora(built.model, cfg)
+    else:
+        apply_freeze_policy(built.model, cfg)
+    built.zero3_context = zero3_context
+    return built
+
+
+def _load_local(path: str, dtype: torch.dtype, attn: str) -> BuiltModel:
+    from transformers import (  # noqa: PLC0415
+        AutoConfig,
+        AutoImageProcessor,
+        AutoTokenizer,
+        LlavaForConditionalGeneration,  # noqa: PLC0415
+    )
+
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model.path={path!r} is not a Hugging Face model folder (no config.json); "
+            "point it at a local folder written by save_pretrained"
+        )
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"model.path={path!r} holds a {config.model_type!r} model; mtrain loads {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    model = LlavaForConditionalGeneration.from_pretrained(
+        folder, local_files_only=True, dtype=dtype, attn_implementation=attn
+    )
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    image_processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+    return BuiltModel(
+        model=model,
+        tokenizer=tokenizer,
+        image_processor=image_processor,
+        visual_tokens=_visual_tokens(config),
+        image_token_id=_image_token_id(config),
+        source=str(folder.resolve()),
+    )
+
+
+def lora_target_pattern(target_modules: list[str]) -> str:
+    """A regex that matches the targets inside the language model only (CLIP has q_proj too)."""
+    names = "|".join(re.escape(name) for name in target_modules)
+    return rf".*language_model.*\.({names})"
+
+
+def trained_modules(cfg: ModelConfig) -> list[str]:
+    """Whole modules that train beside LoRA: unfrozen vision tower / projector, and always_train."""
+    modules = list(cfg.freeze.always_train)
+    if not cfg.freeze.projector:
+        modules.append("multi_modal_projector")
+    if not cfg.freeze.vision_tower:
+        modules.append("vision_tower")
+    return modules
+
+
+def attach_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
+    from peft import LoraConfig as PeftLoraConfig  # noqa: PLC0415
+    from peft import get_peft_model  # noqa: PLC0415
+
+    peft_config = PeftLoraConfig(
+        r=cfg.lora.rank,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=lora_target_pattern(cfg.lora.target_modules),
+        modules_to_save=trained_modules(cfg) or None,
+    )
+    return get_peft_model(model, peft_config)
+
+
+def model_part(parameter_name: str) -> str:
+    """Which part a parameter belongs to: vision_tower, projector or language_model."""
+    if "vision_tower" in parameter_name:
+        return "vision_tower"
+    if "multi_modal_projector" in parameter_name:
+        return "projector"
+    return "language_model"
+
+
+def apply_freeze_policy(model: nn.Module, cfg: ModelConfig) -> None:
+    """Set requires_grad per part (no LoRA); `freeze.always_train` matches always train."""
+    frozen = {
+        "vision_tower": cfg.freeze.vision_tower,
+        "projector": cfg.freeze.projector,
+        "language_model": cfg.freeze.language_model,
+    }
+    for name, param in model.named_parameters():
+        forced = any(fragment in name for fragment in cfg.freeze.always_train)
+        param.requires_grad_(forced or not frozen[model_part(name)])
+
+
+def parameter_elements(model: nn.Module) -> dict[str, int]:
+    """Element counts: total, held by this rank (ZeRO-3 partition aware), and trainable."""
+    total = local = trainable = 0
+    for param in model.parameters():
+        numel = getattr(param, "ds_numel", param.numel())
+        total += numel
+        local += param.ds_tensor.numel() if hasattr(param, "ds_tensor") else param.numel()
+        trainable += numel if param.requires_grad else 0
+    return {"total": total, "local": local, "trainable": trainable}

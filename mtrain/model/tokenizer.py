@@ -1,0 +1,44 @@
+"""A byte-level BPE tokenizer trained in memory, so the tiny preset needs no download."""
+
+from __future__ import annotations
+
+from transformers import PreTrainedTokenizerFast
+
+IMAGE_TOKEN = "<image>"
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN]
+
+# Text the tiny tokenizer learns its merges from: the words of the sample and digit data sets
+# plus common English, so any caption still encodes (byte-level, never <unk>).
+_CORPUS_WORDS = """
+a an the of in on with and is this image shows picture photo handwritten digit number which what
+red green blue yellow orange purple white black cyan magenta gray pink brown
+circle square triangle cross ring diamond star plus shape small large big
+zero one two three four five six seven eight nine
+question answer user assistant describe it there are here
+""".split()
+
+
+def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """Train a deterministic byte-level BPE tokenizer with `<image>` as a special token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: PLC0415
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    sentences = [" ".join(_CORPUS_WORDS[i : i + 6]) for i in range(len(_CORPUS_WORDS))]
+    sentences += [f" {w}" for w in _CORPUS_WORDS] + [f"a {w}." for w in _CORPUS_WORDS]
+    tokenizer.train_from_iterator(sentences * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+    )

@@ -1,0 +1,1 @@
+"""Task modules: the model plus its losses, returning (loss, metrics). DeepSpeed wraps one of them."""

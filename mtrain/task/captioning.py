@@ -1,0 +1,27 @@
+"""Next-token prediction on image-conditioned text (captions, documents, conversations)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values")
+
+
+class LanguageModelingTask(nn.Module):
+    """Wraps the MLLM; `forward(batch)` returns the mean token loss and counted metrics."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        inputs = {name: batch[name] for name in MODEL_INPUTS if name in batch}
+        output = self.model(**inputs)
+        metrics = {
+            "tokens": batch["attention_mask"].sum().detach(),
+            "label_tokens": (batch["labels"] != -100).sum().detach(),
+        }
+        return output.loss, metrics

@@ -1,0 +1,110 @@
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mtrain.config import ConfigError, field_docs, load_config
+from mtrain.config.deepspeed_json import deepspeed_config
+from mtrain.config.schema import TrainConfig
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_misspelled_nested_key_names_dotted_path_and_suggests(tmp_path):
+    path = write(tmp_path, "model:\n  lora:\n    rnak: 8\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "model.lora.rnak" in str(err.value)
+    assert "did you mean 'model.lora.rank'" in str(err.value)
+
+
+def test_misspelled_section_is_rejected(tmp_path):
+    with pytest.raises(ConfigError, match=r"optimm: unknown key; did you mean 'optim'"):
+        load_config(write(tmp_path, "optimm:\n  lr: 1.0\n"))
+
+
+def test_bad_value_names_key_and_allowed_values(tmp_path):
+    with pytest.raises(ConfigError, match=r"run.precision: 'fp16' is not one of"):
+        load_config(write(tmp_path, "run:\n  precision: fp16\n"))
+    with pytest.raises(ConfigError, match=r"optim.lr: must be a positive number"):
+        load_config(write(tmp_path, "optim:\n  lr: -0.1\n"))
+    with pytest.raises(ConfigError, match=r"data.micro_batch_size: expected an integer"):
+        load_config(write(tmp_path, "data:\n  micro_batch_size: eight\n"))
+
+
+def test_override_of_nested_key(tmp_path):
+    cfg = load_config(write(tmp_path, "model:\n  lora:\n    rank: 4\n"), ["model.lora.rank=16", "optim.lr=2e-4"])
+    assert cfg.model.lora.rank == 16
+    assert cfg.optim.lr == pytest.approx(2e-4)
+
+
+def test_override_checked_like_yaml(tmp_path):
+    path = write(tmp_path, "{}\n")
+    with pytest.raises(ConfigError, match=r"model.lora.rnak: unknown key; did you mean 'model.lora.rank'"):
+        load_config(path, ["model.lora.rnak=8"])
+    with pytest.raises(ConfigError, match=r"expected the form a.b.c=value"):
+        load_config(path, ["model.lora.rank"])
+    with pytest.raises(ConfigError, match=r"'run.seed' is a value, not a section"):
+        load_config(path, ["run.seed.x=1"])
+
+
+def test_cross_section_check(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.max_len: 32 leaves no room for text after 64 visual tokens"):
+        load_config(write(tmp_path, "data:\n  max_len: 32\n"))
+
+
+def test_base_overlay_merges_deeply(tmp_path):
+    (tmp_path / "full.yaml").write_text("model:\n  lora:\n    enabled: true\n    rank: 32\nrun:\n  max_steps: 1000\n")
+    overlay = tmp_path / "tiny.yaml"
+    overlay.write_text("base: full.yaml\nrun:\n  max_steps: 5\n")
+    cfg = load_config(overlay)
+    assert (cfg.run.max_steps, cfg.model.lora.rank, cfg.model.lora.enabled) == (5, 32, True)
+
+
+def test_every_field_documented():
+    docs = field_docs(TrainConfig)
+    assert "model.lora.rank" in docs
+    undocumented = [key for key, doc in docs.items() if not doc]
+    assert not undocumented
+
+
+def test_deepspeed_json_follows_config(tmp_path):
+    cfg = load_config(
+        None, ["data.micro_batch_size=3", "optim.grad_accum_steps=2", "zero.param_persistence_threshold=0"]
+    )
+    ds = deepspeed_config(cfg, world_size=2, precision="fp32")
+    assert ds["train_batch_size"] == 12
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+    assert ds["bf16"]["enabled"] is False
+    assert "auto" not in str(ds)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(REPO)) for p in CONFIGS])
+def test_every_shipped_config_validates(path):
+    load_config(path)
+
+
+def test_validate_cli_fails_fast_and_spawns_nothing(tmp_path):
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "mtrain", "validate", str(REPO / "configs/tiny.yaml"), "model.lora.rnak=8"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    elapsed = time.monotonic() - started
+    assert proc.returncode != 0
+    assert "model.lora.rnak" in proc.stderr and "model.lora.rank" in proc.stderr
+    assert elapsed < 15
+    assert not (tmp_path / "runs").exists()  # nothing started, nothing written
