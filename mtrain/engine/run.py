@@ -46,6 +46,20 @@ def prepare_run_dir(cfg: TrainConfig, ds_config: dict[str, Any], world: WorldInf
     return run_dir
 
 
+def write_rank_report(
+    run_dir: Path, world: WorldInfo, cfg: TrainConfig, constructed: dict[str, int], engine: dict[str, int]
+) -> None:
+    """Per-rank facts for humans and tests: where the rank sits, and how much of the model it holds."""
+    report = {
+        "rank": world.rank,
+        "world_size": world.world_size,
+        "launcher": world.launcher,
+        "config_hash": config_hash(cfg),
+        "parameter_elements": {"constructed": constructed, "engine": engine},
+    }
+    (run_dir / "ranks" / f"rank{world.rank:05d}.json").write_text(json.dumps(report))
+
+
 def make_sink(cfg: TrainConfig, run_dir: Path, world: WorldInfo) -> MetricSink:
     if not world.is_main:
         return NullSink()
@@ -77,23 +91,13 @@ def run_training(cfg: TrainConfig) -> list[dict[str, float]]:
 
     zero3 = ds_config if cfg.zero.stage == 3 else None
     built = build_model(cfg.model, placement.dtype, zero3, cfg.run.seed)
-    elements = parameter_elements(built.model)
-    (run_dir / "ranks" / f"rank{world.rank:05d}.json").write_text(
-        json.dumps(
-            {
-                "rank": world.rank,
-                "world_size": world.world_size,
-                "launcher": world.launcher,
-                "config_hash": config_hash(cfg),
-                "parameter_elements": elements,
-            }
-        )
-    )
+    engine = initialize_engine(cfg, built, ds_config)
+    elements = parameter_elements(engine.module)
+    write_rank_report(run_dir, world, cfg, built.constructed_elements, elements)
     print0(
         f"model {built.source}: {elements['total']:,} parameters, {elements['trainable']:,} trainable, "
         f"{elements['local']:,} held by rank 0; {built.visual_tokens} visual tokens per image"
     )
-    engine = initialize_engine(cfg, built, ds_config)
 
     text = TextSpec(built.tokenizer, built.image_token_id, built.visual_tokens, cfg.data.max_len, cfg.data.prompt)
     stream = CaptionStream(

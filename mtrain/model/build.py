@@ -33,6 +33,8 @@ class BuiltModel:
     visual_tokens: int
     image_token_id: int
     source: str
+    # Parameter elements right after construction, before adapters (see `parameter_elements`).
+    constructed_elements: dict[str, int] = field(default_factory=dict)
     # Keeps transformers' ZeRO-3 integration switched on while the model lives.
     zero3_context: Any = field(default=None, repr=False)
 
@@ -129,6 +131,7 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype, zero3_ds_config: dict | No
             image_token_id=image_token_id,
             source="preset:tiny-llava",
         )
+    built.constructed_elements = parameter_elements(built.model)
     if cfg.lora.enabled:
         # PEFT freezes the base and trains the adapters plus `modules_to_save`, so the saved
         # adapter alone rebuilds the trained model on top of the original base.
