@@ -13,6 +13,7 @@ takes the same number and none waits at an epoch end.
 from __future__ import annotations
 
 import io
+import itertools
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -165,7 +166,13 @@ def shuffled(items: Iterable[Any], buffer_size: int, rng: random.Random) -> Iter
 
 
 class CaptionStream(IterableDataset):
-    """Endless stream of collated caption batches for one rank."""
+    """Endless stream of collated caption batches for one rank.
+
+    The stream is a pure function of (seed, rank, worker, epoch): shuffling uses generators
+    seeded by those alone. So a resume only needs the number of batches already taken:
+    `resume_batches` makes each worker skip its share of them, reading tar members but
+    decoding nothing it skips.
+    """
 
     def __init__(
         self,
@@ -187,38 +194,82 @@ class CaptionStream(IterableDataset):
         self.image_processor = image_processor
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
+        self.resume_batches = 0
         # Validate the split now, in the parent, so a bad setting fails before workers start.
         split_shards(self.urls, rank, world_size, 0, max(1, num_workers))
 
-    def samples(self, epoch: int, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
-        urls = split_shards(
-            shuffle_shards(self.urls, self.seed, epoch), self.rank, self.world_size, worker, num_workers
-        )
-        for group in read_tar_groups(urls):
-            sample = build_caption_sample(safe_decode(group))
-            input_ids, labels = tokenize_caption(self.text, sample["caption"])
-            yield {
-                "key": sample["key"],
-                "input_ids": input_ids,
-                "labels": labels,
-                "pixel_values": preprocess_image(self.image_processor, sample["image"]),
-            }
+    def raw_groups(self, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
+        """Undecoded tar groups of this rank and worker, epoch after epoch, shuffled."""
+        for epoch in itertools.count():
+            urls = shuffle_shards(self.urls, self.seed, epoch)
+            urls = split_shards(urls, self.rank, self.world_size, worker, num_workers)
+            rng = random.Random(f"{self.seed}/{self.rank}/{worker}/{epoch}")
+            yield from shuffled(read_tar_groups(urls), self.shuffle_buffer, rng)
+
+    def make_sample(self, group: dict[str, Any]) -> dict[str, Any]:
+        sample = build_caption_sample(safe_decode(group))
+        input_ids, labels = tokenize_caption(self.text, sample["caption"])
+        return {
+            "key": sample["key"],
+            "input_ids": input_ids,
+            "labels": labels,
+            "pixel_values": preprocess_image(self.image_processor, sample["image"]),
+        }
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        rng = random.Random(f"{self.seed}/{self.rank}/{worker}")
+        # The DataLoader takes batches from its workers in turn, always starting with worker 0.
+        # Batch b belongs to logical worker b % W; after `resume_batches`, the next batch is
+        # logical worker resume % W's, so worker process p plays logical worker (p + resume) % W.
+        worker = (worker + self.resume_batches) % num_workers
+        skip = len(range(worker, self.resume_batches, num_workers)) * self.batch_size
         batch: list[dict[str, Any]] = []
-        epoch = 0
-        while True:
-            for sample in shuffled(self.samples(epoch, worker, num_workers), self.shuffle_buffer, rng):
-                batch.append(sample)
-                if len(batch) == self.batch_size:
-                    yield collate(batch, self.text.tokenizer.pad_token_id)
-                    batch = []
-            epoch += 1
+        for group in itertools.islice(self.raw_groups(worker, num_workers), skip, None):
+            batch.append(self.make_sample(group))
+            if len(batch) == self.batch_size:
+                yield collate(batch, self.text.tokenizer.pad_token_id)
+                batch = []
 
 
-def make_loader(stream: CaptionStream, num_workers: int) -> DataLoader:
-    """Wrap a stream (already batched) in a DataLoader, which only adds worker processes."""
-    return DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0)
+class ResumableLoader:
+    """Iterator of batches over a stream, counting what the trainer took, with state_dict()."""
+
+    def __init__(self, stream: CaptionStream, num_workers: int) -> None:
+        self.stream = stream
+        self.num_workers = num_workers
+        self.batches_taken = 0
+        self._batches: Iterator[dict[str, Any]] | None = None
+
+    def __iter__(self) -> ResumableLoader:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self._batches is None:
+            self.stream.resume_batches = self.batches_taken
+            loader = DataLoader(
+                self.stream, batch_size=None, num_workers=self.num_workers, persistent_workers=self.num_workers > 0
+            )
+            self._batches = iter(loader)
+        batch = next(self._batches)
+        self.batches_taken += 1
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {
+            "batches_taken": self.batches_taken,
+            "rank": self.stream.rank,
+            "world_size": self.stream.world_size,
+            "num_workers": self.num_workers,
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if self._batches is not None:
+            raise RuntimeError("load the loader state before taking the first batch")
+        for key in ("world_size", "num_workers"):
+            if state[key] != getattr(self.stream if key == "world_size" else self, key):
+                raise ValueError(
+                    f"the saved data position was taken with {key}={state[key]}; "
+                    f"this run has {getattr(self.stream if key == 'world_size' else self, key)}"
+                )
+        self.batches_taken = state["batches_taken"]

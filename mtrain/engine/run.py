@@ -71,7 +71,7 @@ def make_sink(cfg: TrainConfig, run_dir: Path, world: WorldInfo) -> MetricSink:
 
 def run_training(cfg: TrainConfig) -> list[dict[str, float]]:
     """Train as configured; every rank of the job calls this."""
-    from data_pipeline.loader import CaptionStream, TextSpec, make_loader  # noqa: PLC0415
+    from data_pipeline.loader import CaptionStream, ResumableLoader, TextSpec  # noqa: PLC0415
     from mtrain.checkpoint.export import export_checkpoint  # noqa: PLC0415
     from mtrain.checkpoint.save import save_checkpoint  # noqa: PLC0415
     from mtrain.engine.setup import initialize_engine, resolve_placement  # noqa: PLC0415
@@ -111,7 +111,7 @@ def run_training(cfg: TrainConfig) -> list[dict[str, float]]:
         cfg.data.shuffle_buffer,
         cfg.data.num_workers,
     )
-    batches = iter(make_loader(stream, cfg.data.num_workers))
+    batches = ResumableLoader(stream, cfg.data.num_workers)
     sink = make_sink(cfg, run_dir, world)
     trainer = Trainer(cfg, world, engine, batches, sink, placement.device)
     config_yaml = dump_yaml(cfg)

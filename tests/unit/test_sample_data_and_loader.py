@@ -1,6 +1,8 @@
+import pytest
+import torch
 import webdataset as wds
 
-from data_pipeline.loader import IGNORE_INDEX, CaptionStream, TextSpec, expand_shards, split_shards
+from data_pipeline.loader import IGNORE_INDEX, CaptionStream, ResumableLoader, TextSpec, expand_shards, split_shards
 from mtrain.model.build import tiny_image_processor
 from mtrain.model.tokenizer import IMAGE_TOKEN, build_tiny_tokenizer
 
@@ -44,7 +46,24 @@ def test_ranks_read_disjoint_shards(shards_pattern):
 
 
 def test_too_few_shards_for_consumers_is_a_clear_error():
-    import pytest
-
     with pytest.raises(ValueError, match="2 shards cannot feed 2 ranks x 2 workers"):
         split_shards(["a", "b"], rank=0, world_size=2, worker=0, num_workers=2)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_loader_resume_continues_exactly(shards_pattern, num_workers):
+    def loader() -> ResumableLoader:
+        stream = make_stream(shards_pattern, rank=1, world_size=2)
+        stream.shuffle_buffer = 16
+        return ResumableLoader(stream, num_workers)
+
+    first = loader()
+    taken = [next(first) for _ in range(30)]  # past the end of the first epoch (48 samples / 4)
+    resumed = loader()
+    resumed.load_state_dict(loader_state := {**first.state_dict(), "batches_taken": 17})
+    assert loader_state["batches_taken"] == 17
+    for expected in taken[17:]:
+        got = next(resumed)
+        assert got["keys"] == expected["keys"]
+        for name in ("input_ids", "labels", "attention_mask", "pixel_values"):
+            assert torch.equal(got[name], expected[name])
