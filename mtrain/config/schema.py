@@ -48,6 +48,10 @@ class LoraConfig(Checkable):
     target_modules: list[str] = setting(
         ["q_proj", "v_proj"], "Projection names inside the language model to adapt (vision tower excluded)."
     )
+    strategy: Literal["shared", "per_scale", "shared_plus_per_scale"] = setting(
+        "shared",
+        "Llama-MTSK: one adapter for all visual scales (MS), one per scale (SS), or a shared one plus one per scale (MSS).",
+    )
 
     def check(self) -> list[tuple[str, str]]:
         if self.rank < 1:
@@ -216,6 +220,57 @@ class LoggingConfig(Checkable):
 
 
 @dataclass
+class TokenScalesConfig(Checkable):
+    mode: Literal["none", "m3", "mqt"] = setting(
+        "none", "Nested visual tokens: m3 pools the patch grid, mqt keeps the first m queries of a query transformer."
+    )
+    scales: list[int] = setting(
+        [],
+        "Visual-token budgets, increasing (m3: perfect squares whose side divides the grid side; mqt: <= mqt_queries).",
+    )
+    policy: Literal["all", "sample_per_step", "sample_per_sample"] = setting(
+        "all",
+        "all: every scale every step, in one pass; sample_per_step: one scale per step, the same on every rank; sample_per_sample: one per sample.",
+    )
+    weights: list[float] = setting([], "Loss weight per scale under policy all (empty: equal weights).")
+    default_scale: int = setting(0, "Scale used at inference when a call names none (0: the largest).")
+    mqt_queries: int = setting(64, "M, the number of learned queries of the MQT projector.")
+    mqt_stage: int = setting(2, "MQT stage 1 always uses all M queries; stage 2 uses the policy's draws.")
+    mqt_heads: int = setting(4, "Attention heads of the MQT cross-attention.")
+
+    def check(self) -> list[tuple[str, str]]:
+        if self.mode == "none":
+            return []
+        if not self.scales:
+            return [("scales", f"is empty; mode {self.mode} needs the visual-token budgets, e.g. [1, 4, 16, 64]")]
+        if sorted(set(self.scales)) != self.scales or self.scales[0] < 1:
+            return [("scales", f"must be positive and strictly increasing, got {self.scales}")]
+        if self.mode == "m3":
+            bad = [s for s in self.scales if round(s**0.5) ** 2 != s]
+            if bad:
+                return [("scales", f"m3 pools a square grid, so every scale is a perfect square; {bad} are not")]
+        if self.mode == "mqt":
+            if self.scales[-1] > self.mqt_queries:
+                return [
+                    ("scales", f"{self.scales[-1]} exceeds mqt_queries={self.mqt_queries}; MQT keeps at most M queries")
+                ]
+            if self.mqt_stage not in (1, 2):
+                return [("mqt_stage", f"must be 1 or 2, got {self.mqt_stage}")]
+        if self.weights and len(self.weights) != len(self.scales):
+            return [("weights", f"has {len(self.weights)} entries for {len(self.scales)} scales")]
+        if any(w < 0 for w in self.weights) or (self.weights and sum(self.weights) == 0):
+            return [("weights", f"must be non-negative with a positive sum, got {self.weights}")]
+        if self.default_scale and self.default_scale not in self.scales:
+            return [("default_scale", f"{self.default_scale} is not one of the scales {self.scales}")]
+        return []
+
+
+@dataclass
+class MatryoshkaConfig(Checkable):
+    tokens: TokenScalesConfig = section(TokenScalesConfig, "Nested visual-token budgets (M3, MQT).")
+
+
+@dataclass
 class TrainConfig(Checkable):
     run: RunConfig = section(RunConfig, "Run identity, length and precision.")
     model: ModelConfig = section(ModelConfig, "Model source, freezing and adapters.")
@@ -225,8 +280,20 @@ class TrainConfig(Checkable):
     dist: DistConfig = section(DistConfig, "Process-group start-up.")
     checkpoint: CheckpointConfig = section(CheckpointConfig, "Saving and export.")
     logging: LoggingConfig = section(LoggingConfig, "Metrics and progress.")
+    matryoshka: MatryoshkaConfig = section(MatryoshkaConfig, "Matryoshka structure: nested visual tokens.")
 
     def check(self) -> list[tuple[str, str]]:
+        tokens = self.matryoshka.tokens
+        if self.model.lora.enabled and self.model.lora.strategy != "shared" and tokens.mode == "none":
+            return [
+                ("model.lora.strategy", f"{self.model.lora.strategy} needs visual scales; set matryoshka.tokens.mode")
+            ]
+        if tokens.mode == "m3" and self.model.preset == "tiny-llava":
+            side = int(self.model.tiny.visual_tokens**0.5)
+            bad = [s for s in tokens.scales if side % round(s**0.5)]
+            if bad:
+                message = f"{bad}: the side of each scale must divide the {side}x{side} grid side {side}"
+                return [("matryoshka.tokens.scales", message)]
         visual_tokens = self.model.tiny.visual_tokens
         if self.model.preset == "tiny-llava" and self.data.max_len <= visual_tokens:
             message = f"{self.data.max_len} leaves no room for text after {visual_tokens} visual tokens; raise it"

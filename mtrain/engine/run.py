@@ -90,8 +90,8 @@ def run_training(cfg: TrainConfig) -> list[dict[str, float]]:
     )
 
     zero3 = ds_config if cfg.zero.stage == 3 else None
-    built = build_model(cfg.model, placement.dtype, zero3, cfg.run.seed)
-    engine = initialize_engine(cfg, built, ds_config)
+    built = build_model(cfg.model, placement.dtype, zero3, cfg.run.seed, cfg.matryoshka.tokens)
+    engine = initialize_engine(cfg, built, ds_config, world.rank)
     elements = parameter_elements(engine.module)
     write_rank_report(run_dir, world, cfg, built.constructed_elements, elements)
     print0(

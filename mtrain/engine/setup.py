@@ -11,6 +11,7 @@ from mtrain.config.schema import TrainConfig
 from mtrain.engine.schedule import warmup_cosine_scheduler
 from mtrain.model.build import BuiltModel
 from mtrain.task.captioning import LanguageModelingTask
+from mtrain.task.matryoshka_tokens import MatryoshkaTokenTask
 
 
 @dataclass(frozen=True)
@@ -54,11 +55,28 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
 
 
-def initialize_engine(cfg: TrainConfig, built: BuiltModel, ds_config: dict[str, Any]) -> Any:
+def build_task(cfg: TrainConfig, built: BuiltModel, rank: int) -> torch.nn.Module:
+    """The one module DeepSpeed wraps: the model with the losses of the configured objective."""
+    tokens = cfg.matryoshka.tokens
+    if tokens.mode == "none":
+        return LanguageModelingTask(built.model)
+    return MatryoshkaTokenTask(
+        built.model,
+        tokens,
+        image_token_id=built.image_token_id,
+        image_tokens=built.visual_tokens,
+        pad_token_id=built.tokenizer.pad_token_id,
+        seed=cfg.run.seed,
+        rank=rank,
+        routing=built.scale_routing,
+    )
+
+
+def initialize_engine(cfg: TrainConfig, built: BuiltModel, ds_config: dict[str, Any], rank: int = 0) -> Any:
     """Wrap the task module in a DeepSpeed engine with AdamW and the warmup-cosine schedule."""
     import deepspeed  # noqa: PLC0415
 
-    task = LanguageModelingTask(built.model)
+    task = build_task(cfg, built, rank)
     optimizer = build_optimizer(task, cfg)
     scheduler = warmup_cosine_scheduler(optimizer, cfg.optim.warmup_steps, cfg.run.max_steps, cfg.optim.min_lr_ratio)
     engine, _, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)

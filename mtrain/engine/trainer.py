@@ -56,30 +56,41 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One optimizer step: `grad_accum_steps` micro-batches, then DeepSpeed's step."""
         started = time.perf_counter()
+        task = self.engine.module
+        if hasattr(task, "begin_step"):
+            task.begin_step(self.step)  # Matryoshka samplers draw from (seed, step), the same on every rank
         lr = self.engine.get_lr()[0]  # the lr this step uses, read before the scheduler advances
-        losses, tokens, samples = [], 0, 0
+        losses: list[float] = []
+        totals: dict[str, torch.Tensor] = {"samples": torch.zeros((), dtype=torch.float64)}
         for _ in range(self.cfg.optim.grad_accum_steps):
             batch = self.to_device(next(self.batches))
             loss, counts = self.forward_backward(batch)
             losses.append(loss)
-            tokens += int(counts["tokens"])
-            samples += batch["input_ids"].shape[0]
+            totals["samples"] += batch["input_ids"].shape[0]
+            for name, value in counts.items():
+                value = torch.as_tensor(value).detach().to("cpu", torch.float64)
+                totals[name] = totals[name] + value if name in totals else value
         grad_norm = self.engine.get_global_grad_norm()
         self.step += 1
-        totals = self.all_reduce_sum(torch.tensor([sum(losses) / len(losses), tokens, samples], dtype=torch.float64))
-        loss = float(totals[0]) / self.world.world_size
-        self.tokens_seen += int(totals[1])
-        self.samples_seen += int(totals[2])
+        totals["loss"] = torch.tensor(sum(losses) / len(losses), dtype=torch.float64)
+        totals = self.all_reduce_sums(totals)
+        loss = float(totals["loss"]) / self.world.world_size
+        tokens, samples = float(totals["tokens"]), float(totals["samples"])
+        self.tokens_seen += int(tokens)
+        self.samples_seen += int(samples)
         elapsed = time.perf_counter() - started
-        return {
+        metrics = {
             "loss": loss,
             "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "tokens": float(totals[1]),
-            "tokens_per_s": float(totals[1]) / elapsed,
-            "samples_per_s": float(totals[2]) / elapsed,
+            "tokens": tokens,
+            "tokens_per_s": tokens / elapsed,
+            "samples_per_s": samples / elapsed,
             "step_time_s": elapsed,
         }
+        if hasattr(task, "summarize"):
+            metrics.update(task.summarize(totals))
+        return metrics
 
     def forward_backward(self, batch: dict[str, Any]) -> tuple[float, dict[str, torch.Tensor]]:
         """Forward through the task module, backward, and the engine's (accumulating) step."""
@@ -113,6 +124,17 @@ class Trainer:
                     value = value.to(dtype)
             moved[name] = value
         return moved
+
+    def all_reduce_sums(self, totals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Sum every named tensor over ranks with one collective (names and shapes agree across ranks)."""
+        names = sorted(totals)
+        flat = self.all_reduce_sum(torch.cat([totals[n].reshape(-1) for n in names]))
+        out, offset = {}, 0
+        for name in names:
+            size = totals[name].numel()
+            out[name] = flat[offset : offset + size].reshape(totals[name].shape)
+            offset += size
+        return out
 
     def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
         if self.world.world_size > 1:

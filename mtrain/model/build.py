@@ -16,7 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from mtrain.config.schema import ModelConfig, TinyLlavaConfig
+from mtrain.config.schema import ModelConfig, TinyLlavaConfig, TokenScalesConfig
+from mtrain.model.scale_lora import ScaleRouting, adapter_names, attach_scale_lora
+from mtrain.model.token_scales import QueryTransformerProjector
 from mtrain.model.tokenizer import IMAGE_TOKEN, build_tiny_tokenizer
 
 # Loading code never reaches a hub: everything comes from the preset or a local folder.
@@ -30,9 +32,11 @@ class BuiltModel:
     model: nn.Module
     tokenizer: Any
     image_processor: Any
-    visual_tokens: int
+    visual_tokens: int  # tokens each <image> expands to in the data: the grid (M3) or M queries (MQT)
     image_token_id: int
     source: str
+    # Row routing of scale-specific LoRA adapters; None without them.
+    scale_routing: ScaleRouting | None = None
     # Parameter elements right after construction, before adapters (see `parameter_elements`).
     constructed_elements: dict[str, int] = field(default_factory=dict)
     # Keeps transformers' ZeRO-3 integration switched on while the model lives.
@@ -106,8 +110,19 @@ def _image_token_id(llava_config: Any) -> int:
     return value if value is not None else llava_config.image_token_index
 
 
-def build_model(cfg: ModelConfig, dtype: torch.dtype, zero3_ds_config: dict | None, seed: int) -> BuiltModel:
-    """Build or load the model described by `cfg`, partitioned under ZeRO-3 when a config is given."""
+def build_model(
+    cfg: ModelConfig,
+    dtype: torch.dtype,
+    zero3_ds_config: dict | None,
+    seed: int,
+    tokens: TokenScalesConfig | None = None,
+) -> BuiltModel:
+    """Build or load the model described by `cfg`, partitioned under ZeRO-3 when a config is given.
+
+    With `tokens.mode == "mqt"` LLaVA's projector is replaced by the MQT query transformer; with a
+    scale-specific `lora.strategy` one PEFT adapter per scale is attached.
+    """
+    tokens = tokens or TokenScalesConfig()
     from transformers import LlavaForConditionalGeneration  # noqa: PLC0415
     from transformers.integrations import HfDeepSpeedConfig  # noqa: PLC0415
 
@@ -131,11 +146,18 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype, zero3_ds_config: dict | No
             image_token_id=image_token_id,
             source="preset:tiny-llava",
         )
+    if tokens.mode == "mqt":
+        replace_projector_with_mqt(built, tokens, zero3_ds_config, dtype)
     built.constructed_elements = parameter_elements(built.model)
     if cfg.lora.enabled:
         # PEFT freezes the base and trains the adapters plus `modules_to_save`, so the saved
         # adapter alone rebuilds the trained model on top of the original base.
-        built.model = attach_lora(built.model, cfg)
+        if tokens.mode != "none" and cfg.lora.strategy != "shared":
+            names = adapter_names(cfg.lora.strategy, tokens.scales)
+            configs = [peft_lora_config(cfg, with_modules_to_save=i == 0) for i in range(len(names))]
+            built.model, built.scale_routing = attach_scale_lora(built.model, configs, names)
+        else:
+            built.model = attach_lora(built.model, cfg)
     else:
         apply_freeze_policy(built.model, cfg)
     built.zero3_context = zero3_context
@@ -192,18 +214,47 @@ def trained_modules(cfg: ModelConfig) -> list[str]:
     return modules
 
 
-def attach_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
+def peft_lora_config(cfg: ModelConfig, with_modules_to_save: bool = True):
     from peft import LoraConfig as PeftLoraConfig  # noqa: PLC0415
-    from peft import get_peft_model  # noqa: PLC0415
 
-    peft_config = PeftLoraConfig(
+    return PeftLoraConfig(
         r=cfg.lora.rank,
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
         target_modules=lora_target_pattern(cfg.lora.target_modules),
-        modules_to_save=trained_modules(cfg) or None,
+        modules_to_save=(trained_modules(cfg) or None) if with_modules_to_save else None,
     )
-    return get_peft_model(model, peft_config)
+
+
+def attach_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
+    from peft import get_peft_model  # noqa: PLC0415
+
+    return get_peft_model(model, peft_lora_config(cfg))
+
+
+def replace_projector_with_mqt(
+    built: BuiltModel, tokens: TokenScalesConfig, zero3_ds_config: dict | None, dtype: torch.dtype
+) -> None:
+    """Swap LLaVA's MLP projector for MQT's query transformer; <image> then stands for M tokens."""
+    import contextlib  # noqa: PLC0415
+
+    config = built.model.config
+    grid_tokens = built.visual_tokens
+    context = contextlib.nullcontext()
+    if zero3_ds_config:
+        import deepspeed  # noqa: PLC0415
+
+        context = deepspeed.zero.Init(config_dict_or_path=zero3_ds_config)  # built partitioned, like the rest
+    with context:
+        projector = QueryTransformerProjector(
+            vision_dim=config.vision_config.hidden_size,
+            text_dim=config.text_config.hidden_size,
+            num_queries=tokens.mqt_queries,
+            num_heads=tokens.mqt_heads,
+            num_patches=grid_tokens,
+        ).to(dtype)
+    built.model.model.multi_modal_projector = projector
+    built.visual_tokens = tokens.mqt_queries
 
 
 def model_part(parameter_name: str) -> str:

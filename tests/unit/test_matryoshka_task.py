@@ -1,0 +1,117 @@
+"""The one-pass all-scale step against separate per-scale passes, and scale-adapter gradient routing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mtrain.config import load_config
+from mtrain.engine.setup import build_task
+from mtrain.model.build import build_model
+from mtrain.model.token_scales import pool_grid, shrink_image_runs
+
+SCALES = {"m3": "[1,4,16,64]", "mqt": "[2,8,32,64]"}
+
+
+def make_task(mode: str, strategy: str = "shared", policy: str = "all", lora: bool = True):
+    cfg = load_config(
+        None,
+        [
+            f"matryoshka.tokens.mode={mode}",
+            f"matryoshka.tokens.scales={SCALES[mode]}",
+            f"matryoshka.tokens.policy={policy}",
+            f"model.lora.enabled={str(lora).lower()}",
+            f"model.lora.strategy={strategy}",
+            "model.lora.dropout=0.0",
+            "model.freeze.always_train=[lm_head]",
+        ],
+    )
+    built = build_model(cfg.model, torch.float32, None, seed=0, tokens=cfg.matryoshka.tokens)
+    task = build_task(cfg, built, rank=0)
+    # LoRA B starts at zero; give every adapter a distinct, non-zero delta so routing shows.
+    with torch.no_grad():
+        for name, param in task.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    return task, built
+
+
+def make_batch(built, rows: int = 3) -> dict:
+    torch.manual_seed(1)
+    tokenizer, n = built.tokenizer, built.visual_tokens
+    ids, labels = [], []
+    for row in range(rows):
+        caption = tokenizer(["a red circle.", "a blue square shape.", "a green cross."][row % 3]).input_ids
+        ids.append([tokenizer.bos_token_id] + [built.image_token_id] * n + caption)
+        labels.append([-100] * (n + 1) + caption)
+    width = max(map(len, ids))
+    batch = {
+        "input_ids": torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in ids]),
+        "labels": torch.tensor([r + [-100] * (width - len(r)) for r in labels]),
+        "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in ids]),
+        "pixel_values": torch.randn(rows, 3, 32, 32),
+    }
+    return batch
+
+
+def reference_scale_loss(task, batch, scale: int) -> torch.Tensor:
+    """One scale through Hugging Face's own forward and loss, as a per-scale model would train."""
+    llava = task.llava
+    features = torch.stack(list(llava.model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output))
+    scaled = features[:, :scale] if task.tokens.mode == "mqt" else pool_grid(features, scale)
+    ids, labels, mask = shrink_image_runs(
+        batch["input_ids"], batch["labels"], batch["attention_mask"], task.image_token_id, task.image_tokens, scale, 0
+    )
+    embeds = llava.get_input_embeddings()(ids).masked_scatter((ids == task.image_token_id).unsqueeze(-1), scaled)
+    if task.routing is not None:
+        task.routing.set_rows(torch.full((ids.shape[0],), scale))
+    try:
+        return llava(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+    finally:
+        if task.routing is not None:
+            task.routing.clear()
+
+
+@pytest.mark.parametrize("mode,strategy", [("m3", "shared"), ("m3", "shared_plus_per_scale"), ("mqt", "per_scale")])
+def test_one_pass_equals_mean_of_separate_scale_passes(mode, strategy):
+    task, built = make_task(mode, strategy)
+    batch = make_batch(built)
+    trainable = [p for p in task.parameters() if p.requires_grad]
+
+    loss, metrics = task(batch)
+    one_pass_grads = torch.autograd.grad(loss, trainable, allow_unused=True)
+
+    separate = torch.stack([reference_scale_loss(task, batch, s) for s in task.tokens.scales]).mean()
+    separate_grads = torch.autograd.grad(separate, trainable, allow_unused=True)
+
+    torch.testing.assert_close(loss, separate, rtol=1e-5, atol=1e-6)
+    for got, want in zip(one_pass_grads, separate_grads, strict=True):
+        if want is None:
+            assert got is None or not got.any()
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert int(metrics["scale_label_tokens"].sum()) == 4 * int((batch["labels"][:, 1:] != -100).sum())
+
+
+def test_vision_tower_runs_once_per_step():
+    task, built = make_task("m3")
+    calls = []
+    task.llava.model.vision_tower.register_forward_hook(lambda *_: calls.append(1))
+    task(make_batch(built))
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize(
+    "strategy,expected", [("per_scale", {"scale_16"}), ("shared_plus_per_scale", {"shared", "scale_16"})]
+)
+def test_only_the_current_scales_adapters_get_gradient(strategy, expected):
+    task, built = make_task("m3", strategy, policy="sample_per_step")
+    step = next(s for s in range(100) if task.sampler.step_scale(s) == 16)
+    task.begin_step(step)
+    loss, _ = task(make_batch(built))
+    loss.backward()
+    with_grad = set()
+    for name, param in task.named_parameters():
+        if "lora_" in name and param.grad is not None and param.grad.abs().sum() > 0:
+            with_grad.add(name.split(".")[-2])  # lora_A.<adapter>.weight
+    assert with_grad == expected
