@@ -101,8 +101,8 @@ class MatryoshkaTokenTask(nn.Module):
 
     def variant_rows(
         self, batch: dict[str, Any], features: torch.Tensor, row_ids: torch.Tensor, scale: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(embeddings, labels, attention mask) of rows `row_ids` with every image at `scale` tokens."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input ids, labels, attention mask, visual tokens) of rows `row_ids` with every image at `scale`."""
         input_ids, labels, attention_mask = shrink_image_runs(
             batch["input_ids"][row_ids],
             batch["labels"][row_ids],
@@ -112,12 +112,9 @@ class MatryoshkaTokenTask(nn.Module):
             scale,
             self.pad_token_id,
         )
-        embeddings = self.llava.get_input_embeddings()(input_ids)
         images = self.images_of_rows(batch["input_ids"], row_ids)
-        scaled = self.at_scale(features[images], scale).to(embeddings.dtype)
-        image_positions = (input_ids == self.image_token_id).unsqueeze(-1)
-        embeddings = embeddings.masked_scatter(image_positions, scaled)
-        return embeddings, labels, attention_mask
+        visual = self.at_scale(features[images], scale).reshape(-1, features.shape[-1])
+        return input_ids, labels, attention_mask, visual
 
     def images_of_rows(self, input_ids: torch.Tensor, row_ids: torch.Tensor) -> torch.Tensor:
         """Indices into the batch's images of the images that rows `row_ids` hold, in order."""
@@ -127,25 +124,35 @@ class MatryoshkaTokenTask(nn.Module):
 
     # ── the step ──────────────────────────────────────────────────────────────────────────────
     def forward(self, batch: dict[str, Any], scales: list[int] | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Loss over the step's scales (or the given `scales`, each applied to every row)."""
+        """Loss over the step's scales (or the given `scales`, each applied to every row).
+
+        Every module runs exactly once, whatever scales this rank's rows drew: ZeRO-3 needs the
+        same module sequence on every rank.
+        """
         rows = batch["input_ids"].shape[0]
         plan = [s for s in scales for _ in range(rows)] if scales is not None else self.plan(rows)
         features = self.image_features(batch["pixel_values"])
         plan_tensor = torch.tensor(plan)
         row_index = torch.arange(len(plan)) % rows
-        embeddings, labels, masks, variant_scales = [], [], [], []
-        for scale in sorted(set(plan)):  # sorted: the same order on every rank
+        ids, labels, masks, visual, variant_scales = [], [], [], [], []
+        for scale in sorted(set(plan)):  # sorted: rows of one scale together, in a fixed order
             variants = (plan_tensor == scale).nonzero().flatten()
-            e, lab, m = self.variant_rows(batch, features, row_index[variants], scale)
-            embeddings.append(e)
-            labels.append(lab)
-            masks.append(m)
+            for store, value in zip(
+                (ids, labels, masks, visual),
+                self.variant_rows(batch, features, row_index[variants], scale),
+                strict=True,
+            ):
+                store.append(value)
             variant_scales.append(torch.full((len(variants),), scale))
+        input_ids, attention_mask = pad_right(ids, self.pad_token_id), pad_right(masks, 0)
+        embeddings = self.llava.get_input_embeddings()(input_ids)
+        image_positions = (input_ids == self.image_token_id).unsqueeze(-1)
+        embeddings = embeddings.masked_scatter(image_positions, torch.cat(visual).to(embeddings.dtype))
         row_scales = torch.cat(variant_scales)
         token_losses, label_tokens = self.language_model_losses(
-            pad_right(embeddings, 0), pad_right(labels, IGNORE_INDEX), pad_right(masks, 0), row_scales
+            embeddings, pad_right(labels, IGNORE_INDEX), attention_mask, row_scales
         )
-        return self.combine(token_losses, label_tokens, row_scales, masks)
+        return self.combine(token_losses, label_tokens, row_scales, attention_mask)
 
     def language_model_losses(
         self, embeddings: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor, row_scales: torch.Tensor
@@ -166,7 +173,11 @@ class MatryoshkaTokenTask(nn.Module):
         return losses.sum(dim=1), (targets != IGNORE_INDEX).sum(dim=1)
 
     def combine(
-        self, row_loss_sums: torch.Tensor, row_tokens: torch.Tensor, row_scales: torch.Tensor, masks: list[torch.Tensor]
+        self,
+        row_loss_sums: torch.Tensor,
+        row_tokens: torch.Tensor,
+        row_scales: torch.Tensor,
+        attention_mask: torch.Tensor,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         scales = self.reported_scales
         loss_sums = torch.stack([row_loss_sums[row_scales == s].sum() for s in scales])
@@ -180,7 +191,7 @@ class MatryoshkaTokenTask(nn.Module):
             loss = loss_sums.sum() / token_counts.sum().clamp(min=1)
         step_scale = float(row_scales[0]) if self.tokens.policy == "sample_per_step" else 0.0
         metrics = {
-            "tokens": sum(int(m.sum()) for m in masks),
+            "tokens": attention_mask.sum().detach(),
             # Summed over ranks by the trainer: identical draws leave a zero spread (see summarize).
             "step_scale": torch.tensor(step_scale),
             "step_scale_sq": torch.tensor(step_scale**2),
