@@ -233,6 +233,10 @@ class TokenScalesConfig(Checkable):
         "all: every scale every step, in one pass; sample_per_step: one scale per step, the same on every rank; sample_per_sample: one per sample.",
     )
     weights: list[float] = setting([], "Loss weight per scale under policy all (empty: equal weights).")
+    layout: Literal["packed", "padded"] = setting(
+        "packed",
+        "packed: a sample's scale variants share one row with block-diagonal attention (no padding waste); padded: one row each.",
+    )
     default_scale: int = setting(0, "Scale used at inference when a call names none (0: the largest).")
     mqt_queries: int = setting(64, "M, the number of learned queries of the MQT projector.")
     mqt_stage: int = setting(2, "MQT stage 1 always uses all M queries; stage 2 uses the policy's draws.")

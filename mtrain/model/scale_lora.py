@@ -1,7 +1,7 @@
 """Scale-specific LoRA (Llama-MTSK) with PEFT: shared (MS), per_scale (SS), shared_plus_per_scale (MSS).
 
 PEFT holds every adapter and all are active in every forward. A scale adapter's output is
-multiplied by a row mask: 1 on the rows of its scale, 0 elsewhere. So in one forward over rows
+multiplied by a mask: 1 on the tokens of its scale, 0 elsewhere. So in one forward over rows
 of mixed scales each row gets exactly its own adapters (plus the shared one under MSS), and a
 scale adapter's gradient comes only from its rows.
 
@@ -39,7 +39,9 @@ def adapter_names(strategy: str, scales: Sequence[int]) -> list[str]:
 
 
 class ScaleRouting:
-    """The scale of each row in the current forward, read by the scale adapters' row masks."""
+    """The scale of each token (rows, tokens) in the current forward, read by the scale adapters' masks.
+
+    Token-level because a packed row holds one sample at several scales."""
 
     def __init__(self) -> None:
         self.row_scales: torch.Tensor | None = None
@@ -57,7 +59,7 @@ class ScaleRouting:
                 "mtrain's Matryoshka token task (or mtrain.eval) with a scale"
             )
         mask = (self.row_scales.to(output.device) == scale).to(output.dtype)
-        return output * mask.view(-1, *([1] * (output.dim() - 1)))
+        return output * mask.view(*mask.shape, *([1] * (output.dim() - mask.dim())))
 
 
 def attach_scale_lora(model: nn.Module, peft_configs: list, names: list[str]) -> tuple[nn.Module, ScaleRouting]:

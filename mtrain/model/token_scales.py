@@ -79,6 +79,16 @@ class QueryTransformerProjector(nn.Module):
         return hidden + self.mlp(self.norm_out(hidden))
 
 
+def image_keep_mask(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int, full_tokens: int, keep: int
+) -> torch.Tensor:
+    """True on the real tokens that survive shrinking every image run to its first `keep` tokens."""
+    is_image = input_ids == image_token_id
+    # Index of each image token within its image: image tokens counted so far, modulo the run length.
+    within_image = (torch.cumsum(is_image.long(), dim=1) - 1) % full_tokens
+    return (~is_image | (within_image < keep)) & attention_mask.bool()
+
+
 def shrink_image_runs(
     input_ids: torch.Tensor,
     labels: torch.Tensor,
@@ -95,10 +105,7 @@ def shrink_image_runs(
     """
     if keep == full_tokens:
         return input_ids, labels, attention_mask
-    is_image = input_ids == image_token_id
-    # Index of each image token within its image: image tokens counted so far, modulo the run length.
-    within_image = (torch.cumsum(is_image.long(), dim=1) - 1) % full_tokens
-    keep_mask = (~is_image | (within_image < keep)) & attention_mask.bool()
+    keep_mask = image_keep_mask(input_ids, attention_mask, image_token_id, full_tokens, keep)
     lengths = keep_mask.sum(dim=1)
     width = int(lengths.max())
     rows = input_ids.shape[0]

@@ -16,6 +16,7 @@ rows through `ScaleRouting`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,15 +25,74 @@ from torch import nn
 
 from mtrain.config.schema import TokenScalesConfig
 from mtrain.model.scale_lora import ScaleRouting
-from mtrain.model.token_scales import ScaleSampler, pool_grid, shrink_image_runs
+from mtrain.model.token_scales import ScaleSampler, image_keep_mask, pool_grid, shrink_image_runs
 
 IGNORE_INDEX = -100
 
 
-def pad_right(tensors: list[torch.Tensor], value: int) -> torch.Tensor:
-    """Concatenate along rows, right-padding dimension 1 (F.pad lists dimensions from the last)."""
-    width = max(t.shape[1] for t in tensors)
-    return torch.cat([F.pad(t, (0, 0) * (t.dim() - 2) + (0, width - t.shape[1]), value=value) for t in tensors])
+@dataclass
+class Variant:
+    """One sample at one scale: its tokens (no padding) and the visual tokens its images take."""
+
+    row: int
+    scale: int
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    position_ids: torch.Tensor
+    visual: torch.Tensor  # (images * scale, dim)
+
+
+@dataclass
+class Layout:
+    """Variants arranged into the language model's batch."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor | None  # None when packed: transformers derives the mask from position ids
+    token_scales: torch.Tensor  # scale of each token's variant; 0 on padding
+    visual: torch.Tensor  # every variant's visual tokens, in the order their image tokens appear
+
+
+def segment_positions(input_ids: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """Position ids restarting at every document start."""
+    positions = torch.arange(len(input_ids))
+    segment = torch.zeros(len(input_ids), dtype=torch.long)
+    segment[starts[1:]] = 1
+    segment = torch.cumsum(segment, dim=0)
+    return positions - starts[segment]
+
+
+def lay_out(variants: list[Variant], layout: str, pad_token_id: int) -> Layout:
+    """`packed`: a sample's variants of every scale share one row, attention block-diagonal, so
+    no position is padding but a row's tail. `padded`: one row per variant, right-padded."""
+    if layout == "packed":
+        by_row: dict[int, list[Variant]] = {}
+        for variant in variants:
+            by_row.setdefault(variant.row, []).append(variant)
+        rows = [by_row[r] for r in sorted(by_row)]
+    else:
+        rows = [[variant] for variant in variants]
+    width = max(sum(len(v.input_ids) for v in row) for row in rows)
+    shape = (len(rows), width)
+    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.arange(width).repeat(len(rows), 1)
+    token_scales = torch.zeros(shape, dtype=torch.long)
+    visual = []
+    for r, row in enumerate(rows):
+        start = 0
+        for variant in row:
+            end = start + len(variant.input_ids)
+            input_ids[r, start:end] = variant.input_ids
+            labels[r, start:end] = variant.labels
+            position_ids[r, start:end] = variant.position_ids
+            token_scales[r, start:end] = variant.scale
+            visual.append(variant.visual)
+            start = end
+        position_ids[r, start:] = torch.arange(width - start)  # the padding tail: a segment of its own
+    attention_mask = None if layout == "packed" else (token_scales > 0).long()
+    return Layout(input_ids, labels, position_ids, attention_mask, token_scales, torch.cat(visual))
 
 
 class MatryoshkaTokenTask(nn.Module):
@@ -99,22 +159,50 @@ class MatryoshkaTokenTask(nn.Module):
             return features[:, :scale]  # queries are independent: the first m of M equal an m-query pass
         return pool_grid(features, scale)
 
-    def variant_rows(
+    def scale_group(
         self, batch: dict[str, Any], features: torch.Tensor, row_ids: torch.Tensor, scale: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(input ids, labels, attention mask, visual tokens) of rows `row_ids` with every image at `scale`."""
+    ) -> list[Variant]:
+        """Rows `row_ids` with every image run shrunk to `scale` tokens, each with its visual tokens."""
         input_ids, labels, attention_mask = shrink_image_runs(
             batch["input_ids"][row_ids],
             batch["labels"][row_ids],
-            batch["attention_mask"][row_ids],
+            self.real_tokens(batch)[row_ids],
             self.image_token_id,
             self.image_tokens,
             scale,
             self.pad_token_id,
         )
-        images = self.images_of_rows(batch["input_ids"], row_ids)
-        visual = self.at_scale(features[images], scale).reshape(-1, features.shape[-1])
-        return input_ids, labels, attention_mask, visual
+        starts = self.document_start_flags(batch, row_ids, scale)
+        images_per_row = (input_ids == self.image_token_id).sum(dim=1) // scale
+        visual = self.at_scale(features[self.images_of_rows(batch["input_ids"], row_ids)], scale)
+        visual_per_row = torch.split(visual.reshape(-1, visual.shape[-1]), (images_per_row * scale).tolist())
+        variants = []
+        for i, row in enumerate(row_ids.tolist()):
+            n = int(attention_mask[i].sum())
+            ids = input_ids[i, :n]
+            positions = segment_positions(ids, starts[i, :n].nonzero().flatten())
+            variants.append(Variant(row, scale, ids, labels[i, :n], positions, visual_per_row[i]))
+        return variants
+
+    def real_tokens(self, batch: dict[str, Any]) -> torch.Tensor:
+        """1 on real tokens, 0 on padding (packed batches carry no attention mask: pad ids mark padding)."""
+        if "attention_mask" in batch:
+            return batch["attention_mask"]
+        return (batch["input_ids"] != self.pad_token_id).long()
+
+    def document_start_flags(self, batch: dict[str, Any], row_ids: torch.Tensor, scale: int) -> torch.Tensor:
+        """(rows, kept tokens) flags of document starts: a packed input row holds several documents,
+        each starting where its position id is 0; otherwise the row is one document."""
+        real = self.real_tokens(batch)[row_ids]
+        if "position_ids" in batch:
+            flags = batch["position_ids"][row_ids] == 0
+        else:
+            flags = torch.zeros_like(real, dtype=torch.bool)
+            flags[:, 0] = True
+        keep = image_keep_mask(batch["input_ids"][row_ids], real, self.image_token_id, self.image_tokens, scale)
+        kept = [flags[i][keep[i]] for i in range(len(row_ids))]
+        width = max(len(k) for k in kept)
+        return torch.stack([F.pad(k, (0, width - len(k))) for k in kept])
 
     def images_of_rows(self, input_ids: torch.Tensor, row_ids: torch.Tensor) -> torch.Tensor:
         """Indices into the batch's images of the images that rows `row_ids` hold, in order."""
@@ -134,54 +222,42 @@ class MatryoshkaTokenTask(nn.Module):
         features = self.image_features(batch["pixel_values"])
         plan_tensor = torch.tensor(plan)
         row_index = torch.arange(len(plan)) % rows
-        ids, labels, masks, visual, variant_scales = [], [], [], [], []
-        for scale in sorted(set(plan)):  # sorted: rows of one scale together, in a fixed order
-            variants = (plan_tensor == scale).nonzero().flatten()
-            for store, value in zip(
-                (ids, labels, masks, visual),
-                self.variant_rows(batch, features, row_index[variants], scale),
-                strict=True,
-            ):
-                store.append(value)
-            variant_scales.append(torch.full((len(variants),), scale))
-        input_ids, attention_mask = pad_right(ids, self.pad_token_id), pad_right(masks, 0)
-        embeddings = self.llava.get_input_embeddings()(input_ids)
-        image_positions = (input_ids == self.image_token_id).unsqueeze(-1)
-        embeddings = embeddings.masked_scatter(image_positions, torch.cat(visual).to(embeddings.dtype))
-        row_scales = torch.cat(variant_scales)
-        token_losses, label_tokens = self.language_model_losses(
-            embeddings, pad_right(labels, IGNORE_INDEX), attention_mask, row_scales
-        )
-        return self.combine(token_losses, label_tokens, row_scales, attention_mask)
+        variants: list[Variant] = []
+        for scale in sorted(set(plan)):  # a fixed order on every rank
+            variants += self.scale_group(batch, features, row_index[(plan_tensor == scale).nonzero().flatten()], scale)
+        layout = lay_out(variants, self.tokens.layout, self.pad_token_id)
+        embeddings = self.llava.get_input_embeddings()(layout.input_ids)
+        image_positions = (layout.input_ids == self.image_token_id).unsqueeze(-1)
+        embeddings = embeddings.masked_scatter(image_positions, layout.visual.to(embeddings.dtype))
+        token_losses = self.language_model_losses(embeddings, layout)
+        return self.combine(token_losses, layout)
 
-    def language_model_losses(
-        self, embeddings: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor, row_scales: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row sums of next-token losses and per-row label-token counts, from one forward."""
+    def language_model_losses(self, embeddings: torch.Tensor, layout: Layout) -> torch.Tensor:
+        """Next-token loss of every position (0 where nothing is learned), from one forward."""
         if self.routing is not None:
-            self.routing.set_rows(row_scales)
+            self.routing.set_rows(layout.token_scales)
         try:
-            hidden = self.llava.model(inputs_embeds=embeddings, attention_mask=attention_mask).last_hidden_state
+            # use_cache=False: with a cache, transformers ignores packed position ids and attends across variants.
+            hidden = self.llava.model(
+                inputs_embeds=embeddings,
+                attention_mask=layout.attention_mask,
+                position_ids=layout.position_ids,
+                use_cache=False,
+            ).last_hidden_state
             logits = self.llava.lm_head(hidden)
         finally:
             if self.routing is not None:
                 self.routing.clear()
-        targets = labels[:, 1:]
-        losses = F.cross_entropy(
-            logits[:, :-1].transpose(1, 2).float(), targets, ignore_index=IGNORE_INDEX, reduction="none"
+        return F.cross_entropy(
+            logits[:, :-1].transpose(1, 2).float(), layout.labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none"
         )
-        return losses.sum(dim=1), (targets != IGNORE_INDEX).sum(dim=1)
 
-    def combine(
-        self,
-        row_loss_sums: torch.Tensor,
-        row_tokens: torch.Tensor,
-        row_scales: torch.Tensor,
-        attention_mask: torch.Tensor,
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
+    def combine(self, token_losses: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, dict[str, Any]]:
+        learned = layout.labels[:, 1:] != IGNORE_INDEX
+        target_scales = torch.where(learned, layout.token_scales[:, 1:], 0)
         scales = self.reported_scales
-        loss_sums = torch.stack([row_loss_sums[row_scales == s].sum() for s in scales])
-        token_counts = torch.stack([row_tokens[row_scales == s].sum() for s in scales]).to(loss_sums.dtype)
+        loss_sums = torch.stack([token_losses[target_scales == s].sum() for s in scales])
+        token_counts = torch.stack([(target_scales == s).sum() for s in scales]).to(loss_sums.dtype)
         present = token_counts > 0
         if self.tokens.policy == "all" and not self.mqt_stage_one:
             weights = torch.tensor([self.scale_weights[s] for s in scales], dtype=loss_sums.dtype) * present
@@ -189,16 +265,16 @@ class MatryoshkaTokenTask(nn.Module):
             loss = (weights * per_scale).sum() / weights.sum()
         else:
             loss = loss_sums.sum() / token_counts.sum().clamp(min=1)
-        step_scale = float(row_scales[0]) if self.tokens.policy == "sample_per_step" else 0.0
+        step_scale = float(layout.token_scales.max()) if self.tokens.policy == "sample_per_step" else 0.0
         metrics = {
-            "tokens": attention_mask.sum().detach(),
+            "tokens": (layout.token_scales > 0).sum(),
+            "label_tokens": token_counts.sum().detach(),
+            "scale_loss_sum": loss_sums.detach(),
+            "scale_label_tokens": token_counts.detach(),
             # Summed over ranks by the trainer: identical draws leave a zero spread (see summarize).
             "step_scale": torch.tensor(step_scale),
             "step_scale_sq": torch.tensor(step_scale**2),
             "draws": torch.tensor(1.0),
-            "label_tokens": token_counts.sum().detach(),
-            "scale_loss_sum": loss_sums.detach(),
-            "scale_label_tokens": token_counts.detach(),
         }
         return loss, metrics
 

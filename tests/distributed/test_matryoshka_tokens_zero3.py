@@ -49,7 +49,9 @@ def test_two_rank_zero3_training(tmp_path, shards_pattern, mode, scales, strateg
         assert all(m["scale_drawn_rank_spread"] == 0 for m in metrics), "ranks drew different scales"
         assert set(drawn) <= set(scale_list) and len(set(drawn)) > 1
         # The one scale with a loss in each step is the drawn one.
-        assert all([k for k in m if k.startswith("loss/scale_")] == [f"loss/scale_{int(m['scale_drawn'])}"] for m in metrics)
+        assert all(
+            [k for k in m if k.startswith("loss/scale_")] == [f"loss/scale_{int(m['scale_drawn'])}"] for m in metrics
+        )
     # Scales and LoRA strategy are stored with the checkpoint.
     saved = (run_dir / "checkpoints" / f"step_{steps:08d}" / "config.yaml").read_text()
     assert f"mode: {mode}" in saved and f"strategy: {strategy}" in saved

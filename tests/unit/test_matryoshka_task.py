@@ -13,13 +13,14 @@ from mtrain.model.token_scales import pool_grid, shrink_image_runs
 SCALES = {"m3": "[1,4,16,64]", "mqt": "[2,8,32,64]"}
 
 
-def make_task(mode: str, strategy: str = "shared", policy: str = "all", lora: bool = True):
+def make_task(mode: str, strategy: str = "shared", policy: str = "all", lora: bool = True, layout: str = "packed"):
     cfg = load_config(
         None,
         [
             f"matryoshka.tokens.mode={mode}",
             f"matryoshka.tokens.scales={SCALES[mode]}",
             f"matryoshka.tokens.policy={policy}",
+            f"matryoshka.tokens.layout={layout}",
             f"model.lora.enabled={str(lora).lower()}",
             f"model.lora.strategy={strategy}",
             "model.lora.dropout=0.0",
@@ -72,9 +73,17 @@ def reference_scale_loss(task, batch, scale: int) -> torch.Tensor:
             task.routing.clear()
 
 
-@pytest.mark.parametrize("mode,strategy", [("m3", "shared"), ("m3", "shared_plus_per_scale"), ("mqt", "per_scale")])
-def test_one_pass_equals_mean_of_separate_scale_passes(mode, strategy):
-    task, built = make_task(mode, strategy)
+@pytest.mark.parametrize(
+    "mode,strategy,layout",
+    [
+        ("m3", "shared", "packed"),
+        ("m3", "shared_plus_per_scale", "packed"),
+        ("mqt", "per_scale", "packed"),
+        ("m3", "per_scale", "padded"),
+    ],
+)
+def test_one_pass_equals_mean_of_separate_scale_passes(mode, strategy, layout):
+    task, built = make_task(mode, strategy, layout=layout)
     batch = make_batch(built)
     trainable = [p for p in task.parameters() if p.requires_grad]
 
@@ -115,3 +124,20 @@ def test_only_the_current_scales_adapters_get_gradient(strategy, expected):
         if "lora_" in name and param.grad is not None and param.grad.abs().sum() > 0:
             with_grad.add(name.split(".")[-2])  # lora_A.<adapter>.weight
     assert with_grad == expected
+
+
+def test_packed_layout_has_no_padding_but_row_tails():
+    from mtrain.task.matryoshka_tokens import Variant, lay_out, segment_positions
+
+    def variant(row, scale, length):
+        ids = torch.arange(1, length + 1)
+        return Variant(row, scale, ids, ids, segment_positions(ids, torch.tensor([0])), torch.zeros(0, 4))
+
+    variants = [variant(0, 1, 3), variant(1, 1, 2), variant(0, 4, 5), variant(1, 4, 4)]
+    packed = lay_out(variants, "packed", pad_token_id=0)
+    assert packed.input_ids.shape == (2, 8) and packed.attention_mask is None
+    assert packed.position_ids[0].tolist() == [0, 1, 2, 0, 1, 2, 3, 4]
+    assert packed.token_scales[1].tolist() == [1, 1, 4, 4, 4, 4, 0, 0]
+    assert packed.position_ids[1, 6:].tolist() == [0, 1]  # the tail is a segment of its own
+    padded = lay_out(variants, "padded", pad_token_id=0)
+    assert padded.input_ids.shape == (4, 5) and padded.attention_mask.sum() == 14
