@@ -29,6 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--print", action="store_true", help="print the resolved config")
     validate.add_argument("--explain", action="store_true", help="print every key with its description")
 
+    evaluate = commands.add_parser("eval", help="loss and accuracy at every visual-token scale, with a PNG curve")
+    evaluate.add_argument("source", help="a checkpoint (folder) or a config (YAML)")
+    evaluate.add_argument("overrides", nargs="*", metavar="a.b.c=value", help="dotted overrides")
+    evaluate.add_argument("--shards", help="evaluation shards (default: the config's data.shards)")
+    evaluate.add_argument("--batches", type=int, default=4, help="batches to evaluate")
+    evaluate.add_argument("--scales", help="comma-separated budgets (default: the trained scales, else every M3 scale)")
+    evaluate.add_argument("--out", default="eval", help="folder for budget.json and budget.png")
+
     export = commands.add_parser("export", help="export a checkpoint to Hugging Face folders")
     export.add_argument("checkpoint", help="checkpoint folder (step_XXXXXXXX) or the root holding 'latest'")
     export.add_argument("--out", required=True, help="output folder")
@@ -70,6 +78,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         from mtrain.engine.run import run_training  # noqa: PLC0415
 
         run_training(cfg)
+        return 0
+    if args.command == "eval":
+        from mtrain.eval.run import run_eval  # noqa: PLC0415
+
+        scales = [int(s) for s in args.scales.split(",")] if args.scales else None
+        run_eval(args.source, args.overrides, args.shards, args.batches, scales, args.out)
         return 0
     if args.command == "export":
         from mtrain.checkpoint.export import export_checkpoint  # noqa: PLC0415

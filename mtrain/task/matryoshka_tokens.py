@@ -212,13 +212,22 @@ class MatryoshkaTokenTask(nn.Module):
 
     # ── the step ──────────────────────────────────────────────────────────────────────────────
     def forward(self, batch: dict[str, Any], scales: list[int] | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Loss over the step's scales (or the given `scales`, each applied to every row).
+        """Loss over the step's scales (or the given `scales`, each applied to every row)."""
+        rows = batch["input_ids"].shape[0]
+        plan = [s for s in scales for _ in range(rows)] if scales is not None else self.plan(rows)
+        logits, layout = self.run(batch, plan)
+        token_losses = F.cross_entropy(
+            logits[:, :-1].transpose(1, 2).float(), layout.labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        return self.combine(token_losses, layout)
+
+    def run(self, batch: dict[str, Any], plan: list[int]) -> tuple[torch.Tensor, Layout]:
+        """Logits of every (sample, scale) variant in `plan`, from one vision pass and one LM pass.
 
         Every module runs exactly once, whatever scales this rank's rows drew: ZeRO-3 needs the
         same module sequence on every rank.
         """
         rows = batch["input_ids"].shape[0]
-        plan = [s for s in scales for _ in range(rows)] if scales is not None else self.plan(rows)
         features = self.image_features(batch["pixel_values"])
         plan_tensor = torch.tensor(plan)
         row_index = torch.arange(len(plan)) % rows
@@ -229,11 +238,6 @@ class MatryoshkaTokenTask(nn.Module):
         embeddings = self.llava.get_input_embeddings()(layout.input_ids)
         image_positions = (layout.input_ids == self.image_token_id).unsqueeze(-1)
         embeddings = embeddings.masked_scatter(image_positions, layout.visual.to(embeddings.dtype))
-        token_losses = self.language_model_losses(embeddings, layout)
-        return self.combine(token_losses, layout)
-
-    def language_model_losses(self, embeddings: torch.Tensor, layout: Layout) -> torch.Tensor:
-        """Next-token loss of every position (0 where nothing is learned), from one forward."""
         if self.routing is not None:
             self.routing.set_rows(layout.token_scales)
         try:
@@ -244,13 +248,29 @@ class MatryoshkaTokenTask(nn.Module):
                 position_ids=layout.position_ids,
                 use_cache=False,
             ).last_hidden_state
-            logits = self.llava.lm_head(hidden)
+            return self.llava.lm_head(hidden), layout
         finally:
             if self.routing is not None:
                 self.routing.clear()
-        return F.cross_entropy(
-            logits[:, :-1].transpose(1, 2).float(), layout.labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none"
+
+    @torch.no_grad()
+    def evaluate_scale(self, batch: dict[str, Any], scale: int) -> dict[str, float]:
+        """Summed loss, token accuracy and answer accuracy (every learned token right) at one scale."""
+        rows = batch["input_ids"].shape[0]
+        logits, layout = self.run(batch, [scale] * rows)  # one variant per row at a single scale
+        targets = layout.labels[:, 1:]
+        learned = targets != IGNORE_INDEX
+        losses = F.cross_entropy(
+            logits[:, :-1].transpose(1, 2).float(), targets, ignore_index=IGNORE_INDEX, reduction="none"
         )
+        right = (logits[:, :-1].argmax(-1) == targets) & learned
+        return {
+            "loss_sum": float(losses.sum()),
+            "tokens": float(learned.sum()),
+            "correct_tokens": float(right.sum()),
+            "answers_correct": float((right.sum(1) == learned.sum(1)).sum()),
+            "answers": float(rows),
+        }
 
     def combine(self, token_losses: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, dict[str, Any]]:
         learned = layout.labels[:, 1:] != IGNORE_INDEX

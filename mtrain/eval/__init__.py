@@ -1,0 +1,1 @@
+"""Evaluation: quality against budget (visual tokens per image)."""

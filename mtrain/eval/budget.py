@@ -1,0 +1,131 @@
+"""`mtrain eval`: loss and accuracy at every visual-token scale, as a table, JSON and a PNG curve.
+
+Any model can be evaluated at M3 scales (a model trained at the full grid only is the baseline
+the M3 paper beats); an MQT model is evaluated at its query budgets.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mtrain.config import TrainConfig, load_config
+from mtrain.config.schema import TokenScalesConfig
+
+
+@dataclass
+class ScaleResult:
+    scale: int
+    loss: float
+    token_accuracy: float
+    answer_accuracy: float
+    answers: int
+
+
+def m3_scales(grid_tokens: int) -> list[int]:
+    """Every square budget whose side divides the grid side: 1, 4, 16, 64 for an 8x8 grid."""
+    side = math.isqrt(grid_tokens)
+    return [k * k for k in range(1, side + 1) if side % k == 0]
+
+
+def load_for_eval(source: str | Path, overrides: list[str]) -> tuple[TrainConfig, Any, torch.nn.Module]:
+    """(config, built model, task) from a checkpoint (trained weights) or a config (as configured)."""
+    from mtrain.checkpoint.export import resolve_checkpoint  # noqa: PLC0415
+    from mtrain.engine.setup import build_task  # noqa: PLC0415
+    from mtrain.model.build import build_model  # noqa: PLC0415
+
+    source = Path(source)
+    checkpoint = resolve_checkpoint(source) if source.is_dir() else None
+    cfg = load_config(checkpoint[0] / checkpoint[1] / "config.yaml" if checkpoint else source, overrides)
+    built = build_model(cfg.model, torch.float32, None, cfg.run.seed, cfg.matryoshka.tokens)
+    task = build_task(cfg, built, rank=0)
+    if checkpoint:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: PLC0415
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint[0]), tag=checkpoint[1])
+        task.load_state_dict(state, strict=True)
+    return cfg, built, task.eval()
+
+
+def budget_view(cfg: TrainConfig, built: Any, task: torch.nn.Module, scales: list[int] | None) -> torch.nn.Module:
+    """A Matryoshka task over the model to evaluate at `scales` (default: the trained ones, else M3's)."""
+    from mtrain.task.matryoshka_tokens import MatryoshkaTokenTask  # noqa: PLC0415
+
+    trained = cfg.matryoshka.tokens
+    if trained.mode != "none" and scales is None:
+        return task
+    mode = trained.mode if trained.mode != "none" else "m3"
+    tokens = TokenScalesConfig(
+        mode=mode, scales=scales or m3_scales(built.visual_tokens), mqt_queries=trained.mqt_queries
+    )
+    return MatryoshkaTokenTask(
+        built.model, tokens, built.image_token_id, built.visual_tokens, built.tokenizer.pad_token_id,
+        seed=cfg.run.seed, rank=0, routing=built.scale_routing,
+    ).eval()  # fmt: skip
+
+
+def evaluate_budgets(task: Any, batches: Iterator[dict[str, Any]], num_batches: int) -> list[ScaleResult]:
+    totals: dict[int, dict[str, float]] = {}
+    for _, batch in zip(range(num_batches), batches, strict=False):
+        for scale in task.tokens.scales:
+            stats = task.evaluate_scale(batch, scale)
+            for key, value in stats.items():
+                totals.setdefault(scale, {}).setdefault(key, 0.0)
+                totals[scale][key] += value
+    return [
+        ScaleResult(
+            scale=scale,
+            loss=t["loss_sum"] / max(t["tokens"], 1),
+            token_accuracy=t["correct_tokens"] / max(t["tokens"], 1),
+            answer_accuracy=t["answers_correct"] / max(t["answers"], 1),
+            answers=int(t["answers"]),
+        )
+        for scale, t in sorted(totals.items())
+    ]
+
+
+def format_table(results: list[ScaleResult]) -> str:
+    lines = [f"{'visual tokens':>13} {'loss':>8} {'token acc':>10} {'answer acc':>11} {'answers':>8}"]
+    lines += [
+        f"{r.scale:>13d} {r.loss:>8.4f} {r.token_accuracy:>10.3f} {r.answer_accuracy:>11.3f} {r.answers:>8d}"
+        for r in results
+    ]
+    return "\n".join(lines)
+
+
+def plot_budget_curve(curves: dict[str, list[ScaleResult]], path: Path, metric: str = "answer_accuracy") -> Path:
+    """Quality against visual tokens (log axis), one line per method."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name, results in curves.items():
+        scales = [r.scale for r in results]
+        axes[0].plot(scales, [getattr(r, metric) for r in results], marker="o", label=name)
+        axes[1].plot(scales, [r.loss for r in results], marker="o", label=name)
+    for ax, label in zip(axes, (metric.replace("_", " "), "loss"), strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("visual tokens per image")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def write_report(results: list[ScaleResult], out_dir: Path, name: str) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "budget.json"
+    json_path.write_text(json.dumps({"name": name, "results": [asdict(r) for r in results]}, indent=1))
+    return json_path, plot_budget_curve({name: results}, out_dir / "budget.png")

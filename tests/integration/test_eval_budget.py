@@ -1,0 +1,31 @@
+"""`mtrain eval` on a trained tiny M3 checkpoint prints the per-scale table and writes the curve."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import BIN, REPO, run
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def test_eval_prints_per_scale_table_and_writes_plot(tmp_path, shards_pattern):
+    run_dir = tmp_path / "run"
+    train = run([str(BIN / "python"), "-m", "mtrain", "train", str(REPO / "configs/tiny.yaml"), f"run.dir={run_dir}",
+                 f"data.shards={shards_pattern}", "run.max_steps=6", "logging.progress=false",
+                 "checkpoint.export_at_end=false", "matryoshka.tokens.mode=m3", "matryoshka.tokens.scales=[1,4,16,64]",
+                 "model.lora.strategy=shared_plus_per_scale"], cwd=tmp_path)  # fmt: skip
+    assert train.returncode == 0
+    out = tmp_path / "eval"
+    proc = run([str(BIN / "python"), "-m", "mtrain", "eval", str(run_dir / "checkpoints"), "--batches", "2",
+                "--shards", shards_pattern, "--out", str(out)], cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0
+    table = [line.split() for line in proc.stdout.splitlines() if line.strip() and line.split()[0].isdigit()]
+    assert [int(row[0]) for row in table] == [1, 4, 16, 64]
+    results = json.loads((out / "budget.json").read_text())["results"]
+    assert [r["scale"] for r in results] == [1, 4, 16, 64]
+    assert all(r["answers"] == 16 and 0 < r["loss"] < 10 for r in results)
+    png = (out / "budget.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
