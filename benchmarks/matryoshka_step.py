@@ -73,7 +73,11 @@ def main() -> None:
     from mtrain.launch.distributed import init_distributed
 
     world = init_distributed("gloo", 300, 29500)
-    matryoshka = [f"matryoshka.tokens.mode=m3", f"matryoshka.tokens.scales={SCALES}", f"data.micro_batch_size={args.batch}"]
+    matryoshka = [
+        f"matryoshka.tokens.mode=m3",
+        f"matryoshka.tokens.scales={SCALES}",
+        f"data.micro_batch_size={args.batch}",
+    ]
     engines = {
         "one_pass": build_engine([*matryoshka, "matryoshka.tokens.layout=packed"], world.rank),
         # The naive loop accumulates one backward per scale before the optimizer steps.
@@ -83,7 +87,9 @@ def main() -> None:
     cfg, built, _ = engines["plain"]
     shards = Path(args.shards)
     text = TextSpec(built.tokenizer, built.image_token_id, built.visual_tokens, cfg.data.max_len, cfg.data.prompt)
-    stream = CaptionStream(str(shards / "shard-{000000..000001}.tar"), world.rank, 2, args.batch, text, built.image_processor, seed=0)
+    stream = CaptionStream(
+        str(shards / "shard-{000000..000001}.tar"), world.rank, 2, args.batch, text, built.image_processor, seed=0
+    )
     batch = next(iter(stream))
     batch.pop("keys")
     scales = [int(s) for s in SCALES.strip("[]").split(",")]
@@ -125,12 +131,20 @@ def main() -> None:
     ideal_ratio = [o / i for o, i in zip(timings["one_pass"], ideal, strict=True)]
     print(f"\nM3 step, scales {SCALES}, micro-batch {args.batch}, 2 ranks ZeRO-3 (all parameters sharded), "
           f"{args.rounds} rounds x {args.steps} steps")  # fmt: skip
-    print(f"LM tokens per step: one_pass {tokens['one_pass']}, naive {tokens['naive']}, plain (full grid) {tokens['plain']}")
+    print(
+        f"LM tokens per step: one_pass {tokens['one_pass']}, naive {tokens['naive']}, plain (full grid) {tokens['plain']}"
+    )
     for name in engines:
         print(f"  {name:9s} median step {median[name] * 1000:8.1f} ms")
-    print(f"  ideal     median step {statistics.median(ideal) * 1000:8.1f} ms  (plain x {tokens['one_pass']}/{tokens['plain']} tokens)")
-    print(f"naive / one_pass : {statistics.median(naive_ratio):.2f}x  (min {min(naive_ratio):.2f}, max {max(naive_ratio):.2f}; target >= 1.5)")
-    print(f"one_pass / ideal : {statistics.median(ideal_ratio):.2f}x  (min {min(ideal_ratio):.2f}, max {max(ideal_ratio):.2f}; target <= 1.15)")
+    print(
+        f"  ideal     median step {statistics.median(ideal) * 1000:8.1f} ms  (plain x {tokens['one_pass']}/{tokens['plain']} tokens)"
+    )
+    print(
+        f"naive / one_pass : {statistics.median(naive_ratio):.2f}x  (min {min(naive_ratio):.2f}, max {max(naive_ratio):.2f}; target >= 1.5)"
+    )
+    print(
+        f"one_pass / ideal : {statistics.median(ideal_ratio):.2f}x  (min {min(ideal_ratio):.2f}, max {max(ideal_ratio):.2f}; target <= 1.15)"
+    )
 
 
 if __name__ == "__main__":
