@@ -66,7 +66,6 @@ def main() -> None:
         write_sample_shards(shards, num_shards=2, samples_per_shard=32)
         raise SystemExit(relaunch_under_torchrun([*sys.argv[1:], "--shards", shards]))
 
-    import torch
     import torch.distributed as dist
 
     from data_pipeline.loader import CaptionStream, TextSpec
@@ -74,7 +73,7 @@ def main() -> None:
 
     world = init_distributed("gloo", 300, 29500)
     matryoshka = [
-        f"matryoshka.tokens.mode=m3",
+        "matryoshka.tokens.mode=m3",
         f"matryoshka.tokens.scales={SCALES}",
         f"data.micro_batch_size={args.batch}",
     ]

@@ -44,7 +44,7 @@ def pool_crops(crops: list[torch.Tensor], grid_shapes: list[tuple[int, int]], sc
             raise ValueError(f"a crop of {tokens} tokens is not a {rows}x{cols} grid")
         wanted = math.sqrt(tokens / scale)
         divisors = [k for k in range(1, math.gcd(rows, cols) + 1) if rows % k == 0 and cols % k == 0]
-        kernel = min(divisors, key=lambda k: abs(math.log(k / wanted)))
+        kernel = min(divisors, key=lambda k: (round(abs(math.log(k / wanted)), 9), k))  # ties: more tokens
         grid = crop.t().reshape(1, dim, rows, cols)
         pooled.append(F.avg_pool2d(grid, kernel_size=kernel, stride=kernel).reshape(dim, -1).t())
     return torch.cat(pooled)
