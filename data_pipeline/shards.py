@@ -17,6 +17,7 @@ import json
 import os
 import re
 import tarfile
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,12 +126,13 @@ def size_or_none(path: str) -> int | None:
         return None
 
 
-def read_members(handle, group: TarGroup) -> dict[str, bytes]:
-    """The raw bytes of each member of a group, read by seek from an open shard file."""
+def read_members(handle, group: TarGroup, extensions: Collection[str] | None = None) -> dict[str, bytes]:
+    """The raw bytes of members of a group (all, or those named), read by seek from an open shard file."""
     members = {}
     for extension, (offset, size) in group.members.items():
-        handle.seek(offset)
-        members[extension] = handle.read(size)
+        if extensions is None or extension in extensions:
+            handle.seek(offset)
+            members[extension] = handle.read(size)
     return members
 
 
@@ -147,13 +149,13 @@ class ShardReader:
             self.scans[url] = scan_shard(url)
         return self.scans[url]
 
-    def read(self, url: str, group: TarGroup) -> dict[str, bytes]:
+    def read(self, url: str, group: TarGroup, extensions: Collection[str] | None = None) -> dict[str, bytes]:
         handle = self.handles.pop(url, None) or open(url, "rb")  # noqa: SIM115 (kept open on purpose)
         self.handles[url] = handle  # most recently used last
         if len(self.handles) > self.max_open:
             oldest = next(iter(self.handles))
             self.handles.pop(oldest).close()
-        return read_members(handle, group)
+        return read_members(handle, group, extensions)
 
 
 def read_index(shard_dir: str | Path) -> dict:

@@ -152,3 +152,26 @@ def write_bad_shards(out: Path, seed: int = 0) -> dict[str, object]:
         for i in range(5, 12):
             good_caption(tar, f"g{i:03d}")
     return {"good": good, "faults": expected, "marker": marker, "pattern": str(out / "bad-{000000..000003}.tar")}
+
+
+def make_loader(
+    patterns: str | list[tuple[str, float]],
+    rank: int = 0,
+    world_size: int = 1,
+    batch_size: int = 4,
+    max_len: int = 96,
+    visual_tokens: int = 64,
+    sync=None,
+    **settings,
+):
+    """A real StreamingLoader over real shards with the tiny tokenizer and image processor."""
+    from data_pipeline.loader import LoaderSettings, build_loader
+    from data_pipeline.tokenize import TokenSpec
+    from mtrain.model.build import tiny_image_processor
+    from mtrain.model.tokenizer import IMAGE_TOKEN, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    sources = ((patterns, 1.0),) if isinstance(patterns, str) else tuple(patterns)
+    loader_settings = LoaderSettings(sources=sources, batch_size=batch_size, seed=0, **settings)
+    spec = TokenSpec(tokenizer, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), max_len)
+    return build_loader(loader_settings, rank, world_size, spec, tiny_image_processor(32), visual_tokens, sync)

@@ -71,7 +71,7 @@ class Trainer:
         self.tokens_seen += int(totals[1])
         self.samples_seen += int(totals[2])
         elapsed = time.perf_counter() - started
-        return {
+        return self.data_metrics() | {
             "loss": loss,
             "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
@@ -113,6 +113,14 @@ class Trainer:
                     value = value.to(dtype)
             moved[name] = value
         return moved
+
+    def data_metrics(self) -> dict[str, float]:
+        """The loader's counters (bad samples by reason, samples, dropped), summed over ranks."""
+        if not hasattr(self.batches, "metrics"):
+            return {}
+        local = self.batches.metrics()  # the same keys in the same order on every rank
+        totals = self.all_reduce_sum(torch.tensor(list(local.values()), dtype=torch.float64))
+        return dict(zip(local, totals.tolist(), strict=True))
 
     def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
         if self.world.world_size > 1:

@@ -1,0 +1,146 @@
+"""Which sample comes next: epoch order, split by rank, mixture draws, and re-partitioning.
+
+Every source has, per epoch, one global order of *positions* 0..N-1: its shards shuffled by
+(seed, source, epoch), and the tar groups of each shard shuffled by (seed, source, epoch, shard).
+That order does not depend on the world size or the number of workers.
+
+Rank r of W takes the positions r, r + W, r + 2W, ... of that order (a sample-level split, so
+ranks hold equal counts, within one sample, however unequal the shards are). A rank's cursor
+is therefore a handful of integers: `{epoch, base, stride, offset, taken, backlog}`; the next
+position is the front of `backlog`, else `base + offset + taken * stride`.
+
+Re-partitioning for another world size (`repartition`) takes every old rank's cursor: every
+position below the furthest cursor that some old rank has not taken yet becomes a `backlog`
+item, shared out round-robin, and the new ranks continue from there with the new stride. No
+position of the epoch is lost or taken twice.
+
+In `resampled` mode positions are drawn with replacement by a counter-based generator
+(seed, source, rank, draw), so the cursor is the draw count.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+from dataclasses import dataclass
+from functools import lru_cache
+
+Cursor = dict  # JSON-serialisable: {"epoch", "base", "stride", "offset", "taken", "backlog"} or {"draws"}
+
+
+@dataclass(frozen=True)
+class SourceOrder:
+    """The global order of one source in one epoch: position -> (shard url, group index)."""
+
+    urls: tuple[str, ...]
+    counts: tuple[int, ...]
+    seed: int
+    source: int
+    epoch: int
+    shuffle: bool
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+    def locate(self, position: int) -> tuple[str, int]:
+        shard_urls, starts = self._layout()
+        shard = bisect.bisect_right(starts, position) - 1
+        url = shard_urls[shard]
+        within = position - starts[shard]
+        return url, self._group_order(url)[within]
+
+    @lru_cache(maxsize=1)  # noqa: B019 (one layout per frozen order object)
+    def _layout(self) -> tuple[list[str], list[int]]:
+        order = list(range(len(self.urls)))
+        if self.shuffle:
+            random.Random(f"{self.seed}/{self.source}/{self.epoch}").shuffle(order)
+        starts, total = [], 0
+        for i in order:
+            starts.append(total)
+            total += self.counts[i]
+        return [self.urls[i] for i in order], starts
+
+    @lru_cache(maxsize=64)  # noqa: B019
+    def _group_order(self, url: str) -> list[int]:
+        count = self.counts[self.urls.index(url)]
+        order = list(range(count))
+        if self.shuffle:
+            random.Random(f"{self.seed}/{self.source}/{self.epoch}/{url}").shuffle(order)
+        return order
+
+
+def fresh_cursor(epoch: int, rank: int, world_size: int) -> Cursor:
+    return {"epoch": epoch, "base": 0, "stride": world_size, "offset": rank, "taken": 0, "backlog": []}
+
+
+def next_position(cursor: Cursor, total: int) -> int | None:
+    """Advance the cursor; None when this rank has no position left in the epoch."""
+    if cursor["backlog"]:
+        return cursor["backlog"].pop(0)
+    position = cursor["base"] + cursor["offset"] + cursor["taken"] * cursor["stride"]
+    if position >= total:
+        return None
+    cursor["taken"] += 1
+    return position
+
+
+def draw_position(cursor: Cursor, total: int, seed: int, source: int, rank: int) -> int:
+    """Resampled mode: a position drawn with replacement, reproducible from the draw count."""
+    position = random.Random(f"{seed}/{source}/{rank}/draw/{cursor['draws']}").randrange(total)
+    cursor["draws"] += 1
+    return position
+
+
+def draw_source(weights: list[float], seed: int, rank: int, draw: int) -> int:
+    """The source of the `draw`-th sample of a rank, by weight, reproducible from the draw count."""
+    if len(weights) == 1:
+        return 0
+    pick = random.Random(f"{seed}/mixture/{rank}/{draw}").random() * sum(weights)
+    for source, weight in enumerate(weights):
+        pick -= weight
+        if pick < 0:
+            return source
+    return len(weights) - 1
+
+
+def remaining_positions(cursors: list[Cursor], extra: list[int], total: int) -> tuple[list[int], int]:
+    """(positions some old rank still owed below the frontier, the frontier) for one epoch.
+
+    `cursors` are every old rank's cursor of one epoch and one partition (same base and stride).
+    `extra` are positions taken from the order but not yet delivered (packing leftovers).
+    """
+    stride, base = cursors[0]["stride"], cursors[0]["base"]
+    furthest = max(c["taken"] for c in cursors)
+    owed = set(extra)
+    for cursor in cursors:
+        owed.update(cursor["backlog"])
+        for k in range(cursor["taken"], furthest):
+            position = base + cursor["offset"] + k * stride
+            if position < total:
+                owed.add(position)
+    return sorted(owed), base + furthest * stride
+
+
+def repartition(
+    old_cursors: list[Cursor], old_leftovers: list[list[int]], rank: int, world_size: int, total: int
+) -> Cursor:
+    """This rank's cursor after a change of world size, losing and repeating no position of the epoch.
+
+    `old_leftovers[r]` are old rank r's undelivered positions of this source and epoch. When the old
+    ranks stood in different epochs (a source that cycles on its own), the newest epoch restarts.
+    """
+    epoch = max(c["epoch"] for c in old_cursors)
+    current = [c for c in old_cursors if c["epoch"] == epoch]
+    if len(current) != len(old_cursors) or len({(c["base"], c["stride"]) for c in current}) != 1:
+        return fresh_cursor(epoch, rank, world_size)
+    extra = [p for leftovers in old_leftovers for p in leftovers]
+    owed, frontier = remaining_positions(current, extra, total)
+    return {
+        "epoch": epoch,
+        "base": frontier,
+        "stride": world_size,
+        "offset": rank,
+        "taken": 0,
+        "backlog": owed[rank::world_size],
+    }
