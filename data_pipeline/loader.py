@@ -292,6 +292,7 @@ class StreamingLoader:
         self.epoch = 0
         self.planner_state: dict[str, Any] | None = None
         self.faults: Counter = Counter()
+        self.faults_by_epoch: dict[int, Counter] = {}  # for reports and tests; not part of the state
         self.good = 0
         self.dropped = 0
         self.batches_taken = 0
@@ -339,6 +340,7 @@ class StreamingLoader:
     def _account(self, meta: dict[str, Any]) -> None:
         for reason, *_ in meta["faults"]:
             self.faults[reason] += 1
+            self.faults_by_epoch.setdefault(meta["epoch"], Counter())[reason] += 1
         self.good += meta["good"]
         bad = sum(self.faults.values())
         seen = bad + self.good
@@ -353,9 +355,9 @@ class StreamingLoader:
             )
 
     # ── metrics ───────────────────────────────────────────────────────────────────────────────
-    def fault_counts(self) -> dict[str, int]:
-        """Bad samples skipped by this rank so far, by reason."""
-        return dict(self.faults)
+    def fault_counts(self, epoch: int | None = None) -> dict[str, int]:
+        """Bad samples skipped by this rank so far (or in one epoch of this run), by reason."""
+        return dict(self.faults if epoch is None else self.faults_by_epoch.get(epoch, Counter()))
 
     def metrics(self) -> dict[str, float]:
         """Counters with the same keys, in the same order, on every rank (so they can be summed)."""

@@ -5,7 +5,9 @@ run of tokens). Position ids restart at 0 for every document, and the padding ta
 segment of its own. Packed batches carry `position_ids` and no attention mask: transformers
 (5.x, `masking_utils.find_packed_sequence_indices`) then builds a block-diagonal causal mask
 from the position ids for sdpa, eager and flex attention alike, and flash-attention uses the
-same position ids as varlen boundaries. So attention never crosses documents. The first label
+same position ids as varlen boundaries. So attention never crosses documents -- provided the
+forward runs with `use_cache=False`: with a KV cache transformers skips that detection and
+attends across documents (the task module passes it; tests/unit/test_packing_and_tokenize.py). The first label
 of every document is ignored, so no document learns to predict the next one's first token.
 """
 

@@ -62,16 +62,20 @@ def scan_shard(url: str) -> ShardScan:
     current: TarGroup | None = None
     fault_index = 0
 
-    def placeholder(reason: str, detail: str) -> None:
+    def placeholder(reason: str, detail: str, key: str | None = None) -> None:
         nonlocal fault_index
-        groups.append(TarGroup(f"<{reason}:{fault_index}>", fault=(reason, detail)))
+        groups.append(TarGroup(key or f"<{reason}:{fault_index}>", fault=(reason, detail)))
         fault_index += 1
 
     def close_current() -> None:
         nonlocal current
         if current is not None and current.members:
             if current.key in seen:
-                placeholder("duplicate_key", f"key {current.key!r} appears again in {url}; the later copy is skipped")
+                placeholder(
+                    "duplicate_key",
+                    f"key {current.key!r} appears again in {url}; the later copy is skipped",
+                    current.key,
+                )
             else:
                 seen.add(current.key)
                 groups.append(current)
@@ -97,10 +101,12 @@ def scan_shard(url: str) -> ShardScan:
                 continue
             if info.offset_data + info.size > size:
                 close_current()
-                placeholder("truncated_tar", f"{url}: member {info.name} ends past the end of the file")
+                placeholder("truncated_tar", f"{url}: member {info.name} ends past the end of the file", info.name)
                 break
             if unsafe_member_path(info.name):
-                placeholder("unsafe_path", f"{url}: member {info.name!r} has an absolute or '..' path; skipped")
+                placeholder(
+                    "unsafe_path", f"{url}: member {info.name!r} has an absolute or '..' path; skipped", info.name
+                )
                 continue
             match = _KEY_EXTENSION.match(info.name)
             if match is None:
@@ -110,7 +116,9 @@ def scan_shard(url: str) -> ShardScan:
                 close_current()
                 current = TarGroup(key)
             if extension in current.members:
-                placeholder("duplicate_key", f"{url}: member {info.name} appears twice in one group; skipped")
+                placeholder(
+                    "duplicate_key", f"{url}: member {info.name} appears twice in one group; skipped", info.name
+                )
                 continue
             current.members[extension] = (info.offset_data, info.size)
         close_current()

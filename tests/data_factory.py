@@ -161,6 +161,7 @@ def make_loader(
     batch_size: int = 4,
     max_len: int = 96,
     visual_tokens: int = 64,
+    image_size: int = 32,
     sync=None,
     **settings,
 ):
@@ -174,4 +175,43 @@ def make_loader(
     sources = ((patterns, 1.0),) if isinstance(patterns, str) else tuple(patterns)
     loader_settings = LoaderSettings(sources=sources, batch_size=batch_size, seed=0, **settings)
     spec = TokenSpec(tokenizer, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), max_len)
-    return build_loader(loader_settings, rank, world_size, spec, tiny_image_processor(32), visual_tokens, sync)
+    return build_loader(loader_settings, rank, world_size, spec, tiny_image_processor(image_size), visual_tokens, sync)
+
+
+WORDS = "the a red green blue circle square triangle cross shape small large image shows of and is".split()
+
+
+def write_mixed_shards(out: Path, docs_per_shard: list[int], seed: int = 0, max_words: int = 120) -> str:
+    """Interleaved documents, caption pairs and conversations of varied lengths (a realistic mix)."""
+    rng = random.Random(seed)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def words(n: int) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(n)) + "."
+
+    for shard, count in enumerate(docs_per_shard):
+        with wds.TarWriter(str(out / f"mix-{shard:06d}.tar")) as writer:
+            for i in range(count):
+                key = f"m{shard:03d}_{i:05d}"
+                kind = i % 3
+                length = max(2, int(rng.lognormvariate(3.0, 0.8)) % max_words)
+                if kind == 0:
+                    n_images = rng.randint(1, 3)
+                    texts, images, sample = [], [], {"__key__": key}
+                    for j in range(n_images):
+                        texts += [words(rng.randint(2, length)), None]
+                        images += [None, f"{j}.jpg"]
+                        sample[f"{j}.jpg"] = jpeg_bytes(rng, 24)
+                    sample["json"] = json.dumps({"texts": texts, "images": images, "metadata": {}})
+                elif kind == 1:
+                    sample = {"__key__": key, "jpg": jpeg_bytes(rng, 24), "txt": words(length)}
+                else:
+                    turns = [
+                        {"from": "human", "value": "<image>\n" + words(3)},
+                        {"from": "gpt", "value": words(length)},
+                    ]
+                    if rng.random() < 0.5:
+                        turns += [{"from": "human", "value": words(4)}, {"from": "gpt", "value": words(5)}]
+                    sample = {"__key__": key, "jpg": jpeg_bytes(rng, 24), "json": json.dumps({"conversations": turns})}
+                writer.write(sample)
+    return str(out / f"mix-{{000000..{len(docs_per_shard) - 1:06d}}}.tar")

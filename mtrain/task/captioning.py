@@ -23,7 +23,8 @@ class LanguageModelingTask(nn.Module):
             # Packed rows: with no 2D mask, transformers derives a block-diagonal causal mask from
             # the position ids (they restart per document), so attention never crosses documents.
             inputs.pop("attention_mask", None)
-        output = self.model(**inputs)
+        # No KV cache in training; with one, transformers skips the packed-sequence mask (5.x).
+        output = self.model(**inputs, use_cache=False)
         metrics = {
             "tokens": batch["attention_mask"].sum().detach(),
             "label_tokens": (batch["labels"] != -100).sum().detach(),
