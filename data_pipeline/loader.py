@@ -401,7 +401,7 @@ class StreamingLoader:
         self.faults = sum((Counter(s["faults"]) for s in mine), Counter())
         self.good = sum(s["good"] for s in mine)
         self.dropped = sum(s["dropped"] for s in mine)
-        self.epoch = max(s["epoch"] for s in all_ranks)
+        self.epoch = min(s["epoch"] for s in all_ranks)
         self.batches_taken = max(s["batches_taken"] for s in all_ranks)
 
     def _repartitioned(self, all_ranks: list[dict[str, Any]]) -> dict[str, Any]:
@@ -422,7 +422,7 @@ class StreamingLoader:
             ]
             cursors.append(repartition(old, leftovers, rank, world_size, sum(planner.counts[source])))
         draws = planners[rank]["draws"] if rank < len(planners) else 0
-        return {"epoch": max(p["epoch"] for p in planners), "cursors": cursors, "draws": draws, "pending": []}
+        return {"epoch": cursors[0].get("epoch", 0), "cursors": cursors, "draws": draws, "pending": []}
 
 
 def torch_distributed_sync() -> Callable[[bool], bool] | None:

@@ -127,15 +127,26 @@ def repartition(
 ) -> Cursor:
     """This rank's cursor after a change of world size, losing and repeating no position of the epoch.
 
-    `old_leftovers[r]` are old rank r's undelivered positions of this source and epoch. When the old
-    ranks stood in different epochs (a source that cycles on its own), the newest epoch restarts.
+    `old_cursors[r]` is old rank r's cursor and `old_leftovers[r]` its undelivered positions of the
+    cursor's epoch. A rank one epoch ahead has finished the older epoch (its planner moved on
+    when it ran out), so it counts as having taken all of its share of that epoch. Ranks further
+    apart than one epoch (a secondary source cycling on its own) restart the newest epoch.
     """
-    epoch = max(c["epoch"] for c in old_cursors)
-    current = [c for c in old_cursors if c["epoch"] == epoch]
-    if len(current) != len(old_cursors) or len({(c["base"], c["stride"]) for c in current}) != 1:
-        return fresh_cursor(epoch, rank, world_size)
-    extra = [p for leftovers in old_leftovers for p in leftovers]
-    owed, frontier = remaining_positions(current, extra, total)
+    epochs = {c["epoch"] for c in old_cursors}
+    epoch = min(epochs)
+    behind = [c for c in old_cursors if c["epoch"] == epoch]
+    if max(epochs) - epoch > 1 or len({(c["base"], c["stride"]) for c in behind}) != 1:
+        return fresh_cursor(max(epochs), rank, world_size)
+    base, stride = behind[0]["base"], behind[0]["stride"]
+    cursors, extra = [], []
+    for old_rank, (cursor, leftovers) in enumerate(zip(old_cursors, old_leftovers, strict=True)):
+        if cursor["epoch"] == epoch:
+            cursors.append(cursor)
+            extra += leftovers
+        else:  # finished its share of `epoch`
+            share = max(0, -(-(total - base - old_rank) // stride))
+            cursors.append({"base": base, "stride": stride, "offset": old_rank, "taken": share, "backlog": []})
+    owed, frontier = remaining_positions(cursors, extra, total)
     return {
         "epoch": epoch,
         "base": frontier,
