@@ -120,7 +120,8 @@ def decode_image(raw: bytes, key: str, member: str, max_pixels: int, draft_size:
         if draft_size and image.format == "JPEG":
             # DCT scaling: decode straight to the smallest scale still >= draft_size on each side.
             image.draft("RGB", (draft_size, draft_size))
-        return image.convert("RGB")
+        image.load()
+        return image if image.mode == "RGB" else image.convert("RGB")
     except Exception as exc:
         raise SampleFault("corrupt_image", f"{key}.{member}: {exc}") from None
 

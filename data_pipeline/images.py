@@ -59,11 +59,20 @@ def clip_steps(processor: Any) -> ClipSteps | None:
 
 
 class ImagePreprocessor:
-    """PIL image -> pixel tensor (3, H, W), as the model's image processor would make it."""
+    """PIL image -> pixel tensor (3, H, W), as the model's image processor would make it.
+
+    `prepare` does the per-image work (resize and crop, still uint8 on the fast path); `stack`
+    writes the batch tensor, rescaled and normalised through a per-channel lookup table.
+    """
 
     def __init__(self, processor: Any) -> None:
         self.processor = processor
         self.steps = clip_steps(processor)
+        if self.steps is not None:
+            # Rescale and normalise as one lookup per channel: 256 values each, computed once.
+            levels = np.arange(256, dtype=np.float32)[None, :]
+            steps = self.steps
+            self.lookup = ((levels * np.float32(steps.scale) - steps.mean[:, 0]) / steps.std[:, 0]).astype(np.float32)
 
     @property
     def draft_size(self) -> int | None:
@@ -71,16 +80,30 @@ class ImagePreprocessor:
         return self.steps.shortest_edge if self.steps else None
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.stack([self.prepare(image)])[0]
+
+    def prepare(self, image: Image.Image) -> np.ndarray | torch.Tensor:
         if self.steps is None:
             return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
         steps = self.steps
         width, height = image.size
         short, long = (width, height) if width <= height else (height, width)
         new_short, new_long = steps.shortest_edge, int(steps.shortest_edge * long / short)
-        size = (new_short, new_long) if width <= height else (new_long, new_short)
-        if size != image.size:
-            image = image.resize(size, resample=steps.resample)
+        new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
         crop_h, crop_w = steps.crop
-        top, left = (size[1] - crop_h) // 2, (size[0] - crop_w) // 2
-        pixels = np.asarray(image, dtype=np.float32)[top : top + crop_h, left : left + crop_w].transpose(2, 0, 1)
-        return torch.from_numpy((pixels * steps.scale - steps.mean) / steps.std)
+        top, left = (new_h - crop_h) // 2, (new_w - crop_w) // 2
+        # Resize the whole image, then crop: resizing only the kept box is faster, but PIL's
+        # intermediate rounding then differs from the processor's output by a few levels.
+        resized = image if (new_w, new_h) == (width, height) else image.resize((new_w, new_h), resample=steps.resample)
+        cropped = resized.crop((left, top, left + crop_w, top + crop_h))
+        return np.asarray(cropped)
+
+    def stack(self, prepared: list[np.ndarray | torch.Tensor]) -> torch.Tensor:
+        if self.steps is None:
+            return torch.stack(prepared)
+        crop_h, crop_w = self.steps.crop
+        batch = np.empty((len(prepared), 3, crop_h, crop_w), dtype=np.float32)
+        for slot, pixels in zip(batch, prepared, strict=True):
+            for channel in range(3):
+                np.take(self.lookup[channel], pixels[:, :, channel], out=slot[channel])
+        return torch.from_numpy(batch)

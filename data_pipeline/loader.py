@@ -260,11 +260,11 @@ class SampleStream(IterableDataset):
         meta = {"state": plan["state"], "epoch": plan["epoch"], "faults": faults, "good": sum(map(len, rows))}
         if not rows:
             return {"_loader": {**meta, "empty": True}}
-        batch = collate_rows(rows, self.spec.tokenizer.pad_token_id, self.settings.packing)
+        batch = collate_rows(rows, self.spec.tokenizer.pad_token_id, self.settings.packing, self.preprocess.stack)
         batch["_loader"] = {**meta, "empty": False}
         return batch
 
-    def load_pixels(self, doc: TokenizedSample, reader: ShardReader) -> list[torch.Tensor]:
+    def load_pixels(self, doc: TokenizedSample, reader: ShardReader) -> list[Any]:
         url, group = doc.location
         members = reader.read(url, group, [image.member for image in doc.images])
         pixels = []
@@ -276,7 +276,7 @@ class SampleStream(IterableDataset):
                 self.settings.rules.max_image_pixels,
                 self.preprocess.draft_size,
             )
-            pixels.append(self.preprocess(decoded))
+            pixels.append(self.preprocess.prepare(decoded))
         return pixels
 
 

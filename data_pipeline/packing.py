@@ -13,6 +13,7 @@ of every document is ignored, so no document learns to predict the next one's fi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -37,7 +38,9 @@ def take_row(buffer: list[TokenizedSample], max_len: int) -> Row:
     return row
 
 
-def collate_rows(rows: list[Row], pad_token_id: int, packed: bool) -> dict[str, Any]:
+def collate_rows(
+    rows: list[Row], pad_token_id: int, packed: bool, stack_pixels: Callable[[list], torch.Tensor] = torch.stack
+) -> dict[str, Any]:
     """Right-pad rows to the longest; every image tensor of the batch in row-major order."""
     length = max(sum(len(doc) for doc in row) for row in rows)
     batch_size = len(rows)
@@ -46,7 +49,7 @@ def collate_rows(rows: list[Row], pad_token_id: int, packed: bool) -> dict[str, 
     attention_mask = torch.zeros((batch_size, length), dtype=torch.long)
     position_ids = torch.zeros((batch_size, length), dtype=torch.long)
     document_ids = torch.full((batch_size, length), -1, dtype=torch.long)
-    pixel_values: list[torch.Tensor] = []
+    pixel_values: list[Any] = []
     keys: list[str] = []
     doc_number = 0
     for r, row in enumerate(rows):
@@ -69,7 +72,7 @@ def collate_rows(rows: list[Row], pad_token_id: int, packed: bool) -> dict[str, 
         "input_ids": input_ids,
         "labels": labels,
         "attention_mask": attention_mask,
-        "pixel_values": torch.stack(pixel_values) if pixel_values else torch.zeros(0),
+        "pixel_values": stack_pixels(pixel_values) if pixel_values else torch.zeros(0),
         "document_ids": document_ids,
         "keys": keys,
     }
