@@ -116,20 +116,19 @@ class Planner:
         self.urls = [expand_shards(pattern) for pattern, _ in settings.sources]
         self.counts = [tuple(len(reader.scan(url)) for url in urls) for urls in self.urls]
         self.weights = [weight for _, weight in settings.sources]
-        self.resampled = settings.epoch_mode == "resampled"
-        self.state = state if state is not None else self.initial_state()
+        self.state = state if state is not None else initial_state(settings, rank, world_size)
         self._orders: dict[tuple[int, int], SourceOrder] = {}
 
-    def initial_state(self) -> dict[str, Any]:
-        cursors = [{"draws": 0} if self.resampled else fresh_cursor(0, self.rank, self.world_size) for _ in self.urls]
-        return {"epoch": 0, "cursors": cursors, "draws": 0, "pending": []}
+    @property
+    def resampled(self) -> bool:
+        return self.settings.epoch_mode == "resampled"
 
     def order(self, source: int, epoch: int) -> SourceOrder:
         if (source, epoch) not in self._orders:
             if len(self._orders) > 8:
                 self._orders.clear()
             self._orders[(source, epoch)] = SourceOrder(
-                tuple(self.urls[source]), self.counts[source], self.settings.seed, source, epoch, self.settings.shuffle
+                self.urls[source], list(self.counts[source]), self.settings.seed, source, epoch, self.settings.shuffle
             )
         return self._orders[(source, epoch)]
 
@@ -200,6 +199,13 @@ class Planner:
                 self.state["cursors"][0] = fresh_cursor(epoch + 1, self.rank, self.world_size)
             if rows or faults:
                 yield {"rows": rows, "epoch": epoch, "state": _copy_state(self.state), "faults": faults}
+
+
+def initial_state(settings: LoaderSettings, rank: int, world_size: int) -> dict[str, Any]:
+    """A rank's planner state at the start of training."""
+    resampled = settings.epoch_mode == "resampled"
+    cursors = [{"draws": 0} if resampled else fresh_cursor(0, rank, world_size) for _ in settings.sources]
+    return {"epoch": 0, "cursors": cursors, "draws": 0, "pending": []}
 
 
 def _copy_state(state: dict[str, Any]) -> dict[str, Any]:
@@ -368,7 +374,9 @@ class StreamingLoader:
     # ── state ─────────────────────────────────────────────────────────────────────────────────
     def state_dict(self) -> dict[str, Any]:
         """This rank's position, JSON-serialisable."""
-        planner = self.planner_state if self.planner_state is not None else self._initial_planner_state()
+        planner = self.planner_state
+        if planner is None:
+            planner = initial_state(self.settings, self.stream.rank, self.stream.world_size)
         return {
             "rank": self.stream.rank,
             "world_size": self.stream.world_size,
@@ -379,9 +387,6 @@ class StreamingLoader:
             "dropped": self.dropped,
             "batches_taken": self.batches_taken,
         }
-
-    def _initial_planner_state(self) -> dict[str, Any]:
-        return self.stream.planner(ShardReader()).initial_state()
 
     def load_state_dict(self, all_ranks: list[dict[str, Any]]) -> None:
         """Restore this rank from every rank's saved state (index = saved rank), re-partitioning

@@ -21,53 +21,40 @@ In `resampled` mode positions are drawn with replacement by a counter-based gene
 from __future__ import annotations
 
 import bisect
+import itertools
 import random
-from dataclasses import dataclass
-from functools import lru_cache
 
 Cursor = dict  # JSON-serialisable: {"epoch", "base", "stride", "offset", "taken", "backlog"} or {"draws"}
 
 
-@dataclass(frozen=True)
 class SourceOrder:
     """The global order of one source in one epoch: position -> (shard url, group index)."""
 
-    urls: tuple[str, ...]
-    counts: tuple[int, ...]
-    seed: int
-    source: int
-    epoch: int
-    shuffle: bool
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts)
+    def __init__(self, urls: list[str], counts: list[int], seed: int, source: int, epoch: int, shuffle: bool) -> None:
+        self.seed, self.source, self.epoch, self.shuffle = seed, source, epoch, shuffle
+        self.count_of = dict(zip(urls, counts, strict=True))
+        order = list(range(len(urls)))
+        if shuffle:
+            random.Random(f"{seed}/{source}/{epoch}").shuffle(order)
+        self.shard_urls = [urls[i] for i in order]
+        self.starts = list(itertools.accumulate((counts[i] for i in order), initial=0))[:-1]
+        self.total = sum(counts)
+        self._group_orders: dict[str, list[int]] = {}
 
     def locate(self, position: int) -> tuple[str, int]:
-        shard_urls, starts = self._layout()
-        shard = bisect.bisect_right(starts, position) - 1
-        url = shard_urls[shard]
-        within = position - starts[shard]
-        return url, self._group_order(url)[within]
+        shard = bisect.bisect_right(self.starts, position) - 1
+        url = self.shard_urls[shard]
+        return url, self.group_order(url)[position - self.starts[shard]]
 
-    @lru_cache(maxsize=1)  # noqa: B019 (one layout per frozen order object)
-    def _layout(self) -> tuple[list[str], list[int]]:
-        order = list(range(len(self.urls)))
-        if self.shuffle:
-            random.Random(f"{self.seed}/{self.source}/{self.epoch}").shuffle(order)
-        starts, total = [], 0
-        for i in order:
-            starts.append(total)
-            total += self.counts[i]
-        return [self.urls[i] for i in order], starts
-
-    @lru_cache(maxsize=64)  # noqa: B019
-    def _group_order(self, url: str) -> list[int]:
-        count = self.counts[self.urls.index(url)]
-        order = list(range(count))
-        if self.shuffle:
-            random.Random(f"{self.seed}/{self.source}/{self.epoch}/{url}").shuffle(order)
-        return order
+    def group_order(self, url: str) -> list[int]:
+        if url not in self._group_orders:
+            if len(self._group_orders) >= 64:
+                self._group_orders.clear()
+            order = list(range(self.count_of[url]))
+            if self.shuffle:
+                random.Random(f"{self.seed}/{self.source}/{self.epoch}/{url}").shuffle(order)
+            self._group_orders[url] = order
+        return self._group_orders[url]
 
 
 def fresh_cursor(epoch: int, rank: int, world_size: int) -> Cursor:
