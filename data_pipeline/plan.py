@@ -1,8 +1,8 @@
 """Which sample comes next: epoch order, split by rank, mixture draws, and re-partitioning.
 
 Every source has, per epoch, one global order of *positions* 0..N-1: its shards shuffled by
-(seed, source, epoch), and the tar groups of each shard shuffled by (seed, source, epoch, shard).
-That order does not depend on the world size or the number of workers.
+(seed, source, epoch), then the samples of every block of INTERLEAVED_SHARDS consecutive shards
+shuffled together. That order does not depend on the world size or the number of workers.
 
 Rank r of W takes the positions r, r + W, r + 2W, ... of that order (a sample-level split, so
 ranks hold equal counts, within one sample, however unequal the shards are). A rank's cursor
@@ -27,34 +27,48 @@ import random
 Cursor = dict  # JSON-serialisable: {"epoch", "base", "stride", "offset", "taken", "backlog"} or {"draws"}
 
 
+# Shards whose samples are interleaved in the epoch order: a batch then mixes this many shards
+# (a reader keeps about this many files open), while the order of a block is only a list of
+# (shard, group) pairs of those shards.
+INTERLEAVED_SHARDS = 8
+
+
 class SourceOrder:
-    """The global order of one source in one epoch: position -> (shard url, group index)."""
+    """The global order of one source in one epoch: position -> (shard url, group index).
+
+    Shards are shuffled by (seed, source, epoch) and taken in blocks of INTERLEAVED_SHARDS; the
+    samples of a block are shuffled together by (seed, source, epoch, block).
+    """
 
     def __init__(self, urls: list[str], counts: list[int], seed: int, source: int, epoch: int, shuffle: bool) -> None:
         self.seed, self.source, self.epoch, self.shuffle = seed, source, epoch, shuffle
-        self.count_of = dict(zip(urls, counts, strict=True))
         order = list(range(len(urls)))
         if shuffle:
             random.Random(f"{seed}/{source}/{epoch}").shuffle(order)
-        self.shard_urls = [urls[i] for i in order]
-        self.starts = list(itertools.accumulate((counts[i] for i in order), initial=0))[:-1]
+        shard_urls = [urls[i] for i in order]
+        shard_counts = [counts[i] for i in order]
+        self.blocks = [
+            list(zip(shard_urls[i : i + INTERLEAVED_SHARDS], shard_counts[i : i + INTERLEAVED_SHARDS], strict=True))
+            for i in range(0, len(shard_urls), INTERLEAVED_SHARDS)
+        ]
+        block_sizes = [sum(count for _, count in block) for block in self.blocks]
+        self.block_starts = list(itertools.accumulate(block_sizes, initial=0))[:-1]
         self.total = sum(counts)
-        self._group_orders: dict[str, list[int]] = {}
+        self._block_orders: dict[int, list[tuple[str, int]]] = {}
 
     def locate(self, position: int) -> tuple[str, int]:
-        shard = bisect.bisect_right(self.starts, position) - 1
-        url = self.shard_urls[shard]
-        return url, self.group_order(url)[position - self.starts[shard]]
+        block = bisect.bisect_right(self.block_starts, position) - 1
+        return self.block_order(block)[position - self.block_starts[block]]
 
-    def group_order(self, url: str) -> list[int]:
-        if url not in self._group_orders:
-            if len(self._group_orders) >= 64:
-                self._group_orders.clear()
-            order = list(range(self.count_of[url]))
+    def block_order(self, block: int) -> list[tuple[str, int]]:
+        if block not in self._block_orders:
+            if len(self._block_orders) >= 4:
+                self._block_orders.clear()
+            pairs = [(url, group) for url, count in self.blocks[block] for group in range(count)]
             if self.shuffle:
-                random.Random(f"{self.seed}/{self.source}/{self.epoch}/{url}").shuffle(order)
-            self._group_orders[url] = order
-        return self._group_orders[url]
+                random.Random(f"{self.seed}/{self.source}/{self.epoch}/{block}").shuffle(pairs)
+            self._block_orders[block] = pairs
+        return self._block_orders[block]
 
 
 def fresh_cursor(epoch: int, rank: int, world_size: int) -> Cursor:

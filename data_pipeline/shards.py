@@ -147,7 +147,7 @@ def read_members(handle, group: TarGroup, extensions: Collection[str] | None = N
 class ShardReader:
     """Scans shards on first use and keeps a few file handles open; one per process."""
 
-    def __init__(self, max_open: int = 8) -> None:
+    def __init__(self, max_open: int = 16) -> None:
         self.scans: dict[str, ShardScan] = {}
         self.handles: dict[str, object] = {}
         self.max_open = max_open
