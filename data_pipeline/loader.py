@@ -57,6 +57,7 @@ from data_pipeline.images import ImagePreprocessor
 from data_pipeline.packing import Row, collate_rows, take_row
 from data_pipeline.plan import (
     SourceOrder,
+    cursor_exhausted,
     draw_position,
     draw_source,
     fresh_cursor,
@@ -135,6 +136,8 @@ class Planner:
     def next_ref(self) -> tuple[int, int, int] | None:
         """(source, epoch, position) of the next sample; None when the epoch's first source is done."""
         state = self.state
+        if not self.resampled and cursor_exhausted(state["cursors"][0], sum(self.counts[0])):
+            return None  # checked before drawing, so no secondary sample slips in after the end
         source = draw_source(self.weights, self.settings.seed, self.rank, state["draws"])
         state["draws"] += 1
         cursor = state["cursors"][source]

@@ -75,6 +75,11 @@ def fresh_cursor(epoch: int, rank: int, world_size: int) -> Cursor:
     return {"epoch": epoch, "base": 0, "stride": world_size, "offset": rank, "taken": 0, "backlog": []}
 
 
+def cursor_exhausted(cursor: Cursor, total: int) -> bool:
+    """Whether the rank has no position left in the cursor's epoch."""
+    return not cursor["backlog"] and cursor["base"] + cursor["offset"] + cursor["taken"] * cursor["stride"] >= total
+
+
 def next_position(cursor: Cursor, total: int) -> int | None:
     """Advance the cursor; None when this rank has no position left in the epoch."""
     if cursor["backlog"]:

@@ -71,6 +71,10 @@ def test_mixture_weights_hold_over_a_window_and_across_resume(tmp_path):
     # comes again only after all 40 have come.
     b_keys = [k for k in keys if k.startswith("b")]
     assert len(set(b_keys[:40])) == 40
+    # The first source defines the epoch: each of its samples exactly once, then the epoch ends.
+    first_epoch = Counter(k for k in rest_of_epoch(make_loader(sources, batch_size=10)) if k.startswith("a"))
+    assert len(first_epoch) == 150 and set(first_epoch.values()) == {1}
+    print(f"mixture: share of the 0.7 source over {len(keys)} samples across a resume = {share:.3f}")
 
 
 def test_resampled_mode_is_endless_and_resumes_exactly(tmp_path):
