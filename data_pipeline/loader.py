@@ -1,13 +1,14 @@
 """The streaming loader, as a visible list of stages.
 
      1 shard list        brace patterns; several sources, each with a mixture weight
-     2 shuffle           shards by (seed, source, epoch), groups within a shard likewise
+     2 shuffle           shards by (seed, source, epoch); samples of every 8 shards together
      3 split             by rank: position r, r+W, r+2W ... of the epoch order (plan.py);
                          then by worker: worker w of N builds batches w, w+N, w+2N ...
      4 tar read          header scan once per shard, members read by seek (shards.py)
      5 safe decode       PIL for images, json, UTF-8 text; never pickle, whatever the extension
      6 build sample      interleaved document / caption pair / conversation (formats.py)
-     7 tokenize          every <image> -> that image's number of visual tokens (tokenize.py)
+     7 tokenize          every <image> -> that image's number of visual tokens (tokenize.py);
+                         `visual_tokens` is an int, or a function sample -> count per image
      8 mask labels       image tokens, BOS, prompts, user turns, padding
      9 pack              whole documents into rows of max_len (packing.py)
     10 preprocess image  through the model's image processor (images.py)
@@ -170,6 +171,9 @@ class Planner:
             sample = build_sample(group.key, members, self.settings.rules)
             counts = self.visual_tokens if isinstance(self.visual_tokens, int) else self.visual_tokens(sample)
             tokens = tokenize_sample(sample, self.spec, counts)
+            if self.settings.rules.require_image and not tokens.images:
+                # Under ZeRO-3 a batch without images would skip the vision tower on one rank only.
+                raise SampleFault("no_image", f"{group.key}: every image lies past max_len={self.spec.max_len}")
         except SampleFault as fault:
             fault.location = (url, group.key)
             raise

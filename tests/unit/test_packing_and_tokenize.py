@@ -126,3 +126,15 @@ def test_collate_pads_and_ignores_first_label_of_each_document():
     second_start = len(docs[0])
     assert batch["labels"][0, second_start] == IGNORE_INDEX and batch["position_ids"][0, second_start] == 0
     assert batch["document_ids"][1, len(docs[2]) :].eq(-1).all()
+
+
+def test_loader_takes_a_visual_token_function_per_sample(shards_pattern):
+    """The Matryoshka hook: a function of the sample gives each image its own token count."""
+
+    def scales(sample):
+        return [9 if sample.key.endswith(("0", "2", "4", "6", "8")) else 36 for _ in sample.images]
+
+    batch = next(make_loader(shards_pattern, visual_tokens=scales))
+    for row, key in enumerate(batch["keys"]):
+        expected = 9 if key[-1] in "02468" else 36
+        assert int((batch["input_ids"][row] == IMAGE_ID).sum()) == expected
