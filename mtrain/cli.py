@@ -49,7 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--shard-size", default="256MB", help="target shard size, e.g. 256MB (default)")
     build.add_argument("--max-image-side", type=int, default=0, help="re-encode images with a longer side")
 
-    for name, text in (("inspect", "counts, histograms and one sample"), ("validate", "report every bad member")):
+    for name, text in (
+        ("inspect", "counts, images per sample, token lengths (tiny-llava tokenizer), one sample"),
+        ("validate", "report every bad member by shard, key and reason; exit 1 if any"),
+    ):
         checker = data_commands.add_parser(name, help=text)
         checker.add_argument("shards", help="shard paths, brace patterns allowed")
         checker.add_argument("--max-image-pixels", type=int, default=4096 * 4096)

@@ -90,3 +90,19 @@ def test_resampled_mode_is_endless_and_resumes_exactly(tmp_path):
     resumed = make_loader(pattern, batch_size=4, epoch_mode="resampled")
     resumed.load_state_dict([first.state_dict()])
     assert [next(resumed)["keys"] for _ in range(7)] == expected[5:]
+
+
+def test_data_config_sources_and_modes_are_checked():
+    import pytest
+
+    from mtrain.config import ConfigError, load_config
+    from tests.conftest import REPO
+
+    tiny = str(REPO / "configs/tiny.yaml")
+    cfg = load_config(tiny, ["data.sources=[{shards: a.tar, weight: 0.7}, {shards: b.tar, weight: 0.3}]"])
+    assert cfg.data.source_list == [("a.tar", 0.7), ("b.tar", 0.3)]
+    assert load_config(tiny, []).data.source_list == [(cfg.data.shards, 1.0)]
+    with pytest.raises(ConfigError, match="data.sources\\[0\\].weight: must be > 0"):
+        load_config(tiny, ["data.sources=[{shards: a.tar, weight: 0}]"])
+    with pytest.raises(ConfigError, match="did you mean 'resampled'"):
+        load_config(tiny, ["data.epoch_mode=resample"])
