@@ -1,275 +1,469 @@
 """The streaming loader, as a visible list of stages.
 
-    shard list ──► shuffle by (seed, epoch) ──► split by rank ──► split by worker
-        ──► read tar, group members by key ──► safe decode (PIL / json / txt, never pickle)
-        ──► build sample ──► preprocess image ──► tokenize (<image> -> N visual tokens)
-        ──► mask labels ──► batch + collate
+     1 shard list        brace patterns; several sources, each with a mixture weight
+     2 shuffle           shards by (seed, source, epoch); samples of every 8 shards together
+     3 split             by rank: position r, r+W, r+2W ... of the epoch order (plan.py);
+                         then by worker: worker w of N builds batches w, w+N, w+2N ...
+     4 tar read          header scan once per shard, members read by seek (shards.py)
+     5 safe decode       PIL for images, json, UTF-8 text; never pickle, whatever the extension
+     6 build sample      interleaved document / caption pair / conversation (formats.py)
+     7 tokenize          every <image> -> that image's number of visual tokens (tokenize.py);
+                         `visual_tokens` is an int, or a function sample -> count per image
+     8 mask labels       image tokens, BOS, prompts, user turns, padding
+     9 pack              whole documents into rows of max_len (packing.py)
+    10 preprocess image  through the model's image processor (images.py)
+    11 collate           right-padded tensors; position ids restart per document
 
-Each stage is a small function over an iterator, composed in `CaptionStream.__iter__`. The
-stream repeats epochs forever; the trainer decides how many batches to take, so every rank
-takes the same number and none waits at an epoch end.
+    planner (every worker, cheap: text only) ── stages 1-9 ──► batch plan i
+    worker i % N (images only for its own plans) ── stages 5, 10, 11 ──► batch i
+    main process ── StreamingLoader: epoch sync across ranks, fault counts, state_dict()
+
+Every worker runs the same deterministic planner, so batch i is the same for 0, 1 or 2 workers,
+and a resume needs only the planner state after the last batch taken: the rank's cursor per
+source, the mixture draw count, and the packing leftovers (as positions, re-read on resume).
+Each batch carries that state; the main process keeps the state of the last batch it handed out.
+
+Epoch modes (`epoch_mode`):
+- "epoch": each sample once per epoch. Ranks hold equal sample counts (the sample-level split),
+  and the epoch ends on every rank at the same batch: the main process agrees on it with one
+  tiny all-reduce per batch, and a rank with batches left drops them (counted as `dropped`).
+- "resampled": endless draws with replacement; no epoch boundary, so nothing to agree on.
+
+Bad data is skipped and counted by reason (formats.FAULT_REASONS); past `max_bad_fraction` of
+the samples seen (after `bad_fraction_min_samples`), the loader stops the job with an error that
+names the reason, shard and key of the last bad sample.
 """
 
 from __future__ import annotations
 
-import io
-import itertools
-import random
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
-import braceexpand
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-IGNORE_INDEX = -100
-IMAGE_PLACEHOLDER = "<image>"
-SAFE_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+from data_pipeline.formats import (
+    FAULT_REASONS,
+    IMAGE_EXTENSIONS,
+    Sample,
+    SampleFault,
+    SampleRules,
+    build_sample,
+    decode_image,
+    is_image_member,
+)
+from data_pipeline.images import ImagePreprocessor
+from data_pipeline.packing import Row, collate_rows, take_row
+from data_pipeline.plan import (
+    SourceOrder,
+    cursor_exhausted,
+    draw_position,
+    draw_source,
+    fresh_cursor,
+    next_position,
+    repartition,
+)
+from data_pipeline.shards import ShardReader, expand_shards
+from data_pipeline.tokenize import IGNORE_INDEX, TokenizedSample, TokenSpec, tokenize_sample
+
+__all__ = ["IGNORE_INDEX", "IMAGE_EXTENSIONS", "DataQualityError", "LoaderSettings", "SampleStream", "StreamingLoader"]
+
+EPOCH_MODES = ("epoch", "resampled")
+VisualTokens = int | Callable[[Sample], list[int]]
+
+
+class DataQualityError(RuntimeError):
+    """Too much of the data is bad: stop, and say where."""
 
 
 @dataclass(frozen=True)
-class TextSpec:
-    """How text becomes token ids: the tokenizer and the visual-token expansion of `<image>`."""
+class LoaderSettings:
+    sources: tuple[tuple[str, float], ...]  # (shard pattern, mixture weight); the first defines the epoch
+    batch_size: int
+    seed: int
+    num_workers: int = 0
+    shuffle: bool = True
+    packing: bool = False
+    pack_window: int = 64
+    epoch_mode: str = "epoch"
+    max_bad_fraction: float = 0.05
+    bad_fraction_min_samples: int = 200
+    rules: SampleRules = field(default_factory=SampleRules)
 
-    tokenizer: Any
-    image_token_id: int
-    visual_tokens: int
-    max_len: int
-    prompt: str
-
-
-# ── stage 1: shard list ───────────────────────────────────────────────────────────────────────
-def expand_shards(pattern: str) -> list[str]:
-    """Brace patterns and `::`-separated lists to a flat list of shard URLs."""
-    urls = [url for part in pattern.split("::") for url in braceexpand.braceexpand(part)]
-    if not urls:
-        raise ValueError(f"data.shards={pattern!r} names no shards")
-    return urls
-
-
-# ── stage 2: deterministic shuffle ────────────────────────────────────────────────────────────
-def shuffle_shards(urls: list[str], seed: int, epoch: int) -> list[str]:
-    order = list(urls)
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order
+    def __post_init__(self) -> None:
+        if self.epoch_mode not in EPOCH_MODES:
+            raise ValueError(f"epoch_mode={self.epoch_mode!r}: use one of {', '.join(EPOCH_MODES)}")
+        if not self.sources or any(weight <= 0 for _, weight in self.sources):
+            raise ValueError(f"sources={self.sources!r}: give at least one source, every weight > 0")
 
 
-# ── stage 3: split by rank, then by worker ────────────────────────────────────────────────────
-def split_shards(urls: list[str], rank: int, world_size: int, worker: int, num_workers: int) -> list[str]:
-    consumers = world_size * num_workers
-    if len(urls) < consumers:
-        raise ValueError(
-            f"{len(urls)} shards cannot feed {world_size} ranks x {num_workers} workers; "
-            "write more, smaller shards or lower data.num_workers"
-        )
-    return urls[rank::world_size][worker::num_workers]
-
-
-# ── stage 4: tar read and key grouping (webdataset) ───────────────────────────────────────────
-def read_tar_groups(urls: list[str]) -> Iterator[dict[str, Any]]:
-    import webdataset as wds  # noqa: PLC0415
-
-    yield from wds.tarfile_to_samples()(iter([{"url": url} for url in urls]))
-
-
-# ── stage 5: safe decode ──────────────────────────────────────────────────────────────────────
-def safe_decode(group: dict[str, Any]) -> dict[str, Any]:
-    """Decode images, json and text; every other member stays raw bytes, so nothing unpickles."""
-    import json  # noqa: PLC0415
-
-    decoded: dict[str, Any] = {}
-    for name, value in group.items():
-        extension = name.rsplit(".", 1)[-1].lower()
-        if name.startswith("__"):
-            decoded[name] = value
-        elif extension in SAFE_IMAGE_EXTENSIONS:
-            image = Image.open(io.BytesIO(value))
-            decoded[name] = image.convert("RGB")
-        elif extension == "json":
-            decoded[name] = json.loads(value)
-        elif extension in ("txt", "text"):
-            decoded[name] = value.decode("utf-8")
-        else:
-            decoded[name] = value
-    return decoded
-
-
-# ── stage 6: build sample ─────────────────────────────────────────────────────────────────────
-def build_caption_sample(decoded: dict[str, Any]) -> dict[str, Any]:
-    image = next((decoded[ext] for ext in SAFE_IMAGE_EXTENSIONS if ext in decoded), None)
-    if image is None or "txt" not in decoded:
-        raise ValueError(f"sample {decoded.get('__key__')!r} is not a caption pair (needs an image and .txt)")
-    return {"key": decoded["__key__"], "image": image, "caption": decoded["txt"].strip()}
-
-
-# ── stage 7: image preprocessing ──────────────────────────────────────────────────────────────
-def preprocess_image(image_processor: Any, image: Image.Image) -> torch.Tensor:
-    return image_processor(images=image, return_tensors="pt")["pixel_values"][0]
-
-
-# ── stages 8 and 9: tokenize with <image> expanded, mask labels ───────────────────────────────
-def tokenize_caption(spec: TextSpec, caption: str) -> tuple[list[int], list[int]]:
-    """(input_ids, labels): prompt with visual tokens, then caption + EOS; only the caption is learned."""
-    tokenizer = spec.tokenizer
-    prompt_ids: list[int] = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    pieces = spec.prompt.split(IMAGE_PLACEHOLDER)
-    for i, piece in enumerate(pieces):
-        if piece:
-            prompt_ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
-        if i < len(pieces) - 1:
-            prompt_ids += [spec.image_token_id] * spec.visual_tokens
-    caption_ids = tokenizer(caption, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    if len(prompt_ids) >= spec.max_len:
-        raise ValueError(
-            f"the prompt alone takes {len(prompt_ids)} tokens (visual tokens included), over data.max_len={spec.max_len}"
-        )
-    input_ids = (prompt_ids + caption_ids)[: spec.max_len]
-    labels = ([IGNORE_INDEX] * len(prompt_ids) + caption_ids)[: spec.max_len]
-    return input_ids, labels
-
-
-# ── stage 10: batch and collate ───────────────────────────────────────────────────────────────
-def collate(samples: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
-    """Right-pad to the longest sequence; padding is masked out of attention and labels."""
-    length = max(len(s["input_ids"]) for s in samples)
-    input_ids = torch.full((len(samples), length), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(samples), length), dtype=torch.long)
-    for row, sample in enumerate(samples):
-        n = len(sample["input_ids"])
-        input_ids[row, :n] = torch.tensor(sample["input_ids"])
-        labels[row, :n] = torch.tensor(sample["labels"])
-        attention_mask[row, :n] = 1
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "labels": labels,
-        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
-        "keys": [s["key"] for s in samples],
-    }
-
-
-def shuffled(items: Iterable[Any], buffer_size: int, rng: random.Random) -> Iterator[Any]:
-    """Reservoir-style shuffle with a bounded buffer."""
-    if buffer_size <= 1:
-        yield from items
-        return
-    buffer: list[Any] = []
-    for item in items:
-        buffer.append(item)
-        if len(buffer) >= buffer_size:
-            yield buffer.pop(rng.randrange(len(buffer)))
-    rng.shuffle(buffer)
-    yield from buffer
-
-
-class CaptionStream(IterableDataset):
-    """Endless stream of collated caption batches for one rank.
-
-    The stream is a pure function of (seed, rank, worker, epoch): shuffling uses generators
-    seeded by those alone. So a resume only needs the number of batches already taken:
-    `resume_batches` makes each worker skip its share of them, reading tar members but
-    decoding nothing it skips.
-    """
+# ── the planner: stages 1-9, text only ────────────────────────────────────────────────────────
+class Planner:
+    """Deterministic batch plans of one rank: rows of tokenized samples, images not yet decoded."""
 
     def __init__(
         self,
-        shards: str,
+        settings: LoaderSettings,
         rank: int,
         world_size: int,
-        batch_size: int,
-        text: TextSpec,
+        spec: TokenSpec,
+        visual_tokens: VisualTokens,
+        reader: ShardReader,
+        state: dict[str, Any] | None,
+    ) -> None:
+        self.settings, self.rank, self.world_size = settings, rank, world_size
+        self.spec, self.visual_tokens, self.reader = spec, visual_tokens, reader
+        self.urls = [expand_shards(pattern) for pattern, _ in settings.sources]
+        self.counts = [tuple(len(reader.scan(url)) for url in urls) for urls in self.urls]
+        self.weights = [weight for _, weight in settings.sources]
+        self.state = state if state is not None else initial_state(settings, rank, world_size)
+        self._orders: dict[tuple[int, int], SourceOrder] = {}
+
+    @property
+    def resampled(self) -> bool:
+        return self.settings.epoch_mode == "resampled"
+
+    def order(self, source: int, epoch: int) -> SourceOrder:
+        if (source, epoch) not in self._orders:
+            if len(self._orders) > 8:
+                self._orders.clear()
+            self._orders[(source, epoch)] = SourceOrder(
+                self.urls[source], list(self.counts[source]), self.settings.seed, source, epoch, self.settings.shuffle
+            )
+        return self._orders[(source, epoch)]
+
+    def next_ref(self) -> tuple[int, int, int] | None:
+        """(source, epoch, position) of the next sample; None when the epoch's first source is done."""
+        state = self.state
+        if not self.resampled and cursor_exhausted(state["cursors"][0], sum(self.counts[0])):
+            return None  # checked before drawing, so no secondary sample slips in after the end
+        source = draw_source(self.weights, self.settings.seed, self.rank, state["draws"])
+        state["draws"] += 1
+        cursor = state["cursors"][source]
+        total = sum(self.counts[source])
+        if self.resampled:
+            return source, 0, draw_position(cursor, total, self.settings.seed, source, self.rank)
+        position = next_position(cursor, total)
+        if position is None and source == 0:
+            return None
+        if position is None:  # a secondary source cycles on its own
+            cursor.update(fresh_cursor(cursor["epoch"] + 1, self.rank, self.world_size))
+            position = next_position(cursor, total)
+            if position is None:
+                raise ValueError(
+                    f"source {source} ({self.settings.sources[source][0]}) has no samples for rank {self.rank}"
+                )
+        return source, cursor["epoch"], position
+
+    def fetch(self, ref: tuple[int, int, int]) -> TokenizedSample:
+        """Read the text members of one position, build and tokenize it; raises SampleFault."""
+        source, epoch, position = ref
+        url, group_index = self.order(source, epoch).locate(position)
+        group = self.reader.scan(url).groups[group_index]
+        try:
+            if group.fault is not None:
+                raise SampleFault(*group.fault)
+            text_members = [ext for ext in group.members if not is_image_member(ext)]
+            members = self.reader.read(url, group, text_members)
+            members.update({ext: b"" for ext in group.members if is_image_member(ext)})  # presence only
+            sample = build_sample(group.key, members, self.settings.rules)
+            counts = self.visual_tokens if isinstance(self.visual_tokens, int) else self.visual_tokens(sample)
+            tokens = tokenize_sample(sample, self.spec, counts)
+            if self.settings.rules.require_image and not tokens.images:
+                # Under ZeRO-3 a batch without images would skip the vision tower on one rank only.
+                raise SampleFault("no_image", f"{group.key}: every image lies past max_len={self.spec.max_len}")
+        except SampleFault as fault:
+            fault.location = (url, group.key)
+            raise
+        tokens.ref, tokens.location = ref, (url, group)
+        return tokens
+
+    def plans(self) -> Iterator[dict[str, Any]]:
+        """Batch plans forever: {"rows", "epoch", "state" (after this plan), "faults"}."""
+        settings = self.settings
+        buffer = [self.fetch(tuple(ref)) for ref in self.state["pending"]]
+        want = settings.pack_window if settings.packing else settings.batch_size
+        while True:
+            epoch, faults, rows, exhausted = self.state["epoch"], [], [], False
+            while len(rows) < settings.batch_size:
+                while len(buffer) < want and not exhausted:
+                    ref = self.next_ref()
+                    if ref is None:
+                        exhausted = True
+                        break
+                    try:
+                        buffer.append(self.fetch(ref))
+                    except SampleFault as fault:
+                        faults.append([fault.reason, *fault.location, fault.detail])
+                if not buffer:
+                    break
+                rows.append(take_row(buffer, self.spec.max_len) if settings.packing else [buffer.pop(0)])
+            self.state["pending"] = [list(doc.ref) for doc in buffer]
+            if exhausted and not buffer:  # the epoch ends with this plan
+                self.state["epoch"] = epoch + 1
+                self.state["cursors"][0] = fresh_cursor(epoch + 1, self.rank, self.world_size)
+            if rows or faults:
+                yield {"rows": rows, "epoch": epoch, "state": _copy_state(self.state), "faults": faults}
+
+
+def initial_state(settings: LoaderSettings, rank: int, world_size: int) -> dict[str, Any]:
+    """A rank's planner state at the start of training."""
+    resampled = settings.epoch_mode == "resampled"
+    cursors = [{"draws": 0} if resampled else fresh_cursor(0, rank, world_size) for _ in settings.sources]
+    return {"epoch": 0, "cursors": cursors, "draws": 0, "pending": []}
+
+
+def _copy_state(state: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "epoch": state["epoch"],
+        "cursors": [{**c, **({"backlog": list(c["backlog"])} if "backlog" in c else {})} for c in state["cursors"]],
+        "draws": state["draws"],
+        "pending": [list(ref) for ref in state["pending"]],
+    }
+
+
+# ── the per-rank dataset: planner in every worker, images only for its own batches ────────────
+class SampleStream(IterableDataset):
+    """Endless batches of one rank; each carries `_loader` metadata for the StreamingLoader."""
+
+    def __init__(
+        self,
+        settings: LoaderSettings,
+        rank: int,
+        world_size: int,
+        spec: TokenSpec,
         image_processor: Any,
-        seed: int,
-        shuffle_buffer: int = 0,
-        num_workers: int = 0,
+        visual_tokens: VisualTokens,
     ) -> None:
         super().__init__()
-        self.urls = expand_shards(shards)
-        self.rank, self.world_size = rank, world_size
-        self.batch_size = batch_size
-        self.text = text
-        self.image_processor = image_processor
-        self.seed = seed
-        self.shuffle_buffer = shuffle_buffer
-        self.resume_batches = 0
-        # Validate the split now, in the parent, so a bad setting fails before workers start.
-        split_shards(self.urls, rank, world_size, 0, max(1, num_workers))
+        self.settings, self.rank, self.world_size = settings, rank, world_size
+        self.spec, self.visual_tokens = spec, visual_tokens
+        self.preprocess = ImagePreprocessor(image_processor)
+        self.start_state: dict[str, Any] | None = None
 
-    def raw_groups(self, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
-        """Undecoded tar groups of this rank and worker, epoch after epoch, shuffled."""
-        for epoch in itertools.count():
-            urls = shuffle_shards(self.urls, self.seed, epoch)
-            urls = split_shards(urls, self.rank, self.world_size, worker, num_workers)
-            rng = random.Random(f"{self.seed}/{self.rank}/{worker}/{epoch}")
-            yield from shuffled(read_tar_groups(urls), self.shuffle_buffer, rng)
-
-    def make_sample(self, group: dict[str, Any]) -> dict[str, Any]:
-        sample = build_caption_sample(safe_decode(group))
-        input_ids, labels = tokenize_caption(self.text, sample["caption"])
-        return {
-            "key": sample["key"],
-            "input_ids": input_ids,
-            "labels": labels,
-            "pixel_values": preprocess_image(self.image_processor, sample["image"]),
-        }
+    def planner(self, reader: ShardReader) -> Planner:
+        return Planner(
+            self.settings, self.rank, self.world_size, self.spec, self.visual_tokens, reader, self.start_state
+        )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        # The DataLoader takes batches from its workers in turn, always starting with worker 0.
-        # Batch b belongs to logical worker b % W; after `resume_batches`, the next batch is
-        # logical worker resume % W's, so worker process p plays logical worker (p + resume) % W.
-        worker = (worker + self.resume_batches) % num_workers
-        skip = len(range(worker, self.resume_batches, num_workers)) * self.batch_size
-        batch: list[dict[str, Any]] = []
-        for group in itertools.islice(self.raw_groups(worker, num_workers), skip, None):
-            batch.append(self.make_sample(group))
-            if len(batch) == self.batch_size:
-                yield collate(batch, self.text.tokenizer.pad_token_id)
-                batch = []
+        reader = ShardReader()
+        for index, plan in enumerate(self.planner(reader).plans()):
+            if index % num_workers == worker:
+                yield self.materialize(plan, reader)
+
+    def materialize(self, plan: dict[str, Any], reader: ShardReader) -> dict[str, Any]:
+        """Stages 5, 10, 11 for one plan: decode and preprocess images, collate."""
+        faults = list(plan["faults"])
+        rows: list[Row] = []
+        for row in plan["rows"]:
+            kept = []
+            for doc in row:
+                try:
+                    doc.pixel_values = self.load_pixels(doc, reader)
+                    kept.append(doc)
+                except SampleFault as fault:
+                    faults.append([fault.reason, doc.location[0], doc.key, fault.detail])
+            if kept:
+                rows.append(kept)
+        meta = {"state": plan["state"], "epoch": plan["epoch"], "faults": faults, "good": sum(map(len, rows))}
+        if not rows:
+            return {"_loader": {**meta, "empty": True}}
+        batch = collate_rows(rows, self.spec.tokenizer.pad_token_id, self.settings.packing, self.preprocess.stack)
+        batch["_loader"] = {**meta, "empty": False}
+        return batch
+
+    def load_pixels(self, doc: TokenizedSample, reader: ShardReader) -> list[Any]:
+        url, group = doc.location
+        members = reader.read(url, group, [image.member for image in doc.images])
+        pixels = []
+        for image in doc.images:
+            decoded = decode_image(
+                members[image.member],
+                doc.key,
+                image.member,
+                self.settings.rules.max_image_pixels,
+                self.preprocess.draft_size,
+            )
+            pixels.append(self.preprocess.prepare(decoded))
+        return pixels
 
 
-class ResumableLoader:
-    """Iterator of batches over a stream, counting what the trainer took, with state_dict()."""
+# ── the main-process loader: ranks in step, faults, state ─────────────────────────────────────
+class StreamingLoader:
+    """Iterator of batches for one rank, with state_dict() / load_state_dict() and fault counts."""
 
-    def __init__(self, stream: CaptionStream, num_workers: int) -> None:
+    def __init__(self, stream: SampleStream, sync: Callable[[bool], bool] | None = None) -> None:
         self.stream = stream
-        self.num_workers = num_workers
+        self.settings = stream.settings
+        # sync(flag) -> whether every rank's flag is true (an all-reduce MIN); None on one rank.
+        self.sync = sync
+        self.epoch = 0
+        self.planner_state: dict[str, Any] | None = None
+        self.faults: Counter = Counter()
+        self.faults_by_epoch: dict[int, Counter] = {}  # for reports and tests; not part of the state
+        self.good = 0
+        self.dropped = 0
         self.batches_taken = 0
         self._batches: Iterator[dict[str, Any]] | None = None
 
-    def __iter__(self) -> ResumableLoader:
+    def __iter__(self) -> StreamingLoader:
         return self
 
-    def __next__(self) -> dict[str, Any]:
+    def _next_item(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The next non-empty batch from the stream and its metadata, faults counted."""
         if self._batches is None:
-            self.stream.resume_batches = self.batches_taken
-            loader = DataLoader(
-                self.stream, batch_size=None, num_workers=self.num_workers, persistent_workers=self.num_workers > 0
-            )
+            self.stream.start_state = self.planner_state
+            workers = self.settings.num_workers
+            loader = DataLoader(self.stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
             self._batches = iter(loader)
-        batch = next(self._batches)
-        self.batches_taken += 1
-        return batch
+        while True:
+            item = next(self._batches)
+            meta = item.pop("_loader")
+            self._account(meta)
+            if not meta["empty"]:
+                return item, meta
+            self.planner_state = meta["state"]  # every sample of that plan was bad
 
-    def state_dict(self) -> dict[str, int]:
+    def _everyone_in_epoch(self, in_epoch: bool) -> bool:
+        if self.sync is None or self.settings.epoch_mode != "epoch":
+            return in_epoch
+        return self.sync(in_epoch)
+
+    def __next__(self) -> dict[str, Any]:
+        item, meta = self._next_item()
+        while True:
+            in_epoch = meta["epoch"] == self.epoch
+            if self._everyone_in_epoch(in_epoch):
+                self.planner_state = meta["state"]
+                self.batches_taken += 1
+                return item
+            # Some rank has finished the epoch. The others drop the rest of theirs, with no
+            # collective meanwhile, so every rank starts the next epoch at the same batch.
+            while meta["epoch"] == self.epoch:
+                self.dropped += len(item["keys"])
+                self.planner_state = meta["state"]
+                item, meta = self._next_item()
+            self.epoch = meta["epoch"]
+
+    def _account(self, meta: dict[str, Any]) -> None:
+        for reason, *_ in meta["faults"]:
+            self.faults[reason] += 1
+            self.faults_by_epoch.setdefault(meta["epoch"], Counter())[reason] += 1
+        self.good += meta["good"]
+        bad = sum(self.faults.values())
+        seen = bad + self.good
+        limit = self.settings.max_bad_fraction
+        if meta["faults"] and seen >= self.settings.bad_fraction_min_samples and bad > limit * seen:
+            reason, url, key, detail = meta["faults"][-1]
+            raise DataQualityError(
+                f"rank {self.stream.rank}: {bad} of {seen} samples are bad ({bad / seen:.1%}), over "
+                f"data.max_bad_fraction={limit}; last: {reason} in shard {url}, key {key!r} ({detail}). "
+                f"By reason: {dict(self.faults)}. Check the shards with `mtrain data validate`, "
+                "or raise data.max_bad_fraction"
+            )
+
+    # ── metrics ───────────────────────────────────────────────────────────────────────────────
+    def fault_counts(self, epoch: int | None = None) -> dict[str, int]:
+        """Bad samples skipped by this rank so far (or in one epoch of this run), by reason."""
+        return dict(self.faults if epoch is None else self.faults_by_epoch.get(epoch, Counter()))
+
+    def metrics(self) -> dict[str, float]:
+        """Counters with the same keys, in the same order, on every rank (so they can be summed)."""
+        out = {f"data/bad/{reason}": float(self.faults.get(reason, 0)) for reason in FAULT_REASONS}
+        out.update({"data/samples": float(self.good), "data/dropped": float(self.dropped)})
+        return out
+
+    # ── state ─────────────────────────────────────────────────────────────────────────────────
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's position, JSON-serialisable."""
+        planner = self.planner_state
+        if planner is None:
+            planner = initial_state(self.settings, self.stream.rank, self.stream.world_size)
         return {
-            "batches_taken": self.batches_taken,
             "rank": self.stream.rank,
             "world_size": self.stream.world_size,
-            "num_workers": self.num_workers,
+            "epoch": self.epoch,
+            "planner": planner,
+            "faults": dict(self.faults),
+            "good": self.good,
+            "dropped": self.dropped,
+            "batches_taken": self.batches_taken,
         }
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, all_ranks: list[dict[str, Any]]) -> None:
+        """Restore this rank from every rank's saved state (index = saved rank), re-partitioning
+        when the world size changed so that no sample of the epoch is lost or repeated."""
         if self._batches is not None:
             raise RuntimeError("load the loader state before taking the first batch")
-        for key in ("world_size", "num_workers"):
-            if state[key] != getattr(self.stream if key == "world_size" else self, key):
-                raise ValueError(
-                    f"the saved data position was taken with {key}={state[key]}; "
-                    f"this run has {getattr(self.stream if key == 'world_size' else self, key)}"
-                )
-        self.batches_taken = state["batches_taken"]
+        rank, world_size = self.stream.rank, self.stream.world_size
+        if len(all_ranks) == world_size:
+            own = all_ranks[rank]
+            self.planner_state = own["planner"]
+            self.faults = Counter(own["faults"])
+            self.good, self.dropped = own["good"], own["dropped"]
+            self.epoch, self.batches_taken = own["epoch"], own["batches_taken"]
+            return
+        self.planner_state = self._repartitioned(all_ranks)
+        mine = [s for s in all_ranks if s["rank"] % world_size == rank]  # counters: old rank r -> r % W
+        self.faults = sum((Counter(s["faults"]) for s in mine), Counter())
+        self.good = sum(s["good"] for s in mine)
+        self.dropped = sum(s["dropped"] for s in mine)
+        self.epoch = min(s["epoch"] for s in all_ranks)
+        self.batches_taken = max(s["batches_taken"] for s in all_ranks)
+
+    def _repartitioned(self, all_ranks: list[dict[str, Any]]) -> dict[str, Any]:
+        rank, world_size = self.stream.rank, self.stream.world_size
+        planners = [s["planner"] for s in all_ranks]
+        planner = Planner(
+            self.settings, rank, world_size, self.stream.spec, self.stream.visual_tokens, ShardReader(), None
+        )
+        cursors = []
+        for source in range(len(self.settings.sources)):
+            old = [p["cursors"][source] for p in planners]
+            if self.settings.epoch_mode == "resampled":
+                cursors.append(dict(old[rank]) if rank < len(old) else {"draws": 0})
+                continue
+            leftovers = [
+                [pos for src, epoch, pos in p["pending"] if src == source and epoch == p["cursors"][source]["epoch"]]
+                for p in planners
+            ]
+            cursors.append(repartition(old, leftovers, rank, world_size, sum(planner.counts[source])))
+        draws = planners[rank]["draws"] if rank < len(planners) else 0
+        return {"epoch": cursors[0].get("epoch", 0), "cursors": cursors, "draws": draws, "pending": []}
+
+
+def torch_distributed_sync() -> Callable[[bool], bool] | None:
+    """An all-reduce MIN over the default process group, or None when there is no group to sync."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+
+    def everyone(flag: bool) -> bool:
+        value = torch.tensor([1 if flag else 0], device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        return bool(value.item())
+
+    return everyone
+
+
+def build_loader(
+    settings: LoaderSettings,
+    rank: int,
+    world_size: int,
+    spec: TokenSpec,
+    image_processor: Any,
+    visual_tokens: VisualTokens,
+    sync: Callable[[bool], bool] | None = None,
+) -> StreamingLoader:
+    """The loader for one rank: check the shards exist, then wire the stages."""
+    for pattern, _ in settings.sources:
+        expand_shards(pattern)
+    stream = SampleStream(settings, rank, world_size, spec, image_processor, visual_tokens)
+    return StreamingLoader(stream, sync)

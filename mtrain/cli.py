@@ -48,6 +48,23 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--shards", type=int, default=4, help="number of shards")
     sample.add_argument("--per-shard", type=int, default=96, help="samples per shard")
     sample.add_argument("--seed", type=int, default=0)
+
+    build = data_commands.add_parser("build", help="convert local data to shards (see data_pipeline/FORMAT.md)")
+    build.add_argument("form", choices=["interleaved", "caption", "conversation"])
+    build.add_argument("source", help="OBELICS-style JSONL, LLaVA JSON, or a caption folder / CSV")
+    build.add_argument("--out", required=True, help="output folder for the shards and index.json")
+    build.add_argument("--images", help="image folder (LLaVA JSON)")
+    build.add_argument("--shard-size", default="256MB", help="target shard size, e.g. 256MB (default)")
+    build.add_argument("--max-image-side", type=int, default=0, help="re-encode images with a longer side")
+
+    for name, text in (
+        ("inspect", "counts, images per sample, token lengths (tiny-llava tokenizer), one sample"),
+        ("validate", "report every bad member by shard, key and reason; exit 1 if any"),
+    ):
+        checker = data_commands.add_parser(name, help=text)
+        checker.add_argument("shards", help="shard paths, brace patterns allowed")
+        checker.add_argument("--max-image-pixels", type=int, default=4096 * 4096)
+        checker.add_argument("--allow-text-only", action="store_true", help="samples without images are fine")
     return parser
 
 
@@ -97,4 +114,46 @@ def _dispatch(args: argparse.Namespace) -> int:
         paths = write_sample_shards(args.out, args.shards, args.per_shard, args.seed)
         print(f"wrote {len(paths)} shards x {args.per_shard} samples to {args.out}")
         return 0
+    if args.command == "data":
+        return _data_command(args)
     raise AssertionError(f"unhandled command {args.command}")
+
+
+def _data_command(args: argparse.Namespace) -> int:
+    from data_pipeline.formats import SampleRules  # noqa: PLC0415
+    from data_pipeline.shards import expand_shards  # noqa: PLC0415
+
+    if args.data_command == "build":
+        from data_pipeline.build import build_shards, parse_size  # noqa: PLC0415
+
+        report = build_shards(
+            args.form, args.source, args.out, parse_size(args.shard_size), args.images, args.max_image_side
+        )
+        for line in report.skipped:
+            print(f"skipped {line}", file=sys.stderr)
+        print(
+            f"wrote {report.samples} samples in {len(report.shards)} shards to {args.out} "
+            f"({report.images_copied} images copied, {report.images_reencoded} re-encoded, "
+            f"{len(report.skipped)} inputs skipped)"
+        )
+        return 0
+    rules = SampleRules(require_image=not args.allow_text_only, max_image_pixels=args.max_image_pixels)
+    urls = expand_shards(args.shards)
+    if args.data_command == "inspect":
+        from data_pipeline.check import inspect_report  # noqa: PLC0415
+        from mtrain.config.schema import TinyLlavaConfig  # noqa: PLC0415
+        from mtrain.model.tokenizer import build_tiny_tokenizer  # noqa: PLC0415
+
+        tokenizer = build_tiny_tokenizer()
+        count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+        print(inspect_report(urls, rules, count, TinyLlavaConfig().visual_tokens))
+        return 0
+    if args.data_command == "validate":
+        from data_pipeline.check import validate_shards  # noqa: PLC0415
+
+        problems = validate_shards(urls, rules)
+        for problem in problems:
+            print(problem)
+        print(f"{len(urls)} shard(s): {len(problems)} bad member(s) or sample(s)", file=sys.stderr)
+        return 1 if problems else 0
+    raise AssertionError(f"unhandled data command {args.data_command}")

@@ -117,13 +117,40 @@ class ModelConfig(Checkable):
 
 
 @dataclass
+class DataSourceConfig(Checkable):
+    shards: str = setting("", "Shard paths of this source, brace patterns allowed.")
+    weight: float = setting(1.0, "Mixture weight: the share of samples drawn from this source.")
+
+    def check(self) -> list[tuple[str, str]]:
+        if not self.shards:
+            return [("shards", "is empty; give the source's shard paths, e.g. data/a/shard-{000000..000009}.tar")]
+        if not self.weight > 0:
+            return [("weight", f"must be > 0, got {self.weight}")]
+        return []
+
+
+@dataclass
 class DataConfig(Checkable):
-    shards: str = setting("data/sample/shard-{000000..000003}.tar", "Shard URLs, brace patterns allowed.")
-    micro_batch_size: int = setting(8, "Samples per rank per forward pass.")
+    shards: str = setting("data/sample/shard-{000000..000003}.tar", "Shard paths, brace patterns allowed.")
+    sources: list[DataSourceConfig] = setting(
+        [], "Several sources with mixture weights (each {shards, weight}); when set, `shards` is ignored."
+    )
+    micro_batch_size: int = setting(8, "Rows (sequences) per rank per forward pass.")
     max_len: int = setting(96, "Maximum tokens per sequence, visual tokens included.")
-    num_workers: int = setting(0, "DataLoader worker processes per rank.")
-    shuffle_buffer: int = setting(64, "Sample shuffle buffer size; 0 disables sample shuffling.")
+    num_workers: int = setting(0, "DataLoader worker processes per rank (batches are the same for any number).")
+    shuffle: bool = setting(True, "Shuffle shards and the samples within each shard by (seed, epoch).")
     prompt: str = setting("<image>\n", "Text placed before each caption; <image> marks the visual tokens.")
+    packing: bool = setting(False, "Pack several whole documents into each row of max_len.")
+    pack_window: int = setting(64, "Documents the packer chooses from when filling a row.")
+    epoch_mode: Literal["epoch", "resampled"] = setting(
+        "epoch",
+        "epoch: every sample once per epoch, every rank ends each epoch at the same batch; "
+        "resampled: endless draws with replacement.",
+    )
+    max_bad_fraction: float = setting(0.05, "Stop the job when more than this fraction of samples seen is bad.")
+    bad_fraction_min_samples: int = setting(200, "Samples a rank must see before max_bad_fraction applies.")
+    max_image_pixels: int = setting(4096 * 4096, "Images with more pixels are skipped as oversize_image.")
+    require_image: bool = setting(True, "Skip samples without an image (counted as no_image).")
 
     def check(self) -> list[tuple[str, str]]:
         if self.micro_batch_size < 1:
@@ -132,7 +159,18 @@ class DataConfig(Checkable):
             return [("num_workers", f"must be >= 0, got {self.num_workers}")]
         if "<image>" not in self.prompt:
             return [("prompt", f"{self.prompt!r} has no <image> placeholder; captions need one, e.g. '<image>\\n'")]
+        if self.pack_window < 1:
+            return [("pack_window", f"must be at least 1, got {self.pack_window}")]
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            return [("max_bad_fraction", f"must be in [0, 1], got {self.max_bad_fraction}")]
+        if self.max_image_pixels < 1:
+            return [("max_image_pixels", f"must be at least 1, got {self.max_image_pixels}")]
         return []
+
+    @property
+    def source_list(self) -> list[tuple[str, float]]:
+        """(shards, weight) of every source; the first one defines the epoch."""
+        return [(s.shards, s.weight) for s in self.sources] or [(self.shards, 1.0)]
 
 
 @dataclass

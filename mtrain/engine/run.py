@@ -18,7 +18,7 @@ from mtrain.metrics.sinks import JsonlSink, MetricSink, NullSink, SinkGroup, Ten
 
 def check_inputs_exist(cfg: TrainConfig) -> None:
     """Fail before any process group forms when local shards or the model folder are missing."""
-    from data_pipeline.loader import expand_shards  # noqa: PLC0415
+    from data_pipeline.shards import expand_shards  # noqa: PLC0415
 
     if cfg.model.path and not (Path(cfg.model.path) / "config.json").is_file():
         raise FileNotFoundError(
@@ -26,7 +26,8 @@ def check_inputs_exist(cfg: TrainConfig) -> None:
             "point it at a local folder written by save_pretrained"
         )
 
-    missing = [u for u in expand_shards(cfg.data.shards) if "://" not in u and not Path(u).is_file()]
+    urls = [url for pattern, _ in cfg.data.source_list for url in expand_shards(pattern)]
+    missing = [u for u in urls if not Path(u).is_file()]
     if missing:
         raise FileNotFoundError(
             f"data.shards: {len(missing)} shard(s) not found, first {missing[0]!r}; "
@@ -71,9 +72,9 @@ def make_sink(cfg: TrainConfig, run_dir: Path, world: WorldInfo) -> MetricSink:
 
 def run_training(cfg: TrainConfig) -> list[dict[str, float]]:
     """Train as configured; every rank of the job calls this."""
-    from data_pipeline.loader import CaptionStream, ResumableLoader, TextSpec  # noqa: PLC0415
     from mtrain.checkpoint.export import export_checkpoint  # noqa: PLC0415
     from mtrain.checkpoint.save import save_checkpoint  # noqa: PLC0415
+    from mtrain.engine.data import build_data_loader  # noqa: PLC0415
     from mtrain.engine.setup import initialize_engine, resolve_placement  # noqa: PLC0415
     from mtrain.engine.trainer import Trainer  # noqa: PLC0415
     from mtrain.model.build import build_model, parameter_elements  # noqa: PLC0415
@@ -99,19 +100,7 @@ def run_training(cfg: TrainConfig) -> list[dict[str, float]]:
         f"{elements['local']:,} held by rank 0; {built.visual_tokens} visual tokens per image"
     )
 
-    text = TextSpec(built.tokenizer, built.image_token_id, built.visual_tokens, cfg.data.max_len, cfg.data.prompt)
-    stream = CaptionStream(
-        cfg.data.shards,
-        world.rank,
-        world.world_size,
-        cfg.data.micro_batch_size,
-        text,
-        built.image_processor,
-        cfg.run.seed,
-        cfg.data.shuffle_buffer,
-        cfg.data.num_workers,
-    )
-    batches = ResumableLoader(stream, cfg.data.num_workers)
+    batches = build_data_loader(cfg, built, world)
     sink = make_sink(cfg, run_dir, world)
     trainer = Trainer(cfg, world, engine, batches, sink, placement.device)
     config_yaml = dump_yaml(cfg)

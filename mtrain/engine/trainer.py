@@ -73,13 +73,14 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         self.step += 1
         totals["loss"] = torch.tensor(sum(losses) / len(losses), dtype=torch.float64)
-        totals = self.all_reduce_sums(totals)
+        data_counters = self.data_counters()
+        totals = self.all_reduce_sums(totals | data_counters)  # one collective for every sum
         loss = float(totals["loss"]) / self.world.world_size
         tokens, samples = float(totals["tokens"]), float(totals["samples"])
         self.tokens_seen += int(tokens)
         self.samples_seen += int(samples)
         elapsed = time.perf_counter() - started
-        metrics = {
+        metrics = {name: float(totals[name]) for name in data_counters} | {
             "loss": loss,
             "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
@@ -135,6 +136,13 @@ class Trainer:
             out[name] = flat[offset : offset + size].reshape(totals[name].shape)
             offset += size
         return out
+
+    def data_counters(self) -> dict[str, torch.Tensor]:
+        """The loader's counters (bad samples by reason, samples, dropped), to be summed over ranks."""
+        if not hasattr(self.batches, "metrics"):
+            return {}
+        # The same keys on every rank: all_reduce_sums orders them by name.
+        return {name: torch.tensor(value, dtype=torch.float64) for name, value in self.batches.metrics().items()}
 
     def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
         if self.world.world_size > 1:

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values")
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "position_ids")
 
 
 class LanguageModelingTask(nn.Module):
@@ -19,7 +19,12 @@ class LanguageModelingTask(nn.Module):
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         inputs = {name: batch[name] for name in MODEL_INPUTS if name in batch}
-        output = self.model(**inputs)
+        if "position_ids" in inputs:
+            # Packed rows: with no 2D mask, transformers derives a block-diagonal causal mask from
+            # the position ids (they restart per document), so attention never crosses documents.
+            inputs.pop("attention_mask", None)
+        # No KV cache in training; with one, transformers skips the packed-sequence mask (5.x).
+        output = self.model(**inputs, use_cache=False)
         metrics = {
             "tokens": batch["attention_mask"].sum().detach(),
             "label_tokens": (batch["labels"] != -100).sum().detach(),

@@ -1,18 +1,12 @@
-import pytest
 import torch
 import webdataset as wds
 
-from data_pipeline.loader import IGNORE_INDEX, CaptionStream, ResumableLoader, TextSpec, expand_shards, split_shards
-from mtrain.model.build import tiny_image_processor
+from data_pipeline.shards import expand_shards
+from data_pipeline.tokenize import IGNORE_INDEX
 from mtrain.model.tokenizer import IMAGE_TOKEN, build_tiny_tokenizer
+from tests.data_factory import make_loader
 
-
-def make_stream(pattern: str, rank: int = 0, world_size: int = 1, batch_size: int = 4) -> CaptionStream:
-    tokenizer = build_tiny_tokenizer()
-    text = TextSpec(
-        tokenizer, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), visual_tokens=64, max_len=96, prompt="<image>\n"
-    )
-    return CaptionStream(pattern, rank, world_size, batch_size, text, tiny_image_processor(32), seed=0)
+BATCH_TENSORS = ("input_ids", "labels", "attention_mask", "pixel_values")
 
 
 def test_plain_webdataset_reads_sample_shards(shards_pattern):
@@ -24,7 +18,7 @@ def test_plain_webdataset_reads_sample_shards(shards_pattern):
 
 
 def test_batch_expands_image_and_masks_labels(shards_pattern):
-    batch = next(iter(make_stream(shards_pattern)))
+    batch = next(make_loader(shards_pattern))
     image_id = build_tiny_tokenizer().convert_tokens_to_ids(IMAGE_TOKEN)
     assert batch["pixel_values"].shape == (4, 3, 32, 32)
     for row in range(4):
@@ -37,33 +31,31 @@ def test_batch_expands_image_and_masks_labels(shards_pattern):
         assert (labels[learned] == ids[learned]).all()
 
 
-def test_ranks_read_disjoint_shards(shards_pattern):
+def test_ranks_split_every_epoch_exactly(shards_pattern):
+    """Two ranks: disjoint keys, together every key once, the same batch count (48*4 / 2 / 4 = 24)."""
     keys = []
     for rank in range(2):
-        stream = make_stream(shards_pattern, rank=rank, world_size=2)
-        keys.append({k for _, batch in zip(range(24), stream, strict=False) for k in batch["keys"]})
-    assert keys[0] and keys[1] and not keys[0] & keys[1]
+        loader = make_loader(shards_pattern, rank=rank, world_size=2)
+        batches = [next(loader) for _ in range(24)]
+        keys.append([k for batch in batches for k in batch["keys"]])
+        assert loader.epoch == 0
+        assert next(loader)["keys"] and loader.epoch == 1
+    assert len(keys[0]) == len(keys[1]) == 96
+    assert not set(keys[0]) & set(keys[1])
+    assert len(set(keys[0]) | set(keys[1])) == 4 * 48
 
 
-def test_too_few_shards_for_consumers_is_a_clear_error():
-    with pytest.raises(ValueError, match="2 shards cannot feed 2 ranks x 2 workers"):
-        split_shards(["a", "b"], rank=0, world_size=2, worker=0, num_workers=2)
-
-
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_loader_resume_continues_exactly(shards_pattern, num_workers):
-    def loader() -> ResumableLoader:
-        stream = make_stream(shards_pattern, rank=1, world_size=2)
-        stream.shuffle_buffer = 16
-        return ResumableLoader(stream, num_workers)
-
-    first = loader()
-    taken = [next(first) for _ in range(30)]  # past the end of the first epoch (48 samples / 4)
-    resumed = loader()
-    resumed.load_state_dict(loader_state := {**first.state_dict(), "batches_taken": 17})
-    assert loader_state["batches_taken"] == 17
-    for expected in taken[17:]:
-        got = next(resumed)
-        assert got["keys"] == expected["keys"]
-        for name in ("input_ids", "labels", "attention_mask", "pixel_values"):
-            assert torch.equal(got[name], expected[name])
+def test_batches_do_not_depend_on_workers_and_resume_exactly(shards_pattern):
+    reference = make_loader(shards_pattern, rank=1, world_size=2)
+    expected = [next(reference) for _ in range(30)]  # past the end of the first epoch (24 batches)
+    for workers in (0, 2):
+        first = make_loader(shards_pattern, rank=1, world_size=2, num_workers=workers)
+        for batch in expected[:17]:
+            assert next(first)["keys"] == batch["keys"]
+        resumed = make_loader(shards_pattern, rank=1, world_size=2, num_workers=workers)
+        resumed.load_state_dict([{}, first.state_dict()])
+        for batch in expected[17:]:
+            got = next(resumed)
+            assert got["keys"] == batch["keys"]
+            for name in BATCH_TENSORS:
+                assert torch.equal(got[name], batch[name])

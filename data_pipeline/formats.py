@@ -1,0 +1,242 @@
+"""The three shard forms, safe member decoding, and sample building (see FORMAT.md).
+
+A sample is a list of segments in reading order: text segments (learned or not) and image
+segments. Every form becomes that one shape, so tokenization, masking and packing never
+branch on the form.
+
+Faults are raised as `SampleFault(reason, detail)`; the loader counts them by reason and moves
+on. Decoding is by extension and never unpickles: `.pyd`, `.pickle`, `.pth` and every unknown
+extension stay raw bytes that nothing reads.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+IMAGE_PLACEHOLDER = "<image>"
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+TEXT_EXTENSIONS = ("txt", "text")
+FORMS = ("interleaved", "caption", "conversation")
+USER_ROLES = ("human", "user")
+ASSISTANT_ROLES = ("gpt", "assistant")
+
+# Every reason a sample or member is skipped; metrics report counts under these names.
+FAULT_REASONS = (
+    "truncated_tar",
+    "corrupt_image",
+    "malformed_json",
+    "empty_shard",
+    "missing_image",
+    "duplicate_key",
+    "unsafe_path",
+    "oversize_image",
+    "no_text",
+    "no_image",
+    "unknown_form",
+    "unreadable_shard",
+)
+
+
+class SampleFault(Exception):
+    """A sample that cannot be used, with the reason it is counted under."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        assert reason in FAULT_REASONS, reason
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class TextSegment:
+    text: str
+    learned: bool
+
+
+@dataclass
+class ImageSegment:
+    member: str  # the tar member extension, e.g. "jpg" or "0.jpg"
+    image: Image.Image | None = None  # decoded lazily: the planner never needs pixels
+
+
+@dataclass
+class Sample:
+    key: str
+    form: str
+    segments: list[TextSegment | ImageSegment] = field(default_factory=list)
+
+    @property
+    def images(self) -> list[ImageSegment]:
+        return [s for s in self.segments if isinstance(s, ImageSegment)]
+
+
+@dataclass(frozen=True)
+class SampleRules:
+    """What a sample must hold to be used."""
+
+    caption_prompt: str = "<image>\n"
+    require_image: bool = True
+    require_text: bool = True
+    max_image_pixels: int = 4096 * 4096
+
+
+def is_image_member(extension: str) -> bool:
+    return extension.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
+
+
+# ── safe decode ───────────────────────────────────────────────────────────────────────────────
+def decode_json(raw: bytes, key: str) -> dict[str, Any]:
+    try:
+        value = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SampleFault("malformed_json", f"{key}.json: {exc}") from None
+    if not isinstance(value, dict):
+        raise SampleFault("malformed_json", f"{key}.json holds a {type(value).__name__}, not an object")
+    return value
+
+
+def decode_text(raw: bytes, key: str, extension: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SampleFault("no_text", f"{key}.{extension} is not UTF-8: {exc}") from None
+
+
+def decode_image(raw: bytes, key: str, member: str, max_pixels: int, draft_size: int | None = None) -> Image.Image:
+    """PIL decode with a size check before the pixels are read; JPEGs may downscale on decode."""
+    try:
+        image = Image.open(io.BytesIO(raw))
+        width, height = image.size
+    except Exception as exc:  # PIL raises many types for bad headers
+        raise SampleFault("corrupt_image", f"{key}.{member}: {exc}") from None
+    if width * height > max_pixels:
+        raise SampleFault("oversize_image", f"{key}.{member} is {width}x{height}, over {max_pixels} pixels")
+    try:
+        if draft_size and image.format == "JPEG":
+            # DCT scaling: decode straight to the smallest scale still >= draft_size on each side.
+            image.draft("RGB", (draft_size, draft_size))
+        image.load()
+        return image if image.mode == "RGB" else image.convert("RGB")
+    except Exception as exc:
+        raise SampleFault("corrupt_image", f"{key}.{member}: {exc}") from None
+
+
+# ── sample building, one function per form ────────────────────────────────────────────────────
+def detect_form(members: dict[str, bytes], meta: dict[str, Any] | None) -> str:
+    if meta is not None and "conversations" in meta:
+        return "conversation"
+    if meta is not None and "texts" in meta and "images" in meta:
+        return "interleaved"
+    if any(ext in members for ext in TEXT_EXTENSIONS):
+        return "caption"
+    return "unknown"
+
+
+def image_member_names(members: dict[str, bytes]) -> list[str]:
+    return sorted((ext for ext in members if is_image_member(ext)), key=_image_order)
+
+
+def _image_order(extension: str) -> tuple[int, str]:
+    head = extension.split(".", 1)[0]
+    return (int(head), extension) if head.isdigit() else (-1, extension)
+
+
+def build_caption(key: str, members: dict[str, bytes], rules: SampleRules) -> Sample:
+    text_ext = next(ext for ext in TEXT_EXTENSIONS if ext in members)
+    caption = decode_text(members[text_ext], key, text_ext).strip()
+    images = image_member_names(members)
+    if not caption:
+        raise SampleFault("no_text", f"{key}.{text_ext} is empty")
+    if not images:
+        raise SampleFault("no_image", f"caption pair {key} has .{text_ext} but no image member")
+    segments: list[TextSegment | ImageSegment] = []
+    pieces = rules.caption_prompt.split(IMAGE_PLACEHOLDER)
+    for i, piece in enumerate(pieces):
+        if piece:
+            segments.append(TextSegment(piece, learned=False))
+        if i < len(pieces) - 1:
+            segments.append(ImageSegment(images[0]))
+    segments.append(TextSegment(caption, learned=True))
+    return Sample(key, "caption", segments)
+
+
+def build_interleaved(key: str, members: dict[str, bytes], meta: dict[str, Any], rules: SampleRules) -> Sample:
+    texts, images = meta["texts"], meta["images"]
+    if not isinstance(texts, list) or not isinstance(images, list) or len(texts) != len(images):
+        raise SampleFault("malformed_json", f"{key}.json: 'texts' and 'images' must be lists of equal length")
+    segments: list[TextSegment | ImageSegment] = []
+    for position, (text, image) in enumerate(zip(texts, images, strict=True)):
+        if (text is None) == (image is None):
+            raise SampleFault(
+                "malformed_json", f"{key}.json position {position}: exactly one of texts/images must be null"
+            )
+        if text is not None:
+            segments.append(TextSegment(str(text), learned=True))
+        elif image not in members:
+            raise SampleFault("missing_image", f"{key}.json position {position} names member {key}.{image}, absent")
+        else:
+            segments.append(ImageSegment(str(image)))
+    return _checked(Sample(key, "interleaved", segments), rules)
+
+
+def build_conversation(key: str, members: dict[str, bytes], meta: dict[str, Any], rules: SampleRules) -> Sample:
+    turns = meta["conversations"]
+    if not isinstance(turns, list) or not all(isinstance(t, dict) and "value" in t for t in turns):
+        raise SampleFault("malformed_json", f"{key}.json: 'conversations' must be a list of {{from, value}}")
+    available = image_member_names(members)
+    segments: list[TextSegment | ImageSegment] = []
+    used = 0
+    for turn in turns:
+        role = str(turn.get("from", "")).lower()
+        learned = role in ASSISTANT_ROLES
+        if not learned and role not in USER_ROLES:
+            raise SampleFault("malformed_json", f"{key}.json: unknown role {turn.get('from')!r}")
+        prefix = "ASSISTANT: " if learned else "USER: "
+        segments.append(TextSegment(prefix, learned=False))
+        pieces = str(turn["value"]).split(IMAGE_PLACEHOLDER)
+        for i, piece in enumerate(pieces):
+            if piece:
+                segments.append(TextSegment(piece, learned=learned))
+            if i < len(pieces) - 1:
+                if used >= len(available):
+                    raise SampleFault("missing_image", f"{key}: <image> number {used + 1} has no image member")
+                segments.append(ImageSegment(available[used]))
+                used += 1
+        segments.append(TextSegment("\n", learned=learned))
+    return _checked(Sample(key, "conversation", segments), rules)
+
+
+def _checked(sample: Sample, rules: SampleRules) -> Sample:
+    if rules.require_text and not any(
+        isinstance(s, TextSegment) and s.learned and s.text.strip() for s in sample.segments
+    ):
+        raise SampleFault("no_text", f"{sample.key} ({sample.form}) has no text to learn")
+    if rules.require_image and not sample.images:
+        raise SampleFault("no_image", f"{sample.key} ({sample.form}) has no image")
+    return sample
+
+
+def build_sample(key: str, members: dict[str, bytes], rules: SampleRules) -> Sample:
+    """Members (extension -> raw bytes) of one tar group to a Sample; images stay undecoded."""
+    meta = decode_json(members["json"], key) if "json" in members else None
+    form = detect_form(members, meta)
+    if form == "caption":
+        return build_caption(key, members, rules)
+    if form == "interleaved":
+        return build_interleaved(key, members, meta or {}, rules)
+    if form == "conversation":
+        return build_conversation(key, members, meta or {}, rules)
+    raise SampleFault("unknown_form", f"{key} has members {sorted(members)}: none of {', '.join(FORMS)}")
+
+
+def load_images(sample: Sample, members: dict[str, bytes], rules: SampleRules, draft_size: int | None = None) -> None:
+    """Decode every image of the sample in place (the expensive part, done once per sample)."""
+    for segment in sample.images:
+        segment.image = decode_image(
+            members[segment.member], sample.key, segment.member, rules.max_image_pixels, draft_size
+        )

@@ -1,0 +1,163 @@
+"""Which sample comes next: epoch order, split by rank, mixture draws, and re-partitioning.
+
+Every source has, per epoch, one global order of *positions* 0..N-1: its shards shuffled by
+(seed, source, epoch), then the samples of every block of INTERLEAVED_SHARDS consecutive shards
+shuffled together. That order does not depend on the world size or the number of workers.
+
+Rank r of W takes the positions r, r + W, r + 2W, ... of that order (a sample-level split, so
+ranks hold equal counts, within one sample, however unequal the shards are). A rank's cursor
+is therefore a handful of integers: `{epoch, base, stride, offset, taken, backlog}`; the next
+position is the front of `backlog`, else `base + offset + taken * stride`.
+
+Re-partitioning for another world size (`repartition`) takes every old rank's cursor: every
+position below the furthest cursor that some old rank has not taken yet becomes a `backlog`
+item, shared out round-robin, and the new ranks continue from there with the new stride. No
+position of the epoch is lost or taken twice.
+
+In `resampled` mode positions are drawn with replacement by a counter-based generator
+(seed, source, rank, draw), so the cursor is the draw count.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import random
+
+Cursor = dict  # JSON-serialisable: {"epoch", "base", "stride", "offset", "taken", "backlog"} or {"draws"}
+
+
+# Shards whose samples are interleaved in the epoch order: a batch then mixes this many shards
+# (a reader keeps about this many files open), while the order of a block is only a list of
+# (shard, group) pairs of those shards.
+INTERLEAVED_SHARDS = 8
+
+
+class SourceOrder:
+    """The global order of one source in one epoch: position -> (shard url, group index).
+
+    Shards are shuffled by (seed, source, epoch) and taken in blocks of INTERLEAVED_SHARDS; the
+    samples of a block are shuffled together by (seed, source, epoch, block).
+    """
+
+    def __init__(self, urls: list[str], counts: list[int], seed: int, source: int, epoch: int, shuffle: bool) -> None:
+        self.seed, self.source, self.epoch, self.shuffle = seed, source, epoch, shuffle
+        order = list(range(len(urls)))
+        if shuffle:
+            random.Random(f"{seed}/{source}/{epoch}").shuffle(order)
+        shard_urls = [urls[i] for i in order]
+        shard_counts = [counts[i] for i in order]
+        self.blocks = [
+            list(zip(shard_urls[i : i + INTERLEAVED_SHARDS], shard_counts[i : i + INTERLEAVED_SHARDS], strict=True))
+            for i in range(0, len(shard_urls), INTERLEAVED_SHARDS)
+        ]
+        block_sizes = [sum(count for _, count in block) for block in self.blocks]
+        self.block_starts = list(itertools.accumulate(block_sizes, initial=0))[:-1]
+        self.total = sum(counts)
+        self._block_orders: dict[int, list[tuple[str, int]]] = {}
+
+    def locate(self, position: int) -> tuple[str, int]:
+        block = bisect.bisect_right(self.block_starts, position) - 1
+        return self.block_order(block)[position - self.block_starts[block]]
+
+    def block_order(self, block: int) -> list[tuple[str, int]]:
+        if block not in self._block_orders:
+            if len(self._block_orders) >= 4:
+                self._block_orders.clear()
+            pairs = [(url, group) for url, count in self.blocks[block] for group in range(count)]
+            if self.shuffle:
+                random.Random(f"{self.seed}/{self.source}/{self.epoch}/{block}").shuffle(pairs)
+            self._block_orders[block] = pairs
+        return self._block_orders[block]
+
+
+def fresh_cursor(epoch: int, rank: int, world_size: int) -> Cursor:
+    return {"epoch": epoch, "base": 0, "stride": world_size, "offset": rank, "taken": 0, "backlog": []}
+
+
+def cursor_exhausted(cursor: Cursor, total: int) -> bool:
+    """Whether the rank has no position left in the cursor's epoch."""
+    return not cursor["backlog"] and cursor["base"] + cursor["offset"] + cursor["taken"] * cursor["stride"] >= total
+
+
+def next_position(cursor: Cursor, total: int) -> int | None:
+    """Advance the cursor; None when this rank has no position left in the epoch."""
+    if cursor["backlog"]:
+        return cursor["backlog"].pop(0)
+    position = cursor["base"] + cursor["offset"] + cursor["taken"] * cursor["stride"]
+    if position >= total:
+        return None
+    cursor["taken"] += 1
+    return position
+
+
+def draw_position(cursor: Cursor, total: int, seed: int, source: int, rank: int) -> int:
+    """Resampled mode: a position drawn with replacement, reproducible from the draw count."""
+    position = random.Random(f"{seed}/{source}/{rank}/draw/{cursor['draws']}").randrange(total)
+    cursor["draws"] += 1
+    return position
+
+
+def draw_source(weights: list[float], seed: int, rank: int, draw: int) -> int:
+    """The source of the `draw`-th sample of a rank, by weight, reproducible from the draw count."""
+    if len(weights) == 1:
+        return 0
+    pick = random.Random(f"{seed}/mixture/{rank}/{draw}").random() * sum(weights)
+    for source, weight in enumerate(weights):
+        pick -= weight
+        if pick < 0:
+            return source
+    return len(weights) - 1
+
+
+def remaining_positions(cursors: list[Cursor], extra: list[int], total: int) -> tuple[list[int], int]:
+    """(positions some old rank still owed below the frontier, the frontier) for one epoch.
+
+    `cursors` are every old rank's cursor of one epoch and one partition (same base and stride).
+    `extra` are positions taken from the order but not yet delivered (packing leftovers).
+    """
+    stride, base = cursors[0]["stride"], cursors[0]["base"]
+    furthest = max(c["taken"] for c in cursors)
+    owed = set(extra)
+    for cursor in cursors:
+        owed.update(cursor["backlog"])
+        for k in range(cursor["taken"], furthest):
+            position = base + cursor["offset"] + k * stride
+            if position < total:
+                owed.add(position)
+    return sorted(owed), base + furthest * stride
+
+
+def repartition(
+    old_cursors: list[Cursor], old_leftovers: list[list[int]], rank: int, world_size: int, total: int
+) -> Cursor:
+    """This rank's cursor after a change of world size, losing and repeating no position of the epoch.
+
+    `old_cursors[r]` is old rank r's cursor and `old_leftovers[r]` its undelivered positions of the
+    cursor's epoch. A rank one epoch ahead has finished the older epoch (its planner moved on
+    when it ran out), so it counts as having taken all of its share of that epoch. Ranks further
+    apart than one epoch (a secondary source cycling on its own) restart the newest epoch.
+    """
+    epochs = {c["epoch"] for c in old_cursors}
+    epoch = min(epochs)
+    behind = [c for c in old_cursors if c["epoch"] == epoch]
+    if max(epochs) - epoch > 1 or len({(c["base"], c["stride"]) for c in behind}) != 1:
+        return fresh_cursor(max(epochs), rank, world_size)
+    base, stride = behind[0]["base"], behind[0]["stride"]
+    cursors, extra = [], []
+    for old_rank, (cursor, leftovers) in enumerate(zip(old_cursors, old_leftovers, strict=True)):
+        if cursor["epoch"] == epoch:
+            cursors.append(cursor)
+            extra += leftovers
+        else:  # finished its share of `epoch`
+            share = max(0, -(-(total - base - old_rank) // stride))
+            cursors.append({"base": base, "stride": stride, "offset": old_rank, "taken": share, "backlog": []})
+    owed, frontier = remaining_positions(cursors, extra, total)
+    return {
+        "epoch": epoch,
+        "base": frontier,
+        "stride": world_size,
+        "offset": rank,
+        "taken": 0,
+        "backlog": owed[rank::world_size],
+    }

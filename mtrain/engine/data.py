@@ -1,0 +1,42 @@
+"""From the config and the built model to this rank's data loader (data_pipeline/loader.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mtrain.config.schema import TrainConfig
+from mtrain.launch.env import WorldInfo
+
+
+def build_data_loader(cfg: TrainConfig, built: Any, world: WorldInfo) -> Any:
+    """The StreamingLoader of this rank: tokenizer, image processor and visual-token count from the model."""
+    from data_pipeline.formats import SampleRules  # noqa: PLC0415
+    from data_pipeline.loader import LoaderSettings, build_loader, torch_distributed_sync  # noqa: PLC0415
+    from data_pipeline.tokenize import TokenSpec  # noqa: PLC0415
+
+    data = cfg.data
+    settings = LoaderSettings(
+        sources=tuple(data.source_list),
+        batch_size=data.micro_batch_size,
+        seed=cfg.run.seed,
+        num_workers=data.num_workers,
+        shuffle=data.shuffle,
+        packing=data.packing,
+        pack_window=data.pack_window,
+        epoch_mode=data.epoch_mode,
+        max_bad_fraction=data.max_bad_fraction,
+        bad_fraction_min_samples=data.bad_fraction_min_samples,
+        rules=SampleRules(
+            caption_prompt=data.prompt, require_image=data.require_image, max_image_pixels=data.max_image_pixels
+        ),
+    )
+    spec = TokenSpec(built.tokenizer, built.image_token_id, data.max_len)
+    return build_loader(
+        settings,
+        world.rank,
+        world.world_size,
+        spec,
+        built.image_processor,
+        built.visual_tokens,
+        sync=torch_distributed_sync(),
+    )
