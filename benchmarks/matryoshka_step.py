@@ -17,6 +17,7 @@ Printed: median step times, and the ratios naive/one_pass (target >= 1.5) and on
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import subprocess
@@ -68,7 +69,7 @@ def main() -> None:
 
     import torch.distributed as dist
 
-    from data_pipeline.loader import CaptionStream, TextSpec
+    from mtrain.engine.data import build_data_loader
     from mtrain.launch.distributed import init_distributed
 
     world = init_distributed("gloo", 300, 29500)
@@ -85,12 +86,8 @@ def main() -> None:
     }
     cfg, built, _ = engines["plain"]
     shards = Path(args.shards)
-    text = TextSpec(built.tokenizer, built.image_token_id, built.visual_tokens, cfg.data.max_len, cfg.data.prompt)
-    stream = CaptionStream(
-        str(shards / "shard-{000000..000001}.tar"), world.rank, 2, args.batch, text, built.image_processor, seed=0
-    )
-    batch = next(iter(stream))
-    batch.pop("keys")
+    data = dataclasses.replace(cfg.data, shards=str(Path(args.shards) / "shard-{000000..000001}.tar"), sources=[])
+    batch = next(build_data_loader(dataclasses.replace(cfg, data=data), built, world))
     scales = [int(s) for s in SCALES.strip("[]").split(",")]
 
     def step(name: str) -> int:

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 from mtrain.eval.budget import budget_view, evaluate_budgets, format_table, load_for_eval, write_report
 
 
-def eval_batches(cfg: Any, built: Any, shards: str) -> Any:
-    """Held-out batches in a single process, in order (no shuffling)."""
-    from data_pipeline.loader import CaptionStream, TextSpec  # noqa: PLC0415
+def eval_batches(cfg: Any, built: Any, shards: str | None) -> Any:
+    """Held-out batches in a single process, in shard order (no shuffling)."""
+    from mtrain.engine.data import build_data_loader  # noqa: PLC0415
+    from mtrain.launch.env import WorldInfo  # noqa: PLC0415
 
-    text = TextSpec(built.tokenizer, built.image_token_id, built.visual_tokens, cfg.data.max_len, cfg.data.prompt)
-    return iter(CaptionStream(shards, 0, 1, cfg.data.micro_batch_size, text, built.image_processor, seed=cfg.run.seed))
+    data = dataclasses.replace(cfg.data, shuffle=False, num_workers=0)
+    if shards:
+        data = dataclasses.replace(data, shards=shards, sources=[])
+    single = WorldInfo(0, 1, 0, 1, "127.0.0.1", 0, "none")
+    return build_data_loader(dataclasses.replace(cfg, data=data), built, single)
 
 
 def run_eval(
@@ -21,7 +26,7 @@ def run_eval(
 ) -> list:
     cfg, built, task = load_for_eval(source, overrides)
     view = budget_view(cfg, built, task, scales)
-    results = evaluate_budgets(view, eval_batches(cfg, built, shards or cfg.data.shards), num_batches)
+    results = evaluate_budgets(view, eval_batches(cfg, built, shards), num_batches)
     print(format_table(results))
     json_path, png_path = write_report(results, Path(out), name=str(source))
     print(f"wrote {json_path} and {png_path}")
