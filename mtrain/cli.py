@@ -86,6 +86,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "train":
         cfg = load_config(args.config, args.overrides)  # fails here, before any process group forms
+        if cfg.logging.wandb:
+            from mtrain.metrics.sinks import require_wandb  # noqa: PLC0415
+
+            require_wandb()
         from mtrain.engine.run import run_training  # noqa: PLC0415
 
         run_training(cfg)

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from mtrain.config.schema import TokenScalesConfig
-from mtrain.model.build import model_part
+from mtrain.config.schema import TokenScalesConfig, TrainConfig
+from mtrain.model.build import model_part, visual_tokens_per_image
 
 
 @dataclass(frozen=True)
@@ -153,3 +153,12 @@ def flops_per_token(shape: ModelShape, tokens: TokenScalesConfig, text_tokens: i
     """Training FLOPs per counted language-model token (vision and projector work included)."""
     layouts = sample_layouts(tokens, shape.visual_tokens, text_tokens)
     return mean_sample_flops(shape, layouts) / mean_sample_tokens(layouts)
+
+
+def trainer_flops_per_token(cfg: TrainConfig, task: nn.Module) -> float:
+    """FLOPs per counted token of a running task (`task.model` the MLLM, ZeRO-3 partitioned or not),
+    its samples laid out as planned with text filling `data.max_len`."""
+    tokens = cfg.matryoshka.tokens
+    visual = tokens.mqt_queries if tokens.mode == "mqt" else visual_tokens_per_image(task.model.config)
+    shape = model_shape(task.model, visual)
+    return flops_per_token(shape, tokens, max(cfg.data.max_len - visual, 0))
