@@ -37,6 +37,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
+    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
 
     run_dir = Path(run_dir)
     records = read_metrics(run_dir / "metrics.jsonl")
@@ -58,6 +59,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
             for key in keys:
                 ax.plot(*series(records, key), label=key, linewidth=2.0 if key == "loss" else 1.2)
             ax.set_xlabel("step")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylabel(label)
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=8)
