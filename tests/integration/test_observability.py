@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from mtrain.cli import main
+from mtrain.metrics.plot import loss_keys
 from tests.conftest import REPO, read_metrics, run
 
 pytestmark = pytest.mark.timeout(300)
@@ -52,10 +54,7 @@ def test_tensorboard_holds_per_scale_and_system_scalars(tmp_path, shards_pattern
     assert logged[3]["mfu"] == pytest.approx(logged[3]["tflops_per_rank"] / 1.0)
 
     # `mtrain plot` turns the same run into PNGs with the per-scale curves.
-    from mtrain.cli import main
-    from mtrain.metrics.plot import loss_keys, read_metrics as read_run
-
-    assert loss_keys(read_run(run_dir / "metrics.jsonl")) == ["loss", *(f"loss/scale_{s}" for s in SCALES)]
+    assert loss_keys(read_metrics(run_dir)) == ["loss", *(f"loss/scale_{s}" for s in SCALES)]
     assert main(["plot", str(run_dir), "--out", str(tmp_path / "plots")]) == 0
     for name in ("loss.png", "throughput.png", "utilisation.png"):
         assert (tmp_path / "plots" / name).stat().st_size > 10_000, name
