@@ -37,6 +37,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--scales", help="comma-separated budgets (default: the trained scales, else every M3 scale)")
     evaluate.add_argument("--out", default="eval", help="folder for budget.json and budget.png")
 
+    plan = commands.add_parser("plan", help="per-GPU memory, tokens per step and an H100 projection; no weights read")
+    _add_config_args(plan)
+    plan.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    plan.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    plan.add_argument("--gpu-mem", default="80GB", help="memory per GPU, e.g. 80GB, 40GB (default 80GB)")
+    plan.add_argument("--text-tokens", type=int, help="mean text tokens per sample (default: fill data.max_len)")
+
+    plot = commands.add_parser("plot", help="PNG curves (loss per scale and dim, throughput) from a run folder")
+    plot.add_argument("run_dir", help="a run folder holding metrics.jsonl")
+    plot.add_argument("--out", help="output folder (default: RUN_DIR/plots)")
+
     export = commands.add_parser("export", help="export a checkpoint to Hugging Face folders")
     export.add_argument("checkpoint", help="checkpoint folder (step_XXXXXXXX) or the root holding 'latest'")
     export.add_argument("--out", required=True, help="output folder")
@@ -92,6 +103,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "train":
         cfg = load_config(args.config, args.overrides)  # fails here, before any process group forms
+        if cfg.logging.wandb:
+            from mtrain.metrics.sinks import require_wandb  # noqa: PLC0415
+
+            require_wandb()
         from mtrain.engine.run import run_training  # noqa: PLC0415
 
         run_training(cfg)
@@ -101,6 +116,21 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         scales = [int(s) for s in args.scales.split(",")] if args.scales else None
         run_eval(args.source, args.overrides, args.shards, args.batches, scales, args.out)
+        return 0
+    if args.command == "plan":
+        from mtrain.metrics.plan import Cluster, format_plan, make_plan, parse_memory  # noqa: PLC0415
+
+        cfg = load_config(args.config, args.overrides)
+        if args.nodes < 1 or args.gpus_per_node < 1:
+            raise ValueError(f"--nodes {args.nodes} --gpus-per-node {args.gpus_per_node}: both must be at least 1")
+        cluster = Cluster(args.nodes, args.gpus_per_node, parse_memory(args.gpu_mem))
+        print(format_plan(make_plan(cfg, cluster, args.text_tokens)))
+        return 0
+    if args.command == "plot":
+        from mtrain.metrics.plot import plot_run  # noqa: PLC0415
+
+        for path in plot_run(args.run_dir, args.out):
+            print(f"wrote {path}")
         return 0
     if args.command == "export":
         from mtrain.checkpoint.export import export_checkpoint  # noqa: PLC0415

@@ -3,11 +3,11 @@
 # .venv, and mtrain with its extras. Safe to re-run: finished steps are skipped.
 #
 #   MTRAIN_VENV=path   venv location (default .venv)
-#   MTRAIN_EXTRAS=...  pip extras (default dev,mpi; add gpu on a CUDA machine)
+#   MTRAIN_EXTRAS=...  pip extras (default dev,mpi,wandb; add gpu on a CUDA machine)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${MTRAIN_VENV:-.venv}
-extras=${MTRAIN_EXTRAS:-dev,mpi}
+extras=${MTRAIN_EXTRAS:-dev,mpi,wandb}
 
 # Debian packages: Slurm (a real local cluster for the launcher tests), munge, numactl.
 debs=(slurm-wlm munge numactl)
@@ -36,4 +36,4 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$venv/bin/python" -m pip install -q "${constraint[@]}" -e ".[$extras]"
   echo "$want" > "$stamp"
 fi
-echo "install: ready ($("$venv/bin/python" -c 'import torch, deepspeed; print("torch", torch.__version__, "deepspeed", deepspeed.__version__)' 2>/dev/null))"
+echo "install: ready ($("$venv/bin/python" -c 'import torch, deepspeed; print("torch", torch.__version__, "deepspeed", deepspeed.__version__)' 2>/dev/null | tail -1))"

@@ -250,10 +250,22 @@ class LoggingConfig(Checkable):
     log_every: int = setting(1, "Log metrics every N optimizer steps.")
     progress: bool = setting(True, "Show a progress bar on rank 0.")
     tensorboard: bool = setting(True, "Write TensorBoard scalars under <run.dir>/tensorboard.")
+    wandb: bool = setting(False, "Also log to Weights & Biases (needs the `wandb` extra: pip install 'mtrain[wandb]').")
+    wandb_project: str = setting("mtrain", "W&B project name; the run is named after run.name.")
+    wandb_mode: Literal["online", "offline"] = setting(
+        "offline", "offline writes <run.dir>/wandb for a later `wandb sync`; online streams to the W&B server."
+    )
+    peak_tflops: float | None = setting(
+        None, "Peak dense TFLOPs per rank for the logged MFU (989 for H100 SXM bf16); null logs no MFU."
+    )
 
     def check(self) -> list[tuple[str, str]]:
         if self.log_every < 1:
             return [("log_every", f"must be at least 1, got {self.log_every}")]
+        if self.peak_tflops is not None and not (self.peak_tflops > 0 and math.isfinite(self.peak_tflops)):
+            return [("peak_tflops", f"must be a positive number of TFLOPs or null, got {self.peak_tflops}")]
+        if self.wandb and not self.wandb_project:
+            return [("wandb_project", "is empty; name a W&B project, e.g. logging.wandb_project=mtrain")]
         return []
 
 

@@ -10,10 +10,11 @@ from typing import Any
 import torch.distributed as dist
 
 from mtrain.config import TrainConfig, config_hash, dump_yaml
+from mtrain.config.core import to_dict
 from mtrain.config.deepspeed_json import deepspeed_config
 from mtrain.launch.distributed import init_distributed, print0
 from mtrain.launch.env import WorldInfo
-from mtrain.metrics.sinks import JsonlSink, MetricSink, NullSink, SinkGroup, TensorBoardSink
+from mtrain.metrics.sinks import JsonlSink, MetricSink, NullSink, SinkGroup, TensorBoardSink, WandbSink
 
 
 def check_inputs_exist(cfg: TrainConfig) -> None:
@@ -67,6 +68,9 @@ def make_sink(cfg: TrainConfig, run_dir: Path, world: WorldInfo) -> MetricSink:
     sinks: list[MetricSink] = [JsonlSink(run_dir / "metrics.jsonl")]
     if cfg.logging.tensorboard:
         sinks.append(TensorBoardSink(run_dir / "tensorboard"))
+    if cfg.logging.wandb:
+        log = cfg.logging
+        sinks.append(WandbSink(run_dir, log.wandb_project, cfg.run.name, log.wandb_mode, to_dict(cfg)))
     return SinkGroup(sinks)
 
 

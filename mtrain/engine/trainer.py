@@ -6,11 +6,13 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import psutil
 import torch
 import torch.distributed as dist
 
 from mtrain.config.schema import TrainConfig
 from mtrain.launch.env import WorldInfo
+from mtrain.metrics.flops import trainer_flops_per_token
 from mtrain.metrics.progress import Progress
 from mtrain.metrics.sinks import MetricSink
 
@@ -34,6 +36,8 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.samples_seen = 0
+        # Model FLOPs per counted token, for the logged TFLOPs and MFU (see mtrain/metrics/flops.py).
+        self.flops_per_token = trainer_flops_per_token(cfg, engine.module)
 
     # ── the loop ──────────────────────────────────────────────────────────────────────────────
     def train(self, on_step_end: Any = None) -> list[dict[str, float]]:
@@ -62,8 +66,12 @@ class Trainer:
         lr = self.engine.get_lr()[0]  # the lr this step uses, read before the scheduler advances
         losses: list[float] = []
         totals: dict[str, torch.Tensor] = {"samples": torch.zeros((), dtype=torch.float64)}
+        data_wait = 0.0
         for _ in range(self.cfg.optim.grad_accum_steps):
-            batch = self.to_device(next(self.batches))
+            fetch_started = time.perf_counter()
+            raw_batch = next(self.batches)
+            data_wait += time.perf_counter() - fetch_started
+            batch = self.to_device(raw_batch)
             loss, counts = self.forward_backward(batch)
             losses.append(loss)
             totals["samples"] += batch["input_ids"].shape[0]
@@ -73,6 +81,7 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         self.step += 1
         totals["loss"] = torch.tensor(sum(losses) / len(losses), dtype=torch.float64)
+        totals["data_wait_s"] = torch.tensor(data_wait, dtype=torch.float64)
         data_counters = self.data_counters()
         totals = self.all_reduce_sums(totals | data_counters)  # one collective for every sum
         loss = float(totals["loss"]) / self.world.world_size
@@ -88,6 +97,9 @@ class Trainer:
             "tokens_per_s": tokens / elapsed,
             "samples_per_s": samples / elapsed,
             "step_time_s": elapsed,
+            # Mean over ranks of the time spent inside next(batches), as a share of the step.
+            "data_wait_frac": float(totals["data_wait_s"]) / self.world.world_size / elapsed,
+            **self.resource_metrics(tokens, elapsed),
         }
         if hasattr(task, "summarize"):
             metrics.update(task.summarize(totals))
@@ -113,6 +125,17 @@ class Trainer:
             float(self.all_reduce_sum(torch.tensor([total / num_batches], dtype=torch.float64))[0])
             / self.world.world_size
         )
+
+    def resource_metrics(self, tokens: float, elapsed: float) -> dict[str, float]:
+        """This process's memory, and model TFLOPs per rank (MFU when `logging.peak_tflops` is set)."""
+        metrics = {"memory/rss_gb": psutil.Process().memory_info().rss / 2**30}
+        if self.device == "cuda":
+            metrics["memory/max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        tflops = tokens * self.flops_per_token / elapsed / self.world.world_size / 1e12
+        metrics["tflops_per_rank"] = tflops
+        if self.cfg.logging.peak_tflops:
+            metrics["mfu"] = tflops / self.cfg.logging.peak_tflops
+        return metrics
 
     # ── helpers ───────────────────────────────────────────────────────────────────────────────
     def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:

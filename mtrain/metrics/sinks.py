@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class MetricSink(Protocol):
@@ -48,6 +49,40 @@ class TensorBoardSink:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def require_wandb() -> None:
+    """Fail with the fix when `logging.wandb` is on but the optional package is missing."""
+    if importlib.util.find_spec("wandb") is None:
+        raise ValueError(
+            "logging.wandb=true needs the wandb package: pip install 'mtrain[wandb]' (or set logging.wandb=false)"
+        )
+
+
+class WandbSink:
+    """Weights & Biases run under <run_dir>/wandb; offline mode writes files for a later `wandb sync`."""
+
+    def __init__(self, run_dir: Path, project: str, name: str, mode: str, config: dict[str, Any]) -> None:
+        require_wandb()
+        import wandb  # noqa: PLC0415
+
+        # console="off": mtrain's progress bar and prints stay on the terminal, not in W&B's log copy.
+        settings = wandb.Settings(silent=True, console="off", disable_git=True, x_disable_stats=True)
+        self.run = wandb.init(
+            project=project,
+            name=name,
+            dir=str(run_dir),
+            mode=mode,
+            config=config,
+            settings=settings,
+            reinit="create_new",
+        )
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.run.log(metrics, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
 
 
 class SinkGroup:

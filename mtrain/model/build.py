@@ -99,7 +99,8 @@ def tiny_image_processor(image_size: int):
     )
 
 
-def _visual_tokens(llava_config: Any) -> int:
+def visual_tokens_per_image(llava_config: Any) -> int:
+    """Tokens each <image> stands for in the language model: the patch grid (+ CLS with 'full')."""
     vision = llava_config.vision_config
     grid = (vision.image_size // vision.patch_size) ** 2
     return grid + (1 if llava_config.vision_feature_select_strategy == "full" else 0)
@@ -116,11 +117,14 @@ def build_model(
     zero3_ds_config: dict | None,
     seed: int,
     tokens: TokenScalesConfig | None = None,
+    config_only: bool = False,
 ) -> BuiltModel:
     """Build or load the model described by `cfg`, partitioned under ZeRO-3 when a config is given.
 
     With `tokens.mode == "mqt"` LLaVA's projector is replaced by the MQT query transformer; with a
-    scale-specific `lora.strategy` one PEFT adapter per scale is attached.
+    scale-specific `lora.strategy` one PEFT adapter per scale is attached. `config_only` builds a
+    local model from its config.json alone (no weights, tokenizer or image processor read): called
+    under `torch.device("meta")` it gives the exact parameter layout of a 7B model in seconds.
     """
     tokens = tokens or TokenScalesConfig()
     from transformers import LlavaForConditionalGeneration  # noqa: PLC0415
@@ -130,7 +134,7 @@ def build_model(
     attn = attention_implementation(cfg.attn_implementation)
     torch.manual_seed(seed)  # identical initial weights (and LoRA init) on every rank
     if cfg.path:
-        built = _load_local(cfg.path, dtype, attn)
+        built = _load_local(cfg.path, dtype, attn, config_only)
     else:
         tokenizer = build_tiny_tokenizer()
         image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -142,7 +146,7 @@ def build_model(
             model=model,
             tokenizer=tokenizer,
             image_processor=tiny_image_processor(cfg.tiny.image_size),
-            visual_tokens=_visual_tokens(llava_config),
+            visual_tokens=visual_tokens_per_image(llava_config),
             image_token_id=image_token_id,
             source="preset:tiny-llava",
         )
@@ -164,7 +168,7 @@ def build_model(
     return built
 
 
-def _load_local(path: str, dtype: torch.dtype, attn: str) -> BuiltModel:
+def _load_local(path: str, dtype: torch.dtype, attn: str, config_only: bool = False) -> BuiltModel:
     from transformers import (  # noqa: PLC0415
         AutoConfig,
         AutoImageProcessor,
@@ -183,6 +187,10 @@ def _load_local(path: str, dtype: torch.dtype, attn: str) -> BuiltModel:
         raise ValueError(
             f"model.path={path!r} holds a {config.model_type!r} model; mtrain loads {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
+    if config_only:
+        config._attn_implementation = attn
+        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
+        return BuiltModel(model, None, None, visual_tokens_per_image(config), _image_token_id(config), str(folder))
     model = LlavaForConditionalGeneration.from_pretrained(
         folder, local_files_only=True, dtype=dtype, attn_implementation=attn
     )
@@ -192,7 +200,7 @@ def _load_local(path: str, dtype: torch.dtype, attn: str) -> BuiltModel:
         model=model,
         tokenizer=tokenizer,
         image_processor=image_processor,
-        visual_tokens=_visual_tokens(config),
+        visual_tokens=visual_tokens_per_image(config),
         image_token_id=_image_token_id(config),
         source=str(folder.resolve()),
     )

@@ -1,0 +1,225 @@
+"""`mtrain plan`: every figure checked against hand-computed ones, for the tiny preset and LLaVA-1.5-7B shapes."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+
+from mtrain.cli import main
+from mtrain.config import load_config
+from mtrain.metrics.flops import lm_flops_per_token, sample_flops
+from mtrain.metrics.plan import (
+    GIB,
+    H100,
+    LLAVA15_7B,
+    LLAVA15_RUN,
+    Cluster,
+    deepspeed_model_states_estimate,
+    make_plan,
+    parse_memory,
+    plan_memory,
+)
+from tests.conftest import REPO
+
+M3 = ["matryoshka.tokens.mode=m3", "matryoshka.tokens.scales=[1,4,16,64]"]
+
+
+def test_tiny_preset_plan_matches_hand_computation():
+    cfg = load_config(REPO / "configs/tiny.yaml", M3)
+    plan = make_plan(cfg, Cluster(1, 2, 80 * GIB))
+    shape = plan.shape
+
+    # Parameters from the tiny shapes: LM hidden 64, 2 layers, MLP 128, vocab 512; CLIP 32 wide, 2 layers,
+    # MLP 64, 32 px / patch 4 (64 patches + CLS); projector 32 -> 64 -> 64.
+    layer = 4 * 64 * 64 + 3 * 64 * 128 + 2 * 64
+    lm_matmul = 2 * layer + 64 + 512 * 64  # layers, final norm, lm_head (the input embedding is a lookup)
+    vision = (
+        (32 + 3 * 4 * 4 * 32 + 65 * 32) + 64 + 2 * (4 * (32 * 32 + 32) + (32 * 64 + 64) + (64 * 32 + 32) + 4 * 32) + 64
+    )
+    projector = 32 * 64 + 64 + 64 * 64 + 64
+    lora = 2 * 2 * (8 * 64 + 64 * 8)  # r=8 on q_proj and v_proj of 2 layers
+    trained_copies = 512 * 64 + projector  # PEFT modules_to_save: lm_head and projector train as copies
+    assert (shape.lm_params, shape.vision_params, shape.projector_params) == (lm_matmul, vision, projector)
+    assert shape.total_params == 512 * 64 + lm_matmul + vision + projector + lora + trained_copies == 218_048
+    assert shape.trainable_params == lora + trained_copies == 43_136
+    assert shape.lm_trained_params == 512 * 64  # only lm_head's copy among the base weights
+    assert shape.largest_layer_params == 512 * 64
+    assert (shape.vision_trained, shape.projector_trained) == (False, True)
+
+    # Memory per GPU on 2 GPUs.
+    memory = plan.memory
+    assert memory.parameters == 2 * 218_048 / 2
+    assert memory.gradients == 4 * 43_136 / 2
+    assert memory.optimizer == 12 * 43_136 / 2
+    assert memory.gathered_layer == 4 * 512 * 64
+    assert memory.buffers == 2 * (50_000_000 + 50_000_000)
+    # Text fills max_len 96 after the 64-token grid: 32 tokens, repeated at each of the 4 scales (packed row).
+    row = 4 * 32 + (1 + 4 + 16 + 64)
+    per_token = 2 * (6 * 64 + 2 * 64 + 4 * 128) * 2 + 2 * 2 * 64 + 10 * 512
+    assert memory.activations_per_sample == row * per_token + 64 * 2 * (32 + 2 * 64)
+    free = 80 * GIB * 0.9 - memory.model_states - memory.buffers
+    assert memory.max_micro_batch == math.floor(free / memory.activations_per_sample)
+
+    # Tokens per step: micro-batch 8 x accum 1 x 2 GPUs samples of 213 LM tokens.
+    assert plan.tokens.lm_tokens_per_sample == row == 213
+    assert plan.tokens.samples_per_step == 16
+    assert plan.tokens.tokens_per_step == 213 * 16
+    assert plan.tokens.visual_per_scale == {1: 1, 4: 4, 16: 16, 64: 64}
+
+    # FLOPs of one sample: dense LM (4N + 2N_trained), causal attention per segment, frozen vision
+    # (forward only), trained projector (forward + weight gradients).
+    dense = 4 * lm_matmul + 2 * 512 * 64
+    attention = sum(6 * 2 * 64 * (32 + s) ** 2 for s in (1, 4, 16, 64))
+    tower = 2 * vision * 65 + 4 * 2 * 32 * 65**2
+    expected = row * dense + attention + tower + 2 * (2 * projector * 64)
+    assert plan.projection.flops_per_sample == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.fixture(scope="module")
+def llava7b_dir(tmp_path_factory):
+    """A LLaVA-1.5-7B config.json (CLIP ViT-L/14-336 + Vicuna-7B shapes); no weights."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    text = LlamaConfig(
+        vocab_size=32064,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        tie_word_embeddings=False,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+    )
+    folder = tmp_path_factory.mktemp("llava-1.5-7b")
+    LlavaConfig(text_config=text, vision_config=vision, image_token_id=32000, vision_feature_layer=-2).save_pretrained(
+        folder
+    )
+    assert [p.name for p in folder.iterdir()] == ["config.json"]
+    return folder
+
+
+def full_finetune_7b(folder) -> list[str]:
+    return [
+        "model.preset=none",
+        f"model.path={folder}",
+        "model.lora.enabled=false",
+        "model.freeze.language_model=false",
+        "model.freeze.always_train=[]",
+        "matryoshka.tokens.mode=m3",
+        "matryoshka.tokens.scales=[1,9,36,144,576]",
+        "data.max_len=2048",
+        "data.micro_batch_size=4",
+    ]
+
+
+def test_llava_7b_plan_matches_hand_computation(llava7b_dir):
+    cfg = load_config(REPO / "configs/tiny.yaml", full_finetune_7b(llava7b_dir))
+    cluster = Cluster(1, 8, 80 * GIB)
+    plan = make_plan(cfg, cluster, text_tokens=300)
+    shape = plan.shape
+
+    layers = 32 * (4 * 4096**2 + 3 * 4096 * 11008 + 2 * 4096)
+    lm_matmul = layers + 4096 + 32064 * 4096
+    vision = (
+        (1024 + 3 * 14 * 14 * 1024 + 577 * 1024)
+        + 2048
+        + 24 * (4 * (1024**2 + 1024) + 2 * 1024 * 4096 + 4096 + 1024 + 4 * 1024)
+        + 2048
+    )
+    projector = 1024 * 4096 + 4096 + 4096 * 4096 + 4096
+    total = 32064 * 4096 + lm_matmul + vision + projector
+    assert (shape.lm_params, shape.vision_params, shape.projector_params) == (lm_matmul, vision, projector)
+    assert shape.total_params == total == 7_063_427_072
+    assert shape.trainable_params == total - vision  # the vision tower stays frozen
+    assert shape.largest_layer_params == 32064 * 4096
+    # The published-run constants are the same shapes at Vicuna's own vocabulary of 32000.
+    assert LLAVA15_7B.lm_params == lm_matmul - 64 * 4096
+    assert (LLAVA15_7B.vision_params, LLAVA15_7B.projector_params) == (vision, projector)
+    assert LLAVA15_7B.total_params == total - 2 * 64 * 4096
+
+    memory = plan.memory
+    trained = total - vision
+    assert memory.model_states == 2 * total / 8 + 16 * trained / 8 + 4 * 32064 * 4096
+    assert 14.7 < memory.model_states / GIB < 14.8
+    # Cross-check against DeepSpeed's own estimator where it applies (every parameter trained).
+    all_trained = dataclasses.replace(shape, trainable_params=total)
+    ours = plan_memory(cfg, all_trained, cluster, [[300 + s for s in (1, 9, 36, 144, 576)]], H100).model_states
+    assert ours == pytest.approx(deepspeed_model_states_estimate(total, 32064 * 4096, cluster, offload=False), abs=1)
+
+    row = 5 * 300 + (1 + 9 + 36 + 144 + 576)
+    assert plan.tokens.lm_tokens_per_sample == row == 2266
+    assert plan.tokens.tokens_per_step == 2266 * 4 * 8
+    per_token = 2 * (6 * 4096 + 2 * 4096 + 4 * 11008) * 32 + 4 * 4096 + 10 * 32064
+    assert memory.activations_per_sample == row * per_token + 576 * 2 * (1024 + 2 * 4096)
+    assert memory.max_micro_batch == 5  # 72 GiB usable - 14.9 GiB states and buffers = 57 GiB / 11.1 GiB
+
+    # The projection, by hand: FLOPs of a micro-batch of 4, H100 at 0.65 x 0.60 of 989 TFLOPs,
+    # ZeRO-3 moving 2 x 2 B x params + 2 B x trained over NVLink at 360 GB/s, 70% overlap.
+    dense = 6 * lm_matmul  # the whole LM trains: 6N
+    attention = sum(6 * 32 * 4096 * (300 + s) ** 2 for s in (1, 9, 36, 144, 576))
+    image = 2 * vision * 577 + 4 * 24 * 1024 * 577**2 + 2 * (2 * projector * 576)
+    flops = 4 * (row * dense + attention + image)
+    compute_s = flops / (989e12 * 0.65 * 0.60)
+    comm_s = (4 * total + 2 * trained) * 7 / 8 / 360e9
+    step_s = max(compute_s, comm_s) + 0.3 * min(compute_s, comm_s)
+    projection = plan.projection
+    assert lm_flops_per_token(shape) == dense
+    assert projection.compute_s == pytest.approx(compute_s, rel=1e-12)
+    assert projection.comm_s == pytest.approx(comm_s, rel=1e-12)
+    assert projection.mfu == pytest.approx(flops / (step_s * 989e12), rel=1e-12)
+    assert projection.tokens_per_s == pytest.approx(8 * 4 * row / step_s, rel=1e-12)
+    assert 0.37 < projection.mfu < 0.39  # compute-bound on one node: close to the 0.39 compute efficiency
+
+    # Across 8 nodes the same traffic crosses 40 GB/s InfiniBand: communication-bound.
+    wide = make_plan(cfg, Cluster(8, 8, 80 * GIB), text_tokens=300, shape=shape)
+    assert wide.projection.comm_s == pytest.approx((4 * total + 2 * trained) * 63 / 64 / 40e9, rel=1e-12)
+    assert wide.projection.comm_s > wide.projection.compute_s
+    assert wide.projection.mfu < projection.mfu
+
+
+def test_llava15_published_run_arithmetic():
+    # 624,610 image conversations of 300 text + 576 visual tokens, 40,688 text-only ones of 300 tokens.
+    n = LLAVA15_7B.lm_params
+    with_image = 6 * n * 876 + 6 * 32 * 4096 * 876**2 + 2 * 303_507_456 * 577 + 4 * 24 * 1024 * 577**2
+    with_image += 2 * 2 * LLAVA15_7B.projector_params * 576  # forward + weight gradients
+    text_only = 6 * n * 300 + 6 * 32 * 4096 * 300**2
+    flops = 624_610 * with_image + 40_688 * text_only
+    assert sample_flops(LLAVA15_7B, [876]) == pytest.approx(with_image, rel=1e-12)
+    assert LLAVA15_RUN.flops() == pytest.approx(flops, rel=1e-12)
+    assert LLAVA15_RUN.mfu() == pytest.approx(flops / (8 * 312e12 * 36_000), rel=1e-12)
+    assert 0.24 < LLAVA15_RUN.mfu() < 0.27  # the "about 25%" the issue quotes
+
+
+def test_plan_cli_prints_figures_and_assumptions(llava7b_dir, capsys):
+    overrides = full_finetune_7b(llava7b_dir)
+    assert main(["plan", str(REPO / "configs/tiny.yaml"), *overrides, "--nodes", "8", "--gpus-per-node", "8"]) == 0
+    out = capsys.readouterr().out
+    for text in (
+        "= 64 GPUs",
+        "7,063,427,072",
+        "largest micro-batch that fits:",
+        "tokens per step",
+        "projected MFU",
+        "projected tokens/s",
+        "989 TFLOPs",
+        "40 GB/s per GPU",
+        "LLaVA-1.5-7B fine-tune",
+        "torchtitan",
+    ):
+        assert text in out, text
+
+
+def test_parse_memory_and_bad_sizes(capsys):
+    assert parse_memory("80GB") == parse_memory("80GiB") == parse_memory("80") == 80 * GIB
+    assert parse_memory("40960MB") == 40 * GIB
+    assert main(["plan", str(REPO / "configs/tiny.yaml"), "--gpu-mem", "lots"]) == 2
+    assert "expected a size such as 80GB" in capsys.readouterr().err
