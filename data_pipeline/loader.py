@@ -247,8 +247,14 @@ class ResumableLoader:
     def __next__(self) -> dict[str, Any]:
         if self._batches is None:
             self.stream.resume_batches = self.batches_taken
+            # An own generator: without it, creating the iterator draws from the global torch RNG,
+            # so a resumed run (which creates it later) would drift from an uninterrupted one.
             loader = DataLoader(
-                self.stream, batch_size=None, num_workers=self.num_workers, persistent_workers=self.num_workers > 0
+                self.stream,
+                batch_size=None,
+                num_workers=self.num_workers,
+                persistent_workers=self.num_workers > 0,
+                generator=torch.Generator().manual_seed(self.stream.seed),
             )
             self._batches = iter(loader)
         batch = next(self._batches)
@@ -263,13 +269,19 @@ class ResumableLoader:
             "num_workers": self.num_workers,
         }
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, all_ranks: list[dict[str, int]]) -> None:
+        """Resume from every saved rank's state (index = saved rank); this rank takes its own entry."""
         if self._batches is not None:
             raise RuntimeError("load the loader state before taking the first batch")
-        for key in ("world_size", "num_workers"):
-            if state[key] != getattr(self.stream if key == "world_size" else self, key):
-                raise ValueError(
-                    f"the saved data position was taken with {key}={state[key]}; "
-                    f"this run has {getattr(self.stream if key == 'world_size' else self, key)}"
-                )
+        if len(all_ranks) != self.stream.world_size:
+            raise ValueError(
+                f"the saved data position was taken by {len(all_ranks)} ranks and this run has "
+                f"{self.stream.world_size}; this loader cannot re-partition it"
+            )
+        state = all_ranks[self.stream.rank]
+        if state["num_workers"] != self.num_workers:
+            raise ValueError(
+                f"the saved data position was taken with num_workers={state['num_workers']}; "
+                f"this run has {self.num_workers}"
+            )
         self.batches_taken = state["batches_taken"]

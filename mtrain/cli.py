@@ -32,6 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="export a checkpoint to Hugging Face folders")
     export.add_argument("checkpoint", help="checkpoint folder (step_XXXXXXXX) or the root holding 'latest'")
     export.add_argument("--out", required=True, help="output folder")
+    export.add_argument(
+        "--adapter-only",
+        action="store_true",
+        help="write only the PEFT adapter, reading only the trainable parameters (no merged model)",
+    )
 
     data = commands.add_parser("data", help="shard tools")
     data_commands = data.add_subparsers(dest="data_command", required=True)
@@ -74,7 +79,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "export":
         from mtrain.checkpoint.export import export_checkpoint  # noqa: PLC0415
 
-        out = export_checkpoint(args.checkpoint, args.out)
+        out = export_checkpoint(args.checkpoint, args.out, adapter_only=args.adapter_only)
         print(f"exported to {out}")
         return 0
     if args.command == "data" and args.data_command == "sample":

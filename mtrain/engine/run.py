@@ -26,6 +26,15 @@ def check_inputs_exist(cfg: TrainConfig) -> None:
             "point it at a local folder written by save_pretrained"
         )
 
+    resume = cfg.checkpoint.resume
+    if resume not in ("auto", "never") and not Path(resume).exists():
+        raise FileNotFoundError(f"checkpoint.resume={resume!r} does not exist; give a checkpoint folder, auto or never")
+    if cfg.checkpoint.init_from and not Path(cfg.checkpoint.init_from).exists():
+        raise FileNotFoundError(
+            f"checkpoint.init_from={cfg.checkpoint.init_from!r} does not exist; "
+            "give a checkpoint, an export folder or a Hugging Face model folder"
+        )
+
     missing = [u for u in expand_shards(cfg.data.shards) if "://" not in u and not Path(u).is_file()]
     if missing:
         raise FileNotFoundError(
@@ -72,8 +81,8 @@ def make_sink(cfg: TrainConfig, run_dir: Path, world: WorldInfo) -> MetricSink:
 def run_training(cfg: TrainConfig) -> list[dict[str, float]]:
     """Train as configured; every rank of the job calls this."""
     from data_pipeline.loader import CaptionStream, ResumableLoader, TextSpec  # noqa: PLC0415
+    from mtrain.checkpoint.checkpointer import Checkpointer  # noqa: PLC0415
     from mtrain.checkpoint.export import export_checkpoint  # noqa: PLC0415
-    from mtrain.checkpoint.save import save_checkpoint  # noqa: PLC0415
     from mtrain.engine.setup import initialize_engine, resolve_placement  # noqa: PLC0415
     from mtrain.engine.trainer import Trainer  # noqa: PLC0415
     from mtrain.model.build import build_model, parameter_elements  # noqa: PLC0415
@@ -89,8 +98,11 @@ def run_training(cfg: TrainConfig) -> list[dict[str, float]]:
         f"ZeRO-{cfg.zero.stage}, run folder {run_dir}"
     )
 
+    checkpointer = Checkpointer(cfg, run_dir, world)
+    checkpointer.plan(ds_config)  # before the engine: a world-size change switches on the universal load
+
     zero3 = ds_config if cfg.zero.stage == 3 else None
-    built = build_model(cfg.model, placement.dtype, zero3, cfg.run.seed)
+    built = build_model(checkpointer.model_config(), placement.dtype, zero3, cfg.run.seed)
     engine = initialize_engine(cfg, built, ds_config)
     elements = parameter_elements(engine.module)
     write_rank_report(run_dir, world, cfg, built.constructed_elements, elements)
@@ -112,22 +124,25 @@ def run_training(cfg: TrainConfig) -> list[dict[str, float]]:
         cfg.data.num_workers,
     )
     batches = ResumableLoader(stream, cfg.data.num_workers)
-    sink = make_sink(cfg, run_dir, world)
-    trainer = Trainer(cfg, world, engine, batches, sink, placement.device)
+    trainer = Trainer(cfg, world, engine, batches, NullSink(), placement.device)
+    checkpointer.restore(engine, trainer, batches)
+    resumed_step = trainer.step
+    trainer.sink = make_sink(cfg, run_dir, world)  # after restore, which trims metrics logged past the checkpoint
     config_yaml = dump_yaml(cfg)
 
     def save(t: Trainer) -> None:
-        save_checkpoint(engine, run_dir / "checkpoints", t.step, {"trainer": t.state_dict()}, config_yaml)
+        checkpointer.save(engine, t, batches, config_yaml)
 
     def maybe_save(t: Trainer) -> None:
         if cfg.checkpoint.save_every and t.step % cfg.checkpoint.save_every == 0 and t.step < cfg.run.max_steps:
             save(t)
 
     history = trainer.train(on_step_end=maybe_save)
-    sink.close()
-    if cfg.checkpoint.save_at_end:
+    trainer.sink.close()
+    if cfg.checkpoint.save_at_end and trainer.step > resumed_step:
         save(trainer)
         print0(f"checkpoint: {run_dir / 'checkpoints'} (step {trainer.step})")
+    if cfg.checkpoint.save_at_end:
         if cfg.checkpoint.export_at_end:
             if world.is_main:
                 out = export_checkpoint(run_dir / "checkpoints", run_dir / "export")

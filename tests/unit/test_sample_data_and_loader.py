@@ -60,7 +60,8 @@ def test_loader_resume_continues_exactly(shards_pattern, num_workers):
     first = loader()
     taken = [next(first) for _ in range(30)]  # past the end of the first epoch (48 samples / 4)
     resumed = loader()
-    resumed.load_state_dict(loader_state := {**first.state_dict(), "batches_taken": 17})
+    loader_state = {**first.state_dict(), "batches_taken": 17}
+    resumed.load_state_dict([{**loader_state, "rank": 0}, loader_state])  # every saved rank's state
     assert loader_state["batches_taken"] == 17
     for expected in taken[17:]:
         got = next(resumed)
