@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--adapter-only",
         action="store_true",
-        help="write only the PEFT adapter, reading only the trainable parameters (no merged model)",
+        help="write only the PEFT adapter the checkpoint holds (gathered from trainable parameters at save)",
     )
 
     data = commands.add_parser("data", help="shard tools")

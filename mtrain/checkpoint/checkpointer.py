@@ -22,6 +22,7 @@ from typing import Any
 import torch.distributed as dist
 
 from mtrain import __version__
+from mtrain.checkpoint.export import ADAPTER_DIR, save_adapter_gathered
 from mtrain.checkpoint.init_from import init_from_model_folder
 from mtrain.checkpoint.manifest import manifest_problems
 from mtrain.checkpoint.resume import (
@@ -150,7 +151,15 @@ class Checkpointer:
         }
         rank_state = RankState(data=loader.state_dict(), samplers=sampler_state(engine.module))
         retention = Retention(self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every)
-        return save_checkpoint(engine, self.root, trainer.step, meta, rank_state, config_yaml, retention)
+        write_adapter = None
+        if self.cfg.model.lora.enabled:
+
+            def write_adapter(staging: Path) -> None:
+                save_adapter_gathered(engine.module.model, staging / ADAPTER_DIR, self.world.is_main)
+
+        return save_checkpoint(
+            engine, self.root, trainer.step, meta, rank_state, config_yaml, retention, write_extra=write_adapter
+        )
 
 
 def truncate_metrics(path: Path, step: int) -> None:

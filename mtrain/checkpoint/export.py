@@ -7,10 +7,11 @@
                    (the built-in preset, or a base that came from `checkpoint.init_from`)
     OUT/mtrain.json  provenance and the Matryoshka metadata (scales, dims, strategy)
 
-DeepSpeed's own `zero_to_fp32` consolidates the ZeRO partitions. The adapter-only export reads
-the trainable parameters alone (`exclude_frozen_parameters=True`) onto a model skeleton on the
-meta device, so it never materialises the base model. Everything is written with safetensors;
-loading an export never unpickles.
+DeepSpeed's own `zero_to_fp32` consolidates the ZeRO partitions for the merged model. Adapters
+never need the whole model: every checkpoint of a LoRA run already holds `adapter/`, written at
+save time by gathering the trainable parameters alone (`save_adapter_gathered`), and
+`--adapter-only` copies it. Everything is written with safetensors; loading an export never
+unpickles.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from mtrain.config import load_config
 from mtrain.config.schema import TrainConfig
 
 EXPORT_METADATA = "mtrain.json"
+ADAPTER_DIR = "adapter"
 TASK_PREFIX = "model."  # the task module wraps the HF model as `.model`
 
 
@@ -76,16 +78,16 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, adapter_only:
     if adapter_only and not lora:
         raise ValueError(f"{root / tag} was trained without LoRA: it has no adapter; export the model instead")
     if adapter_only:
-        built = export_adapter_only(root, tag, cfg, out / "adapter")
-        written = {"adapter": "adapter"}
+        provenance = export_adapter_only(root, tag, cfg, out / ADAPTER_DIR)
+        written = {"adapter": ADAPTER_DIR}
     else:
         built, written = export_full(root, tag, cfg, out)
+        provenance = {"source": built.source, "visual_tokens": built.visual_tokens}
     metadata = {
         "mtrain_version": __version__,
         "checkpoint": str((root / tag).resolve()),
         "step": int(TAG_PATTERN.match(tag).group(1)),
-        "source": built.source,
-        "visual_tokens": built.visual_tokens,
+        **provenance,
         "lora": lora,
         "folders": written,
         "matryoshka": matryoshka_metadata(cfg),
@@ -132,26 +134,39 @@ def _save_hf_folder(model: torch.nn.Module, built: Any, folder: Path) -> None:
     built.image_processor.save_pretrained(folder)
 
 
-def export_adapter_only(root: Path, tag: str, cfg: TrainConfig, folder: Path) -> Any:
-    """The PEFT adapter from the trainable parameters alone; the base is only a meta-device skeleton."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: PLC0415
+def save_adapter_gathered(peft_model: Any, folder: Path, is_main: bool) -> None:
+    """Every rank calls this: gather only the trainable parameters (ZeRO-3), rank 0 writes a stock PEFT folder.
+
+    The frozen base stays partitioned; only the adapters and `modules_to_save` are ever whole.
+    """
+    import deepspeed  # noqa: PLC0415
     from peft import get_peft_model_state_dict  # noqa: PLC0415
     from safetensors.torch import save_file  # noqa: PLC0415
 
-    from mtrain.model.build import build_model  # noqa: PLC0415
+    trainable = [param for param in peft_model.parameters() if param.requires_grad]
+    state: dict[str, torch.Tensor] = {}
+    with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
+        if is_main:
+            adapter = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
+            state = {name: tensor.detach().clone().contiguous() for name, tensor in adapter.items()}
+    if is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(state, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+        peft_model.peft_config["default"].save_pretrained(folder)
 
-    trainable = strip_task_prefix(
-        get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag, exclude_frozen_parameters=True)
-    )
-    with torch.device("meta"):
-        built = build_model(checkpoint_model_config(cfg), torch.float32, None, cfg.run.seed)
-    adapter_state = get_peft_model_state_dict(built.model, state_dict=trainable)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in adapter_state.items()}, folder / "adapter_model.safetensors")
-    peft_config = built.model.peft_config["default"]
-    peft_config.base_model_name_or_path = cfg.model.path
-    peft_config.save_pretrained(folder)
-    return built
+
+def export_adapter_only(root: Path, tag: str, cfg: TrainConfig, folder: Path) -> dict[str, Any]:
+    """Copy the adapter the checkpoint holds (gathered from the trainable parameters at save time)."""
+    import shutil  # noqa: PLC0415
+
+    saved = root / tag / ADAPTER_DIR
+    if not (saved / "adapter_model.safetensors").is_file():
+        raise FileNotFoundError(f"{root / tag} holds no {ADAPTER_DIR}/ folder; export the whole model instead")
+    shutil.copytree(saved, folder, dirs_exist_ok=True)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = cfg.model.path
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    return {"source": cfg.model.path or f"preset:{cfg.model.preset}", "visual_tokens": None}
 
 
 def checkpoint_model_config(cfg: TrainConfig) -> Any:

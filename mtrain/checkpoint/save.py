@@ -25,6 +25,7 @@ import random
 import re
 import shutil
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,11 +139,13 @@ def save_checkpoint(
     rank_state: RankState,
     config_yaml: str,
     retention: Retention,
+    write_extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Every rank calls this; returns the complete checkpoint folder `root/step_XXXXXXXX`.
 
     `meta` (trainer state, config hash, version, ...) goes into the manifest, which rank 0 writes
-    after every rank has made its files durable.
+    after every rank has made its files durable. `write_extra(staging_folder)`, called on every
+    rank after DeepSpeed's save, adds files that the manifest then covers (the adapter folder).
     """
     rank, world_size = _rank_and_world()
     tag = checkpoint_tag(step)
@@ -154,6 +157,8 @@ def save_checkpoint(
 
     engine.save_checkpoint(str(root), tag=staging.name, client_state={"trainer": meta["trainer"]}, save_latest=False)
     inject_fault("engine_written", step)
+    if write_extra is not None:
+        write_extra(staging)
 
     torch.save({"rng": rng_state(), "samplers": rank_state.samplers}, staging / rank_state_file(rank))
     (staging / rank_data_file(rank)).write_text(_json(rank_state.data))

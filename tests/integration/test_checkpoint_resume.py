@@ -100,12 +100,18 @@ def test_sigkill_then_same_command_resumes_bit_exactly(two_rank_runs):
     assert set(manifest["files"]) >= {"config.yaml", "zero_pp_rank_1_mp_rank_00_optim_states.pt"}
     assert (straight / "checkpoints" / "latest").read_text() == final
 
+    # The checkpoint's adapter/ (gathered from the trainable parameters of both ranks' shards) is
+    # exactly what DeepSpeed consolidates.
+    from safetensors.torch import load_file
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="continuing the data at another world size needs the data issue's re-partitioning "
-    "ResumableLoader.load_state_dict(all_ranks); the replay loader raises a clear error until then",
-)
+    adapter = load_file(folder / "adapter" / "adapter_model.safetensors")
+    lora = {k: v for k, v in adapter.items() if ".lora_" in k}
+    assert len(lora) == 8  # q_proj and v_proj, A and B, 2 layers
+    for name, tensor in lora.items():
+        full = "model." + name.replace(".weight", ".default.weight")
+        assert torch.equal(tensor, a[full]), name
+
+
 def test_world_size_two_to_one_and_back_continues(two_rank_runs):
     base, shards, straight, _, _ = two_rank_runs
     one = base / "one-rank"
@@ -113,6 +119,10 @@ def test_world_size_two_to_one_and_back_continues(two_rank_runs):
     proc = run(train_cmd(1, one, shards, f"checkpoint.resume={source}", f"run.max_steps={STEPS + 2}"), cwd=base)
     assert "converting to DeepSpeed's universal format" in proc.stderr
     assert (straight / "checkpoints" / "universal" / source.name / "zero").is_dir()
+    if "this loader cannot re-partition it" in proc.stderr:
+        # Engine and trainer state converted and loaded; the data position at another world size is
+        # the data issue's re-partitioning ResumableLoader.load_state_dict(all_ranks).
+        pytest.xfail("the replay loader cannot re-partition the data position yet (data issue)")
     assert proc.returncode == 0
     assert f"at step {STEPS} (universal load" in proc.stderr
     assert sorted(losses(one)) == [STEPS + 1, STEPS + 2]
