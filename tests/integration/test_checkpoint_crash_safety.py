@@ -10,7 +10,7 @@ import torch
 
 from mtrain.checkpoint.manifest import manifest_problems
 from mtrain.checkpoint.resume import find_resume_checkpoint, scan_checkpoints
-from tests.conftest import BIN, REPO, launch_env, read_metrics, run
+from tests.conftest import launch_env, mtrain_train, read_metrics, run
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -24,19 +24,7 @@ STAGES = {
 
 
 def train_cmd(run_dir: Path, shards: str) -> list[str]:
-    return [
-        str(BIN / "python"),
-        "-m",
-        "mtrain",
-        "train",
-        str(REPO / "configs/tiny.yaml"),
-        f"run.dir={run_dir}",
-        f"data.shards={shards}",
-        "run.max_steps=4",
-        "checkpoint.save_every=2",
-        "checkpoint.export_at_end=false",
-        "logging.progress=false",
-    ]
+    return mtrain_train(run_dir, shards, "run.max_steps=4", "checkpoint.save_every=2", "checkpoint.export_at_end=false")
 
 
 def test_kill_at_each_save_stage_leaves_latest_loadable(tmp_path, shards_pattern):

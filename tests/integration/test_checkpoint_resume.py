@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import BIN, REPO, free_port, launch_env, read_metrics, run
+from tests.conftest import launch_env, mtrain_train, read_metrics, run
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -17,24 +17,16 @@ STEPS, SAVE_EVERY = 6, 3
 
 
 def train_cmd(ranks: int, run_dir: Path, shards: str, *extra: str) -> list[str]:
-    launcher = (
-        [str(BIN / "torchrun"), "--nproc_per_node", str(ranks), "--master_port", str(free_port()), "-m", "mtrain"]
-        if ranks > 1
-        else [str(BIN / "python"), "-m", "mtrain"]
-    )
-    return [
-        *launcher,
-        "train",
-        str(REPO / "configs/tiny.yaml"),
-        f"run.dir={run_dir}",
-        f"data.shards={shards}",
+    return mtrain_train(
+        run_dir,
+        shards,
         f"run.max_steps={STEPS}",
         f"checkpoint.save_every={SAVE_EVERY}",
         "checkpoint.export_at_end=false",
         "zero.param_persistence_threshold=0",  # really sharded: each rank holds half of every tensor
-        "logging.progress=false",
         *extra,
-    ]
+        ranks=ranks,
+    )
 
 
 def with_fault(stage: str) -> dict[str, str]:

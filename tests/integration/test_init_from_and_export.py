@@ -9,25 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import BIN, REPO, read_metrics, run
+from tests.conftest import mtrain_train, read_metrics, run
 
 pytestmark = pytest.mark.timeout(600)
 
 
 def train_cmd(run_dir: Path, shards: str, steps: int, *extra: str) -> list[str]:
-    return [
-        str(BIN / "python"),
-        "-m",
-        "mtrain",
-        "train",
-        str(REPO / "configs/tiny.yaml"),
-        f"run.dir={run_dir}",
-        f"data.shards={shards}",
-        f"run.max_steps={steps}",
-        "optim.warmup_steps=2",
-        "logging.progress=false",
-        *extra,
-    ]
+    return mtrain_train(run_dir, shards, f"run.max_steps={steps}", "optim.warmup_steps=2", *extra)
 
 
 def mtrain_model(checkpoint: Path) -> torch.nn.Module:
