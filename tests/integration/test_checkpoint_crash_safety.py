@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mtrain.checkpoint.inspect import inspect_path
 from mtrain.checkpoint.manifest import manifest_problems
 from mtrain.checkpoint.resume import find_resume_checkpoint, scan_checkpoints
 from tests.conftest import launch_env, mtrain_train, read_metrics, run
@@ -45,8 +46,13 @@ def test_kill_at_each_save_stage_leaves_latest_loadable(tmp_path, shards_pattern
         assert bool(partial) == (newest_step == 2), (stage, partial)
         assert find_resume_checkpoint("auto", root, remove_partials=False).step == newest_step
 
-    # The same command again: the partial folder is reported and removed, the run finishes from step 2.
+    # `mtrain inspect` names the partial folder without touching it.
     run_dir = tmp_path / "manifest"
+    summary = inspect_path(run_dir / "checkpoints")
+    assert "1 complete checkpoint(s), latest -> step_00000002" in summary
+    assert ".staging-step_00000004: PARTIAL" in summary and "adapter/: a stock PEFT adapter folder" in summary
+
+    # The same command again: the partial folder is reported and removed, the run finishes from step 2.
     proc = run(train_cmd(run_dir, shards_pattern), cwd=tmp_path)
     assert proc.returncode == 0
     assert "removing partial folder" in proc.stderr and ".staging-step_00000004" in proc.stderr
