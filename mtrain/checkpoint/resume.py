@@ -32,6 +32,8 @@ from mtrain.checkpoint.save import (
     rank_state_file,
     set_rng_state,
 )
+from mtrain.config.core import to_dict
+from mtrain.config.schema import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,13 @@ def check_config_matches(checkpoint: CheckpointInfo, current: dict[str, Any]) ->
             "checkpoint.init_from to take its weights only)"
         )
     return benign
+
+
+def preflight_resume(cfg: TrainConfig) -> None:
+    """Before any process group forms: the checkpoint `checkpoint.resume` names exists and fits the config."""
+    checkpoint = find_resume_checkpoint(cfg.checkpoint.resume, Path(cfg.run.dir) / "checkpoints", remove_partials=False)
+    if checkpoint is not None:
+        check_config_matches(checkpoint, to_dict(cfg))
 
 
 # ── loading per-rank state ────────────────────────────────────────────────────────────────────

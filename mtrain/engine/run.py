@@ -19,6 +19,7 @@ from mtrain.metrics.sinks import JsonlSink, MetricSink, NullSink, SinkGroup, Ten
 def check_inputs_exist(cfg: TrainConfig) -> None:
     """Fail before any process group forms when local shards or the model folder are missing."""
     from data_pipeline.loader import expand_shards  # noqa: PLC0415
+    from mtrain.checkpoint.resume import preflight_resume  # noqa: PLC0415
 
     if cfg.model.path and not (Path(cfg.model.path) / "config.json").is_file():
         raise FileNotFoundError(
@@ -26,9 +27,7 @@ def check_inputs_exist(cfg: TrainConfig) -> None:
             "point it at a local folder written by save_pretrained"
         )
 
-    resume = cfg.checkpoint.resume
-    if resume not in ("auto", "never") and not Path(resume).exists():
-        raise FileNotFoundError(f"checkpoint.resume={resume!r} does not exist; give a checkpoint folder, auto or never")
+    preflight_resume(cfg)  # a missing checkpoint or an incompatible config change fails here
     if cfg.checkpoint.init_from and not Path(cfg.checkpoint.init_from).exists():
         raise FileNotFoundError(
             f"checkpoint.init_from={cfg.checkpoint.init_from!r} does not exist; "
@@ -127,6 +126,11 @@ def run_training(cfg: TrainConfig) -> list[dict[str, float]]:
     trainer = Trainer(cfg, world, engine, batches, NullSink(), placement.device)
     checkpointer.restore(engine, trainer, batches)
     resumed_step = trainer.step
+    if resumed_step >= cfg.run.max_steps:
+        print0(
+            f"the run in {run_dir} already reached run.max_steps={cfg.run.max_steps}; raise it to continue, "
+            "or pass checkpoint.resume=never (or another run.dir) to train again from scratch"
+        )
     trainer.sink = make_sink(cfg, run_dir, world)  # after restore, which trims metrics logged past the checkpoint
     config_yaml = dump_yaml(cfg)
 

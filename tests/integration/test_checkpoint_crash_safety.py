@@ -61,3 +61,10 @@ def test_kill_at_each_save_stage_leaves_latest_loadable(tmp_path, shards_pattern
     complete, partial = scan_checkpoints(run_dir / "checkpoints")
     assert [c.step for c in complete] == [2, 4] and partial == []
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000004"
+
+    # Resuming with an incompatible config names the change and fails before any process group.
+    proc = run([*train_cmd(run_dir, shards_pattern), "model.lora.rank=4", "run.max_steps=6"], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "cannot resume from" in proc.stderr and "model.lora.rank: 8 -> 4" in proc.stderr
+    assert "run.max_steps" not in proc.stderr  # a benign change is no reason to refuse
+    assert "mtrain: 1 rank(s)" not in proc.stderr
