@@ -84,7 +84,7 @@ class Checkpointer:
     def plan(self, ds_config: dict[str, Any]) -> CheckpointInfo | None:
         """Pick the checkpoint to resume from; at another world size convert it and switch the load mode."""
         cfg = self.cfg
-        folder = on_rank0(self.world, lambda: self._find_on_rank0())
+        folder = on_rank0(self.world, self._find_on_rank0)
         if folder is None:
             return None
         checkpoint = find_resume_checkpoint(folder, self.root, remove_partials=False)
@@ -102,7 +102,9 @@ class Checkpointer:
         return checkpoint
 
     def _find_on_rank0(self) -> str | None:
-        checkpoint = find_resume_checkpoint(self.cfg.checkpoint.resume, self.root, remove_partials=True)
+        resume = self.cfg.checkpoint.resume
+        # Partial folders are removed from this run's own folder only; another run's are left alone.
+        checkpoint = find_resume_checkpoint(resume, self.root, remove_partials=resume == "auto")
         if checkpoint is None:
             return None
         if self.cfg.checkpoint.verify_checksums:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from mtrain import __version__
-from mtrain.checkpoint.save import CONFIG_FILE, LATEST_FILE, TAG_PATTERN
+from mtrain.checkpoint.save import CONFIG_FILE, TAG_PATTERN
 from mtrain.config import load_config
 from mtrain.config.schema import TrainConfig
 
@@ -40,7 +40,7 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
     if TAG_PATTERN.match(path.name):
         checkpoint_info(path)  # a clear error when the folder is partial
         return path.parent, path.name
-    if (path / LATEST_FILE).is_file() or path.is_dir():
+    if path.is_dir():
         newest = find_resume_checkpoint(str(path), path, remove_partials=False)
         if newest is not None:
             return path, newest.folder.name

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from mtrain.checkpoint.manifest import describe_files, fsync_dir, relative_files, write_manifest, write_text_durably
+from mtrain.checkpoint.universal import universal_folder
 
 CONFIG_FILE = "config.yaml"
 LATEST_FILE = "latest"
@@ -226,3 +227,4 @@ def apply_retention(root: Path, retention: Retention) -> None:
     latest_step = int(latest_match.group(1)) if latest_match else None
     for step in checkpoints_to_delete([c.step for c in complete], latest_step, retention):
         discard(root / checkpoint_tag(step))
+        shutil.rmtree(universal_folder(root / checkpoint_tag(step)), ignore_errors=True)
