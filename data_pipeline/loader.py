@@ -319,7 +319,15 @@ class StreamingLoader:
         if self._batches is None:
             self.stream.start_state = self.planner_state
             workers = self.settings.num_workers
-            loader = DataLoader(self.stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
+            # An explicit generator: without one, creating the DataLoader draws from the global torch
+            # RNG, so a resumed run's dropout would no longer match an uninterrupted one bit for bit.
+            loader = DataLoader(
+                self.stream,
+                batch_size=None,
+                num_workers=workers,
+                persistent_workers=workers > 0,
+                generator=torch.Generator().manual_seed(self.settings.seed),
+            )
             self._batches = iter(loader)
         while True:
             item = next(self._batches)

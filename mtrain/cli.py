@@ -51,6 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="export a checkpoint to Hugging Face folders")
     export.add_argument("checkpoint", help="checkpoint folder (step_XXXXXXXX) or the root holding 'latest'")
     export.add_argument("--out", required=True, help="output folder")
+    export.add_argument(
+        "--adapter-only",
+        action="store_true",
+        help="write only the PEFT adapter the checkpoint holds (gathered from trainable parameters at save)",
+    )
+
+    inspect = commands.add_parser("inspect", help="summarise a checkpoint or a checkpoints folder (reads no pickle)")
+    inspect.add_argument("checkpoint", help="checkpoint folder (step_XXXXXXXX) or a checkpoints folder")
+    inspect.add_argument("--checksums", action="store_true", help="verify every file's SHA-256 against the manifest")
 
     data = commands.add_parser("data", help="shard tools")
     data_commands = data.add_subparsers(dest="data_command", required=True)
@@ -135,8 +144,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "export":
         from mtrain.checkpoint.export import export_checkpoint  # noqa: PLC0415
 
-        out = export_checkpoint(args.checkpoint, args.out)
+        out = export_checkpoint(args.checkpoint, args.out, adapter_only=args.adapter_only)
         print(f"exported to {out}")
+        return 0
+    if args.command == "inspect":
+        from mtrain.checkpoint.inspect import inspect_path  # noqa: PLC0415
+
+        print(inspect_path(args.checkpoint, checksums=args.checksums))
         return 0
     if args.command == "data" and args.data_command == "sample":
         from data_pipeline.sample_data import write_sample_shards  # noqa: PLC0415

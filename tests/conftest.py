@@ -43,6 +43,23 @@ def run(
     return proc
 
 
+def mtrain_train(run_dir: Path, shards: str, *overrides: str, ranks: int = 1) -> list[str]:
+    """`mtrain train configs/tiny.yaml` as a command: plain python for 1 rank, torchrun for more."""
+    launcher = [str(BIN / "python"), "-m", "mtrain"]
+    if ranks > 1:
+        launcher = [
+            str(BIN / "torchrun"),
+            "--nproc_per_node",
+            str(ranks),
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "mtrain",
+        ]
+    config = [str(REPO / "configs/tiny.yaml"), f"run.dir={run_dir}", f"data.shards={shards}", "logging.progress=false"]
+    return [*launcher, "train", *config, *overrides]
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -1,64 +1,179 @@
-"""Export a checkpoint to stock Hugging Face folders: the model (merged) and the LoRA adapter.
+"""Export a checkpoint to stock Hugging Face folders, in one process, from the files on disk.
 
-Runs in one process from the checkpoint on disk: DeepSpeed's own `zero_to_fp32` consolidates
-the ZeRO-3 partitions, then the model is rebuilt from the checkpoint's resolved config and
-saved with safetensors only.
+    OUT/model/     the merged model: safetensors, config, tokenizer, image processor
+                   (`AutoModelForImageTextToText.from_pretrained`)
+    OUT/adapter/   the PEFT adapter with its `modules_to_save` (`PeftModel.from_pretrained`)
+    OUT/base/      the base the adapter applies to, when it exists nowhere else on disk
+                   (the built-in preset, or a base that came from `checkpoint.init_from`)
+    OUT/mtrain.json  provenance and the Matryoshka metadata (scales, dims, strategy)
+
+DeepSpeed's own `zero_to_fp32` consolidates the ZeRO partitions for the merged model. Adapters
+never need the whole model: every checkpoint of a LoRA run already holds `adapter/`, written at
+save time by gathering the trainable parameters alone (`save_adapter_gathered`), and
+`--adapter-only` copies it. Everything is written with safetensors; loading an export never
+unpickles.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from mtrain import __version__
-from mtrain.checkpoint.save import CONFIG_FILE
+from mtrain.checkpoint.save import CONFIG_FILE, TAG_PATTERN
 from mtrain.config import load_config
+from mtrain.config.schema import TrainConfig
+
+EXPORT_METADATA = "mtrain.json"
+ADAPTER_DIR = "adapter"
+TASK_PREFIX = "model."  # the task module wraps the HF model as `.model`
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
-    """(checkpoint root, tag) from either a root holding `latest` or a tag folder."""
+    """(checkpoints root, tag) from a checkpoint folder or a root holding `latest`."""
+    from mtrain.checkpoint.resume import checkpoint_info, find_resume_checkpoint  # noqa: PLC0415
+
     path = Path(path)
-    if (path / "latest").is_file():
-        return path, (path / "latest").read_text().strip()
-    if (path / CONFIG_FILE).is_file() and path.parent.is_dir():
+    if TAG_PATTERN.match(path.name):
+        checkpoint_info(path)  # a clear error when the folder is partial
         return path.parent, path.name
+    if path.is_dir():
+        newest = find_resume_checkpoint(str(path), path, remove_partials=False)
+        if newest is not None:
+            return path, newest.folder.name
     raise FileNotFoundError(
-        f"{path} is neither a checkpoint folder (with {CONFIG_FILE}) nor a checkpoint root (with 'latest')"
+        f"{path} is neither a checkpoint folder (step_XXXXXXXX with a manifest) nor a checkpoints root"
     )
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """Write `out_dir/model` (HF model, tokenizer, image processor), `out_dir/adapter` if LoRA."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: PLC0415
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config  # noqa: PLC0415
+def matryoshka_metadata(cfg: TrainConfig) -> dict[str, Any]:
+    """Scales, dims and adapter strategy of the Matryoshka heads, as trained."""
+    tokens = cfg.matryoshka.tokens
+    return {
+        "token_mode": tokens.mode,
+        "scales": tokens.scales if tokens.mode != "none" else None,
+        "default_scale": (tokens.default_scale or tokens.scales[-1]) if tokens.mode != "none" else None,
+        "mqt_queries": tokens.mqt_queries if tokens.mode == "mqt" else None,
+        "strategy": cfg.model.lora.strategy if cfg.model.lora.enabled else None,
+        "dims": getattr(getattr(cfg.matryoshka, "dims", None), "dims", None),
+    }
 
-    from mtrain.model.build import build_model  # noqa: PLC0415
-    from mtrain.task.captioning import LanguageModelingTask  # noqa: PLC0415
+
+def strip_task_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name.removeprefix(TASK_PREFIX): tensor for name, tensor in state.items()}
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, adapter_only: bool = False) -> Path:
+    """Write the export folders described in the module docstring; returns `out_dir`."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config  # noqa: PLC0415
 
     root, tag = resolve_checkpoint(checkpoint)
     cfg = load_config(root / tag / CONFIG_FILE)
     unset_hf_deepspeed_config()  # this process may have trained under ZeRO-3; export builds a plain model
-    state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
-    built = build_model(cfg.model, torch.float32, None, cfg.run.seed)
-    task = LanguageModelingTask(built.model)
-    task.load_state_dict(state, strict=True)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model = built.model
-    if cfg.model.lora.enabled:
-        model.save_pretrained(out / "adapter", safe_serialization=True)
-        model = model.merge_and_unload()
-    model.save_pretrained(out / "model", safe_serialization=True)
-    built.tokenizer.save_pretrained(out / "model")
-    built.image_processor.save_pretrained(out / "model")
+    lora = cfg.model.lora.enabled
+    if adapter_only and not lora:
+        raise ValueError(f"{root / tag} was trained without LoRA: it has no adapter; export the model instead")
+    if adapter_only:
+        provenance = export_adapter_only(root, tag, cfg, out / ADAPTER_DIR)
+        written = {"adapter": ADAPTER_DIR}
+    else:
+        built, written = export_full(root, tag, cfg, out)
+        provenance = {"source": built.source, "visual_tokens": built.visual_tokens}
     metadata = {
         "mtrain_version": __version__,
         "checkpoint": str((root / tag).resolve()),
-        "source": built.source,
-        "visual_tokens": built.visual_tokens,
-        "lora": cfg.model.lora.enabled,
+        "step": int(TAG_PATTERN.match(tag).group(1)),
+        **provenance,
+        "lora": lora,
+        "folders": written,
+        "matryoshka": matryoshka_metadata(cfg),
     }
-    (out / "mtrain.json").write_text(json.dumps(metadata, indent=1))
+    (out / EXPORT_METADATA).write_text(json.dumps(metadata, indent=1))
     return out
+
+
+def export_full(root: Path, tag: str, cfg: TrainConfig, out: Path) -> tuple[Any, dict[str, str]]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: PLC0415
+
+    from mtrain.model.build import build_model  # noqa: PLC0415
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+    built = build_model(checkpoint_model_config(cfg), torch.float32, None, cfg.run.seed)
+    built.model.load_state_dict(strip_task_prefix(state), strict=True)
+    written = {"model": "model"}
+    model = built.model
+    if cfg.model.lora.enabled:
+        base_path = cfg.model.path
+        if not base_path or cfg.checkpoint.init_from:
+            base_path = str(out / "base")
+            written["base"] = "base"
+        if "base" in written:
+            # `unload()` drops the adapters without merging: exactly the frozen base the adapter was trained on.
+            _save_hf_folder(_copy_model(model).unload(), built, out / "base")
+        model.peft_config["default"].base_model_name_or_path = base_path
+        model.save_pretrained(out / "adapter", safe_serialization=True)
+        written["adapter"] = "adapter"
+        model = model.merge_and_unload()
+    _save_hf_folder(model, built, out / "model")
+    return built, written
+
+
+def _copy_model(model: torch.nn.Module) -> torch.nn.Module:
+    import copy  # noqa: PLC0415
+
+    return copy.deepcopy(model)
+
+
+def _save_hf_folder(model: torch.nn.Module, built: Any, folder: Path) -> None:
+    model.save_pretrained(folder, safe_serialization=True)
+    built.tokenizer.save_pretrained(folder)
+    built.image_processor.save_pretrained(folder)
+
+
+def save_adapter_gathered(peft_model: Any, folder: Path, is_main: bool) -> None:
+    """Every rank calls this: gather only the trainable parameters (ZeRO-3), rank 0 writes a stock PEFT folder.
+
+    The frozen base stays partitioned; only the adapters and `modules_to_save` are ever whole.
+    """
+    import deepspeed  # noqa: PLC0415
+    from peft import get_peft_model_state_dict  # noqa: PLC0415
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    trainable = [param for param in peft_model.parameters() if param.requires_grad]
+    state: dict[str, torch.Tensor] = {}
+    with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
+        if is_main:
+            adapter = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
+            state = {name: tensor.detach().clone().contiguous() for name, tensor in adapter.items()}
+    if is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(state, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+        peft_model.peft_config["default"].save_pretrained(folder)
+
+
+def export_adapter_only(root: Path, tag: str, cfg: TrainConfig, folder: Path) -> dict[str, Any]:
+    """Copy the adapter the checkpoint holds (gathered from the trainable parameters at save time)."""
+    import shutil  # noqa: PLC0415
+
+    saved = root / tag / ADAPTER_DIR
+    if not (saved / "adapter_model.safetensors").is_file():
+        raise FileNotFoundError(f"{root / tag} holds no {ADAPTER_DIR}/ folder; export the whole model instead")
+    shutil.copytree(saved, folder, dirs_exist_ok=True)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = cfg.model.path
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    return {"source": cfg.model.path or f"preset:{cfg.model.preset}", "visual_tokens": None}
+
+
+def checkpoint_model_config(cfg: TrainConfig) -> Any:
+    """The model config that rebuilds the checkpoint's skeleton; every weight then comes from the checkpoint.
+
+    A run that started from `checkpoint.init_from` has the same architecture as its own preset or
+    path, so the skeleton never needs the init_from folder.
+    """
+    return cfg.model

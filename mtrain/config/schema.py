@@ -238,10 +238,25 @@ class CheckpointConfig(Checkable):
     save_every: int = setting(0, "Save every N optimizer steps; 0 saves only at the end.")
     save_at_end: bool = setting(True, "Save a checkpoint after the last step.")
     export_at_end: bool = setting(True, "Write a Hugging Face export of the final checkpoint.")
+    resume: str = setting(
+        "auto", "auto: continue from the newest complete checkpoint in the run folder; never; or a checkpoint PATH."
+    )
+    keep_last: int = setting(3, "Keep the newest N complete checkpoints (latest always kept); 0 keeps all.")
+    keep_every: int = setting(0, "Also keep every checkpoint whose step is a multiple of N; 0 disables.")
+    init_from: str | None = setting(
+        None, "Start from these weights only (checkpoint, export or HF folder): fresh optimizer, schedule, data."
+    )
+    verify_checksums: bool = setting(False, "On resume, check every file's SHA-256 against the manifest.")
 
     def check(self) -> list[tuple[str, str]]:
         if self.save_every < 0:
             return [("save_every", f"must be >= 0, got {self.save_every}")]
+        if self.keep_last < 0:
+            return [("keep_last", f"must be >= 0 (0 keeps all), got {self.keep_last}")]
+        if self.keep_every < 0:
+            return [("keep_every", f"must be >= 0 (0 disables), got {self.keep_every}")]
+        if not self.resume:
+            return [("resume", "is empty; use auto, never, or a checkpoint folder")]
         return []
 
 

@@ -20,11 +20,19 @@ from mtrain.metrics.sinks import JsonlSink, MetricSink, NullSink, SinkGroup, Ten
 def check_inputs_exist(cfg: TrainConfig) -> None:
     """Fail before any process group forms when local shards or the model folder are missing."""
     from data_pipeline.shards import expand_shards  # noqa: PLC0415
+    from mtrain.checkpoint.resume import preflight_resume  # noqa: PLC0415
 
     if cfg.model.path and not (Path(cfg.model.path) / "config.json").is_file():
         raise FileNotFoundError(
             f"model.path={cfg.model.path!r} is not a Hugging Face model folder (no config.json); "
             "point it at a local folder written by save_pretrained"
+        )
+
+    preflight_resume(cfg)  # a missing checkpoint or an incompatible config change fails here
+    if cfg.checkpoint.init_from and not Path(cfg.checkpoint.init_from).exists():
+        raise FileNotFoundError(
+            f"checkpoint.init_from={cfg.checkpoint.init_from!r} does not exist; "
+            "give a checkpoint, an export folder or a Hugging Face model folder"
         )
 
     urls = [url for pattern, _ in cfg.data.source_list for url in expand_shards(pattern)]
@@ -76,8 +84,8 @@ def make_sink(cfg: TrainConfig, run_dir: Path, world: WorldInfo) -> MetricSink:
 
 def run_training(cfg: TrainConfig) -> list[dict[str, float]]:
     """Train as configured; every rank of the job calls this."""
+    from mtrain.checkpoint.checkpointer import Checkpointer  # noqa: PLC0415
     from mtrain.checkpoint.export import export_checkpoint  # noqa: PLC0415
-    from mtrain.checkpoint.save import save_checkpoint  # noqa: PLC0415
     from mtrain.engine.data import build_data_loader  # noqa: PLC0415
     from mtrain.engine.setup import initialize_engine, resolve_placement  # noqa: PLC0415
     from mtrain.engine.trainer import Trainer  # noqa: PLC0415
@@ -94,8 +102,11 @@ def run_training(cfg: TrainConfig) -> list[dict[str, float]]:
         f"ZeRO-{cfg.zero.stage}, run folder {run_dir}"
     )
 
+    checkpointer = Checkpointer(cfg, run_dir, world)
+    checkpointer.plan(ds_config)  # before the engine: a world-size change switches on the universal load
+
     zero3 = ds_config if cfg.zero.stage == 3 else None
-    built = build_model(cfg.model, placement.dtype, zero3, cfg.run.seed, cfg.matryoshka.tokens)
+    built = build_model(checkpointer.model_config(), placement.dtype, zero3, cfg.run.seed, cfg.matryoshka.tokens)
     engine = initialize_engine(cfg, built, ds_config, world.rank)
     elements = parameter_elements(engine.module)
     write_rank_report(run_dir, world, cfg, built.constructed_elements, elements)
@@ -105,22 +116,30 @@ def run_training(cfg: TrainConfig) -> list[dict[str, float]]:
     )
 
     batches = build_data_loader(cfg, built, world)
-    sink = make_sink(cfg, run_dir, world)
-    trainer = Trainer(cfg, world, engine, batches, sink, placement.device)
+    trainer = Trainer(cfg, world, engine, batches, NullSink(), placement.device)
+    checkpointer.restore(engine, trainer, batches)
+    resumed_step = trainer.step
+    if resumed_step >= cfg.run.max_steps:
+        print0(
+            f"the run in {run_dir} already reached run.max_steps={cfg.run.max_steps}; raise it to continue, "
+            "or pass checkpoint.resume=never (or another run.dir) to train again from scratch"
+        )
+    trainer.sink = make_sink(cfg, run_dir, world)  # after restore, which trims metrics logged past the checkpoint
     config_yaml = dump_yaml(cfg)
 
     def save(t: Trainer) -> None:
-        save_checkpoint(engine, run_dir / "checkpoints", t.step, {"trainer": t.state_dict()}, config_yaml)
+        checkpointer.save(engine, t, batches, config_yaml)
 
     def maybe_save(t: Trainer) -> None:
         if cfg.checkpoint.save_every and t.step % cfg.checkpoint.save_every == 0 and t.step < cfg.run.max_steps:
             save(t)
 
     history = trainer.train(on_step_end=maybe_save)
-    sink.close()
-    if cfg.checkpoint.save_at_end:
+    trainer.sink.close()
+    if cfg.checkpoint.save_at_end and trainer.step > resumed_step:
         save(trainer)
         print0(f"checkpoint: {run_dir / 'checkpoints'} (step {trainer.step})")
+    if cfg.checkpoint.save_at_end:
         if cfg.checkpoint.export_at_end:
             if world.is_main:
                 out = export_checkpoint(run_dir / "checkpoints", run_dir / "export")

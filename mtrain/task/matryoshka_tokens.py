@@ -133,6 +133,17 @@ class MatryoshkaTokenTask(nn.Module):
     def begin_step(self, step: int) -> None:
         self.step = step
 
+    def sampler_state_dict(self) -> dict[str, Any]:
+        return self.sampler.state_dict()
+
+    def load_sampler_state_dict(self, state: dict[str, Any]) -> None:
+        # Draws are a function of (seed, step): restoring the step restores them. A changed seed,
+        # scale list or policy would silently change the draws, so refuse it.
+        if state != self.sampler.state_dict():
+            raise ValueError(
+                f"the checkpoint's scale sampler {state} differs from this run's {self.sampler.state_dict()}"
+            )
+
     def plan(self, rows: int) -> list[int]:
         """The scale of each (row, scale) variant this step, rows repeated per scale under `all`."""
         if self.mqt_stage_one:
