@@ -69,9 +69,39 @@ def make_sink(cfg: TrainConfig, run_dir: Path, world: WorldInfo) -> MetricSink:
     return SinkGroup(sinks)
 
 
+def training_stream(cfg: TrainConfig, built: Any, world: WorldInfo) -> Any:
+    """Caption batches for the LM objective, (query, positive) pair batches for the contrastive one."""
+    from data_pipeline.loader import CaptionStream, TextSpec  # noqa: PLC0415
+    from data_pipeline.pairs import PairSpec, PairStream  # noqa: PLC0415
+
+    common = (world.rank, world.world_size, cfg.data.micro_batch_size)
+    if cfg.task.objective == "contrastive":
+        spec = PairSpec(
+            built.tokenizer,
+            built.image_token_id,
+            built.visual_tokens,
+            cfg.data.max_len,
+            built.model.config.vision_config.image_size,
+            cfg.task.contrastive.query_instruction,
+        )
+        stream_cls, spec_or_text = PairStream, spec
+    else:
+        text = TextSpec(built.tokenizer, built.image_token_id, built.visual_tokens, cfg.data.max_len, cfg.data.prompt)
+        stream_cls, spec_or_text = CaptionStream, text
+    return stream_cls(
+        cfg.data.shards,
+        *common,
+        spec_or_text,
+        built.image_processor,
+        cfg.run.seed,
+        cfg.data.shuffle_buffer,
+        cfg.data.num_workers,
+    )
+
+
 def run_training(cfg: TrainConfig) -> list[dict[str, float]]:
     """Train as configured; every rank of the job calls this."""
-    from data_pipeline.loader import CaptionStream, ResumableLoader, TextSpec  # noqa: PLC0415
+    from data_pipeline.loader import ResumableLoader  # noqa: PLC0415
     from mtrain.checkpoint.export import export_checkpoint  # noqa: PLC0415
     from mtrain.checkpoint.save import save_checkpoint  # noqa: PLC0415
     from mtrain.engine.setup import initialize_engine, resolve_placement  # noqa: PLC0415
@@ -99,19 +129,7 @@ def run_training(cfg: TrainConfig) -> list[dict[str, float]]:
         f"{elements['local']:,} held by rank 0; {built.visual_tokens} visual tokens per image"
     )
 
-    text = TextSpec(built.tokenizer, built.image_token_id, built.visual_tokens, cfg.data.max_len, cfg.data.prompt)
-    stream = CaptionStream(
-        cfg.data.shards,
-        world.rank,
-        world.world_size,
-        cfg.data.micro_batch_size,
-        text,
-        built.image_processor,
-        cfg.run.seed,
-        cfg.data.shuffle_buffer,
-        cfg.data.num_workers,
-    )
-    batches = ResumableLoader(stream, cfg.data.num_workers)
+    batches = ResumableLoader(training_stream(cfg, built, world), cfg.data.num_workers)
     sink = make_sink(cfg, run_dir, world)
     trainer = Trainer(cfg, world, engine, batches, sink, placement.device)
     config_yaml = dump_yaml(cfg)
