@@ -69,29 +69,36 @@ def make_sink(cfg: TrainConfig, run_dir: Path, world: WorldInfo) -> MetricSink:
     return SinkGroup(sinks)
 
 
+def pair_spec(cfg: TrainConfig, built: Any) -> Any:
+    """How pair sides become tokens and pixels for this config and model."""
+    from data_pipeline.pairs import PairSpec  # noqa: PLC0415
+
+    return PairSpec(
+        built.tokenizer,
+        built.image_token_id,
+        built.visual_tokens,
+        cfg.data.max_len,
+        built.model.config.vision_config.image_size,
+        cfg.task.contrastive.query_instruction,
+    )
+
+
 def training_stream(cfg: TrainConfig, built: Any, world: WorldInfo) -> Any:
     """Caption batches for the LM objective, (query, positive) pair batches for the contrastive one."""
     from data_pipeline.loader import CaptionStream, TextSpec  # noqa: PLC0415
-    from data_pipeline.pairs import PairSpec, PairStream  # noqa: PLC0415
+    from data_pipeline.pairs import PairStream  # noqa: PLC0415
 
-    common = (world.rank, world.world_size, cfg.data.micro_batch_size)
     if cfg.task.objective == "contrastive":
-        spec = PairSpec(
-            built.tokenizer,
-            built.image_token_id,
-            built.visual_tokens,
-            cfg.data.max_len,
-            built.model.config.vision_config.image_size,
-            cfg.task.contrastive.query_instruction,
-        )
-        stream_cls, spec_or_text = PairStream, spec
+        stream_cls, spec = PairStream, pair_spec(cfg, built)
     else:
-        text = TextSpec(built.tokenizer, built.image_token_id, built.visual_tokens, cfg.data.max_len, cfg.data.prompt)
-        stream_cls, spec_or_text = CaptionStream, text
+        stream_cls = CaptionStream
+        spec = TextSpec(built.tokenizer, built.image_token_id, built.visual_tokens, cfg.data.max_len, cfg.data.prompt)
     return stream_cls(
         cfg.data.shards,
-        *common,
-        spec_or_text,
+        world.rank,
+        world.world_size,
+        cfg.data.micro_batch_size,
+        spec,
         built.image_processor,
         cfg.run.seed,
         cfg.data.shuffle_buffer,
