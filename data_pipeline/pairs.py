@@ -132,7 +132,9 @@ def tokenize_side(spec: PairSpec, text: str) -> list[int]:
             ids += [spec.image_token_id] * spec.visual_tokens
     ids.append(tokenizer.eos_token_id)
     if len(ids) > spec.max_len:
-        raise ValueError(f"a pair side takes {len(ids)} tokens (visual tokens included), over data.max_len={spec.max_len}")
+        raise ValueError(
+            f"a pair side takes {len(ids)} tokens (visual tokens included), over data.max_len={spec.max_len}"
+        )
     return ids
 
 
@@ -167,7 +169,9 @@ def collate_pairs(samples: list[dict[str, Any]], spec: PairSpec, image_processor
     """Flat keys `query_*` / `positive_*`, so the trainer's device move sees plain tensors."""
     batch: dict[str, Any] = {"keys": [s["key"] for s in samples]}
     for side in SIDES:
-        collated = collate_side([s[side] for s in samples], spec.tokenizer.pad_token_id, spec.image_size, image_processor)
+        collated = collate_side(
+            [s[side] for s in samples], spec.tokenizer.pad_token_id, spec.image_size, image_processor
+        )
         batch.update({f"{side}_{name}": value for name, value in collated.items()})
         batch[f"{side}_texts"] = [s[side]["text"] for s in samples]
     return batch
@@ -201,7 +205,9 @@ class PairStream(IterableDataset):
 
     def raw_groups(self, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
         for epoch in itertools.count():
-            urls = split_shards(shuffle_shards(self.urls, self.seed, epoch), self.rank, self.world_size, worker, num_workers)
+            urls = split_shards(
+                shuffle_shards(self.urls, self.seed, epoch), self.rank, self.world_size, worker, num_workers
+            )
             rng = random.Random(f"{self.seed}/{self.rank}/{worker}/{epoch}")
             yield from shuffled(read_tar_groups(urls), self.shuffle_buffer, rng)
 

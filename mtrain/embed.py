@@ -85,7 +85,9 @@ class Embedder:
 
         folder = Path(export_dir)
         if not (folder / EMBEDDING_FILE).is_file():
-            raise FileNotFoundError(f"{folder} has no {EMBEDDING_FILE}; write it with save_embedding_head(task, folder)")
+            raise FileNotFoundError(
+                f"{folder} has no {EMBEDDING_FILE}; write it with save_embedding_head(task, folder)"
+            )
         meta = json.loads((folder / EMBEDDING_FILE).read_text())
         # The policy only shapes training; embedding needs the width, pooling and projection.
         cfg = load_config(
@@ -101,7 +103,12 @@ class Embedder:
         )
         built = build_model(cfg.model, torch.float32, None, cfg.run.seed)
         task = ContrastiveTask(
-            built.model, cfg.task.contrastive, cfg.matryoshka.dims, built.image_token_id, built.visual_tokens, cfg.run.seed
+            built.model,
+            cfg.task.contrastive,
+            cfg.matryoshka.dims,
+            built.image_token_id,
+            built.visual_tokens,
+            cfg.run.seed,
         )
         if (folder / HEAD_WEIGHTS_FILE).is_file():
             task.head.load_state_dict(load_file(str(folder / HEAD_WEIGHTS_FILE)), strict=True)
@@ -120,10 +127,14 @@ class Embedder:
         dim = dim or self.metadata["dims"][-1]
         layer = layer or self.metadata["last_layer"]
         if not 1 <= layer <= self.task.depth:
-            raise ValueError(f"layer={layer} is outside 1..{self.task.depth}; trained layers: {self.metadata['layers']}")
+            raise ValueError(
+                f"layer={layer} is outside 1..{self.task.depth}; trained layers: {self.metadata['layers']}"
+            )
         sides = []
         for item in inputs:
-            image, text = (item, "") if isinstance(item, Image.Image) else (None, item) if isinstance(item, str) else item
+            image, text = (
+                (item, "") if isinstance(item, Image.Image) else (None, item) if isinstance(item, str) else item
+            )
             sides.append(encode_side(self.spec, image, text, instruction))
         batch = collate_side(sides, self.spec.tokenizer.pad_token_id, self.spec.image_size, self.image_processor)
         embeddings = self.task.encode(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], [layer])

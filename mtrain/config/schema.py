@@ -302,7 +302,9 @@ class EmbeddingDimsConfig(Checkable):
                 message = f"starbucks pairs layers[i] with dims[i]: give as many layers as dims ({len(self.dims)})"
                 return [("layers", message)]
             if sorted(self.layers) != self.layers:
-                return [("layers", f"starbucks pairs grow from small to large; layers must not decrease: {self.layers}")]
+                return [
+                    ("layers", f"starbucks pairs grow from small to large; layers must not decrease: {self.layers}")
+                ]
         if self.kl_temperature <= 0:
             return [("kl_temperature", f"must be positive, got {self.kl_temperature}")]
         if self.kl_weight < 0:

@@ -143,7 +143,13 @@ def run_retrieval_eval(
     cfg, built, task = load_for_eval(source, overrides)
     view = retrieval_view(cfg, built, task)
     stream = PairStream(
-        shards or cfg.data.shards, 0, 1, cfg.data.micro_batch_size, pair_spec(cfg, built), built.image_processor, cfg.run.seed
+        shards or cfg.data.shards,
+        0,
+        1,
+        cfg.data.micro_batch_size,
+        pair_spec(cfg, built),
+        built.image_processor,
+        cfg.run.seed,
     )
     results = evaluate_retrieval(view, iter(stream), num_batches, dims)
     print(format_retrieval_table(results))

@@ -92,4 +92,6 @@ class MatryoshkaClassifier(nn.Module):
     def loss(self, features: torch.Tensor, labels: torch.Tensor, weights: list[float] | None = None) -> torch.Tensor:
         """MRL classification loss: the weighted sum over dims of the cross-entropy at each size."""
         weights = weights or [1.0] * len(self.dims)
-        return sum(w * F.cross_entropy(self.logits(features, d), labels) for w, d in zip(weights, self.dims, strict=True))
+        return sum(
+            w * F.cross_entropy(self.logits(features, d), labels) for w, d in zip(weights, self.dims, strict=True)
+        )

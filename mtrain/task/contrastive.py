@@ -98,7 +98,11 @@ def info_nce(queries: torch.Tensor, positives: torch.Tensor, dim: int, temperatu
 
 
 def similarity_kl(
-    teacher_q: torch.Tensor, teacher_p: torch.Tensor, student_q: torch.Tensor, student_p: torch.Tensor, temperature: float
+    teacher_q: torch.Tensor,
+    teacher_p: torch.Tensor,
+    student_q: torch.Tensor,
+    student_p: torch.Tensor,
+    temperature: float,
 ) -> torch.Tensor:
     """KL(teacher ‖ student) of each query's distribution over the positives; the teacher is not trained by it."""
     teacher = F.log_softmax((teacher_q @ teacher_p.T / temperature).detach(), dim=-1)
@@ -170,8 +174,12 @@ class ContrastiveTask(nn.Module):
         """Queries and positives embedded in one forward: (layers, rows, width) each."""
         rows = batch["query_input_ids"].shape[0]
         width = max(batch[f"{side}_input_ids"].shape[1] for side in SIDES)
-        input_ids = torch.cat([F.pad(batch[f"{s}_input_ids"], (0, width - batch[f"{s}_input_ids"].shape[1]), value=0) for s in SIDES])
-        mask = torch.cat([F.pad(batch[f"{s}_attention_mask"], (0, width - batch[f"{s}_attention_mask"].shape[1])) for s in SIDES])
+        input_ids = torch.cat(
+            [F.pad(batch[f"{s}_input_ids"], (0, width - batch[f"{s}_input_ids"].shape[1]), value=0) for s in SIDES]
+        )
+        mask = torch.cat(
+            [F.pad(batch[f"{s}_attention_mask"], (0, width - batch[f"{s}_attention_mask"].shape[1])) for s in SIDES]
+        )
         input_ids = torch.where(mask.bool(), input_ids, input_ids[0, 0])  # padding ids never read <image>
         pixel_values = torch.cat([batch[f"{side}_pixel_values"] for side in SIDES])
         embeddings = self.encode(input_ids, mask, pixel_values, layers)
@@ -265,7 +273,9 @@ class ContrastiveTask(nn.Module):
         draws = float(totals["draws"])
         out = {"loss": float(totals["contrastive_loss"]) / draws, "kl_loss": float(totals["kl_loss"]) / draws}
         for (layer, d), count in zip(
-            [(layer, d) for layer in range(1, self.depth + 1) for d in self.dims], totals["term_count"].flatten(), strict=True
+            [(layer, d) for layer in range(1, self.depth + 1) for d in self.dims],
+            totals["term_count"].flatten(),
+            strict=True,
         ):
             if count > 0:
                 out[f"loss/layer{layer}_dim{d}"] = float(totals["term_loss"][layer - 1, self.dims.index(d)] / count)

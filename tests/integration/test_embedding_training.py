@@ -52,7 +52,11 @@ def test_mrl_embedding_training_two_rank_zero3_then_retrieval_eval(tmp_path):
         assert [m[f"terms/layer2_dim{d}"] for d in DIMS] == [2.0] * len(DIMS)
         assert m["loss"] == pytest.approx(sum(m[f"loss/layer2_dim{d}"] for d in DIMS), rel=1e-4)
     reports = [json.loads((run_dir / "ranks" / f"rank{r:05d}.json").read_text()) for r in range(2)]
-    assert all(abs(r["parameter_elements"]["constructed"]["local"] / r["parameter_elements"]["constructed"]["total"] - 0.5) < 0.05 for r in reports)
+    assert all(
+        abs(r["parameter_elements"]["constructed"]["local"] / r["parameter_elements"]["constructed"]["total"] - 0.5)
+        < 0.05
+        for r in reports
+    )
 
     def evaluate(source: str, out: str) -> dict[int, tuple[float, float]]:
         cmd = [str(BIN / "python"), "-m", "mtrain", "eval", source, "--task", "retrieval", "--shards", held_out,
@@ -74,10 +78,10 @@ def test_mrl_embedding_training_two_rank_zero3_then_retrieval_eval(tmp_path):
         assert trained[dim][1] > untrained[dim][1] + 0.2, (dim, trained[dim], untrained[dim])
 
     # The embedding API on the trained checkpoint: unit vectors, nested by truncation.
+    import random
+
     from data_pipeline.sample_data import draw_shape
     from mtrain.embed import Embedder
-
-    import random
 
     embedder = Embedder.from_checkpoint(run_dir / "checkpoints")
     images = [draw_shape("red", "circle", random.Random(1)), draw_shape("blue", "square", random.Random(2))]

@@ -30,10 +30,10 @@ def make_task(*overrides: str):
 
 def make_batch(built, rows: int = 6) -> dict:
     """Queries: image + instruction; positives: caption text of varying length (right-padded)."""
+    import random
+
     from data_pipeline.pairs import PairSpec, collate_pairs, encode_side
     from data_pipeline.sample_data import COLOURS, SHAPES, draw_shape
-
-    import random
 
     rng = random.Random(0)
     spec = PairSpec(built.tokenizer, built.image_token_id, built.visual_tokens, 96, 32)
@@ -99,8 +99,12 @@ def test_dims_are_validated_against_order_and_width():
     with pytest.raises(ConfigError, match="only task.objective=contrastive"):
         load_config(None, ["matryoshka.dims.dims=[8,16]"])
     with pytest.raises(ConfigError, match="as many layers as dims"):
-        load_config(None, ["task.objective=contrastive", "matryoshka.dims.policy=starbucks", "matryoshka.dims.dims=[8]"])
-    assert load_config(None, ["task.objective=contrastive", "task.contrastive.projection_dim=128", "matryoshka.dims.dims=[8,128]"])
+        load_config(
+            None, ["task.objective=contrastive", "matryoshka.dims.policy=starbucks", "matryoshka.dims.dims=[8]"]
+        )
+    assert load_config(
+        None, ["task.objective=contrastive", "task.contrastive.projection_dim=128", "matryoshka.dims.dims=[8,128]"]
+    )
     with pytest.raises(ValueError, match="beyond the embedding width 32"):
         check_dims([8, 64], 32)
     assert check_dims([], 32) == [32]
@@ -114,7 +118,9 @@ def test_mrl_e_classifier_slices_one_weight():
     logits = head(features)
     for k in (4, 8, 16):
         torch.testing.assert_close(logits[k], features[:, :k] @ head.weight[:, :k].T + head.bias)
-    expected = sum(2.0 * F.cross_entropy(logits[k], labels) if k == 8 else F.cross_entropy(logits[k], labels) for k in (4, 8, 16))
+    expected = sum(
+        2.0 * F.cross_entropy(logits[k], labels) if k == 8 else F.cross_entropy(logits[k], labels) for k in (4, 8, 16)
+    )
     torch.testing.assert_close(head.loss(features, labels, [1.0, 2.0, 1.0]), expected)
     head.loss(features, labels).backward()
     assert head.weight.grad[:, 8:].abs().sum() > 0 and head.weight.grad[:, :4].abs().sum() > 0
@@ -131,7 +137,9 @@ def test_mrl_loss_is_the_weighted_sum_of_per_dim_info_nce():
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
     summary = task.summarize(metrics)
     for k in dims:
-        torch.testing.assert_close(summary[f"loss/layer4_dim{k}"], float(hand_info_nce(q[0], p[0], k, 0.1).detach()), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            summary[f"loss/layer4_dim{k}"], float(hand_info_nce(q[0], p[0], k, 0.1).detach()), rtol=1e-5, atol=1e-5
+        )
     assert sorted(key for key in summary if key.startswith("terms/")) == sorted(f"terms/layer4_dim{k}" for k in dims)
     # The dims see different losses: a truncated embedding is not the full one.
     assert len({round(summary[f"loss/layer4_dim{k}"], 4) for k in dims}) == len(dims)
@@ -171,7 +179,7 @@ def test_2dmse_draws_one_shallow_pair_per_step_identically_and_adds_kl():
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
     summary = task.summarize(metrics)
     assert sorted(k for k in summary if k.startswith("terms/")) == sorted(
-        {f"terms/layer4_dim64", f"terms/layer{layer}_dim{dim}"}
+        {"terms/layer4_dim64", f"terms/layer{layer}_dim{dim}"}
     )
     assert summary["drawn_layer"] == layer and summary["drawn_dim"] == dim and summary["kl_loss"] > 0
 
@@ -191,7 +199,9 @@ def test_starbucks_sums_every_listed_pair_every_step_plus_kl():
     loss, metrics = task(batch)
     q, p = task.encode_pairs(batch, [1, 2, 3, 4])
     expected = sum(hand_info_nce(q[i], p[i], d, 0.1) for i, d in enumerate(dims))
-    expected = expected + sum(hand_kl(cosine(q[3], p[3], 64), cosine(q[i], p[i], d), 0.3) for i, d in enumerate(dims[:3]))
+    expected = expected + sum(
+        hand_kl(cosine(q[3], p[3], 64), cosine(q[i], p[i], d), 0.3) for i, d in enumerate(dims[:3])
+    )
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
     summary = task.summarize(metrics)
     assert sorted(k for k in summary if k.startswith("terms/")) == sorted(
@@ -241,7 +251,10 @@ def assert_same_grads(trained, expected: dict[str, torch.Tensor]) -> None:
 
 def test_gradcache_matches_direct_path_and_holds_one_chunk_of_activations():
     task, built, _ = make_task(
-        "matryoshka.dims.dims=[8,32,64]", "model.lora.enabled=true", "model.lora.dropout=0.1", "model.freeze.language_model=true"
+        "matryoshka.dims.dims=[8,32,64]",
+        "model.lora.enabled=true",
+        "model.lora.dropout=0.1",
+        "model.freeze.language_model=true",
     )
     torch.manual_seed(3)
     with torch.no_grad():
@@ -287,4 +300,6 @@ def test_gradcache_matches_direct_path_and_holds_one_chunk_of_activations():
     _, direct_peak_2 = direct_step(task, make_batch(built, rows=2))
     assert meter.peak < 1.3 * direct_peak_2, (meter.peak, direct_peak_2)
     assert direct_peak > 3 * meter.peak, (direct_peak, meter.peak)
-    print(f"saved activation elements: direct 8 rows {direct_peak}, GradCache chunk 2 {meter.peak}, direct 2 rows {direct_peak_2}")
+    print(
+        f"saved activation elements: direct 8 rows {direct_peak}, GradCache chunk 2 {meter.peak}, direct 2 rows {direct_peak_2}"
+    )
