@@ -17,17 +17,14 @@ A side with an image and no `<image>` in its text has the image first. Each side
         ──► read tar, group by key ──► safe decode ──► build pair ──► preprocess images
         ──► tokenize each side (<image> -> N visual tokens) ──► batch + collate (query_*, positive_*)
 
-The reader reuses the caption loader's stages (data_pipeline/loader.py) for everything up to the
-decoded sample, and is resumable the same way: a pure function of (seed, rank, worker, epoch)
+The reader is the caption loader's stream (data_pipeline/loader.py) up to the decoded sample,
+and is resumable the same way: a pure function of (seed, rank, worker, epoch)
 with `resume_batches` skipped without decoding.
 """
 
 from __future__ import annotations
 
-import io
 import itertools
-import json
-import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,20 +32,10 @@ from typing import Any
 
 import torch
 from PIL import Image
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import get_worker_info
 
-from data_pipeline.loader import (
-    IMAGE_PLACEHOLDER,
-    SAFE_IMAGE_EXTENSIONS,
-    expand_shards,
-    preprocess_image,
-    read_tar_groups,
-    safe_decode,
-    shuffle_shards,
-    shuffled,
-    split_shards,
-)
-from data_pipeline.sample_data import COLOURS, INDEX_FILE, SHAPES, draw_shape
+from data_pipeline.loader import IMAGE_PLACEHOLDER, SAFE_IMAGE_EXTENSIONS, CaptionStream, preprocess_image, safe_decode
+from data_pipeline.sample_data import write_shape_shards
 
 SIDES = ("query", "positive")
 DEFAULT_QUERY_INSTRUCTION = "Represent the image"
@@ -71,31 +58,11 @@ def write_pair_shards(
     out_dir: str | Path, num_shards: int = 4, samples_per_shard: int = 96, seed: int = 0
 ) -> list[Path]:
     """Coloured-shape pairs: query = image (+ instruction), positive = its caption text."""
-    import webdataset as wds  # noqa: PLC0415
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    paths, index = [], {}
-    for shard in range(num_shards):
-        path = out / f"pairs-{shard:06d}.tar"
-        with wds.TarWriter(str(path)) as writer:
-            for item in range(samples_per_shard):
-                colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
-                buffer = io.BytesIO()
-                draw_shape(colour, shape, rng).save(buffer, format="JPEG", quality=90)
-                writer.write(
-                    {
-                        "__key__": f"p{shard:04d}_{item:05d}",
-                        "query.jpg": buffer.getvalue(),
-                        "instruction.txt": DEFAULT_QUERY_INSTRUCTION,
-                        "positive.txt": f"a {colour} {shape}.",
-                    }
-                )
-        paths.append(path)
-        index[path.name] = samples_per_shard
-    (out / INDEX_FILE).write_text(json.dumps({"format": "pairs", "samples": index}, indent=1))
-    return paths
+    def image_caption_pair(colour: str, shape: str, jpeg: bytes) -> dict[str, Any]:
+        return {"query.jpg": jpeg, "instruction.txt": DEFAULT_QUERY_INSTRUCTION, "positive.txt": f"a {colour} {shape}."}
+
+    return write_shape_shards(out_dir, num_shards, samples_per_shard, seed, "pairs", image_caption_pair, "pairs")
 
 
 # ── build pair ────────────────────────────────────────────────────────────────────────────────
@@ -177,8 +144,12 @@ def collate_pairs(samples: list[dict[str, Any]], spec: PairSpec, image_processor
     return batch
 
 
-class PairStream(IterableDataset):
-    """Endless stream of collated pair batches for one rank (see the module docstring for stages)."""
+class PairStream(CaptionStream):
+    """Endless stream of collated pair batches for one rank (see the module docstring for stages).
+
+    Shard listing, splitting, shuffling and resuming are the caption stream's; a pair sample
+    is built, tokenised and collated here.
+    """
 
     def __init__(
         self,
@@ -192,24 +163,8 @@ class PairStream(IterableDataset):
         shuffle_buffer: int = 0,
         num_workers: int = 0,
     ) -> None:
-        super().__init__()
-        self.urls = expand_shards(shards)
-        self.rank, self.world_size = rank, world_size
-        self.batch_size = batch_size
+        super().__init__(shards, rank, world_size, batch_size, spec, image_processor, seed, shuffle_buffer, num_workers)
         self.spec = spec
-        self.image_processor = image_processor
-        self.seed = seed
-        self.shuffle_buffer = shuffle_buffer
-        self.resume_batches = 0
-        split_shards(self.urls, rank, world_size, 0, max(1, num_workers))  # fail now, not in a worker
-
-    def raw_groups(self, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
-        for epoch in itertools.count():
-            urls = split_shards(
-                shuffle_shards(self.urls, self.seed, epoch), self.rank, self.world_size, worker, num_workers
-            )
-            rng = random.Random(f"{self.seed}/{self.rank}/{worker}/{epoch}")
-            yield from shuffled(read_tar_groups(urls), self.shuffle_buffer, rng)
 
     def make_sample(self, group: dict[str, Any]) -> dict[str, Any]:
         decoded = safe_decode(group)

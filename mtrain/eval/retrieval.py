@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from mtrain.eval.budget import save_log2_curves
 from mtrain.model.embedding_head import truncate
 
 RECALL_AT = (1, 5)
@@ -100,19 +101,10 @@ def plot_recall_curve(results: list[RetrievalResult], path: Path, title: str) ->
         rows = [r for r in results if r.layer == layer]
         for ax, metric in zip(axes, ("recall_at_1", "recall_at_5"), strict=True):
             ax.plot([r.dim for r in rows], [getattr(r, metric) for r in rows], marker="o", label=f"layer {layer}")
-    for ax, label in zip(axes, ("recall@1", "recall@5"), strict=True):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("embedding dims")
-        ax.set_ylabel(label)
+    for ax in axes:
         ax.set_ylim(0, 1.02)
-        ax.grid(True, alpha=0.3)
-        ax.legend()
     figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return save_log2_curves(figure, axes, "embedding dims", ("recall@1", "recall@5"), path)
 
 
 def write_retrieval_report(results: list[RetrievalResult], out_dir: Path, name: str) -> tuple[Path, Path]:
