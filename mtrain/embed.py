@@ -43,16 +43,23 @@ def embedding_metadata(task: Any) -> dict[str, Any]:
     }
 
 
-def save_embedding_head(task: Any, export_dir: str | Path) -> Path:
-    """Write `embedding.json` (and the projection weights, if any) beside an export's `model/` folder."""
+def save_embedding_head(task: Any, export_dir: str | Path, write: bool = True) -> Path:
+    """Write `embedding.json` (and the projection weights, if any) beside an export's `model/` folder.
+
+    Under ZeRO-3 every rank must call this (the head's partitions are gathered); only `write` ranks write.
+    """
+    import deepspeed  # noqa: PLC0415
     from safetensors.torch import save_file  # noqa: PLC0415
 
     out = Path(export_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / EMBEDDING_FILE).write_text(json.dumps(embedding_metadata(task), indent=1))
-    head_state = {name: value.detach().contiguous() for name, value in task.head.state_dict().items()}
-    if head_state:
-        save_file(head_state, str(out / HEAD_WEIGHTS_FILE))
+    partitioned = [p for p in task.head.parameters() if hasattr(p, "ds_id")]
+    with deepspeed.zero.GatheredParameters(partitioned, enabled=bool(partitioned)):
+        head_state = {name: value.detach().clone().contiguous() for name, value in task.head.state_dict().items()}
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / EMBEDDING_FILE).write_text(json.dumps(embedding_metadata(task), indent=1))
+        if head_state:
+            save_file(head_state, str(out / HEAD_WEIGHTS_FILE))
     return out
 
 

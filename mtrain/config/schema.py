@@ -399,6 +399,12 @@ class TrainConfig(Checkable):
         if width and dims.dims and dims.dims[-1] > width:
             source = "task.contrastive.projection_dim" if contrastive.projection_dim else "model.tiny.hidden_size"
             return ("matryoshka.dims.dims", f"{dims.dims[-1]} exceeds the embedding width {width} ({source})")
+        if contrastive.projection_dim and self.checkpoint.export_at_end:
+            message = (
+                "a projection head is not part of the Hugging Face export yet; set checkpoint.export_at_end=false "
+                "and load embeddings with mtrain.embed.Embedder.from_checkpoint"
+            )
+            return ("task.contrastive.projection_dim", message)
         depth = self.model.tiny.num_layers if self.model.preset == "tiny-llava" else 0
         if depth and any(layer > depth for layer in dims.layers):
             return ("matryoshka.dims.layers", f"{dims.layers} name layers beyond the model's {depth}")

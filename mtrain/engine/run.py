@@ -111,6 +111,7 @@ def run_training(cfg: TrainConfig) -> list[dict[str, float]]:
     from data_pipeline.loader import ResumableLoader  # noqa: PLC0415
     from mtrain.checkpoint.export import export_checkpoint  # noqa: PLC0415
     from mtrain.checkpoint.save import save_checkpoint  # noqa: PLC0415
+    from mtrain.embed import save_embedding_head  # noqa: PLC0415
     from mtrain.engine.setup import initialize_engine, resolve_placement  # noqa: PLC0415
     from mtrain.engine.trainer import Trainer  # noqa: PLC0415
     from mtrain.model.build import build_model, parameter_elements  # noqa: PLC0415
@@ -154,6 +155,9 @@ def run_training(cfg: TrainConfig) -> list[dict[str, float]]:
         save(trainer)
         print0(f"checkpoint: {run_dir / 'checkpoints'} (step {trainer.step})")
         if cfg.checkpoint.export_at_end:
+            if cfg.task.objective == "contrastive":
+                # Every rank joins the gather of the head's ZeRO-3 partitions; rank 0 writes.
+                save_embedding_head(engine.module, run_dir / "export", write=world.is_main)
             if world.is_main:
                 out = export_checkpoint(run_dir / "checkpoints", run_dir / "export")
                 print0(f"export: {out}/model (Hugging Face), adapter: {cfg.model.lora.enabled}")

@@ -94,3 +94,9 @@ def test_mrl_embedding_training_two_rank_zero3_then_retrieval_eval(tmp_path):
     captions = embedder.embed(["a red circle.", "a blue square."], dim=8)
     assert (small @ captions.T).argmax(dim=1).tolist() == [0, 1]
     assert embedder.metadata["dims"] == DIMS and embedder.metadata["layers"] == [2]
+
+    # The export records dims and layers, and embeds as the checkpoint does.
+    exported = Embedder.from_export(run_dir / "export")
+    assert json.loads((run_dir / "export" / "embedding.json").read_text())["dims"] == DIMS
+    assert exported.metadata["layers"] == [2] and exported.metadata["pooling"] == "last"
+    torch.testing.assert_close(exported.embed(images, dim=8, instruction="Represent the image"), small)

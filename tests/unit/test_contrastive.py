@@ -102,8 +102,16 @@ def test_dims_are_validated_against_order_and_width():
         load_config(
             None, ["task.objective=contrastive", "matryoshka.dims.policy=starbucks", "matryoshka.dims.dims=[8]"]
         )
+    with pytest.raises(ConfigError, match="projection head is not part of the Hugging Face export"):
+        load_config(None, ["task.objective=contrastive", "task.contrastive.projection_dim=128"])
     assert load_config(
-        None, ["task.objective=contrastive", "task.contrastive.projection_dim=128", "matryoshka.dims.dims=[8,128]"]
+        None,
+        [
+            "task.objective=contrastive",
+            "task.contrastive.projection_dim=128",
+            "matryoshka.dims.dims=[8,128]",
+            "checkpoint.export_at_end=false",
+        ],
     )
     with pytest.raises(ValueError, match="beyond the embedding width 32"):
         check_dims([8, 64], 32)
