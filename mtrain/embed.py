@@ -87,8 +87,8 @@ class Embedder:
 
         from mtrain.config import load_config  # noqa: PLC0415
         from mtrain.engine.run import pair_spec  # noqa: PLC0415
+        from mtrain.engine.setup import build_task  # noqa: PLC0415
         from mtrain.model.build import build_model  # noqa: PLC0415
-        from mtrain.task.contrastive import ContrastiveTask  # noqa: PLC0415
 
         folder = Path(export_dir)
         if not (folder / EMBEDDING_FILE).is_file():
@@ -106,17 +106,11 @@ class Embedder:
                 f"task.contrastive.pooling={meta['pooling']}",
                 f"task.contrastive.projection_dim={meta['projection_dim']}",
                 f"matryoshka.dims.dims={meta['dims']}",
+                "checkpoint.export_at_end=false",  # this config only rebuilds the model
             ],
         )
         built = build_model(cfg.model, torch.float32, None, cfg.run.seed)
-        task = ContrastiveTask(
-            built.model,
-            cfg.task.contrastive,
-            cfg.matryoshka.dims,
-            built.image_token_id,
-            built.visual_tokens,
-            cfg.run.seed,
-        )
+        task = build_task(cfg, built, rank=0)
         if (folder / HEAD_WEIGHTS_FILE).is_file():
             task.head.load_state_dict(load_file(str(folder / HEAD_WEIGHTS_FILE)), strict=True)
         embedder = cls(task, pair_spec(cfg, built), built.image_processor)

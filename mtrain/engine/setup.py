@@ -65,6 +65,7 @@ def build_task(cfg: TrainConfig, built: BuiltModel, rank: int) -> torch.nn.Modul
             cfg.matryoshka.dims,
             image_token_id=built.image_token_id,
             visual_tokens=built.visual_tokens,
+            pad_token_id=built.tokenizer.pad_token_id,
             seed=cfg.run.seed,
         )
     tokens = cfg.matryoshka.tokens

@@ -121,7 +121,13 @@ def retrieval_view(cfg: Any, built: Any, task: torch.nn.Module) -> Any:
     if isinstance(task, ContrastiveTask):
         return task
     return ContrastiveTask(
-        built.model, cfg.task.contrastive, cfg.matryoshka.dims, built.image_token_id, built.visual_tokens, cfg.run.seed
+        built.model,
+        cfg.task.contrastive,
+        cfg.matryoshka.dims,
+        built.image_token_id,
+        built.visual_tokens,
+        built.tokenizer.pad_token_id,
+        cfg.run.seed,
     ).eval()
 
 

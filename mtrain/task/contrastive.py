@@ -18,8 +18,9 @@ over ranks, so the loss handed to backward is scaled by the world size (see `sum
 
 from __future__ import annotations
 
+import contextlib
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,6 +119,7 @@ class ContrastiveTask(nn.Module):
         dims: EmbeddingDimsConfig,
         image_token_id: int,
         visual_tokens: int,
+        pad_token_id: int,
         seed: int,
     ) -> None:
         super().__init__()
@@ -131,6 +133,7 @@ class ContrastiveTask(nn.Module):
         if any(layer > self.depth for layer in dims.layers):
             raise ValueError(f"matryoshka.dims.layers={dims.layers} name layers beyond the model's {self.depth}")
         self.image_token_id = image_token_id
+        self.pad_token_id = pad_token_id
         self.visual_tokens = visual_tokens
         self.image_size = self.llava.config.vision_config.image_size
         self.seed = seed
@@ -174,13 +177,13 @@ class ContrastiveTask(nn.Module):
         """Queries and positives embedded in one forward: (layers, rows, width) each."""
         rows = batch["query_input_ids"].shape[0]
         width = max(batch[f"{side}_input_ids"].shape[1] for side in SIDES)
-        input_ids = torch.cat(
-            [F.pad(batch[f"{s}_input_ids"], (0, width - batch[f"{s}_input_ids"].shape[1]), value=0) for s in SIDES]
-        )
-        mask = torch.cat(
-            [F.pad(batch[f"{s}_attention_mask"], (0, width - batch[f"{s}_attention_mask"].shape[1])) for s in SIDES]
-        )
-        input_ids = torch.where(mask.bool(), input_ids, input_ids[0, 0])  # padding ids never read <image>
+
+        def right_padded(name: str) -> torch.Tensor:
+            # Both sides to one width; mask 0 marks the new columns, and the ids there are never read.
+            return torch.cat([F.pad(batch[f"{s}_{name}"], (0, width - batch[f"{s}_{name}"].shape[1])) for s in SIDES])
+
+        input_ids, mask = right_padded("input_ids"), right_padded("attention_mask")
+        input_ids = torch.where(mask.bool(), input_ids, self.pad_token_id)  # so no padding id is taken for <image>
         pixel_values = torch.cat([batch[f"{side}_pixel_values"] for side in SIDES])
         embeddings = self.encode(input_ids, mask, pixel_values, layers)
         return embeddings[:, :rows], embeddings[:, rows:]
@@ -316,19 +319,16 @@ def random_state() -> dict[str, Any]:
     return state
 
 
-class restored_random_state:  # noqa: N801  (used like a function: `with restored_random_state(s):`)
+@contextlib.contextmanager
+def restored_random_state(state: dict[str, Any]) -> Iterator[None]:
     """Run a block from a saved RNG state, then continue the outer stream where it was."""
-
-    def __init__(self, state: dict[str, Any]) -> None:
-        self.state = state
-
-    def __enter__(self) -> None:
-        self.saved = random_state()
-        torch.set_rng_state(self.state["cpu"])
-        if "cuda" in self.state:
-            torch.cuda.set_rng_state(self.state["cuda"])
-
-    def __exit__(self, *exc: object) -> None:
-        torch.set_rng_state(self.saved["cpu"])
-        if "cuda" in self.saved:
-            torch.cuda.set_rng_state(self.saved["cuda"])
+    outer = random_state()
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+    try:
+        yield
+    finally:
+        torch.set_rng_state(outer["cpu"])
+        if "cuda" in outer:
+            torch.cuda.set_rng_state(outer["cuda"])
