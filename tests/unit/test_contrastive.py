@@ -311,3 +311,38 @@ def test_gradcache_matches_direct_path_and_holds_one_chunk_of_activations():
     print(
         f"saved activation elements: direct 8 rows {direct_peak}, GradCache chunk 2 {meter.peak}, direct 2 rows {direct_peak_2}"
     )
+
+
+# ── embedding API ─────────────────────────────────────────────────────────────────────────────
+def test_embed_api_truncates_and_round_trips_through_an_export_with_a_projection(tmp_path):
+    from PIL import Image
+
+    from mtrain.embed import Embedder, save_embedding_head
+    from mtrain.engine.run import pair_spec
+
+    task, built, cfg = make_task(
+        "task.contrastive.projection_dim=32",
+        "matryoshka.dims.dims=[8,16,32]",
+        "matryoshka.dims.policy=2dmse",
+        "matryoshka.dims.layers=[2,3]",
+        "checkpoint.export_at_end=false",
+    )
+    embedder = Embedder(task, pair_spec(cfg, built), built.image_processor)
+    image = Image.new("RGB", (40, 40), (200, 20, 20))
+    inputs = [image, "a red circle.", (image, "what is <image> showing?")]
+    full = embedder.embed(inputs, layer=3)
+    assert full.shape == (3, 32)
+    small = embedder.embed(inputs, dim=8, layer=3)
+    torch.testing.assert_close(small, F.normalize(full[:, :8], dim=1))
+    assert not torch.allclose(embedder.embed(inputs, dim=8), small)  # the last layer differs from layer 3
+    with pytest.raises(ValueError, match="outside 1..4"):
+        embedder.embed(inputs, layer=5)
+
+    built.model.save_pretrained(tmp_path / "model")
+    built.tokenizer.save_pretrained(tmp_path / "model")
+    built.image_processor.save_pretrained(tmp_path / "model")
+    save_embedding_head(task, tmp_path)
+    exported = Embedder.from_export(tmp_path)
+    assert exported.metadata["dims"] == [8, 16, 32] and exported.metadata["layers"] == [2, 3, 4]
+    assert exported.metadata["projection_dim"] == 32
+    torch.testing.assert_close(exported.embed(inputs, dim=16, layer=2), embedder.embed(inputs, dim=16, layer=2))
