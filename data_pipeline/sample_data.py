@@ -10,7 +10,9 @@ from __future__ import annotations
 import io
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageDraw
 
@@ -52,10 +54,16 @@ def draw_shape(colour: str, shape: str, rng: random.Random, size: int = 64) -> I
     return image
 
 
-def write_sample_shards(
-    out_dir: str | Path, num_shards: int = 4, samples_per_shard: int = 96, seed: int = 0
+def write_shape_shards(
+    out_dir: str | Path,
+    num_shards: int,
+    samples_per_shard: int,
+    seed: int,
+    file_prefix: str,
+    members: Callable[[str, str, bytes], dict[str, Any]],
+    kind: str,
 ) -> list[Path]:
-    """Write `num_shards` caption-pair tars plus an index of samples per shard; return the paths."""
+    """Tars of coloured-shape samples whose members `members(colour, shape, jpeg)` builds, plus the index."""
     import webdataset as wds  # noqa: PLC0415
 
     out = Path(out_dir)
@@ -63,21 +71,27 @@ def write_sample_shards(
     rng = random.Random(seed)
     paths, index = [], {}
     for shard in range(num_shards):
-        path = out / f"shard-{shard:06d}.tar"
+        path = out / f"{file_prefix}-{shard:06d}.tar"
         with wds.TarWriter(str(path)) as writer:
             for item in range(samples_per_shard):
                 colour = rng.choice(list(COLOURS))
                 shape = rng.choice(SHAPES)
                 buffer = io.BytesIO()
                 draw_shape(colour, shape, rng).save(buffer, format="JPEG", quality=90)
-                writer.write(
-                    {
-                        "__key__": f"s{shard:04d}_{item:05d}",
-                        "jpg": buffer.getvalue(),
-                        "txt": f"a {colour} {shape}.",
-                    }
-                )
+                key = f"{file_prefix[0]}{shard:04d}_{item:05d}"
+                writer.write({"__key__": key, **members(colour, shape, buffer.getvalue())})
         paths.append(path)
         index[path.name] = samples_per_shard
-    (out / INDEX_FILE).write_text(json.dumps({"format": "caption", "samples": index}, indent=1))
+    (out / INDEX_FILE).write_text(json.dumps({"format": kind, "samples": index}, indent=1))
     return paths
+
+
+def write_sample_shards(
+    out_dir: str | Path, num_shards: int = 4, samples_per_shard: int = 96, seed: int = 0
+) -> list[Path]:
+    """Write `num_shards` caption-pair tars plus an index of samples per shard; return the paths."""
+
+    def caption_pair(colour: str, shape: str, jpeg: bytes) -> dict[str, Any]:
+        return {"jpg": jpeg, "txt": f"a {colour} {shape}."}
+
+    return write_shape_shards(out_dir, num_shards, samples_per_shard, seed, "shard", caption_pair, "caption")

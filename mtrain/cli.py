@@ -29,13 +29,17 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--print", action="store_true", help="print the resolved config")
     validate.add_argument("--explain", action="store_true", help="print every key with its description")
 
-    evaluate = commands.add_parser("eval", help="loss and accuracy at every visual-token scale, with a PNG curve")
+    evaluate = commands.add_parser(
+        "eval", help="budget: loss and accuracy at every visual-token scale; retrieval: recall at every dim; PNG curve"
+    )
     evaluate.add_argument("source", help="a checkpoint (folder) or a config (YAML)")
+    evaluate.add_argument("--task", choices=("budget", "retrieval"), default="budget", help="what to evaluate")
     evaluate.add_argument("overrides", nargs="*", metavar="a.b.c=value", help="dotted overrides")
     evaluate.add_argument("--shards", help="evaluation shards (default: the config's data.shards)")
     evaluate.add_argument("--batches", type=int, default=4, help="batches to evaluate")
     evaluate.add_argument("--scales", help="comma-separated budgets (default: the trained scales, else every M3 scale)")
-    evaluate.add_argument("--out", default="eval", help="folder for budget.json and budget.png")
+    evaluate.add_argument("--dims", help="retrieval: comma-separated embedding sizes (default: the trained dims)")
+    evaluate.add_argument("--out", default="eval", help="folder for the JSON report and PNG curve")
 
     plan = commands.add_parser("plan", help="per-GPU memory, tokens per step and an H100 projection; no weights read")
     _add_config_args(plan)
@@ -68,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--shards", type=int, default=4, help="number of shards")
     sample.add_argument("--per-shard", type=int, default=96, help="samples per shard")
     sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument(
+        "--kind", choices=("captions", "pairs"), default="captions", help="caption pairs, or (query, positive) pairs"
+    )
 
     build = data_commands.add_parser("build", help="convert local data to shards (see data_pipeline/FORMAT.md)")
     build.add_argument("form", choices=["interleaved", "caption", "conversation"])
@@ -120,6 +127,12 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         run_training(cfg)
         return 0
+    if args.command == "eval" and args.task == "retrieval":
+        from mtrain.eval.retrieval import run_retrieval_eval  # noqa: PLC0415
+
+        dims = [int(d) for d in args.dims.split(",")] if args.dims else None
+        run_retrieval_eval(args.source, args.overrides, args.shards, args.batches, dims, args.out)
+        return 0
     if args.command == "eval":
         from mtrain.eval.run import run_eval  # noqa: PLC0415
 
@@ -153,9 +166,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(inspect_path(args.checkpoint, checksums=args.checksums))
         return 0
     if args.command == "data" and args.data_command == "sample":
+        from data_pipeline.pairs import write_pair_shards  # noqa: PLC0415
         from data_pipeline.sample_data import write_sample_shards  # noqa: PLC0415
 
-        paths = write_sample_shards(args.out, args.shards, args.per_shard, args.seed)
+        writer = write_pair_shards if args.kind == "pairs" else write_sample_shards
+        paths = writer(args.out, args.shards, args.per_shard, args.seed)
         print(f"wrote {len(paths)} shards x {args.per_shard} samples to {args.out}")
         return 0
     if args.command == "data":

@@ -335,8 +335,86 @@ class TokenScalesConfig(Checkable):
 
 
 @dataclass
+class EmbeddingDimsConfig(Checkable):
+    dims: list[int] = setting(
+        [], "Nested embedding sizes, increasing, the last at most the embedding width (empty: the full width only)."
+    )
+    weights: list[float] = setting([], "InfoNCE weight per dim in the MRL sum (empty: 1 each).")
+    policy: Literal["mrl", "2dmse", "starbucks"] = setting(
+        "mrl",
+        "mrl: last layer at every dim; 2dmse: last layer at full dim + one random (layer, dim) per step + KL; "
+        "starbucks: every (layers[i], dims[i]) pair every step + KL.",
+    )
+    layers: list[int] = setting(
+        [],
+        "Transformer layers (1-based) embeddings are also taken from: 2dmse draws among them (empty: every layer "
+        "below the last); starbucks pairs layers[i] with dims[i].",
+    )
+    kl_temperature: float = setting(0.3, "Temperature of the similarity distributions the KL term aligns (2D).")
+    kl_weight: float = setting(1.0, "Weight of the KL alignment to the last layer (2D policies).")
+
+    def check(self) -> list[tuple[str, str]]:
+        if self.dims and (sorted(set(self.dims)) != self.dims or self.dims[0] < 1):
+            return [("dims", f"must be positive and strictly increasing, e.g. [8, 16, 32, 64]; got {self.dims}")]
+        if self.weights and len(self.weights) != len(self.dims):
+            return [("weights", f"has {len(self.weights)} entries for {len(self.dims)} dims")]
+        if any(w < 0 for w in self.weights) or (self.weights and sum(self.weights) == 0):
+            return [("weights", f"must be non-negative with a positive sum, got {self.weights}")]
+        if any(layer < 1 for layer in self.layers):
+            return [("layers", f"are 1-based transformer layers; got {self.layers}")]
+        if self.policy == "starbucks":
+            if not self.layers or len(self.layers) != len(self.dims):
+                message = f"starbucks pairs layers[i] with dims[i]: give as many layers as dims ({len(self.dims)})"
+                return [("layers", message)]
+            if sorted(self.layers) != self.layers:
+                return [
+                    ("layers", f"starbucks pairs grow from small to large; layers must not decrease: {self.layers}")
+                ]
+        if self.kl_temperature <= 0:
+            return [("kl_temperature", f"must be positive, got {self.kl_temperature}")]
+        if self.kl_weight < 0:
+            return [("kl_weight", f"must be >= 0, got {self.kl_weight}")]
+        return []
+
+
+@dataclass
 class MatryoshkaConfig(Checkable):
     tokens: TokenScalesConfig = section(TokenScalesConfig, "Nested visual-token budgets (M3, MQT).")
+    dims: EmbeddingDimsConfig = section(
+        EmbeddingDimsConfig, "Nested embedding sizes and layers (MRL, 2DMSE, Starbucks); task.objective=contrastive."
+    )
+
+
+@dataclass
+class ContrastiveConfig(Checkable):
+    temperature: float = setting(0.02, "InfoNCE temperature (VLM2Vec uses 0.02).")
+    pooling: Literal["last", "mean"] = setting(
+        "last", "Embedding of a sequence: hidden state of its last real token (either padding side) or the mean."
+    )
+    projection_dim: int = setting(0, "Linear projection of the pooled state to this width; 0 keeps the model width.")
+    query_instruction: str = setting(
+        "Represent the image", "Instruction text after the query's image when a pair sample carries none."
+    )
+    chunk_size: int = setting(
+        0, "GradCache: embed this many rows per forward and replay them with cached gradients; 0 embeds all at once."
+    )
+
+    def check(self) -> list[tuple[str, str]]:
+        if self.temperature <= 0:
+            return [("temperature", f"must be positive, got {self.temperature}")]
+        if self.projection_dim < 0:
+            return [("projection_dim", f"must be >= 0 (0: no projection), got {self.projection_dim}")]
+        if self.chunk_size < 0:
+            return [("chunk_size", f"must be >= 0 (0: no GradCache), got {self.chunk_size}")]
+        return []
+
+
+@dataclass
+class TaskConfig(Checkable):
+    objective: Literal["lm", "contrastive"] = setting(
+        "lm", "lm: next-token loss on captions; contrastive: InfoNCE embeddings over (query, positive) pair shards."
+    )
+    contrastive: ContrastiveConfig = section(ContrastiveConfig, "Embedding training (VLM2Vec style).")
 
 
 @dataclass
@@ -349,7 +427,8 @@ class TrainConfig(Checkable):
     dist: DistConfig = section(DistConfig, "Process-group start-up.")
     checkpoint: CheckpointConfig = section(CheckpointConfig, "Saving and export.")
     logging: LoggingConfig = section(LoggingConfig, "Metrics and progress.")
-    matryoshka: MatryoshkaConfig = section(MatryoshkaConfig, "Matryoshka structure: nested visual tokens.")
+    task: TaskConfig = section(TaskConfig, "Training objective.")
+    matryoshka: MatryoshkaConfig = section(MatryoshkaConfig, "Matryoshka structure: nested visual tokens and dims.")
 
     def check(self) -> list[tuple[str, str]]:
         tokens = self.matryoshka.tokens
@@ -363,8 +442,37 @@ class TrainConfig(Checkable):
             if bad:
                 message = f"{bad}: the side of each scale must divide the {side}x{side} grid side {side}"
                 return [("matryoshka.tokens.scales", message)]
+        problem = self.check_embedding()
+        if problem:
+            return [problem]
         visual_tokens = self.model.tiny.visual_tokens
         if self.model.preset == "tiny-llava" and self.data.max_len <= visual_tokens:
             message = f"{self.data.max_len} leaves no room for text after {visual_tokens} visual tokens; raise it"
             return [("data.max_len", message)]
         return []
+
+    def check_embedding(self) -> tuple[str, str] | None:
+        """Dims and layers against the embedding width and depth (known here for the tiny preset)."""
+        dims, contrastive = self.matryoshka.dims, self.task.contrastive
+        if self.task.objective != "contrastive":
+            if dims.dims or dims.layers:
+                return ("matryoshka.dims", "nests embedding sizes, which only task.objective=contrastive trains")
+            return None
+        if self.matryoshka.tokens.mode != "none":
+            return ("matryoshka.tokens.mode", "visual-token scales train with task.objective=lm; set mode none")
+        width = contrastive.projection_dim or (self.model.tiny.hidden_size if self.model.preset == "tiny-llava" else 0)
+        if width and dims.dims and dims.dims[-1] > width:
+            source = "task.contrastive.projection_dim" if contrastive.projection_dim else "model.tiny.hidden_size"
+            return ("matryoshka.dims.dims", f"{dims.dims[-1]} exceeds the embedding width {width} ({source})")
+        if contrastive.projection_dim and self.checkpoint.export_at_end:
+            message = (
+                "a projection head is not part of the Hugging Face export yet; set checkpoint.export_at_end=false "
+                "and load embeddings with mtrain.embed.Embedder.from_checkpoint"
+            )
+            return ("task.contrastive.projection_dim", message)
+        depth = self.model.tiny.num_layers if self.model.preset == "tiny-llava" else 0
+        if depth and any(layer > depth for layer in dims.layers):
+            return ("matryoshka.dims.layers", f"{dims.layers} name layers beyond the model's {depth}")
+        if dims.policy == "2dmse" and depth == 1 and not dims.layers:
+            return ("matryoshka.dims.policy", "2dmse needs a layer below the last; the model has one layer")
+        return None

@@ -82,11 +82,41 @@ def make_sink(cfg: TrainConfig, run_dir: Path, world: WorldInfo) -> MetricSink:
     return SinkGroup(sinks)
 
 
+def pair_spec(cfg: TrainConfig, built: Any) -> Any:
+    """How pair sides become tokens and pixels for this config and model."""
+    from data_pipeline.pairs import PairSpec  # noqa: PLC0415
+
+    return PairSpec(
+        built.tokenizer,
+        built.image_token_id,
+        built.visual_tokens,
+        cfg.data.max_len,
+        built.model.config.vision_config.image_size,
+        cfg.task.contrastive.query_instruction,
+    )
+
+
+def training_batches(cfg: TrainConfig, built: Any, world: WorldInfo) -> Any:
+    """The staged loader for the LM objective; (query, positive) pair batches for the contrastive one."""
+    if cfg.task.objective != "contrastive":
+        from mtrain.engine.data import build_data_loader  # noqa: PLC0415
+
+        return build_data_loader(cfg, built, world)
+    from data_pipeline.pairs import PairStream  # noqa: PLC0415
+    from data_pipeline.replay_stream import ResumableLoader  # noqa: PLC0415
+
+    stream = PairStream(
+        cfg.data.shards, world.rank, world.world_size, cfg.data.micro_batch_size, pair_spec(cfg, built),
+        built.image_processor, cfg.run.seed, 0, cfg.data.num_workers,
+    )  # fmt: skip
+    return ResumableLoader(stream, cfg.data.num_workers)
+
+
 def run_training(cfg: TrainConfig) -> list[dict[str, float]]:
     """Train as configured; every rank of the job calls this."""
     from mtrain.checkpoint.checkpointer import Checkpointer  # noqa: PLC0415
     from mtrain.checkpoint.export import export_checkpoint  # noqa: PLC0415
-    from mtrain.engine.data import build_data_loader  # noqa: PLC0415
+    from mtrain.embed import save_embedding_head  # noqa: PLC0415
     from mtrain.engine.setup import initialize_engine, resolve_placement  # noqa: PLC0415
     from mtrain.engine.trainer import Trainer  # noqa: PLC0415
     from mtrain.model.build import build_model, parameter_elements  # noqa: PLC0415
@@ -115,7 +145,7 @@ def run_training(cfg: TrainConfig) -> list[dict[str, float]]:
         f"{elements['local']:,} held by rank 0; {built.visual_tokens} visual tokens per image"
     )
 
-    batches = build_data_loader(cfg, built, world)
+    batches = training_batches(cfg, built, world)
     trainer = Trainer(cfg, world, engine, batches, NullSink(), placement.device)
     checkpointer.restore(engine, trainer, batches)
     resumed_step = trainer.step
@@ -141,6 +171,9 @@ def run_training(cfg: TrainConfig) -> list[dict[str, float]]:
         print0(f"checkpoint: {run_dir / 'checkpoints'} (step {trainer.step})")
     if cfg.checkpoint.save_at_end:
         if cfg.checkpoint.export_at_end:
+            if cfg.task.objective == "contrastive":
+                # Every rank joins the gather of the head's ZeRO-3 partitions; rank 0 writes.
+                save_embedding_head(engine.module, run_dir / "export", write=world.is_main)
             if world.is_main:
                 out = export_checkpoint(run_dir / "checkpoints", run_dir / "export")
                 print0(f"export: {out}/model (Hugging Face), adapter: {cfg.model.lora.enabled}")

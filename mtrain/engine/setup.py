@@ -11,6 +11,7 @@ from mtrain.config.schema import TrainConfig
 from mtrain.engine.schedule import warmup_cosine_scheduler
 from mtrain.model.build import BuiltModel
 from mtrain.task.captioning import LanguageModelingTask
+from mtrain.task.contrastive import ContrastiveTask
 from mtrain.task.matryoshka_tokens import MatryoshkaTokenTask
 
 
@@ -57,6 +58,16 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
 
 def build_task(cfg: TrainConfig, built: BuiltModel, rank: int) -> torch.nn.Module:
     """The one module DeepSpeed wraps: the model with the losses of the configured objective."""
+    if cfg.task.objective == "contrastive":
+        return ContrastiveTask(
+            built.model,
+            cfg.task.contrastive,
+            cfg.matryoshka.dims,
+            image_token_id=built.image_token_id,
+            visual_tokens=built.visual_tokens,
+            pad_token_id=built.tokenizer.pad_token_id,
+            seed=cfg.run.seed,
+        )
     tokens = cfg.matryoshka.tokens
     if tokens.mode == "none":
         return LanguageModelingTask(built.model)

@@ -74,7 +74,7 @@ class Trainer:
             batch = self.to_device(raw_batch)
             loss, counts = self.forward_backward(batch)
             losses.append(loss)
-            totals["samples"] += batch["input_ids"].shape[0]
+            totals["samples"] += len(batch["keys"]) if "keys" in batch else batch["input_ids"].shape[0]
             for name, value in counts.items():
                 value = torch.as_tensor(value).detach().to("cpu", torch.float64)
                 totals[name] = totals[name] + value if name in totals else value
@@ -107,8 +107,13 @@ class Trainer:
 
     def forward_backward(self, batch: dict[str, Any]) -> tuple[float, dict[str, torch.Tensor]]:
         """Forward through the task module, backward, and the engine's (accumulating) step."""
-        loss, counts = self.engine(batch)
-        self.engine.backward(loss)
+        task = self.engine.module
+        if getattr(task, "chunk_size", 0):
+            # GradCache: the task runs several forwards and backwards through the engine itself.
+            loss, counts = task.cached_forward_backward(batch, forward=self.engine, backward=self.engine.backward)
+        else:
+            loss, counts = self.engine(batch)
+            self.engine.backward(loss)
         self.engine.step()
         return float(loss.detach()), counts
 

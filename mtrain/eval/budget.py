@@ -111,9 +111,16 @@ def plot_budget_curve(curves: dict[str, list[ScaleResult]], path: Path, metric: 
         scales = [r.scale for r in results]
         axes[0].plot(scales, [getattr(r, metric) for r in results], marker="o", label=name)
         axes[1].plot(scales, [r.loss for r in results], marker="o", label=name)
-    for ax, label in zip(axes, (metric.replace("_", " "), "loss"), strict=True):
+    return save_log2_curves(figure, axes, "visual tokens per image", (metric.replace("_", " "), "loss"), path)
+
+
+def save_log2_curves(figure: Any, axes: Any, xlabel: str, ylabels: tuple[str, ...], path: Path) -> Path:
+    """Label the panels (log-2 x axis, grid, legend) and write the PNG."""
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    for ax, label in zip(axes, ylabels, strict=True):
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("visual tokens per image")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
         ax.legend()

@@ -1,0 +1,156 @@
+"""`mtrain eval --task retrieval`: recall@1 and recall@5 at every embedding dim (and layer), table, JSON, PNG.
+
+Held-out pairs are embedded once at every layer evaluated; each (layer, dim) then truncates and
+re-normalises. The gallery is the set of distinct positives (pairs sharing a caption share one
+gallery entry), so a query is right at k when its positive is among the k most similar entries.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mtrain.eval.budget import save_log2_curves
+from mtrain.model.embedding_head import truncate
+
+RECALL_AT = (1, 5)
+
+
+@dataclass
+class RetrievalResult:
+    layer: int
+    dim: int
+    recall_at_1: float
+    recall_at_5: float
+    queries: int
+    gallery: int
+
+
+def evaluated_layers(task: Any) -> list[int]:
+    """The last layer, plus every layer the 2D policies train (2dmse without a list: all of them)."""
+    policy, layers = task.dims_config.policy, task.dims_config.layers
+    if policy == "2dmse" and not layers:
+        return list(range(1, task.depth + 1))
+    return sorted({*layers, task.depth}) if policy != "mrl" else [task.depth]
+
+
+@torch.no_grad()
+def embed_pairs(
+    task: Any, batches: Iterator[dict[str, Any]], num_batches: int, layers: list[int]
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(layers, N, width) query and positive embeddings of `num_batches` batches, and the positive texts."""
+    queries, positives, texts = [], [], []
+    for _, batch in zip(range(num_batches), batches, strict=False):
+        q, p = task.encode_pairs(batch, layers)
+        queries.append(q.float())
+        positives.append(p.float())
+        texts += batch["positive_texts"]
+    if not queries:
+        raise ValueError("the evaluation shards gave no batch; point --shards at held-out pair shards")
+    return torch.cat(queries, dim=1), torch.cat(positives, dim=1), texts
+
+
+def recall_at(queries: torch.Tensor, gallery: torch.Tensor, targets: torch.Tensor, dim: int) -> dict[int, float]:
+    """Fraction of queries whose target is among the k most similar gallery entries, for k in RECALL_AT."""
+    scores = truncate(queries, dim) @ truncate(gallery, dim).T
+    target_scores = scores.gather(1, targets[:, None])
+    rank = (scores > target_scores).sum(dim=1)  # entries strictly better than the target
+    return {k: float((rank < k).float().mean()) for k in RECALL_AT}
+
+
+def evaluate_retrieval(
+    task: Any, batches: Iterator[dict[str, Any]], num_batches: int, dims: list[int] | None = None
+) -> list[RetrievalResult]:
+    layers = evaluated_layers(task)
+    queries, positives, texts = embed_pairs(task, batches, num_batches, layers)
+    distinct = list(dict.fromkeys(texts))
+    first = [texts.index(text) for text in distinct]
+    targets = torch.tensor([distinct.index(text) for text in texts])
+    results = []
+    for i, layer in enumerate(layers):
+        gallery = positives[i, first]
+        for dim in dims or task.dims:
+            recall = recall_at(queries[i], gallery, targets, dim)
+            results.append(RetrievalResult(layer, dim, recall[1], recall[5], len(texts), len(distinct)))
+    return results
+
+
+def format_retrieval_table(results: list[RetrievalResult]) -> str:
+    lines = [f"{'layer':>5} {'dim':>6} {'recall@1':>9} {'recall@5':>9} {'queries':>8} {'gallery':>8}"]
+    lines += [
+        f"{r.layer:>5d} {r.dim:>6d} {r.recall_at_1:>9.3f} {r.recall_at_5:>9.3f} {r.queries:>8d} {r.gallery:>8d}"
+        for r in results
+    ]
+    return "\n".join(lines)
+
+
+def plot_recall_curve(results: list[RetrievalResult], path: Path, title: str) -> Path:
+    """Recall@1 and recall@5 against dims (log axis), one line per layer."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for layer in sorted({r.layer for r in results}):
+        rows = [r for r in results if r.layer == layer]
+        for ax, metric in zip(axes, ("recall_at_1", "recall_at_5"), strict=True):
+            ax.plot([r.dim for r in rows], [getattr(r, metric) for r in rows], marker="o", label=f"layer {layer}")
+    for ax in axes:
+        ax.set_ylim(0, 1.02)
+    figure.suptitle(title, fontsize=9)
+    return save_log2_curves(figure, axes, "embedding dims", ("recall@1", "recall@5"), path)
+
+
+def write_retrieval_report(results: list[RetrievalResult], out_dir: Path, name: str) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "retrieval.json"
+    json_path.write_text(json.dumps({"name": name, "results": [asdict(r) for r in results]}, indent=1))
+    return json_path, plot_recall_curve(results, out_dir / "retrieval.png", name)
+
+
+def retrieval_view(cfg: Any, built: Any, task: torch.nn.Module) -> Any:
+    """The trained contrastive task, or (for a model trained otherwise) one over it at the full width."""
+    from mtrain.task.contrastive import ContrastiveTask  # noqa: PLC0415
+
+    if isinstance(task, ContrastiveTask):
+        return task
+    return ContrastiveTask(
+        built.model,
+        cfg.task.contrastive,
+        cfg.matryoshka.dims,
+        built.image_token_id,
+        built.visual_tokens,
+        built.tokenizer.pad_token_id,
+        cfg.run.seed,
+    ).eval()
+
+
+def run_retrieval_eval(
+    source: str, overrides: list[str], shards: str | None, num_batches: int, dims: list[int] | None, out: str
+) -> list[RetrievalResult]:
+    from data_pipeline.pairs import PairStream  # noqa: PLC0415
+    from mtrain.engine.run import pair_spec  # noqa: PLC0415
+    from mtrain.eval.budget import load_for_eval  # noqa: PLC0415
+
+    cfg, built, task = load_for_eval(source, overrides)
+    view = retrieval_view(cfg, built, task)
+    stream = PairStream(
+        shards or cfg.data.shards,
+        0,
+        1,
+        cfg.data.micro_batch_size,
+        pair_spec(cfg, built),
+        built.image_processor,
+        cfg.run.seed,
+    )
+    results = evaluate_retrieval(view, iter(stream), num_batches, dims)
+    print(format_retrieval_table(results))
+    json_path, png_path = write_retrieval_report(results, Path(out), name=str(source))
+    print(f"wrote {json_path} and {png_path}")
+    return results

@@ -1,0 +1,334 @@
+"""Contrastive embedding training (VLM2Vec) with Matryoshka dims (MRL) and layers (2DMSE, Starbucks).
+
+One step:
+
+    queries + positives, one row each ─► vision tower + LM once, every hidden state kept
+        ─► pool each layer the step uses ─► (layers, rows, width)
+    gather every rank's embeddings (the local slice put back, so its gradient flows)
+    loss = Σ_terms weight · InfoNCE(first k dims of layer l, re-normalised, temperature)
+         + kl_weight · Σ KL(last layer's similarity distribution ‖ shallow one's)
+
+Which (layer, dim) terms a step has is a `StepPlan`, drawn from (seed, step) alone, so every rank
+holds the same plan and runs the same modules (ZeRO-3 gathers in the same order everywhere).
+
+Every rank computes the loss of the whole global batch, but its backward reaches only its own
+slice; the sum of the ranks' gradients is then the global-batch gradient. DeepSpeed averages
+over ranks, so the loss handed to backward is scaled by the world size (see `summarize`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from mtrain.config.schema import ContrastiveConfig, EmbeddingDimsConfig
+from mtrain.model.embedding_head import EmbeddingHead, check_dims, truncate
+
+SIDES = ("query", "positive")
+
+
+@dataclass(frozen=True)
+class Term:
+    """One InfoNCE loss: embeddings of `layer` cut to `dim`, weighted."""
+
+    layer: int
+    dim: int
+    weight: float
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    terms: tuple[Term, ...]
+    kl_students: tuple[tuple[int, int], ...]  # (layer, dim) aligned to the last layer at the full dim
+    last_layer: int
+    full_dim: int
+
+    @property
+    def layers(self) -> list[int]:
+        """Layers whose embeddings the step needs, increasing (a fixed order on every rank)."""
+        used = {t.layer for t in self.terms} | {layer for layer, _ in self.kl_students}
+        if self.kl_students:
+            used.add(self.last_layer)
+        return sorted(used)
+
+
+def plan_step(dims: EmbeddingDimsConfig, depth: int, width: int, seed: int, step: int) -> StepPlan:
+    """The (layer, dim) terms of `step`: a pure function of (config, seed, step), the same on every rank."""
+    sizes = check_dims(dims.dims, width)
+    weights = dims.weights or [1.0] * len(sizes)
+    full = sizes[-1]
+    if dims.policy == "mrl":
+        return StepPlan(tuple(Term(depth, d, w) for d, w in zip(sizes, weights, strict=True)), (), depth, full)
+    if dims.policy == "starbucks":
+        pairs = list(zip(dims.layers, sizes, strict=True))
+        terms = tuple(Term(layer, d, w) for (layer, d), w in zip(pairs, weights, strict=True))
+        return StepPlan(terms, tuple(p for p in pairs if p != (depth, full)), depth, full)
+    candidates = dims.layers or list(range(1, depth))
+    draw = random.Random(f"2dmse/{seed}/{step}")  # seeded by (seed, step) only: never by rank
+    layer, dim = draw.choice(candidates), draw.choice(sizes)
+    terms = (Term(depth, full, 1.0), Term(layer, dim, 1.0))
+    return StepPlan(terms, ((layer, full),), depth, full)
+
+
+def gather_keep_local(local: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows, concatenated in rank order, with this rank's slice the autograd-tracked tensor."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, local.detach().contiguous())
+    parts[dist.get_rank()] = local  # all_gather returns tensors without a graph
+    return torch.cat(parts, dim=-2)
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def info_nce(queries: torch.Tensor, positives: torch.Tensor, dim: int, temperature: float) -> torch.Tensor:
+    """InfoNCE of query i against positive i, every other positive a negative, at size `dim`."""
+    logits = truncate(queries, dim) @ truncate(positives, dim).T / temperature
+    return F.cross_entropy(logits, torch.arange(len(queries), device=logits.device))
+
+
+def similarity_kl(
+    teacher_q: torch.Tensor,
+    teacher_p: torch.Tensor,
+    student_q: torch.Tensor,
+    student_p: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """KL(teacher ‖ student) of each query's distribution over the positives; the teacher is not trained by it."""
+    teacher = F.log_softmax((teacher_q @ teacher_p.T / temperature).detach(), dim=-1)
+    student = F.log_softmax(student_q @ student_p.T / temperature, dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+
+
+class ContrastiveTask(nn.Module):
+    def __init__(
+        self,
+        model: nn.Module,
+        contrastive: ContrastiveConfig,
+        dims: EmbeddingDimsConfig,
+        image_token_id: int,
+        visual_tokens: int,
+        pad_token_id: int,
+        seed: int,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        text_config = self.llava.config.text_config
+        self.head = EmbeddingHead(text_config.hidden_size, contrastive.pooling, contrastive.projection_dim)
+        self.contrastive = contrastive
+        self.dims_config = dims
+        self.dims = check_dims(dims.dims, self.head.out_width)
+        self.depth = text_config.num_hidden_layers
+        if any(layer > self.depth for layer in dims.layers):
+            raise ValueError(f"matryoshka.dims.layers={dims.layers} name layers beyond the model's {self.depth}")
+        self.image_token_id = image_token_id
+        self.pad_token_id = pad_token_id
+        self.visual_tokens = visual_tokens
+        self.image_size = self.llava.config.vision_config.image_size
+        self.seed = seed
+        self.step = 0
+        self.chunk_size = contrastive.chunk_size
+
+    @property
+    def llava(self) -> nn.Module:
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    def begin_step(self, step: int) -> None:
+        self.step = step
+
+    def plan(self) -> StepPlan:
+        return plan_step(self.dims_config, self.depth, self.head.out_width, self.seed, self.step)
+
+    # ── embedding ─────────────────────────────────────────────────────────────────────────────
+    def encode(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor, layers: list[int]
+    ) -> torch.Tensor:
+        """Pooled embeddings of every row at each of `layers`: (len(layers), rows, width).
+
+        The vision tower runs on every call, on a blank image when the rows hold none, and the
+        language model once with all hidden states: the module sequence never depends on the data.
+        """
+        embeddings = self.llava.get_input_embeddings()(input_ids)
+        blank = pixel_values.shape[0] == 0
+        images = pixel_values if not blank else embeddings.new_zeros(1, 3, self.image_size, self.image_size)
+        output = self.llava.model.get_image_features(pixel_values=images.to(embeddings.dtype), return_dict=True)
+        features = torch.cat(list(output.pooler_output)).to(embeddings.dtype)
+        if blank:
+            embeddings = embeddings + 0.0 * features.sum()  # keeps the vision path in every backward
+        else:
+            embeddings = embeddings.masked_scatter((input_ids == self.image_token_id).unsqueeze(-1), features)
+        hidden_states = self.llava.model(
+            inputs_embeds=embeddings, attention_mask=attention_mask, output_hidden_states=True, use_cache=False
+        ).hidden_states
+        return torch.stack([self.head(hidden_states[layer], attention_mask) for layer in layers])
+
+    def encode_pairs(self, batch: dict[str, Any], layers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries and positives embedded in one forward: (layers, rows, width) each."""
+        rows = batch["query_input_ids"].shape[0]
+        width = max(batch[f"{side}_input_ids"].shape[1] for side in SIDES)
+
+        def right_padded(name: str) -> torch.Tensor:
+            # Both sides to one width; mask 0 marks the new columns, and the ids there are never read.
+            return torch.cat([F.pad(batch[f"{s}_{name}"], (0, width - batch[f"{s}_{name}"].shape[1])) for s in SIDES])
+
+        input_ids, mask = right_padded("input_ids"), right_padded("attention_mask")
+        input_ids = torch.where(mask.bool(), input_ids, self.pad_token_id)  # so no padding id is taken for <image>
+        pixel_values = torch.cat([batch[f"{side}_pixel_values"] for side in SIDES])
+        embeddings = self.encode(input_ids, mask, pixel_values, layers)
+        return embeddings[:, :rows], embeddings[:, rows:]
+
+    # ── the loss ──────────────────────────────────────────────────────────────────────────────
+    def objective(
+        self, queries: torch.Tensor, positives: torch.Tensor, plan: StepPlan
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Global-batch loss from this rank's (layers, rows, width) embeddings, scaled by the world size."""
+        index = {layer: i for i, layer in enumerate(plan.layers)}
+        queries, positives = gather_keep_local(queries), gather_keep_local(positives)
+        temperature = self.contrastive.temperature
+        term_grid = torch.zeros(self.depth, len(self.dims), dtype=torch.float64)
+        count_grid = torch.zeros_like(term_grid)
+        loss = queries.new_zeros((), dtype=torch.float32)
+        for term in plan.terms:
+            term_loss = info_nce(queries[index[term.layer]], positives[index[term.layer]], term.dim, temperature)
+            loss = loss + term.weight * term_loss
+            cell = (term.layer - 1, self.dims.index(term.dim))
+            term_grid[cell] += float(term_loss.detach())
+            count_grid[cell] += 1
+        kl_total = loss.new_zeros(())
+        kl_t = self.dims_config.kl_temperature
+        last = index.get(plan.last_layer)
+        for layer, dim in plan.kl_students:
+            teacher = (truncate(queries[last], plan.full_dim), truncate(positives[last], plan.full_dim))
+            student = (truncate(queries[index[layer]], dim), truncate(positives[index[layer]], dim))
+            kl_total = kl_total + similarity_kl(*teacher, *student, kl_t)
+        loss = loss + self.dims_config.kl_weight * kl_total
+        drawn = plan.terms[-1] if self.dims_config.policy == "2dmse" else Term(0, 0, 0.0)
+        metrics = {
+            "contrastive_loss": loss.detach().double(),
+            "kl_loss": kl_total.detach().double(),
+            "term_loss": term_grid,
+            "term_count": count_grid,
+            # Summed over ranks by the trainer: identical draws leave a zero spread (see summarize).
+            "drawn_layer": torch.tensor(float(drawn.layer)),
+            "drawn_layer_sq": torch.tensor(float(drawn.layer) ** 2),
+            "drawn_dim": torch.tensor(float(drawn.dim)),
+            "drawn_dim_sq": torch.tensor(float(drawn.dim) ** 2),
+            "draws": torch.tensor(1.0),
+        }
+        return loss * world_size(), metrics
+
+    # ── the two step paths ────────────────────────────────────────────────────────────────────
+    def forward(self, batch: dict[str, Any], embed_layers: list[int] | None = None) -> Any:
+        """The step's loss and metrics; with `embed_layers`, only the (queries, positives) embeddings."""
+        if embed_layers is not None:
+            return self.encode_pairs(batch, embed_layers)
+        plan = self.plan()
+        queries, positives = self.encode_pairs(batch, plan.layers)
+        loss, metrics = self.objective(queries, positives, plan)
+        metrics["tokens"] = (batch["query_attention_mask"].sum() + batch["positive_attention_mask"].sum()).detach()
+        return loss, metrics
+
+    def cached_forward_backward(
+        self,
+        batch: dict[str, Any],
+        forward: Callable[..., Any],
+        backward: Callable[[torch.Tensor], Any],
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """GradCache: embed chunks without a graph, take the loss and its gradient with respect to
+        the embeddings on the whole batch, then replay each chunk with a graph and backpropagate
+        the cached gradient. Only one chunk's activations are alive at a time.
+
+        `forward` is the DeepSpeed engine (or the task) and `backward` the engine's backward, so
+        ZeRO-3 gathers and reduces exactly as on the direct path; every rank has the same chunks.
+        """
+        plan = self.plan()
+        chunks = chunk_bounds(batch["query_input_ids"].shape[0], self.chunk_size)
+        rng_states, embedded = [], []
+        with torch.no_grad():
+            for start, end in chunks:
+                rng_states.append(random_state())  # replayed below, so dropout masks match
+                embedded.append(forward(slice_pairs(batch, start, end, self), embed_layers=plan.layers))
+        queries = torch.cat([q for q, _ in embedded], dim=1).requires_grad_()
+        positives = torch.cat([p for _, p in embedded], dim=1).requires_grad_()
+        loss, metrics = self.objective(queries, positives, plan)
+        query_grad, positive_grad = torch.autograd.grad(loss, [queries, positives])
+        for (start, end), state in zip(chunks, rng_states, strict=True):
+            with restored_random_state(state):
+                chunk_q, chunk_p = forward(slice_pairs(batch, start, end, self), embed_layers=plan.layers)
+            surrogate = (chunk_q * query_grad[:, start:end]).sum() + (chunk_p * positive_grad[:, start:end]).sum()
+            backward(surrogate)
+        metrics["tokens"] = (batch["query_attention_mask"].sum() + batch["positive_attention_mask"].sum()).detach()
+        return loss.detach(), metrics
+
+    def summarize(self, totals: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The unscaled global-batch loss and the loss of every (layer, dim) that contributed."""
+        draws = float(totals["draws"])
+        out = {"loss": float(totals["contrastive_loss"]) / draws, "kl_loss": float(totals["kl_loss"]) / draws}
+        for (layer, d), count in zip(
+            [(layer, d) for layer in range(1, self.depth + 1) for d in self.dims],
+            totals["term_count"].flatten(),
+            strict=True,
+        ):
+            if count > 0:
+                out[f"loss/layer{layer}_dim{d}"] = float(totals["term_loss"][layer - 1, self.dims.index(d)] / count)
+                out[f"terms/layer{layer}_dim{d}"] = float(count)
+        if self.dims_config.policy == "2dmse":
+            spread = 0.0
+            for name in ("drawn_layer", "drawn_dim"):
+                mean = float(totals[name]) / draws
+                out[name] = mean
+                spread += max(0.0, float(totals[f"{name}_sq"]) / draws - mean**2)
+            out["draw_rank_spread"] = spread
+        return out
+
+
+def chunk_bounds(rows: int, chunk_size: int) -> list[tuple[int, int]]:
+    size = chunk_size or rows
+    return [(start, min(start + size, rows)) for start in range(0, rows, size)]
+
+
+def slice_pairs(batch: dict[str, Any], start: int, end: int, task: ContrastiveTask) -> dict[str, Any]:
+    """Rows start:end of both sides, with the images those rows hold."""
+    out: dict[str, Any] = {}
+    for side in SIDES:
+        input_ids = batch[f"{side}_input_ids"]
+        images_per_row = (input_ids == task.image_token_id).sum(dim=1) // task.visual_tokens
+        first = int(images_per_row[:start].sum())
+        count = int(images_per_row[start:end].sum())
+        out[f"{side}_input_ids"] = input_ids[start:end]
+        out[f"{side}_attention_mask"] = batch[f"{side}_attention_mask"][start:end]
+        out[f"{side}_pixel_values"] = batch[f"{side}_pixel_values"][first : first + count]
+    return out
+
+
+def random_state() -> dict[str, Any]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+@contextlib.contextmanager
+def restored_random_state(state: dict[str, Any]) -> Iterator[None]:
+    """Run a block from a saved RNG state, then continue the outer stream where it was."""
+    outer = random_state()
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+    try:
+        yield
+    finally:
+        torch.set_rng_state(outer["cpu"])
+        if "cuda" in outer:
+            torch.cuda.set_rng_state(outer["cuda"])
