@@ -28,6 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(validate)
     validate.add_argument("--print", action="store_true", help="print the resolved config")
     validate.add_argument("--explain", action="store_true", help="print every key with its description")
+    validate.add_argument(
+        "--deepspeed-json",
+        type=int,
+        metavar="WORLD_SIZE",
+        help="print the DeepSpeed JSON this config gives at WORLD_SIZE ranks (launchers' dry runs)",
+    )
 
     export = commands.add_parser("export", help="export a checkpoint to Hugging Face folders")
     export.add_argument("checkpoint", help="checkpoint folder (step_XXXXXXXX) or the root holding 'latest'")
@@ -41,6 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--per-shard", type=int, default=96, help="samples per shard")
     sample.add_argument("--seed", type=int, default=0)
     return parser
+
+
+def print_deepspeed_json(cfg: TrainConfig, world_size: int) -> None:
+    import json  # noqa: PLC0415
+
+    from mtrain.config.deepspeed_json import deepspeed_config  # noqa: PLC0415
+    from mtrain.engine.setup import resolve_placement  # noqa: PLC0415  (imports torch)
+
+    if world_size < 1:
+        raise ValueError(f"--deepspeed-json: the world size must be at least 1, got {world_size}")
+    print(json.dumps(deepspeed_config(cfg, world_size, resolve_placement(cfg).precision), indent=2))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -63,13 +80,20 @@ def _dispatch(args: argparse.Namespace) -> int:
                 print(f"{key:45s} {doc}")
         if args.print:
             print(dump_yaml(cfg), end="")
+        if args.deepspeed_json is not None:
+            print_deepspeed_json(cfg, args.deepspeed_json)
         print(f"ok: {args.config} is a valid mtrain config", file=sys.stderr)
         return 0
     if args.command == "train":
         cfg = load_config(args.config, args.overrides)  # fails here, before any process group forms
         from mtrain.engine.run import run_training  # noqa: PLC0415
+        from mtrain.launch.preflight import PreflightError  # noqa: PLC0415
 
-        run_training(cfg)
+        try:
+            run_training(cfg)
+        except PreflightError as exc:
+            print(f"mtrain: preflight error: {exc}", file=sys.stderr)
+            return 3
         return 0
     if args.command == "export":
         from mtrain.checkpoint.export import export_checkpoint  # noqa: PLC0415

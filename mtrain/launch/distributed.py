@@ -8,6 +8,7 @@ import warnings
 from datetime import timedelta
 
 from mtrain.launch.env import WorldInfo, world_info_from_env
+from mtrain.launch.preflight import rendezvous_failure
 
 _WORLD: WorldInfo | None = None
 
@@ -33,14 +34,19 @@ def init_distributed(backend: str, timeout_s: int, default_port: int) -> WorldIn
         world = WorldInfo(0, 1, 0, 1, "127.0.0.1", free_port(), "none")
     world.export()
     if not dist.is_initialized():
-        deepspeed.init_distributed(
-            dist_backend=backend,
-            auto_mpi_discovery=False,  # its MPI discovery takes MASTER_ADDR from `hostname -I`
-            timeout=timedelta(seconds=timeout_s),
-            rank=world.rank,
-            world_size=world.world_size,
-            verbose=False,
-        )
+        try:
+            # The timeout bounds the rendezvous too: rank 0's store waits that long for the others,
+            # the others retry reaching rank 0 that long. No rank hangs forever on a missing peer.
+            deepspeed.init_distributed(
+                dist_backend=backend,
+                auto_mpi_discovery=False,  # its MPI discovery takes MASTER_ADDR from `hostname -I`
+                timeout=timedelta(seconds=timeout_s),
+                rank=world.rank,
+                world_size=world.world_size,
+                verbose=False,
+            )
+        except dist.DistError as exc:
+            raise rendezvous_failure(exc, world, timeout_s) from exc
     _WORLD = world
     return world
 
