@@ -39,8 +39,7 @@ def rendezvous_failure(exc: Exception, world: WorldInfo, timeout_s: int) -> Pref
     """A clear error for a process group that did not form within `timeout_s`."""
     where = f"{world.master_addr}:{world.master_port}"
     if world.rank == 0:
-        seen = f" ({exc})" if "joined" in str(exc) else ""
-        what = f"rank 0 waited {timeout_s} s at {where} for the other {world.world_size - 1} rank(s){seen}"
+        what = f"rank 0 waited {timeout_s} s at {where} for the other {world.world_size - 1} rank(s)"
     else:
         what = f"rank {world.rank} could not reach rank 0 at {where} within {timeout_s} s"
     return PreflightError(
