@@ -96,7 +96,9 @@ def run_training(cfg: TrainConfig) -> list[dict[str, float]]:
     built = build_model(cfg.model, placement.dtype, zero3, cfg.run.seed)
     engine = initialize_engine(cfg, built, ds_config)
     replicated = check_parameters_identical(engine.module, collective_device(placement.device, world))
-    print0(f"preflight: {world.world_size} rank(s) agree on config and version; {replicated} replicated parameters equal")
+    print0(
+        f"preflight: {world.world_size} rank(s) agree on config and version; {replicated} replicated parameters equal"
+    )
     elements = parameter_elements(engine.module)
     write_rank_report(run_dir, world, cfg, built.constructed_elements, elements)
     print0(

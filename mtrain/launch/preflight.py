@@ -30,6 +30,7 @@ import torch.distributed as dist
 import mtrain
 from mtrain.launch.env import WorldInfo
 
+
 class PreflightError(RuntimeError):
     """The job cannot start as launched; the message says what is wrong and how to fix it."""
 
@@ -104,7 +105,7 @@ def all_gather_json(record: Any, device: str = "cpu") -> list[Any]:
     padded[: payload.numel()] = payload
     gathered = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(gathered, padded)
-    return [json.loads(bytes(g[: int(s.item())].cpu().tolist()).decode()) for g, s in zip(gathered, sizes)]
+    return [json.loads(bytes(g[: int(s.item())].cpu().tolist()).decode()) for g, s in zip(gathered, sizes, strict=True)]
 
 
 # ── 3. identical parameters ───────────────────────────────────────────────────────────────────

@@ -30,7 +30,6 @@ def main() -> None:
             error = str(exc)
         results.write(json.dumps({"case": case, "rank": rank, "error": error}) + "\n")
 
-
     outcome("agree", lambda: check_ranks_agree(world, "hash-same"))
     outcome("config", lambda: check_ranks_agree(world, f"hash-{rank}"))
 

@@ -132,7 +132,7 @@ def test_torchrun_two_rendezvous_agents_play_two_nodes(tmp_path, shards_pattern)
         for _ in range(2)
     ]
     outputs = [agent.communicate(timeout=360)[0] for agent in agents]
-    for agent, output in zip(agents, outputs):
+    for agent, output in zip(agents, outputs, strict=True):
         assert agent.returncode == 0, output[-5000:]
     assert_trained(run_dir, 4, "env")
 
@@ -148,7 +148,9 @@ def test_deepspeed_runner_hostfile_with_openmpi(tmp_path, shards_pattern):
         LAUNCHER_ARGS="--mca btl_tcp_if_include lo",
         **AS_ROOT,
     )
-    proc = run([*launcher("deepspeed-multinode.sh"), CONFIG, *overrides(run_dir, shards_pattern, 4)], tmp_path, 360, env)
+    proc = run(
+        [*launcher("deepspeed-multinode.sh"), CONFIG, *overrides(run_dir, shards_pattern, 4)], tmp_path, 360, env
+    )
     assert proc.returncode == 0
     assert "mpirun -n 2 -hostfile" in proc.stdout + proc.stderr  # the runner really went through Open MPI
     assert_trained(run_dir, 4, "openmpi")
