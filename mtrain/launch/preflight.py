@@ -1,10 +1,13 @@
 """Checks every rank runs before step 1, so a broken job fails at once with a clear message.
 
-1. Bounded rendezvous. `init_distributed` passes `dist.init_timeout_s` to the process group: on
-   env:// rendezvous, rank 0's TCPStore waits that long for the others to join ("Timed out after
-   N seconds waiting for clients. 1/2 clients joined") and the other ranks retry their connection
-   to rank 0 for that long. `rendezvous_failure` turns torch's error into one that names the
-   address, the ranks expected and the knobs to check.
+1. Bounded rendezvous. `init_distributed` passes `dist.init_timeout_s` through
+   `deepspeed.init_distributed` to `torch.distributed.init_process_group`. On env:// rendezvous
+   rank 0's TCPStore then waits that long for the others ("Timed out after N seconds waiting for
+   clients. 1/2 clients joined", DistStoreError), and every other rank retries its connection to
+   rank 0 for that long (DistNetworkError; torch's retry back-off can add up to one more timeout).
+   Under torchrun the agents' own rendezvous is bounded by its join_timeout (the launchers'
+   RDZV_TIMEOUT). `rendezvous_failure` turns torch's error into one that names the address, the
+   ranks expected and the knobs to check.
 2. Agreement. Every rank all-gathers a small record (config hash, world size, mtrain version) and
    compares it with rank 0's; a mismatch lists the ranks that disagree.
 3. Identical parameters across data-parallel ranks. Parameters held in full on every rank
