@@ -5,7 +5,8 @@
 #   MASTER_ADDR   address of the first node, reachable from every node (required: never guessed
 #                 from `hostname -I`, which is not the right interface on every cluster)
 #   MASTER_PORT   rendezvous port (default 29500)
-#   DS_LAUNCHER   how the runner reaches the nodes: pdsh (ssh, default), openmpi or slurm
+#   DS_LAUNCHER   how the runner reaches the nodes: pdsh (ssh, default), openmpi or slurm (run it
+#                 inside an allocation, e.g. from an sbatch script; hostfile names are Slurm node names)
 #   NPROC_PER_NODE  processes per node for pdsh/slurm (default: every slot of the hostfile);
 #                 openmpi always starts every slot of the hostfile
 #   LAUNCHER_ARGS extra arguments for pdsh/mpirun/srun, one string (e.g. "--mca btl_tcp_if_include ib0")
@@ -44,5 +45,11 @@ fi
 [ "$DS_LAUNCHER" != pdsh ] && runner_args+=(--no_ssh_check)
 [ "$hosts" = 1 ] && runner_args+=(--force_multi)
 
+# The runner's slurm backend ignores --module, so it is given mtrain's entry file instead.
+entry=(--module mtrain)
+if [ "$DS_LAUNCHER" = slurm ]; then
+  entry=("$("$PYTHON" -c 'import mtrain, os; print(os.path.dirname(mtrain.__file__))')/__main__.py")
+fi
+
 validate_config "$world_size"
-launch "$PYTHON" -m deepspeed.launcher.runner "${runner_args[@]}" --module "${MTRAIN_TRAIN[@]:1}"
+launch "$PYTHON" -m deepspeed.launcher.runner "${runner_args[@]}" "${entry[@]}" "${MTRAIN_TRAIN[@]:2}"

@@ -127,7 +127,11 @@ def finish(proc: subprocess.Popen, timeout: int) -> int:
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        proc.terminate()  # the launcher passes SIGTERM on to its ranks; SIGKILL would orphan them
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
         raise
 
 
@@ -249,17 +253,18 @@ def test_slurm_sbatch_trains_and_checkpoints(tmp_path, shards_pattern, local_slu
 
 # ── fault: kill -9 one rank mid-run; torchrun restarts the job and it resumes ─────────────────
 def worker_pid(tag: str, rank: int) -> int | None:
-    """The training process of `rank` in the job whose environment carries `tag`."""
+    """The training process of `rank` (a direct child of torchrun) in the job whose environment carries `tag`."""
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
             environ = (proc / "environ").read_bytes().split(b"\0")
-            cmdline = (proc / "cmdline").read_bytes()
-        except OSError:
+            parent = (proc / "stat").read_text().rsplit(")", 1)[1].split()[1]
+            parent_cmdline = Path(f"/proc/{parent}/cmdline").read_bytes()
+        except (OSError, IndexError):
             continue
         if f"MTRAIN_TEST_TAG={tag}".encode() in environ and f"RANK={rank}".encode() in environ:
-            if b"mtrain\0train" in cmdline and b"torch.distributed.run" not in cmdline:
+            if b"torch.distributed.run" in parent_cmdline:  # not a helper process the rank forked
                 return int(proc.name)
     return None
 
@@ -269,7 +274,7 @@ def test_kill_one_rank_restarts_and_resumes_to_the_same_loss(tmp_path, shards_pa
     steps, save_every = 12, 4
 
     def launch(run_dir: Path, restarts: str) -> subprocess.Popen:
-        env = script_env(MAX_RESTARTS=restarts, MASTER_PORT=str(free_port()), MTRAIN_TEST_TAG=run_dir.name)
+        env = script_env(MAX_RESTARTS=restarts, MASTER_PORT=str(free_port()), MTRAIN_TEST_TAG=str(run_dir))
         cmd = [*launcher("torchrun.sh"), CONFIG, *overrides(run_dir, shards_pattern, steps)]
         cmd.append(f"checkpoint.save_every={save_every}")
         return start(cmd, tmp_path, env, tmp_path / f"{run_dir.name}.log")
@@ -284,7 +289,7 @@ def test_kill_one_rank_restarts_and_resumes_to_the_same_loss(tmp_path, shards_pa
     killed = None
     while time.time() < deadline and faulty.poll() is None:
         if (faulty_dir / "checkpoints" / "latest").exists():
-            killed = worker_pid(faulty_dir.name, 1)
+            killed = worker_pid(str(faulty_dir), 1)
             if killed:
                 os.kill(killed, signal.SIGKILL)
                 break
