@@ -113,8 +113,10 @@ def all_gather_json(record: Any, device: str = "cpu") -> list[Any]:
 
 # ── 3. identical parameters ───────────────────────────────────────────────────────────────────
 def is_partitioned(param: torch.nn.Parameter) -> bool:
-    """A ZeRO-3 parameter whose elements are split across ranks (not a persistent, replicated one)."""
-    return hasattr(param, "ds_id") and not getattr(param, "ds_persist", False)
+    """A ZeRO-3 parameter whose elements are split across ranks, not a persistent one held in full."""
+    if not hasattr(param, "ds_id"):
+        return False
+    return not getattr(param, "ds_persist", False) or param.numel() != param.ds_numel
 
 
 def parameter_fingerprints(module: torch.nn.Module) -> dict[str, str]:
