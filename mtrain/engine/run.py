@@ -95,10 +95,8 @@ def run_training(cfg: TrainConfig) -> list[dict[str, float]]:
     zero3 = ds_config if cfg.zero.stage == 3 else None
     built = build_model(cfg.model, placement.dtype, zero3, cfg.run.seed)
     engine = initialize_engine(cfg, built, ds_config)
-    replicated = check_parameters_identical(engine.module, collective_device(placement.device, world))
-    print0(
-        f"preflight: {world.world_size} rank(s) agree on config and version; {replicated} replicated parameters equal"
-    )
+    by_value, by_layout = check_parameters_identical(engine.module, collective_device(placement.device, world))
+    print0(f"preflight: ranks agree; parameters identical ({by_value} by value, {by_layout} ZeRO-3 by layout)")
     elements = parameter_elements(engine.module)
     write_rank_report(run_dir, world, cfg, built.constructed_elements, elements)
     print0(

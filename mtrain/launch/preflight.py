@@ -11,12 +11,12 @@
 2. Agreement. Every rank all-gathers a small record (config hash, world size, mtrain version) and
    compares it with rank 0's; a mismatch lists the ranks that disagree.
 3. Identical parameters across data-parallel ranks. Parameters held in full on every rank
-   (everything under ZeRO 0-2; under ZeRO-3 the ones below the persistence threshold, which
-   DeepSpeed keeps replicated) are hashed bytewise and compared. A ZeRO-3 partitioned parameter
-   exists only once in the job (each rank owns a disjoint slice), so there is no second copy to
-   disagree with: gathering it would compare a tensor with itself. For those the ranks compare
-   the parameter layout instead (names, full shapes, partitioned or not), which is what would
-   differ if ranks built different models and would otherwise hang ZeRO-3 at its first gather.
+   (everything under ZeRO 0-2) are hashed bytewise and compared. A ZeRO-3 parameter exists only
+   once in the job: each rank owns a disjoint slice, and even a persistent (small, kept-gathered)
+   parameter is assembled from those slices by an all-gather, so every rank's full view is equal
+   by construction and gathering it to compare would compare a tensor with itself. For those the
+   ranks compare the layout instead (names, full shapes), which is what differs when ranks build
+   different models, and which would otherwise hang ZeRO-3 at its first gather.
 """
 
 from __future__ import annotations
@@ -113,10 +113,8 @@ def all_gather_json(record: Any, device: str = "cpu") -> list[Any]:
 
 # ── 3. identical parameters ───────────────────────────────────────────────────────────────────
 def is_partitioned(param: torch.nn.Parameter) -> bool:
-    """A ZeRO-3 parameter whose elements are split across ranks, not a persistent one held in full."""
-    if not hasattr(param, "ds_id"):
-        return False
-    return not getattr(param, "ds_persist", False) or param.numel() != param.ds_numel
+    """A ZeRO-3 parameter: its elements live in slices across ranks (see the module docstring)."""
+    return hasattr(param, "ds_id")
 
 
 def parameter_fingerprints(module: torch.nn.Module) -> dict[str, str]:
@@ -132,8 +130,11 @@ def parameter_fingerprints(module: torch.nn.Module) -> dict[str, str]:
     return prints
 
 
-def check_parameters_identical(module: torch.nn.Module, device: str = "cpu") -> int:
-    """Raise if any replicated parameter (or the layout) differs between ranks; returns the count compared."""
+def check_parameters_identical(module: torch.nn.Module, device: str = "cpu") -> tuple[int, int]:
+    """Raise if any replicated parameter or the layout differs between ranks.
+
+    Returns the number of parameters compared by value (held in full) and by layout (ZeRO-3 slices).
+    """
     mine = parameter_fingerprints(module)
     everyone = all_gather_json(mine, device)
     reference = everyone[0]
@@ -151,7 +152,8 @@ def check_parameters_identical(module: torch.nn.Module, device: str = "cpu") -> 
             "Every rank must build the model from the same seed and source (run.seed, model.path), "
             "and nothing may change weights on one rank before training."
         )
-    return sum(1 for p in mine.values() if not p.endswith("partitioned"))
+    partitioned = sum(1 for p in mine.values() if p.endswith("partitioned"))
+    return len(mine) - partitioned, partitioned
 
 
 def collective_device(device: str, world: WorldInfo) -> str:
