@@ -99,7 +99,7 @@ def test_dry_run_prints_command_and_deepspeed_json(tmp_path, script):
     assert proc.returncode == 0
     command = proc.stdout.split("# command:\n")[1]
     assert expected in command
-    assert "mtrain train" in command and "run.max_steps=7" in command
+    assert f"train {CONFIG} " in command and "run.max_steps=7" in command
     ds_json = proc.stdout.split("\n{", 1)[1].split("\n}\n")[0]
     ds = json.loads("{" + ds_json + "\n}")
     assert ds["train_batch_size"] == 3 * world_size
