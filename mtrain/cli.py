@@ -28,6 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(validate)
     validate.add_argument("--print", action="store_true", help="print the resolved config")
     validate.add_argument("--explain", action="store_true", help="print every key with its description")
+    validate.add_argument(
+        "--deepspeed-json",
+        type=int,
+        metavar="WORLD_SIZE",
+        help="print the DeepSpeed JSON this config gives at WORLD_SIZE ranks (launchers' dry runs)",
+    )
 
     evaluate = commands.add_parser(
         "eval", help="budget: loss and accuracy at every visual-token scale; retrieval: recall at every dim; PNG curve"
@@ -95,6 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def print_deepspeed_json(cfg: TrainConfig, world_size: int) -> None:
+    import json  # noqa: PLC0415
+
+    from mtrain.config.deepspeed_json import deepspeed_config  # noqa: PLC0415
+    from mtrain.engine.setup import resolve_placement  # noqa: PLC0415  (imports torch)
+
+    if world_size < 1:
+        raise ValueError(f"--deepspeed-json: the world size must be at least 1, got {world_size}")
+    print(json.dumps(deepspeed_config(cfg, world_size, resolve_placement(cfg).precision), indent=2))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -115,6 +132,8 @@ def _dispatch(args: argparse.Namespace) -> int:
                 print(f"{key:45s} {doc}")
         if args.print:
             print(dump_yaml(cfg), end="")
+        if args.deepspeed_json is not None:
+            print_deepspeed_json(cfg, args.deepspeed_json)
         print(f"ok: {args.config} is a valid mtrain config", file=sys.stderr)
         return 0
     if args.command == "train":
@@ -124,8 +143,13 @@ def _dispatch(args: argparse.Namespace) -> int:
 
             require_wandb()
         from mtrain.engine.run import run_training  # noqa: PLC0415
+        from mtrain.launch.preflight import PreflightError  # noqa: PLC0415
 
-        run_training(cfg)
+        try:
+            run_training(cfg)
+        except PreflightError as exc:
+            print(f"mtrain: preflight error: {exc}", file=sys.stderr)
+            return 3
         return 0
     if args.command == "eval" and args.task == "retrieval":
         from mtrain.eval.retrieval import run_retrieval_eval  # noqa: PLC0415

@@ -14,6 +14,8 @@ from mtrain.config.core import to_dict
 from mtrain.config.deepspeed_json import deepspeed_config
 from mtrain.launch.distributed import init_distributed, print0
 from mtrain.launch.env import WorldInfo
+from mtrain.launch.preflight import check_parameters_identical, check_ranks_agree, collective_device
+from mtrain.launch.timing import record_first_step
 from mtrain.metrics.sinks import JsonlSink, MetricSink, NullSink, SinkGroup, TensorBoardSink, WandbSink
 
 
@@ -125,6 +127,7 @@ def run_training(cfg: TrainConfig) -> list[dict[str, float]]:
     started = time.time()
     placement = resolve_placement(cfg)
     world = init_distributed(placement.backend, cfg.dist.init_timeout_s, cfg.dist.master_port)
+    check_ranks_agree(world, config_hash(cfg), collective_device(placement.device, world))
     ds_config = deepspeed_config(cfg, world.world_size, placement.precision)
     run_dir = prepare_run_dir(cfg, ds_config, world)
     print0(
@@ -138,6 +141,8 @@ def run_training(cfg: TrainConfig) -> list[dict[str, float]]:
     zero3 = ds_config if cfg.zero.stage == 3 else None
     built = build_model(checkpointer.model_config(), placement.dtype, zero3, cfg.run.seed, cfg.matryoshka.tokens)
     engine = initialize_engine(cfg, built, ds_config, world.rank)
+    by_value, by_layout = check_parameters_identical(engine.module, collective_device(placement.device, world))
+    print0(f"preflight: ranks agree; parameters identical ({by_value} by value, {by_layout} ZeRO-3 by layout)")
     elements = parameter_elements(engine.module)
     write_rank_report(run_dir, world, cfg, built.constructed_elements, elements)
     print0(
@@ -164,7 +169,17 @@ def run_training(cfg: TrainConfig) -> list[dict[str, float]]:
         if cfg.checkpoint.save_every and t.step % cfg.checkpoint.save_every == 0 and t.step < cfg.run.max_steps:
             save(t)
 
-    history = trainer.train(on_step_end=maybe_save)
+    first_step_seen = False
+
+    def on_step_end(t: Trainer) -> None:
+        nonlocal first_step_seen
+        if not first_step_seen:  # time from launch to the first step, per launcher
+            first_step_seen = True
+            timing = record_first_step(run_dir, world, t.step)
+            print0(f"first step (step {t.step}): {timing['first_step_s']} s after launch")
+        maybe_save(t)
+
+    history = trainer.train(on_step_end=on_step_end)
     trainer.sink.close()
     if cfg.checkpoint.save_at_end and trainer.step > resumed_step:
         save(trainer)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 import warnings
 from datetime import timedelta
 
 from mtrain.launch.env import WorldInfo, world_info_from_env
+from mtrain.launch.preflight import rendezvous_failure
 
 _WORLD: WorldInfo | None = None
 
@@ -33,16 +35,40 @@ def init_distributed(backend: str, timeout_s: int, default_port: int) -> WorldIn
         world = WorldInfo(0, 1, 0, 1, "127.0.0.1", free_port(), "none")
     world.export()
     if not dist.is_initialized():
-        deepspeed.init_distributed(
-            dist_backend=backend,
-            auto_mpi_discovery=False,  # its MPI discovery takes MASTER_ADDR from `hostname -I`
-            timeout=timedelta(seconds=timeout_s),
-            rank=world.rank,
-            world_size=world.world_size,
-            verbose=False,
-        )
+        try:
+            if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+                join_agent_store(backend, world, timedelta(seconds=timeout_s))
+            # The timeout bounds the rendezvous too: rank 0's store waits that long for the others,
+            # the others retry reaching rank 0 that long. No rank hangs forever on a missing peer.
+            deepspeed.init_distributed(
+                dist_backend=backend,
+                auto_mpi_discovery=False,  # its MPI discovery takes MASTER_ADDR from `hostname -I`
+                timeout=timedelta(seconds=timeout_s),
+                rank=world.rank,
+                world_size=world.world_size,
+                verbose=False,
+            )
+        except dist.DistError as exc:
+            raise rendezvous_failure(exc, world, timeout_s) from exc
     _WORLD = world
     return world
+
+
+def join_agent_store(backend: str, world: WorldInfo, timeout: timedelta) -> None:
+    """Under torchrun, form the process group in a namespace of this restart attempt.
+
+    torchrun's agent keeps one store across restarts, and the process group's keys (gloo's peer
+    addresses) carry no attempt in their names: after a restart, ranks could read the dead
+    attempt's addresses and wait on them until the timeout. DeepSpeed then adopts this group.
+    """
+    import torch.distributed as dist  # noqa: PLC0415
+
+    agent_store = dist.TCPStore(
+        world.master_addr, world.master_port, world.world_size, is_master=False, timeout=timeout
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"mtrain/attempt_{attempt}", agent_store)
+    dist.init_process_group(backend, store=store, rank=world.rank, world_size=world.world_size, timeout=timeout)
 
 
 def current_world() -> WorldInfo:
