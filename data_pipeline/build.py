@@ -129,6 +129,32 @@ def caption_samples(source: Path, encoder: ImageEncoder) -> Iterator[tuple[str, 
             yield label, {"__error__": f"{type(exc).__name__}: {exc}"}
 
 
+def pair_samples(jsonl: Path, encoder: ImageEncoder) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(query, positive) pairs from JSONL lines with query_image / query_text / positive_image /
+    positive_text (each optional, but every side needs one) and an optional instruction."""
+    for line_number, line in enumerate(jsonl.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        label = f"{jsonl.name}:{line_number}"
+        try:
+            pair = json.loads(line)
+            sample: dict[str, Any] = {}
+            for side in ("query", "positive"):
+                image, text = pair.get(f"{side}_image"), pair.get(f"{side}_text")
+                if not image and not text:
+                    raise ValueError(f"the {side} has neither {side}_image nor {side}_text")
+                if image:
+                    data, extension = encoder.encode(jsonl.parent / image)
+                    sample[f"{side}.{extension}"] = data
+                if text:
+                    sample[f"{side}.txt"] = text
+            if pair.get("instruction"):
+                sample["instruction.txt"] = pair["instruction"]
+            yield label, sample
+        except (ValueError, OSError, AttributeError) as exc:
+            yield label, {"__error__": f"{type(exc).__name__}: {exc}"}
+
+
 # ── writer ───────────────────────────────────────────────────────────────────────────────────
 def write_shards(
     samples: Iterator[tuple[str, dict[str, Any]]],
@@ -192,10 +218,12 @@ def build_shards(
         if image_dir is None:
             raise ValueError("data build --form conversation needs --images FOLDER (the LLaVA image folder)")
         samples = llava_samples(source, Path(image_dir), encoder)
+    elif form == "pair":
+        samples = pair_samples(Path(source), encoder)
     elif form == "caption":
         samples = caption_samples(source, encoder)
     else:
-        raise ValueError(f"data build: unknown form {form!r}; use interleaved, caption or conversation")
+        raise ValueError(f"data build: unknown form {form!r}; use interleaved, caption, conversation or pair")
     return write_shards(samples, out, form, shard_bytes, report=report)
 
 

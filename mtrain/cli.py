@@ -83,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     build = data_commands.add_parser("build", help="convert local data to shards (see data_pipeline/FORMAT.md)")
-    build.add_argument("form", choices=["interleaved", "caption", "conversation"])
-    build.add_argument("source", help="OBELICS-style JSONL, LLaVA JSON, or a caption folder / CSV")
+    build.add_argument("form", choices=["interleaved", "caption", "conversation", "pair"])
+    build.add_argument("source", help="OBELICS-style JSONL, LLaVA JSON, a caption folder / CSV, or pair JSONL")
     build.add_argument("--out", required=True, help="output folder for the shards and index.json")
     build.add_argument("--images", help="image folder (LLaVA JSON)")
     build.add_argument("--shard-size", default="256MB", help="target shard size, e.g. 256MB (default)")
