@@ -20,9 +20,11 @@ pytestmark = pytest.mark.timeout(600)
 # Killed while saving step 4 (step 2 saved fine): what `latest` and the newest complete checkpoint must be.
 STAGES = {
     "engine_written": ("step_00000002", 2),  # DeepSpeed's files are in the staging folder, nothing else
+    "rank_files": ("step_00000002", 2),  # every rank's RNG and data state written too, no manifest yet
     "manifest": ("step_00000002", 2),  # the manifest is written, the folder not yet renamed
     "renamed": ("step_00000002", 4),  # step 4 is complete, `latest` not yet moved: resume takes step 4
     "latest": ("step_00000004", 4),  # killed before retention
+    "saved": ("step_00000004", 4),  # the save returned; killed before the next step
 }
 
 
@@ -33,7 +35,7 @@ def train_cmd(run_dir: Path, shards: str) -> list[str]:
 def test_kill_at_each_save_stage_leaves_latest_loadable(tmp_path, shards_pattern):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    # The four runs are independent single-rank jobs: start them together to halve the wall time.
+    # The runs are independent single-rank jobs: start them together to halve the wall time.
     jobs = {
         stage: subprocess.Popen(
             train_cmd(tmp_path / stage, shards_pattern),
