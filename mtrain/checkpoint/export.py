@@ -103,7 +103,7 @@ def export_full(root: Path, tag: str, cfg: TrainConfig, out: Path) -> tuple[Any,
     from mtrain.model.build import build_model  # noqa: PLC0415
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
-    built = build_model(checkpoint_model_config(cfg), torch.float32, None, cfg.run.seed)
+    built = build_model(checkpoint_model_config(cfg), torch.float32, None, cfg.run.seed, cfg.matryoshka.tokens)
     built.model.load_state_dict(strip_task_prefix(state), strict=True)
     written = {"model": "model"}
     model = built.model
@@ -115,10 +115,11 @@ def export_full(root: Path, tag: str, cfg: TrainConfig, out: Path) -> tuple[Any,
         if "base" in written:
             # `unload()` drops the adapters without merging: exactly the frozen base the adapter was trained on.
             _save_hf_folder(_copy_model(model).unload(), built, out / "base")
-        model.peft_config["default"].base_model_name_or_path = base_path
-        model.save_pretrained(out / "adapter", safe_serialization=True)
+        for adapter in model.peft_config.values():
+            adapter.base_model_name_or_path = base_path
+        model.save_pretrained(out / "adapter", safe_serialization=True, selected_adapters=list(model.peft_config))
         written["adapter"] = "adapter"
-        model = model.merge_and_unload()
+        model = model.merge_and_unload(adapter_names=merged_adapters(cfg))
     _save_hf_folder(model, built, out / "model")
     return built, written
 
@@ -145,15 +146,36 @@ def save_adapter_gathered(peft_model: Any, folder: Path, is_main: bool) -> None:
     from safetensors.torch import save_file  # noqa: PLC0415
 
     trainable = [param for param in peft_model.parameters() if param.requires_grad]
-    state: dict[str, torch.Tensor] = {}
+    names = list(peft_model.peft_config)
+    states: dict[str, dict[str, torch.Tensor]] = {}
     with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
         if is_main:
-            adapter = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
-            state = {name: tensor.detach().clone().contiguous() for name, tensor in adapter.items()}
+            for name in names:
+                adapter = get_peft_model_state_dict(peft_model, adapter_name=name, save_embedding_layers=False)
+                states[name] = {key: tensor.detach().clone().contiguous() for key, tensor in adapter.items()}
     if is_main:
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file(state, folder / "adapter_model.safetensors", metadata={"format": "pt"})
-        peft_model.peft_config["default"].save_pretrained(folder)
+        for name in names:
+            target = adapter_folder(folder, name, names)
+            target.mkdir(parents=True, exist_ok=True)
+            save_file(states[name], target / "adapter_model.safetensors", metadata={"format": "pt"})
+            peft_model.peft_config[name].save_pretrained(target)
+
+
+def adapter_folder(folder: Path, name: str, names: list[str]) -> Path:
+    """PEFT's layout: a lone `default` adapter at the root, named adapters (shared, scale_<s>) in subfolders."""
+    return folder if names == ["default"] else folder / name
+
+
+def merged_adapters(cfg: TrainConfig) -> list[str] | None:
+    """The adapters merged into export/model: every one for `shared`; at the default visual scale, that
+    scale's adapter (plus the shared one) for the scale-specific strategies."""
+    from mtrain.model.scale_lora import SHARED_ADAPTER, scale_adapter  # noqa: PLC0415
+
+    tokens, strategy = cfg.matryoshka.tokens, cfg.model.lora.strategy
+    if tokens.mode == "none" or strategy == "shared":
+        return None
+    scale = scale_adapter(tokens.default_scale or tokens.scales[-1])
+    return [scale] if strategy == "per_scale" else [SHARED_ADAPTER, scale]
 
 
 def export_adapter_only(root: Path, tag: str, cfg: TrainConfig, folder: Path) -> dict[str, Any]:

@@ -1,0 +1,49 @@
+"""Scale-specific adapters export as stock PEFT folders; stacked on the base they give the merged export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import BIN, REPO, run
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def test_shared_plus_per_scale_export_loads_in_stock_peft(tmp_path, shards_pattern):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    run_dir = tmp_path / "run"
+    proc = run([str(BIN / "python"), "-m", "mtrain", "train", str(REPO / "configs/tiny.yaml"), f"run.dir={run_dir}",
+                f"data.shards={shards_pattern}", "run.max_steps=3", "optim.warmup_steps=0", "logging.progress=false",
+                "matryoshka.tokens.mode=m3", "matryoshka.tokens.scales=[1,4,16,64]",
+                "model.lora.strategy=shared_plus_per_scale", "model.lora.dropout=0.0"], cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0
+    export = run_dir / "export"
+    meta = json.loads((export / "mtrain.json").read_text())["matryoshka"]
+    assert (
+        meta["scales"] == [1, 4, 16, 64] and meta["strategy"] == "shared_plus_per_scale" and meta["default_scale"] == 64
+    )
+    assert sorted(p.name for p in (export / "adapter").iterdir() if p.is_dir()) == [
+        "scale_1",
+        "scale_16",
+        "scale_4",
+        "scale_64",
+        "shared",
+    ]
+
+    # A full-grid input: export/model is merged at the default scale (64), i.e. base + shared + scale_64.
+    ids = torch.tensor([[1] + [4] * 64 + [100, 101, 102]])
+    pixels = torch.randn(1, 3, 32, 32)
+    merged = AutoModelForImageTextToText.from_pretrained(export / "model").eval()
+    base = AutoModelForImageTextToText.from_pretrained(export / "base").eval()
+    with torch.no_grad():
+        want = merged(input_ids=ids, pixel_values=pixels).logits
+        stacked = PeftModel.from_pretrained(base, export / "adapter" / "shared")
+        stacked.load_adapter(export / "adapter" / "scale_64", adapter_name="scale_64")
+        stacked.base_model.set_adapter(["default", "scale_64"])
+        got = stacked.eval()(input_ids=ids, pixel_values=pixels).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
