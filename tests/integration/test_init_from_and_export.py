@@ -84,7 +84,7 @@ def test_stage1_then_stage2_with_init_from_and_stock_loaders(tmp_path, shards_pa
     export2 = stage2 / "export"
     metadata = json.loads((export2 / "mtrain.json").read_text())
     assert sorted(metadata["folders"]) == ["adapter", "base", "model"]
-    assert set(metadata["matryoshka"]) == {"scales", "dims", "strategy"}
+    assert metadata["matryoshka"]["token_mode"] == "none" and metadata["matryoshka"]["strategy"] == "shared"
     assert not list(export2.rglob("*.bin")) and not list(export2.rglob("*.pt"))  # safetensors only
     expected = logits(mtrain_model(stage2 / "checkpoints" / "step_00000003"), batch)
     merged = AutoModelForImageTextToText.from_pretrained(export2 / "model").eval()
