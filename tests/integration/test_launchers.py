@@ -248,7 +248,8 @@ def test_slurm_sbatch_trains_and_checkpoints(tmp_path, shards_pattern, local_slu
     checkpoints = run_dir / "checkpoints"
     assert (checkpoints / "latest").read_text().strip() == "step_00000004"
     assert len(list((checkpoints / "step_00000002").glob("zero_pp_rank_*_model_states.pt"))) == 2
-    assert len(list((checkpoints / "step_00000004").glob("rng_rank*.pt"))) == 2
+    assert len(list((checkpoints / "step_00000004").glob("rank*_state.pt"))) == 2  # every rank's RNG state
+    assert (checkpoints / "step_00000004" / "manifest.json").is_file()
 
 
 # ── fault: kill -9 one rank mid-run; torchrun restarts the job and it resumes ─────────────────
