@@ -1,7 +1,14 @@
-"""Learnable sample shards: coloured shapes whose caption names the colour and the shape.
+"""Learnable sample shards: coloured shapes whose text names the colour and the shape.
 
-Each sample is a caption pair in the img2dataset convention (`key.jpg` + `key.txt`), so plain
-`webdataset` reads the shards. The caption is predictable from the image alone, which is what
+One shared writer (`write_shape_shards`) draws the shapes; each kind only says which members a
+sample holds, in one of the forms of FORMAT.md:
+
+- `captions`: caption pairs in the img2dataset convention (`key.jpg` + `key.txt`);
+- `interleaved`: OBELICS-style documents (`key.json` with aligned `texts`/`images`, `key.0.jpg`);
+- `conversation`: LLaVA instructions (`key.json` with `conversations`, `key.jpg`);
+- `pairs` (data_pipeline/pairs.py): (query, positive) pairs for contrastive training.
+
+Plain `webdataset` reads them all. The text is predictable from the image alone, which is what
 lets a few dozen steps of training show a falling loss.
 """
 
@@ -95,3 +102,30 @@ def write_sample_shards(
         return {"jpg": jpeg, "txt": f"a {colour} {shape}."}
 
     return write_shape_shards(out_dir, num_shards, samples_per_shard, seed, "shard", caption_pair, "caption")
+
+
+def write_interleaved_shards(
+    out_dir: str | Path, num_shards: int = 4, samples_per_shard: int = 96, seed: int = 0
+) -> list[Path]:
+    """Interleaved documents (text, image, text) whose last text names the shape drawn."""
+
+    def document(colour: str, shape: str, jpeg: bytes) -> dict[str, Any]:
+        texts = ["Here is a shape.", None, f"It is a {colour} {shape}."]
+        return {"json": json.dumps({"texts": texts, "images": [None, "0.jpg", None]}).encode(), "0.jpg": jpeg}
+
+    return write_shape_shards(out_dir, num_shards, samples_per_shard, seed, "docs", document, "interleaved")
+
+
+def write_conversation_shards(
+    out_dir: str | Path, num_shards: int = 4, samples_per_shard: int = 96, seed: int = 0
+) -> list[Path]:
+    """LLaVA-style single-turn conversations: the user asks what is drawn, the assistant names it."""
+
+    def conversation(colour: str, shape: str, jpeg: bytes) -> dict[str, Any]:
+        turns = [
+            {"from": "human", "value": "<image>\nWhat is drawn?"},
+            {"from": "gpt", "value": f"A {colour} {shape}."},
+        ]
+        return {"json": json.dumps({"conversations": turns}).encode(), "jpg": jpeg}
+
+    return write_shape_shards(out_dir, num_shards, samples_per_shard, seed, "chat", conversation, "conversation")

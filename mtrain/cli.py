@@ -79,7 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--per-shard", type=int, default=96, help="samples per shard")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument(
-        "--kind", choices=("captions", "pairs"), default="captions", help="caption pairs, or (query, positive) pairs"
+        "--kind",
+        choices=("captions", "interleaved", "conversation", "pairs"),
+        default="captions",
+        help="caption pairs, interleaved documents, LLaVA conversations, or (query, positive) pairs",
     )
 
     build = data_commands.add_parser("build", help="convert local data to shards (see data_pipeline/FORMAT.md)")
@@ -190,10 +193,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(inspect_path(args.checkpoint, checksums=args.checksums))
         return 0
     if args.command == "data" and args.data_command == "sample":
+        from data_pipeline import sample_data  # noqa: PLC0415
         from data_pipeline.pairs import write_pair_shards  # noqa: PLC0415
-        from data_pipeline.sample_data import write_sample_shards  # noqa: PLC0415
 
-        writer = write_pair_shards if args.kind == "pairs" else write_sample_shards
+        writer = {
+            "captions": sample_data.write_sample_shards,
+            "interleaved": sample_data.write_interleaved_shards,
+            "conversation": sample_data.write_conversation_shards,
+            "pairs": write_pair_shards,
+        }[args.kind]
         paths = writer(args.out, args.shards, args.per_shard, args.seed)
         print(f"wrote {len(paths)} shards x {args.per_shard} samples to {args.out}")
         return 0
