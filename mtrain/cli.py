@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="summarise a checkpoint or a checkpoints folder (reads no pickle)")
     inspect.add_argument("checkpoint", help="checkpoint folder (step_XXXXXXXX) or a checkpoints folder")
     inspect.add_argument("--checksums", action="store_true", help="verify every file's SHA-256 against the manifest")
+    inspect.add_argument(
+        "--config",
+        nargs="+",
+        metavar="CONFIG [a.b.c=value]",
+        help="a config (and overrides) to compare with the checkpoint's",
+    )
 
     data = commands.add_parser("data", help="shard tools")
     data_commands = data.add_subparsers(dest="data_command", required=True)
@@ -190,7 +196,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "inspect":
         from mtrain.checkpoint.inspect import inspect_path  # noqa: PLC0415
 
-        print(inspect_path(args.checkpoint, checksums=args.checksums))
+        config, overrides = (args.config[0], args.config[1:]) if args.config else (None, [])
+        print(inspect_path(args.checkpoint, checksums=args.checksums, config=config, overrides=overrides))
         return 0
     if args.command == "data" and args.data_command == "sample":
         from data_pipeline import sample_data  # noqa: PLC0415

@@ -10,6 +10,45 @@ from mtrain.checkpoint.resume import scan_checkpoints
 from mtrain.checkpoint.save import LATEST_FILE, TAG_PATTERN, rank_data_file
 
 
+def describe_structure(folder: Path) -> list[str]:
+    """The Matryoshka scales, adapter strategy and adapters the checkpoint was trained with."""
+    from mtrain.config import load_config  # noqa: PLC0415
+
+    cfg = load_config(folder / "config.yaml")
+    tokens = cfg.matryoshka.tokens
+    lines = []
+    if tokens.mode != "none":
+        lines.append(f"  visual scales ({tokens.mode}, policy {tokens.policy}): {tokens.scales}")
+    if cfg.model.lora.enabled:
+        adapters = (
+            sorted(p.name for p in (folder / "adapter").iterdir() if p.is_dir())
+            if (folder / "adapter").is_dir()
+            else []
+        )
+        lines.append(
+            f"  LoRA rank {cfg.model.lora.rank}, strategy {cfg.model.lora.strategy}: adapters {adapters or ['default']}"
+        )
+    return lines
+
+
+def config_diff(folder: Path, config: str, overrides: list[str]) -> list[str]:
+    """What differs between the checkpoint's config and `config` (+ overrides), and whether it could resume."""
+    import yaml  # noqa: PLC0415
+
+    from mtrain.checkpoint.resume import config_changes  # noqa: PLC0415
+    from mtrain.config import load_config  # noqa: PLC0415
+    from mtrain.config.core import to_dict  # noqa: PLC0415
+
+    saved = yaml.safe_load((folder / "config.yaml").read_text())
+    incompatible, benign = config_changes(saved, to_dict(load_config(config, overrides)))
+    if not incompatible and not benign:
+        return [f"  config: identical to {config}"]
+    lines = [f"  config vs {config}:"]
+    lines += [f"    {change}  (blocks a resume)" for change in incompatible]
+    lines += [f"    {change}" for change in benign]
+    return lines
+
+
 def describe_checkpoint(folder: Path, checksums: bool) -> list[str]:
     problems = manifest_problems(folder, checksums=checksums)
     if problems:
@@ -28,16 +67,22 @@ def describe_checkpoint(folder: Path, checksums: bool) -> list[str]:
         data = folder / rank_data_file(rank)
         if data.is_file():
             lines.append(f"  rank {rank} data position: {json.loads(data.read_text())}")
-    if (folder / "adapter" / "adapter_model.safetensors").is_file():
+    if (folder / "adapter").is_dir():
         lines.append("  adapter/: a stock PEFT adapter folder")
-    return lines
+    return lines + describe_structure(folder)
 
 
-def inspect_path(path: str | Path, checksums: bool = False) -> str:
-    """A human summary of a checkpoint folder, or of every checkpoint under a checkpoints root."""
+def inspect_path(
+    path: str | Path, checksums: bool = False, config: str | None = None, overrides: list[str] | None = None
+) -> str:
+    """A human summary of a checkpoint folder, or of every checkpoint under a checkpoints root;
+    with `config`, also what differs from it."""
     path = Path(path)
     if TAG_PATTERN.match(path.name):
-        return "\n".join(describe_checkpoint(path, checksums))
+        lines = describe_checkpoint(path, checksums)
+        if config:
+            lines += config_diff(path, config, overrides or [])
+        return "\n".join(lines)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is neither a checkpoint folder nor a checkpoints folder")
     complete, partial = scan_checkpoints(path)
@@ -45,5 +90,7 @@ def inspect_path(path: str | Path, checksums: bool = False) -> str:
     lines = [f"{path}: {len(complete)} complete checkpoint(s), latest -> {latest}"]
     for checkpoint in complete:
         lines += describe_checkpoint(checkpoint.folder, checksums)
+        if config:
+            lines += config_diff(checkpoint.folder, config, overrides or [])
     lines += [f"{folder}: PARTIAL ({reason}); the next run removes it" for folder, reason in partial]
     return "\n".join(lines)

@@ -47,3 +47,15 @@ def test_shared_plus_per_scale_export_loads_in_stock_peft(tmp_path, shards_patte
         stacked.base_model.set_adapter(["default", "scale_64"])
         got = stacked.eval()(input_ids=ids, pixel_values=pixels).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+    # `mtrain inspect` names the scales, the adapters, and what a given config would change.
+    proc = run([str(BIN / "python"), "-m", "mtrain", "inspect", str(run_dir / "checkpoints"), "--config",
+                str(REPO / "configs/tiny.yaml"), f"run.dir={run_dir}", "model.lora.rank=4"], cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0
+    assert "visual scales (m3, policy all): [1, 4, 16, 64]" in proc.stdout
+    assert (
+        "strategy shared_plus_per_scale: adapters ['scale_1', 'scale_16', 'scale_4', 'scale_64', 'shared']"
+        in proc.stdout
+    )
+    assert "model.lora.rank: 8 -> 4  (blocks a resume)" in proc.stdout
+    assert "matryoshka.tokens.mode: 'm3' -> 'none'" in proc.stdout
