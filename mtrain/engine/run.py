@@ -199,5 +199,10 @@ def run_training(cfg: TrainConfig) -> list[dict[str, float]]:
             f"done: {trainer.step} steps in {time.time() - started:.0f}s, "
             f"loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}"
         )
+    # Leave together, then tear down in order: a rank that closes its gloo pairs while its peer's
+    # engine still holds in-flight ZeRO-3 work can make the peer abort at exit.
+    if world.world_size > 1:
+        dist.barrier()
+    engine.destroy()
     dist.destroy_process_group()
     return history
