@@ -17,7 +17,8 @@ Both sides get, on 2 ranks under torchrun (gloo, fp32):
 Each side runs in its own torchrun launch, alternating mtrain, HF, mtrain, HF, ...; only steady-state
 steps are timed (after `--warmup` steps, excluding start-up). mtrain's side is its engine step
 (forward through the task module, `engine.backward`, `engine.step`) without its Trainer's logging;
-the HF side is `Trainer.train`'s step as timed by a callback (on_step_begin .. on_step_end).
+the HF side is `Trainer.train`'s wall clock between the callbacks' on_step_end of the last warm-up
+step and of the last step (its data fetch from the ready batches included, as in its real loop).
 Printed: steps/s per launch, and the ratio mtrain/HF per round (median, min, max). Target >= 1.0x.
 """
 
@@ -36,6 +37,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from common import timed_engine_steps  # noqa: E402
 
 OVERRIDES = ["optim.warmup_steps=0", "run.max_steps=1000"]
 
@@ -75,24 +78,14 @@ def ready_batches(cfg, built, world, build_data_loader, count: int) -> list[dict
 
 
 def run_mtrain(args: argparse.Namespace) -> dict:
-    import torch.distributed as dist
-
     from mtrain.engine.setup import initialize_engine
 
     cfg, ds, world, build, build_data_loader = setup(args)
     built = build()
     engine = initialize_engine(cfg, built, ds, world.rank)
     batches = ready_batches(cfg, built, world, build_data_loader, args.warmup + args.steps)
-    times = []
-    for index, batch in enumerate(batches):
-        if index == args.warmup:
-            dist.barrier()
-            started = time.perf_counter()
-        loss, _ = engine(batch)
-        engine.backward(loss)
-        engine.step()
-    times.append(time.perf_counter() - started)
-    return {"steps_per_s": args.steps / times[0], "loss": loss.item()}
+    step_s = timed_engine_steps(engine, batches, args.warmup)
+    return {"steps_per_s": 1.0 / step_s}
 
 
 def run_hf(args: argparse.Namespace) -> dict:
@@ -143,30 +136,29 @@ def run_hf(args: argparse.Namespace) -> dict:
         return {**inputs, "use_cache": False}
 
     class StepClock(TrainerCallback):
-        def __init__(self) -> None:
-            self.durations: list[float] = []
+        """Wall-clock time at the end of every optimizer step (data fetch and callbacks included)."""
 
-        def on_step_begin(self, *_, **__) -> None:
-            self.started = time.perf_counter()
+        def __init__(self) -> None:
+            self.ends: list[float] = []
 
         def on_step_end(self, *_, **__) -> None:
-            self.durations.append(time.perf_counter() - self.started)
+            self.ends.append(time.perf_counter())
 
     clock = StepClock()
     trainer = Trainer(
         model=built.model, args=training_args, train_dataset=ReadyBatches(), data_collator=unwrap, callbacks=[clock]
     )
     trainer.train()
-    steady = clock.durations[args.warmup :]
-    # Steps run back to back; the callback's gaps (data fetch, callbacks) belong to the Trainer's step rate.
-    return {"steps_per_s": len(steady) / sum(steady), "step_s": steady}
+    # As on mtrain's side: wall clock from the end of the last warm-up step to the end of the last step.
+    steady_s = clock.ends[-1] - clock.ends[args.warmup - 1]
+    return {"steps_per_s": (len(clock.ends) - args.warmup) / steady_s}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3, help="alternating launch pairs (mtrain, HF)")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=8, help="timed steady-state steps per launch")
+    parser.add_argument("--steps", type=int, default=30, help="timed steady-state steps per launch")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--shards")
     parser.add_argument("--side", choices=["mtrain", "hf"])

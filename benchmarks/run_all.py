@@ -28,7 +28,7 @@ BENCH = Path(__file__).resolve().parent
 
 # name: (script, reduced arguments, what it compares)
 BENCHMARKS = {
-    "hf_trainer_step": ("hf_trainer_step.py", ["--rounds", "3", "--steps", "8"],
+    "hf_trainer_step": ("hf_trainer_step.py", ["--rounds", "3", "--steps", "30"],
                         "1. Step rate: mtrain vs HF Trainer + DeepSpeed ZeRO-3 (target >= 1.0x)"),
     "matryoshka_step": ("matryoshka_step.py", ["--rounds", "3", "--steps", "3"],
                         "2. Matryoshka step: one pass vs naive loop over scales, and vs the FLOP-ideal"),
@@ -91,10 +91,28 @@ def llava7b_config(folder: Path) -> Path:
     return folder
 
 
+def merged(old: str, sections: list[str], summary: list[str], names: list[str]) -> str:
+    """The existing RESULTS.md with the rows and sections of the re-run benchmarks replaced."""
+    titles = [BENCHMARKS[name][2] for name in names if name in BENCHMARKS]
+    head, _, details = old.partition("## Details\n")
+    rerun = f"Re-run on their own later (`--only {' '.join(names)} --merge`): {', '.join(names)}.\n\n## Every ratio"
+    head = head.replace("## Every ratio", rerun, 1)
+    rows = [line for line in head.splitlines() if not any(line.startswith(f"| {name} |") for name in names)]
+    at = max(i for i, line in enumerate(rows) if line.startswith("|")) + 1
+    rows[at:at] = summary
+    kept = [part for part in details.split("### ")[1:] if not any(part.startswith(title) for title in titles)]
+    parts = [f"### {part}" for part in kept]
+    for section in sections:
+        index = next((i for i, t in enumerate(BENCHMARKS.values()) if section.startswith(f"### {t[2]}")), 99)
+        parts.insert(min(index, len(parts)), section)
+    return "\n".join(rows) + "\n## Details\n\n" + "\n".join(part.rstrip() + "\n" for part in parts).rstrip()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(BENCH / "RESULTS.md"))
     parser.add_argument("--only", nargs="*", choices=[*BENCHMARKS, "plan"], help="run a subset")
+    parser.add_argument("--merge", action="store_true", help="with --only: replace those benchmarks in --out")
     args = parser.parse_args()
     chosen = args.only or [*BENCHMARKS, "plan"]
     scratch = Path(tempfile.mkdtemp(prefix="mtrain-run-all-"))
@@ -156,6 +174,8 @@ def main() -> None:
             *sections,
         ]
     )
+    if args.merge and Path(args.out).exists():
+        text = merged(Path(args.out).read_text(), sections, summary, chosen)
     Path(args.out).write_text(text + "\n")
     print(f"wrote {args.out} ({total / 60:.1f} min)")
 

@@ -28,11 +28,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from common import timed_engine_steps  # noqa: E402
 
 SETTINGS = {  # name: (ranks, threads per rank, extra overrides)
     "ws1": (1, 2, []),
@@ -75,15 +76,7 @@ def worker(args: argparse.Namespace) -> None:
     engine = initialize_engine(cfg, built, ds, world.rank)
     loader = build_data_loader(cfg, built, world)
     batches = [next(loader) for _ in range(args.warmup + args.steps)]
-    for index, batch in enumerate(batches):
-        if index == args.warmup:
-            dist.barrier()
-            started = time.perf_counter()
-        loss, _ = engine(batch)
-        engine.backward(loss)
-        engine.step()
-    dist.barrier()
-    step_s = (time.perf_counter() - started) / args.steps
+    step_s = timed_engine_steps(engine, batches, args.warmup)
     rss_mb = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0])
     gathered = [torch.zeros(1) for _ in range(world.world_size)]
     dist.all_gather(gathered, rss_mb)
