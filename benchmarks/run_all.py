@@ -16,6 +16,7 @@ import datetime
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,6 +45,9 @@ PLAN_OVERRIDES = [
     "model.freeze.always_train=[]", "matryoshka.tokens.mode=m3", "matryoshka.tokens.scales=[1,9,36,144,576]",
     "data.max_len=2048", "data.micro_batch_size=4",
 ]  # fmt: skip
+# Benchmarks that measure once per process: run this many times, ratios summarised over the runs.
+REPEATS = {"checkpoint_io": 3}
+RATIO = re.compile(r"(\d+\.\d+)x")
 NOISE = re.compile(r"^\[|^\s*warnings\.warn|Warning|DeepSpeed deepspeed\.ops|^\{'train_runtime'")
 
 
@@ -76,6 +80,21 @@ def run(cmd: list[str], log: Path) -> tuple[str, float, int]:
         done = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=errors, text=True)
     lines = [line for line in done.stdout.splitlines() if not NOISE.search(line)]
     return "\n".join(lines).strip(), time.perf_counter() - started, done.returncode
+
+
+def spread_over_runs(outputs: list[str]) -> str:
+    """Every ratio line of repeated runs as median (min, max) over the runs."""
+    values: dict[str, list[float]] = {}
+    for output in outputs:
+        for line in output.splitlines():
+            found = RATIO.findall(line)
+            if found:
+                label = re.split(r"\s+\d", line.strip(), maxsplit=1)[0].rstrip(":")
+                values.setdefault(label, []).append(float(found[-1]))
+    return "\n".join(
+        f"{label}: {statistics.median(v):.2f}x  (min {min(v):.2f}, max {max(v):.2f}; {len(v)} runs)"
+        for label, v in values.items()
+    )
 
 
 def llava7b_config(folder: Path) -> Path:
@@ -124,14 +143,20 @@ def main() -> None:
             continue
         script, extra, title = BENCHMARKS[name]
         print(f"== {title}", flush=True)
-        output, seconds, code = run([sys.executable, str(BENCH / script), *extra], scratch / f"{name}.log")
+        runs = [run([sys.executable, str(BENCH / script), *extra], scratch / f"{name}.log")
+                for _ in range(REPEATS.get(name, 1))]  # fmt: skip
+        output, seconds, code = runs[-1][0], sum(r[1] for r in runs), max(r[2] for r in runs)
+        if len(runs) > 1:
+            output = f"{output}\n\nover {len(runs)} runs:\n{spread_over_runs([r[0] for r in runs])}"
         print(output, flush=True)
         status = "" if code == 0 else f" -- FAILED (exit {code}; stderr tail below)"
         if code:
             output += "\n" + "\n".join((scratch / f"{name}.log").read_text().splitlines()[-15:])
         command = " ".join(["python", f"benchmarks/{script}", *extra])
         sections.append(f"### {title}\n\n`{command}` ({seconds:.0f} s){status}\n\n```\n{output}\n```\n")
-        ratio_lines = [line.strip() for line in output.splitlines() if re.search(r"\d\.\d+x", line)]
+        ratio_lines = [line.strip() for line in output.splitlines() if RATIO.search(line)]
+        if len(runs) > 1:  # the summary keeps only the ratios with their spread over runs
+            ratio_lines = [line for line in ratio_lines if line.endswith("runs)")]
         summary += [f"| {name} | {line.replace('|', '/')} |" for line in ratio_lines]
     if "plan" in chosen:
         folder = llava7b_config(scratch / "llava-1.5-7b")
