@@ -112,11 +112,11 @@ def llava7b_config(folder: Path) -> Path:
 
 def merged(old: str, sections: list[str], summary: list[str], names: list[str]) -> str:
     """The existing RESULTS.md with the rows and sections of the re-run benchmarks replaced."""
-    titles = [BENCHMARKS[name][2] for name in names if name in BENCHMARKS]
+    titles = [BENCHMARKS[name][2] if name in BENCHMARKS else "GPU projection" for name in names]
     head, _, details = old.partition("## Details\n")
     rerun = f"Re-run on their own later (`--only {' '.join(names)} --merge`): {', '.join(names)}.\n\n## Every ratio"
     head = head.replace("## Every ratio", rerun, 1)
-    rows = [line for line in head.splitlines() if not any(line.startswith(f"| {name} |") for name in names)]
+    rows = [line for line in head.splitlines() if not any(line.startswith(f"| {name} ") for name in names)]
     at = max(i for i, line in enumerate(rows) if line.startswith("|")) + 1
     rows[at:at] = summary
     kept = [part for part in details.split("### ")[1:] if not any(part.startswith(title) for title in titles)]
@@ -170,6 +170,10 @@ def main() -> None:
             shown = " ".join(["mtrain plan configs/tiny.yaml", *PLAN_OVERRIDES, "model.path=<llava-1.5-7b config>",
                               f"--nodes {nodes} --gpus-per-node {per_node} --text-tokens 300"])  # fmt: skip
             status = "" if code == 0 else f" -- FAILED (exit {code})"
+            headline = re.compile(r"projected MFU|projected tokens/s|% MFU$|torchtitan dense|this plan:")
+            summary += [
+                f"| plan {gpus} GPUs | {line.strip()} |" for line in output.splitlines() if headline.search(line)
+            ]
             sections.append(
                 f"### GPU projection: LLaVA-1.5-7B, {gpus} x H100{status}\n\n`{shown}`\n\n```\n{output}\n```\n"
             )
