@@ -1,0 +1,197 @@
+"""Training step rate: mtrain against Hugging Face `transformers.Trainer` with DeepSpeed ZeRO-3.
+
+    python benchmarks/hf_trainer_step.py [--rounds 3] [--warmup 3] [--steps 8]
+
+The usual LLaVA-style peer setup: `Trainer(args=TrainingArguments(deepspeed=ds_config, ...))`.
+Both sides get, on 2 ranks under torchrun (gloo, fp32):
+
+- the same tiny LLaVA with the same LoRA config and initial weights (`mtrain.model.build.build_model`
+  from configs/tiny.yaml, seeded), partitioned by ZeRO-3 at construction;
+- the same DeepSpeed JSON (`mtrain.config.deepspeed_json.deepspeed_config`; the Trainer's arguments
+  are set to match it: micro-batch, accumulation, clipping);
+- the same data: each rank's first batches from mtrain's loader over the sample shards, collated
+  once before timing; mtrain's engine steps through them, the Trainer reads them from a torch
+  Dataset of ready batches (batch_size=1 + a collator that unwraps);
+- the same optimizer: torch AdamW (`optim="adamw_torch"`; no fused Adam on CPU), constant-ish LR.
+
+Each side runs in its own torchrun launch, alternating mtrain, HF, mtrain, HF, ...; only steady-state
+steps are timed (after `--warmup` steps, excluding start-up). mtrain's side is its engine step
+(forward through the task module, `engine.backward`, `engine.step`) without its Trainer's logging;
+the HF side is `Trainer.train`'s wall clock between the callbacks' on_step_end of the last warm-up
+step and of the last step (its data fetch from the ready batches included, as in its real loop).
+Printed: steps/s per launch, and the ratio mtrain/HF per round (median, min, max). Target >= 1.0x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from common import timed_engine_steps  # noqa: E402
+
+OVERRIDES = ["optim.warmup_steps=0", "run.max_steps=1000"]
+
+
+def launch(side: str, args: argparse.Namespace, out: Path) -> dict:
+    from mtrain.launch.distributed import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           __file__, "--side", side, "--shards", args.shards, "--out", str(out),
+           "--warmup", str(args.warmup), "--steps", str(args.steps), "--batch", str(args.batch)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL if not args.verbose else None)
+    return json.loads(out.read_text())
+
+
+def setup(args: argparse.Namespace):
+    """Config, DeepSpeed JSON, model and this rank's pre-collated batches (identical for both sides)."""
+    import torch
+
+    from mtrain.config import load_config
+    from mtrain.config.deepspeed_json import deepspeed_config
+    from mtrain.engine.data import build_data_loader
+    from mtrain.launch.distributed import init_distributed
+    from mtrain.model.build import build_model
+
+    world = init_distributed("gloo", 300, 29500)
+    cfg = load_config(REPO / "configs/tiny.yaml", [*OVERRIDES, f"data.micro_batch_size={args.batch}"])
+    data = dataclasses.replace(cfg.data, shards=str(Path(args.shards) / "shard-{000000..000003}.tar"), sources=[])
+    cfg = dataclasses.replace(cfg, data=data)
+    ds = deepspeed_config(cfg, world_size=world.world_size, precision="fp32")
+    return cfg, ds, world, lambda: build_model(cfg.model, torch.float32, ds, cfg.run.seed), build_data_loader
+
+
+def ready_batches(cfg, built, world, build_data_loader, count: int) -> list[dict]:
+    loader = build_data_loader(cfg, built, world)
+    return [next(loader) for _ in range(count)]
+
+
+def run_mtrain(args: argparse.Namespace) -> dict:
+    from mtrain.engine.setup import initialize_engine
+
+    cfg, ds, world, build, build_data_loader = setup(args)
+    built = build()
+    engine = initialize_engine(cfg, built, ds, world.rank)
+    batches = ready_batches(cfg, built, world, build_data_loader, args.warmup + args.steps)
+    step_s = timed_engine_steps(engine, batches, args.warmup)
+    return {"steps_per_s": 1.0 / step_s}
+
+
+def run_hf(args: argparse.Namespace) -> dict:
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    cfg, ds, world, build, build_data_loader = setup(args)
+    scratch = tempfile.mkdtemp(prefix="mtrain-hf-bench-")
+    # The Trainer's items are ready batches (its batch size 1), so its copy of the JSON leaves the
+    # batch sizes to it ("auto"); they only feed DeepSpeed's sample counters, not the compute.
+    hf_ds = {**ds, "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto"}
+    # TrainingArguments first: with a ZeRO-3 config it must exist before the model (zero.Init).
+    training_args = TrainingArguments(
+        output_dir=scratch,
+        deepspeed=hf_ds,
+        use_cpu=True,
+        per_device_train_batch_size=1,  # one ready batch per item; ds micro-batch set by the dataset
+        gradient_accumulation_steps=ds["gradient_accumulation_steps"],
+        max_grad_norm=ds["gradient_clipping"],
+        learning_rate=cfg.optim.lr,
+        weight_decay=cfg.optim.weight_decay,
+        adam_beta1=cfg.optim.betas[0],
+        adam_beta2=cfg.optim.betas[1],
+        adam_epsilon=cfg.optim.eps,
+        optim="adamw_torch",
+        lr_scheduler_type="constant",
+        max_steps=args.warmup + args.steps,
+        logging_steps=10**9,
+        save_strategy="no",
+        report_to=[],
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=cfg.run.seed,
+    )
+    built = build()
+    batches = ready_batches(cfg, built, world, build_data_loader, args.warmup + args.steps)
+
+    class ReadyBatches(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(batches) * world.world_size  # the sampler shards indices over ranks
+
+        def __getitem__(self, index: int) -> dict:
+            return batches[(index // world.world_size) % len(batches)]
+
+    def unwrap(items: list[dict]) -> dict:
+        inputs = {k: items[0][k] for k in ("input_ids", "attention_mask", "labels", "pixel_values") if k in items[0]}
+        return {**inputs, "use_cache": False}
+
+    class StepClock(TrainerCallback):
+        """Wall-clock time at the end of every optimizer step (data fetch and callbacks included)."""
+
+        def __init__(self) -> None:
+            self.ends: list[float] = []
+
+        def on_step_end(self, *_, **__) -> None:
+            self.ends.append(time.perf_counter())
+
+    clock = StepClock()
+    trainer = Trainer(
+        model=built.model, args=training_args, train_dataset=ReadyBatches(), data_collator=unwrap, callbacks=[clock]
+    )
+    trainer.train()
+    # As on mtrain's side: wall clock from the end of the last warm-up step to the end of the last step.
+    steady_s = clock.ends[-1] - clock.ends[args.warmup - 1]
+    return {"steps_per_s": (len(clock.ends) - args.warmup) / steady_s}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating launch pairs (mtrain, HF)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=30, help="timed steady-state steps per launch")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--shards")
+    parser.add_argument("--side", choices=["mtrain", "hf"])
+    parser.add_argument("--out")
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args()
+    if args.side:  # a rank of one launch
+        result = run_mtrain(args) if args.side == "mtrain" else run_hf(args)
+        if int(os.environ.get("RANK", "0")) == 0:
+            Path(args.out).write_text(json.dumps(result))
+        return
+
+    from data_pipeline.sample_data import write_sample_shards
+
+    scratch = Path(tempfile.mkdtemp(prefix="mtrain-hfbench-"))
+    args.shards = str(scratch / "shards")
+    write_sample_shards(args.shards, num_shards=4, samples_per_shard=48)
+    rates: dict[str, list[float]] = {"mtrain": [], "hf": []}
+    for round_index in range(args.rounds):
+        for side in ("mtrain", "hf"):
+            result = launch(side, args, scratch / f"{side}-{round_index}.json")
+            rates[side].append(result["steps_per_s"])
+            print(f"  round {round_index} {side:6s} {result['steps_per_s']:.2f} steps/s", flush=True)
+    ratios = [m / h for m, h in zip(rates["mtrain"], rates["hf"], strict=True)]
+    print(f"\nStep rate, tiny LLaVA + LoRA, micro-batch {args.batch}, fp32, 2 ranks ZeRO-3, "
+          f"{args.rounds} alternating launch pairs x {args.steps} steady steps")  # fmt: skip
+    for side, label in (("mtrain", "mtrain engine"), ("hf", "HF Trainer+DS")):
+        print(f"  {label:14s} median {statistics.median(rates[side]):.2f} steps/s "
+              f"(min {min(rates[side]):.2f}, max {max(rates[side]):.2f})")  # fmt: skip
+    print(
+        f"RATIO mtrain/HF Trainer : {statistics.median(ratios):.2f}x  (min {min(ratios):.2f}, max {max(ratios):.2f}; target >= 1.0)"
+    )
+
+
+if __name__ == "__main__":
+    main()
