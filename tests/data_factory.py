@@ -215,3 +215,13 @@ def write_mixed_shards(out: Path, docs_per_shard: list[int], seed: int = 0, max_
                     sample = {"__key__": key, "jpg": jpeg_bytes(rng, 24), "json": json.dumps({"conversations": turns})}
                 writer.write(sample)
     return str(out / f"mix-{{000000..{len(docs_per_shard) - 1:06d}}}.tar")
+
+
+def rest_of_epoch(loader) -> list[str]:
+    """Sample keys of every batch until the loader's epoch ends (the first batch of the next is dropped)."""
+    keys = []
+    while True:
+        batch = next(loader)
+        if loader.epoch > 0:
+            return keys
+        keys += batch["keys"]

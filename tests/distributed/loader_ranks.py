@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.loader import torch_distributed_sync
-from tests.data_factory import make_loader
+from tests.data_factory import make_loader, rest_of_epoch
 
 TENSORS = ("input_ids", "labels", "attention_mask", "position_ids", "pixel_values")
 PACKED = {"batch_size": 3, "max_len": 256, "visual_tokens": 16, "image_size": 16, "packing": True, "pack_window": 8}
@@ -42,15 +42,6 @@ def resume_exactly(mixed: str, workers: int, sync) -> int:
         for name in TENSORS:
             assert torch.equal(got[name], batch[name]), (workers, name)
     return first.epoch
-
-
-def rest_of_epoch(loader) -> list[str]:
-    keys = []
-    while True:
-        batch = next(loader)
-        if loader.epoch > 0:
-            return keys
-        keys += batch["keys"]
 
 
 def ledger(sample: str, sync) -> dict:

@@ -6,25 +6,16 @@ import pytest
 
 from data_pipeline.formats import SampleRules
 from data_pipeline.loader import DataQualityError
-from tests.data_factory import make_loader, write_bad_shards
+from tests.data_factory import make_loader, rest_of_epoch, write_bad_shards
 
 RULES = SampleRules(max_image_pixels=200 * 200)
-
-
-def one_epoch(loader) -> list[str]:
-    keys = []
-    while True:
-        batch = next(loader)
-        if loader.epoch > 0:
-            return keys
-        keys += batch["keys"]
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_every_bad_case_is_counted_and_every_good_sample_delivered(tmp_path, workers):
     bad = write_bad_shards(tmp_path / "bad")
     loader = make_loader(bad["pattern"], batch_size=2, rules=RULES, num_workers=workers, max_bad_fraction=1.0)
-    keys = one_epoch(loader)
+    keys = rest_of_epoch(loader)
     assert sorted(keys) == sorted(bad["good"])  # all good samples, each once, and the epoch went on
     assert loader.fault_counts(epoch=0) == bad["faults"]
     metrics = loader.metrics()
@@ -38,7 +29,7 @@ def test_faults_are_counted_per_rank_and_add_up(tmp_path):
     keys: list[str] = []
     for rank in range(2):
         loader = make_loader(bad["pattern"], rank=rank, world_size=2, batch_size=2, rules=RULES, max_bad_fraction=1.0)
-        keys += one_epoch(loader)
+        keys += rest_of_epoch(loader)
         for reason, count in loader.fault_counts(epoch=0).items():
             totals[reason] = totals.get(reason, 0) + count
     assert totals == bad["faults"]

@@ -7,18 +7,9 @@ from collections import Counter
 
 import torch
 
-from tests.data_factory import caption_shard, make_loader, write_mixed_shards
+from tests.data_factory import caption_shard, make_loader, rest_of_epoch, write_mixed_shards
 
 PACKED = {"batch_size": 2, "max_len": 256, "visual_tokens": 16, "image_size": 16, "packing": True, "pack_window": 8}
-
-
-def rest_of_epoch(loader) -> list[str]:
-    keys = []
-    while True:
-        batch = next(loader)
-        if loader.epoch > 0:
-            return keys
-        keys += batch["keys"]
 
 
 def all_keys(pattern: str) -> list[str]:
