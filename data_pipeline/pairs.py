@@ -24,15 +24,12 @@ with `resume_batches` skipped without decoding.
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
-from torch.utils.data import get_worker_info
 
 from data_pipeline.replay_stream import (
     IMAGE_PLACEHOLDER,
@@ -154,23 +151,8 @@ class PairStream(CaptionStream):
     """Endless stream of collated pair batches for one rank (see the module docstring for stages).
 
     Shard listing, splitting, shuffling and resuming are the caption stream's; a pair sample
-    is built, tokenised and collated here.
+    is built, tokenised and collated here. The stream's `text` spec is a `PairSpec`.
     """
-
-    def __init__(
-        self,
-        shards: str,
-        rank: int,
-        world_size: int,
-        batch_size: int,
-        spec: PairSpec,
-        image_processor: Any,
-        seed: int,
-        shuffle_buffer: int = 0,
-        num_workers: int = 0,
-    ) -> None:
-        super().__init__(shards, rank, world_size, batch_size, spec, image_processor, seed, shuffle_buffer, num_workers)
-        self.spec = spec
 
     def make_sample(self, group: dict[str, Any]) -> dict[str, Any]:
         decoded = safe_decode(group)
@@ -180,18 +162,9 @@ class PairStream(CaptionStream):
             image, text = side_of(decoded, side)
             side_instruction = ""
             if side == "query":  # the sample's own instruction, else the default one for image queries
-                side_instruction = instruction or (self.spec.query_instruction if image is not None else "")
-            sample[side] = encode_side(self.spec, image, text, side_instruction)
+                side_instruction = instruction or (self.text.query_instruction if image is not None else "")
+            sample[side] = encode_side(self.text, image, text, side_instruction)
         return sample
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        worker = (worker + self.resume_batches) % num_workers  # as CaptionStream: logical worker order
-        skip = len(range(worker, self.resume_batches, num_workers)) * self.batch_size
-        batch: list[dict[str, Any]] = []
-        for group in itertools.islice(self.raw_groups(worker, num_workers), skip, None):
-            batch.append(self.make_sample(group))
-            if len(batch) == self.batch_size:
-                yield collate_pairs(batch, self.spec, self.image_processor)
-                batch = []
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        return collate_pairs(samples, self.text, self.image_processor)

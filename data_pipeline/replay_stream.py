@@ -221,6 +221,9 @@ class CaptionStream(IterableDataset):
             "pixel_values": preprocess_image(self.image_processor, sample["image"]),
         }
 
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        return collate(samples, self.text.tokenizer.pad_token_id)
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
@@ -233,7 +236,7 @@ class CaptionStream(IterableDataset):
         for group in itertools.islice(self.raw_groups(worker, num_workers), skip, None):
             batch.append(self.make_sample(group))
             if len(batch) == self.batch_size:
-                yield collate(batch, self.text.tokenizer.pad_token_id)
+                yield self.collate(batch)
                 batch = []
 
 
