@@ -176,7 +176,8 @@ def run_training(cfg: TrainConfig) -> list[dict[str, float]]:
         if not first_step_seen:  # time from launch to the first step, per launcher
             first_step_seen = True
             timing = record_first_step(run_dir, world, t.step)
-            print0(f"first step (step {t.step}): {timing['first_step_s']} s after launch")
+            since = "" if timing["first_step_s"] is None else f"{timing['first_step_s']} s after launch, "
+            print0(f"first step (step {t.step}): {since}{timing['process_to_first_step_s']} s after process start")
         maybe_save(t)
 
     history = trainer.train(on_step_end=on_step_end)

@@ -1,0 +1,44 @@
+"""The budget-curve experiments on real digits, shortened: each Matryoshka head beats its baseline.
+
+`benchmarks/budget_curves/run.py --quick` builds the digit shards with `mtrain data build`, trains
+M3 and its full-grid-only baseline, MRL and its no-MRL baseline (fewer steps than the full
+script), and evaluates each checkpoint with `mtrain eval` on the held-out scans.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from benchmarks.budget_curves.run import curve
+from tests.conftest import REPO, run
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_matryoshka_heads_beat_their_baselines_on_digits(tmp_path):
+    out, data = tmp_path / "results", tmp_path / "digits"
+    script = REPO / "benchmarks" / "budget_curves" / "run.py"
+    proc = run([sys.executable, str(script), "--quick", "--out", str(out), "--data", str(data)], REPO, timeout=1100)
+    assert proc.returncode == 0
+    assert json.loads((data / "conversation" / "heldout" / "index.json").read_text())["samples"], "no held-out shards"
+    runs = json.loads((out / "results.json").read_text())
+    assert set(runs) == {"m3", "full_grid", "mrl", "no_mrl"}
+
+    m3, full_grid_only = curve(runs["m3"]), curve(runs["full_grid"])
+    assert sorted(m3) == sorted(full_grid_only) == [1, 4, 16]
+    assert all(r["answers"] == 360 for r in runs["m3"]["results"]), "every held-out scan is answered once"
+    assert m3[1] > full_grid_only[1], f"M3 {m3} is not above the full-grid-only baseline {full_grid_only} at 1 token"
+    assert m3[16] > 0.3, f"M3 did not learn the digits (chance is 0.1): {m3}"
+
+    mrl, no_mrl = curve(runs["mrl"]), curve(runs["no_mrl"])
+    assert sorted(mrl) == [8, 16, 32, 64]
+    assert mrl[8] > no_mrl[8], f"MRL {mrl} is not above truncated no-MRL {no_mrl} at 8 dims"
+    assert all(r["queries"] == 360 and r["gallery"] == 10 for r in runs["mrl"]["results"])
+
+    report = (out / "RESULTS.md").read_text()
+    assert "## The expected shapes" in report
+    for plot in ("tokens.png", "dims.png"):
+        assert (out / plot).stat().st_size > 1000
