@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -78,30 +79,32 @@ def data_folder(experiment: Experiment, data: Path, split: str) -> Path:
     return data / ("conversation" if experiment.evaluation == "budget" else "pairs") / split
 
 
-def run_logged(command: list[str], log: Path) -> None:
+def run_logged(what: str, command: list[str], log: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     with log.open("a") as handle:
         handle.write(f"$ {' '.join(command)}\n")
         handle.flush()
         result = subprocess.run(command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT)
     if result.returncode:
-        raise RuntimeError(f"{command[3:6]} exited with {result.returncode}; see {log}")
+        raise RuntimeError(f"{what} exited with {result.returncode}; see {log}")
 
 
-def train_and_evaluate(experiment: Experiment, out: Path, data: Path, steps: int | None) -> dict[str, Any]:
-    """`mtrain train` (torchrun, one rank, ZeRO-3) from scratch, then `mtrain eval` on the held-out split."""
-    run_dir, eval_dir, log = out / "runs" / experiment.name, out / "eval" / experiment.name, out / "logs"
-    log.mkdir(parents=True, exist_ok=True)
-    log = log / f"{experiment.name}.log"
-    log.unlink(missing_ok=True)
-    subprocess.run(["rm", "-rf", str(run_dir), str(eval_dir)], check=True)  # never resume an older run
+def train_and_evaluate(experiment: Experiment, work: Path, data: Path, steps: int | None) -> dict[str, Any]:
+    """`mtrain train` (torchrun, one rank, ZeRO-3) from scratch, then `mtrain eval` on the held-out split.
+
+    The run folder (checkpoint, export), the eval report and the log go to work/<name>/.
+    """
+    folder = work / experiment.name
+    shutil.rmtree(folder, ignore_errors=True)  # a leftover checkpoint would be resumed, not retrained
+    run_dir, eval_dir, log = folder / "run", folder / "eval", folder / "log.txt"
+    folder.mkdir(parents=True)
     train = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
         "-m", "mtrain", "train", str(experiment.config), f"run.dir={run_dir}", "logging.progress=false",
         f"data.shards={shard_list(data_folder(experiment, data, 'train'))}",
     ] + ([f"run.max_steps={steps}"] if steps else [])  # fmt: skip
     started = time.perf_counter()
-    run_logged(train, log)
+    run_logged("mtrain train", train, log)
     trained_s = time.perf_counter() - started
     evaluate = [
         sys.executable, "-m", "mtrain", "eval", str(run_dir / "checkpoints"), f"data.micro_batch_size={HELDOUT_ROWS}",
@@ -112,7 +115,7 @@ def train_and_evaluate(experiment: Experiment, out: Path, data: Path, steps: int
         evaluate += ["--task", "retrieval", "--dims", EMBEDDING_DIMS]
     elif experiment.name == "full_grid":
         evaluate += ["--scales", TOKEN_SCALES]  # pooled grids of a model that never saw them
-    run_logged(evaluate, log)
+    run_logged("mtrain eval", evaluate, log)
     report = json.loads((eval_dir / f"{experiment.evaluation}.json").read_text())
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {
@@ -249,13 +252,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "budget_curves" / "results"), help="results folder")
     parser.add_argument("--data", default=str(REPO / "data" / "digits"), help="digit shards (built when missing)")
-    parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}, at --steps (default 300)")
+    parser.add_argument("--work", help="run folders, eval reports and logs (default runs/budget_curves)")
+    parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}, at --steps (default 400)")
     parser.add_argument("--steps", type=int, help="override every config's run.max_steps")
     parser.add_argument("--only", nargs="+", choices=[e.name for e in EXPERIMENTS], help="run only these")
     parser.add_argument("--parallel", type=int, default=2, help="runs side by side (one rank each)")
     args = parser.parse_args(argv)
     out, data = Path(args.out).resolve(), Path(args.data).resolve()
-    steps = args.steps or (300 if args.quick else None)
+    work = Path(args.work).resolve() if args.work else REPO / "runs" / "budget_curves"
+    steps = args.steps or (400 if args.quick else None)
     if not (data / "conversation" / "heldout" / "index.json").is_file():
         from benchmarks.budget_curves.prepare_digits import main as prepare  # noqa: PLC0415
 
@@ -265,12 +270,12 @@ def main(argv: list[str] | None = None) -> int:
 
     machine_lines = [*machine(), f"- versions: {versions()}"]  # the load average before the runs start
     started = time.perf_counter()
-    print(f"budget curves: {len(chosen)} runs, {args.parallel} at a time, results in {out}", flush=True)
+    print(f"budget curves: {len(chosen)} runs, {args.parallel} at a time; logs in {work}, results in {out}", flush=True)
 
     def one(experiment: Experiment) -> dict[str, Any]:
         print(f"  {experiment.name}: training {experiment.config.relative_to(REPO)}", flush=True)
         try:
-            run = train_and_evaluate(experiment, out, data, steps)
+            run = train_and_evaluate(experiment, work, data, steps)
         except Exception as error:
             print(f"  {experiment.name}: FAILED: {error}", flush=True)
             raise

@@ -117,9 +117,11 @@ def plot_budget_curve(curves: dict[str, list[ScaleResult]], path: Path, metric: 
 def save_log2_curves(figure: Any, axes: Any, xlabel: str, ylabels: tuple[str, ...], path: Path) -> Path:
     """Label the panels (log-2 x axis, grid, legend) and write the PNG."""
     import matplotlib.pyplot as plt  # noqa: PLC0415
+    from matplotlib.ticker import ScalarFormatter  # noqa: PLC0415
 
     for ax, label in zip(axes, ylabels, strict=True):
         ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(ScalarFormatter())  # budgets read as 1, 4, 16, not 2^0, 2^2, 2^4
         ax.set_xlabel(xlabel)
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)

@@ -21,7 +21,8 @@ from tests.conftest import REPO, run
 def test_matryoshka_heads_beat_their_baselines_on_digits(tmp_path):
     out, data = tmp_path / "results", tmp_path / "digits"
     script = REPO / "benchmarks" / "budget_curves" / "run.py"
-    proc = run([sys.executable, str(script), "--quick", "--out", str(out), "--data", str(data)], REPO, timeout=1100)
+    command = [sys.executable, str(script), "--quick", "--out", str(out), "--data", str(data), "--work", str(tmp_path)]
+    proc = run(command, REPO, timeout=1100)
     assert proc.returncode == 0
     assert json.loads((data / "conversation" / "heldout" / "index.json").read_text())["samples"], "no held-out shards"
     runs = json.loads((out / "results.json").read_text())
@@ -30,6 +31,7 @@ def test_matryoshka_heads_beat_their_baselines_on_digits(tmp_path):
     m3, full_grid_only = curve(runs["m3"]), curve(runs["full_grid"])
     assert sorted(m3) == sorted(full_grid_only) == [1, 4, 16]
     assert all(r["answers"] == 360 for r in runs["m3"]["results"]), "every held-out scan is answered once"
+    assert (tmp_path / "m3" / "run" / "export" / "model" / "config.json").is_file()
     assert m3[1] > full_grid_only[1], f"M3 {m3} is not above the full-grid-only baseline {full_grid_only} at 1 token"
     assert m3[16] > 0.3, f"M3 did not learn the digits (chance is 0.1): {m3}"
 
