@@ -25,6 +25,7 @@ Printed: steps/s per launch, and the ratio mtrain/HF per round (median, min, max
 from __future__ import annotations
 
 import argparse
+import cProfile
 import dataclasses
 import json
 import os
@@ -38,9 +39,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import timed_engine_steps  # noqa: E402
-
-OVERRIDES = ["optim.warmup_steps=0", "run.max_steps=1000"]
+# Both loops log their metrics (loss, lr, grad norm, ...) every LOG_EVERY steps; neither shows a progress bar.
+LOG_EVERY = 10
+OVERRIDES = ["optim.warmup_steps=0", f"logging.log_every={LOG_EVERY}", "logging.progress=false"]
 
 
 def launch(side: str, args: argparse.Namespace, out: Path) -> dict:
@@ -49,6 +50,8 @@ def launch(side: str, args: argparse.Namespace, out: Path) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            __file__, "--side", side, "--shards", args.shards, "--out", str(out),
            "--warmup", str(args.warmup), "--steps", str(args.steps), "--batch", str(args.batch)]  # fmt: skip
+    if args.profile:
+        cmd += ["--profile", args.profile]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL if not args.verbose else None)
     return json.loads(out.read_text())
@@ -65,7 +68,8 @@ def setup(args: argparse.Namespace):
     from mtrain.model.build import build_model
 
     world = init_distributed("gloo", 300, 29500)
-    cfg = load_config(REPO / "configs/tiny.yaml", [*OVERRIDES, f"data.micro_batch_size={args.batch}"])
+    steps = f"run.max_steps={args.warmup + args.steps}"
+    cfg = load_config(REPO / "configs/tiny.yaml", [*OVERRIDES, steps, f"data.micro_batch_size={args.batch}"])
     data = dataclasses.replace(cfg.data, shards=str(Path(args.shards) / "shard-{000000..000003}.tar"), sources=[])
     cfg = dataclasses.replace(cfg, data=data)
     ds = deepspeed_config(cfg, world_size=world.world_size, precision="fp32")
@@ -77,15 +81,56 @@ def ready_batches(cfg, built, world, build_data_loader, count: int) -> list[dict
     return [next(loader) for _ in range(count)]
 
 
+class SteadyClock:
+    """Wall-clock time at the end of every optimizer step; with `--profile`, cProfile over the steady steps.
+
+    Both sides call `tick()` from their training loop's step-end hook, so the same span is timed:
+    from the end of the last warm-up step to the end of the last step (data fetch, loss bookkeeping,
+    logging and callbacks of each loop included).
+    """
+
+    def __init__(self, warmup: int, profile_to: Path | None) -> None:
+        self.warmup = warmup
+        self.ends: list[float] = []
+        self.profiler = cProfile.Profile() if profile_to else None
+        self.profile_to = profile_to
+
+    def tick(self) -> None:
+        self.ends.append(time.perf_counter())
+        if self.profiler is not None and len(self.ends) == self.warmup:
+            self.profiler.enable()
+
+    def steps_per_s(self) -> float:
+        if self.profiler is not None:
+            self.profiler.disable()
+            self.profiler.dump_stats(self.profile_to)
+        return (len(self.ends) - self.warmup) / (self.ends[-1] - self.ends[self.warmup - 1])
+
+
+def profile_path(args: argparse.Namespace, side: str) -> Path | None:
+    if not args.profile:
+        return None
+    return Path(args.profile) / f"{side}-rank{os.environ.get('RANK', '0')}.prof"
+
+
 def run_mtrain(args: argparse.Namespace) -> dict:
     from mtrain.engine.setup import initialize_engine
+    from mtrain.engine.trainer import Trainer
+    from mtrain.metrics.sinks import JsonlSink, NullSink
 
     cfg, ds, world, build, build_data_loader = setup(args)
     built = build()
     engine = initialize_engine(cfg, built, ds, world.rank)
     batches = ready_batches(cfg, built, world, build_data_loader, args.warmup + args.steps)
-    step_s = timed_engine_steps(engine, batches, args.warmup)
-    return {"steps_per_s": 1.0 / step_s}
+    scratch = Path(tempfile.mkdtemp(prefix="mtrain-bench-"))
+    # mtrain's own loop as `mtrain train` runs it: metrics every logging.log_every steps into the
+    # JSONL sink on rank 0 (the HF side logs at the same interval into its log history).
+    sink = JsonlSink(scratch / "metrics.jsonl") if world.is_main else NullSink()
+    trainer = Trainer(cfg, world, engine, iter(batches), sink, "cpu")
+    clock = SteadyClock(args.warmup, profile_path(args, "mtrain"))
+    trainer.train(on_step_end=lambda _: clock.tick())
+    sink.close()
+    return {"steps_per_s": clock.steps_per_s()}
 
 
 def run_hf(args: argparse.Namespace) -> dict:
@@ -113,7 +158,7 @@ def run_hf(args: argparse.Namespace) -> dict:
         optim="adamw_torch",
         lr_scheduler_type="constant",
         max_steps=args.warmup + args.steps,
-        logging_steps=10**9,
+        logging_steps=LOG_EVERY,
         save_strategy="no",
         report_to=[],
         remove_unused_columns=False,
@@ -135,23 +180,17 @@ def run_hf(args: argparse.Namespace) -> dict:
         inputs = {k: items[0][k] for k in ("input_ids", "attention_mask", "labels", "pixel_values") if k in items[0]}
         return {**inputs, "use_cache": False}
 
-    class StepClock(TrainerCallback):
-        """Wall-clock time at the end of every optimizer step (data fetch and callbacks included)."""
+    clock = SteadyClock(args.warmup, profile_path(args, "hf"))
 
-        def __init__(self) -> None:
-            self.ends: list[float] = []
-
+    class Tick(TrainerCallback):
         def on_step_end(self, *_, **__) -> None:
-            self.ends.append(time.perf_counter())
+            clock.tick()
 
-    clock = StepClock()
     trainer = Trainer(
-        model=built.model, args=training_args, train_dataset=ReadyBatches(), data_collator=unwrap, callbacks=[clock]
+        model=built.model, args=training_args, train_dataset=ReadyBatches(), data_collator=unwrap, callbacks=[Tick()]
     )
     trainer.train()
-    # As on mtrain's side: wall clock from the end of the last warm-up step to the end of the last step.
-    steady_s = clock.ends[-1] - clock.ends[args.warmup - 1]
-    return {"steps_per_s": (len(clock.ends) - args.warmup) / steady_s}
+    return {"steps_per_s": clock.steps_per_s()}
 
 
 def main() -> None:
@@ -164,6 +203,9 @@ def main() -> None:
     parser.add_argument("--side", choices=["mtrain", "hf"])
     parser.add_argument("--out")
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument(
+        "--profile", help="folder for per-rank cProfile stats of the steady steps (<side>-rank<r>.prof)"
+    )
     args = parser.parse_args()
     if args.side:  # a rank of one launch
         result = run_mtrain(args) if args.side == "mtrain" else run_hf(args)
