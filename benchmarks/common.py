@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -23,3 +25,25 @@ def timed_engine_steps(engine: Any, batches: list[dict], warmup: int) -> float:
         engine.step()
     dist.barrier()
     return (time.perf_counter() - started) / (len(batches) - warmup)
+
+
+def spread(values: Sequence[float], digits: int = 2) -> str:
+    """`median (min a, max b)`: every repeated figure is reported as its median with the spread."""
+    return f"{statistics.median(values):.{digits}f} (min {min(values):.{digits}f}, max {max(values):.{digits}f})"
+
+
+def ratio_line(label: str, values: Sequence[float], target: str = "", note: str = "") -> str:
+    """`label : 1.23x  (min 1.01, max 1.40; target >= 1.0: meets)`, the target judged by the median.
+
+    `target` is ">= 1.5" or "<= 1.15" (no unit: run_all.py reads the first `<number>x` of a line as
+    the ratio). The min and max show the spread over repetitions; a noisy minimum below the
+    target does not decide the verdict, the median does.
+    """
+    median = statistics.median(values)
+    details = [f"min {min(values):.2f}, max {max(values):.2f}"]
+    if target:
+        op, bound = target.split()
+        meets = median >= float(bound) if op == ">=" else median <= float(bound)
+        details.append(f"target {target}: {'meets' if meets else 'MISSES'}")
+    line = f"{label} : {median:.2f}x  ({'; '.join(details)})"
+    return f"{line}  {note}" if note else line

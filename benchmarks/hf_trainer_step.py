@@ -1,25 +1,32 @@
 """Training step rate: mtrain against Hugging Face `transformers.Trainer` with DeepSpeed ZeRO-3.
 
-    python benchmarks/hf_trainer_step.py [--rounds 3] [--warmup 3] [--steps 8]
+    python benchmarks/hf_trainer_step.py [--rounds 3] [--warmup 3] [--steps 30] [--profile DIR]
 
 The usual LLaVA-style peer setup: `Trainer(args=TrainingArguments(deepspeed=ds_config, ...))`.
-Both sides get, on 2 ranks under torchrun (gloo, fp32):
+Both sides get, on 2 ranks under torchrun (gloo, fp32, one thread per rank):
 
 - the same tiny LLaVA with the same LoRA config and initial weights (`mtrain.model.build.build_model`
   from configs/tiny.yaml, seeded), partitioned by ZeRO-3 at construction;
 - the same DeepSpeed JSON (`mtrain.config.deepspeed_json.deepspeed_config`; the Trainer's arguments
   are set to match it: micro-batch, accumulation, clipping);
 - the same data: each rank's first batches from mtrain's loader over the sample shards, collated
-  once before timing; mtrain's engine steps through them, the Trainer reads them from a torch
+  once before timing; mtrain's Trainer iterates over them, HF's Trainer reads them from a torch
   Dataset of ready batches (batch_size=1 + a collator that unwraps);
-- the same optimizer: torch AdamW (`optim="adamw_torch"`; no fused Adam on CPU), constant-ish LR.
+- the same optimizer: torch AdamW (`optim="adamw_torch"`; no fused Adam on CPU), constant-ish LR;
+- the same bookkeeping interval: both loops reduce and log their metrics every LOG_EVERY steps
+  (mtrain `logging.log_every`, HF `logging_steps`), and neither shows a progress bar.
 
-Each side runs in its own torchrun launch, alternating mtrain, HF, mtrain, HF, ...; only steady-state
-steps are timed (after `--warmup` steps, excluding start-up). mtrain's side is its engine step
-(forward through the task module, `engine.backward`, `engine.step`) without its Trainer's logging;
-the HF side is `Trainer.train`'s wall clock between the callbacks' on_step_end of the last warm-up
-step and of the last step (its data fetch from the ready batches included, as in its real loop).
-Printed: steps/s per launch, and the ratio mtrain/HF per round (median, min, max). Target >= 1.0x.
+What is timed is the same span of each full training loop: `mtrain.engine.trainer.Trainer.train`
+and `transformers.Trainer.train` each call a step-end hook (mtrain's `on_step_end`, HF's
+`TrainerCallback.on_step_end`); the clock runs from that hook at the end of the last warm-up step
+to the hook at the end of the last step. Each side's data fetch, loss bookkeeping, metric
+collectives, logging and LR schedule are inside the span; start-up is not. Each side runs in its
+own torchrun launch, alternating mtrain, HF, mtrain, HF, ...
+
+Printed: steps/s and CPU-ms per step (both ranks summed) per launch, and the ratios mtrain/HF per
+launch pair (median, min, max). The wall-clock ratio is the headline (target >= 1.0x); the CPU-time
+ratio is a cross-check that other jobs on a shared machine disturb less. `--profile DIR` writes
+cProfile stats of the timed span per side and rank (DIR/<side>-rank<r>.prof).
 """
 
 from __future__ import annotations
@@ -29,7 +36,6 @@ import cProfile
 import dataclasses
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,6 +44,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from common import ratio_line, spread  # noqa: E402
 
 # Both loops log their metrics (loss, lr, grad norm, ...) every LOG_EVERY steps; neither shows a progress bar.
 LOG_EVERY = 10
@@ -82,29 +90,39 @@ def ready_batches(cfg, built, world, build_data_loader, count: int) -> list[dict
 
 
 class SteadyClock:
-    """Wall-clock time at the end of every optimizer step; with `--profile`, cProfile over the steady steps.
+    """Wall clock (and this process's CPU time) at the end of every optimizer step.
 
     Both sides call `tick()` from their training loop's step-end hook, so the same span is timed:
     from the end of the last warm-up step to the end of the last step (data fetch, loss bookkeeping,
-    logging and callbacks of each loop included).
+    metric reductions, logging and callbacks of each loop included). With `--profile`, cProfile
+    runs over exactly that span.
     """
 
     def __init__(self, warmup: int, profile_to: Path | None) -> None:
         self.warmup = warmup
-        self.ends: list[float] = []
-        self.profiler = cProfile.Profile() if profile_to else None
+        self.ends: list[tuple[float, float]] = []
+        # CPU time, not wall: waits on the other rank (or on other jobs) do not count as work.
+        self.profiler = cProfile.Profile(time.process_time) if profile_to else None
         self.profile_to = profile_to
 
     def tick(self) -> None:
-        self.ends.append(time.perf_counter())
+        self.ends.append((time.perf_counter(), time.process_time()))
         if self.profiler is not None and len(self.ends) == self.warmup:
             self.profiler.enable()
 
-    def steps_per_s(self) -> float:
+    def result(self) -> dict[str, float]:
+        """Steps per wall-clock second, and CPU-seconds per step summed over ranks (less sensitive to other jobs)."""
+        import torch
+        import torch.distributed as dist
+
         if self.profiler is not None:
             self.profiler.disable()
             self.profiler.dump_stats(self.profile_to)
-        return (len(self.ends) - self.warmup) / (self.ends[-1] - self.ends[self.warmup - 1])
+        steps = len(self.ends) - self.warmup
+        (wall_0, cpu_0), (wall_1, cpu_1) = self.ends[self.warmup - 1], self.ends[-1]
+        cpu = torch.tensor([cpu_1 - cpu_0], dtype=torch.float64)
+        dist.all_reduce(cpu)
+        return {"steps_per_s": steps / (wall_1 - wall_0), "cpu_s_per_step": float(cpu) / steps}
 
 
 def profile_path(args: argparse.Namespace, side: str) -> Path | None:
@@ -130,7 +148,7 @@ def run_mtrain(args: argparse.Namespace) -> dict:
     clock = SteadyClock(args.warmup, profile_path(args, "mtrain"))
     trainer.train(on_step_end=lambda _: clock.tick())
     sink.close()
-    return {"steps_per_s": clock.steps_per_s()}
+    return clock.result()
 
 
 def run_hf(args: argparse.Namespace) -> dict:
@@ -190,7 +208,7 @@ def run_hf(args: argparse.Namespace) -> dict:
         model=built.model, args=training_args, train_dataset=ReadyBatches(), data_collator=unwrap, callbacks=[Tick()]
     )
     trainer.train()
-    return {"steps_per_s": clock.steps_per_s()}
+    return clock.result()
 
 
 def main() -> None:
@@ -218,21 +236,25 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="mtrain-hfbench-"))
     args.shards = str(scratch / "shards")
     write_sample_shards(args.shards, num_shards=4, samples_per_shard=48)
-    rates: dict[str, list[float]] = {"mtrain": [], "hf": []}
+    results: dict[str, list[dict]] = {"mtrain": [], "hf": []}
     for round_index in range(args.rounds):
         for side in ("mtrain", "hf"):
             result = launch(side, args, scratch / f"{side}-{round_index}.json")
-            rates[side].append(result["steps_per_s"])
-            print(f"  round {round_index} {side:6s} {result['steps_per_s']:.2f} steps/s", flush=True)
-    ratios = [m / h for m, h in zip(rates["mtrain"], rates["hf"], strict=True)]
+            results[side].append(result)
+            print(f"  round {round_index} {side:6s} {result['steps_per_s']:.2f} steps/s, "
+                  f"{result['cpu_s_per_step'] * 1000:.0f} CPU-ms per step (both ranks)", flush=True)  # fmt: skip
     print(f"\nStep rate, tiny LLaVA + LoRA, micro-batch {args.batch}, fp32, 2 ranks ZeRO-3, "
-          f"{args.rounds} alternating launch pairs x {args.steps} steady steps")  # fmt: skip
-    for side, label in (("mtrain", "mtrain engine"), ("hf", "HF Trainer+DS")):
-        print(f"  {label:14s} median {statistics.median(rates[side]):.2f} steps/s "
-              f"(min {min(rates[side]):.2f}, max {max(rates[side]):.2f})")  # fmt: skip
-    print(
-        f"RATIO mtrain/HF Trainer : {statistics.median(ratios):.2f}x  (min {min(ratios):.2f}, max {max(ratios):.2f}; target >= 1.0)"
-    )
+          f"{args.rounds} alternating launch pairs x {args.steps} steady steps of each full training loop "
+          f"(metrics logged every {LOG_EVERY} steps on both sides)")  # fmt: skip
+    for side, label in (("mtrain", "mtrain Trainer"), ("hf", "HF Trainer+DS")):
+        rates = [r["steps_per_s"] for r in results[side]]
+        cpu_ms = [r["cpu_s_per_step"] * 1000 for r in results[side]]
+        print(f"  {label:14s} {spread(rates)} steps/s   {spread(cpu_ms, 0)} CPU-ms per step")
+    pairs = list(zip(results["mtrain"], results["hf"], strict=True))
+    wall = [m["steps_per_s"] / h["steps_per_s"] for m, h in pairs]
+    cpu = [h["cpu_s_per_step"] / m["cpu_s_per_step"] for m, h in pairs]
+    print(ratio_line("RATIO mtrain/HF Trainer (wall-clock steps/s)", wall, ">= 1.0"))
+    print(ratio_line("RATIO mtrain/HF Trainer (CPU-s per step, HF/mtrain)", cpu, ">= 1.0"))
 
 
 if __name__ == "__main__":
