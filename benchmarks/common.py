@@ -2,29 +2,39 @@
 
 from __future__ import annotations
 
+import cProfile
 import statistics
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 
-def timed_engine_steps(engine: Any, batches: list[dict], warmup: int) -> float:
+def timed_engine_steps(engine: Any, batches: list[dict], warmup: int, profile_to: Path | None = None) -> float:
     """Seconds per optimizer step over `batches[warmup:]`, after `warmup` untimed steps.
 
     The warm-up traces ZeRO-3's prefetch and allocates optimizer state; a barrier lines the ranks
     up before the clock starts, and another after the last step so the slowest rank is counted.
+    With `profile_to`, cProfile (wall clock) covers the timed steps and writes its stats there.
     """
     import torch.distributed as dist  # noqa: PLC0415
 
+    profiler = cProfile.Profile() if profile_to else None
     for index, batch in enumerate(batches):
         if index == warmup:
             dist.barrier()
             started = time.perf_counter()
+            if profiler is not None:
+                profiler.enable()
         loss, _ = engine(batch)
         engine.backward(loss)
         engine.step()
     dist.barrier()
-    return (time.perf_counter() - started) / (len(batches) - warmup)
+    seconds = (time.perf_counter() - started) / (len(batches) - warmup)
+    if profiler is not None:
+        profiler.disable()
+        profiler.dump_stats(profile_to)
+    return seconds
 
 
 def spread(values: Sequence[float], digits: int = 2) -> str:

@@ -51,6 +51,8 @@ def launch(name: str, args: argparse.Namespace, out: Path) -> dict:
            "--master_port", str(free_port()), __file__, "--worker", "--shards", args.shards, "--out", str(out),
            "--warmup", str(args.warmup), "--steps", str(args.steps),
            "--micro-batch", str(args.global_batch // ranks), *[f"--set={o}" for o in overrides]]  # fmt: skip
+    if args.profile:
+        cmd += ["--profile", str(Path(args.profile) / name)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
     subprocess.run(cmd, env=env, check=True, stdout=None if args.verbose else subprocess.DEVNULL)
     return json.loads(out.read_text())
@@ -77,7 +79,8 @@ def worker(args: argparse.Namespace) -> None:
     engine = initialize_engine(cfg, built, ds, world.rank)
     loader = build_data_loader(cfg, built, world)
     batches = [next(loader) for _ in range(args.warmup + args.steps)]
-    step_s = timed_engine_steps(engine, batches, args.warmup)
+    profile_to = Path(f"{args.profile}-rank{world.rank}.prof") if args.profile else None
+    step_s = timed_engine_steps(engine, batches, args.warmup, profile_to)
     rss_mb = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0])
     gathered = [torch.zeros(1) for _ in range(world.world_size)]
     dist.all_gather(gathered, rss_mb)
@@ -101,6 +104,9 @@ def main() -> None:
     parser.add_argument("--shards")
     parser.add_argument("--out")
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument(
+        "--profile", help="folder for per-rank cProfile stats of the timed steps (<setting>-rank<r>.prof)"
+    )
     args = parser.parse_args()
     if args.worker:
         worker(args)
