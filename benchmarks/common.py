@@ -37,6 +37,20 @@ def timed_engine_steps(engine: Any, batches: list[dict], warmup: int, profile_to
     return seconds
 
 
+def leave_together(*engines: Any) -> None:
+    """Tear down as `mtrain train` does (mtrain/engine/run.py): barrier, engines, then the process group.
+
+    A rank that closes its gloo pairs while its peer's engine still holds ZeRO-3 work can make the
+    peer abort at exit, failing a launch whose figures were already measured.
+    """
+    import torch.distributed as dist  # noqa: PLC0415
+
+    dist.barrier()
+    for engine in engines:
+        engine.destroy()
+    dist.destroy_process_group()
+
+
 def spread(values: Sequence[float], digits: int = 2) -> str:
     """`median (min a, max b)`: every repeated figure is reported as its median with the spread."""
     return f"{statistics.median(values):.{digits}f} (min {min(values):.{digits}f}, max {max(values):.{digits}f})"

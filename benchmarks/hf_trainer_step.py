@@ -1,6 +1,6 @@
 """Training step rate: mtrain against Hugging Face `transformers.Trainer` with DeepSpeed ZeRO-3.
 
-    python benchmarks/hf_trainer_step.py [--rounds 3] [--warmup 3] [--steps 30] [--profile DIR]
+    python benchmarks/hf_trainer_step.py [--rounds 6] [--warmup 3] [--steps 30] [--profile DIR]
 
 The usual LLaVA-style peer setup: `Trainer(args=TrainingArguments(deepspeed=ds_config, ...))`.
 Both sides get, on 2 ranks under torchrun (gloo, fp32, one thread per rank):
@@ -45,11 +45,22 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import ratio_line, spread  # noqa: E402
+from common import leave_together, ratio_line, spread  # noqa: E402
 
 # Both loops log their metrics (loss, lr, grad norm, ...) every LOG_EVERY steps; neither shows a progress bar.
 LOG_EVERY = 10
 OVERRIDES = ["optim.warmup_steps=0", f"logging.log_every={LOG_EVERY}", "logging.progress=false"]
+
+
+TIMED_SPAN_NOTE = """\
+Timed on both sides: the full training loop between its step-end hooks (mtrain Trainer.train's
+on_step_end, HF's TrainerCallback.on_step_end), so data fetch, loss bookkeeping, metric
+collectives, logging and the LR schedule count. The DeepSpeed engine (same JSON, same model) does
+~97% of the work on both sides (cProfile, --profile): forward, backward and step. Outside it, per
+step, HF runs get_batch_samples (an all_gather of the label-token count, ~7 ms/step here),
+floating_point_ops (~2 ms) and model.train(); mtrain reduces its metrics with one all_reduce only on
+logged steps (logging.log_every) and otherwise keeps counts on the device. The launch-to-launch
+spread (other jobs share the machine) is wider than that difference, hence many alternating rounds."""
 
 
 def launch(side: str, args: argparse.Namespace, out: Path) -> dict:
@@ -101,8 +112,8 @@ class SteadyClock:
     def __init__(self, warmup: int, profile_to: Path | None) -> None:
         self.warmup = warmup
         self.ends: list[tuple[float, float]] = []
-        # CPU time, not wall: waits on the other rank (or on other jobs) do not count as work.
-        self.profiler = cProfile.Profile(time.process_time) if profile_to else None
+        # Wall clock (cProfile's default): time a rank waits for its peer shows up as c10d `wait`.
+        self.profiler = cProfile.Profile() if profile_to else None
         self.profile_to = profile_to
 
     def tick(self) -> None:
@@ -148,7 +159,9 @@ def run_mtrain(args: argparse.Namespace) -> dict:
     clock = SteadyClock(args.warmup, profile_path(args, "mtrain"))
     trainer.train(on_step_end=lambda _: clock.tick())
     sink.close()
-    return clock.result()
+    result = clock.result()
+    leave_together(engine)
+    return result
 
 
 def run_hf(args: argparse.Namespace) -> dict:
@@ -208,12 +221,14 @@ def run_hf(args: argparse.Namespace) -> dict:
         model=built.model, args=training_args, train_dataset=ReadyBatches(), data_collator=unwrap, callbacks=[Tick()]
     )
     trainer.train()
-    return clock.result()
+    result = clock.result()
+    leave_together(trainer.deepspeed)  # the DeepSpeed engine the Trainer built
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=3, help="alternating launch pairs (mtrain, HF)")
+    parser.add_argument("--rounds", type=int, default=6, help="launch pairs (mtrain, HF), in ABBA order")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=30, help="timed steady-state steps per launch")
     parser.add_argument("--batch", type=int, default=8)
@@ -238,7 +253,8 @@ def main() -> None:
     write_sample_shards(args.shards, num_shards=4, samples_per_shard=48)
     results: dict[str, list[dict]] = {"mtrain": [], "hf": []}
     for round_index in range(args.rounds):
-        for side in ("mtrain", "hf"):
+        # ABBA order (mtrain, hf, hf, mtrain, ...): a drift in the machine's load favours neither side.
+        for side in ("mtrain", "hf") if round_index % 2 == 0 else ("hf", "mtrain"):
             result = launch(side, args, scratch / f"{side}-{round_index}.json")
             results[side].append(result)
             print(f"  round {round_index} {side:6s} {result['steps_per_s']:.2f} steps/s, "
@@ -255,6 +271,7 @@ def main() -> None:
     cpu = [h["cpu_s_per_step"] / m["cpu_s_per_step"] for m, h in pairs]
     print(ratio_line("RATIO mtrain/HF Trainer (wall-clock steps/s)", wall, ">= 1.0"))
     print(ratio_line("RATIO mtrain/HF Trainer (CPU-s per step, HF/mtrain)", cpu, ">= 1.0"))
+    print(TIMED_SPAN_NOTE)
 
 
 if __name__ == "__main__":

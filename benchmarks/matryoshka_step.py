@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import ratio_line  # noqa: E402
+from common import leave_together, ratio_line  # noqa: E402
 
 SCALES = "[1,4,16,64]"
 
@@ -120,6 +120,7 @@ def main() -> None:
             for _ in range(args.steps):
                 step(name)
             timings[name].append((time.perf_counter() - started) / args.steps)
+    leave_together(*(engine for _, _, engine in engines.values()))
     if world.rank != 0:
         return
     median = {name: statistics.median(values) for name, values in timings.items()}
