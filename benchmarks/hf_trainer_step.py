@@ -55,8 +55,8 @@ OVERRIDES = ["optim.warmup_steps=0", f"logging.log_every={LOG_EVERY}", "logging.
 TIMED_SPAN_NOTE = """\
 Timed on both sides: the full training loop between its step-end hooks (mtrain Trainer.train's
 on_step_end, HF's TrainerCallback.on_step_end), so data fetch, loss bookkeeping, metric
-collectives, logging and the LR schedule count. The DeepSpeed engine (same JSON, same model) does
-~97% of the work on both sides (cProfile, --profile): forward, backward and step. Outside it, per
+collectives, logging and the LR schedule count. The DeepSpeed engine (same JSON, same model) takes
+95-99% of that span on both sides (cProfile, --profile): forward, backward, step. Outside it, per
 step, HF runs get_batch_samples (an all_gather of the label-token count, ~7 ms/step here),
 floating_point_ops (~2 ms) and model.train(); mtrain reduces its metrics with one all_reduce only on
 logged steps (logging.log_every) and otherwise keeps counts on the device. The launch-to-launch
