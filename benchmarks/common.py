@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import cProfile
+import json
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +38,22 @@ def timed_engine_steps(engine: Any, batches: list[dict], warmup: int, profile_to
         profiler.disable()
         profiler.dump_stats(profile_to)
     return seconds
+
+
+def launch_for_result(cmd: list[str], env: dict[str, str], out: Path, verbose: bool) -> dict:
+    """Run one torchrun launch whose rank 0 writes its figures as JSON to `out`, and read them.
+
+    A launch that wrote its figures and then failed in interpreter teardown (seen rarely here:
+    "terminate called without an active exception" on rank 0 after the process group was
+    destroyed) still counts, with a note on stderr; one that wrote nothing raises.
+    """
+    out.unlink(missing_ok=True)
+    done = subprocess.run(cmd, env=env, stdout=None if verbose else subprocess.DEVNULL)
+    if done.returncode != 0:
+        if not out.is_file():
+            raise subprocess.CalledProcessError(done.returncode, cmd)
+        print(f"note: launch exited with {done.returncode} after writing {out.name} (teardown)", file=sys.stderr)
+    return json.loads(out.read_text())
 
 
 def leave_together(*engines: Any) -> None:

@@ -36,7 +36,6 @@ import cProfile
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +44,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import leave_together, ratio_line, spread  # noqa: E402
+from common import launch_for_result, leave_together, ratio_line, spread  # noqa: E402
 
 # Both loops log their metrics (loss, lr, grad norm, ...) every LOG_EVERY steps; neither shows a progress bar.
 LOG_EVERY = 10
@@ -72,8 +71,7 @@ def launch(side: str, args: argparse.Namespace, out: Path) -> dict:
     if args.profile:
         cmd += ["--profile", args.profile]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL if not args.verbose else None)
-    return json.loads(out.read_text())
+    return launch_for_result(cmd, env, out, args.verbose)
 
 
 def setup(args: argparse.Namespace):

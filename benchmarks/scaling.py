@@ -43,7 +43,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -51,7 +50,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import leave_together, ratio_line, timed_engine_steps  # noqa: E402
+from common import launch_for_result, leave_together, ratio_line, timed_engine_steps  # noqa: E402
 
 PERSISTENCE_NOTE = """\
 Why threshold=0 is faster here (see this script's docstring; profiled with --profile): all 77
@@ -80,8 +79,7 @@ def launch(name: str, args: argparse.Namespace, out: Path) -> dict:
     if args.profile:
         cmd += ["--profile", str(Path(args.profile) / name)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
-    subprocess.run(cmd, env=env, check=True, stdout=None if args.verbose else subprocess.DEVNULL)
-    return json.loads(out.read_text())
+    return launch_for_result(cmd, env, out, args.verbose)
 
 
 def worker(args: argparse.Namespace) -> None:
