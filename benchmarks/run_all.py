@@ -31,7 +31,7 @@ from common import ratio_line  # noqa: E402
 
 # name: (script, reduced arguments, what it compares)
 BENCHMARKS = {
-    "hf_trainer_step": ("hf_trainer_step.py", ["--rounds", "6", "--steps", "30"],
+    "hf_trainer_step": ("hf_trainer_step.py", ["--rounds", "4", "--blocks", "5"],
                         "1. Step rate: mtrain vs HF Trainer + DeepSpeed ZeRO-3 (target >= 1.0x)"),
     "matryoshka_step": ("matryoshka_step.py", ["--rounds", "3", "--steps", "3"],
                         "2. Matryoshka step: one pass vs naive loop over scales, and vs the FLOP-ideal"),

@@ -16,7 +16,7 @@ other jobs oversubscribe it and make ws1 erratic). With free communication ws2 w
 ws1's step time (ratio 0.50: half the samples per rank, one core each); what it exceeds that by is
 ZeRO-3's all-gather / reduce-scatter over gloo and the partition bookkeeping.
 Peak RSS is `ru_maxrss` of each rank after the timed steps. `--profile DIR` writes cProfile stats
-of the timed steps per setting and rank.
+of the first timed block per setting, engine and rank.
 
 What the persistence threshold changes -- read in deepspeed/runtime/zero/ and seen with --profile:
 every one of the tiny LLaVA's 77 parameters has <= 1e5 elements, so at the default threshold all
