@@ -2,24 +2,91 @@
 
 from __future__ import annotations
 
+import cProfile
+import json
+import statistics
+import subprocess
+import sys
 import time
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 
-def timed_engine_steps(engine: Any, batches: list[dict], warmup: int) -> float:
+def timed_engine_steps(engine: Any, batches: list[dict], warmup: int, profile_to: Path | None = None) -> float:
     """Seconds per optimizer step over `batches[warmup:]`, after `warmup` untimed steps.
 
     The warm-up traces ZeRO-3's prefetch and allocates optimizer state; a barrier lines the ranks
     up before the clock starts, and another after the last step so the slowest rank is counted.
+    With `profile_to`, cProfile (wall clock) covers the timed steps and writes its stats there.
     """
     import torch.distributed as dist  # noqa: PLC0415
 
+    profiler = cProfile.Profile() if profile_to else None
     for index, batch in enumerate(batches):
         if index == warmup:
             dist.barrier()
             started = time.perf_counter()
+            if profiler is not None:
+                profiler.enable()
         loss, _ = engine(batch)
         engine.backward(loss)
         engine.step()
     dist.barrier()
-    return (time.perf_counter() - started) / (len(batches) - warmup)
+    seconds = (time.perf_counter() - started) / (len(batches) - warmup)
+    if profiler is not None:
+        profiler.disable()
+        profiler.dump_stats(profile_to)
+    return seconds
+
+
+def launch_for_result(cmd: list[str], env: dict[str, str], out: Path, verbose: bool) -> dict:
+    """Run one torchrun launch whose rank 0 writes its figures as JSON to `out`, and read them.
+
+    A launch that wrote its figures and then failed in interpreter teardown (seen rarely here:
+    "terminate called without an active exception" on rank 0 after the process group was
+    destroyed) still counts, with a note on stderr; one that wrote nothing raises.
+    """
+    out.unlink(missing_ok=True)
+    done = subprocess.run(cmd, env=env, stdout=None if verbose else subprocess.DEVNULL)
+    if done.returncode != 0:
+        if not out.is_file():
+            raise subprocess.CalledProcessError(done.returncode, cmd)
+        print(f"note: launch exited with {done.returncode} after writing {out.name} (teardown)", file=sys.stderr)
+    return json.loads(out.read_text())
+
+
+def leave_together(*engines: Any) -> None:
+    """Tear down as `mtrain train` does (mtrain/engine/run.py): barrier, engines, then the process group.
+
+    A rank that closes its gloo pairs while its peer's engine still holds ZeRO-3 work can make the
+    peer abort at exit, failing a launch whose figures were already measured.
+    """
+    import torch.distributed as dist  # noqa: PLC0415
+
+    dist.barrier()
+    for engine in engines:
+        engine.destroy()
+    dist.destroy_process_group()
+
+
+def spread(values: Sequence[float], digits: int = 2) -> str:
+    """`median (min a, max b)`: every repeated figure is reported as its median with the spread."""
+    return f"{statistics.median(values):.{digits}f} (min {min(values):.{digits}f}, max {max(values):.{digits}f})"
+
+
+def ratio_line(label: str, values: Sequence[float], target: str = "", note: str = "") -> str:
+    """`label : 1.23x  (min 1.01, max 1.40; target >= 1.0: meets)`, the target judged by the median.
+
+    `target` is ">= 1.5" or "<= 1.15" (no unit: run_all.py reads the first `<number>x` of a line as
+    the ratio). The min and max show the spread over repetitions; a noisy minimum below the
+    target does not decide the verdict, the median does.
+    """
+    median = statistics.median(values)
+    details = [f"min {min(values):.2f}, max {max(values):.2f}"]
+    if target:
+        op, bound = target.split()
+        meets = median >= float(bound) if op == ">=" else median <= float(bound)
+        details.append(f"target {target}: {'meets' if meets else 'MISSES'}")
+    line = f"{label} : {median:.2f}x  ({'; '.join(details)})"
+    return f"{line}  {note}" if note else line

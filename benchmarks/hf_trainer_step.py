@@ -1,35 +1,50 @@
 """Training step rate: mtrain against Hugging Face `transformers.Trainer` with DeepSpeed ZeRO-3.
 
-    python benchmarks/hf_trainer_step.py [--rounds 3] [--warmup 3] [--steps 8]
+    python benchmarks/hf_trainer_step.py [--rounds 3] [--blocks 4] [--block 10]
+    python benchmarks/hf_trainer_step.py --mode launches [--rounds 6] [--warmup 3] [--steps 30] [--profile DIR]
 
 The usual LLaVA-style peer setup: `Trainer(args=TrainingArguments(deepspeed=ds_config, ...))`.
-Both sides get, on 2 ranks under torchrun (gloo, fp32):
+Both sides get, on 2 ranks under torchrun (gloo, fp32, one thread per rank):
 
 - the same tiny LLaVA with the same LoRA config and initial weights (`mtrain.model.build.build_model`
   from configs/tiny.yaml, seeded), partitioned by ZeRO-3 at construction;
 - the same DeepSpeed JSON (`mtrain.config.deepspeed_json.deepspeed_config`; the Trainer's arguments
   are set to match it: micro-batch, accumulation, clipping);
 - the same data: each rank's first batches from mtrain's loader over the sample shards, collated
-  once before timing; mtrain's engine steps through them, the Trainer reads them from a torch
+  once before timing; mtrain's Trainer iterates over them, HF's Trainer reads them from a torch
   Dataset of ready batches (batch_size=1 + a collator that unwraps);
-- the same optimizer: torch AdamW (`optim="adamw_torch"`; no fused Adam on CPU), constant-ish LR.
+- the same optimizer: torch AdamW (`optim="adamw_torch"`; no fused Adam on CPU), constant-ish LR;
+- the same bookkeeping interval: both loops reduce and log their metrics every LOG_EVERY steps
+  (mtrain `logging.log_every`, HF `logging_steps`), and neither shows a progress bar.
 
-Each side runs in its own torchrun launch, alternating mtrain, HF, mtrain, HF, ...; only steady-state
-steps are timed (after `--warmup` steps, excluding start-up). mtrain's side is its engine step
-(forward through the task module, `engine.backward`, `engine.step`) without its Trainer's logging;
-the HF side is `Trainer.train`'s wall clock between the callbacks' on_step_end of the last warm-up
-step and of the last step (its data fetch from the ready batches included, as in its real loop).
-Printed: steps/s per launch, and the ratio mtrain/HF per round (median, min, max). Target >= 1.0x.
+What is timed is the same span of each full training loop: `mtrain.engine.trainer.Trainer.train`
+and `transformers.Trainer.train` each call a step-end hook (mtrain's `on_step_end`, HF's
+`TrainerCallback.on_step_end`), and a block's clock stops at the hook of its last step. Each side's
+data fetch, loss bookkeeping, metric collectives, logging and LR schedule are inside the span;
+start-up is not.
+
+--mode interleaved (default): per round, one torchrun launch holds both: two models with the same
+initial weights, two DeepSpeed engines, the same batches. HF's Trainer drives; at the end of each
+block of --block steps its step-end callback runs one block of mtrain's Trainer, then hands back.
+HF's block runs from that hand-back to its last step's hook; mtrain's from its block's start to its
+last step's hook. The first block of each side is warm-up. Sharing processes, data and moment,
+both sides meet the same interference from other jobs.
+--mode launches: each side in its own torchrun launch, alternating in ABBA order, --warmup steps
+untimed and --steps timed (noisier: each launch meets a different machine load).
+
+Printed: steps/s and CPU-ms per step (both ranks summed) per round, and the ratios mtrain/HF per
+round (median, min, max). The wall-clock ratio is the headline (target >= 1.0x); the CPU-time
+ratio is a cross-check that other jobs on a shared machine disturb less. `--mode launches
+--profile DIR` writes cProfile stats of the timed span per side and rank (DIR/<side>-rank<r>.prof).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import dataclasses
 import json
 import os
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,9 +53,25 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import timed_engine_steps  # noqa: E402
+from common import launch_for_result, leave_together, ratio_line, spread  # noqa: E402
 
-OVERRIDES = ["optim.warmup_steps=0", "run.max_steps=1000"]
+# Both loops log their metrics (loss, lr, grad norm, ...) every LOG_EVERY steps; neither shows a progress bar.
+LOG_EVERY = 10
+OVERRIDES = ["optim.warmup_steps=0", f"logging.log_every={LOG_EVERY}", "logging.progress=false"]
+
+
+TIMED_SPAN_NOTE = """\
+Timed on both sides: the full training loop between its step-end hooks (mtrain Trainer.train's
+on_step_end, HF's TrainerCallback.on_step_end), so data fetch, loss bookkeeping, metric
+collectives, logging and the LR schedule count. The DeepSpeed engine (same JSON, same model) takes
+95-99% of that span on both sides (cProfile, --profile): forward, backward, step. Outside it, per
+step, HF runs get_batch_samples (an all_gather of the label-token count, ~7 ms/step here),
+floating_point_ops (~2 ms) and model.train(); mtrain reduces its metrics with one all_reduce only on
+logged steps (logging.log_every) and otherwise keeps counts on the device. Launch-to-launch noise
+(other jobs share the machine) is wider than those differences: with one launch per side, two
+4-round runs gave medians of 0.99 (min 0.89, max 1.26) before and 1.10 (min 0.98, max 1.17) after the
+trainer's per-step reduce was removed, a swing well beyond that change's effect; so by default both
+loops run in one launch in alternating blocks, which keeps the spread within a few percent."""
 
 
 def launch(side: str, args: argparse.Namespace, out: Path) -> dict:
@@ -48,10 +79,12 @@ def launch(side: str, args: argparse.Namespace, out: Path) -> dict:
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            __file__, "--side", side, "--shards", args.shards, "--out", str(out),
-           "--warmup", str(args.warmup), "--steps", str(args.steps), "--batch", str(args.batch)]  # fmt: skip
+           "--warmup", str(args.warmup), "--steps", str(args.steps), "--batch", str(args.batch),
+           "--block", str(args.block), "--blocks", str(args.blocks)]  # fmt: skip
+    if args.profile:
+        cmd += ["--profile", args.profile]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL if not args.verbose else None)
-    return json.loads(out.read_text())
+    return launch_for_result(cmd, env, out, args.verbose)
 
 
 def setup(args: argparse.Namespace):
@@ -65,7 +98,8 @@ def setup(args: argparse.Namespace):
     from mtrain.model.build import build_model
 
     world = init_distributed("gloo", 300, 29500)
-    cfg = load_config(REPO / "configs/tiny.yaml", [*OVERRIDES, f"data.micro_batch_size={args.batch}"])
+    steps = f"run.max_steps={args.warmup + args.steps}"
+    cfg = load_config(REPO / "configs/tiny.yaml", [*OVERRIDES, steps, f"data.micro_batch_size={args.batch}"])
     data = dataclasses.replace(cfg.data, shards=str(Path(args.shards) / "shard-{000000..000003}.tar"), sources=[])
     cfg = dataclasses.replace(cfg, data=data)
     ds = deepspeed_config(cfg, world_size=world.world_size, precision="fp32")
@@ -77,29 +111,70 @@ def ready_batches(cfg, built, world, build_data_loader, count: int) -> list[dict
     return [next(loader) for _ in range(count)]
 
 
-def run_mtrain(args: argparse.Namespace) -> dict:
-    from mtrain.engine.setup import initialize_engine
+class SteadyClock:
+    """Wall clock (and this process's CPU time) at the end of every optimizer step.
 
+    Both sides call `tick()` from their training loop's step-end hook, so the same span is timed:
+    from the end of the last warm-up step to the end of the last step (data fetch, loss bookkeeping,
+    metric reductions, logging and callbacks of each loop included). With `--profile`, cProfile
+    runs over exactly that span.
+    """
+
+    def __init__(self, warmup: int, profile_to: Path | None) -> None:
+        self.warmup = warmup
+        self.ends: list[tuple[float, float]] = []
+        # Wall clock (cProfile's default): time a rank waits for its peer shows up as c10d `wait`.
+        self.profiler = cProfile.Profile() if profile_to else None
+        self.profile_to = profile_to
+
+    def tick(self) -> None:
+        self.ends.append((time.perf_counter(), time.process_time()))
+        if self.profiler is not None and len(self.ends) == self.warmup:
+            self.profiler.enable()
+
+    def result(self) -> dict[str, float]:
+        """Steps per wall-clock second, and CPU-seconds per step summed over ranks (less sensitive to other jobs)."""
+        import torch
+        import torch.distributed as dist
+
+        if self.profiler is not None:
+            self.profiler.disable()
+            self.profiler.dump_stats(self.profile_to)
+        steps = len(self.ends) - self.warmup
+        (wall_0, cpu_0), (wall_1, cpu_1) = self.ends[self.warmup - 1], self.ends[-1]
+        cpu = torch.tensor([cpu_1 - cpu_0], dtype=torch.float64)
+        dist.all_reduce(cpu)
+        return {"steps_per_s": steps / (wall_1 - wall_0), "cpu_s_per_step": float(cpu) / steps}
+
+
+def profile_path(args: argparse.Namespace, side: str) -> Path | None:
+    if not args.profile:
+        return None
+    return Path(args.profile) / f"{side}-rank{os.environ.get('RANK', '0')}.prof"
+
+
+def run_mtrain(args: argparse.Namespace) -> dict:
     cfg, ds, world, build, build_data_loader = setup(args)
     built = build()
-    engine = initialize_engine(cfg, built, ds, world.rank)
     batches = ready_batches(cfg, built, world, build_data_loader, args.warmup + args.steps)
-    step_s = timed_engine_steps(engine, batches, args.warmup)
-    return {"steps_per_s": 1.0 / step_s}
+    trainer = mtrain_trainer(cfg, ds, world, built, batches)
+    clock = SteadyClock(args.warmup, profile_path(args, "mtrain"))
+    trainer.train(on_step_end=lambda _: clock.tick())
+    trainer.sink.close()
+    result = clock.result()
+    leave_together(trainer.engine)
+    return result
 
 
-def run_hf(args: argparse.Namespace) -> dict:
-    import torch
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+def hf_arguments(cfg, ds: dict, max_steps: int):
+    """HF TrainingArguments matching mtrain's config; create before the model (ZeRO-3 zero.Init)."""
+    from transformers import TrainingArguments
 
-    cfg, ds, world, build, build_data_loader = setup(args)
-    scratch = tempfile.mkdtemp(prefix="mtrain-hf-bench-")
     # The Trainer's items are ready batches (its batch size 1), so its copy of the JSON leaves the
     # batch sizes to it ("auto"); they only feed DeepSpeed's sample counters, not the compute.
     hf_ds = {**ds, "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto"}
-    # TrainingArguments first: with a ZeRO-3 config it must exist before the model (zero.Init).
-    training_args = TrainingArguments(
-        output_dir=scratch,
+    return TrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix="mtrain-hf-bench-"),
         deepspeed=hf_ds,
         use_cpu=True,
         per_device_train_batch_size=1,  # one ready batch per item; ds micro-batch set by the dataset
@@ -112,8 +187,8 @@ def run_hf(args: argparse.Namespace) -> dict:
         adam_epsilon=cfg.optim.eps,
         optim="adamw_torch",
         lr_scheduler_type="constant",
-        max_steps=args.warmup + args.steps,
-        logging_steps=10**9,
+        max_steps=max_steps,
+        logging_steps=LOG_EVERY,
         save_strategy="no",
         report_to=[],
         remove_unused_columns=False,
@@ -121,8 +196,12 @@ def run_hf(args: argparse.Namespace) -> dict:
         disable_tqdm=True,
         seed=cfg.run.seed,
     )
-    built = build()
-    batches = ready_batches(cfg, built, world, build_data_loader, args.warmup + args.steps)
+
+
+def hf_trainer(training_args, model, batches: list[dict], world, on_step_end):
+    """HF Trainer over the ready batches, calling `on_step_end()` from a TrainerCallback."""
+    import torch
+    from transformers import Trainer, TrainerCallback
 
     class ReadyBatches(torch.utils.data.Dataset):
         def __len__(self) -> int:
@@ -135,38 +214,118 @@ def run_hf(args: argparse.Namespace) -> dict:
         inputs = {k: items[0][k] for k in ("input_ids", "attention_mask", "labels", "pixel_values") if k in items[0]}
         return {**inputs, "use_cache": False}
 
-    class StepClock(TrainerCallback):
-        """Wall-clock time at the end of every optimizer step (data fetch and callbacks included)."""
-
-        def __init__(self) -> None:
-            self.ends: list[float] = []
-
+    class Hook(TrainerCallback):
         def on_step_end(self, *_, **__) -> None:
-            self.ends.append(time.perf_counter())
+            on_step_end()
 
-    clock = StepClock()
-    trainer = Trainer(
-        model=built.model, args=training_args, train_dataset=ReadyBatches(), data_collator=unwrap, callbacks=[clock]
+    return Trainer(
+        model=model, args=training_args, train_dataset=ReadyBatches(), data_collator=unwrap, callbacks=[Hook()]
     )
+
+
+def mtrain_trainer(cfg, ds, world, built, batches: list[dict]):
+    """mtrain's Trainer as `mtrain train` runs it: metrics every logging.log_every steps into the JSONL
+    sink on rank 0 (the HF side logs at the same interval into its log history)."""
+    from mtrain.engine.setup import initialize_engine
+    from mtrain.engine.trainer import Trainer
+    from mtrain.metrics.sinks import JsonlSink, NullSink
+
+    engine = initialize_engine(cfg, built, ds, world.rank)
+    sink = JsonlSink(Path(tempfile.mkdtemp(prefix="mtrain-bench-")) / "metrics.jsonl") if world.is_main else NullSink()
+    return Trainer(cfg, world, engine, iter(batches), sink, "cpu")
+
+
+def run_hf(args: argparse.Namespace) -> dict:
+    cfg, ds, world, build, build_data_loader = setup(args)
+    training_args = hf_arguments(cfg, ds, args.warmup + args.steps)
+    built = build()
+    batches = ready_batches(cfg, built, world, build_data_loader, args.warmup + args.steps)
+    clock = SteadyClock(args.warmup, profile_path(args, "hf"))
+    trainer = hf_trainer(training_args, built.model, batches, world, clock.tick)
     trainer.train()
-    # As on mtrain's side: wall clock from the end of the last warm-up step to the end of the last step.
-    steady_s = clock.ends[-1] - clock.ends[args.warmup - 1]
-    return {"steps_per_s": (len(clock.ends) - args.warmup) / steady_s}
+    result = clock.result()
+    leave_together(trainer.deepspeed)  # the DeepSpeed engine the Trainer built
+    return result
+
+
+def run_both(args: argparse.Namespace) -> dict:
+    """Both loops in one launch, in alternating blocks of `--block` steps on two engines.
+
+    HF's Trainer drives: at the end of each of its blocks, its step-end callback runs one block of
+    mtrain's Trainer (its own model, same initial weights, same batches in the same order), then
+    hands back. HF's block time runs from that hand-back to the step-end hook of its block's last
+    step; mtrain's from its block's start to the step-end hook of its last step. The first block
+    of each is warm-up. Both share processes, data and moment, so other jobs disturb them alike.
+    """
+    import torch
+    import torch.distributed as dist
+
+    cfg, ds, world, build, build_data_loader = setup(args)
+    total = args.block * (args.blocks + 1)
+    training_args = hf_arguments(cfg, ds, total)
+    built_hf, built_mtrain = build(), build()
+    batches = ready_batches(cfg, built_hf, world, build_data_loader, total)
+    trainer_m = mtrain_trainer(cfg, ds, world, built_mtrain, batches)
+    times: dict[str, list[tuple[float, float]]] = {"hf": [], "mtrain": []}  # (wall, CPU) per timed block
+    hf_steps = 0
+    resumed = (time.perf_counter(), time.process_time())
+
+    def mtrain_block() -> tuple[float, float]:
+        started = (time.perf_counter(), time.process_time())
+        ends = []
+        # Blocks end on multiples of LOG_EVERY, so ending a block (run.max_steps) adds no extra log.
+        run = dataclasses.replace(cfg.run, max_steps=trainer_m.step + args.block)
+        trainer_m.cfg = dataclasses.replace(cfg, run=run)
+        trainer_m.train(on_step_end=lambda _: ends.append((time.perf_counter(), time.process_time())))
+        return ends[-1][0] - started[0], ends[-1][1] - started[1]
+
+    def on_hf_step_end() -> None:
+        nonlocal hf_steps, resumed
+        hf_steps += 1
+        if hf_steps % args.block:
+            return
+        now = (time.perf_counter(), time.process_time())
+        if hf_steps > args.block:  # not the warm-up block
+            times["hf"].append((now[0] - resumed[0], now[1] - resumed[1]))
+        measured = mtrain_block()
+        if hf_steps > args.block:
+            times["mtrain"].append(measured)
+        resumed = (time.perf_counter(), time.process_time())
+
+    trainer_h = hf_trainer(training_args, built_hf.model, batches, world, on_hf_step_end)
+    trainer_h.train()
+    result = {}
+    for side, blocks in times.items():
+        cpu = torch.tensor([sum(c for _, c in blocks)], dtype=torch.float64)
+        dist.all_reduce(cpu)
+        steps = args.block * len(blocks)
+        result[side] = {"steps_per_s": steps / sum(w for w, _ in blocks), "cpu_s_per_step": float(cpu) / steps}
+    leave_together(trainer_h.deepspeed, trainer_m.engine)
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=3, help="alternating launch pairs (mtrain, HF)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=30, help="timed steady-state steps per launch")
+    parser.add_argument(
+        "--mode", choices=["interleaved", "launches"], default="interleaved",
+        help="interleaved: both loops in one launch per round, alternating blocks; launches: one launch per side",
+    )  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=3, help="launches (interleaved) or launch pairs in ABBA order")
+    parser.add_argument("--block", type=int, default=LOG_EVERY, help="interleaved: steps per block")
+    parser.add_argument("--blocks", type=int, default=4, help="interleaved: timed blocks per side, after one warm-up")
+    parser.add_argument("--warmup", type=int, default=3, help="launches: untimed steps")
+    parser.add_argument("--steps", type=int, default=30, help="launches: timed steady-state steps per launch")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--shards")
-    parser.add_argument("--side", choices=["mtrain", "hf"])
+    parser.add_argument("--side", choices=["mtrain", "hf", "both"])
     parser.add_argument("--out")
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument(
+        "--profile", help="folder for per-rank cProfile stats of the steady steps (<side>-rank<r>.prof)"
+    )
     args = parser.parse_args()
     if args.side:  # a rank of one launch
-        result = run_mtrain(args) if args.side == "mtrain" else run_hf(args)
+        result = {"mtrain": run_mtrain, "hf": run_hf, "both": run_both}[args.side](args)
         if int(os.environ.get("RANK", "0")) == 0:
             Path(args.out).write_text(json.dumps(result))
         return
@@ -176,21 +335,33 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="mtrain-hfbench-"))
     args.shards = str(scratch / "shards")
     write_sample_shards(args.shards, num_shards=4, samples_per_shard=48)
-    rates: dict[str, list[float]] = {"mtrain": [], "hf": []}
+    results: dict[str, list[dict]] = {"mtrain": [], "hf": []}
     for round_index in range(args.rounds):
-        for side in ("mtrain", "hf"):
-            result = launch(side, args, scratch / f"{side}-{round_index}.json")
-            rates[side].append(result["steps_per_s"])
-            print(f"  round {round_index} {side:6s} {result['steps_per_s']:.2f} steps/s", flush=True)
-    ratios = [m / h for m, h in zip(rates["mtrain"], rates["hf"], strict=True)]
-    print(f"\nStep rate, tiny LLaVA + LoRA, micro-batch {args.batch}, fp32, 2 ranks ZeRO-3, "
-          f"{args.rounds} alternating launch pairs x {args.steps} steady steps")  # fmt: skip
-    for side, label in (("mtrain", "mtrain engine"), ("hf", "HF Trainer+DS")):
-        print(f"  {label:14s} median {statistics.median(rates[side]):.2f} steps/s "
-              f"(min {min(rates[side]):.2f}, max {max(rates[side]):.2f})")  # fmt: skip
-    print(
-        f"RATIO mtrain/HF Trainer : {statistics.median(ratios):.2f}x  (min {min(ratios):.2f}, max {max(ratios):.2f}; target >= 1.0)"
-    )
+        if args.mode == "interleaved":
+            launched = launch("both", args, scratch / f"both-{round_index}.json")
+        else:  # ABBA order (mtrain, hf, hf, mtrain, ...): a drift in the load favours neither side
+            order = ("mtrain", "hf") if round_index % 2 == 0 else ("hf", "mtrain")
+            launched = {side: launch(side, args, scratch / f"{side}-{round_index}.json") for side in order}
+        for side, result in launched.items():
+            results[side].append(result)
+            print(f"  round {round_index} {side:6s} {result['steps_per_s']:.2f} steps/s, "
+                  f"{result['cpu_s_per_step'] * 1000:.0f} CPU-ms per step (both ranks)", flush=True)  # fmt: skip
+    if args.mode == "interleaved":
+        how = f"{args.rounds} launches x {args.blocks} alternating blocks of {args.block} steady steps per side"
+    else:
+        how = f"{args.rounds} alternating launch pairs x {args.steps} steady steps"
+    print(f"\nStep rate, tiny LLaVA + LoRA, micro-batch {args.batch}, fp32, 2 ranks ZeRO-3, {how} of each full "
+          f"training loop (metrics logged every {LOG_EVERY} steps on both sides)")  # fmt: skip
+    for side, label in (("mtrain", "mtrain Trainer"), ("hf", "HF Trainer+DS")):
+        rates = [r["steps_per_s"] for r in results[side]]
+        cpu_ms = [r["cpu_s_per_step"] * 1000 for r in results[side]]
+        print(f"  {label:14s} {spread(rates)} steps/s   {spread(cpu_ms, 0)} CPU-ms per step")
+    pairs = list(zip(results["mtrain"], results["hf"], strict=True))
+    wall = [m["steps_per_s"] / h["steps_per_s"] for m, h in pairs]
+    cpu = [h["cpu_s_per_step"] / m["cpu_s_per_step"] for m, h in pairs]
+    print(ratio_line("RATIO mtrain/HF Trainer (wall-clock steps/s)", wall, ">= 1.0"))
+    print(ratio_line("RATIO mtrain/HF Trainer (CPU-s per step, HF/mtrain)", cpu, ">= 1.0"))
+    print(TIMED_SPAN_NOTE)
 
 
 if __name__ == "__main__":

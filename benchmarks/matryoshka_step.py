@@ -11,7 +11,7 @@ same tiny model three times, and times, side by side in alternating rounds on on
 FLOP-ideal time = plain step time x (LM tokens all scales need) / (LM tokens of the plain step):
 the cost of exactly the tokens needed, at the plain step's efficiency.
 Printed: median step times, and the ratios naive/one_pass (target >= 1.5) and one_pass/ideal
-(target <= 1.15), each with min and max over rounds.
+(target <= 1.15), each judged by its median and shown with its min and max over rounds.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from common import leave_together, ratio_line  # noqa: E402
 
 SCALES = "[1,4,16,64]"
 
@@ -118,6 +120,7 @@ def main() -> None:
             for _ in range(args.steps):
                 step(name)
             timings[name].append((time.perf_counter() - started) / args.steps)
+    leave_together(*(engine for _, _, engine in engines.values()))
     if world.rank != 0:
         return
     median = {name: statistics.median(values) for name, values in timings.items()}
@@ -135,12 +138,8 @@ def main() -> None:
     print(
         f"  ideal     median step {statistics.median(ideal) * 1000:8.1f} ms  (plain x {tokens['one_pass']}/{tokens['plain']} tokens)"
     )
-    print(
-        f"naive / one_pass : {statistics.median(naive_ratio):.2f}x  (min {min(naive_ratio):.2f}, max {max(naive_ratio):.2f}; target >= 1.5)"
-    )
-    print(
-        f"one_pass / ideal : {statistics.median(ideal_ratio):.2f}x  (min {min(ideal_ratio):.2f}, max {max(ideal_ratio):.2f}; target <= 1.15)"
-    )
+    print(ratio_line("naive / one_pass", naive_ratio, ">= 1.5"))
+    print(ratio_line("one_pass / ideal", ideal_ratio, "<= 1.15"))
 
 
 if __name__ == "__main__":

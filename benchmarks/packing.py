@@ -24,6 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from common import ratio_line, spread  # noqa: E402
+
 from data_pipeline.loader import LoaderSettings, build_loader  # noqa: E402
 from data_pipeline.packing import non_pad_fraction  # noqa: E402
 from data_pipeline.sample_data import write_shape_shards  # noqa: E402
@@ -104,9 +106,9 @@ def main() -> None:
         ratios.append(pack_fraction / pad_fraction)
     print(f"\nPacking, max_len {args.max_len}, micro-batch {args.batch}, caption/conversation/interleaved 0.5/0.3/0.2, "
           f"lognormal text lengths, {args.repeats} seeds x {args.batches} batches")  # fmt: skip
-    print(f"  padded non-pad fraction  {statistics.median(padded):.3f}  (min {min(padded):.3f}, max {max(padded):.3f})")
-    print(f"  packed non-pad fraction  {statistics.median(packed):.3f}  (min {min(packed):.3f}, max {max(packed):.3f})")
-    print(f"RATIO packing/padded : {statistics.median(ratios):.2f}x  (min {min(ratios):.2f}, max {max(ratios):.2f})")
+    print(f"  padded non-pad fraction  {spread(padded, 3)}")
+    print(f"  packed non-pad fraction  {spread(packed, 3)}")
+    print(ratio_line("RATIO packing/padded", ratios))
 
 
 if __name__ == "__main__":

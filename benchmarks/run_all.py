@@ -16,7 +16,6 @@ import datetime
 import os
 import platform
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,10 +25,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+from common import ratio_line  # noqa: E402
 
 # name: (script, reduced arguments, what it compares)
 BENCHMARKS = {
-    "hf_trainer_step": ("hf_trainer_step.py", ["--rounds", "3", "--steps", "30"],
+    "hf_trainer_step": ("hf_trainer_step.py", ["--rounds", "4", "--blocks", "5"],
                         "1. Step rate: mtrain vs HF Trainer + DeepSpeed ZeRO-3 (target >= 1.0x)"),
     "matryoshka_step": ("matryoshka_step.py", ["--rounds", "3", "--steps", "3"],
                         "2. Matryoshka step: one pass vs naive loop over scales, and vs the FLOP-ideal"),
@@ -90,11 +92,8 @@ def spread_over_runs(outputs: list[str]) -> str:
             found = RATIO.findall(line)
             if found:
                 label = re.split(r"\s+\d", line.strip(), maxsplit=1)[0].rstrip(":")
-                values.setdefault(label, []).append(float(found[-1]))
-    return "\n".join(
-        f"{label}: {statistics.median(v):.2f}x  (min {min(v):.2f}, max {max(v):.2f}; {len(v)} runs)"
-        for label, v in values.items()
-    )
+                values.setdefault(label, []).append(float(found[0]))
+    return "\n".join(ratio_line(label, v, note=f"({len(v)} runs)") for label, v in values.items())
 
 
 def llava7b_config(folder: Path) -> Path:

@@ -262,7 +262,9 @@ class CheckpointConfig(Checkable):
 
 @dataclass
 class LoggingConfig(Checkable):
-    log_every: int = setting(1, "Log metrics every N optimizer steps.")
+    log_every: int = setting(
+        1, "Log metrics every N optimizer steps; only these steps reduce metrics over ranks (a collective)."
+    )
     progress: bool = setting(True, "Show a progress bar on rank 0.")
     tensorboard: bool = setting(True, "Write TensorBoard scalars under <run.dir>/tensorboard.")
     wandb: bool = setting(False, "Also log to Weights & Biases (needs the `wandb` extra: pip install 'mtrain[wandb]').")

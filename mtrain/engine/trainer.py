@@ -36,6 +36,8 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.samples_seen = 0
+        # This rank's tokens and samples since the last reduce over ranks (steps that log nothing).
+        self.unreduced = self.zero_counts()
         # Model FLOPs per counted token, for the logged TFLOPs and MFU (see mtrain/metrics/flops.py).
         self.flops_per_token = trainer_flops_per_token(cfg, engine.module)
 
@@ -46,9 +48,9 @@ class Trainer:
         progress = Progress(self.cfg.run.max_steps, self.step, self.world.is_main and self.cfg.logging.progress)
         try:
             while self.step < self.cfg.run.max_steps:
-                metrics = self.train_step()
-                progress.update(metrics["loss"], metrics["tokens_per_s"])
-                if self.step % self.cfg.logging.log_every == 0 or self.step == self.cfg.run.max_steps:
+                metrics = self.train_step(log=self.is_log_step(self.step + 1))
+                progress.update(metrics)
+                if metrics is not None:
                     self.sink.log(self.step, metrics)
                     history.append({"step": self.step, **metrics})
                 if on_step_end is not None:
@@ -57,15 +59,24 @@ class Trainer:
             progress.close()
         return history
 
-    def train_step(self) -> dict[str, float]:
-        """One optimizer step: `grad_accum_steps` micro-batches, then DeepSpeed's step."""
+    def is_log_step(self, step: int) -> bool:
+        return step % self.cfg.logging.log_every == 0 or step == self.cfg.run.max_steps
+
+    def train_step(self, log: bool = True) -> dict[str, float] | None:
+        """One optimizer step: `grad_accum_steps` micro-batches, then DeepSpeed's step.
+
+        Returns this step's metrics, reduced over ranks, when `log`; otherwise None. Steps that are
+        not logged make no collective and no host sync of their own: their token and sample counts
+        wait on the device until the next reduce (see `counted_so_far`).
+        """
         started = time.perf_counter()
         task = self.engine.module
         if hasattr(task, "begin_step"):
             task.begin_step(self.step)  # Matryoshka samplers draw from (seed, step), the same on every rank
         lr = self.engine.get_lr()[0]  # the lr this step uses, read before the scheduler advances
-        losses: list[float] = []
-        totals: dict[str, torch.Tensor] = {"samples": torch.zeros((), dtype=torch.float64)}
+        losses: list[torch.Tensor] = []
+        totals: dict[str, torch.Tensor] = {}
+        samples = 0
         data_wait = 0.0
         for _ in range(self.cfg.optim.grad_accum_steps):
             fetch_started = time.perf_counter()
@@ -74,20 +85,26 @@ class Trainer:
             batch = self.to_device(raw_batch)
             loss, counts = self.forward_backward(batch)
             losses.append(loss)
-            totals["samples"] += len(batch["keys"]) if "keys" in batch else batch["input_ids"].shape[0]
+            samples += len(batch["keys"]) if "keys" in batch else batch["input_ids"].shape[0]
             for name, value in counts.items():
-                value = torch.as_tensor(value).detach().to("cpu", torch.float64)
+                value = torch.as_tensor(value).detach()
                 totals[name] = totals[name] + value if name in totals else value
-        grad_norm = self.engine.get_global_grad_norm()
         self.step += 1
-        totals["loss"] = torch.tensor(sum(losses) / len(losses), dtype=torch.float64)
+        self.unreduced["tokens"] += totals["tokens"].to(self.unreduced["tokens"].device, torch.float64)
+        self.unreduced["samples"] += samples
+        if not log:
+            return None
+
+        totals = {name: value.to("cpu", torch.float64) for name, value in totals.items()}
+        totals["samples"] = torch.tensor(samples, dtype=torch.float64)
+        totals["loss"] = (sum(losses) / len(losses)).to("cpu", torch.float64)
         totals["data_wait_s"] = torch.tensor(data_wait, dtype=torch.float64)
         data_counters = self.data_counters()
-        totals = self.all_reduce_sums(totals | data_counters)  # one collective for every sum
+        totals = self.all_reduce_sums(totals | data_counters | self.take_unreduced())  # one collective
+        self.add_counted(totals)
+        grad_norm = self.engine.get_global_grad_norm()
         loss = float(totals["loss"]) / self.world.world_size
         tokens, samples = float(totals["tokens"]), float(totals["samples"])
-        self.tokens_seen += int(tokens)
-        self.samples_seen += int(samples)
         elapsed = time.perf_counter() - started
         metrics = {name: float(totals[name]) for name in data_counters} | {
             "loss": loss,
@@ -105,7 +122,7 @@ class Trainer:
             metrics.update(task.summarize(totals))
         return metrics
 
-    def forward_backward(self, batch: dict[str, Any]) -> tuple[float, dict[str, torch.Tensor]]:
+    def forward_backward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Forward through the task module, backward, and the engine's (accumulating) step."""
         task = self.engine.module
         if getattr(task, "chunk_size", 0):
@@ -115,7 +132,8 @@ class Trainer:
             loss, counts = self.engine(batch)
             self.engine.backward(loss)
         self.engine.step()
-        return float(loss.detach()), counts
+        # Kept on the device: a float() here would wait for the step on a GPU every micro-batch.
+        return torch.as_tensor(loss).detach(), counts
 
     @torch.no_grad()
     def evaluate(self, batches: Iterator[dict[str, Any]], num_batches: int) -> float:
@@ -180,8 +198,23 @@ class Trainer:
             return on_device.cpu()
         return values
 
+    def zero_counts(self) -> dict[str, torch.Tensor]:
+        return {name: torch.zeros((), dtype=torch.float64, device=self.device) for name in ("tokens", "samples")}
+
+    def take_unreduced(self) -> dict[str, torch.Tensor]:
+        """This rank's counts since the last reduce, named for `add_counted`, and reset to zero."""
+        taken = {f"unreduced_{name}": value.cpu() for name, value in self.unreduced.items()}
+        self.unreduced = self.zero_counts()
+        return taken
+
+    def add_counted(self, reduced: dict[str, torch.Tensor]) -> None:
+        self.tokens_seen += int(reduced["unreduced_tokens"])
+        self.samples_seen += int(reduced["unreduced_samples"])
+
     # ── state ─────────────────────────────────────────────────────────────────────────────────
     def state_dict(self) -> dict[str, int]:
+        """Step and global token and sample counts. A collective: every rank calls it (saves are collective)."""
+        self.add_counted(self.all_reduce_sums(self.take_unreduced()))
         return {"step": self.step, "tokens_seen": self.tokens_seen, "samples_seen": self.samples_seen}
 
     def load_state_dict(self, state: dict[str, int]) -> None:

@@ -20,8 +20,10 @@ class Progress:
             mininterval=0.5,
         )
 
-    def update(self, loss: float, tokens_per_s: float) -> None:
-        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+    def update(self, metrics: dict[str, float] | None) -> None:
+        """Advance one step; loss and tokens/s change on logged steps (`metrics`), the only ones reduced."""
+        if metrics is not None:
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:,.0f}", refresh=False)
         self.bar.update(1)
 
     def close(self) -> None:

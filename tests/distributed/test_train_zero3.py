@@ -80,14 +80,33 @@ def test_deepspeed_launcher_two_ranks(tmp_path, shards_pattern):
         str(free_port()),
         "--module",
         "mtrain",
-        *train_args(run_dir, shards_pattern, 4, "checkpoint.export_at_end=false"),
+        *train_args(
+            run_dir,
+            shards_pattern,
+            4,
+            "checkpoint.export_at_end=false",
+            "logging.log_every=3",
+            "checkpoint.save_every=2",
+            "checkpoint.keep_last=0",
+        ),
     ]
     proc = run(cmd, cwd=tmp_path)
     assert proc.returncode == 0
     reports = [json.loads(p.read_text()) for p in sorted((run_dir / "ranks").glob("*.json"))]
     assert [r["rank"] for r in reports] == [0, 1]
     assert all(r["launcher"] == "env" and r["world_size"] == 2 for r in reports)
-    assert len(read_metrics(run_dir)) == 4
+
+    # Metrics are reduced and logged every 3rd step and at the last; the steps in between make no
+    # collective, yet the token count a checkpoint holds still covers every step of both ranks.
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == [3, 4]
+
+    def tokens_seen(step: int) -> int:
+        manifest = run_dir / "checkpoints" / f"step_{step:08d}" / "manifest.json"
+        return json.loads(manifest.read_text())["meta"]["trainer"]["tokens_seen"]
+
+    assert tokens_seen(2) > 0  # steps 1 and 2 were never logged
+    assert tokens_seen(4) - tokens_seen(2) == sum(m["tokens"] for m in metrics)
 
 
 def test_plain_python_is_world_size_one(tmp_path, shards_pattern):
