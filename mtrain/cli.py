@@ -154,12 +154,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         from mtrain.engine.run import run_training  # noqa: PLC0415
         from mtrain.launch.preflight import PreflightError  # noqa: PLC0415
 
+        from mtrain.launch.distributed import leave_finished_job  # noqa: PLC0415
+
         try:
             run_training(cfg)
         except PreflightError as exc:
             print(f"mtrain: preflight error: {exc}", file=sys.stderr)
             return 3
-        return 0
+        return leave_finished_job(0)
     if args.command == "eval" and args.task == "retrieval":
         from mtrain.eval.retrieval import run_retrieval_eval  # noqa: PLC0415
 
