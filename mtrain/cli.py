@@ -152,9 +152,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
             require_wandb()
         from mtrain.engine.run import run_training  # noqa: PLC0415
-        from mtrain.launch.preflight import PreflightError  # noqa: PLC0415
-
         from mtrain.launch.distributed import leave_finished_job  # noqa: PLC0415
+        from mtrain.launch.preflight import PreflightError  # noqa: PLC0415
 
         try:
             run_training(cfg)
