@@ -72,7 +72,9 @@ def versions() -> str:
         except metadata.PackageNotFoundError:
             found.append(f"{name} (source tree)" if name == "mtrain" else f"{name} not installed")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
-    return ", ".join(found) + f"; mtrain commit {commit.strip()}"
+    changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                             text=True).stdout  # fmt: skip
+    return ", ".join(found) + f"; mtrain commit {commit.strip()}" + (" plus uncommitted changes" if changed else "")
 
 
 def run(cmd: list[str], log: Path) -> tuple[str, float, int]:
