@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import cProfile
 import json
+import os
+import platform
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def timed_engine_steps(engine: Any, batches: list[dict], warmup: int, profile_to: Path | None = None) -> float:
@@ -90,3 +95,28 @@ def ratio_line(label: str, values: Sequence[float], target: str = "", note: str 
         details.append(f"target {target}: {'meets' if meets else 'MISSES'}")
     line = f"{label} : {median:.2f}x  ({'; '.join(details)})"
     return f"{line}  {note}" if note else line
+
+
+# ── what a report says about where it was measured ─────────────────────────────────────────────
+def machine() -> list[str]:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())  # fmt: skip
+    mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if "MemTotal" in line)
+    load = os.getloadavg()
+    return [f"- CPU: {cpu}, {os.cpu_count()} cores (nproc), no GPU",
+            f"- memory: {mem_kb / 2**20:.1f} GiB; load average at start {load[0]:.2f} (other jobs share the machine)",
+            f"- OS: {platform.platform()}, Python {platform.python_version()}"]  # fmt: skip
+
+
+def versions() -> str:
+    names = ["torch", "deepspeed", "transformers", "peft", "webdataset", "mtrain"]
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{name} (source tree)" if name == "mtrain" else f"{name} not installed")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
+    changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                             text=True).stdout  # fmt: skip
+    return ", ".join(found) + f"; mtrain commit {commit.strip()}" + (" plus uncommitted changes" if changed else "")

@@ -14,20 +14,18 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import re
 import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from common import ratio_line  # noqa: E402
+from common import machine, ratio_line, versions  # noqa: E402
 
 # name: (script, reduced arguments, what it compares)
 BENCHMARKS = {
@@ -51,30 +49,6 @@ PLAN_OVERRIDES = [
 REPEATS = {"checkpoint_io": 3}
 RATIO = re.compile(r"(\d+\.\d+)x")
 NOISE = re.compile(r"^\[|^\s*warnings\.warn|Warning|DeepSpeed deepspeed\.ops|^\{'train_runtime'")
-
-
-def machine() -> list[str]:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())  # fmt: skip
-    mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if "MemTotal" in line)
-    load = os.getloadavg()
-    return [f"- CPU: {cpu}, {os.cpu_count()} cores (nproc), no GPU",
-            f"- memory: {mem_kb / 2**20:.1f} GiB; load average at start {load[0]:.2f} (other jobs share the machine)",
-            f"- OS: {platform.platform()}, Python {platform.python_version()}"]  # fmt: skip
-
-
-def versions() -> str:
-    names = ["torch", "deepspeed", "transformers", "peft", "webdataset", "mtrain"]
-    found = []
-    for name in names:
-        try:
-            found.append(f"{name} {metadata.version(name)}")
-        except metadata.PackageNotFoundError:
-            found.append(f"{name} (source tree)" if name == "mtrain" else f"{name} not installed")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
-    changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
-                             text=True).stdout  # fmt: skip
-    return ", ".join(found) + f"; mtrain commit {commit.strip()}" + (" plus uncommitted changes" if changed else "")
 
 
 def run(cmd: list[str], log: Path) -> tuple[str, float, int]:

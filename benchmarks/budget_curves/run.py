@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
 
         prepare(["--out", str(data)])
     chosen = [e for e in EXPERIMENTS if (e.name in QUICK or not args.quick) and (not args.only or e.name in args.only)]
-    from benchmarks.run_all import machine, versions  # noqa: PLC0415
+    from benchmarks.common import machine, versions  # noqa: PLC0415
 
     machine_lines = [*machine(), f"- versions: {versions()}"]  # the load average before the runs start
     started = time.perf_counter()

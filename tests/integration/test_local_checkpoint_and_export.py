@@ -11,7 +11,7 @@ import torch
 from mtrain.config.schema import TinyLlavaConfig
 from mtrain.model.build import tiny_image_processor, tiny_llava_config
 from mtrain.model.tokenizer import IMAGE_TOKEN, build_tiny_tokenizer
-from tests.conftest import BIN, REPO, read_metrics, run
+from tests.conftest import mtrain_train, read_metrics, run
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -38,23 +38,8 @@ def test_train_from_local_folder_then_export_loads_in_stock_libraries(tmp_path, 
     source = tmp_path / "my-llava"
     save_tiny_llava(source)
     run_dir = tmp_path / "run"
-    proc = run(
-        [
-            str(BIN / "python"),
-            "-m",
-            "mtrain",
-            "train",
-            str(REPO / "configs/tiny.yaml"),
-            "model.preset=none",
-            f"model.path={source}",
-            f"run.dir={run_dir}",
-            f"data.shards={shards_pattern}",
-            "run.max_steps=3",
-            "optim.warmup_steps=0",
-            "logging.progress=false",
-        ],
-        cwd=tmp_path,
-    )
+    overrides = ["model.preset=none", f"model.path={source}", "run.max_steps=3", "optim.warmup_steps=0"]
+    proc = run(mtrain_train(run_dir, shards_pattern, *overrides), cwd=tmp_path)
     assert proc.returncode == 0
     assert f"model {source.resolve()}" in proc.stderr
     assert len(read_metrics(run_dir)) == 3
@@ -84,21 +69,8 @@ def test_train_from_local_folder_then_export_loads_in_stock_libraries(tmp_path, 
 
 
 def test_bad_model_path_is_a_clear_error(tmp_path, shards_pattern):
-    proc = run(
-        [
-            str(BIN / "python"),
-            "-m",
-            "mtrain",
-            "train",
-            str(REPO / "configs/tiny.yaml"),
-            "model.preset=none",
-            f"model.path={tmp_path}",
-            f"run.dir={tmp_path / 'run'}",
-            f"data.shards={shards_pattern}",
-        ],
-        cwd=tmp_path,
-        timeout=120,
-    )
+    command = mtrain_train(tmp_path / "run", shards_pattern, "model.preset=none", f"model.path={tmp_path}")
+    proc = run(command, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
     assert not (tmp_path / "run").exists()  # rejected before any process group formed
     assert "is not a Hugging Face model folder (no config.json)" in proc.stderr

@@ -6,31 +6,15 @@ import math
 
 import pytest
 
-from tests.conftest import BIN, REPO, read_metrics, run
+from tests.conftest import mtrain_train, read_metrics, run
 
 pytestmark = pytest.mark.timeout(300)
 
 
 def test_packed_training_runs_and_counts_documents(tmp_path, shards_pattern):
     run_dir = tmp_path / "run"
-    proc = run(
-        [
-            str(BIN / "python"),
-            "-m",
-            "mtrain",
-            "train",
-            str(REPO / "configs/tiny.yaml"),
-            f"run.dir={run_dir}",
-            f"data.shards={shards_pattern}",
-            "run.max_steps=4",
-            "data.packing=true",
-            "data.max_len=256",
-            "data.micro_batch_size=2",
-            "logging.progress=false",
-            "checkpoint.save_at_end=false",
-        ],
-        cwd=tmp_path,
-    )
+    overrides = ["run.max_steps=4", "data.packing=true", "data.max_len=256", "data.micro_batch_size=2"]
+    proc = run(mtrain_train(run_dir, shards_pattern, *overrides, "checkpoint.save_at_end=false"), cwd=tmp_path)
     assert proc.returncode == 0
     metrics = read_metrics(run_dir)
     assert len(metrics) == 4 and all(math.isfinite(m["loss"]) for m in metrics)
