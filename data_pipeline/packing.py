@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from data_pipeline.collate import ROW_IMAGES, ROW_TOKENS, real_token_mask, right_pad
 from data_pipeline.tokenize import IGNORE_INDEX, TokenizedSample
 
 Row = list[TokenizedSample]
@@ -42,42 +43,32 @@ def collate_rows(
     rows: list[Row], pad_token_id: int, packed: bool, stack_pixels: Callable[[list], torch.Tensor] = torch.stack
 ) -> dict[str, Any]:
     """Right-pad rows to the longest; every image tensor of the batch in row-major order."""
-    length = max(sum(len(doc) for doc in row) for row in rows)
-    batch_size = len(rows)
-    input_ids = torch.full((batch_size, length), pad_token_id, dtype=torch.long)
-    labels = torch.full((batch_size, length), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((batch_size, length), dtype=torch.long)
-    position_ids = torch.zeros((batch_size, length), dtype=torch.long)
-    document_ids = torch.full((batch_size, length), -1, dtype=torch.long)
+    row_ids, row_labels, row_positions = [], [], []
     pixel_values: list[Any] = []
     keys: list[str] = []
-    doc_number = 0
-    for r, row in enumerate(rows):
-        start = 0
+    for row in rows:
+        row_ids.append([token for doc in row for token in doc.input_ids])
+        # The first label of every document is ignored: no document learns the next one's first token.
+        row_labels.append([label for doc in row for label in [IGNORE_INDEX, *doc.labels[1:]]])
+        row_positions.append([position for doc in row for position in range(len(doc))])
         for doc in row:
-            end = start + len(doc)
-            input_ids[r, start:end] = torch.tensor(doc.input_ids)
-            doc_labels = torch.tensor(doc.labels)
-            doc_labels[0] = IGNORE_INDEX
-            labels[r, start:end] = doc_labels
-            attention_mask[r, start:end] = 1
-            position_ids[r, start:end] = torch.arange(len(doc))
-            document_ids[r, start:end] = doc_number
-            doc_number += 1
             pixel_values += doc.pixel_values
             keys.append(doc.key)
-            start = end
-        position_ids[r, start:] = torch.arange(length - start)  # the padding tail: a segment of its own
+    lengths = [len(ids) for ids in row_ids]
+    width = max(lengths)
+    # The padding tail of a row is a segment of its own: its positions restart at 0.
+    row_positions = [positions + list(range(width - len(positions))) for positions in row_positions]
     batch: dict[str, Any] = {
-        "input_ids": input_ids,
-        "labels": labels,
-        "attention_mask": attention_mask,
+        "input_ids": right_pad(row_ids, pad_token_id, width),
+        "labels": right_pad(row_labels, IGNORE_INDEX, width),
+        "attention_mask": real_token_mask(lengths, width),
         "pixel_values": stack_pixels(pixel_values) if pixel_values else torch.zeros(0),
-        "document_ids": document_ids,
         "keys": keys,
+        ROW_TOKENS: lengths,
+        ROW_IMAGES: [sum(len(doc.image_spans) for doc in row) for row in rows],
     }
     if packed:
-        batch["position_ids"] = position_ids
+        batch["position_ids"] = right_pad(row_positions, 0, width)
     return batch
 
 

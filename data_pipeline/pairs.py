@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from data_pipeline.collate import ROW_IMAGES, ROW_TOKENS, real_token_mask, right_pad
 from data_pipeline.replay_stream import (
     IMAGE_PLACEHOLDER,
     SAFE_IMAGE_EXTENSIONS,
@@ -121,18 +122,18 @@ def encode_side(spec: PairSpec, image: Image.Image | None, text: str, instructio
 # ── collate ───────────────────────────────────────────────────────────────────────────────────
 def collate_side(
     sides: list[dict[str, Any]], pad_token_id: int, image_size: int, image_processor: Any
-) -> dict[str, torch.Tensor]:
+) -> dict[str, Any]:
     """Right-padded ids and mask; every image of the side in row order, (0, 3, S, S) when none."""
-    length = max(len(s["input_ids"]) for s in sides)
-    input_ids = torch.full((len(sides), length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sides), length), dtype=torch.long)
-    for row, side in enumerate(sides):
-        n = len(side["input_ids"])
-        input_ids[row, :n] = torch.tensor(side["input_ids"])
-        attention_mask[row, :n] = 1
+    lengths = [len(s["input_ids"]) for s in sides]
     images = [preprocess_image(image_processor, image) for s in sides for image in s["images"]]
     pixel_values = torch.stack(images) if images else torch.zeros(0, 3, image_size, image_size)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+    return {
+        "input_ids": right_pad([s["input_ids"] for s in sides], pad_token_id),
+        "attention_mask": real_token_mask(lengths, max(lengths)),
+        "pixel_values": pixel_values,
+        ROW_TOKENS: lengths,
+        ROW_IMAGES: [len(s["images"]) for s in sides],
+    }
 
 
 def collate_pairs(samples: list[dict[str, Any]], spec: PairSpec, image_processor: Any) -> dict[str, Any]:

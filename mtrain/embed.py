@@ -137,6 +137,9 @@ class Embedder:
                 (item, "") if isinstance(item, Image.Image) else (None, item) if isinstance(item, str) else item
             )
             sides.append(encode_side(self.spec, image, text, instruction))
-        batch = collate_side(sides, self.spec.tokenizer.pad_token_id, self.spec.image_size, self.image_processor)
-        embeddings = self.task.encode(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], [layer])
+        with torch.device("cpu"):  # the batch is made on the host, whatever the default device
+            batch = collate_side(sides, self.spec.tokenizer.pad_token_id, self.spec.image_size, self.image_processor)
+        device = next(self.task.parameters()).device
+        input_ids, mask, pixels = (batch[name].to(device) for name in ("input_ids", "attention_mask", "pixel_values"))
+        embeddings = self.task.encode(input_ids, mask, pixels, [layer])
         return truncate(embeddings[0], dim)

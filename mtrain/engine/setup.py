@@ -75,7 +75,7 @@ def build_task(cfg: TrainConfig, built: BuiltModel, rank: int) -> torch.nn.Modul
         built.model,
         tokens,
         image_token_id=built.image_token_id,
-        image_tokens=built.visual_tokens,
+        visual_tokens=built.visual_tokens,
         pad_token_id=built.tokenizer.pad_token_id,
         seed=cfg.run.seed,
         rank=rank,

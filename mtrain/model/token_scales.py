@@ -99,48 +99,6 @@ class QueryTransformerProjector(nn.Module):
         return hidden + self.mlp(self.norm_out(hidden))
 
 
-def image_keep_mask(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int, full_tokens: int, keep: int
-) -> torch.Tensor:
-    """True on the real tokens that survive shrinking every image run to its first `keep` tokens."""
-    is_image = input_ids == image_token_id
-    # Index of each image token within its image: image tokens counted so far, modulo the run length.
-    within_image = (torch.cumsum(is_image.long(), dim=1) - 1) % full_tokens
-    return (~is_image | (within_image < keep)) & attention_mask.bool()
-
-
-def shrink_image_runs(
-    input_ids: torch.Tensor,
-    labels: torch.Tensor,
-    attention_mask: torch.Tensor,
-    image_token_id: int,
-    full_tokens: int,
-    keep: int,
-    pad_token_id: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Keep the first `keep` of every run of `full_tokens` image tokens, drop the rest, re-pad right.
-
-    The loader expands each <image> to the full grid; this derives any smaller scale's sequence
-    from it, so one tokenization serves every scale.
-    """
-    if keep == full_tokens:
-        return input_ids, labels, attention_mask
-    keep_mask = image_keep_mask(input_ids, attention_mask, image_token_id, full_tokens, keep)
-    lengths = keep_mask.sum(dim=1)
-    width = int(lengths.max())
-    rows = input_ids.shape[0]
-    new_ids = torch.full((rows, width), pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
-    new_labels = torch.full((rows, width), -100, dtype=labels.dtype, device=labels.device)
-    new_mask = torch.zeros((rows, width), dtype=attention_mask.dtype, device=attention_mask.device)
-    for row in range(rows):
-        kept = keep_mask[row]
-        n = int(lengths[row])
-        new_ids[row, :n] = input_ids[row][kept]
-        new_labels[row, :n] = labels[row][kept]
-        new_mask[row, :n] = 1
-    return new_ids, new_labels, new_mask
-
-
 class ScaleSampler:
     """Which scales a step uses. Draws depend only on (seed, step), so every rank agrees."""
 

@@ -30,7 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtrain.config.schema import ContrastiveConfig, EmbeddingDimsConfig
+from data_pipeline.collate import ROW_IMAGES, ROW_TOKENS
 from mtrain.model.embedding_head import EmbeddingHead, check_dims, truncate
+from mtrain.task.token_layout import row_counts
 
 SIDES = ("query", "positive")
 
@@ -196,15 +198,17 @@ class ContrastiveTask(nn.Module):
         index = {layer: i for i, layer in enumerate(plan.layers)}
         queries, positives = gather_keep_local(queries), gather_keep_local(positives)
         temperature = self.contrastive.temperature
-        term_grid = torch.zeros(self.depth, len(self.dims), dtype=torch.float64)
-        count_grid = torch.zeros_like(term_grid)
+        device = queries.device
+        # Per-term losses stay on the device; the counts are known on the host.
+        term_grid = torch.zeros(self.depth, len(self.dims), dtype=torch.float64, device=device)
+        counts = [[0.0] * len(self.dims) for _ in range(self.depth)]
         loss = queries.new_zeros((), dtype=torch.float32)
         for term in plan.terms:
             term_loss = info_nce(queries[index[term.layer]], positives[index[term.layer]], term.dim, temperature)
             loss = loss + term.weight * term_loss
             cell = (term.layer - 1, self.dims.index(term.dim))
-            term_grid[cell] += float(term_loss.detach())
-            count_grid[cell] += 1
+            term_grid[cell] += term_loss.detach().double()
+            counts[cell[0]][cell[1]] += 1
         kl_total = loss.new_zeros(())
         kl_t = self.dims_config.kl_temperature
         last = index.get(plan.last_layer)
@@ -218,13 +222,13 @@ class ContrastiveTask(nn.Module):
             "contrastive_loss": loss.detach().double(),
             "kl_loss": kl_total.detach().double(),
             "term_loss": term_grid,
-            "term_count": count_grid,
+            "term_count": torch.tensor(counts, dtype=torch.float64, device=device),
             # Summed over ranks by the trainer: identical draws leave a zero spread (see summarize).
-            "drawn_layer": torch.tensor(float(drawn.layer)),
-            "drawn_layer_sq": torch.tensor(float(drawn.layer) ** 2),
-            "drawn_dim": torch.tensor(float(drawn.dim)),
-            "drawn_dim_sq": torch.tensor(float(drawn.dim) ** 2),
-            "draws": torch.tensor(1.0),
+            "drawn_layer": torch.tensor(float(drawn.layer), device=device),
+            "drawn_layer_sq": torch.tensor(float(drawn.layer) ** 2, device=device),
+            "drawn_dim": torch.tensor(float(drawn.dim), device=device),
+            "drawn_dim_sq": torch.tensor(float(drawn.dim) ** 2, device=device),
+            "draws": torch.tensor(1.0, device=device),
         }
         return loss * world_size(), metrics
 
@@ -299,16 +303,16 @@ def chunk_bounds(rows: int, chunk_size: int) -> list[tuple[int, int]]:
 
 
 def slice_pairs(batch: dict[str, Any], start: int, end: int, task: ContrastiveTask) -> dict[str, Any]:
-    """Rows start:end of both sides, with the images those rows hold."""
+    """Rows start:end of both sides, with the images those rows hold (counted on the host by collate)."""
     out: dict[str, Any] = {}
     for side in SIDES:
-        input_ids = batch[f"{side}_input_ids"]
-        images_per_row = (input_ids == task.image_token_id).sum(dim=1) // task.visual_tokens
-        first = int(images_per_row[:start].sum())
-        count = int(images_per_row[start:end].sum())
-        out[f"{side}_input_ids"] = input_ids[start:end]
+        prefix = f"{side}_"
+        tokens, images = row_counts(batch, task.image_token_id, task.visual_tokens, task.pad_token_id, prefix)
+        first, count = sum(images[:start]), sum(images[start:end])
+        out[f"{side}_input_ids"] = batch[f"{side}_input_ids"][start:end]
         out[f"{side}_attention_mask"] = batch[f"{side}_attention_mask"][start:end]
         out[f"{side}_pixel_values"] = batch[f"{side}_pixel_values"][first : first + count]
+        out[f"{prefix}{ROW_TOKENS}"], out[f"{prefix}{ROW_IMAGES}"] = tokens[start:end], images[start:end]
     return out
 
 

@@ -16,83 +16,17 @@ rows through `ScaleRouting`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data_pipeline.tokenize import IGNORE_INDEX
 from mtrain.config.schema import TokenScalesConfig
 from mtrain.model.scale_lora import ScaleRouting
-from mtrain.model.token_scales import ScaleSampler, image_keep_mask, pool_grid, shrink_image_runs
-
-IGNORE_INDEX = -100
-
-
-@dataclass
-class Variant:
-    """One sample at one scale: its tokens (no padding) and the visual tokens its images take."""
-
-    row: int
-    scale: int
-    input_ids: torch.Tensor
-    labels: torch.Tensor
-    position_ids: torch.Tensor
-    visual: torch.Tensor  # (images * scale, dim)
-
-
-@dataclass
-class Layout:
-    """Variants arranged into the language model's batch."""
-
-    input_ids: torch.Tensor
-    labels: torch.Tensor
-    position_ids: torch.Tensor
-    attention_mask: torch.Tensor | None  # None when packed: transformers derives the mask from position ids
-    token_scales: torch.Tensor  # scale of each token's variant; 0 on padding
-    visual: torch.Tensor  # every variant's visual tokens, in the order their image tokens appear
-
-
-def segment_positions(input_ids: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
-    """Position ids restarting at every document start."""
-    positions = torch.arange(len(input_ids))
-    segment = torch.zeros(len(input_ids), dtype=torch.long)
-    segment[starts[1:]] = 1
-    segment = torch.cumsum(segment, dim=0)
-    return positions - starts[segment]
-
-
-def lay_out(variants: list[Variant], layout: str, pad_token_id: int) -> Layout:
-    """`packed`: a sample's variants of every scale share one row, attention block-diagonal, so
-    no position is padding but a row's tail. `padded`: one row per variant, right-padded."""
-    if layout == "packed":
-        by_row: dict[int, list[Variant]] = {}
-        for variant in variants:
-            by_row.setdefault(variant.row, []).append(variant)
-        rows = [by_row[r] for r in sorted(by_row)]
-    else:
-        rows = [[variant] for variant in variants]
-    width = max(sum(len(v.input_ids) for v in row) for row in rows)
-    shape = (len(rows), width)
-    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
-    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
-    position_ids = torch.arange(width).repeat(len(rows), 1)
-    token_scales = torch.zeros(shape, dtype=torch.long)
-    visual = []
-    for r, row in enumerate(rows):
-        start = 0
-        for variant in row:
-            end = start + len(variant.input_ids)
-            input_ids[r, start:end] = variant.input_ids
-            labels[r, start:end] = variant.labels
-            position_ids[r, start:end] = variant.position_ids
-            token_scales[r, start:end] = variant.scale
-            visual.append(variant.visual)
-            start = end
-        position_ids[r, start:] = torch.arange(width - start)  # the padding tail: a segment of its own
-    attention_mask = None if layout == "packed" else (token_scales > 0).long()
-    return Layout(input_ids, labels, position_ids, attention_mask, token_scales, torch.cat(visual))
+from mtrain.model.token_scales import ScaleSampler, pool_grid
+from mtrain.task.token_layout import Layout, lay_out, place_variants, row_counts, visual_in_layout
 
 
 class MatryoshkaTokenTask(nn.Module):
@@ -101,7 +35,7 @@ class MatryoshkaTokenTask(nn.Module):
         model: nn.Module,
         tokens: TokenScalesConfig,
         image_token_id: int,
-        image_tokens: int,
+        visual_tokens: int,
         pad_token_id: int,
         seed: int,
         rank: int,
@@ -111,7 +45,7 @@ class MatryoshkaTokenTask(nn.Module):
         self.model = model
         self.tokens = tokens
         self.image_token_id = image_token_id
-        self.image_tokens = image_tokens  # tokens per <image> in the loader's output
+        self.visual_tokens = visual_tokens  # tokens per <image> in the loader's output: the full grid
         self.pad_token_id = pad_token_id
         self.rank = rank
         self.routing = routing
@@ -119,6 +53,7 @@ class MatryoshkaTokenTask(nn.Module):
         weights = tokens.weights or [1.0] * len(tokens.scales)
         self.scale_weights = dict(zip(tokens.scales, weights, strict=True))
         self.step = 0
+        self.step_scale = 0  # the one scale of a `sample_per_step` step, drawn in begin_step
 
     # ── which scales ──────────────────────────────────────────────────────────────────────────
     @property
@@ -132,6 +67,8 @@ class MatryoshkaTokenTask(nn.Module):
 
     def begin_step(self, step: int) -> None:
         self.step = step
+        if self.tokens.policy == "sample_per_step":
+            self.step_scale = self.sampler.step_scale(step)  # on the host, once per step
 
     def sampler_state_dict(self) -> dict[str, Any]:
         return self.sampler.state_dict()
@@ -151,7 +88,7 @@ class MatryoshkaTokenTask(nn.Module):
         if self.tokens.policy == "all":
             return [scale for scale in self.tokens.scales for _ in range(rows)]
         if self.tokens.policy == "sample_per_step":
-            return [self.sampler.step_scale(self.step)] * rows
+            return [self.step_scale or self.sampler.step_scale(self.step)] * rows
         return self.sampler.row_scales(self.step, self.rank, rows)
 
     # ── the pieces ────────────────────────────────────────────────────────────────────────────
@@ -170,57 +107,6 @@ class MatryoshkaTokenTask(nn.Module):
             return features[:, :scale]  # queries are independent: the first m of M equal an m-query pass
         return pool_grid(features, scale)
 
-    def scale_group(
-        self, batch: dict[str, Any], features: torch.Tensor, row_ids: torch.Tensor, scale: int
-    ) -> list[Variant]:
-        """Rows `row_ids` with every image run shrunk to `scale` tokens, each with its visual tokens."""
-        input_ids, labels, attention_mask = shrink_image_runs(
-            batch["input_ids"][row_ids],
-            batch["labels"][row_ids],
-            self.real_tokens(batch)[row_ids],
-            self.image_token_id,
-            self.image_tokens,
-            scale,
-            self.pad_token_id,
-        )
-        starts = self.document_start_flags(batch, row_ids, scale)
-        images_per_row = (input_ids == self.image_token_id).sum(dim=1) // scale
-        visual = self.at_scale(features[self.images_of_rows(batch["input_ids"], row_ids)], scale)
-        visual_per_row = torch.split(visual.reshape(-1, visual.shape[-1]), (images_per_row * scale).tolist())
-        variants = []
-        for i, row in enumerate(row_ids.tolist()):
-            n = int(attention_mask[i].sum())
-            ids = input_ids[i, :n]
-            positions = segment_positions(ids, starts[i, :n].nonzero().flatten())
-            variants.append(Variant(row, scale, ids, labels[i, :n], positions, visual_per_row[i]))
-        return variants
-
-    def real_tokens(self, batch: dict[str, Any]) -> torch.Tensor:
-        """1 on real tokens, 0 on padding (packed batches carry no attention mask: pad ids mark padding)."""
-        if "attention_mask" in batch:
-            return batch["attention_mask"]
-        return (batch["input_ids"] != self.pad_token_id).long()
-
-    def document_start_flags(self, batch: dict[str, Any], row_ids: torch.Tensor, scale: int) -> torch.Tensor:
-        """(rows, kept tokens) flags of document starts: a packed input row holds several documents,
-        each starting where its position id is 0; otherwise the row is one document."""
-        real = self.real_tokens(batch)[row_ids]
-        if "position_ids" in batch:
-            flags = batch["position_ids"][row_ids] == 0
-        else:
-            flags = torch.zeros_like(real, dtype=torch.bool)
-            flags[:, 0] = True
-        keep = image_keep_mask(batch["input_ids"][row_ids], real, self.image_token_id, self.image_tokens, scale)
-        kept = [flags[i][keep[i]] for i in range(len(row_ids))]
-        width = max(len(k) for k in kept)
-        return torch.stack([F.pad(k, (0, width - len(k))) for k in kept])
-
-    def images_of_rows(self, input_ids: torch.Tensor, row_ids: torch.Tensor) -> torch.Tensor:
-        """Indices into the batch's images of the images that rows `row_ids` hold, in order."""
-        per_row = (input_ids == self.image_token_id).sum(dim=1) // self.image_tokens
-        first = torch.cumsum(per_row, dim=0) - per_row
-        return torch.cat([torch.arange(int(first[r]), int(first[r] + per_row[r])) for r in row_ids.tolist()])
-
     # ── the step ──────────────────────────────────────────────────────────────────────────────
     def forward(self, batch: dict[str, Any], scales: list[int] | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
         """Loss over the step's scales (or the given `scales`, each applied to every row)."""
@@ -238,17 +124,15 @@ class MatryoshkaTokenTask(nn.Module):
         Every module runs exactly once, whatever scales this rank's rows drew: ZeRO-3 needs the
         same module sequence on every rank.
         """
-        rows = batch["input_ids"].shape[0]
+        tokens, images = row_counts(batch, self.image_token_id, self.visual_tokens, self.pad_token_id)
+        packed = self.tokens.layout == "packed"
+        variants = place_variants(plan, tokens, images, self.visual_tokens, packed)
+        layout = lay_out(batch, variants, packed, self.image_token_id, self.visual_tokens, self.pad_token_id)
         features = self.image_features(batch["pixel_values"])
-        plan_tensor = torch.tensor(plan)
-        row_index = torch.arange(len(plan)) % rows
-        variants: list[Variant] = []
-        for scale in sorted(set(plan)):  # a fixed order on every rank
-            variants += self.scale_group(batch, features, row_index[(plan_tensor == scale).nonzero().flatten()], scale)
-        layout = lay_out(variants, self.tokens.layout, self.pad_token_id)
+        visual = visual_in_layout({s: self.at_scale(features, s) for s in sorted(set(plan))}, variants, images)
         embeddings = self.llava.get_input_embeddings()(layout.input_ids)
         image_positions = (layout.input_ids == self.image_token_id).unsqueeze(-1)
-        embeddings = embeddings.masked_scatter(image_positions, layout.visual.to(embeddings.dtype))
+        embeddings = embeddings.masked_scatter(image_positions, visual.to(embeddings.dtype))
         if self.routing is not None:
             self.routing.set_rows(layout.token_scales)
         try:
@@ -284,28 +168,32 @@ class MatryoshkaTokenTask(nn.Module):
         }
 
     def combine(self, token_losses: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, dict[str, Any]]:
+        device = token_losses.device
         learned = layout.labels[:, 1:] != IGNORE_INDEX
         target_scales = torch.where(learned, layout.token_scales[:, 1:], 0)
         scales = self.reported_scales
-        loss_sums = torch.stack([token_losses[target_scales == s].sum() for s in scales])
+        # Masked sums, not boolean indexing: indexing by a mask waits for the device to size its result.
+        loss_sums = torch.stack([torch.where(target_scales == s, token_losses, 0).sum() for s in scales])
         token_counts = torch.stack([(target_scales == s).sum() for s in scales]).to(loss_sums.dtype)
         present = token_counts > 0
         if self.tokens.policy == "all" and not self.mqt_stage_one:
-            weights = torch.tensor([self.scale_weights[s] for s in scales], dtype=loss_sums.dtype) * present
+            weights = torch.tensor([self.scale_weights[s] for s in scales], dtype=loss_sums.dtype, device=device)
+            weights = weights * present
             per_scale = loss_sums / token_counts.clamp(min=1)
             loss = (weights * per_scale).sum() / weights.sum()
         else:
             loss = loss_sums.sum() / token_counts.sum().clamp(min=1)
-        step_scale = float(layout.token_scales.max()) if self.tokens.policy == "sample_per_step" else 0.0
+        drawn = max(v.scale for v in layout.variants)  # known on the host: no read of the layout
+        step_scale = float(drawn) if self.tokens.policy == "sample_per_step" else 0.0
         metrics = {
             "tokens": (layout.token_scales > 0).sum(),
             "label_tokens": token_counts.sum().detach(),
             "scale_loss_sum": loss_sums.detach(),
             "scale_label_tokens": token_counts.detach(),
             # Summed over ranks by the trainer: identical draws leave a zero spread (see summarize).
-            "step_scale": torch.tensor(step_scale),
-            "step_scale_sq": torch.tensor(step_scale**2),
-            "draws": torch.tensor(1.0),
+            "step_scale": torch.tensor(step_scale, device=device),
+            "step_scale_sq": torch.tensor(step_scale**2, device=device),
+            "draws": torch.tensor(1.0, device=device),
         }
         return loss, metrics
 

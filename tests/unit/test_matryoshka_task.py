@@ -8,7 +8,8 @@ import torch
 from mtrain.config import load_config
 from mtrain.engine.setup import build_task
 from mtrain.model.build import build_model
-from mtrain.model.token_scales import pool_grid, shrink_image_runs
+from mtrain.model.token_scales import pool_grid
+from mtrain.task.token_layout import shrink_image_runs
 
 SCALES = {"m3": "[1,4,16,64]", "mqt": "[2,8,32,64]"}
 
@@ -61,7 +62,7 @@ def reference_scale_loss(task, batch, scale: int) -> torch.Tensor:
     features = torch.stack(list(llava.model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output))
     scaled = features[:, :scale] if task.tokens.mode == "mqt" else pool_grid(features, scale)
     ids, labels, mask = shrink_image_runs(
-        batch["input_ids"], batch["labels"], batch["attention_mask"], task.image_token_id, task.image_tokens, scale, 0
+        batch["input_ids"], batch["labels"], batch["attention_mask"], task.image_token_id, task.visual_tokens, scale, 0
     )
     embeds = llava.get_input_embeddings()(ids).masked_scatter((ids == task.image_token_id).unsqueeze(-1), scaled)
     if task.routing is not None:
@@ -127,17 +128,39 @@ def test_only_the_current_scales_adapters_get_gradient(strategy, expected):
 
 
 def test_packed_layout_has_no_padding_but_row_tails():
-    from mtrain.task.matryoshka_tokens import Variant, lay_out, segment_positions
+    from mtrain.task.token_layout import lay_out, place_variants, row_counts
 
-    def variant(row, scale, length):
-        ids = torch.arange(1, length + 1)
-        return Variant(row, scale, ids, ids, segment_positions(ids, torch.tensor([0])), torch.zeros(0, 4))
+    # Image id 9 with 4 visual tokens: row 0 holds an image and 2 text tokens, row 1 an image and 1.
+    image, pad = 9, 0
+    batch = {
+        "input_ids": torch.tensor([[5, 9, 9, 9, 9, 6], [5, 9, 9, 9, 9, pad]]),
+        "labels": torch.tensor([[-100, -100, -100, -100, -100, 6], [-100, -100, -100, -100, -100, -100]]),
+    }
+    tokens, images = row_counts(batch, image, 4, pad)
+    assert (tokens, images) == ([6, 5], [1, 1])
+    plan = [1, 1, 4, 4]  # every row at scales 1 and 4
+    packed = lay_out(batch, place_variants(plan, tokens, images, 4, packed=True), True, image, 4, pad)
+    assert packed.input_ids.shape == (2, 9) and packed.attention_mask is None
+    assert packed.input_ids[0].tolist() == [5, 9, 6, 5, 9, 9, 9, 9, 6]
+    assert packed.position_ids[0].tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 5]
+    assert packed.token_scales[1].tolist() == [1, 1, 4, 4, 4, 4, 4, 0, 0]
+    assert packed.position_ids[1, 7:].tolist() == [0, 1]  # the tail is a segment of its own
+    assert packed.labels[0].tolist()[2] == 6 and packed.labels[1, 7:].tolist() == [-100, -100]
+    padded = lay_out(batch, place_variants(plan, tokens, images, 4, packed=False), False, image, 4, pad)
+    assert padded.input_ids.shape == (4, 6) and padded.attention_mask.sum() == 16
 
-    variants = [variant(0, 1, 3), variant(1, 1, 2), variant(0, 4, 5), variant(1, 4, 4)]
-    packed = lay_out(variants, "packed", pad_token_id=0)
-    assert packed.input_ids.shape == (2, 8) and packed.attention_mask is None
-    assert packed.position_ids[0].tolist() == [0, 1, 2, 0, 1, 2, 3, 4]
-    assert packed.token_scales[1].tolist() == [1, 1, 4, 4, 4, 4, 0, 0]
-    assert packed.position_ids[1, 6:].tolist() == [0, 1]  # the tail is a segment of its own
-    padded = lay_out(variants, "padded", pad_token_id=0)
-    assert padded.input_ids.shape == (4, 5) and padded.attention_mask.sum() == 14
+
+def test_packed_input_rows_restart_positions_per_document_after_shrinking():
+    from mtrain.task.token_layout import lay_out, place_variants, row_counts
+
+    # One packed row of two documents, each with an image of 4 tokens; shrunk to 1 token per image.
+    batch = {
+        "input_ids": torch.tensor([[5, 9, 9, 9, 9, 6, 5, 9, 9, 9, 9, 7, 0]]),
+        "labels": torch.full((1, 13), -100),
+        "attention_mask": torch.tensor([[1] * 12 + [0]]),
+        "position_ids": torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5, 0]]),
+    }
+    tokens, images = row_counts(batch, 9, 4, 0)
+    layout = lay_out(batch, place_variants([1], tokens, images, 4, packed=True), True, 9, 4, 0)
+    assert layout.input_ids[0].tolist() == [5, 9, 6, 5, 9, 7]
+    assert layout.position_ids[0].tolist() == [0, 1, 2, 0, 1, 2]

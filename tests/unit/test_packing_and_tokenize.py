@@ -100,7 +100,7 @@ def test_packed_loss_equals_unpacked_per_document(tmp_path):
         packed = token_losses(batch["input_ids"], batch["labels"], batch["pixel_values"], batch["position_ids"])
         image_cursor = 0
         for doc in range(len(batch["keys"])):
-            where = batch["document_ids"] == doc
+            where = document_ids(batch) == doc
             row = int(where.any(dim=1).nonzero()[0])
             ids = batch["input_ids"][row][where[row]].unsqueeze(0)
             labels = batch["labels"][row][where[row]].unsqueeze(0)
@@ -116,6 +116,14 @@ def test_packed_loss_equals_unpacked_per_document(tmp_path):
         assert image_cursor == batch["pixel_values"].shape[0]
 
 
+def document_ids(batch) -> torch.Tensor:
+    """Each real token's document number over the batch (row-major), -1 on padding: documents start at position 0."""
+    real = batch["attention_mask"].bool()
+    starts = (batch["position_ids"] == 0) & real
+    numbers = torch.cumsum(starts.flatten().long(), dim=0).reshape(starts.shape) - 1
+    return torch.where(real, numbers, -1)
+
+
 def test_collate_pads_and_ignores_first_label_of_each_document():
     spec = TokenSpec(TOKENIZER, IMAGE_ID, max_len=100)
     docs = [
@@ -125,7 +133,7 @@ def test_collate_pads_and_ignores_first_label_of_each_document():
     batch = collate_rows([[docs[0], docs[1]], [docs[2]]], TOKENIZER.pad_token_id, packed=True)
     second_start = len(docs[0])
     assert batch["labels"][0, second_start] == IGNORE_INDEX and batch["position_ids"][0, second_start] == 0
-    assert batch["document_ids"][1, len(docs[2]) :].eq(-1).all()
+    assert document_ids(batch)[1, len(docs[2]) :].eq(-1).all()
 
 
 def test_loader_takes_a_visual_token_function_per_sample(shards_pattern):

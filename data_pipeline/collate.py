@@ -1,0 +1,30 @@
+"""Right-padding rows of token ids into a batch: the one collate every batch form uses.
+
+Besides the padded tensors a batch carries, per row, how many real tokens and how many images it
+holds (`ROW_TOKENS`, `ROW_IMAGES`, plain lists). They are known on the host when the batch is
+made, so the Matryoshka layout (mtrain/task/token_layout.py) and GradCache's chunking size their
+tensors from them without reading anything back from the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+ROW_TOKENS = "row_tokens"  # real (non-padding) tokens of each row
+ROW_IMAGES = "row_images"  # images of each row, in the order of the batch's pixel values
+
+
+def right_pad(rows: Sequence[Sequence[int]], pad_value: int, width: int | None = None) -> torch.Tensor:
+    """(len(rows), width) long tensor: each row's values from column 0, `pad_value` after them."""
+    width = max(len(row) for row in rows) if width is None else width
+    out = torch.full((len(rows), width), pad_value, dtype=torch.long)
+    for index, row in enumerate(rows):
+        out[index, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+    return out
+
+
+def real_token_mask(lengths: Sequence[int], width: int) -> torch.Tensor:
+    """(rows, width) long mask: 1 on each row's first `length` columns, 0 on its padding."""
+    return (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()

@@ -1,0 +1,193 @@
+"""Matryoshka token layout: the loader's batch, every image shrunk to a scale, laid out for one LM pass.
+
+    batch (rows, width): every <image> expanded to the full `visual_tokens` grid,
+          plus ROW_TOKENS / ROW_IMAGES (host lists, from collate)
+      ─► variants: (row, scale) pairs; each one's length is known on the host
+      ─► packed: a row's variants side by side in one output row (attention block-diagonal)
+         padded: one output row per variant, right-padded
+      ─► per scale, on the data's device: keep-mask ─► scatter the kept tokens to their columns
+
+Every size is computed on the host from the row counts, and every tensor is made on the device
+of the batch, so a step neither mixes devices nor waits for the device. The kept tokens go to
+their columns by one scatter per scale; dropped tokens go to a spare last column, cut off after.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from data_pipeline.collate import ROW_IMAGES, ROW_TOKENS
+from data_pipeline.tokenize import IGNORE_INDEX
+
+
+def image_keep_mask(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int, visual_tokens: int, keep: int
+) -> torch.Tensor:
+    """True on the real tokens that survive shrinking every image run to its first `keep` tokens."""
+    is_image = input_ids == image_token_id
+    # Index of each image token within its image: image tokens counted so far, modulo the run length.
+    within_image = (torch.cumsum(is_image.long(), dim=1) - 1) % visual_tokens
+    return (~is_image | (within_image < keep)) & attention_mask.bool()
+
+
+def shrink_image_runs(
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor,
+    image_token_id: int,
+    visual_tokens: int,
+    keep: int,
+    pad_token_id: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep the first `keep` of every run of `visual_tokens` image tokens, drop the rest, re-pad right.
+
+    A row-per-sample view of one scale (evaluation references); the training step uses `lay_out`.
+    """
+    if keep == visual_tokens:
+        return input_ids, labels, attention_mask
+    kept = image_keep_mask(input_ids, attention_mask, image_token_id, visual_tokens, keep)
+    kept_so_far = torch.cumsum(kept.long(), dim=1)
+    width = int(kept_so_far[:, -1].max())  # one read for the whole batch, to size the result
+    columns = torch.where(kept, kept_so_far - 1, width)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(columns)
+    shape = (input_ids.shape[0], width + 1)  # the last column takes the dropped tokens
+    new_ids = input_ids.new_full(shape, pad_token_id).index_put_((rows, columns), input_ids)
+    new_labels = labels.new_full(shape, IGNORE_INDEX).index_put_((rows, columns), labels)
+    new_mask = attention_mask.new_zeros(shape).index_put_((rows, columns), torch.ones_like(attention_mask))
+    return new_ids[:, :width], new_labels[:, :width], new_mask[:, :width]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One sample at one scale: where it sits in the layout and how many tokens it has."""
+
+    row: int  # the input row
+    scale: int  # visual tokens per image
+    length: int  # real tokens after shrinking
+    out_row: int  # the layout row it goes to
+    offset: int  # its first column there
+
+
+@dataclass
+class Layout:
+    """Variants arranged into the language model's batch."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor | None  # None when packed: transformers derives the mask from position ids
+    token_scales: torch.Tensor  # scale of each token's variant; 0 on padding
+    variants: list[Variant]  # in layout order: row-major over the output
+
+
+def real_tokens(batch: dict[str, Any], pad_token_id: int) -> torch.Tensor:
+    """1 on real tokens, 0 on padding (hand-made batches without a mask: pad ids mark padding)."""
+    if "attention_mask" in batch:
+        return batch["attention_mask"]
+    return (batch["input_ids"] != pad_token_id).long()
+
+
+def row_counts(
+    batch: dict[str, Any], image_token_id: int, visual_tokens: int, pad_token_id: int, prefix: str = ""
+) -> tuple[list[int], list[int]]:
+    """(real tokens, images) of every row: from collate's lists, else read once from the batch."""
+    if f"{prefix}{ROW_TOKENS}" in batch:
+        return list(batch[f"{prefix}{ROW_TOKENS}"]), list(batch[f"{prefix}{ROW_IMAGES}"])
+    # A batch made by hand: one read of the whole batch (a host sync), never one per row.
+    input_ids = batch[f"{prefix}input_ids"]
+    mask = batch[f"{prefix}attention_mask"] if f"{prefix}attention_mask" in batch else input_ids != pad_token_id
+    counts = torch.stack([mask.long().sum(1), (input_ids == image_token_id).sum(1) // visual_tokens]).tolist()
+    return counts[0], counts[1]
+
+
+def place_variants(
+    plan: list[int], tokens: list[int], images: list[int], visual_tokens: int, packed: bool
+) -> list[Variant]:
+    """Each (row, scale) of `plan` (variant i is row i % rows) with its length and place, in layout order.
+
+    Scales are visited in increasing order (a fixed order on every rank); packed, a row's
+    variants follow each other in that order.
+    """
+    rows = len(tokens)
+    ordered = [(i % rows, scale) for scale in sorted(set(plan)) for i, s in enumerate(plan) if s == scale]
+    if packed:
+        ordered.sort(key=lambda pair: pair[0])  # stable: scales stay increasing within a row
+    variants, filled = [], {}
+    for index, (row, scale) in enumerate(ordered):
+        length = tokens[row] - images[row] * (visual_tokens - scale)
+        out_row = row if packed else index
+        offset = filled.get(out_row, 0)
+        filled[out_row] = offset + length
+        variants.append(Variant(row, scale, length, out_row, offset))
+    return variants
+
+
+def document_starts(batch: dict[str, Any], real: torch.Tensor) -> torch.Tensor:
+    """True at the first token of every document: a packed row restarts its position ids per document."""
+    if "position_ids" in batch:
+        return (batch["position_ids"] == 0) & real.bool()
+    starts = torch.zeros_like(real, dtype=torch.bool)
+    starts[:, 0] = True
+    return starts
+
+
+def lay_out(
+    batch: dict[str, Any],
+    variants: list[Variant],
+    packed: bool,
+    image_token_id: int,
+    visual_tokens: int,
+    pad_token_id: int,
+) -> Layout:
+    """The layout of `variants`, built on the batch's device with one scatter per scale."""
+    input_ids, device = batch["input_ids"], batch["input_ids"].device
+    out_rows = max(v.out_row for v in variants) + 1
+    lengths = [0] * out_rows
+    for v in variants:
+        lengths[v.out_row] = max(lengths[v.out_row], v.offset + v.length)
+    width = max(lengths)
+    shape = (out_rows, width + 1)  # the extra last column takes every dropped token
+    out_ids = torch.full(shape, pad_token_id, dtype=torch.long, device=device)
+    out_labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long, device=device)
+    out_positions = torch.zeros(shape, dtype=torch.long, device=device)
+    out_scales = torch.zeros(shape, dtype=torch.long, device=device)
+    real = real_tokens(batch, pad_token_id)
+    starts = document_starts(batch, real)
+    for scale in sorted({v.scale for v in variants}):
+        group = [v for v in variants if v.scale == scale]
+        rows = torch.tensor([v.row for v in group], device=device)
+        keep = image_keep_mask(input_ids[rows], real[rows], image_token_id, visual_tokens, scale)
+        kept_so_far = torch.cumsum(keep.long(), dim=1)  # kept tokens up to and including each one
+        # Positions restart at each document: subtract the kept tokens before the document's start.
+        before_document = torch.where(starts[rows] & keep, kept_so_far - 1, 0).cummax(dim=1).values
+        offsets = torch.tensor([v.offset for v in group], device=device)[:, None]
+        columns = torch.where(keep, offsets + kept_so_far - 1, width)
+        target = (torch.tensor([v.out_row for v in group], device=device)[:, None].expand_as(columns), columns)
+        out_ids.index_put_(target, input_ids[rows])
+        out_labels.index_put_(target, batch["labels"][rows])
+        out_positions.index_put_(target, kept_so_far - 1 - before_document)
+        out_scales.index_put_(target, torch.full_like(columns, scale))
+    columns = torch.arange(width, device=device)[None, :]
+    row_ends = torch.tensor(lengths, device=device)[:, None]
+    # The padding tail of a row is a segment of its own: its positions restart at 0.
+    positions = torch.where(columns < row_ends, out_positions[:, :width], columns - row_ends)
+    token_scales = out_scales[:, :width]
+    attention_mask = None if packed else (token_scales > 0).long()
+    return Layout(out_ids[:, :width], out_labels[:, :width], positions, attention_mask, token_scales, variants)
+
+
+def visual_in_layout(
+    scaled: dict[int, torch.Tensor], variants: list[Variant], images: list[int]
+) -> torch.Tensor:
+    """Every variant's visual tokens, in the order their image tokens appear in the layout: (tokens, dim).
+
+    `scaled[s]` holds every image of the batch at scale s: (images, s, dim).
+    """
+    first_image = [sum(images[:row]) for row in range(len(images))]
+    pieces = [
+        scaled[v.scale][first_image[v.row] : first_image[v.row] + images[v.row]].flatten(0, 1) for v in variants
+    ]
+    return torch.cat(pieces)
