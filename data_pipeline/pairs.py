@@ -32,10 +32,10 @@ import torch
 from PIL import Image
 
 from data_pipeline.collate import ROW_IMAGES, ROW_TOKENS, real_token_mask, right_pad
+from data_pipeline.formats import IMAGE_PLACEHOLDER
 from data_pipeline.replay_stream import (
-    IMAGE_PLACEHOLDER,
     SAFE_IMAGE_EXTENSIONS,
-    CaptionStream,
+    ReplayStream,
     preprocess_image,
     safe_decode,
 )
@@ -148,7 +148,7 @@ def collate_pairs(samples: list[dict[str, Any]], spec: PairSpec, image_processor
     return batch
 
 
-class PairStream(CaptionStream):
+class PairStream(ReplayStream):
     """Endless stream of collated pair batches for one rank (see the module docstring for stages).
 
     Shard listing, splitting, shuffling and resuming are the caption stream's; a pair sample

@@ -10,7 +10,7 @@ Its stages:
         ──► build sample ──► preprocess image ──► tokenize (<image> -> N visual tokens)
         ──► mask labels ──► batch + collate
 
-Each stage is a small function over an iterator, composed in `CaptionStream.__iter__`. The
+Each stage is a small function over an iterator, composed in `ReplayStream.__iter__`. The
 stream repeats epochs forever; the trainer decides how many batches to take, so every rank
 takes the same number and none waits at an epoch end.
 """
@@ -29,8 +29,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-IGNORE_INDEX = -100
-IMAGE_PLACEHOLDER = "<image>"
+from data_pipeline.collate import real_token_mask, right_pad
+from data_pipeline.formats import IMAGE_PLACEHOLDER
+from data_pipeline.tokenize import IGNORE_INDEX
+
 SAFE_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
@@ -138,19 +140,11 @@ def tokenize_caption(spec: TextSpec, caption: str) -> tuple[list[int], list[int]
 # ── stage 10: batch and collate ───────────────────────────────────────────────────────────────
 def collate(samples: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
     """Right-pad to the longest sequence; padding is masked out of attention and labels."""
-    length = max(len(s["input_ids"]) for s in samples)
-    input_ids = torch.full((len(samples), length), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(samples), length), dtype=torch.long)
-    for row, sample in enumerate(samples):
-        n = len(sample["input_ids"])
-        input_ids[row, :n] = torch.tensor(sample["input_ids"])
-        labels[row, :n] = torch.tensor(sample["labels"])
-        attention_mask[row, :n] = 1
+    lengths = [len(s["input_ids"]) for s in samples]
     return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "labels": labels,
+        "input_ids": right_pad([s["input_ids"] for s in samples], pad_token_id),
+        "attention_mask": real_token_mask(lengths, max(lengths)),
+        "labels": right_pad([s["labels"] for s in samples], IGNORE_INDEX),
         "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
         "keys": [s["key"] for s in samples],
     }
@@ -170,8 +164,8 @@ def shuffled(items: Iterable[Any], buffer_size: int, rng: random.Random) -> Iter
     yield from buffer
 
 
-class CaptionStream(IterableDataset):
-    """Endless stream of collated caption batches for one rank.
+class ReplayStream(IterableDataset):
+    """Endless stream of collated batches for one rank: caption pairs here, (query, positive) pairs in PairStream.
 
     The stream is a pure function of (seed, rank, worker, epoch): shuffling uses generators
     seeded by those alone. So a resume only needs the number of batches already taken:
@@ -243,7 +237,7 @@ class CaptionStream(IterableDataset):
 class ResumableLoader:
     """Iterator of batches over a stream, counting what the trainer took, with state_dict()."""
 
-    def __init__(self, stream: CaptionStream, num_workers: int) -> None:
+    def __init__(self, stream: ReplayStream, num_workers: int) -> None:
         self.stream = stream
         self.num_workers = num_workers
         self.batches_taken = 0
@@ -268,6 +262,10 @@ class ResumableLoader:
         batch = next(self._batches)
         self.batches_taken += 1
         return batch
+
+    def metrics(self) -> dict[str, float]:
+        """No counters of its own: a sample it cannot read fails the run."""
+        return {}
 
     def state_dict(self) -> dict[str, int]:
         return {

@@ -6,7 +6,7 @@
 An input is a text, a PIL image, or an (image, text) pair whose text may place the image with
 `<image>`. The export of an embedding model is the Hugging Face folder the checkpoint export
 writes (`model/`) plus `embedding.json` (dims, layers, pooling) and, with a projection,
-`embedding_head.safetensors`, both written by `save_embedding_head`.
+`embedding_head.safetensors`, both written by `save_embedding_head` (mtrain/checkpoint/embedding_export.py).
 """
 
 from __future__ import annotations
@@ -19,48 +19,17 @@ from typing import Any
 import torch
 from PIL import Image
 
+from mtrain.checkpoint.embedding_export import (
+    EMBEDDING_FILE,
+    HEAD_WEIGHTS_FILE,
+    embedding_metadata,
+    save_embedding_head,
+)
 from mtrain.model.embedding_head import truncate
 
-EMBEDDING_FILE = "embedding.json"
-HEAD_WEIGHTS_FILE = "embedding_head.safetensors"
+__all__ = ["EmbedInput", "Embedder", "save_embedding_head"]
 
 EmbedInput = str | Image.Image | tuple[Image.Image, str]
-
-
-def embedding_metadata(task: Any) -> dict[str, Any]:
-    """What a reader of exported embeddings needs: the trained dims and layers, and how they were pooled."""
-    from mtrain.eval.retrieval import evaluated_layers  # noqa: PLC0415
-
-    return {
-        "dims": list(task.dims),
-        "layers": evaluated_layers(task),
-        "last_layer": task.depth,
-        "policy": task.dims_config.policy,
-        "pooling": task.contrastive.pooling,
-        "projection_dim": task.contrastive.projection_dim,
-        "width": task.head.out_width,
-        "query_instruction": task.contrastive.query_instruction,
-    }
-
-
-def save_embedding_head(task: Any, export_dir: str | Path, write: bool = True) -> Path:
-    """Write `embedding.json` (and the projection weights, if any) beside an export's `model/` folder.
-
-    Under ZeRO-3 every rank must call this (the head's partitions are gathered); only `write` ranks write.
-    """
-    import deepspeed  # noqa: PLC0415
-    from safetensors.torch import save_file  # noqa: PLC0415
-
-    out = Path(export_dir)
-    partitioned = [p for p in task.head.parameters() if hasattr(p, "ds_id")]
-    with deepspeed.zero.GatheredParameters(partitioned, enabled=bool(partitioned)):
-        head_state = {name: value.detach().clone().contiguous() for name, value in task.head.state_dict().items()}
-    if write:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / EMBEDDING_FILE).write_text(json.dumps(embedding_metadata(task), indent=1))
-        if head_state:
-            save_file(head_state, str(out / HEAD_WEIGHTS_FILE))
-    return out
 
 
 class Embedder:
@@ -73,7 +42,7 @@ class Embedder:
     @classmethod
     def from_checkpoint(cls, source: str | Path, overrides: Sequence[str] = ()) -> Embedder:
         """From a training checkpoint (or, with random weights, a config)."""
-        from mtrain.engine.run import pair_spec  # noqa: PLC0415
+        from mtrain.engine.data import pair_spec  # noqa: PLC0415
         from mtrain.eval.budget import load_for_eval  # noqa: PLC0415
         from mtrain.eval.retrieval import retrieval_view  # noqa: PLC0415
 
@@ -86,9 +55,9 @@ class Embedder:
         from safetensors.torch import load_file  # noqa: PLC0415
 
         from mtrain.config import load_config  # noqa: PLC0415
-        from mtrain.engine.run import pair_spec  # noqa: PLC0415
-        from mtrain.engine.setup import build_task  # noqa: PLC0415
+        from mtrain.engine.data import pair_spec  # noqa: PLC0415
         from mtrain.model.build import build_model  # noqa: PLC0415
+        from mtrain.task.registry import build_task  # noqa: PLC0415
 
         folder = Path(export_dir)
         if not (folder / EMBEDDING_FILE).is_file():

@@ -1,6 +1,6 @@
 """The Checkpointer: what `run.py` calls to resume, start from other weights, and save.
 
-    plan()        before the engine exists: which checkpoint to resume from (partials removed),
+    prepare_resume()  before the engine exists: which checkpoint to resume from (partials removed),
                   config mismatch check, universal conversion at another world size
     model_config()  the model source, replaced by `checkpoint.init_from` when set
     restore()     after the engine exists: engine, trainer, every rank's data position, RNG
@@ -40,6 +40,7 @@ from mtrain.config.core import to_dict
 from mtrain.config.schema import ModelConfig
 from mtrain.launch.distributed import print0
 from mtrain.launch.env import WorldInfo
+from mtrain.task.base import Task
 
 
 def on_rank0(world: WorldInfo, work: Callable[[], Any]) -> Any:
@@ -58,18 +59,6 @@ def on_rank0(world: WorldInfo, work: Callable[[], Any]) -> Any:
     return value
 
 
-def sampler_state(module: Any) -> dict[str, Any]:
-    """The Matryoshka samplers' state: the task module's `sampler_state_dict()` hook, if it has one."""
-    hook = getattr(module, "sampler_state_dict", None)
-    return hook() if hook is not None else {}
-
-
-def load_sampler_state(module: Any, state: dict[str, Any]) -> None:
-    hook = getattr(module, "load_sampler_state_dict", None)
-    if hook is not None:
-        hook(state)
-
-
 class Checkpointer:
     def __init__(self, cfg: TrainConfig, run_dir: Path, world: WorldInfo) -> None:
         self.cfg = cfg
@@ -81,12 +70,16 @@ class Checkpointer:
         self.config_yaml = ""
 
     # ── before the engine ─────────────────────────────────────────────────────────────────────
-    def plan(self, ds_config: dict[str, Any]) -> CheckpointInfo | None:
-        """Pick the checkpoint to resume from; at another world size convert it and switch the load mode."""
+    def prepare_resume(self, ds_config: dict[str, Any]) -> dict[str, Any]:
+        """Pick the checkpoint to resume from; at another world size convert it to the universal format.
+
+        Returns the DeepSpeed config to build the engine with: `ds_config`, or a copy that loads
+        the universal checkpoint.
+        """
         cfg = self.cfg
         folder = on_rank0(self.world, self._find_on_rank0)
         if folder is None:
-            return None
+            return ds_config
         checkpoint = find_resume_checkpoint(folder, self.root, remove_partials=False)
         for change in check_config_matches(checkpoint, to_dict(cfg)):
             print0(f"warning: resuming with a changed config: {change}")
@@ -96,10 +89,10 @@ class Checkpointer:
                 f"{self.world.world_size}: converting to DeepSpeed's universal format"
             )
             on_rank0(self.world, lambda: str(convert_to_universal(checkpoint.folder)))
-            ds_config["checkpoint"] = {"load_universal": True}
+            ds_config = ds_config | {"checkpoint": {"load_universal": True}}
             self.universal = True
         self.resume_from = checkpoint
-        return checkpoint
+        return ds_config
 
     def _find_on_rank0(self) -> str | None:
         resume = self.cfg.checkpoint.resume
@@ -134,7 +127,8 @@ class Checkpointer:
         trainer.load_state_dict(checkpoint.meta["trainer"])
         loader.load_state_dict(load_data_states(checkpoint))
         if checkpoint.world_size == self.world.world_size:
-            load_sampler_state(engine.module, load_rank_state(checkpoint, self.world.rank)["samplers"])
+            task: Task = engine.module
+            task.load_sampler_state_dict(load_rank_state(checkpoint, self.world.rank)["samplers"])
         if self.world.is_main:
             truncate_metrics(self.run_dir / "metrics.jsonl", checkpoint.step)
         # Last, right before training: everything above may draw random numbers.
@@ -151,7 +145,8 @@ class Checkpointer:
             "zero_stage": self.cfg.zero.stage,
             "saved_at": time.time(),
         }
-        rank_state = RankState(data=loader.state_dict(), samplers=sampler_state(engine.module))
+        task: Task = engine.module
+        rank_state = RankState(data=loader.state_dict(), samplers=task.sampler_state_dict())
         retention = Retention(self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every)
         write_adapter = None
         if self.cfg.model.lora.enabled:

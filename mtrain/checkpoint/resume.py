@@ -16,73 +16,29 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mtrain.checkpoint.manifest import manifest_problems, read_manifest
-from mtrain.checkpoint.save import (
+from mtrain.checkpoint.layout import (
     CONFIG_FILE,
-    DELETING_PREFIX,
-    STAGING_PREFIX,
     TAG_PATTERN,
+    CheckpointInfo,
+    checkpoint_info,
     rank_data_file,
     rank_state_file,
-    set_rng_state,
+    scan_checkpoints,
 )
+from mtrain.checkpoint.save import set_rng_state
 from mtrain.config.core import to_dict
 from mtrain.config.schema import TrainConfig
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    folder: Path
-    step: int
-    meta: dict[str, Any]
-
-    @property
-    def world_size(self) -> int:
-        return int(self.meta["world_size"])
-
-
-def scan_checkpoints(root: Path) -> tuple[list[CheckpointInfo], list[tuple[Path, str]]]:
-    """(complete checkpoints by step, partial folders with the reason) under a checkpoints root."""
-    complete, partial = [], []
-    if not root.is_dir():
-        return [], []
-    for folder in sorted(root.iterdir()):
-        if not folder.is_dir():
-            continue
-        if folder.name.startswith((STAGING_PREFIX, DELETING_PREFIX)):
-            partial.append((folder, "an interrupted save or delete"))
-            continue
-        match = TAG_PATTERN.match(folder.name)
-        if not match:
-            continue
-        problems = manifest_problems(folder)
-        if problems:
-            partial.append((folder, "; ".join(problems[:3])))
-        else:
-            complete.append(CheckpointInfo(folder, int(match.group(1)), read_manifest(folder)["meta"]))
-    return sorted(complete, key=lambda c: c.step), partial
 
 
 def remove_partial(partial: list[tuple[Path, str]]) -> None:
     for folder, reason in partial:
         print(f"checkpoint: removing partial folder {folder} ({reason})", file=sys.stderr, flush=True)
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def checkpoint_info(folder: Path) -> CheckpointInfo:
-    """A complete checkpoint folder, or a clear error saying why it is not one."""
-    match = TAG_PATTERN.match(folder.name)
-    problems = manifest_problems(folder)
-    if not match or problems:
-        reason = "; ".join(problems) if problems else "its name is not step_XXXXXXXX"
-        raise ValueError(f"checkpoint {folder} is not a complete mtrain checkpoint: {reason}")
-    return CheckpointInfo(folder, int(match.group(1)), read_manifest(folder)["meta"])
 
 
 def find_resume_checkpoint(resume: str, checkpoints_root: Path, remove_partials: bool) -> CheckpointInfo | None:

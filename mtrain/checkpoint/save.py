@@ -20,6 +20,7 @@ manifest is partial, and resume reports and removes it (see `resume.py`).
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -34,27 +35,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mtrain.checkpoint.layout import (
+    CONFIG_FILE,
+    DELETING_PREFIX,
+    LATEST_FILE,
+    STAGING_PREFIX,
+    TAG_PATTERN,
+    checkpoint_tag,
+    rank_data_file,
+    rank_state_file,
+    scan_checkpoints,
+)
 from mtrain.checkpoint.manifest import describe_files, fsync_dir, relative_files, write_manifest, write_text_durably
 from mtrain.checkpoint.universal import universal_folder
 
-CONFIG_FILE = "config.yaml"
-LATEST_FILE = "latest"
-STAGING_PREFIX = ".staging-"
-DELETING_PREFIX = ".deleting-"
-TAG_PATTERN = re.compile(r"^step_(\d{8})$")
 FAULT_STAGES = ("engine_written", "rank_files", "manifest", "renamed", "latest", "saved")
-
-
-def checkpoint_tag(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def rank_state_file(rank: int) -> str:
-    return f"rank{rank:05d}_state.pt"
-
-
-def rank_data_file(rank: int) -> str:
-    return f"rank{rank:05d}_data.json"
 
 
 # ── RNG state in a form torch.load(weights_only=True) reads back ──────────────────────────────
@@ -195,8 +190,6 @@ def save_checkpoint(
 
 
 def _json(value: Any) -> str:
-    import json  # noqa: PLC0415
-
     return json.dumps(value, sort_keys=True)
 
 
@@ -219,8 +212,6 @@ def checkpoints_to_delete(steps: list[int], latest_step: int | None, retention: 
 
 
 def apply_retention(root: Path, retention: Retention) -> None:
-    from mtrain.checkpoint.resume import scan_checkpoints  # noqa: PLC0415
-
     complete, _ = scan_checkpoints(root)
     latest = (root / LATEST_FILE).read_text().strip() if (root / LATEST_FILE).is_file() else None
     latest_match = TAG_PATTERN.match(latest or "")

@@ -1,11 +1,32 @@
-"""From the config and the built model to this rank's data loader (data_pipeline/loader.py)."""
+"""From the config and the built model to this rank's batches: the data wiring of every objective.
+
+Every loader the trainer takes is a `Batches`: an endless iterator of collated batches with a
+per-rank state for checkpoints and counters to log.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 from mtrain.config.schema import TrainConfig
 from mtrain.launch.env import WorldInfo
+
+
+class Batches(Protocol):
+    """What the trainer and the checkpointer need of a loader."""
+
+    def __iter__(self) -> Iterator[dict[str, Any]]: ...
+
+    def __next__(self) -> dict[str, Any]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, all_ranks: list[dict[str, Any]]) -> None: ...
+
+    def metrics(self) -> dict[str, float]:
+        """Counters to sum over ranks and log (bad samples by reason, samples, dropped)."""
+        ...
 
 
 def build_data_loader(cfg: TrainConfig, built: Any, world: WorldInfo) -> Any:
@@ -40,3 +61,36 @@ def build_data_loader(cfg: TrainConfig, built: Any, world: WorldInfo) -> Any:
         built.visual_tokens,
         sync=torch_distributed_sync(),
     )
+
+
+def pair_spec(cfg: TrainConfig, built: Any) -> Any:
+    """How pair sides become tokens and pixels for this config and model."""
+    from data_pipeline.pairs import PairSpec  # noqa: PLC0415
+
+    return PairSpec(
+        built.tokenizer,
+        built.image_token_id,
+        built.visual_tokens,
+        cfg.data.max_len,
+        built.model.config.vision_config.image_size,
+        cfg.task.contrastive.query_instruction,
+    )
+
+
+def build_pair_loader(cfg: TrainConfig, built: Any, world: WorldInfo) -> Any:
+    """(query, positive) pair batches of this rank, resumable by replay."""
+    from data_pipeline.pairs import PairStream  # noqa: PLC0415
+    from data_pipeline.replay_stream import ResumableLoader  # noqa: PLC0415
+
+    stream = PairStream(
+        cfg.data.shards,
+        world.rank,
+        world.world_size,
+        cfg.data.micro_batch_size,
+        pair_spec(cfg, built),
+        built.image_processor,
+        cfg.run.seed,
+        shuffle_buffer=0,
+        num_workers=cfg.data.num_workers,
+    )
+    return ResumableLoader(stream, cfg.data.num_workers)

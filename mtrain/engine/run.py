@@ -4,25 +4,32 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 
+from mtrain.checkpoint.checkpointer import Checkpointer
+from mtrain.checkpoint.export import export_checkpoint
+from mtrain.checkpoint.resume import preflight_resume
 from mtrain.config import TrainConfig, config_hash, dump_yaml
 from mtrain.config.core import to_dict
 from mtrain.config.deepspeed_json import deepspeed_config
+from mtrain.engine.setup import initialize_engine, resolve_placement
+from mtrain.engine.trainer import Trainer
 from mtrain.launch.distributed import init_distributed, print0
 from mtrain.launch.env import WorldInfo
 from mtrain.launch.preflight import check_parameters_identical, check_ranks_agree, collective_device
 from mtrain.launch.timing import record_first_step
 from mtrain.metrics.sinks import JsonlSink, MetricSink, NullSink, SinkGroup, TensorBoardSink, WandbSink
+from mtrain.model.build import build_model, parameter_elements
+from mtrain.task.registry import Objective, objective_for
 
 
 def check_inputs_exist(cfg: TrainConfig) -> None:
     """Fail before any process group forms when local shards or the model folder are missing."""
     from data_pipeline.shards import expand_shards  # noqa: PLC0415
-    from mtrain.checkpoint.resume import preflight_resume  # noqa: PLC0415
 
     if cfg.model.path and not (Path(cfg.model.path) / "config.json").is_file():
         raise FileNotFoundError(
@@ -84,64 +91,82 @@ def make_sink(cfg: TrainConfig, run_dir: Path, world: WorldInfo) -> MetricSink:
     return SinkGroup(sinks)
 
 
-def pair_spec(cfg: TrainConfig, built: Any) -> Any:
-    """How pair sides become tokens and pixels for this config and model."""
-    from data_pipeline.pairs import PairSpec  # noqa: PLC0415
+@dataclass
+class Run:
+    """Everything a started run holds between setup, the training loop and the finish."""
 
-    return PairSpec(
-        built.tokenizer,
-        built.image_token_id,
-        built.visual_tokens,
-        cfg.data.max_len,
-        built.model.config.vision_config.image_size,
-        cfg.task.contrastive.query_instruction,
-    )
+    cfg: TrainConfig
+    world: WorldInfo
+    run_dir: Path
+    objective: Objective
+    checkpointer: Checkpointer
+    engine: Any
+    trainer: Trainer
+    batches: Any
+    started: float
+    resumed_step: int
 
+    def save(self) -> None:
+        self.checkpointer.save(self.engine, self.trainer, self.batches, dump_yaml(self.cfg))
 
-def training_batches(cfg: TrainConfig, built: Any, world: WorldInfo) -> Any:
-    """The staged loader for the LM objective; (query, positive) pair batches for the contrastive one."""
-    if cfg.task.objective != "contrastive":
-        from mtrain.engine.data import build_data_loader  # noqa: PLC0415
+    def due_for_save(self, step: int) -> bool:
+        """A periodic save: every `checkpoint.save_every` steps, the last step left to the finish."""
+        every = self.cfg.checkpoint.save_every
+        return bool(every) and step % every == 0 and step < self.cfg.run.max_steps
 
-        return build_data_loader(cfg, built, world)
-    from data_pipeline.pairs import PairStream  # noqa: PLC0415
-    from data_pipeline.replay_stream import ResumableLoader  # noqa: PLC0415
-
-    stream = PairStream(
-        cfg.data.shards, world.rank, world.world_size, cfg.data.micro_batch_size, pair_spec(cfg, built),
-        built.image_processor, cfg.run.seed, 0, cfg.data.num_workers,
-    )  # fmt: skip
-    return ResumableLoader(stream, cfg.data.num_workers)
+    def end_of_step(self, trainer: Trainer) -> None:
+        """After every step: the first step's timing once, and the periodic save."""
+        if trainer.step == self.resumed_step + 1:
+            report_first_step(self)
+        if self.due_for_save(trainer.step):
+            self.save()
 
 
 def run_training(cfg: TrainConfig) -> list[dict[str, float]]:
     """Train as configured; every rank of the job calls this."""
-    from mtrain.checkpoint.checkpointer import Checkpointer  # noqa: PLC0415
-    from mtrain.checkpoint.export import export_checkpoint  # noqa: PLC0415
-    from mtrain.embed import save_embedding_head  # noqa: PLC0415
-    from mtrain.engine.setup import initialize_engine, resolve_placement  # noqa: PLC0415
-    from mtrain.engine.trainer import Trainer  # noqa: PLC0415
-    from mtrain.model.build import build_model, parameter_elements  # noqa: PLC0415
+    run = set_up(cfg)
+    history = train(run)
+    finish(run, history)
+    return history
 
+
+def set_up(cfg: TrainConfig) -> Run:
+    """From the config to a restored trainer: process group, run folder, model, engine, data, checkpoint."""
     check_inputs_exist(cfg)
     started = time.time()
     placement = resolve_placement(cfg)
     world = init_distributed(placement.backend, cfg.dist.init_timeout_s, cfg.dist.master_port)
     check_ranks_agree(world, config_hash(cfg), collective_device(placement.device, world))
-    ds_config = deepspeed_config(cfg, world.world_size, placement.precision)
-    run_dir = prepare_run_dir(cfg, ds_config, world)
+    ds_config_base = deepspeed_config(cfg, world.world_size, placement.precision)
+    run_dir = prepare_run_dir(cfg, ds_config_base, world)
     print0(
         f"mtrain: {world.world_size} rank(s) via {world.launcher}, {placement.device}/{placement.precision}, "
         f"ZeRO-{cfg.zero.stage}, run folder {run_dir}"
     )
-
     checkpointer = Checkpointer(cfg, run_dir, world)
-    checkpointer.plan(ds_config)  # before the engine: a world-size change switches on the universal load
-
+    # Before the engine: a world-size change switches on the universal load.
+    ds_config = checkpointer.prepare_resume(ds_config_base)
+    objective = objective_for(cfg)
     zero3 = ds_config if cfg.zero.stage == 3 else None
     built = build_model(checkpointer.model_config(), placement.dtype, zero3, cfg.run.seed, cfg.matryoshka.tokens)
     engine = initialize_engine(cfg, built, ds_config, world.rank)
-    by_value, by_layout = check_parameters_identical(engine.module, collective_device(placement.device, world))
+    report_model(cfg, world, run_dir, built, engine, placement.device)
+
+    batches = objective.build_batches(cfg, built, world)
+    trainer = Trainer(cfg, world, engine, batches, NullSink(), placement.device)
+    checkpointer.restore(engine, trainer, batches)
+    if trainer.step >= cfg.run.max_steps:
+        print0(
+            f"the run in {run_dir} already reached run.max_steps={cfg.run.max_steps}; raise it to continue, "
+            "or pass checkpoint.resume=never (or another run.dir) to train again from scratch"
+        )
+    trainer.sink = make_sink(cfg, run_dir, world)  # after restore, which trims metrics logged past the checkpoint
+    return Run(cfg, world, run_dir, objective, checkpointer, engine, trainer, batches, started, trainer.step)
+
+
+def report_model(cfg: TrainConfig, world: WorldInfo, run_dir: Path, built: Any, engine: Any, device: str) -> None:
+    """Preflight: parameters identical on every rank; then the rank report and a line about the model."""
+    by_value, by_layout = check_parameters_identical(engine.module, collective_device(device, world))
     print0(f"preflight: ranks agree; parameters identical ({by_value} by value, {by_layout} ZeRO-3 by layout)")
     elements = parameter_elements(engine.module)
     write_rank_report(run_dir, world, cfg, built.constructed_elements, elements)
@@ -150,60 +175,48 @@ def run_training(cfg: TrainConfig) -> list[dict[str, float]]:
         f"{elements['local']:,} held by rank 0; {built.visual_tokens} visual tokens per image"
     )
 
-    batches = training_batches(cfg, built, world)
-    trainer = Trainer(cfg, world, engine, batches, NullSink(), placement.device)
-    checkpointer.restore(engine, trainer, batches)
-    resumed_step = trainer.step
-    if resumed_step >= cfg.run.max_steps:
-        print0(
-            f"the run in {run_dir} already reached run.max_steps={cfg.run.max_steps}; raise it to continue, "
-            "or pass checkpoint.resume=never (or another run.dir) to train again from scratch"
-        )
-    trainer.sink = make_sink(cfg, run_dir, world)  # after restore, which trims metrics logged past the checkpoint
-    config_yaml = dump_yaml(cfg)
 
-    def save(t: Trainer) -> None:
-        checkpointer.save(engine, t, batches, config_yaml)
+def train(run: Run) -> list[dict[str, float]]:
+    """The trainer's loop; after each step, `Run.end_of_step` saves on the configured cadence."""
+    history = run.trainer.train(on_step_end=run.end_of_step)
+    run.trainer.sink.close()
+    return history
 
-    def maybe_save(t: Trainer) -> None:
-        if cfg.checkpoint.save_every and t.step % cfg.checkpoint.save_every == 0 and t.step < cfg.run.max_steps:
-            save(t)
 
-    first_step_seen = False
+def report_first_step(run: Run) -> None:
+    """Time from launch to the first step, per launcher."""
+    timing = record_first_step(run.run_dir, run.world, run.trainer.step)
+    since = "" if timing["first_step_s"] is None else f"{timing['first_step_s']} s after launch, "
+    print0(f"first step (step {run.trainer.step}): {since}{timing['process_to_first_step_s']} s after process start")
 
-    def on_step_end(t: Trainer) -> None:
-        nonlocal first_step_seen
-        if not first_step_seen:  # time from launch to the first step, per launcher
-            first_step_seen = True
-            timing = record_first_step(run_dir, world, t.step)
-            since = "" if timing["first_step_s"] is None else f"{timing['first_step_s']} s after launch, "
-            print0(f"first step (step {t.step}): {since}{timing['process_to_first_step_s']} s after process start")
-        maybe_save(t)
 
-    history = trainer.train(on_step_end=on_step_end)
-    trainer.sink.close()
-    if cfg.checkpoint.save_at_end and trainer.step > resumed_step:
-        save(trainer)
-        print0(f"checkpoint: {run_dir / 'checkpoints'} (step {trainer.step})")
-    if cfg.checkpoint.save_at_end:
-        if cfg.checkpoint.export_at_end:
-            if cfg.task.objective == "contrastive":
-                # Every rank joins the gather of the head's ZeRO-3 partitions; rank 0 writes.
-                save_embedding_head(engine.module, run_dir / "export", write=world.is_main)
-            if world.is_main:
-                out = export_checkpoint(run_dir / "checkpoints", run_dir / "export")
-                print0(f"export: {out}/model (Hugging Face), adapter: {cfg.model.lora.enabled}")
-            if world.world_size > 1:
-                dist.barrier()
+def finish(run: Run, history: list[dict[str, float]]) -> None:
+    """The final checkpoint and export, a summary line, then leave together."""
+    cfg, world, trainer = run.cfg, run.world, run.trainer
+    if cfg.checkpoint.save_at_end and trainer.step > run.resumed_step:
+        run.save()
+        print0(f"checkpoint: {run.run_dir / 'checkpoints'} (step {trainer.step})")
+    if cfg.checkpoint.save_at_end and cfg.checkpoint.export_at_end:
+        export(run)
     if history:
         print0(
-            f"done: {trainer.step} steps in {time.time() - started:.0f}s, "
+            f"done: {trainer.step} steps in {time.time() - run.started:.0f}s, "
             f"loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}"
         )
     # Leave together, then tear down in order: a rank that closes its gloo pairs while its peer's
     # engine still holds in-flight ZeRO-3 work can make the peer abort at exit.
     if world.world_size > 1:
         dist.barrier()
-    engine.destroy()
+    run.engine.destroy()
     dist.destroy_process_group()
-    return history
+
+
+def export(run: Run) -> None:
+    """The objective's extras (every rank joins their ZeRO-3 gathers), then the Hugging Face export on rank 0."""
+    export_dir = run.run_dir / "export"
+    run.objective.export_extras(run.engine.module, export_dir, run.world.is_main)
+    if run.world.is_main:
+        out = export_checkpoint(run.run_dir / "checkpoints", export_dir)
+        print0(f"export: {out}/model (Hugging Face), adapter: {run.cfg.model.lora.enabled}")
+    if run.world.world_size > 1:
+        dist.barrier()

@@ -10,9 +10,7 @@ import torch
 from mtrain.config.schema import TrainConfig
 from mtrain.engine.schedule import warmup_cosine_scheduler
 from mtrain.model.build import BuiltModel
-from mtrain.task.captioning import LanguageModelingTask
-from mtrain.task.contrastive import ContrastiveTask
-from mtrain.task.matryoshka_tokens import MatryoshkaTokenTask
+from mtrain.task.registry import build_task
 
 
 @dataclass(frozen=True)
@@ -54,33 +52,6 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": plain, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-
-
-def build_task(cfg: TrainConfig, built: BuiltModel, rank: int) -> torch.nn.Module:
-    """The one module DeepSpeed wraps: the model with the losses of the configured objective."""
-    if cfg.task.objective == "contrastive":
-        return ContrastiveTask(
-            built.model,
-            cfg.task.contrastive,
-            cfg.matryoshka.dims,
-            image_token_id=built.image_token_id,
-            visual_tokens=built.visual_tokens,
-            pad_token_id=built.tokenizer.pad_token_id,
-            seed=cfg.run.seed,
-        )
-    tokens = cfg.matryoshka.tokens
-    if tokens.mode == "none":
-        return LanguageModelingTask(built.model)
-    return MatryoshkaTokenTask(
-        built.model,
-        tokens,
-        image_token_id=built.image_token_id,
-        visual_tokens=built.visual_tokens,
-        pad_token_id=built.tokenizer.pad_token_id,
-        seed=cfg.run.seed,
-        rank=rank,
-        routing=built.scale_routing,
-    )
 
 
 def initialize_engine(cfg: TrainConfig, built: BuiltModel, ds_config: dict[str, Any], rank: int = 0) -> Any:

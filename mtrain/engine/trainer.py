@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
@@ -11,10 +12,29 @@ import torch
 import torch.distributed as dist
 
 from mtrain.config.schema import TrainConfig
+from mtrain.engine.data import Batches
 from mtrain.launch.env import WorldInfo
 from mtrain.metrics.flops import trainer_flops_per_token
 from mtrain.metrics.progress import Progress
 from mtrain.metrics.sinks import MetricSink
+from mtrain.task.base import Task
+
+
+@dataclass
+class Accumulated:
+    """One step's micro-batches, summed on the device: losses, the task's metrics, samples, time waiting for data."""
+
+    losses: list[torch.Tensor] = field(default_factory=list)
+    totals: dict[str, torch.Tensor] = field(default_factory=dict)
+    samples: int = 0
+    data_wait_s: float = 0.0
+
+    def add(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor], samples: int) -> None:
+        self.losses.append(loss)
+        self.samples += samples
+        for name, value in metrics.items():
+            value = torch.as_tensor(value).detach()
+            self.totals[name] = self.totals[name] + value if name in self.totals else value
 
 
 class Trainer:
@@ -23,7 +43,7 @@ class Trainer:
         cfg: TrainConfig,
         world: WorldInfo,
         engine: Any,
-        batches: Iterator[dict[str, Any]],
+        batches: Batches,
         sink: MetricSink,
         device: str,
     ) -> None:
@@ -31,6 +51,7 @@ class Trainer:
         self.world = world
         self.engine = engine
         self.batches = batches
+        self.task: Task = engine.module
         self.sink = sink
         self.device = device
         self.step = 0
@@ -42,7 +63,7 @@ class Trainer:
         self.flops_per_token = trainer_flops_per_token(cfg, engine.module)
 
     # ── the loop ──────────────────────────────────────────────────────────────────────────────
-    def train(self, on_step_end: Any = None) -> list[dict[str, float]]:
+    def train(self, on_step_end: Callable[[Trainer], None] | None = None) -> list[dict[str, float]]:
         """Run until `run.max_steps`; returns the logged metrics. `on_step_end(trainer)` may save."""
         history: list[dict[str, float]] = []
         progress = Progress(self.cfg.run.max_steps, self.step, self.world.is_main and self.cfg.logging.progress)
@@ -67,47 +88,50 @@ class Trainer:
 
         Returns this step's metrics, reduced over ranks, when `log`; otherwise None. Steps that are
         not logged make no collective and no host sync of their own: their token and sample counts
-        wait on the device until the next reduce (see `counted_so_far`).
+        wait on the device until the next reduce (see `take_unreduced`).
         """
         started = time.perf_counter()
-        task = self.engine.module
-        if hasattr(task, "begin_step"):
-            task.begin_step(self.step)  # Matryoshka samplers draw from (seed, step), the same on every rank
+        self.task.begin_step(self.step)  # Matryoshka samplers draw from (seed, step), the same on every rank
         lr = self.engine.get_lr()[0]  # the lr this step uses, read before the scheduler advances
-        losses: list[torch.Tensor] = []
-        totals: dict[str, torch.Tensor] = {}
-        samples = 0
-        data_wait = 0.0
+        accumulated = self.accumulate()
+        self.step += 1
+        self.count_unreduced(accumulated)
+        if not log:
+            return None
+        return self.step_metrics(accumulated, lr, time.perf_counter() - started)
+
+    def accumulate(self) -> Accumulated:
+        """Every micro-batch of the step: fetch, move, forward and backward; losses and metrics summed on the device."""
+        accumulated = Accumulated()
         for _ in range(self.cfg.optim.grad_accum_steps):
             fetch_started = time.perf_counter()
             raw_batch = next(self.batches)
-            data_wait += time.perf_counter() - fetch_started
+            accumulated.data_wait_s += time.perf_counter() - fetch_started
             batch = self.to_device(raw_batch)
-            loss, counts = self.forward_backward(batch)
-            losses.append(loss)
-            samples += len(batch["keys"]) if "keys" in batch else batch["input_ids"].shape[0]
-            for name, value in counts.items():
-                value = torch.as_tensor(value).detach()
-                totals[name] = totals[name] + value if name in totals else value
-        self.step += 1
-        self.unreduced["tokens"] += totals["tokens"].to(self.unreduced["tokens"].device, torch.float64)
-        self.unreduced["samples"] += samples
-        if not log:
-            return None
+            loss, metrics = self.forward_backward(batch)
+            accumulated.add(
+                loss, metrics, samples=len(batch["keys"]) if "keys" in batch else batch["input_ids"].shape[0]
+            )
+        return accumulated
 
-        totals = {name: value.to("cpu", torch.float64) for name, value in totals.items()}
-        totals["samples"] = torch.tensor(samples, dtype=torch.float64)
-        totals["loss"] = (sum(losses) / len(losses)).to("cpu", torch.float64)
-        totals["data_wait_s"] = torch.tensor(data_wait, dtype=torch.float64)
+    def count_unreduced(self, accumulated: Accumulated) -> None:
+        """This rank's tokens and samples, kept on the device until the next reduce."""
+        self.unreduced["tokens"] += accumulated.totals["tokens"].to(self.unreduced["tokens"].device, torch.float64)
+        self.unreduced["samples"] += accumulated.samples
+
+    def step_metrics(self, accumulated: Accumulated, lr: float, elapsed: float) -> dict[str, float]:
+        """The step's loggable metrics: one all-reduce of every sum, then the task's own summary."""
+        totals = {name: value.to("cpu", torch.float64) for name, value in accumulated.totals.items()}
+        totals["samples"] = torch.tensor(accumulated.samples, dtype=torch.float64)
+        totals["loss"] = (sum(accumulated.losses) / len(accumulated.losses)).to("cpu", torch.float64)
+        totals["data_wait_s"] = torch.tensor(accumulated.data_wait_s, dtype=torch.float64)
         data_counters = self.data_counters()
         totals = self.all_reduce_sums(totals | data_counters | self.take_unreduced())  # one collective
         self.add_counted(totals)
         grad_norm = self.engine.get_global_grad_norm()
-        loss = float(totals["loss"]) / self.world.world_size
         tokens, samples = float(totals["tokens"]), float(totals["samples"])
-        elapsed = time.perf_counter() - started
         metrics = {name: float(totals[name]) for name in data_counters} | {
-            "loss": loss,
+            "loss": float(totals["loss"]) / self.world.world_size,
             "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "tokens": tokens,
@@ -118,36 +142,31 @@ class Trainer:
             "data_wait_frac": float(totals["data_wait_s"]) / self.world.world_size / elapsed,
             **self.resource_metrics(tokens, elapsed),
         }
-        if hasattr(task, "summarize"):
-            metrics.update(task.summarize(totals))
-        return metrics
+        return metrics | self.task.summarize(totals)
 
     def forward_backward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Forward through the task module, backward, and the engine's (accumulating) step."""
-        task = self.engine.module
-        if getattr(task, "chunk_size", 0):
-            # GradCache: the task runs several forwards and backwards through the engine itself.
-            loss, counts = task.cached_forward_backward(batch, forward=self.engine, backward=self.engine.backward)
-        else:
-            loss, counts = self.engine(batch)
-            self.engine.backward(loss)
+        """The task's forward and backward through the engine (GradCache runs several), then the engine's
+        (accumulating) step."""
+        loss, metrics = self.task.forward_backward(batch, forward=self.engine, backward=self.engine.backward)
         self.engine.step()
         # Kept on the device: a float() here would wait for the step on a GPU every micro-batch.
-        return torch.as_tensor(loss).detach(), counts
+        return loss.detach(), metrics
 
+    # ── evaluation ────────────────────────────────────────────────────────────────────────────
     @torch.no_grad()
     def evaluate(self, batches: Iterator[dict[str, Any]], num_batches: int) -> float:
-        """Mean loss over `num_batches` batches, averaged over ranks, without updating weights."""
+        """Mean loss over `num_batches` held-out batches, averaged over ranks, without updating weights.
+
+        The hook for in-loop evaluation: a collective (every rank calls it with the same
+        `num_batches`); the loop does not call it yet. Losses stay on the device until the end.
+        """
         self.engine.eval()
-        total = 0.0
-        for _ in range(num_batches):
-            loss, _ = self.engine(self.to_device(next(batches)))
-            total += float(loss)
-        self.engine.train()
-        return (
-            float(self.all_reduce_sum(torch.tensor([total / num_batches], dtype=torch.float64))[0])
-            / self.world.world_size
-        )
+        try:
+            losses = [self.engine(self.to_device(next(batches)))[0].detach() for _ in range(num_batches)]
+        finally:
+            self.engine.train()
+        mean = (torch.stack(losses).double().sum() / num_batches).reshape(1).cpu()
+        return float(self.all_reduce_sum(mean)[0]) / self.world.world_size
 
     def resource_metrics(self, tokens: float, elapsed: float) -> dict[str, float]:
         """This process's memory, and model TFLOPs per rank (MFU when `logging.peak_tflops` is set)."""
@@ -162,12 +181,13 @@ class Trainer:
 
     # ── helpers ───────────────────────────────────────────────────────────────────────────────
     def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
-        dtype = self.engine.module.model.dtype if hasattr(self.engine.module.model, "dtype") else None
+        """Tensors to this rank's device, floating-point ones (pixels) in the model's dtype; host lists stay."""
+        dtype = self.task.input_dtype
         moved = {}
         for name, value in batch.items():
             if isinstance(value, torch.Tensor):
                 value = value.to(self.device, non_blocking=True)
-                if value.is_floating_point() and dtype is not None:
+                if value.is_floating_point():
                     value = value.to(dtype)
             moved[name] = value
         return moved
@@ -185,8 +205,6 @@ class Trainer:
 
     def data_counters(self) -> dict[str, torch.Tensor]:
         """The loader's counters (bad samples by reason, samples, dropped), to be summed over ranks."""
-        if not hasattr(self.batches, "metrics"):
-            return {}
         # The same keys on every rank: all_reduce_sums orders them by name.
         return {name: torch.tensor(value, dtype=torch.float64) for name, value in self.batches.metrics().items()}
 

@@ -37,8 +37,8 @@ def m3_scales(grid_tokens: int) -> list[int]:
 def load_for_eval(source: str | Path, overrides: list[str]) -> tuple[TrainConfig, Any, torch.nn.Module]:
     """(config, built model, task) from a checkpoint (trained weights) or a config (as configured)."""
     from mtrain.checkpoint.export import resolve_checkpoint  # noqa: PLC0415
-    from mtrain.engine.setup import build_task  # noqa: PLC0415
     from mtrain.model.build import build_model  # noqa: PLC0415
+    from mtrain.task.registry import build_task  # noqa: PLC0415
 
     source = Path(source)
     checkpoint = resolve_checkpoint(source) if source.is_dir() else None

@@ -31,14 +31,6 @@ class RetrievalResult:
     gallery: int
 
 
-def evaluated_layers(task: Any) -> list[int]:
-    """The last layer, plus every layer the 2D policies train (2dmse without a list: all of them)."""
-    policy, layers = task.dims_config.policy, task.dims_config.layers
-    if policy == "2dmse" and not layers:
-        return list(range(1, task.depth + 1))
-    return sorted({*layers, task.depth}) if policy != "mrl" else [task.depth]
-
-
 @torch.no_grad()
 def embed_pairs(
     task: Any, batches: Iterator[dict[str, Any]], num_batches: int, layers: list[int]
@@ -66,7 +58,7 @@ def recall_at(queries: torch.Tensor, gallery: torch.Tensor, targets: torch.Tenso
 def evaluate_retrieval(
     task: Any, batches: Iterator[dict[str, Any]], num_batches: int, dims: list[int] | None = None
 ) -> list[RetrievalResult]:
-    layers = evaluated_layers(task)
+    layers = task.evaluated_layers()
     queries, positives, texts = embed_pairs(task, batches, num_batches, layers)
     distinct = list(dict.fromkeys(texts))
     first = [texts.index(text) for text in distinct]
@@ -135,7 +127,7 @@ def run_retrieval_eval(
     source: str, overrides: list[str], shards: str | None, num_batches: int, dims: list[int] | None, out: str
 ) -> list[RetrievalResult]:
     from data_pipeline.pairs import PairStream  # noqa: PLC0415
-    from mtrain.engine.run import pair_spec  # noqa: PLC0415
+    from mtrain.engine.data import pair_spec  # noqa: PLC0415
     from mtrain.eval.budget import load_for_eval  # noqa: PLC0415
 
     cfg, built, task = load_for_eval(source, overrides)

@@ -29,9 +29,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from mtrain.config.schema import ContrastiveConfig, EmbeddingDimsConfig
 from data_pipeline.collate import ROW_IMAGES, ROW_TOKENS
+from mtrain.config.schema import ContrastiveConfig, EmbeddingDimsConfig
 from mtrain.model.embedding_head import EmbeddingHead, check_dims, truncate
+from mtrain.task.base import Task
 from mtrain.task.token_layout import row_counts
 
 SIDES = ("query", "positive")
@@ -113,7 +114,7 @@ def similarity_kl(
     return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
 
-class ContrastiveTask(nn.Module):
+class ContrastiveTask(Task):
     def __init__(
         self,
         model: nn.Module,
@@ -124,8 +125,7 @@ class ContrastiveTask(nn.Module):
         pad_token_id: int,
         seed: int,
     ) -> None:
-        super().__init__()
-        self.model = model
+        super().__init__(model)
         text_config = self.llava.config.text_config
         self.head = EmbeddingHead(text_config.hidden_size, contrastive.pooling, contrastive.projection_dim)
         self.contrastive = contrastive
@@ -142,12 +142,15 @@ class ContrastiveTask(nn.Module):
         self.step = 0
         self.chunk_size = contrastive.chunk_size
 
-    @property
-    def llava(self) -> nn.Module:
-        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-
     def begin_step(self, step: int) -> None:
         self.step = step
+
+    def evaluated_layers(self) -> list[int]:
+        """The last layer, plus every layer the 2D policies train (2dmse without a list: all of them)."""
+        policy, layers = self.dims_config.policy, self.dims_config.layers
+        if policy == "2dmse" and not layers:
+            return list(range(1, self.depth + 1))
+        return sorted({*layers, self.depth}) if policy != "mrl" else [self.depth]
 
     def plan(self) -> StepPlan:
         return plan_step(self.dims_config, self.depth, self.head.out_width, self.seed, self.step)
@@ -242,6 +245,17 @@ class ContrastiveTask(nn.Module):
         loss, metrics = self.objective(queries, positives, plan)
         metrics["tokens"] = (batch["query_attention_mask"].sum() + batch["positive_attention_mask"].sum()).detach()
         return loss, metrics
+
+    def forward_backward(
+        self,
+        batch: dict[str, Any],
+        forward: Callable[..., Any],
+        backward: Callable[[torch.Tensor], Any],
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The direct step, or GradCache when `task.contrastive.chunk_size` is set."""
+        if not self.chunk_size:
+            return super().forward_backward(batch, forward, backward)
+        return self.cached_forward_backward(batch, forward, backward)
 
     def cached_forward_backward(
         self,

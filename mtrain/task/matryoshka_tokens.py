@@ -26,10 +26,11 @@ from data_pipeline.tokenize import IGNORE_INDEX
 from mtrain.config.schema import TokenScalesConfig
 from mtrain.model.scale_lora import ScaleRouting
 from mtrain.model.token_scales import ScaleSampler, pool_grid
+from mtrain.task.base import Task
 from mtrain.task.token_layout import Layout, lay_out, place_variants, row_counts, visual_in_layout
 
 
-class MatryoshkaTokenTask(nn.Module):
+class MatryoshkaTokenTask(Task):
     def __init__(
         self,
         model: nn.Module,
@@ -41,8 +42,7 @@ class MatryoshkaTokenTask(nn.Module):
         rank: int,
         routing: ScaleRouting | None = None,
     ) -> None:
-        super().__init__()
-        self.model = model
+        super().__init__(model)
         self.tokens = tokens
         self.image_token_id = image_token_id
         self.visual_tokens = visual_tokens  # tokens per <image> in the loader's output: the full grid
@@ -81,7 +81,7 @@ class MatryoshkaTokenTask(nn.Module):
                 f"the checkpoint's scale sampler {state} differs from this run's {self.sampler.state_dict()}"
             )
 
-    def plan(self, rows: int) -> list[int]:
+    def variant_scales(self, rows: int) -> list[int]:
         """The scale of each (row, scale) variant this step, rows repeated per scale under `all`."""
         if self.mqt_stage_one:
             return [self.tokens.mqt_queries] * rows
@@ -92,11 +92,6 @@ class MatryoshkaTokenTask(nn.Module):
         return self.sampler.row_scales(self.step, self.rank, rows)
 
     # ── the pieces ────────────────────────────────────────────────────────────────────────────
-    @property
-    def llava(self) -> nn.Module:
-        """The LlavaForConditionalGeneration inside (PEFT-wrapped or not)."""
-        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Projected visual tokens of every image at full size: (images, full, dim). Runs once per step."""
         output = self.llava.model.get_image_features(pixel_values=pixel_values, return_dict=True)
@@ -111,25 +106,28 @@ class MatryoshkaTokenTask(nn.Module):
     def forward(self, batch: dict[str, Any], scales: list[int] | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
         """Loss over the step's scales (or the given `scales`, each applied to every row)."""
         rows = batch["input_ids"].shape[0]
-        plan = [s for s in scales for _ in range(rows)] if scales is not None else self.plan(rows)
-        logits, layout = self.run(batch, plan)
+        variant_scales = [s for s in scales for _ in range(rows)] if scales is not None else self.variant_scales(rows)
+        logits, layout = self.run(batch, variant_scales)
         token_losses = F.cross_entropy(
             logits[:, :-1].transpose(1, 2).float(), layout.labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none"
         )
         return self.combine(token_losses, layout)
 
-    def run(self, batch: dict[str, Any], plan: list[int]) -> tuple[torch.Tensor, Layout]:
-        """Logits of every (sample, scale) variant in `plan`, from one vision pass and one LM pass.
+    def run(self, batch: dict[str, Any], variant_scales: list[int]) -> tuple[torch.Tensor, Layout]:
+        """Logits of every (sample, scale) variant, from one vision pass and one LM pass.
+
+        Variant i is row i % rows at scale `variant_scales[i]`.
 
         Every module runs exactly once, whatever scales this rank's rows drew: ZeRO-3 needs the
         same module sequence on every rank.
         """
         tokens, images = row_counts(batch, self.image_token_id, self.visual_tokens, self.pad_token_id)
         packed = self.tokens.layout == "packed"
-        variants = place_variants(plan, tokens, images, self.visual_tokens, packed)
+        variants = place_variants(variant_scales, tokens, images, self.visual_tokens, packed)
         layout = lay_out(batch, variants, packed, self.image_token_id, self.visual_tokens, self.pad_token_id)
         features = self.image_features(batch["pixel_values"])
-        visual = visual_in_layout({s: self.at_scale(features, s) for s in sorted(set(plan))}, variants, images)
+        scaled = {s: self.at_scale(features, s) for s in sorted(set(variant_scales))}
+        visual = visual_in_layout(scaled, variants, images)
         embeddings = self.llava.get_input_embeddings()(layout.input_ids)
         image_positions = (layout.input_ids == self.image_token_id).unsqueeze(-1)
         embeddings = embeddings.masked_scatter(image_positions, visual.to(embeddings.dtype))

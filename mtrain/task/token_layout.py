@@ -104,15 +104,17 @@ def row_counts(
 
 
 def place_variants(
-    plan: list[int], tokens: list[int], images: list[int], visual_tokens: int, packed: bool
+    variant_scales: list[int], tokens: list[int], images: list[int], visual_tokens: int, packed: bool
 ) -> list[Variant]:
-    """Each (row, scale) of `plan` (variant i is row i % rows) with its length and place, in layout order.
+    """Each variant (i: row i % rows at `variant_scales[i]`) with its length and place, in layout order.
 
     Scales are visited in increasing order (a fixed order on every rank); packed, a row's
     variants follow each other in that order.
     """
     rows = len(tokens)
-    ordered = [(i % rows, scale) for scale in sorted(set(plan)) for i, s in enumerate(plan) if s == scale]
+    ordered = [
+        (i % rows, scale) for scale in sorted(set(variant_scales)) for i, s in enumerate(variant_scales) if s == scale
+    ]
     if packed:
         ordered.sort(key=lambda pair: pair[0])  # stable: scales stay increasing within a row
     variants, filled = [], {}
@@ -179,15 +181,11 @@ def lay_out(
     return Layout(out_ids[:, :width], out_labels[:, :width], positions, attention_mask, token_scales, variants)
 
 
-def visual_in_layout(
-    scaled: dict[int, torch.Tensor], variants: list[Variant], images: list[int]
-) -> torch.Tensor:
+def visual_in_layout(scaled: dict[int, torch.Tensor], variants: list[Variant], images: list[int]) -> torch.Tensor:
     """Every variant's visual tokens, in the order their image tokens appear in the layout: (tokens, dim).
 
     `scaled[s]` holds every image of the batch at scale s: (images, s, dim).
     """
     first_image = [sum(images[:row]) for row in range(len(images))]
-    pieces = [
-        scaled[v.scale][first_image[v.row] : first_image[v.row] + images[v.row]].flatten(0, 1) for v in variants
-    ]
+    pieces = [scaled[v.scale][first_image[v.row] : first_image[v.row] + images[v.row]].flatten(0, 1) for v in variants]
     return torch.cat(pieces)

@@ -24,7 +24,7 @@ def mtrain_model(checkpoint: Path) -> torch.nn.Module:
 
     from mtrain.config import load_config
     from mtrain.model.build import build_model
-    from mtrain.task.captioning import LanguageModelingTask
+    from mtrain.task.language_modeling import LanguageModelingTask
 
     cfg = load_config(checkpoint / "config.yaml")
     task = LanguageModelingTask(build_model(cfg.model, torch.float32, None, cfg.run.seed).model)

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from mtrain.config import ConfigError, load_config
-from mtrain.engine.setup import build_task
 from mtrain.model.build import build_model
 from mtrain.model.embedding_head import MatryoshkaClassifier, check_dims, pool_last_token, pool_mean
 from mtrain.task.contrastive import plan_step
+from mtrain.task.registry import build_task
 
 
 def make_task(*overrides: str):
@@ -318,7 +318,7 @@ def test_embed_api_truncates_and_round_trips_through_an_export_with_a_projection
     from PIL import Image
 
     from mtrain.embed import Embedder, save_embedding_head
-    from mtrain.engine.run import pair_spec
+    from mtrain.engine.data import pair_spec
 
     task, built, cfg = make_task(
         "task.contrastive.projection_dim=32",

@@ -23,8 +23,8 @@ import torch
 from data_pipeline.packing import collate_rows
 from data_pipeline.tokenize import IGNORE_INDEX, TokenizedSample
 from mtrain.config import load_config
-from mtrain.engine.setup import build_task
 from mtrain.model.build import build_model
+from mtrain.task.registry import build_task
 
 ROOT = Path(__file__).resolve().parents[2]
 OUR_CODE = (str(ROOT / "mtrain"), str(ROOT / "data_pipeline"))
@@ -118,11 +118,7 @@ def batch_for(cfg, built) -> dict:
 
 def step(task, batch: dict) -> torch.Tensor:
     """One training micro-step of the task, the way the trainer runs it."""
-    if getattr(task, "chunk_size", 0):
-        loss, metrics = task.cached_forward_backward(batch, forward=task, backward=lambda out: out.backward())
-    else:
-        loss, metrics = task(batch)
-        loss.backward()
+    loss, metrics = task.forward_backward(batch, forward=task, backward=lambda out: out.backward())
     for name, value in metrics.items():
         assert isinstance(value, torch.Tensor) and value.device.type == "cpu", f"metric {name}: {value!r}"
     return loss

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from mtrain.config import load_config
-from mtrain.engine.setup import build_task
 from mtrain.model.build import build_model
 from mtrain.model.token_scales import pool_grid
+from mtrain.task.registry import build_task
 from mtrain.task.token_layout import shrink_image_runs
 
 SCALES = {"m3": "[1,4,16,64]", "mqt": "[2,8,32,64]"}
@@ -138,15 +138,15 @@ def test_packed_layout_has_no_padding_but_row_tails():
     }
     tokens, images = row_counts(batch, image, 4, pad)
     assert (tokens, images) == ([6, 5], [1, 1])
-    plan = [1, 1, 4, 4]  # every row at scales 1 and 4
-    packed = lay_out(batch, place_variants(plan, tokens, images, 4, packed=True), True, image, 4, pad)
+    variant_scales = [1, 1, 4, 4]  # every row at scales 1 and 4
+    packed = lay_out(batch, place_variants(variant_scales, tokens, images, 4, packed=True), True, image, 4, pad)
     assert packed.input_ids.shape == (2, 9) and packed.attention_mask is None
     assert packed.input_ids[0].tolist() == [5, 9, 6, 5, 9, 9, 9, 9, 6]
     assert packed.position_ids[0].tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 5]
     assert packed.token_scales[1].tolist() == [1, 1, 4, 4, 4, 4, 4, 0, 0]
     assert packed.position_ids[1, 7:].tolist() == [0, 1]  # the tail is a segment of its own
     assert packed.labels[0].tolist()[2] == 6 and packed.labels[1, 7:].tolist() == [-100, -100]
-    padded = lay_out(batch, place_variants(plan, tokens, images, 4, packed=False), False, image, 4, pad)
+    padded = lay_out(batch, place_variants(variant_scales, tokens, images, 4, packed=False), False, image, 4, pad)
     assert padded.input_ids.shape == (4, 6) and padded.attention_mask.sum() == 16
 
 

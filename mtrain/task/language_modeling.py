@@ -5,17 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
+
+from data_pipeline.tokenize import IGNORE_INDEX
+from mtrain.task.base import Task
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "position_ids")
 
 
-class LanguageModelingTask(nn.Module):
+class LanguageModelingTask(Task):
     """Wraps the MLLM; `forward(batch)` returns the mean token loss and counted metrics."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         inputs = {name: batch[name] for name in MODEL_INPUTS if name in batch}
@@ -27,6 +25,6 @@ class LanguageModelingTask(nn.Module):
         output = self.model(**inputs, use_cache=False)
         metrics = {
             "tokens": batch["attention_mask"].sum().detach(),
-            "label_tokens": (batch["labels"] != -100).sum().detach(),
+            "label_tokens": (batch["labels"] != IGNORE_INDEX).sum().detach(),
         }
         return output.loss, metrics

@@ -1,0 +1,48 @@
+"""The embedding model's part of an export: `embedding.json` and the projection head's weights.
+
+Written beside the Hugging Face `model/` folder the checkpoint export writes; `mtrain.embed`
+reads both back.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+EMBEDDING_FILE = "embedding.json"
+HEAD_WEIGHTS_FILE = "embedding_head.safetensors"
+
+
+def embedding_metadata(task: Any) -> dict[str, Any]:
+    """What a reader of exported embeddings needs: the trained dims and layers, and how they were pooled."""
+    return {
+        "dims": list(task.dims),
+        "layers": task.evaluated_layers(),
+        "last_layer": task.depth,
+        "policy": task.dims_config.policy,
+        "pooling": task.contrastive.pooling,
+        "projection_dim": task.contrastive.projection_dim,
+        "width": task.head.out_width,
+        "query_instruction": task.contrastive.query_instruction,
+    }
+
+
+def save_embedding_head(task: Any, export_dir: str | Path, write: bool = True) -> Path:
+    """Write `embedding.json` (and the projection weights, if any) beside an export's `model/` folder.
+
+    Under ZeRO-3 every rank must call this (the head's partitions are gathered); only `write` ranks write.
+    """
+    import deepspeed  # noqa: PLC0415
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    out = Path(export_dir)
+    partitioned = [p for p in task.head.parameters() if hasattr(p, "ds_id")]
+    with deepspeed.zero.GatheredParameters(partitioned, enabled=bool(partitioned)):
+        head_state = {name: value.detach().clone().contiguous() for name, value in task.head.state_dict().items()}
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / EMBEDDING_FILE).write_text(json.dumps(embedding_metadata(task), indent=1))
+        if head_state:
+            save_file(head_state, str(out / HEAD_WEIGHTS_FILE))
+    return out

@@ -1,0 +1,66 @@
+"""The `Task` every objective implements: the one module DeepSpeed wraps.
+
+The trainer and the checkpointer talk to a task only through these methods; a task that needs
+none of the optional behaviour inherits the defaults here.
+
+    forward(batch)                 -> (loss, metrics): metrics are device tensors, summed over
+                                      micro-batches and ranks by the trainer
+    begin_step(step)               the per-step hook: draws that depend on (seed, step)
+    forward_backward(batch, f, b)  one micro-batch's forward and backward; GradCache overrides it
+    summarize(totals)              loggable floats from the metrics summed over ranks
+    sampler_state_dict() / load_sampler_state_dict(state)   what checkpoints keep per rank
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+Metrics = dict[str, torch.Tensor]
+
+
+class Task(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    @property
+    def llava(self) -> nn.Module:
+        """The LlavaForConditionalGeneration inside (PEFT-wrapped or not)."""
+        get_base_model = getattr(self.model, "get_base_model", None)  # PEFT's wrapper, when LoRA is on
+        return get_base_model() if get_base_model is not None else self.model
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype floating-point inputs (pixel values) are cast to."""
+        return self.model.dtype
+
+    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, Metrics]:
+        raise NotImplementedError
+
+    def begin_step(self, step: int) -> None:
+        """Called before each optimizer step's micro-batches, on every rank."""
+
+    def forward_backward(
+        self,
+        batch: dict[str, Any],
+        forward: Callable[..., Any],
+        backward: Callable[[torch.Tensor], Any],
+    ) -> tuple[torch.Tensor, Metrics]:
+        """Forward through `forward` (the DeepSpeed engine, or the task itself) and backward through `backward`."""
+        loss, metrics = forward(batch)
+        backward(loss)
+        return loss, metrics
+
+    def summarize(self, totals: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Loggable values from this task's metrics, summed over micro-batches and ranks."""
+        return {}
+
+    def sampler_state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_sampler_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `sampler_state_dict` saved (nothing, by default)."""
