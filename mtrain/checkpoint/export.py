@@ -103,7 +103,9 @@ def export_full(root: Path, tag: str, cfg: TrainConfig, out: Path) -> tuple[Any,
     from mtrain.model.build import build_model  # noqa: PLC0415
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
-    built = build_model(checkpoint_model_config(cfg), torch.float32, None, cfg.run.seed, cfg.matryoshka.tokens)
+    # The run's own model config rebuilds the skeleton (every weight then comes from the checkpoint): a run
+    # started from `checkpoint.init_from` has the architecture of its own preset or path.
+    built = build_model(cfg.model, torch.float32, None, cfg.run.seed, cfg.matryoshka.tokens)
     built.model.load_state_dict(strip_task_prefix(state), strict=True)
     written = {"model": "model"}
     model = built.model
@@ -190,12 +192,3 @@ def export_adapter_only(root: Path, tag: str, cfg: TrainConfig, folder: Path) ->
     config["base_model_name_or_path"] = cfg.model.path
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     return {"source": cfg.model.path or f"preset:{cfg.model.preset}", "visual_tokens": None}
-
-
-def checkpoint_model_config(cfg: TrainConfig) -> Any:
-    """The model config that rebuilds the checkpoint's skeleton; every weight then comes from the checkpoint.
-
-    A run that started from `checkpoint.init_from` has the same architecture as its own preset or
-    path, so the skeleton never needs the init_from folder.
-    """
-    return cfg.model

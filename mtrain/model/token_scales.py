@@ -30,26 +30,6 @@ def pool_grid(features: torch.Tensor, scale: int) -> torch.Tensor:
     return pooled.reshape(images, dim, scale).transpose(1, 2)
 
 
-def pool_crops(crops: list[torch.Tensor], grid_shapes: list[tuple[int, int]], scale: int) -> torch.Tensor:
-    """M3 for anyres and non-square grids: pool every crop's (rows x cols) grid on its own, then merge.
-
-    A crop of rows x cols tokens pools to (rows/k) x (cols/k), k being the common divisor of rows
-    and cols nearest (in ratio) to sqrt(crop tokens / scale): each crop keeps about `scale` tokens
-    at its own aspect ratio, with kernel = stride as in M3.
-    """
-    pooled = []
-    for crop, (rows, cols) in zip(crops, grid_shapes, strict=True):
-        tokens, dim = crop.shape
-        if rows * cols != tokens:
-            raise ValueError(f"a crop of {tokens} tokens is not a {rows}x{cols} grid")
-        wanted = math.sqrt(tokens / scale)
-        divisors = [k for k in range(1, math.gcd(rows, cols) + 1) if rows % k == 0 and cols % k == 0]
-        kernel = min(divisors, key=lambda k: (round(abs(math.log(k / wanted)), 9), k))  # ties: more tokens
-        grid = crop.t().reshape(1, dim, rows, cols)
-        pooled.append(F.avg_pool2d(grid, kernel_size=kernel, stride=kernel).reshape(dim, -1).t())
-    return torch.cat(pooled)
-
-
 def sincos_2d(num_positions: int, dim: int) -> torch.Tensor:
     """Fixed 2D sin-cos position embeddings for a square grid of `num_positions` (MAE style)."""
     side = math.isqrt(num_positions)

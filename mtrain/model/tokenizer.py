@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerFast
 
-IMAGE_TOKEN = "<image>"
+from data_pipeline.formats import IMAGE_PLACEHOLDER
+
+IMAGE_TOKEN = IMAGE_PLACEHOLDER  # one special token stands where text says <image>
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN]
 
 # Text the tiny tokenizer learns its merges from: the words of the sample and digit data sets

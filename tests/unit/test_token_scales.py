@@ -21,20 +21,6 @@ def test_pool_grid_rejects_non_dividing_scale():
         pool_grid(torch.zeros(1, 64, 2), 9)
 
 
-def test_pool_crops_keeps_each_crops_aspect_ratio():
-    from mtrain.model.token_scales import pool_crops
-
-    base = torch.arange(16, dtype=torch.float32).reshape(16, 1)  # a 4x4 crop
-    wide = torch.arange(32, dtype=torch.float32).reshape(32, 1)  # a 4x8 crop
-    merged = pool_crops([base, wide], [(4, 4), (4, 8)], scale=4)
-    assert merged.shape == (4 + 8, 1)
-    assert merged[:4].flatten().tolist() == [2.5, 4.5, 10.5, 12.5]
-    assert merged[4].item() == pytest.approx((0 + 1 + 8 + 9) / 4)
-    assert pool_crops([torch.zeros(15, 1)], [(3, 5)], scale=4).shape == (15, 1)  # no common divisor: kept whole
-    with pytest.raises(ValueError, match="is not a 3x4 grid"):
-        pool_crops([torch.zeros(15, 1)], [(3, 4)], scale=4)
-
-
 def test_mqt_prefix_equals_fewer_queries():
     torch.manual_seed(0)
     projector = QueryTransformerProjector(vision_dim=8, text_dim=16, num_queries=16, num_heads=2, num_patches=64).eval()
