@@ -90,13 +90,20 @@ def evaluate_budgets(task: Any, batches: Iterator[dict[str, Any]], num_batches: 
     ]
 
 
-def format_table(results: list[ScaleResult]) -> str:
-    lines = [f"{'visual tokens':>13} {'loss':>8} {'token acc':>10} {'answer acc':>11} {'answers':>8}"]
+def format_columns(columns: list[tuple[str, int, str]], rows: list[tuple[Any, ...]]) -> str:
+    """A right-aligned text table; each column is (header, width, format spec of its values)."""
+    lines = [" ".join(f"{name:>{width}}" for name, width, _ in columns)]
     lines += [
-        f"{r.scale:>13d} {r.loss:>8.4f} {r.token_accuracy:>10.3f} {r.answer_accuracy:>11.3f} {r.answers:>8d}"
-        for r in results
+        " ".join(f"{value:>{width}{spec}}" for value, (_, width, spec) in zip(row, columns, strict=True))
+        for row in rows
     ]
     return "\n".join(lines)
+
+
+def format_table(results: list[ScaleResult]) -> str:
+    columns = [("visual tokens", 13, "d"), ("loss", 8, ".4f"), ("token acc", 10, ".3f"), ("answer acc", 11, ".3f")]
+    rows = [(r.scale, r.loss, r.token_accuracy, r.answer_accuracy, r.answers) for r in results]
+    return format_columns([*columns, ("answers", 8, "d")], rows)
 
 
 def plot_budget_curve(curves: dict[str, list[ScaleResult]], path: Path, metric: str = "answer_accuracy") -> Path:

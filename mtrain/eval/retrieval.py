@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from mtrain.eval.budget import save_log2_curves
+from mtrain.eval.budget import format_columns, save_log2_curves
 from mtrain.model.embedding_head import truncate
 
 RECALL_AT = (1, 5)
@@ -73,12 +73,9 @@ def evaluate_retrieval(
 
 
 def format_retrieval_table(results: list[RetrievalResult]) -> str:
-    lines = [f"{'layer':>5} {'dim':>6} {'recall@1':>9} {'recall@5':>9} {'queries':>8} {'gallery':>8}"]
-    lines += [
-        f"{r.layer:>5d} {r.dim:>6d} {r.recall_at_1:>9.3f} {r.recall_at_5:>9.3f} {r.queries:>8d} {r.gallery:>8d}"
-        for r in results
-    ]
-    return "\n".join(lines)
+    columns = [("layer", 5, "d"), ("dim", 6, "d"), ("recall@1", 9, ".3f"), ("recall@5", 9, ".3f")]
+    rows = [(r.layer, r.dim, r.recall_at_1, r.recall_at_5, r.queries, r.gallery) for r in results]
+    return format_columns([*columns, ("queries", 8, "d"), ("gallery", 8, "d")], rows)
 
 
 def plot_recall_curve(results: list[RetrievalResult], path: Path, title: str) -> Path:

@@ -252,24 +252,16 @@ class ContrastiveTask(Task):
         forward: Callable[..., Any],
         backward: Callable[[torch.Tensor], Any],
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The direct step, or GradCache when `task.contrastive.chunk_size` is set."""
-        if not self.chunk_size:
-            return super().forward_backward(batch, forward, backward)
-        return self.cached_forward_backward(batch, forward, backward)
-
-    def cached_forward_backward(
-        self,
-        batch: dict[str, Any],
-        forward: Callable[..., Any],
-        backward: Callable[[torch.Tensor], Any],
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """GradCache: embed chunks without a graph, take the loss and its gradient with respect to
         the embeddings on the whole batch, then replay each chunk with a graph and backpropagate
         the cached gradient. Only one chunk's activations are alive at a time.
 
         `forward` is the DeepSpeed engine (or the task) and `backward` the engine's backward, so
         ZeRO-3 gathers and reduces exactly as on the direct path; every rank has the same chunks.
+        Without `task.contrastive.chunk_size`, the direct step.
         """
+        if not self.chunk_size:
+            return super().forward_backward(batch, forward, backward)
         plan = self.plan()
         chunks = chunk_bounds(batch["query_input_ids"].shape[0], self.chunk_size)
         rng_states, embedded = [], []

@@ -31,7 +31,7 @@ def loss_and_grads(task, batch: dict, chunk_size: int) -> tuple[float, dict[str,
     task.begin_step(STEP)
     if chunk_size:
         task.chunk_size = chunk_size
-        loss, metrics = task.cached_forward_backward(batch, forward=task, backward=lambda value: value.backward())
+        loss, metrics = task.forward_backward(batch, forward=task, backward=lambda value: value.backward())
     else:
         loss, metrics = task(batch)
         loss.backward()

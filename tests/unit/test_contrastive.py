@@ -282,7 +282,7 @@ def test_gradcache_matches_direct_path_and_holds_one_chunk_of_activations():
     task.zero_grad()
     task.chunk_size = 8
     torch.manual_seed(7)
-    cached_loss, _ = task.cached_forward_backward(batch, forward=task, backward=lambda loss: loss.backward())
+    cached_loss, _ = task.forward_backward(batch, forward=task, backward=lambda loss: loss.backward())
     torch.testing.assert_close(cached_loss, direct_loss, rtol=1e-5, atol=1e-5)
     assert_same_grads(trained, expected)
 
@@ -298,7 +298,7 @@ def test_gradcache_matches_direct_path_and_holds_one_chunk_of_activations():
     task.chunk_size = 2
     meter = ActivationMeter(task)
     with meter.hooks():
-        cached_loss, _ = task.cached_forward_backward(batch, forward=task, backward=meter.backward)
+        cached_loss, _ = task.forward_backward(batch, forward=task, backward=meter.backward)
     torch.testing.assert_close(cached_loss, direct_loss, rtol=1e-5, atol=1e-5)
     assert_same_grads(trained, expected)
 
