@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from mtrain.checkpoint.inspect import inspect_path
+from mtrain.checkpoint.layout import scan_checkpoints
 from mtrain.checkpoint.manifest import manifest_problems
-from mtrain.checkpoint.resume import find_resume_checkpoint, scan_checkpoints
+from mtrain.checkpoint.resume import find_resume_checkpoint
 from tests.conftest import launch_env, mtrain_train, read_metrics, run
 
 pytestmark = pytest.mark.timeout(600)

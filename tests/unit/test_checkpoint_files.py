@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from mtrain.checkpoint.layout import scan_checkpoints
 from mtrain.checkpoint.manifest import describe_files, manifest_problems, relative_files, write_manifest
-from mtrain.checkpoint.resume import check_config_matches, config_changes, find_resume_checkpoint, scan_checkpoints
+from mtrain.checkpoint.resume import check_config_matches, config_changes, find_resume_checkpoint
 from mtrain.checkpoint.save import Retention, checkpoints_to_delete, file_owner, rng_state, set_rng_state
 from mtrain.config import dump_yaml, load_config
 from mtrain.config.core import to_dict
