@@ -194,7 +194,8 @@ def write_shards(
         count += 1
         report.samples += 1
     close()
-    (out_dir / INDEX_FILE).write_text(json.dumps({"format": form, "samples": index}, indent=1))
+    sizes = {name: (out_dir / name).stat().st_size for name in index}  # lets readers see a stale index
+    (out_dir / INDEX_FILE).write_text(json.dumps({"format": form, "samples": index, "bytes": sizes}, indent=1))
     return report
 
 

@@ -1,10 +1,12 @@
 """The streaming loader, as a visible list of stages.
 
-     1 shard list        brace patterns; several sources, each with a mixture weight
+     1 shard list        brace patterns, globs, URLs; several sources, each with a mixture weight;
+                         samples per shard from index.json (checked) or one scan per rank
      2 shuffle           shards by (seed, source, epoch); samples of every 8 shards together
      3 split             by rank: position r, r+W, r+2W ... of the epoch order (plan.py);
                          then by worker: worker w of N builds batches w, w+N, w+2N ...
-     4 tar read          header scan once per shard, members read by seek (shards.py)
+     4 tar read          header scan once per shard, members read by seek (shards.py); remote
+                         and gzipped shards through a local copy, retried, shared per machine
      5 safe decode       PIL for images, json, UTF-8 text; never pickle, whatever the extension
      6 build sample      interleaved document / caption pair / conversation (formats.py)
      7 tokenize          every <image> -> that image's number of visual tokens (tokenize.py);
@@ -36,9 +38,11 @@ names the reason, shard and key of the last bad sample.
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -65,7 +69,7 @@ from data_pipeline.plan import (
     next_position,
     repartition,
 )
-from data_pipeline.shards import ShardReader, expand_shards
+from data_pipeline.shards import ShardCache, ShardReader, expand_shards, shard_counts
 from data_pipeline.tokenize import IGNORE_INDEX, TokenizedSample, TokenSpec, tokenize_sample
 
 __all__ = ["IGNORE_INDEX", "IMAGE_EXTENSIONS", "DataQualityError", "LoaderSettings", "SampleStream", "StreamingLoader"]
@@ -91,6 +95,7 @@ class LoaderSettings:
     max_bad_fraction: float = 0.05
     bad_fraction_min_samples: int = 200
     rules: SampleRules = field(default_factory=SampleRules)
+    cache: ShardCache = field(default_factory=ShardCache)
 
     def __post_init__(self) -> None:
         if self.epoch_mode not in EPOCH_MODES:
@@ -112,11 +117,12 @@ class Planner:
         visual_tokens: VisualTokens,
         reader: ShardReader,
         state: dict[str, Any] | None,
+        shards: list[tuple[list[str], list[int]]],
     ) -> None:
         self.settings, self.rank, self.world_size = settings, rank, world_size
         self.spec, self.visual_tokens, self.reader = spec, visual_tokens, reader
-        self.urls = [expand_shards(pattern) for pattern, _ in settings.sources]
-        self.counts = [tuple(len(reader.scan(url)) for url in urls) for urls in self.urls]
+        self.urls = [urls for urls, _ in shards]
+        self.counts = [tuple(counts) for _, counts in shards]
         self.weights = [weight for _, weight in settings.sources]
         self.state = state if state is not None else initial_state(settings, rank, world_size)
         self._orders: dict[tuple[int, int], SourceOrder] = {}
@@ -161,8 +167,11 @@ class Planner:
         """Read the text members of one position, build and tokenize it; raises SampleFault."""
         source, epoch, position = ref
         url, group_index = self.order(source, epoch).locate(position)
-        group = self.reader.scan(url).groups[group_index]
+        scan = self.reader.scan(url)
         try:
+            if group_index >= len(scan.groups):  # the shard holds fewer samples than its index says
+                raise SampleFault(*missing_sample_fault(scan, self.counts[source][self.urls[source].index(url)]))
+            group = scan.groups[group_index]
             if group.fault is not None:
                 raise SampleFault(*group.fault)
             text_members = [ext for ext in group.members if not is_image_member(ext)]
@@ -175,7 +184,7 @@ class Planner:
                 # Under ZeRO-3 a batch without images would skip the vision tower on one rank only.
                 raise SampleFault("no_image", f"{group.key}: every image lies past max_len={self.spec.max_len}")
         except SampleFault as fault:
-            fault.location = (url, group.key)
+            fault.location = (url, group.key if group_index < len(scan.groups) else f"<missing:{group_index}>")
             raise
         tokens.ref, tokens.location = ref, (url, group)
         return tokens
@@ -206,6 +215,18 @@ class Planner:
                 self.state["cursors"][0] = fresh_cursor(epoch + 1, self.rank, self.world_size)
             if rows or faults:
                 yield {"rows": rows, "epoch": epoch, "state": _copy_state(self.state), "faults": faults}
+
+
+def missing_sample_fault(scan: Any, indexed: int) -> tuple[str, str]:
+    """(reason, detail) for a position past the end of a shard: its truncation, or a stale index."""
+    truncations = [g.fault for g in scan.groups if g.fault is not None and g.fault[0] == "truncated_tar"]
+    if truncations:
+        return truncations[-1]
+    return (
+        "unreadable_shard",
+        f"{scan.url}: index.json says {indexed} samples, the shard holds {len(scan.groups)}; "
+        "the index is stale: rewrite it with `mtrain data index FOLDER`",
+    )
 
 
 def initial_state(settings: LoaderSettings, rank: int, world_size: int) -> dict[str, Any]:
@@ -242,16 +263,31 @@ class SampleStream(IterableDataset):
         self.spec, self.visual_tokens = spec, visual_tokens
         self.preprocess = ImagePreprocessor(image_processor)
         self.start_state: dict[str, Any] | None = None
+        # Samples per shard, resolved once per rank here (index.json, else a scan) and handed to the
+        # workers with the dataset, so start-up does not repeat per worker.
+        self.cache = replace(settings.cache, session=f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        reader = ShardReader(cache=self.cache)
+        self.shards = []
+        for pattern, _ in settings.sources:
+            urls = expand_shards(pattern)
+            self.shards.append((urls, shard_counts(urls, reader)[0]))
 
     def planner(self, reader: ShardReader) -> Planner:
         return Planner(
-            self.settings, self.rank, self.world_size, self.spec, self.visual_tokens, reader, self.start_state
+            self.settings,
+            self.rank,
+            self.world_size,
+            self.spec,
+            self.visual_tokens,
+            reader,
+            self.start_state,
+            self.shards,
         )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        reader = ShardReader()
+        reader = ShardReader(cache=self.cache)
         for index, plan in enumerate(self.planner(reader).plans()):
             if index % num_workers == worker:
                 yield self.materialize(plan, reader)
@@ -427,9 +463,7 @@ class StreamingLoader:
     def _repartitioned(self, all_ranks: list[dict[str, Any]]) -> dict[str, Any]:
         rank, world_size = self.stream.rank, self.stream.world_size
         planners = [s["planner"] for s in all_ranks]
-        planner = Planner(
-            self.settings, rank, world_size, self.stream.spec, self.stream.visual_tokens, ShardReader(), None
-        )
+        planner = self.stream.planner(ShardReader(cache=self.stream.cache))
         cursors = []
         for source in range(len(self.settings.sources)):
             old = [p["cursors"][source] for p in planners]

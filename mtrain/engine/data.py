@@ -12,6 +12,7 @@ def build_data_loader(cfg: TrainConfig, built: Any, world: WorldInfo) -> Any:
     """The StreamingLoader of this rank: tokenizer, image processor and visual-token count from the model."""
     from data_pipeline.formats import SampleRules  # noqa: PLC0415
     from data_pipeline.loader import LoaderSettings, build_loader, torch_distributed_sync  # noqa: PLC0415
+    from data_pipeline.shards import ShardCache  # noqa: PLC0415
     from data_pipeline.tokenize import TokenSpec  # noqa: PLC0415
 
     data = cfg.data
@@ -29,6 +30,7 @@ def build_data_loader(cfg: TrainConfig, built: Any, world: WorldInfo) -> Any:
         rules=SampleRules(
             caption_prompt=data.prompt, require_image=data.require_image, max_image_pixels=data.max_image_pixels
         ),
+        cache=ShardCache(folder=data.shard_cache_dir, retries=data.remote_retries),
     )
     spec = TokenSpec(built.tokenizer, built.image_token_id, data.max_len)
     return build_loader(
