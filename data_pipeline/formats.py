@@ -39,17 +39,19 @@ FAULT_REASONS = (
     "no_image",
     "unknown_form",
     "unreadable_shard",
+    "nothing_learned",
 )
 
 
 class SampleFault(Exception):
     """A sample that cannot be used, with the reason it is counted under."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: str, detail: str, needed: int | None = None) -> None:
         assert reason in FAULT_REASONS, reason
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+        self.needed = needed  # nothing_learned: the tokens the whole sample needs
 
 
 @dataclass
@@ -69,6 +71,8 @@ class Sample:
     key: str
     form: str
     segments: list[TextSegment | ImageSegment] = field(default_factory=list)
+    # Segment counts at which a learned (assistant) turn ends: where a conversation may be cut.
+    turn_ends: list[int] = field(default_factory=list)
 
     @property
     def images(self) -> list[ImageSegment]:
@@ -190,6 +194,7 @@ def build_conversation(key: str, members: dict[str, bytes], meta: dict[str, Any]
         raise SampleFault("malformed_json", f"{key}.json: 'conversations' must be a list of {{from, value}}")
     available = image_member_names(members)
     segments: list[TextSegment | ImageSegment] = []
+    turn_ends: list[int] = []
     used = 0
     for turn in turns:
         role = str(turn.get("from", "")).lower()
@@ -208,7 +213,9 @@ def build_conversation(key: str, members: dict[str, bytes], meta: dict[str, Any]
                 segments.append(ImageSegment(available[used]))
                 used += 1
         segments.append(TextSegment("\n", learned=learned))
-    return _checked(Sample(key, "conversation", segments), rules)
+        if learned:
+            turn_ends.append(len(segments))
+    return _checked(Sample(key, "conversation", segments, turn_ends), rules)
 
 
 def _checked(sample: Sample, rules: SampleRules) -> Sample:

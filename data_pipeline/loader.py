@@ -75,6 +75,8 @@ from data_pipeline.tokenize import IGNORE_INDEX, TokenizedSample, TokenSpec, tok
 __all__ = ["IGNORE_INDEX", "IMAGE_EXTENSIONS", "DataQualityError", "LoaderSettings", "SampleStream", "StreamingLoader"]
 
 EPOCH_MODES = ("epoch", "resampled")
+# Samples seen before "most samples keep nothing within max_len" may stop the job.
+NOTHING_LEARNED_MIN_SAMPLES = 16
 VisualTokens = int | Callable[[Sample], list[int]]
 
 
@@ -205,7 +207,7 @@ class Planner:
                     try:
                         buffer.append(self.fetch(ref))
                     except SampleFault as fault:
-                        faults.append([fault.reason, *fault.location, fault.detail])
+                        faults.append([fault.reason, *fault.location, fault.detail, fault.needed])
                 if not buffer:
                     break
                 rows.append(take_row(buffer, self.spec.max_len) if settings.packing else [buffer.pop(0)])
@@ -342,6 +344,7 @@ class StreamingLoader:
         self.planner_state: dict[str, Any] | None = None
         self.faults: Counter = Counter()
         self.faults_by_epoch: dict[int, Counter] = {}  # for reports and tests; not part of the state
+        self.needed_lengths: list[int] = []  # tokens each nothing_learned sample needed (for the message)
         self.good = 0
         self.dropped = 0
         self.batches_taken = 0
@@ -395,21 +398,44 @@ class StreamingLoader:
             self.epoch = meta["epoch"]
 
     def _account(self, meta: dict[str, Any]) -> None:
-        for reason, *_ in meta["faults"]:
+        for reason, *rest in meta["faults"]:
             self.faults[reason] += 1
             self.faults_by_epoch.setdefault(meta["epoch"], Counter())[reason] += 1
+            if reason == "nothing_learned":
+                self.needed_lengths.append(rest[3])
         self.good += meta["good"]
         bad = sum(self.faults.values())
         seen = bad + self.good
+        self._check_max_len(seen)
         limit = self.settings.max_bad_fraction
         if meta["faults"] and seen >= self.settings.bad_fraction_min_samples and bad > limit * seen:
-            reason, url, key, detail = meta["faults"][-1]
+            reason, url, key, detail = meta["faults"][-1][:4]
             raise DataQualityError(
                 f"rank {self.stream.rank}: {bad} of {seen} samples are bad ({bad / seen:.1%}), over "
                 f"data.max_bad_fraction={limit}; last: {reason} in shard {url}, key {key!r} ({detail}). "
                 f"By reason: {dict(self.faults)}. Check the shards with `mtrain data validate`, "
                 "or raise data.max_bad_fraction"
             )
+
+    def _check_max_len(self, seen: int) -> None:
+        """Stop early, naming the data.max_len the data needs, when most samples are cut to nothing.
+
+        Checked from the first batch on (the planner skips such samples while filling it), so a
+        max_len far too short stops the job before step 1 rather than after bad_fraction_min_samples.
+        """
+        cut = self.faults["nothing_learned"]
+        too_few = seen < min(NOTHING_LEARNED_MIN_SAMPLES, self.settings.bad_fraction_min_samples)
+        if too_few or 2 * cut <= seen or not self.needed_lengths:  # (lengths of a resumed run's past cuts are not kept)
+            return
+        lengths = sorted(self.needed_lengths)
+        most = lengths[min(len(lengths) - 1, (9 * len(lengths)) // 10)]
+        max_len = self.stream.spec.max_len
+        raise DataQualityError(
+            f"rank {self.stream.rank}: {cut} of {seen} samples keep no learned token within "
+            f"data.max_len={max_len} (they need {lengths[0]}..{lengths[-1]} tokens). The data needs "
+            f"data.max_len={lengths[-1]} (every sample seen fits) or at least {most} (90% of those cut fit); "
+            "or shorten the samples (fewer images per sample, or fewer visual tokens per image)"
+        )
 
     # ── metrics ───────────────────────────────────────────────────────────────────────────────
     def fault_counts(self, epoch: int | None = None) -> dict[str, int]:
