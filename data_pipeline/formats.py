@@ -84,7 +84,7 @@ class SampleRules:
     """What a sample must hold to be used."""
 
     caption_prompt: str = "<image>\n"
-    require_image: bool = True
+    require_image: bool = False  # text-only conversations and documents are first-class; captions need one
     require_text: bool = True
     max_image_pixels: int = 4096 * 4096
 

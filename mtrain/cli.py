@@ -106,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
         checker = data_commands.add_parser(name, help=text)
         checker.add_argument("shards", help="shard paths, brace patterns allowed")
         checker.add_argument("--max-image-pixels", type=int, default=4096 * 4096)
-        checker.add_argument("--allow-text-only", action="store_true", help="samples without images are fine")
+        checker.add_argument(
+            "--require-image", action="store_true", help="count conversations and documents without images as bad"
+        )
     return parser
 
 
@@ -236,7 +238,7 @@ def _data_command(args: argparse.Namespace) -> int:
             f"{len(report.skipped)} inputs skipped)"
         )
         return 0
-    rules = SampleRules(require_image=not args.allow_text_only, max_image_pixels=args.max_image_pixels)
+    rules = SampleRules(require_image=args.require_image, max_image_pixels=args.max_image_pixels)
     urls = expand_shards(args.shards)
     if args.data_command == "inspect":
         from data_pipeline.check import inspect_report  # noqa: PLC0415

@@ -125,7 +125,9 @@ def write_bad_shards(out: Path, seed: int = 0) -> dict[str, object]:
         add_raw_member(tar, "b_notext.json", json.dumps({"texts": [None], "images": ["0.jpg"]}).encode())
         add_raw_member(tar, "b_notext.0.jpg", jpeg_bytes(rng, 40))
         bump("no_text")
-        add_raw_member(tar, "b_noimage.json", json.dumps({"texts": ["only words"], "images": [None]}).encode())
+        add_raw_member(
+            tar, "b_noimage.txt", b"a caption of no image."
+        )  # text-only documents are fine; captions are not
         bump("no_image")
         good_caption(tar, "g003")
         add_raw_member(tar, "b_pickle.pyd", payload)

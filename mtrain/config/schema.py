@@ -154,7 +154,11 @@ class DataConfig(Checkable):
     max_bad_fraction: float = setting(0.05, "Stop the job when more than this fraction of samples seen is bad.")
     bad_fraction_min_samples: int = setting(200, "Samples a rank must see before max_bad_fraction applies.")
     max_image_pixels: int = setting(4096 * 4096, "Images with more pixels are skipped as oversize_image.")
-    require_image: bool = setting(True, "Skip samples without an image (counted as no_image).")
+    require_image: bool = setting(
+        False,
+        "Skip conversations and documents without an image (counted as no_image); off: text-only samples train "
+        "(a caption pair always needs its image).",
+    )
     shard_cache_dir: str = setting(
         "", "Folder for local copies of remote and gzipped shards; empty: mtrain-shards-<uid> in the temp folder."
     )
