@@ -24,6 +24,7 @@ TEXT_EXTENSIONS = ("txt", "text")
 FORMS = ("interleaved", "caption", "conversation")
 USER_ROLES = ("human", "user")
 ASSISTANT_ROLES = ("gpt", "assistant")
+SYSTEM_ROLES = ("system",)
 
 # Every reason a sample or member is skipped; metrics report counts under these names.
 FAULT_REASONS = (
@@ -181,39 +182,84 @@ def build_interleaved(key: str, members: dict[str, bytes], meta: dict[str, Any],
             )
         if text is not None:
             segments.append(TextSegment(str(text), learned=True))
-        elif image not in members:
+            continue
+        image = str(image).removeprefix(f"{key}.")  # the full member name ("key.0.jpg") or its extension
+        if image not in members:
             raise SampleFault("missing_image", f"{key}.json position {position} names member {key}.{image}, absent")
-        else:
-            segments.append(ImageSegment(str(image)))
+        segments.append(ImageSegment(image))
     return _checked(Sample(key, "interleaved", segments), rules)
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """How turns become text: the one place the prompt format lives. The model-family work hands
+    each model's own template here; the default is the Vicuna/LLaVA-1.5 style."""
+
+    prefixes: tuple[tuple[str, str], ...] = (("system", ""), ("user", "USER: "), ("assistant", "ASSISTANT: "))
+    turn_end: str = "\n"
+
+    def prefix(self, role: str) -> str:
+        return dict(self.prefixes)[role]
+
+
+DEFAULT_TEMPLATE = ChatTemplate()
+
+
+def canonical_role(role: Any) -> str | None:
+    """ "user", "assistant" or "system" for any spelling the field uses; None if unknown."""
+    name = str(role).lower()
+    for canonical, names in (("user", USER_ROLES), ("assistant", ASSISTANT_ROLES), ("system", SYSTEM_ROLES)):
+        if name in names:
+            return canonical
+    return None
+
+
+def render_conversation(
+    turns: list[dict[str, Any]], template: ChatTemplate = DEFAULT_TEMPLATE
+) -> list[tuple[str, str, bool]]:
+    """Every turn of a conversation as (role, text, learned) pieces in reading order: the role's
+    prefix (never learned), the turn's text (learned for the assistant) and the turn end. The text
+    keeps its `<image>` placeholders; raises ValueError on a turn that is not {from, value}."""
+    pieces = []
+    for number, turn in enumerate(turns):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            raise ValueError(f"turn {number} is not an object with a string 'value'")
+        role = canonical_role(turn.get("from"))
+        if role is None:
+            raise ValueError(f"turn {number} has unknown role {turn.get('from')!r}")
+        learned = role == "assistant"
+        prefix = template.prefix(role)
+        if prefix:
+            pieces.append((role, prefix, False))
+        pieces.append((role, turn["value"], learned))
+        pieces.append((role, template.turn_end, learned))
+    return pieces
 
 
 def build_conversation(key: str, members: dict[str, bytes], meta: dict[str, Any], rules: SampleRules) -> Sample:
     turns = meta["conversations"]
-    if not isinstance(turns, list) or not all(isinstance(t, dict) and "value" in t for t in turns):
+    if not isinstance(turns, list):
         raise SampleFault("malformed_json", f"{key}.json: 'conversations' must be a list of {{from, value}}")
+    try:
+        pieces = render_conversation(turns)
+    except ValueError as exc:
+        raise SampleFault("malformed_json", f"{key}.json: {exc}") from None
     available = image_member_names(members)
     segments: list[TextSegment | ImageSegment] = []
     turn_ends: list[int] = []
     used = 0
-    for turn in turns:
-        role = str(turn.get("from", "")).lower()
-        learned = role in ASSISTANT_ROLES
-        if not learned and role not in USER_ROLES:
-            raise SampleFault("malformed_json", f"{key}.json: unknown role {turn.get('from')!r}")
-        prefix = "ASSISTANT: " if learned else "USER: "
-        segments.append(TextSegment(prefix, learned=False))
-        pieces = str(turn["value"]).split(IMAGE_PLACEHOLDER)
-        for i, piece in enumerate(pieces):
-            if piece:
-                segments.append(TextSegment(piece, learned=learned))
-            if i < len(pieces) - 1:
+    for index, (role, text, learned) in enumerate(pieces):
+        parts = text.split(IMAGE_PLACEHOLDER)
+        for i, part in enumerate(parts):
+            if part:
+                segments.append(TextSegment(part, learned=learned))
+            if i < len(parts) - 1:
                 if used >= len(available):
                     raise SampleFault("missing_image", f"{key}: <image> number {used + 1} has no image member")
                 segments.append(ImageSegment(available[used]))
                 used += 1
-        segments.append(TextSegment("\n", learned=learned))
-        if learned:
+        last_of_turn = index + 1 == len(pieces) or pieces[index + 1][0] != role or pieces[index + 1][2] != learned
+        if learned and last_of_turn:
             turn_ends.append(len(segments))
     return _checked(Sample(key, "conversation", segments, turn_ends), rules)
 

@@ -530,8 +530,6 @@ def build_loader(
     visual_tokens: VisualTokens,
     sync: Callable[[bool], bool] | None = None,
 ) -> StreamingLoader:
-    """The loader for one rank: check the shards exist, then wire the stages."""
-    for pattern, _ in settings.sources:
-        expand_shards(pattern)
+    """The loader for one rank: shard lists and counts (in SampleStream), then the stages wired."""
     stream = SampleStream(settings, rank, world_size, spec, image_processor, visual_tokens)
     return StreamingLoader(stream, sync)

@@ -45,6 +45,7 @@ import braceexpand
 INDEX_FILE = "index.json"
 GZIP_SUFFIXES = (".tar.gz", ".tgz")
 GLOB_CHARS = re.compile(r"[*?\[]")
+_URL_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 # Errors a stream can fail with mid-read; anything else is a bug and propagates.
 STREAM_ERRORS = (OSError, EOFError, zlib.error, ValueError)
 _KEY_EXTENSION = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
@@ -68,7 +69,7 @@ class ShardScan:
 
 def is_url(name: str) -> bool:
     """A remote source (`scheme://...` or `pipe:CMD`), as opposed to a local path."""
-    return name.startswith("pipe:") or re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", name) is not None
+    return name.startswith("pipe:") or ("://" in name and _URL_SCHEME.match(name) is not None)
 
 
 def is_gzip(name: str) -> bool:
@@ -354,13 +355,18 @@ def _folder_and_name(url: str) -> tuple[str, str]:
 
 
 def _load_index(folder: str, cache: ShardCache) -> tuple[dict, float | None]:
-    """(index.json of a shard folder or {}, its mtime for a local one). A remote index is fetched once."""
+    """(index.json of a shard folder or {}, and for a local folder changed after its index was
+    written, the index's mtime: its entries are then checked one by one). A remote index is
+    fetched once; its entries are checked when each shard is read."""
     if not is_url(folder):
         path = Path(folder or ".") / INDEX_FILE
         try:
-            return json.loads(path.read_text()), path.stat().st_mtime
+            index, mtime = json.loads(path.read_text()), path.stat().st_mtime
         except (OSError, ValueError):
             return {}, None
+        # A shard written, replaced or removed after the index changes the folder's mtime too; a
+        # folder untouched since (the usual case) needs no stat per shard at start-up.
+        return index, mtime if os.stat(folder or ".").st_mtime > mtime else None
     if folder.startswith("pipe:"):
         return {}, None
     try:
@@ -388,9 +394,10 @@ def shard_counts(urls: list[str], reader: ShardReader) -> tuple[list[int], int]:
     """(samples per shard, how many shards had to be scanned): from each folder's index.json where
     it holds a fresh entry, else by a header scan (a download, for a remote shard).
 
-    A local entry is checked against the file (size, or mtime for indexes without sizes); a remote
-    entry is trusted here and checked when the shard is read (see `Planner.fetch`): a shard that
-    holds fewer samples than its entry counts the missing ones as bad, never shifts the order.
+    In a local folder changed after its index, each entry is checked against its file (size, or
+    mtime for indexes without sizes) and a stale one is scanned instead. Every entry is checked
+    again when its shard is read (see `Planner.fetch`): a shard that holds fewer samples than its
+    entry counts the missing ones as bad and never shifts the order of the others.
     """
     indexes: dict[str, tuple[dict, float | None]] = {}
     counts, scanned = [], 0
@@ -400,7 +407,7 @@ def shard_counts(urls: list[str], reader: ShardReader) -> tuple[list[int], int]:
             indexes[folder] = _load_index(folder, reader.cache)
         index, mtime = indexes[folder]
         entry = index.get("samples", {}).get(name)
-        if isinstance(entry, int) and (is_url(url) or _fresh_local_entry(url, index, mtime)):
+        if isinstance(entry, int) and (mtime is None or _fresh_local_entry(url, index, mtime)):
             counts.append(entry)
             continue
         counts.append(len(reader.scan(url)))

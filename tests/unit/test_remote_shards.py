@@ -88,26 +88,47 @@ def test_a_connection_dropped_mid_shard_is_retried_then_counted(sample_shards, t
     assert len(delivered) == 3 * 48 + len(broken) and len(set(delivered)) == len(delivered)
 
 
-def test_counts_come_from_a_fresh_index_and_a_stale_one_is_rescanned(sample_shards, tmp_path, cache):
+def test_counts_come_from_a_fresh_index_and_a_stale_one_is_detected(sample_shards, tmp_path, cache):
     folder = tmp_path / "shards"
     shutil.copytree(sample_shards, folder)
     urls = expand_shards(str(folder / "shard-*.tar"))
     write_index(folder, "caption", urls)
     assert shard_counts(urls, ShardReader(cache=cache)) == ([48] * 4, 0)  # no shard scanned
 
-    # Shard 2 rewritten with fewer samples after the index: its size no longer matches.
-    with open(folder / SHARDS[2], "r+b") as handle:
-        handle.truncate(handle.seek(0, 2) // 2)
+    # Shard 2 replaced after the index (written beside it and renamed, as tools do): the folder
+    # changed, so every entry is checked, and shard 2's size no longer matches: it is scanned.
+    half = (folder / SHARDS[2]).read_bytes()[: 24 * 5120]
+    (folder / "tmp.tar").write_bytes(half)
+    later = (folder / "index.json").stat().st_mtime + 10
+    os.replace(folder / "tmp.tar", folder / SHARDS[2])
+    os.utime(folder, (later, later))  # (a coarse filesystem clock may not have moved yet)
     counts, scanned = shard_counts(urls, ShardReader(cache=cache))
-    assert scanned == 1 and counts[2] < 48 and counts[:2] == [48, 48]
+    assert scanned == 1 and counts[2] < 48 and counts[:2] == [48, 48] and counts[3] == 48
 
     # An index without sizes (older builds) is trusted only for shards not modified after it.
     index = json.loads((folder / "index.json").read_text())
     del index["bytes"]
     (folder / "index.json").write_text(json.dumps(index))
-    later = (folder / "index.json").stat().st_mtime + 10
-    os.utime(folder / SHARDS[0], (later, later))
-    assert shard_counts(urls, ShardReader(cache=cache))[1] >= 1
+    os.utime(folder, (later + 10, later + 10))
+    os.utime(folder / SHARDS[0], (later + 10, later + 10))
+    assert shard_counts(urls, ShardReader(cache=cache))[1] >= 1  # shard 0 at least
+
+
+def test_a_shard_cut_in_place_after_its_index_counts_what_it_lost(sample_shards, tmp_path, cache):
+    """Truncated in place (the folder's mtime unchanged, so start-up trusts the entry): the loader
+    still delivers every sample the shard holds and counts every one it lost."""
+    folder = tmp_path / "shards"
+    shutil.copytree(sample_shards, folder)
+    with open(folder / SHARDS[2], "r+b") as handle:
+        handle.truncate(handle.seek(0, 2) // 2)
+    loader = make_loader(str(folder / "shard-*.tar"), cache=cache, max_bad_fraction=1.0)
+    keys = []
+    while loader.epoch == 0:
+        batch = next(loader)
+        keys += batch["keys"] if loader.epoch == 0 else []
+    lost = loader.fault_counts(0)
+    assert set(lost) == {"truncated_tar"} and len(keys) + lost["truncated_tar"] == 4 * 48
+    assert 3 * 48 < len(keys) < 4 * 48 and len(set(keys)) == len(keys)
 
 
 def test_a_remote_index_that_overstates_a_shard_counts_the_missing_samples(sample_shards, tmp_path, cache):
