@@ -6,7 +6,16 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from data_pipeline.formats import ImageSegment, Sample, SampleFault, SampleRules, TextSegment, build_sample, load_images
+from data_pipeline.formats import (
+    ImageSegment,
+    Sample,
+    SampleFault,
+    SampleRules,
+    TextSegment,
+    build_sample,
+    load_images,
+    with_source,
+)
 from data_pipeline.shards import ShardReader
 
 
@@ -43,12 +52,14 @@ def walk_shards(
             if group.fault is not None:
                 summary.problems.append(Problem(url, group.key, *group.fault))
                 continue
+            sample = None
             try:
                 members = reader.read(url, group)
                 sample = build_sample(group.key, members, rules)
                 if decode_images:
                     load_images(sample, members, rules)
             except SampleFault as fault:
+                fault = with_source(fault, sample.source) if sample is not None else fault
                 summary.problems.append(Problem(url, group.key, fault.reason, fault.detail))
                 continue
             summary.samples += 1

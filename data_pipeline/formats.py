@@ -74,6 +74,7 @@ class Sample:
     segments: list[TextSegment | ImageSegment] = field(default_factory=list)
     # Segment counts at which a learned (assistant) turn ends: where a conversation may be cut.
     turn_ends: list[int] = field(default_factory=list)
+    source: str = ""  # the input record it was built from ("file line 12 (id abc)"), when the shard says
 
     @property
     def images(self) -> list[ImageSegment]:
@@ -274,17 +275,41 @@ def _checked(sample: Sample, rules: SampleRules) -> Sample:
     return sample
 
 
+def source_text(source: Any) -> str:
+    """`file line 12 (id abc)` from the `source` that `mtrain data build` writes into each sample."""
+    if not isinstance(source, dict):
+        return ""
+    where = ", ".join(f"{k} {source[k]}" for k in ("line", "row", "index") if k in source)
+    record_id = f" (id {source['id']})" if "id" in source else ""
+    return f"{source.get('file', '?')} {where}".strip() + record_id
+
+
 def build_sample(key: str, members: dict[str, bytes], rules: SampleRules) -> Sample:
-    """Members (extension -> raw bytes) of one tar group to a Sample; images stay undecoded."""
+    """Members (extension -> raw bytes) of one tar group to a Sample; images stay undecoded.
+    A fault names the input record the sample was built from, when the shard records it."""
     meta = decode_json(members["json"], key) if "json" in members else None
     form = detect_form(members, meta)
-    if form == "caption":
-        return build_caption(key, members, rules)
-    if form == "interleaved":
-        return build_interleaved(key, members, meta or {}, rules)
-    if form == "conversation":
-        return build_conversation(key, members, meta or {}, rules)
-    raise SampleFault("unknown_form", f"{key} has members {sorted(members)}: none of {', '.join(FORMS)}")
+    source = source_text((meta or {}).get("source"))
+    try:
+        if form == "caption":
+            sample = build_caption(key, members, rules)
+        elif form == "interleaved":
+            sample = build_interleaved(key, members, meta or {}, rules)
+        elif form == "conversation":
+            sample = build_conversation(key, members, meta or {}, rules)
+        else:
+            raise SampleFault("unknown_form", f"{key} has members {sorted(members)}: none of {', '.join(FORMS)}")
+    except SampleFault as fault:
+        raise with_source(fault, source) from None
+    sample.source = source
+    return sample
+
+
+def with_source(fault: SampleFault, source: str) -> SampleFault:
+    """The same fault, its detail naming the input record (`[from docs.jsonl line 3]`)."""
+    if not source:
+        return fault
+    return SampleFault(fault.reason, f"{fault.detail} [from {source}]", fault.needed)
 
 
 def load_images(sample: Sample, members: dict[str, bytes], rules: SampleRules, draft_size: int | None = None) -> None:

@@ -96,7 +96,7 @@ def tokenize_sample(sample: Sample, spec: TokenSpec, visual_tokens_per_image: in
         raise SampleFault(
             "nothing_learned",
             f"{sample.key} ({sample.form}) keeps no learned token within data.max_len={spec.max_len}; "
-            f"it needs {needed} tokens",
+            f"it needs {needed} tokens" + (f" [from {sample.source}]" if sample.source else ""),
             needed=needed,
         )
     return tokens

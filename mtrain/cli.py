@@ -92,10 +92,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     build = data_commands.add_parser("build", help="convert local data to shards (see data_pipeline/FORMAT.md)")
-    build.add_argument("form", choices=["interleaved", "caption", "conversation", "pair"])
-    build.add_argument("source", help="OBELICS-style JSONL, LLaVA JSON, a caption folder / CSV, or pair JSONL")
+    build.add_argument("form", choices=["interleaved", "mmc4", "conversation", "caption", "pair"])
+    build.add_argument(
+        "source",
+        help="interleaved: OBELICS-style JSONL / JSON list / parquet; mmc4: MMC4 JSONL; conversation: LLaVA, "
+        "ShareGPT or OpenAI-messages JSON list / JSONL; caption: a folder or CSV; pair: JSONL",
+    )
     build.add_argument("--out", required=True, help="output folder for the shards and index.json")
-    build.add_argument("--images", help="image folder (LLaVA JSON)")
+    build.add_argument("--images", help="folder the image paths are relative to (default: the input's folder)")
+    build.add_argument(
+        "--max-skipped",
+        type=float,
+        default=0.05,
+        help="fail when more than this fraction of input records is bad (default 0.05)",
+    )
     build.add_argument("--shard-size", default="256MB", help="target shard size, e.g. 256MB (default)")
     build.add_argument("--max-image-side", type=int, default=0, help="re-encode images with a longer side")
 
@@ -225,18 +235,21 @@ def _data_command(args: argparse.Namespace) -> int:
     from data_pipeline.shards import expand_shards  # noqa: PLC0415
 
     if args.data_command == "build":
-        from data_pipeline.build import build_shards, parse_size  # noqa: PLC0415
+        from data_pipeline.build import BuildError, BuildReport, build_shards, parse_size  # noqa: PLC0415
 
-        report = build_shards(
-            args.form, args.source, args.out, parse_size(args.shard_size), args.images, args.max_image_side
-        )
-        for line in report.skipped:
-            print(f"skipped {line}", file=sys.stderr)
-        print(
-            f"wrote {report.samples} samples in {len(report.shards)} shards to {args.out} "
-            f"({report.images_copied} images copied, {report.images_reencoded} re-encoded, "
-            f"{len(report.skipped)} inputs skipped)"
-        )
+        size = parse_size(args.shard_size)
+        report = BuildReport()
+        try:
+            build_shards(
+                args.form, args.source, args.out, size, args.images, args.max_image_side, args.max_skipped, report
+            )
+        except BuildError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        finally:
+            for line in report.skipped:
+                print(f"skipped {line}", file=sys.stderr)
+        print(f"wrote {report.samples} samples in {len(report.shards)} shards to {args.out}: {report.summary()}")
         return 0
     rules = SampleRules(require_image=args.require_image, max_image_pixels=args.max_image_pixels)
     urls = expand_shards(args.shards)

@@ -9,6 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
+import braceexpand
 import pytest
 import torch
 
@@ -51,6 +52,9 @@ def test_globs_expand_sorted_and_a_glob_matching_nothing_is_an_error(sample_shar
         "http://h/x-0.tar",
         "http://h/x-1.tar",
     ]
+    # The fast path for one numeric range expands exactly as braceexpand does.
+    for pattern in ("a-{000000..000012}.tar", "x{1..12}", "x{01..3}", "x{10..8}", "x{001..1000}", "x{1..010}"):
+        assert expand_shards(f"http://h/{pattern}") == [f"http://h/{u}" for u in braceexpand.braceexpand(pattern)]
     with pytest.raises(ValueError, match="matches no file"):
         expand_shards(str(sample_shards / "nothing-*.tar"))
 
