@@ -363,6 +363,10 @@ class ShardReader:
             self.handles.pop(oldest).close()
         return read_members(handle, group, extensions)
 
+    def close(self) -> None:
+        while self.handles:
+            self.handles.popitem()[1].close()
+
 
 def read_index(shard_dir: str | Path) -> dict:
     path = Path(shard_dir) / INDEX_FILE

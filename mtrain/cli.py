@@ -110,12 +110,20 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--max-image-side", type=int, default=0, help="re-encode images with a longer side")
 
     for name, text in (
-        ("inspect", "counts, images per sample, token lengths (tiny-llava tokenizer), one sample"),
+        ("inspect", "counts, images per sample, token lengths (a config's tokenizer and visual tokens), one sample"),
         ("validate", "report every bad member by shard, key and reason; exit 1 if any"),
     ):
         checker = data_commands.add_parser(name, help=text)
-        checker.add_argument("shards", help="shard paths, brace patterns allowed")
+        checker.add_argument(
+            "shards", nargs="+", help="shards: paths, globs, brace patterns, URLs (several allowed; quote braces)"
+        )
         checker.add_argument("--max-image-pixels", type=int, default=4096 * 4096)
+        checker.add_argument(
+            "--config",
+            nargs="+",
+            metavar="CONFIG [a.b=c ...]",
+            help="count tokens with this training config's tokenizer, visual tokens and data.max_len",
+        )
         checker.add_argument(
             "--require-image", action="store_true", help="count conversations and documents without images as bad"
         )
@@ -230,6 +238,30 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise AssertionError(f"unhandled command {args.command}")
 
 
+def _data_tokens(config: list[str] | None) -> tuple[object, int, int | None]:
+    """(tokenizer, visual tokens per image, data.max_len) of a training config, without weights;
+    the tiny-llava preset's without one."""
+    from mtrain.config.schema import TinyLlavaConfig  # noqa: PLC0415
+    from mtrain.model.tokenizer import build_tiny_tokenizer  # noqa: PLC0415
+
+    if not config:
+        return build_tiny_tokenizer(), TinyLlavaConfig().visual_tokens, None
+    from mtrain.model.build import visual_tokens_per_image  # noqa: PLC0415
+
+    cfg = load_config(config[0], config[1:])
+    tokens = cfg.matryoshka.tokens
+    if cfg.model.path:
+        from transformers import AutoConfig, AutoTokenizer  # noqa: PLC0415
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, local_files_only=True)
+        visual = visual_tokens_per_image(AutoConfig.from_pretrained(cfg.model.path, local_files_only=True))
+    else:
+        tokenizer, visual = build_tiny_tokenizer(), cfg.model.tiny.visual_tokens
+    if tokens.mode == "mqt":
+        visual = tokens.mqt_queries
+    return tokenizer, visual, cfg.data.max_len
+
+
 def _data_command(args: argparse.Namespace) -> int:
     from data_pipeline.formats import SampleRules  # noqa: PLC0415
     from data_pipeline.shards import expand_shards  # noqa: PLC0415
@@ -252,22 +284,21 @@ def _data_command(args: argparse.Namespace) -> int:
         print(f"wrote {report.samples} samples in {len(report.shards)} shards to {args.out}: {report.summary()}")
         return 0
     rules = SampleRules(require_image=args.require_image, max_image_pixels=args.max_image_pixels)
-    urls = expand_shards(args.shards)
+    urls = [url for pattern in args.shards for url in expand_shards(pattern)]
     if args.data_command == "inspect":
         from data_pipeline.check import inspect_report  # noqa: PLC0415
-        from mtrain.config.schema import TinyLlavaConfig  # noqa: PLC0415
-        from mtrain.model.tokenizer import build_tiny_tokenizer  # noqa: PLC0415
 
-        tokenizer = build_tiny_tokenizer()
+        tokenizer, visual_tokens, max_len = _data_tokens(args.config)
         count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
-        print(inspect_report(urls, rules, count, TinyLlavaConfig().visual_tokens))
+        print(inspect_report(urls, rules, count, visual_tokens, max_len))
         return 0
     if args.data_command == "validate":
-        from data_pipeline.check import validate_shards  # noqa: PLC0415
+        from data_pipeline.check import iter_problems  # noqa: PLC0415
 
-        problems = validate_shards(urls, rules)
-        for problem in problems:
-            print(problem)
-        print(f"{len(urls)} shard(s): {len(problems)} bad member(s) or sample(s)", file=sys.stderr)
+        problems = 0
+        for problem in iter_problems(urls, rules):  # printed as found: nothing kept
+            print(problem, flush=True)
+            problems += 1
+        print(f"{len(urls)} shard(s): {problems} bad member(s) or sample(s)", file=sys.stderr)
         return 1 if problems else 0
     raise AssertionError(f"unhandled data command {args.data_command}")
