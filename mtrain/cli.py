@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--shard-size", default="256MB", help="target shard size, e.g. 256MB (default)")
     build.add_argument("--max-image-side", type=int, default=0, help="re-encode images with a longer side")
 
+    index = data_commands.add_parser("index", help="write index.json (samples and bytes per shard) beside local shards")
+    index.add_argument("folder", help="a folder of .tar / .tar.gz / .tgz shards")
+    index.add_argument("--form", default="unknown", help="the form to record (interleaved, caption, ...)")
+
     for name, text in (
         ("inspect", "counts, images per sample, token lengths (a config's tokenizer and visual tokens), one sample"),
         ("validate", "report every bad member by shard, key and reason; exit 1 if any"),
@@ -282,6 +286,19 @@ def _data_command(args: argparse.Namespace) -> int:
             for line in report.skipped:
                 print(f"skipped {line}", file=sys.stderr)
         print(f"wrote {report.samples} samples in {len(report.shards)} shards to {args.out}: {report.summary()}")
+        return 0
+    if args.data_command == "index":
+        from pathlib import Path  # noqa: PLC0415
+
+        from data_pipeline.shards import write_index  # noqa: PLC0415
+
+        folder = Path(args.folder)
+        urls = sorted(str(p) for suffix in ("*.tar", "*.tar.gz", "*.tgz") for p in folder.glob(suffix))
+        if not urls:
+            print(f"data index: no .tar, .tar.gz or .tgz shards in {folder}", file=sys.stderr)
+            return 1
+        written = write_index(folder, args.form, urls)
+        print(f"wrote {folder / 'index.json'}: {len(urls)} shards, {sum(written['samples'].values())} samples")
         return 0
     rules = SampleRules(require_image=args.require_image, max_image_pixels=args.max_image_pixels)
     urls = [url for pattern in args.shards for url in expand_shards(pattern)]

@@ -91,3 +91,17 @@ def test_validate_peak_memory_does_not_grow_with_the_number_of_shards(tmp_path):
     twelve = validate_peak_rss_mb(str(tmp_path / "photo-*.tar"))
     print(f"validate peak RSS: {one:.0f} MB for 1 shard, {twelve:.0f} MB for 12 (decoded images: 10.6 MB per shard)")
     assert twelve < one + 8  # keeping the decoded images of 11 more shards would add over 100 MB
+
+
+def test_data_index_writes_counts_and_sizes_the_loader_trusts(sample_shards, tmp_path, capsys):
+    import json
+
+    from data_pipeline.shards import ShardReader, expand_shards, shard_counts
+
+    folder = tmp_path / "shards"
+    shutil.copytree(sample_shards, folder)
+    (folder / "index.json").unlink()
+    assert main(["data", "index", str(folder), "--form", "caption"]) == 0
+    index = json.loads((folder / "index.json").read_text())
+    assert index["format"] == "caption" and set(index["samples"].values()) == {48} and len(index["bytes"]) == 4
+    assert shard_counts(expand_shards(str(folder / "*.tar")), ShardReader()) == ([48] * 4, 0)
