@@ -13,6 +13,7 @@ from pathlib import Path
 
 class _Handler(SimpleHTTPRequestHandler):
     drop_after: dict[str, int] = {}  # file name -> bytes sent before the connection is cut
+    drop_times: int | None = None  # cut only the first this many requests of each file (None: all)
     requests: list[str]
 
     def log_message(self, *args: object) -> None:  # keep test output clean
@@ -22,6 +23,8 @@ class _Handler(SimpleHTTPRequestHandler):
         name = self.path.rsplit("/", 1)[-1]
         self.requests.append(name)
         cut = self.drop_after.get(name)
+        if self.drop_times is not None and self.requests.count(name) > self.drop_times:
+            cut = None
         if cut is None:
             super().do_GET()
             return
@@ -35,10 +38,13 @@ class _Handler(SimpleHTTPRequestHandler):
 
 
 @contextmanager
-def serve_folder(folder: Path, drop_after: dict[str, int] | None = None) -> Iterator[tuple[str, list[str]]]:
+def serve_folder(
+    folder: Path, drop_after: dict[str, int] | None = None, drop_times: int | None = None
+) -> Iterator[tuple[str, list[str]]]:
     """(base URL, the names requested so far) while the server runs; stopped on exit."""
     requests: list[str] = []
-    handler = type("Handler", (_Handler,), {"drop_after": drop_after or {}, "requests": requests})
+    attributes = {"drop_after": drop_after or {}, "drop_times": drop_times, "requests": requests}
+    handler = type("Handler", (_Handler,), attributes)
     server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(folder)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

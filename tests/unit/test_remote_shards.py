@@ -92,6 +92,15 @@ def test_a_connection_dropped_mid_shard_is_retried_then_counted(sample_shards, t
     assert len(delivered) == 3 * 48 + len(broken) and len(set(delivered)) == len(delivered)
 
 
+def test_a_connection_dropped_once_is_retried_and_nothing_is_lost(sample_shards, shards_pattern, cache):
+    size = (sample_shards / SHARDS[1]).stat().st_size
+    expected = batches(shards_pattern, count=12)
+    with serve_folder(sample_shards, drop_after={SHARDS[1]: size // 3}, drop_times=1) as (url, requests):
+        loader = make_loader(f"{url}/shard-{{000000..000003}}.tar", cache=cache)
+        assert_same_batches([next(loader) for _ in range(12)], expected)
+    assert requests.count(SHARDS[1]) == 2 and loader.fault_counts() == {}
+
+
 def test_counts_come_from_a_fresh_index_and_a_stale_one_is_detected(sample_shards, tmp_path, cache):
     folder = tmp_path / "shards"
     shutil.copytree(sample_shards, folder)
