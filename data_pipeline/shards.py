@@ -22,6 +22,7 @@ counted exactly once, by whichever consumer owns that position.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import gzip
 import hashlib
@@ -181,12 +182,34 @@ class ShardCache:
     named after the URL: remove the folder when the data behind a URL changes). An incomplete
     copy (retries used up) belongs to one `session` (one rank's loader and its workers, which
     must agree on what is bad); a later run tries the shard again.
+
+    The folder is kept under `max_bytes` by removing the least recently used complete copies
+    (a reader that still needs one copies it again; a process with it open keeps reading it).
     """
 
     folder: str = ""  # "" = default_cache_dir()
     retries: int = 3
     timeout_s: float = 60.0
     session: str = ""
+    max_bytes: int = 32 * 2**30  # 0: no limit
+
+    def evict(self, keep: Path) -> None:
+        """Remove least recently used complete copies until the folder is under max_bytes."""
+        if not self.max_bytes:
+            return
+        copies = []
+        for entry in os.scandir(keep.parent):
+            if entry.name.endswith(".tar") and entry.is_file():
+                stat = entry.stat()
+                copies.append((stat.st_mtime, stat.st_size, entry.path))
+        total = sum(size for _, size, _ in copies)
+        for _, size, path in sorted(copies):
+            if total <= self.max_bytes:
+                break
+            if path != str(keep):
+                with contextlib.suppress(FileNotFoundError):  # another process got there first
+                    os.unlink(path)
+                total -= size
 
     def path_for(self, url: str) -> Path:
         digest = hashlib.sha1(url.encode()).hexdigest()[:16]
@@ -207,6 +230,8 @@ class ShardCache:
         incomplete = target.with_name(f"{target.name}.incomplete-{self.session}")
         failed = target.with_name(f"{target.name}.failed-{self.session}")
         if target.is_file():
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(target)  # recently used: evicted last
             return str(target), None
         if incomplete.is_file() and failed.is_file():
             return str(incomplete), failed.read_text()
@@ -222,6 +247,7 @@ class ShardCache:
                     if missing:
                         raise OSError(f"the connection closed with {missing} bytes of the body missing")
                 os.replace(partial, target)
+                self.evict(keep=target)
                 return str(target), None
             except STREAM_ERRORS as exc:
                 error = f"{url}: read failed {attempt + 1} time(s), last: {type(exc).__name__}: {exc}"
@@ -356,7 +382,16 @@ class ShardReader:
 
     def read(self, url: str, group: TarGroup, extensions: Collection[str] | None = None) -> dict[str, bytes]:
         self.scan(url)  # makes the local copy when there is none yet
-        handle = self.handles.pop(url, None) or open(self.paths[url], "rb")  # noqa: SIM115 (kept open on purpose)
+        handle = self.handles.pop(url, None)
+        if handle is None:
+            try:
+                handle = open(self.paths[url], "rb")  # noqa: SIM115 (kept open on purpose)
+            except FileNotFoundError:
+                if not needs_copy(url):
+                    raise
+                # The copy was evicted from the cache: copy it again (the same bytes, the same offsets).
+                self.paths[url] = self.cache.local_copy(url)[0]
+                handle = open(self.paths[url], "rb")  # noqa: SIM115
         self.handles[url] = handle  # most recently used last
         if len(self.handles) > self.max_open:
             oldest = next(iter(self.handles))

@@ -163,6 +163,9 @@ class DataConfig(Checkable):
         "", "Folder for local copies of remote and gzipped shards; empty: mtrain-shards-<uid> in the temp folder."
     )
     remote_retries: int = setting(3, "Retries of a remote shard whose read fails before its rest is counted bad.")
+    shard_cache_gb: float = setting(
+        32.0, "Size limit of data.shard_cache_dir (least recently used copies go); 0: none."
+    )
 
     def check(self) -> list[tuple[str, str]]:
         if self.micro_batch_size < 1:
@@ -179,6 +182,8 @@ class DataConfig(Checkable):
             return [("max_image_pixels", f"must be at least 1, got {self.max_image_pixels}")]
         if self.remote_retries < 0:
             return [("remote_retries", f"must be >= 0, got {self.remote_retries}")]
+        if self.shard_cache_gb < 0:
+            return [("shard_cache_gb", f"must be >= 0 (0: no limit), got {self.shard_cache_gb}")]
         return []
 
     @property

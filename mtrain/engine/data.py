@@ -30,7 +30,9 @@ def build_data_loader(cfg: TrainConfig, built: Any, world: WorldInfo) -> Any:
         rules=SampleRules(
             caption_prompt=data.prompt, require_image=data.require_image, max_image_pixels=data.max_image_pixels
         ),
-        cache=ShardCache(folder=data.shard_cache_dir, retries=data.remote_retries),
+        cache=ShardCache(
+            folder=data.shard_cache_dir, retries=data.remote_retries, max_bytes=int(data.shard_cache_gb * 2**30)
+        ),
     )
     spec = TokenSpec(built.tokenizer, built.image_token_id, data.max_len)
     return build_loader(

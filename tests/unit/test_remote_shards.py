@@ -101,6 +101,29 @@ def test_a_connection_dropped_once_is_retried_and_nothing_is_lost(sample_shards,
     assert requests.count(SHARDS[1]) == 2 and loader.fault_counts() == {}
 
 
+def test_the_shard_cache_stays_under_its_limit_and_evicted_copies_are_fetched_again(
+    sample_shards, shards_pattern, tmp_path
+):
+    shard_bytes = (sample_shards / SHARDS[0]).stat().st_size
+    cache = ShardCache(folder=str(tmp_path / "small-cache"), retries=0, max_bytes=2 * shard_bytes)
+    expected = batches(shards_pattern, count=30)
+    with serve_folder(sample_shards) as (url, requests):
+        loader = make_loader(f"{url}/shard-{{000000..000003}}.tar", cache=cache)
+        got = [next(loader) for _ in range(30)]  # samples of all four shards interleave: copies come and go
+    assert_same_batches(got, expected)
+    assert len(list((tmp_path / "small-cache").glob("*.tar"))) <= 2  # evicted: readers keep what they hold open
+
+    # A reader that closed its handle of an evicted copy copies the shard again, same bytes.
+    cache = ShardCache(folder=str(tmp_path / "one-shard-cache"), retries=0, max_bytes=shard_bytes)
+    with serve_folder(sample_shards) as (url, requests):
+        reader = ShardReader(max_open=1, cache=cache)
+        first, second = f"{url}/{SHARDS[0]}", f"{url}/{SHARDS[1]}"
+        before = reader.read(first, reader.scan(first).groups[5])
+        reader.read(second, reader.scan(second).groups[0])  # evicts the first copy, closes its handle
+        assert reader.read(first, reader.scan(first).groups[5]) == before
+    assert requests.count(SHARDS[0]) == 2
+
+
 def test_counts_come_from_a_fresh_index_and_a_stale_one_is_detected(sample_shards, tmp_path, cache):
     folder = tmp_path / "shards"
     shutil.copytree(sample_shards, folder)
