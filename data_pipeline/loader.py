@@ -259,6 +259,7 @@ class SampleStream(IterableDataset):
         spec: TokenSpec,
         image_processor: Any,
         visual_tokens: VisualTokens,
+        gather: Callable[[Any], list[Any]] | None = None,
     ) -> None:
         super().__init__()
         self.settings, self.rank, self.world_size = settings, rank, world_size
@@ -269,10 +270,12 @@ class SampleStream(IterableDataset):
         # workers with the dataset, so start-up does not repeat per worker.
         self.cache = replace(settings.cache, session=f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
         reader = ShardReader(cache=self.cache)
-        self.shards = []
+        self.shards, self.scanned = [], 0
         for pattern, _ in settings.sources:
             urls = expand_shards(pattern)
-            self.shards.append((urls, shard_counts(urls, reader)[0]))
+            counts, scanned = shard_counts(urls, reader, rank, world_size, gather)
+            self.shards.append((urls, counts))
+            self.scanned += scanned
 
     def planner(self, reader: ShardReader) -> Planner:
         return Planner(
@@ -521,6 +524,21 @@ def torch_distributed_sync() -> Callable[[bool], bool] | None:
     return everyone
 
 
+def torch_distributed_gather() -> Callable[[Any], list[Any]] | None:
+    """An all_gather_object over the default process group, or None when there is no group."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+
+    def gather(value: Any) -> list[Any]:
+        values: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(values, value)
+        return values
+
+    return gather
+
+
 def build_loader(
     settings: LoaderSettings,
     rank: int,
@@ -529,7 +547,11 @@ def build_loader(
     image_processor: Any,
     visual_tokens: VisualTokens,
     sync: Callable[[bool], bool] | None = None,
+    gather: Callable[[Any], list[Any]] | None = None,
 ) -> StreamingLoader:
-    """The loader for one rank: shard lists and counts (in SampleStream), then the stages wired."""
-    stream = SampleStream(settings, rank, world_size, spec, image_processor, visual_tokens)
+    """The loader for one rank: shard lists and counts (in SampleStream), then the stages wired.
+
+    `gather` (every rank's value, from an all-gather; see `torch_distributed_gather`) lets the ranks
+    share the scans of shards that no index.json counts; every rank must then build its loader."""
+    stream = SampleStream(settings, rank, world_size, spec, image_processor, visual_tokens, gather)
     return StreamingLoader(stream, sync)

@@ -36,10 +36,10 @@ import tempfile
 import time
 import urllib.request
 import zlib
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import braceexpand
 
@@ -449,7 +449,13 @@ def _fresh_local_entry(url: str, index: dict, index_mtime: float | None) -> bool
     return index_mtime is not None and stat.st_mtime <= index_mtime
 
 
-def shard_counts(urls: list[str], reader: ShardReader) -> tuple[list[int], int]:
+def shard_counts(
+    urls: list[str],
+    reader: ShardReader,
+    rank: int = 0,
+    world_size: int = 1,
+    gather: Callable[[Any], list[Any]] | None = None,
+) -> tuple[list[int], int]:
     """(samples per shard, how many shards had to be scanned): from each folder's index.json where
     it holds a fresh entry, else by a header scan (a download, for a remote shard).
 
@@ -457,6 +463,10 @@ def shard_counts(urls: list[str], reader: ShardReader) -> tuple[list[int], int]:
     mtime for indexes without sizes) and a stale one is scanned instead. Every entry is checked
     again when its shard is read (see `Planner.fetch`): a shard that holds fewer samples than its
     entry counts the missing ones as bad and never shifts the order of the others.
+
+    With `gather` (an all-gather over the ranks, called once by every rank), the shards without a
+    usable entry are scanned once in all: rank r scans every world_size-th of them and the counts
+    are shared. A shard another rank did not report (its view of the index differed) is scanned here.
     """
     indexes: dict[str, tuple[dict, float | None]] = {}
     counts, scanned = [], 0
@@ -466,11 +476,21 @@ def shard_counts(urls: list[str], reader: ShardReader) -> tuple[list[int], int]:
             indexes[folder] = _load_index(folder, reader.cache)
         index, mtime = indexes[folder]
         entry = index.get("samples", {}).get(name)
-        if isinstance(entry, int) and (mtime is None or _fresh_local_entry(url, index, mtime)):
-            counts.append(entry)
-            continue
-        counts.append(len(reader.scan(url)))
-        scanned += 1
+        fresh = isinstance(entry, int) and (mtime is None or _fresh_local_entry(url, index, mtime))
+        counts.append(entry if fresh else None)
+    missing = [url for url, count in zip(urls, counts, strict=True) if count is None]
+    found: dict[str, int] = {}
+    if gather is not None:
+        mine = {url: len(reader.scan(url)) for url in missing[rank::world_size]}
+        scanned += len(mine)
+        for shared in gather(mine):
+            found.update(shared)
+    for i, url in enumerate(urls):
+        if counts[i] is None:
+            if url not in found:
+                found[url] = len(reader.scan(url))
+                scanned += 1
+            counts[i] = found[url]
     return counts, scanned
 
 

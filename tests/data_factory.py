@@ -165,6 +165,7 @@ def make_loader(
     visual_tokens: int = 64,
     image_size: int = 32,
     sync=None,
+    gather=None,
     **settings,
 ):
     """A real StreamingLoader over real shards with the tiny tokenizer and image processor."""
@@ -177,7 +178,8 @@ def make_loader(
     sources = ((patterns, 1.0),) if isinstance(patterns, str) else tuple(patterns)
     loader_settings = LoaderSettings(sources=sources, batch_size=batch_size, seed=0, **settings)
     spec = TokenSpec(tokenizer, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), max_len)
-    return build_loader(loader_settings, rank, world_size, spec, tiny_image_processor(image_size), visual_tokens, sync)
+    processor = tiny_image_processor(image_size)
+    return build_loader(loader_settings, rank, world_size, spec, processor, visual_tokens, sync, gather)
 
 
 WORDS = "the a red green blue circle square triangle cross shape small large image shows of and is".split()

@@ -11,7 +11,12 @@ from mtrain.launch.env import WorldInfo
 def build_data_loader(cfg: TrainConfig, built: Any, world: WorldInfo) -> Any:
     """The StreamingLoader of this rank: tokenizer, image processor and visual-token count from the model."""
     from data_pipeline.formats import SampleRules  # noqa: PLC0415
-    from data_pipeline.loader import LoaderSettings, build_loader, torch_distributed_sync  # noqa: PLC0415
+    from data_pipeline.loader import (  # noqa: PLC0415
+        LoaderSettings,
+        build_loader,
+        torch_distributed_gather,
+        torch_distributed_sync,
+    )
     from data_pipeline.shards import ShardCache  # noqa: PLC0415
     from data_pipeline.tokenize import TokenSpec  # noqa: PLC0415
 
@@ -43,4 +48,6 @@ def build_data_loader(cfg: TrainConfig, built: Any, world: WorldInfo) -> Any:
         built.image_processor,
         built.visual_tokens,
         sync=torch_distributed_sync(),
+        # Shards without an index entry are scanned once over all ranks (every rank builds a loader here).
+        gather=torch_distributed_gather() if world.world_size > 1 else None,
     )
