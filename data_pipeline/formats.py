@@ -24,6 +24,7 @@ TEXT_EXTENSIONS = ("txt", "text")
 FORMS = ("interleaved", "caption", "conversation")
 USER_ROLES = ("human", "user")
 ASSISTANT_ROLES = ("gpt", "assistant")
+SYSTEM_ROLES = ("system",)
 
 # Every reason a sample or member is skipped; metrics report counts under these names.
 FAULT_REASONS = (
@@ -39,17 +40,19 @@ FAULT_REASONS = (
     "no_image",
     "unknown_form",
     "unreadable_shard",
+    "nothing_learned",
 )
 
 
 class SampleFault(Exception):
     """A sample that cannot be used, with the reason it is counted under."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: str, detail: str, needed: int | None = None) -> None:
         assert reason in FAULT_REASONS, reason
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+        self.needed = needed  # nothing_learned: the tokens the whole sample needs
 
 
 @dataclass
@@ -69,6 +72,9 @@ class Sample:
     key: str
     form: str
     segments: list[TextSegment | ImageSegment] = field(default_factory=list)
+    # Segment counts at which a learned (assistant) turn ends: where a conversation may be cut.
+    turn_ends: list[int] = field(default_factory=list)
+    source: str = ""  # the input record it was built from ("file line 12 (id abc)"), when the shard says
 
     @property
     def images(self) -> list[ImageSegment]:
@@ -80,7 +86,7 @@ class SampleRules:
     """What a sample must hold to be used."""
 
     caption_prompt: str = "<image>\n"
-    require_image: bool = True
+    require_image: bool = False  # text-only conversations and documents are first-class; captions need one
     require_text: bool = True
     max_image_pixels: int = 4096 * 4096
 
@@ -177,38 +183,86 @@ def build_interleaved(key: str, members: dict[str, bytes], meta: dict[str, Any],
             )
         if text is not None:
             segments.append(TextSegment(str(text), learned=True))
-        elif image not in members:
+            continue
+        image = str(image).removeprefix(f"{key}.")  # the full member name ("key.0.jpg") or its extension
+        if image not in members:
             raise SampleFault("missing_image", f"{key}.json position {position} names member {key}.{image}, absent")
-        else:
-            segments.append(ImageSegment(str(image)))
+        segments.append(ImageSegment(image))
     return _checked(Sample(key, "interleaved", segments), rules)
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """How turns become text: the one place the prompt format lives. The model-family work hands
+    each model's own template here; the default is the Vicuna/LLaVA-1.5 style."""
+
+    prefixes: tuple[tuple[str, str], ...] = (("system", ""), ("user", "USER: "), ("assistant", "ASSISTANT: "))
+    turn_end: str = "\n"
+
+    def prefix(self, role: str) -> str:
+        return dict(self.prefixes)[role]
+
+
+DEFAULT_TEMPLATE = ChatTemplate()
+
+
+def canonical_role(role: Any) -> str | None:
+    """ "user", "assistant" or "system" for any spelling the field uses; None if unknown."""
+    name = str(role).lower()
+    for canonical, names in (("user", USER_ROLES), ("assistant", ASSISTANT_ROLES), ("system", SYSTEM_ROLES)):
+        if name in names:
+            return canonical
+    return None
+
+
+def render_conversation(
+    turns: list[dict[str, Any]], template: ChatTemplate = DEFAULT_TEMPLATE
+) -> list[tuple[str, str, bool]]:
+    """Every turn of a conversation as (role, text, learned) pieces in reading order: the role's
+    prefix (never learned), the turn's text (learned for the assistant) and the turn end. The text
+    keeps its `<image>` placeholders; raises ValueError on a turn that is not {from, value}."""
+    pieces = []
+    for number, turn in enumerate(turns):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            raise ValueError(f"turn {number} is not an object with a string 'value'")
+        role = canonical_role(turn.get("from"))
+        if role is None:
+            raise ValueError(f"turn {number} has unknown role {turn.get('from')!r}")
+        learned = role == "assistant"
+        prefix = template.prefix(role)
+        if prefix:
+            pieces.append((role, prefix, False))
+        pieces.append((role, turn["value"], learned))
+        pieces.append((role, template.turn_end, learned))
+    return pieces
 
 
 def build_conversation(key: str, members: dict[str, bytes], meta: dict[str, Any], rules: SampleRules) -> Sample:
     turns = meta["conversations"]
-    if not isinstance(turns, list) or not all(isinstance(t, dict) and "value" in t for t in turns):
+    if not isinstance(turns, list):
         raise SampleFault("malformed_json", f"{key}.json: 'conversations' must be a list of {{from, value}}")
+    try:
+        pieces = render_conversation(turns)
+    except ValueError as exc:
+        raise SampleFault("malformed_json", f"{key}.json: {exc}") from None
     available = image_member_names(members)
     segments: list[TextSegment | ImageSegment] = []
+    turn_ends: list[int] = []
     used = 0
-    for turn in turns:
-        role = str(turn.get("from", "")).lower()
-        learned = role in ASSISTANT_ROLES
-        if not learned and role not in USER_ROLES:
-            raise SampleFault("malformed_json", f"{key}.json: unknown role {turn.get('from')!r}")
-        prefix = "ASSISTANT: " if learned else "USER: "
-        segments.append(TextSegment(prefix, learned=False))
-        pieces = str(turn["value"]).split(IMAGE_PLACEHOLDER)
-        for i, piece in enumerate(pieces):
-            if piece:
-                segments.append(TextSegment(piece, learned=learned))
-            if i < len(pieces) - 1:
+    for index, (role, text, learned) in enumerate(pieces):
+        parts = text.split(IMAGE_PLACEHOLDER)
+        for i, part in enumerate(parts):
+            if part:
+                segments.append(TextSegment(part, learned=learned))
+            if i < len(parts) - 1:
                 if used >= len(available):
                     raise SampleFault("missing_image", f"{key}: <image> number {used + 1} has no image member")
                 segments.append(ImageSegment(available[used]))
                 used += 1
-        segments.append(TextSegment("\n", learned=learned))
-    return _checked(Sample(key, "conversation", segments), rules)
+        last_of_turn = index + 1 == len(pieces) or pieces[index + 1][0] != role or pieces[index + 1][2] != learned
+        if learned and last_of_turn:
+            turn_ends.append(len(segments))
+    return _checked(Sample(key, "conversation", segments, turn_ends), rules)
 
 
 def _checked(sample: Sample, rules: SampleRules) -> Sample:
@@ -221,17 +275,41 @@ def _checked(sample: Sample, rules: SampleRules) -> Sample:
     return sample
 
 
+def source_text(source: Any) -> str:
+    """`file line 12 (id abc)` from the `source` that `mtrain data build` writes into each sample."""
+    if not isinstance(source, dict):
+        return ""
+    where = ", ".join(f"{k} {source[k]}" for k in ("line", "row", "index") if k in source)
+    record_id = f" (id {source['id']})" if "id" in source else ""
+    return f"{source.get('file', '?')} {where}".strip() + record_id
+
+
 def build_sample(key: str, members: dict[str, bytes], rules: SampleRules) -> Sample:
-    """Members (extension -> raw bytes) of one tar group to a Sample; images stay undecoded."""
+    """Members (extension -> raw bytes) of one tar group to a Sample; images stay undecoded.
+    A fault names the input record the sample was built from, when the shard records it."""
     meta = decode_json(members["json"], key) if "json" in members else None
     form = detect_form(members, meta)
-    if form == "caption":
-        return build_caption(key, members, rules)
-    if form == "interleaved":
-        return build_interleaved(key, members, meta or {}, rules)
-    if form == "conversation":
-        return build_conversation(key, members, meta or {}, rules)
-    raise SampleFault("unknown_form", f"{key} has members {sorted(members)}: none of {', '.join(FORMS)}")
+    source = source_text((meta or {}).get("source"))
+    try:
+        if form == "caption":
+            sample = build_caption(key, members, rules)
+        elif form == "interleaved":
+            sample = build_interleaved(key, members, meta or {}, rules)
+        elif form == "conversation":
+            sample = build_conversation(key, members, meta or {}, rules)
+        else:
+            raise SampleFault("unknown_form", f"{key} has members {sorted(members)}: none of {', '.join(FORMS)}")
+    except SampleFault as fault:
+        raise with_source(fault, source) from None
+    sample.source = source
+    return sample
+
+
+def with_source(fault: SampleFault, source: str) -> SampleFault:
+    """The same fault, its detail naming the input record (`[from docs.jsonl line 3]`)."""
+    if not source:
+        return fault
+    return SampleFault(fault.reason, f"{fault.detail} [from {source}]", fault.needed)
 
 
 def load_images(sample: Sample, members: dict[str, bytes], rules: SampleRules, draft_size: int | None = None) -> None:

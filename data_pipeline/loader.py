@@ -1,10 +1,12 @@
 """The streaming loader, as a visible list of stages.
 
-     1 shard list        brace patterns; several sources, each with a mixture weight
+     1 shard list        brace patterns, globs, URLs; several sources, each with a mixture weight;
+                         samples per shard from index.json (checked) or one scan per rank
      2 shuffle           shards by (seed, source, epoch); samples of every 8 shards together
      3 split             by rank: position r, r+W, r+2W ... of the epoch order (plan.py);
                          then by worker: worker w of N builds batches w, w+N, w+2N ...
-     4 tar read          header scan once per shard, members read by seek (shards.py)
+     4 tar read          header scan once per shard, members read by seek (shards.py); remote
+                         and gzipped shards through a local copy, retried, shared per machine
      5 safe decode       PIL for images, json, UTF-8 text; never pickle, whatever the extension
      6 build sample      interleaved document / caption pair / conversation (formats.py)
      7 tokenize          every <image> -> that image's number of visual tokens (tokenize.py);
@@ -36,9 +38,11 @@ names the reason, shard and key of the last bad sample.
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -65,12 +69,14 @@ from data_pipeline.plan import (
     next_position,
     repartition,
 )
-from data_pipeline.shards import ShardReader, expand_shards
+from data_pipeline.shards import ShardCache, ShardReader, expand_shards, shard_counts
 from data_pipeline.tokenize import IGNORE_INDEX, TokenizedSample, TokenSpec, tokenize_sample
 
 __all__ = ["IGNORE_INDEX", "IMAGE_EXTENSIONS", "DataQualityError", "LoaderSettings", "SampleStream", "StreamingLoader"]
 
 EPOCH_MODES = ("epoch", "resampled")
+# Samples seen before "most samples keep nothing within max_len" may stop the job.
+NOTHING_LEARNED_MIN_SAMPLES = 16
 VisualTokens = int | Callable[[Sample], list[int]]
 
 
@@ -91,6 +97,7 @@ class LoaderSettings:
     max_bad_fraction: float = 0.05
     bad_fraction_min_samples: int = 200
     rules: SampleRules = field(default_factory=SampleRules)
+    cache: ShardCache = field(default_factory=ShardCache)
 
     def __post_init__(self) -> None:
         if self.epoch_mode not in EPOCH_MODES:
@@ -112,11 +119,12 @@ class Planner:
         visual_tokens: VisualTokens,
         reader: ShardReader,
         state: dict[str, Any] | None,
+        shards: list[tuple[list[str], list[int]]],
     ) -> None:
         self.settings, self.rank, self.world_size = settings, rank, world_size
         self.spec, self.visual_tokens, self.reader = spec, visual_tokens, reader
-        self.urls = [expand_shards(pattern) for pattern, _ in settings.sources]
-        self.counts = [tuple(len(reader.scan(url)) for url in urls) for urls in self.urls]
+        self.urls = [urls for urls, _ in shards]
+        self.counts = [tuple(counts) for _, counts in shards]
         self.weights = [weight for _, weight in settings.sources]
         self.state = state if state is not None else initial_state(settings, rank, world_size)
         self._orders: dict[tuple[int, int], SourceOrder] = {}
@@ -161,8 +169,11 @@ class Planner:
         """Read the text members of one position, build and tokenize it; raises SampleFault."""
         source, epoch, position = ref
         url, group_index = self.order(source, epoch).locate(position)
-        group = self.reader.scan(url).groups[group_index]
+        scan = self.reader.scan(url)
         try:
+            if group_index >= len(scan.groups):  # the shard holds fewer samples than its index says
+                raise SampleFault(*missing_sample_fault(scan, self.counts[source][self.urls[source].index(url)]))
+            group = scan.groups[group_index]
             if group.fault is not None:
                 raise SampleFault(*group.fault)
             text_members = [ext for ext in group.members if not is_image_member(ext)]
@@ -175,7 +186,7 @@ class Planner:
                 # Under ZeRO-3 a batch without images would skip the vision tower on one rank only.
                 raise SampleFault("no_image", f"{group.key}: every image lies past max_len={self.spec.max_len}")
         except SampleFault as fault:
-            fault.location = (url, group.key)
+            fault.location = (url, group.key if group_index < len(scan.groups) else f"<missing:{group_index}>")
             raise
         tokens.ref, tokens.location = ref, (url, group)
         return tokens
@@ -196,7 +207,7 @@ class Planner:
                     try:
                         buffer.append(self.fetch(ref))
                     except SampleFault as fault:
-                        faults.append([fault.reason, *fault.location, fault.detail])
+                        faults.append([fault.reason, *fault.location, fault.detail, fault.needed])
                 if not buffer:
                     break
                 rows.append(take_row(buffer, self.spec.max_len) if settings.packing else [buffer.pop(0)])
@@ -206,6 +217,18 @@ class Planner:
                 self.state["cursors"][0] = fresh_cursor(epoch + 1, self.rank, self.world_size)
             if rows or faults:
                 yield {"rows": rows, "epoch": epoch, "state": _copy_state(self.state), "faults": faults}
+
+
+def missing_sample_fault(scan: Any, indexed: int) -> tuple[str, str]:
+    """(reason, detail) for a position past the end of a shard: its truncation, or a stale index."""
+    truncations = [g.fault for g in scan.groups if g.fault is not None and g.fault[0] == "truncated_tar"]
+    if truncations:
+        return truncations[-1]
+    return (
+        "unreadable_shard",
+        f"{scan.url}: index.json says {indexed} samples, the shard holds {len(scan.groups)}; "
+        "the index is stale: rewrite it with `mtrain data index FOLDER`",
+    )
 
 
 def initial_state(settings: LoaderSettings, rank: int, world_size: int) -> dict[str, Any]:
@@ -236,22 +259,40 @@ class SampleStream(IterableDataset):
         spec: TokenSpec,
         image_processor: Any,
         visual_tokens: VisualTokens,
+        gather: Callable[[Any], list[Any]] | None = None,
     ) -> None:
         super().__init__()
         self.settings, self.rank, self.world_size = settings, rank, world_size
         self.spec, self.visual_tokens = spec, visual_tokens
         self.preprocess = ImagePreprocessor(image_processor)
         self.start_state: dict[str, Any] | None = None
+        # Samples per shard, resolved once per rank here (index.json, else a scan) and handed to the
+        # workers with the dataset, so start-up does not repeat per worker.
+        self.cache = replace(settings.cache, session=f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        reader = ShardReader(cache=self.cache)
+        self.shards, self.scanned = [], 0
+        for pattern, _ in settings.sources:
+            urls = expand_shards(pattern)
+            counts, scanned = shard_counts(urls, reader, rank, world_size, gather)
+            self.shards.append((urls, counts))
+            self.scanned += scanned
 
     def planner(self, reader: ShardReader) -> Planner:
         return Planner(
-            self.settings, self.rank, self.world_size, self.spec, self.visual_tokens, reader, self.start_state
+            self.settings,
+            self.rank,
+            self.world_size,
+            self.spec,
+            self.visual_tokens,
+            reader,
+            self.start_state,
+            self.shards,
         )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        reader = ShardReader()
+        reader = ShardReader(cache=self.cache)
         for index, plan in enumerate(self.planner(reader).plans()):
             if index % num_workers == worker:
                 yield self.materialize(plan, reader)
@@ -306,6 +347,7 @@ class StreamingLoader:
         self.planner_state: dict[str, Any] | None = None
         self.faults: Counter = Counter()
         self.faults_by_epoch: dict[int, Counter] = {}  # for reports and tests; not part of the state
+        self.needed_lengths: list[int] = []  # tokens each nothing_learned sample needed (for the message)
         self.good = 0
         self.dropped = 0
         self.batches_taken = 0
@@ -359,21 +401,44 @@ class StreamingLoader:
             self.epoch = meta["epoch"]
 
     def _account(self, meta: dict[str, Any]) -> None:
-        for reason, *_ in meta["faults"]:
+        for reason, *rest in meta["faults"]:
             self.faults[reason] += 1
             self.faults_by_epoch.setdefault(meta["epoch"], Counter())[reason] += 1
+            if reason == "nothing_learned":
+                self.needed_lengths.append(rest[3])
         self.good += meta["good"]
         bad = sum(self.faults.values())
         seen = bad + self.good
+        self._check_max_len(seen)
         limit = self.settings.max_bad_fraction
         if meta["faults"] and seen >= self.settings.bad_fraction_min_samples and bad > limit * seen:
-            reason, url, key, detail = meta["faults"][-1]
+            reason, url, key, detail = meta["faults"][-1][:4]
             raise DataQualityError(
                 f"rank {self.stream.rank}: {bad} of {seen} samples are bad ({bad / seen:.1%}), over "
                 f"data.max_bad_fraction={limit}; last: {reason} in shard {url}, key {key!r} ({detail}). "
                 f"By reason: {dict(self.faults)}. Check the shards with `mtrain data validate`, "
                 "or raise data.max_bad_fraction"
             )
+
+    def _check_max_len(self, seen: int) -> None:
+        """Stop early, naming the data.max_len the data needs, when most samples are cut to nothing.
+
+        Checked from the first batch on (the planner skips such samples while filling it), so a
+        max_len far too short stops the job before step 1 rather than after bad_fraction_min_samples.
+        """
+        cut = self.faults["nothing_learned"]
+        too_few = seen < min(NOTHING_LEARNED_MIN_SAMPLES, self.settings.bad_fraction_min_samples)
+        if too_few or 2 * cut <= seen or not self.needed_lengths:  # (lengths of a resumed run's past cuts are not kept)
+            return
+        lengths = sorted(self.needed_lengths)
+        most = lengths[min(len(lengths) - 1, (9 * len(lengths)) // 10)]
+        max_len = self.stream.spec.max_len
+        raise DataQualityError(
+            f"rank {self.stream.rank}: {cut} of {seen} samples keep no learned token within "
+            f"data.max_len={max_len} (they need {lengths[0]}..{lengths[-1]} tokens). The data needs "
+            f"data.max_len={lengths[-1]} (every sample seen fits) or at least {most} (90% of those cut fit); "
+            "or shorten the samples (fewer images per sample, or fewer visual tokens per image)"
+        )
 
     # ── metrics ───────────────────────────────────────────────────────────────────────────────
     def fault_counts(self, epoch: int | None = None) -> dict[str, int]:
@@ -427,9 +492,7 @@ class StreamingLoader:
     def _repartitioned(self, all_ranks: list[dict[str, Any]]) -> dict[str, Any]:
         rank, world_size = self.stream.rank, self.stream.world_size
         planners = [s["planner"] for s in all_ranks]
-        planner = Planner(
-            self.settings, rank, world_size, self.stream.spec, self.stream.visual_tokens, ShardReader(), None
-        )
+        planner = self.stream.planner(ShardReader(cache=self.stream.cache))
         cursors = []
         for source in range(len(self.settings.sources)):
             old = [p["cursors"][source] for p in planners]
@@ -461,6 +524,21 @@ def torch_distributed_sync() -> Callable[[bool], bool] | None:
     return everyone
 
 
+def torch_distributed_gather() -> Callable[[Any], list[Any]] | None:
+    """An all_gather_object over the default process group, or None when there is no group."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+
+    def gather(value: Any) -> list[Any]:
+        values: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(values, value)
+        return values
+
+    return gather
+
+
 def build_loader(
     settings: LoaderSettings,
     rank: int,
@@ -469,9 +547,11 @@ def build_loader(
     image_processor: Any,
     visual_tokens: VisualTokens,
     sync: Callable[[bool], bool] | None = None,
+    gather: Callable[[Any], list[Any]] | None = None,
 ) -> StreamingLoader:
-    """The loader for one rank: check the shards exist, then wire the stages."""
-    for pattern, _ in settings.sources:
-        expand_shards(pattern)
-    stream = SampleStream(settings, rank, world_size, spec, image_processor, visual_tokens)
+    """The loader for one rank: shard lists and counts (in SampleStream), then the stages wired.
+
+    `gather` (every rank's value, from an all-gather; see `torch_distributed_gather`) lets the ranks
+    share the scans of shards that no index.json counts; every rank must then build its loader."""
+    stream = SampleStream(settings, rank, world_size, spec, image_processor, visual_tokens, gather)
     return StreamingLoader(stream, sync)

@@ -89,7 +89,8 @@ def write_shape_shards(
                 writer.write({"__key__": key, **members(colour, shape, buffer.getvalue())})
         paths.append(path)
         index[path.name] = samples_per_shard
-    (out / INDEX_FILE).write_text(json.dumps({"format": kind, "samples": index}, indent=1))
+    sizes = {path.name: path.stat().st_size for path in paths}
+    (out / INDEX_FILE).write_text(json.dumps({"format": kind, "samples": index, "bytes": sizes}, indent=1))
     return paths
 
 

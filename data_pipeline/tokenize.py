@@ -7,7 +7,10 @@ image), so a per-sample or per-image scale changes only that argument.
 Masking: image tokens, BOS, non-learned text (prompts, user turns) and padding get
 IGNORE_INDEX; learned text (captions, document text, assistant turns) and the final EOS are
 learned. A sample longer than `max_len` is cut, but never inside an image's tokens: the cut moves
-to before that image, and the image is dropped with them.
+to before that image, and the image is dropped with them. A conversation is cut after its last
+assistant turn that fits whole (then closed with EOS); only when not even the first one fits is
+it cut inside that turn. A sample left with no learned token raises `SampleFault("nothing_learned")`:
+it would only add a NaN or zero to the loss.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from data_pipeline.formats import ImageSegment, Sample, TextSegment
+from data_pipeline.formats import ImageSegment, Sample, SampleFault, TextSegment
 
 IGNORE_INDEX = -100
 
@@ -67,7 +70,8 @@ def tokenize_sample(sample: Sample, spec: TokenSpec, visual_tokens_per_image: in
     spans: list[tuple[int, int]] = []
     image_index = 0
     learned_any = False
-    for segment in sample.segments:
+    turn_ends: list[int] = []  # token counts at which an assistant turn ends
+    for index, segment in enumerate(sample.segments):
         if isinstance(segment, TextSegment):
             ids = encode_text(tokenizer, segment.text)
             input_ids += ids
@@ -79,15 +83,42 @@ def tokenize_sample(sample: Sample, spec: TokenSpec, visual_tokens_per_image: in
             labels += [IGNORE_INDEX] * counts[image_index]
             spans.append((start, len(input_ids)))
             image_index += 1
-    if tokenizer.eos_token_id is not None:
-        input_ids.append(tokenizer.eos_token_id)
-        labels.append(tokenizer.eos_token_id if learned_any else IGNORE_INDEX)
-    return truncate(TokenizedSample(sample.key, input_ids, labels, spans, list(images)), spec.max_len)
+        if index + 1 in sample.turn_ends:
+            turn_ends.append(len(input_ids))
+    eos = tokenizer.eos_token_id
+    if eos is not None:
+        input_ids.append(eos)
+        labels.append(eos if learned_any else IGNORE_INDEX)
+    tokens = TokenizedSample(sample.key, input_ids, labels, spans, list(images))
+    needed = len(tokens)
+    tokens = truncate(tokens, spec.max_len, turn_ends, eos)
+    if all(label == IGNORE_INDEX for label in tokens.labels):
+        raise SampleFault(
+            "nothing_learned",
+            f"{sample.key} ({sample.form}) keeps no learned token within data.max_len={spec.max_len}; "
+            f"it needs {needed} tokens" + (f" [from {sample.source}]" if sample.source else ""),
+            needed=needed,
+        )
+    return tokens
 
 
-def truncate(tokens: TokenizedSample, max_len: int) -> TokenizedSample:
-    """Cut to max_len, moving the cut before any image it would split."""
+def truncate(
+    tokens: TokenizedSample, max_len: int, turn_ends: Sequence[int] = (), eos: int | None = None
+) -> TokenizedSample:
+    """Cut to max_len: after the last whole assistant turn that fits (then EOS), else at max_len
+    moved before any image the cut would split."""
     if len(tokens) <= max_len:
+        return tokens
+    room = max_len - (eos is not None)
+    whole_turns = [end for end in turn_ends if end <= room]
+    if whole_turns:
+        cut = whole_turns[-1]
+        tail = [eos] if eos is not None else []
+        tokens.input_ids = tokens.input_ids[:cut] + tail
+        tokens.labels = tokens.labels[:cut] + tail
+        kept = [i for i, (_, end) in enumerate(tokens.image_spans) if end <= cut]
+        tokens.image_spans = [tokens.image_spans[i] for i in kept]
+        tokens.images = [tokens.images[i] for i in kept]
         return tokens
     cut = max_len
     for start, end in tokens.image_spans:

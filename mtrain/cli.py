@@ -92,21 +92,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     build = data_commands.add_parser("build", help="convert local data to shards (see data_pipeline/FORMAT.md)")
-    build.add_argument("form", choices=["interleaved", "caption", "conversation", "pair"])
-    build.add_argument("source", help="OBELICS-style JSONL, LLaVA JSON, a caption folder / CSV, or pair JSONL")
+    build.add_argument("form", choices=["interleaved", "mmc4", "conversation", "caption", "pair"])
+    build.add_argument(
+        "source",
+        help="interleaved: OBELICS-style JSONL / JSON list / parquet; mmc4: MMC4 JSONL; conversation: LLaVA, "
+        "ShareGPT or OpenAI-messages JSON list / JSONL; caption: a folder or CSV; pair: JSONL",
+    )
     build.add_argument("--out", required=True, help="output folder for the shards and index.json")
-    build.add_argument("--images", help="image folder (LLaVA JSON)")
+    build.add_argument("--images", help="folder the image paths are relative to (default: the input's folder)")
+    build.add_argument(
+        "--max-skipped",
+        type=float,
+        default=0.05,
+        help="fail when more than this fraction of input records is bad (default 0.05)",
+    )
     build.add_argument("--shard-size", default="256MB", help="target shard size, e.g. 256MB (default)")
     build.add_argument("--max-image-side", type=int, default=0, help="re-encode images with a longer side")
 
+    index = data_commands.add_parser("index", help="write index.json (samples and bytes per shard) beside local shards")
+    index.add_argument("folder", help="a folder of .tar / .tar.gz / .tgz shards")
+    index.add_argument("--form", default="unknown", help="the form to record (interleaved, caption, ...)")
+
     for name, text in (
-        ("inspect", "counts, images per sample, token lengths (tiny-llava tokenizer), one sample"),
+        ("inspect", "counts, images per sample, token lengths (a config's tokenizer and visual tokens), one sample"),
         ("validate", "report every bad member by shard, key and reason; exit 1 if any"),
     ):
         checker = data_commands.add_parser(name, help=text)
-        checker.add_argument("shards", help="shard paths, brace patterns allowed")
+        checker.add_argument(
+            "shards", nargs="+", help="shards: paths, globs, brace patterns, URLs (several allowed; quote braces)"
+        )
         checker.add_argument("--max-image-pixels", type=int, default=4096 * 4096)
-        checker.add_argument("--allow-text-only", action="store_true", help="samples without images are fine")
+        checker.add_argument(
+            "--config",
+            nargs="+",
+            metavar="CONFIG [a.b=c ...]",
+            help="count tokens with this training config's tokenizer, visual tokens and data.max_len",
+        )
+        checker.add_argument(
+            "--require-image", action="store_true", help="count conversations and documents without images as bad"
+        )
     return parser
 
 
@@ -218,41 +242,80 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise AssertionError(f"unhandled command {args.command}")
 
 
+def _data_tokens(config: list[str] | None) -> tuple[object, int, int | None]:
+    """(tokenizer, visual tokens per image, data.max_len) of a training config, without weights;
+    the tiny-llava preset's without one."""
+    from mtrain.config.schema import TinyLlavaConfig  # noqa: PLC0415
+    from mtrain.model.tokenizer import build_tiny_tokenizer  # noqa: PLC0415
+
+    if not config:
+        return build_tiny_tokenizer(), TinyLlavaConfig().visual_tokens, None
+    from mtrain.model.build import visual_tokens_per_image  # noqa: PLC0415
+
+    cfg = load_config(config[0], config[1:])
+    tokens = cfg.matryoshka.tokens
+    if cfg.model.path:
+        from transformers import AutoConfig, AutoTokenizer  # noqa: PLC0415
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, local_files_only=True)
+        visual = visual_tokens_per_image(AutoConfig.from_pretrained(cfg.model.path, local_files_only=True))
+    else:
+        tokenizer, visual = build_tiny_tokenizer(), cfg.model.tiny.visual_tokens
+    if tokens.mode == "mqt":
+        visual = tokens.mqt_queries
+    return tokenizer, visual, cfg.data.max_len
+
+
 def _data_command(args: argparse.Namespace) -> int:
     from data_pipeline.formats import SampleRules  # noqa: PLC0415
     from data_pipeline.shards import expand_shards  # noqa: PLC0415
 
     if args.data_command == "build":
-        from data_pipeline.build import build_shards, parse_size  # noqa: PLC0415
+        from data_pipeline.build import BuildError, BuildReport, build_shards, parse_size  # noqa: PLC0415
 
-        report = build_shards(
-            args.form, args.source, args.out, parse_size(args.shard_size), args.images, args.max_image_side
-        )
-        for line in report.skipped:
-            print(f"skipped {line}", file=sys.stderr)
-        print(
-            f"wrote {report.samples} samples in {len(report.shards)} shards to {args.out} "
-            f"({report.images_copied} images copied, {report.images_reencoded} re-encoded, "
-            f"{len(report.skipped)} inputs skipped)"
-        )
+        size = parse_size(args.shard_size)
+        report = BuildReport()
+        try:
+            build_shards(
+                args.form, args.source, args.out, size, args.images, args.max_image_side, args.max_skipped, report
+            )
+        except BuildError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        finally:
+            for line in report.skipped:
+                print(f"skipped {line}", file=sys.stderr)
+        print(f"wrote {report.samples} samples in {len(report.shards)} shards to {args.out}: {report.summary()}")
         return 0
-    rules = SampleRules(require_image=not args.allow_text_only, max_image_pixels=args.max_image_pixels)
-    urls = expand_shards(args.shards)
+    if args.data_command == "index":
+        from pathlib import Path  # noqa: PLC0415
+
+        from data_pipeline.shards import write_index  # noqa: PLC0415
+
+        folder = Path(args.folder)
+        urls = sorted(str(p) for suffix in ("*.tar", "*.tar.gz", "*.tgz") for p in folder.glob(suffix))
+        if not urls:
+            print(f"data index: no .tar, .tar.gz or .tgz shards in {folder}", file=sys.stderr)
+            return 1
+        written = write_index(folder, args.form, urls)
+        print(f"wrote {folder / 'index.json'}: {len(urls)} shards, {sum(written['samples'].values())} samples")
+        return 0
+    rules = SampleRules(require_image=args.require_image, max_image_pixels=args.max_image_pixels)
+    urls = [url for pattern in args.shards for url in expand_shards(pattern)]
     if args.data_command == "inspect":
         from data_pipeline.check import inspect_report  # noqa: PLC0415
-        from mtrain.config.schema import TinyLlavaConfig  # noqa: PLC0415
-        from mtrain.model.tokenizer import build_tiny_tokenizer  # noqa: PLC0415
 
-        tokenizer = build_tiny_tokenizer()
+        tokenizer, visual_tokens, max_len = _data_tokens(args.config)
         count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
-        print(inspect_report(urls, rules, count, TinyLlavaConfig().visual_tokens))
+        print(inspect_report(urls, rules, count, visual_tokens, max_len))
         return 0
     if args.data_command == "validate":
-        from data_pipeline.check import validate_shards  # noqa: PLC0415
+        from data_pipeline.check import iter_problems  # noqa: PLC0415
 
-        problems = validate_shards(urls, rules)
-        for problem in problems:
-            print(problem)
-        print(f"{len(urls)} shard(s): {len(problems)} bad member(s) or sample(s)", file=sys.stderr)
+        problems = 0
+        for problem in iter_problems(urls, rules):  # printed as found: nothing kept
+            print(problem, flush=True)
+            problems += 1
+        print(f"{len(urls)} shard(s): {problems} bad member(s) or sample(s)", file=sys.stderr)
         return 1 if problems else 0
     raise AssertionError(f"unhandled data command {args.data_command}")

@@ -125,7 +125,9 @@ def write_bad_shards(out: Path, seed: int = 0) -> dict[str, object]:
         add_raw_member(tar, "b_notext.json", json.dumps({"texts": [None], "images": ["0.jpg"]}).encode())
         add_raw_member(tar, "b_notext.0.jpg", jpeg_bytes(rng, 40))
         bump("no_text")
-        add_raw_member(tar, "b_noimage.json", json.dumps({"texts": ["only words"], "images": [None]}).encode())
+        add_raw_member(
+            tar, "b_noimage.txt", b"a caption of no image."
+        )  # text-only documents are fine; captions are not
         bump("no_image")
         good_caption(tar, "g003")
         add_raw_member(tar, "b_pickle.pyd", payload)
@@ -163,6 +165,7 @@ def make_loader(
     visual_tokens: int = 64,
     image_size: int = 32,
     sync=None,
+    gather=None,
     **settings,
 ):
     """A real StreamingLoader over real shards with the tiny tokenizer and image processor."""
@@ -175,7 +178,8 @@ def make_loader(
     sources = ((patterns, 1.0),) if isinstance(patterns, str) else tuple(patterns)
     loader_settings = LoaderSettings(sources=sources, batch_size=batch_size, seed=0, **settings)
     spec = TokenSpec(tokenizer, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), max_len)
-    return build_loader(loader_settings, rank, world_size, spec, tiny_image_processor(image_size), visual_tokens, sync)
+    processor = tiny_image_processor(image_size)
+    return build_loader(loader_settings, rank, world_size, spec, processor, visual_tokens, sync, gather)
 
 
 WORDS = "the a red green blue circle square triangle cross shape small large image shows of and is".split()

@@ -131,7 +131,11 @@ class DataSourceConfig(Checkable):
 
 @dataclass
 class DataConfig(Checkable):
-    shards: str = setting("data/sample/shard-{000000..000003}.tar", "Shard paths, brace patterns allowed.")
+    shards: str = setting(
+        "data/sample/shard-{000000..000003}.tar",
+        "Shards: paths, brace patterns, globs (sorted), `::`-separated lists, .tar.gz, http(s)://, pipe:CMD, "
+        "fsspec URLs.",
+    )
     sources: list[DataSourceConfig] = setting(
         [], "Several sources with mixture weights (each {shards, weight}); when set, `shards` is ignored."
     )
@@ -150,7 +154,18 @@ class DataConfig(Checkable):
     max_bad_fraction: float = setting(0.05, "Stop the job when more than this fraction of samples seen is bad.")
     bad_fraction_min_samples: int = setting(200, "Samples a rank must see before max_bad_fraction applies.")
     max_image_pixels: int = setting(4096 * 4096, "Images with more pixels are skipped as oversize_image.")
-    require_image: bool = setting(True, "Skip samples without an image (counted as no_image).")
+    require_image: bool = setting(
+        False,
+        "Skip conversations and documents without an image (counted as no_image); off: text-only samples train "
+        "(a caption pair always needs its image).",
+    )
+    shard_cache_dir: str = setting(
+        "", "Folder for local copies of remote and gzipped shards; empty: mtrain-shards-<uid> in the temp folder."
+    )
+    remote_retries: int = setting(3, "Retries of a remote shard whose read fails before its rest is counted bad.")
+    shard_cache_gb: float = setting(
+        32.0, "Size limit of data.shard_cache_dir (least recently used copies go); 0: none."
+    )
 
     def check(self) -> list[tuple[str, str]]:
         if self.micro_batch_size < 1:
@@ -165,6 +180,10 @@ class DataConfig(Checkable):
             return [("max_bad_fraction", f"must be in [0, 1], got {self.max_bad_fraction}")]
         if self.max_image_pixels < 1:
             return [("max_image_pixels", f"must be at least 1, got {self.max_image_pixels}")]
+        if self.remote_retries < 0:
+            return [("remote_retries", f"must be >= 0, got {self.remote_retries}")]
+        if self.shard_cache_gb < 0:
+            return [("shard_cache_gb", f"must be >= 0 (0: no limit), got {self.shard_cache_gb}")]
         return []
 
     @property

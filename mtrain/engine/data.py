@@ -32,7 +32,13 @@ class Batches(Protocol):
 def build_data_loader(cfg: TrainConfig, built: Any, world: WorldInfo) -> Any:
     """The StreamingLoader of this rank: tokenizer, image processor and visual-token count from the model."""
     from data_pipeline.formats import SampleRules  # noqa: PLC0415
-    from data_pipeline.loader import LoaderSettings, build_loader, torch_distributed_sync  # noqa: PLC0415
+    from data_pipeline.loader import (  # noqa: PLC0415
+        LoaderSettings,
+        build_loader,
+        torch_distributed_gather,
+        torch_distributed_sync,
+    )
+    from data_pipeline.shards import ShardCache  # noqa: PLC0415
     from data_pipeline.tokenize import TokenSpec  # noqa: PLC0415
 
     data = cfg.data
@@ -50,6 +56,9 @@ def build_data_loader(cfg: TrainConfig, built: Any, world: WorldInfo) -> Any:
         rules=SampleRules(
             caption_prompt=data.prompt, require_image=data.require_image, max_image_pixels=data.max_image_pixels
         ),
+        cache=ShardCache(
+            folder=data.shard_cache_dir, retries=data.remote_retries, max_bytes=int(data.shard_cache_gb * 2**30)
+        ),
     )
     spec = TokenSpec(built.tokenizer, built.image_token_id, data.max_len)
     return build_loader(
@@ -60,6 +69,8 @@ def build_data_loader(cfg: TrainConfig, built: Any, world: WorldInfo) -> Any:
         built.image_processor,
         built.visual_tokens,
         sync=torch_distributed_sync(),
+        # Shards without an index entry are scanned once over all ranks (every rank builds a loader here).
+        gather=torch_distributed_gather() if world.world_size > 1 else None,
     )
 
 

@@ -29,7 +29,7 @@ from mtrain.task.registry import Objective, objective_for
 
 def check_inputs_exist(cfg: TrainConfig) -> None:
     """Fail before any process group forms when local shards or the model folder are missing."""
-    from data_pipeline.shards import expand_shards  # noqa: PLC0415
+    from data_pipeline.shards import expand_shards, is_url  # noqa: PLC0415
 
     if cfg.model.path and not (Path(cfg.model.path) / "config.json").is_file():
         raise FileNotFoundError(
@@ -45,7 +45,7 @@ def check_inputs_exist(cfg: TrainConfig) -> None:
         )
 
     urls = [url for pattern, _ in cfg.data.source_list for url in expand_shards(pattern)]
-    missing = [u for u in urls if not Path(u).is_file()]
+    missing = [u for u in urls if not is_url(u) and not Path(u).is_file()]  # a URL is read when it is used
     if missing:
         raise FileNotFoundError(
             f"data.shards: {len(missing)} shard(s) not found, first {missing[0]!r}; "

@@ -81,6 +81,16 @@ def ranks_in_step(unequal: str, sync) -> list[int]:
     return counts + [loader.dropped]
 
 
+def shared_scans(unequal: str, sync) -> int:
+    """Shards without index.json are scanned once over the ranks, and both ranks get every count."""
+    from data_pipeline.loader import torch_distributed_gather
+
+    shared = make_loader(unequal, dist.get_rank(), 2, sync=sync, gather=torch_distributed_gather(), **PACKED)
+    alone = make_loader(unequal, dist.get_rank(), 2, sync=sync, **PACKED)
+    assert shared.stream.shards == alone.stream.shards and alone.stream.scanned == 5
+    return shared.stream.scanned
+
+
 def main(mixed: str, sample: str, unequal: str, out: str) -> None:
     dist.init_process_group("gloo")
     sync = torch_distributed_sync()
@@ -89,6 +99,7 @@ def main(mixed: str, sample: str, unequal: str, out: str) -> None:
     summary["in_step"] = ranks_in_step(unequal, sync)
     resampled = make_loader(unequal, dist.get_rank(), 2, epoch_mode="resampled", sync=sync, **PACKED)
     summary["resampled_batches"] = len([next(resampled) for _ in range(10)])
+    summary["shared_scans"] = shared_scans(unequal, sync)
     Path(out, f"rank{dist.get_rank()}.json").write_text(json.dumps(summary))
     dist.barrier()
     dist.destroy_process_group()

@@ -37,6 +37,8 @@ def test_two_ranks_resume_ledger_and_stay_in_step(tmp_path, shards_pattern):
     for summary in summaries:
         assert min(summary["resume_epochs"]) >= 2  # the resumed stretch crossed epoch ends
         assert summary["resampled_batches"] == 10
+    # The 5 unindexed shards were scanned once over both ranks, not once per rank.
+    assert sorted(s["shared_scans"] for s in summaries) == [2, 3]
     # Same batches per epoch on both ranks although the shards hold 2, 41, 5, 1 and 13 documents.
     assert summaries[0]["in_step"][:3] == summaries[1]["in_step"][:3]
     assert all(count > 0 for count in summaries[0]["in_step"][:3])

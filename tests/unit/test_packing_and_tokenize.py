@@ -46,10 +46,54 @@ def test_visual_tokens_per_image_and_masking():
 
 
 def test_truncation_never_splits_an_image():
-    spec = TokenSpec(TOKENIZER, IMAGE_ID, max_len=30)
+    spec = TokenSpec(TOKENIZER, IMAGE_ID, max_len=50)  # the cut would fall inside the second image (35..71)
     tokens = tokenize_sample(conversation(), spec, [9, 36])
-    assert len(tokens) <= 30 and len(tokens.images) == 1 and tokens.image_spans == [tokens.image_spans[0]]
+    assert len(tokens) == 35 and len(tokens.images) == 1 and tokens.image_spans == [tokens.image_spans[0]]
     assert int((torch.tensor(tokens.input_ids) == IMAGE_ID).sum()) == 9
+
+
+def two_exchanges() -> Sample:
+    """USER, ASSISTANT, USER, ASSISTANT, as build_conversation marks it (turn_ends)."""
+    segments = [
+        TextSegment("USER: ", False),
+        ImageSegment("jpg"),
+        TextSegment("what is it?\n", False),
+        TextSegment("ASSISTANT: ", False),
+        TextSegment("a red circle.\n", True),
+        TextSegment("USER: ", False),
+        TextSegment("and the colour of the background, please?\n", False),
+        TextSegment("ASSISTANT: ", False),
+        TextSegment("the background is plain white.\n", True),
+    ]
+    return Sample("c1", "conversation", segments, turn_ends=[5, 9])
+
+
+def test_conversations_are_cut_after_the_last_whole_assistant_turn():
+    full = tokenize_sample(two_exchanges(), TokenSpec(TOKENIZER, IMAGE_ID, max_len=500), 9)
+    first_end = (
+        len(
+            tokenize_sample(
+                Sample("c", "conversation", two_exchanges().segments[:5]), TokenSpec(TOKENIZER, IMAGE_ID, 500), 9
+            )
+        )
+        - 1
+    )
+    for max_len in (first_end + 1, len(full) - 1):
+        tokens = tokenize_sample(two_exchanges(), TokenSpec(TOKENIZER, IMAGE_ID, max_len=max_len), 9)
+        # Only the first exchange, whole, then EOS (learned): no half question, no half answer.
+        assert tokens.input_ids == full.input_ids[:first_end] + [TOKENIZER.eos_token_id]
+        assert tokens.labels[-1] == TOKENIZER.eos_token_id
+        assert "a red circle." in TOKENIZER.decode([t for t in tokens.labels if t != IGNORE_INDEX])
+
+
+def test_a_sample_cut_to_nothing_learned_is_a_fault_that_names_its_length():
+    import pytest
+
+    from data_pipeline.formats import SampleFault
+
+    with pytest.raises(SampleFault, match="keeps no learned token within data.max_len=20") as caught:
+        tokenize_sample(two_exchanges(), TokenSpec(TOKENIZER, IMAGE_ID, max_len=20), 9)
+    assert caught.value.reason == "nothing_learned" and caught.value.needed > 20
 
 
 def test_packing_fills_rows_and_positions_restart(tmp_path):

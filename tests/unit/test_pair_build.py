@@ -21,7 +21,7 @@ def test_pair_jsonl_builds_readable_pair_shards(tmp_path):
     lines.append({"query_text": "no positive side"})  # bad: skipped and reported, not fatal
     (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
 
-    report = build_shards("pair", tmp_path / "pairs.jsonl", tmp_path / "out")
+    report = build_shards("pair", tmp_path / "pairs.jsonl", tmp_path / "out", max_skipped_fraction=0.5)
     assert report.samples == 3 and len(report.skipped) == 1 and "positive" in report.skipped[0]
     assert report.images_copied == 3 and report.images_reencoded == 0
     index = json.loads((tmp_path / "out" / "index.json").read_text())

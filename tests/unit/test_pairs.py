@@ -38,6 +38,7 @@ def test_sample_pairs_collate_and_resume_exactly(tmp_path, spec):
     assert json.loads((tmp_path / "index.json").read_text()) == {
         "format": "pairs",
         "samples": {p.name: 12 for p in paths},
+        "bytes": {p.name: p.stat().st_size for p in paths},
     }
     pattern = str(tmp_path / "pairs-{000000..000001}.tar")
     batches = iter(stream(pattern, spec))

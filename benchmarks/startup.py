@@ -1,0 +1,131 @@
+"""Start-up: time to the first batch of one rank, as the shard count grows.
+
+    python benchmarks/startup.py [--sizes 100 1000 10000] [--repeats 3] [--world-size 64]
+
+Writes 10,000 (the largest size) small synthetic caption shards (4 samples each) with an
+index.json, then, for each size and each road, times what one rank of `--world-size` does before
+training: build its loader (shard list, samples per shard) and take the first batch. Roads:
+
+- local:           the shards on local disk, counts from index.json (each entry checked by size);
+- http:            the same folder served by a loopback ThreadingHTTPServer (one index fetch, then
+                   only the shards the first batch needs are copied; a fresh cache every time);
+- local, no index: the shards without index.json (every shard's headers scanned once per rank),
+                   for comparison.
+
+Target (issue 16): 10,000 shards cost <= 2x what 100 do, per road that uses the index. Times are
+wall-clock seconds, median over repetitions; the ratio line is 10,000 vs 100 shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import random
+import shutil
+import statistics
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common import ratio_line, spread  # noqa: E402
+
+from data_pipeline.loader import LoaderSettings, build_loader  # noqa: E402
+from data_pipeline.sample_data import COLOURS, SHAPES, draw_shape  # noqa: E402
+from data_pipeline.shards import INDEX_FILE, ShardCache  # noqa: E402
+from data_pipeline.tokenize import TokenSpec  # noqa: E402
+from mtrain.model.build import tiny_image_processor  # noqa: E402
+from mtrain.model.tokenizer import IMAGE_TOKEN, build_tiny_tokenizer  # noqa: E402
+from tests.shard_server import serve_folder  # noqa: E402
+
+SAMPLES_PER_SHARD = 4
+
+
+def write_shards(folder: Path, count: int) -> None:
+    """`count` tars of SAMPLES_PER_SHARD tiny caption pairs, and their index.json."""
+    rng = random.Random(0)
+    jpegs = []
+    for _ in range(16):
+        out = io.BytesIO()
+        draw_shape(rng.choice(list(COLOURS)), rng.choice(SHAPES), rng, 32).save(out, format="JPEG", quality=80)
+        jpegs.append(out.getvalue())
+    folder.mkdir(parents=True, exist_ok=True)
+    samples, sizes = {}, {}
+    for shard in range(count):
+        name = f"shard-{shard:06d}.tar"
+        with tarfile.open(folder / name, "w") as tar:
+            for item in range(SAMPLES_PER_SHARD):
+                for extension, data in (("jpg", rng.choice(jpegs)), ("txt", b"a small red circle.")):
+                    info = tarfile.TarInfo(f"s{shard:06d}_{item}.{extension}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        samples[name], sizes[name] = SAMPLES_PER_SHARD, (folder / name).stat().st_size
+    (folder / INDEX_FILE).write_text(json.dumps({"format": "caption", "samples": samples, "bytes": sizes}))
+
+
+def first_batch_seconds(pattern: str, world_size: int, cache_root: Path, spec: TokenSpec, processor) -> float:
+    """One rank's loader built from nothing (fresh shard cache) until its first batch."""
+    cache = ShardCache(folder=tempfile.mkdtemp(dir=cache_root))
+    settings = LoaderSettings(sources=((pattern, 1.0),), batch_size=8, seed=0, cache=cache)
+    started = time.perf_counter()
+    loader = build_loader(settings, world_size - 1, world_size, spec, processor, 64)
+    next(loader)
+    elapsed = time.perf_counter() - started
+    shutil.rmtree(cache.folder)
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 10000])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--world-size", type=int, default=64, help="the rank timed is the last of this many")
+    args = parser.parse_args()
+
+    tokenizer = build_tiny_tokenizer()
+    spec = TokenSpec(tokenizer, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), 96)
+    processor = tiny_image_processor(32)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        write_started = time.perf_counter()
+        write_shards(root / "shards", max(args.sizes))
+        no_index = root / "no-index"
+        no_index.mkdir()
+        print(f"wrote {max(args.sizes)} shards in {time.perf_counter() - write_started:.1f}s")
+        times: dict[str, dict[int, list[float]]] = {"local": {}, "http": {}, "local, no index": {}}
+        with serve_folder(root / "shards") as (url, _):
+            for size in args.sizes:
+                last = f"{size - 1:06d}"
+                for name in list(no_index.iterdir()):  # the no-index folder holds the first `size` shards
+                    name.unlink()
+                for shard in range(size):
+                    (no_index / f"shard-{shard:06d}.tar").symlink_to(root / "shards" / f"shard-{shard:06d}.tar")
+                patterns = {
+                    "local": f"{root}/shards/shard-{{000000..{last}}}.tar",
+                    "http": f"{url}/shard-{{000000..{last}}}.tar",
+                    "local, no index": f"{no_index}/shard-{{000000..{last}}}.tar",
+                }
+                for road, pattern in patterns.items():
+                    times[road][size] = [
+                        first_batch_seconds(pattern, args.world_size, root, spec, processor)
+                        for _ in range(args.repeats)
+                    ]
+                    print(f"  {road:16s} {size:6d} shards: first batch {spread(times[road][size], 3)} s")
+    small, large = min(args.sizes), max(args.sizes)
+    print(f"\nStart-up, time to first batch of rank {args.world_size - 1} of {args.world_size}, "
+          f"{SAMPLES_PER_SHARD} samples per shard, {args.repeats} repetitions")  # fmt: skip
+    for road, by_size in times.items():
+        ratios = [a / b for a, b in zip(sorted(by_size[large]), sorted(by_size[small]), strict=True)]
+        target = "" if road == "local, no index" else "<= 2.0"
+        print(ratio_line(f"RATIO {road} {large}/{small} shards", ratios, target,
+                         note=f"(median {statistics.median(by_size[small]):.3f}s -> "
+                              f"{statistics.median(by_size[large]):.3f}s)"))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""`mtrain data validate` / `inspect` at scale: many paths, globs, brace patterns and URLs;
+streaming in bounded memory; a config's tokenizer and visual tokens; pair shards."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+import sys
+import tarfile
+
+from PIL import Image
+
+from data_pipeline.check import iter_problems
+from data_pipeline.formats import SampleRules
+from data_pipeline.pairs import write_pair_shards
+from mtrain.cli import main
+from tests.conftest import REPO, launch_env
+from tests.shard_server import serve_folder
+
+
+def test_validate_and_inspect_take_many_globs_patterns_and_urls(sample_shards, tmp_path, capsys):
+    assert main(["data", "validate", str(sample_shards / "*.tar")]) == 0
+    assert "4 shard(s): 0 bad" in capsys.readouterr().err
+    with serve_folder(sample_shards) as (url, _):
+        args = [
+            str(sample_shards / "shard-00000[01].tar"),
+            f"{url}/shard-000002.tar",
+            f"pipe:cat {sample_shards}/shard-000003.tar",
+        ]
+        assert main(["data", "validate", *args]) == 0
+        assert "4 shard(s): 0 bad" in capsys.readouterr().err
+        assert main(["data", "inspect", *args]) == 0
+    out = capsys.readouterr().out
+    assert "shards: 4  samples: 192  bad: 0" in out and "caption=192" in out
+
+
+def test_inspect_counts_tokens_with_the_configs_tokenizer_and_visual_tokens(sample_shards, capsys):
+    tiny = str(REPO / "configs/tiny.yaml")
+    shard = str(sample_shards / "shard-000000.tar")
+    assert main(["data", "inspect", shard]) == 0
+    assert "(64 visual tokens per image)" in capsys.readouterr().out
+    assert main(["data", "inspect", shard, "--config", tiny, "model.tiny.image_size=16", "data.max_len=20"]) == 0
+    out = capsys.readouterr().out
+    assert "(16 visual tokens per image)" in out and "over data.max_len=20: 48 of 48 samples" in out
+
+
+def test_pair_shards_are_understood(tmp_path, capsys):
+    paths = write_pair_shards(tmp_path / "pairs", num_shards=1, samples_per_shard=6, seed=0)
+    assert main(["data", "validate", str(paths[0])]) == 0
+    assert main(["data", "inspect", str(paths[0])]) == 0
+    assert "pair=6" in capsys.readouterr().out
+    with tarfile.open(paths[0]) as tar:  # drop one pair's positive side
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(paths[0], "w") as tar:
+        for info, data in members:
+            if not (info.name.startswith(members[0][0].name.split(".")[0]) and ".positive." in info.name):
+                tar.addfile(info, io.BytesIO(data))
+    problems = list(iter_problems([str(paths[0])], SampleRules()))
+    assert len(problems) == 1 and "has no positive" in problems[0].detail
+
+
+def write_photo_shard(path, samples: int = 24) -> None:
+    """Caption pairs with 384x384 JPEGs: 442 kB each once decoded, so keeping them would show."""
+    with tarfile.open(path, "w") as tar:
+        for i in range(samples):
+            image = io.BytesIO()
+            Image.effect_noise((384, 384), 40 + i).convert("RGB").save(image, format="JPEG", quality=60)
+            for name, data in ((f"p{i:04d}.jpg", image.getvalue()), (f"p{i:04d}.txt", b"noise.")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def validate_peak_rss_mb(pattern: str) -> float:
+    """Peak resident memory of `mtrain data validate PATTERN` in its own process."""
+    code = (
+        "import resource, sys; from mtrain.cli import main; rc = main(['data', 'validate', sys.argv[1]]); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024); sys.exit(rc)"
+    )
+    done = subprocess.run([sys.executable, "-c", code, pattern], env=launch_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return float(done.stdout.split()[-1])
+
+
+def test_validate_peak_memory_does_not_grow_with_the_number_of_shards(tmp_path):
+    write_photo_shard(tmp_path / "photo-0000.tar")
+    for i in range(1, 12):
+        shutil.copy(tmp_path / "photo-0000.tar", tmp_path / f"photo-{i:04d}.tar")
+    one = validate_peak_rss_mb(str(tmp_path / "photo-0000.tar"))
+    twelve = validate_peak_rss_mb(str(tmp_path / "photo-*.tar"))
+    print(f"validate peak RSS: {one:.0f} MB for 1 shard, {twelve:.0f} MB for 12 (decoded images: 10.6 MB per shard)")
+    assert twelve < one + 8  # keeping the decoded images of 11 more shards would add over 100 MB
+
+
+def test_data_index_writes_counts_and_sizes_the_loader_trusts(sample_shards, tmp_path, capsys):
+    import json
+
+    from data_pipeline.shards import ShardReader, expand_shards, shard_counts
+
+    folder = tmp_path / "shards"
+    shutil.copytree(sample_shards, folder)
+    (folder / "index.json").unlink()
+    assert main(["data", "index", str(folder), "--form", "caption"]) == 0
+    index = json.loads((folder / "index.json").read_text())
+    assert index["format"] == "caption" and set(index["samples"].values()) == {48} and len(index["bytes"]) == 4
+    assert shard_counts(expand_shards(str(folder / "*.tar")), ShardReader()) == ([48] * 4, 0)
