@@ -12,7 +12,7 @@ import torch.distributed as dist
 from mtrain.config import TrainConfig, config_hash, dump_yaml
 from mtrain.config.core import to_dict
 from mtrain.config.deepspeed_json import deepspeed_config
-from mtrain.launch.distributed import init_distributed, print0
+from mtrain.launch.distributed import init_distributed, print0, run_on_main
 from mtrain.launch.env import WorldInfo
 from mtrain.launch.preflight import check_parameters_identical, check_ranks_agree, collective_device
 from mtrain.launch.timing import record_first_step
@@ -118,6 +118,7 @@ def run_training(cfg: TrainConfig) -> list[dict[str, float]]:
     """Train as configured; every rank of the job calls this."""
     from mtrain.checkpoint.checkpointer import Checkpointer  # noqa: PLC0415
     from mtrain.checkpoint.export import export_checkpoint  # noqa: PLC0415
+    from mtrain.checkpoint.save import inject_fault  # noqa: PLC0415
     from mtrain.embed import save_embedding_head  # noqa: PLC0415
     from mtrain.engine.setup import initialize_engine, resolve_placement  # noqa: PLC0415
     from mtrain.engine.trainer import Trainer  # noqa: PLC0415
@@ -126,7 +127,13 @@ def run_training(cfg: TrainConfig) -> list[dict[str, float]]:
     check_inputs_exist(cfg)
     started = time.time()
     placement = resolve_placement(cfg)
-    world = init_distributed(placement.backend, cfg.dist.init_timeout_s, cfg.dist.master_port)
+    world = init_distributed(
+        placement.backend,
+        cfg.dist.init_timeout_s,
+        cfg.dist.master_port,
+        collective_timeout_s=cfg.dist.collective_timeout_s,
+        device=placement.device,
+    )
     check_ranks_agree(world, config_hash(cfg), collective_device(placement.device, world))
     ds_config = deepspeed_config(cfg, world.world_size, placement.precision)
     run_dir = prepare_run_dir(cfg, ds_config, world)
@@ -190,11 +197,14 @@ def run_training(cfg: TrainConfig) -> list[dict[str, float]]:
             if cfg.task.objective == "contrastive":
                 # Every rank joins the gather of the head's ZeRO-3 partitions; rank 0 writes.
                 save_embedding_head(engine.module, run_dir / "export", write=world.is_main)
-            if world.is_main:
-                out = export_checkpoint(run_dir / "checkpoints", run_dir / "export")
-                print0(f"export: {out}/model (Hugging Face), adapter: {cfg.model.lora.enabled}")
-            if world.world_size > 1:
-                dist.barrier()
+
+            def export() -> str:
+                inject_fault("export", trainer.step)
+                return str(export_checkpoint(run_dir / "checkpoints", run_dir / "export"))
+
+            # Minutes for a 7B model: the other ranks wait outside any collective (see run_on_main).
+            out = run_on_main(export, "export")
+            print0(f"export: {out}/model (Hugging Face), adapter: {cfg.model.lora.enabled}")
     if history:
         print0(
             f"done: {trainer.step} steps in {time.time() - started:.0f}s, "
