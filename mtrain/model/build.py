@@ -183,7 +183,10 @@ def enable_activation_checkpointing(built: BuiltModel) -> None:
     if built.scale_routing is not None:
         kwargs["context_fn"] = built.scale_routing.checkpoint_contexts
     model = built.model.get_base_model() if hasattr(built.model, "get_base_model") else built.model
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # transformers before the rename (e.g. 5.17): the same switch under its old name
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _load_local(path: str, dtype: torch.dtype, attn: str, config_only: bool = False) -> BuiltModel:
