@@ -23,6 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "gpu_probe.yaml"
 WARMUP_STEPS = 5
+TIMEOUT_S = int(os.environ.get("MTRAIN_PROBE_TIMEOUT_S", "150"))  # the training run; gpu-check.sh's budget
 
 # The same config at tiny-llava's CPU size: checks the probe's path, not its speed.
 TINY_CPU = [
@@ -66,7 +67,12 @@ def main() -> int:
         overrides += TINY_CPU
     started = time.time()
     train = [sys.executable, "-m", "mtrain", "train", str(CONFIG), *overrides]
-    proc = subprocess.run(train, env=child_env(), capture_output=True, text=True)
+    try:
+        proc = subprocess.run(train, env=child_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired as exc:
+        sys.stderr.write(str(exc.stderr or "")[-8000:])
+        print(f"probe: TIMED OUT after {TIMEOUT_S} s (MTRAIN_PROBE_TIMEOUT_S)")
+        return 1
     wall_s = time.time() - started
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
