@@ -19,8 +19,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
-
 from mtrain import __version__
 from mtrain.checkpoint.export import ADAPTER_DIR, save_adapter_gathered
 from mtrain.checkpoint.init_from import init_from_model_folder
@@ -38,25 +36,15 @@ from mtrain.checkpoint.universal import convert_to_universal, universal_folder
 from mtrain.config import TrainConfig, config_hash
 from mtrain.config.core import to_dict
 from mtrain.config.schema import ModelConfig
-from mtrain.launch.distributed import print0
+from mtrain.launch.distributed import print0, run_on_main
 from mtrain.launch.env import WorldInfo
 from mtrain.task.base import Task
 
 
 def on_rank0(world: WorldInfo, work: Callable[[], Any]) -> Any:
-    """Run `work` on rank 0 and hand its result (or its error) to every rank."""
-    box: list[Any] = [None]
-    if world.is_main:
-        try:
-            box[0] = ("ok", work())
-        except Exception as exc:  # noqa: BLE001  (re-raised on every rank below)
-            box[0] = ("error", f"{type(exc).__name__}: {exc}")
-    if world.world_size > 1:
-        dist.broadcast_object_list(box, src=0)
-    status, value = box[0]
-    if status == "error":
-        raise RuntimeError(value)
-    return value
+    """Run `work` on rank 0 and hand its result (or its error) to every rank; the others wait
+    outside any collective, so a long universal conversion or init_from export cannot time out."""
+    return run_on_main(work, "checkpoint")
 
 
 class Checkpointer:

@@ -26,6 +26,7 @@ import random
 import re
 import shutil
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,13 +87,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 # ── fault injection for the crash-safety tests ────────────────────────────────────────────────
 def inject_fault(stage: str, step: int) -> None:
-    """SIGKILL this process at `stage` when MTRAIN_FAULT_INJECT asks for it (tests only)."""
+    """SIGKILL this process at `stage` when MTRAIN_FAULT_INJECT=STAGE[@STEP] asks for it; with
+    STAGE[@STEP]:sleep=SECONDS it stalls there instead, as slow storage would (tests only)."""
     wanted = os.environ.get("MTRAIN_FAULT_INJECT", "")
     if not wanted:
         return
-    name, _, at_step = wanted.partition("@")
+    where, _, action = wanted.partition(":")
+    name, _, at_step = where.partition("@")
     if name == stage and (not at_step or int(at_step) == step):
-        os.kill(os.getpid(), signal.SIGKILL)
+        if action.startswith("sleep="):
+            time.sleep(float(action.removeprefix("sleep=")))
+        else:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ── the save ──────────────────────────────────────────────────────────────────────────────────

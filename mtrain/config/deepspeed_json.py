@@ -24,6 +24,8 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, precision: str) -> dict[
         )
     if cfg.zero.offload_optimizer == "cpu":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if cfg.zero.offload_param == "cpu":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
     micro = cfg.data.micro_batch_size
     accum = cfg.optim.grad_accum_steps
     return {

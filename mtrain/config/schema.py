@@ -95,6 +95,10 @@ class ModelConfig(Checkable):
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = setting(
         "auto", "auto uses flash_attention_2 when flash-attn imports on a GPU, else sdpa."
     )
+    activation_checkpointing: bool = setting(
+        False,
+        "Recompute each transformer layer in the backward instead of storing its activations (less memory, ~1/3 more compute).",
+    )
     tiny: TinyLlavaConfig = section(TinyLlavaConfig, "Shape of the built-in tiny-llava preset.")
     freeze: FreezeConfig = section(FreezeConfig, "Which parts keep their weights fixed.")
     lora: LoraConfig = section(LoraConfig, "PEFT LoRA on the language model.")
@@ -228,11 +232,29 @@ class ZeroConfig(Checkable):
     overlap_comm: bool = setting(True, "Overlap gradient reduction with the backward pass.")
     reduce_bucket_size: int = setting(50_000_000, "Elements per gradient-reduction bucket.")
     prefetch_bucket_size: int = setting(50_000_000, "Elements of parameters prefetched ahead of use.")
-    offload_optimizer: Literal["none", "cpu"] = setting("none", "Keep optimizer state in CPU memory.")
+    offload_optimizer: Literal["none", "cpu"] = setting(
+        "none",
+        "cpu: fp32 master weights, Adam state and gradients live in CPU memory; DeepSpeed's CPU Adam steps there.",
+    )
+    offload_param: Literal["none", "cpu"] = setting(
+        "none", "cpu: ZeRO-3 keeps the parameter partitions in CPU memory and copies each layer in when gathered."
+    )
 
     def check(self) -> list[tuple[str, str]]:
         if self.stage not in (0, 1, 2, 3):
             return [("stage", f"must be 0, 1, 2 or 3, got {self.stage}")]
+        if self.offload_optimizer == "cpu" and self.stage == 0:
+            return [("offload_optimizer", "needs ZeRO (stage 1, 2 or 3) to partition the optimizer; set zero.stage=3")]
+        if self.offload_param == "cpu" and self.stage != 3:
+            return [("offload_param", f"needs zero.stage=3 (only stage 3 partitions parameters), got {self.stage}")]
+        if self.offload_param == "cpu" and self.offload_optimizer != "cpu":
+            return [
+                (
+                    "offload_param",
+                    "cpu keeps parameters on the CPU while the optimizer would step on the GPU; "
+                    "also set zero.offload_optimizer=cpu",
+                )
+            ]
         if self.param_persistence_threshold < 0:
             return [("param_persistence_threshold", f"must be >= 0, got {self.param_persistence_threshold}")]
         return []
@@ -241,12 +263,19 @@ class ZeroConfig(Checkable):
 @dataclass
 class DistConfig(Checkable):
     backend: Literal["auto", "gloo", "nccl"] = setting("auto", "auto: nccl on GPU, gloo on CPU.")
-    init_timeout_s: int = setting(300, "Seconds to wait for every rank at start-up before failing.")
+    init_timeout_s: int = setting(300, "Seconds to wait for every rank at start-up (the rendezvous) before failing.")
+    collective_timeout_s: int = setting(
+        3600,
+        "Seconds any collective after start-up may wait before the job fails (a hung or dead peer); "
+        "rank-0-only work such as the export is never waited for inside one.",
+    )
     master_port: int = setting(29500, "Rendezvous port when the launcher does not set MASTER_PORT.")
 
     def check(self) -> list[tuple[str, str]]:
         if self.init_timeout_s < 1:
             return [("init_timeout_s", f"must be at least 1 second, got {self.init_timeout_s}")]
+        if self.collective_timeout_s < 1:
+            return [("collective_timeout_s", f"must be at least 1 second, got {self.collective_timeout_s}")]
         if not 1 <= self.master_port <= 65535:
             return [("master_port", f"must be a TCP port 1..65535, got {self.master_port}")]
         return []

@@ -13,12 +13,13 @@ import torch.distributed as dist
 from mtrain.checkpoint.checkpointer import Checkpointer
 from mtrain.checkpoint.export import export_checkpoint
 from mtrain.checkpoint.resume import preflight_resume
+from mtrain.checkpoint.save import inject_fault
 from mtrain.config import TrainConfig, config_hash, dump_yaml
 from mtrain.config.core import to_dict
 from mtrain.config.deepspeed_json import deepspeed_config
 from mtrain.engine.setup import initialize_engine, resolve_placement
 from mtrain.engine.trainer import Trainer
-from mtrain.launch.distributed import init_distributed, print0
+from mtrain.launch.distributed import init_distributed, print0, run_on_main
 from mtrain.launch.env import WorldInfo
 from mtrain.launch.preflight import check_parameters_identical, check_ranks_agree, collective_device
 from mtrain.launch.timing import record_first_step
@@ -135,7 +136,13 @@ def set_up(cfg: TrainConfig) -> Run:
     check_inputs_exist(cfg)
     started = time.time()
     placement = resolve_placement(cfg)
-    world = init_distributed(placement.backend, cfg.dist.init_timeout_s, cfg.dist.master_port)
+    world = init_distributed(
+        placement.backend,
+        cfg.dist.init_timeout_s,
+        cfg.dist.master_port,
+        collective_timeout_s=cfg.dist.collective_timeout_s,
+        device=placement.device,
+    )
     check_ranks_agree(world, config_hash(cfg), collective_device(placement.device, world))
     ds_config_base = deepspeed_config(cfg, world.world_size, placement.precision)
     run_dir = prepare_run_dir(cfg, ds_config_base, world)
@@ -215,8 +222,11 @@ def export(run: Run) -> None:
     """The objective's extras (every rank joins their ZeRO-3 gathers), then the Hugging Face export on rank 0."""
     export_dir = run.run_dir / "export"
     run.objective.export_extras(run.engine.module, export_dir, run.world.is_main)
-    if run.world.is_main:
-        out = export_checkpoint(run.run_dir / "checkpoints", export_dir)
-        print0(f"export: {out}/model (Hugging Face), adapter: {run.cfg.model.lora.enabled}")
-    if run.world.world_size > 1:
-        dist.barrier()
+
+    def export_on_main() -> str:
+        inject_fault("export", run.trainer.step)
+        return str(export_checkpoint(run.run_dir / "checkpoints", export_dir))
+
+    # Minutes for a 7B model: the other ranks wait outside any collective (see run_on_main).
+    out = run_on_main(export_on_main, "export")
+    print0(f"export: {out}/model (Hugging Face), adapter: {run.cfg.model.lora.enabled}")

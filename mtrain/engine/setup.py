@@ -44,13 +44,24 @@ def no_decay(name: str, param: torch.nn.Parameter) -> bool:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    # A torch optimizer, not DeepSpeed's "optimizer" section: that JIT-compiles fused Adam on CPU.
+    """AdamW over the trainable parameters, biases and norms without weight decay.
+
+    A torch optimizer, not DeepSpeed's "optimizer" section (that JIT-compiles fused Adam on CPU).
+    With the optimizer offloaded, the step runs on CPU tensors, where DeepSpeed accepts only its
+    vectorised CPU Adam (a C++ op built once per machine with g++, then cached; see README).
+    """
     decay, plain = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
             (plain if no_decay(name, param) else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": plain, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
+    if cfg.zero.offload_optimizer == "cpu":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # noqa: PLC0415
+
+        return DeepSpeedCPUAdam(
+            groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, adamw_mode=True
+        )
     return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
 
 

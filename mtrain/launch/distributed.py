@@ -1,12 +1,21 @@
-"""Process-group start-up from the launcher's environment, and rank-0 printing."""
+"""Process-group start-up from the launcher's environment, rank-0 work, and rank-0 printing.
+
+Two timeouts: `dist.init_timeout_s` bounds the rendezvous (a missing peer fails start-up fast);
+`dist.collective_timeout_s` then bounds every collective of the run. Rank-0-only work that can
+take minutes never sits inside a collective: `run_on_main` makes the other ranks poll a store key.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
+import time
 import warnings
+from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 from mtrain.launch.env import WorldInfo, world_info_from_env
 from mtrain.launch.preflight import rendezvous_failure
@@ -40,10 +49,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed(backend: str, timeout_s: int, default_port: int) -> WorldInfo:
-    """Join (or, for a single process, create) the default process group through DeepSpeed."""
+def init_distributed(
+    backend: str,
+    timeout_s: int,
+    default_port: int,
+    collective_timeout_s: int | None = None,
+    device: str = "cpu",
+) -> WorldInfo:
+    """Join (or, for a single process, create) the default process group through DeepSpeed.
+
+    `timeout_s` bounds the rendezvous; once every rank is in, collectives are bounded by
+    `collective_timeout_s` (unchanged when None). On CUDA each rank first takes its local GPU.
+    """
     global _WORLD
     import deepspeed  # noqa: PLC0415  (slow import, kept off the `validate` path)
+    import torch  # noqa: PLC0415
     import torch.distributed as dist  # noqa: PLC0415
 
     # DeepSpeed calls these collectives on every gather; torch warns on each call.
@@ -53,6 +73,9 @@ def init_distributed(backend: str, timeout_s: int, default_port: int) -> WorldIn
         # A lone process still needs a process group for DeepSpeed; pick a port nobody holds.
         world = WorldInfo(0, 1, 0, 1, "127.0.0.1", free_port(), "none")
     world.export()
+    if device == "cuda":
+        # Before any CUDA work: otherwise every rank's NCCL communicator and allocations start on GPU 0.
+        torch.cuda.set_device(world.local_rank)
     if not dist.is_initialized():
         try:
             if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
@@ -69,8 +92,47 @@ def init_distributed(backend: str, timeout_s: int, default_port: int) -> WorldIn
             )
         except dist.DistError as exc:
             raise rendezvous_failure(exc, world, timeout_s) from exc
+        if collective_timeout_s is not None:
+            # The group was created with the rendezvous timeout; from here on collectives get their own.
+            dist.distributed_c10d._set_pg_timeout(timedelta(seconds=collective_timeout_s))
     _WORLD = world
     return world
+
+
+_MAIN_WORK_CALLS = 0
+
+
+def run_on_main(work: Callable[[], Any], label: str, poll_s: float = 0.2) -> Any:
+    """Run `work` on rank 0 and hand its JSON-serialisable result (or its error) to every rank.
+
+    The other ranks wait by polling a key of the process group's store with a sleep, outside any
+    collective: rank-0 work of many minutes on a 7B model (the export, a universal conversion, the
+    `init_from` export) would outlast `dist.collective_timeout_s`, and a rank waiting in a barrier or
+    broadcast is then killed by the watchdog. If rank 0 dies meanwhile, the launcher stops the job
+    (or the store rank 0 hosts goes away and the poll raises), so no rank waits forever.
+    """
+    import torch.distributed as dist  # noqa: PLC0415
+
+    global _MAIN_WORK_CALLS
+    world = current_world()
+    if world.world_size == 1 or not dist.is_initialized():
+        return work()
+    _MAIN_WORK_CALLS += 1  # every rank makes the same calls in the same order: the keys match
+    key = f"mtrain/main_work/{_MAIN_WORK_CALLS}/{label}"
+    store = dist.distributed_c10d._get_default_store()
+    if world.is_main:
+        try:
+            outcome = ["ok", work()]
+        except Exception as exc:  # noqa: BLE001  (re-raised on every rank below)
+            outcome = ["error", f"{type(exc).__name__}: {exc}"]
+        store.set(key, json.dumps(outcome))
+    else:
+        while not store.check([key]):
+            time.sleep(poll_s)
+        outcome = json.loads(store.get(key))
+    if outcome[0] == "error":
+        raise RuntimeError(outcome[1])
+    return outcome[1]
 
 
 def join_agent_store(backend: str, world: WorldInfo, timeout: timedelta) -> None:

@@ -6,12 +6,12 @@ so a 7B plan needs no weights and runs on a laptop. Everything assumed is printe
 Memory per GPU under ZeRO-3 with bf16 mixed precision (DeepSpeed's `estimate_zero3_model_states_mem_needs`,
 which charges 18 bytes per parameter and assumes every parameter trains):
 
-    parameters   2 B x all parameters / GPUs            (bf16 weights, sharded)
-    gradients    4 B x trained parameters / GPUs        (fp32 gradient partition)
-    optimizer   12 B x trained parameters / GPUs        (fp32 master weights, Adam m and v)
+    parameters   2 B x all parameters / GPUs            (bf16 weights, sharded; 0 with zero.offload_param=cpu)
+    gradients    4 B x trained parameters / GPUs        (fp32 gradient partition; 0 with zero.offload_optimizer=cpu)
+    optimizer   12 B x trained parameters / GPUs        (fp32 master weights, Adam m and v; 0 offloaded)
     gathered     4 B x largest layer                    (a gathered layer's working set)
     buffers      2 B x (reduce bucket + prefetch bucket)
-    activations  per sample, no activation checkpointing (see `activation_bytes_per_sample`)
+    activations  per sample, with or without activation checkpointing (see `activation_bytes_per_sample`)
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from mtrain.config.schema import TrainConfig
 from mtrain.metrics.flops import (
     ModelShape,
+    attention_flops,
     lm_flops_per_token,
     mean_sample_flops,
     mean_sample_tokens,
@@ -89,6 +90,11 @@ class MemoryPlan:
     def total(self) -> float:
         return self.model_states + self.buffers + self.activations_per_sample * self.micro_batch
 
+    @property
+    def fits(self) -> bool:
+        """The configured micro-batch fits beside the reserve."""
+        return 1 <= self.micro_batch <= self.max_micro_batch
+
 
 @dataclass
 class TokenPlan:
@@ -149,9 +155,11 @@ def planned_model_shape(cfg: TrainConfig) -> ModelShape:
     return model_shape(built.model, built.visual_tokens)
 
 
-def activation_bytes_per_sample(shape: ModelShape, lm_tokens: int, images: int = 1) -> float:
-    """Stored activations of one sample in bf16, without activation checkpointing, with a
-    memory-efficient attention kernel (no l^2 score matrix kept).
+def activation_bytes_per_sample(
+    shape: ModelShape, lm_tokens: int, images: int = 1, checkpointing: bool = False
+) -> float:
+    """Stored activations of one sample in bf16, with a memory-efficient attention kernel (no l^2
+    score matrix kept).
 
     Per language-model token and layer (elements): RMSNorm in and out twice (4 h), q (h), k and v
     (2 kv_dim), attention output (h), SwiGLU gate, up, SiLU(gate) and product (4 i). Per token once:
@@ -159,13 +167,22 @@ def activation_bytes_per_sample(shape: ModelShape, lm_tokens: int, images: int =
     saved log-softmax (4 B) over the vocabulary. The vision tower stores nothing when frozen (no
     input or weight needs a gradient); the projector stores its input and hidden when it trains.
     Frozen language-model weights save a little less than counted here: an upper estimate.
+
+    With activation checkpointing each transformer layer keeps only its input (h elements per token)
+    and the backward recomputes one layer at a time, so the layers' share becomes
+    `layers x h + one layer's activations`; the final norm and the logits are kept as before.
     """
     per_layer = 6 * shape.hidden + 2 * shape.kv_dim + 4 * shape.intermediate
-    lm = lm_tokens * (2 * per_layer * shape.layers + 2 * 2 * shape.hidden + 10 * shape.vocab)
+    layers = shape.layers * shape.hidden + per_layer if checkpointing else shape.layers * per_layer
+    lm = lm_tokens * (2 * layers + 2 * 2 * shape.hidden + 10 * shape.vocab)
     vision = 0.0
     if shape.vision_trained:
         vision_per_layer = 8 * shape.vision_hidden + 2 * shape.vision_intermediate
-        vision = images * shape.vision_sequence * shape.vision_layers * 2 * vision_per_layer
+        if checkpointing:
+            vision_layers = shape.vision_layers * shape.vision_hidden + vision_per_layer
+        else:
+            vision_layers = shape.vision_layers * vision_per_layer
+        vision = images * shape.vision_sequence * 2 * vision_layers
     projector = 0.0
     if shape.projector_trained or shape.vision_trained:
         projector = images * shape.grid_tokens * 2 * (shape.vision_hidden + 2 * shape.hidden)
@@ -173,9 +190,10 @@ def activation_bytes_per_sample(shape: ModelShape, lm_tokens: int, images: int =
 
 
 def deepspeed_model_states_estimate(
-    total_params: int, largest_layer_params: int, cluster: Cluster, offload: bool
+    total_params: int, largest_layer_params: int, cluster: Cluster, offload: bool, offload_params: bool = False
 ) -> int:
-    """DeepSpeed's own per-GPU figure for ZeRO-3 model states (it assumes every parameter trains)."""
+    """DeepSpeed's own per-GPU figure for ZeRO-3 model states (it assumes every parameter trains);
+    `offload` moves the optimizer (and gradients) to CPU, `offload_params` the parameters too."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs  # noqa: PLC0415
 
     _, gpu_bytes, _ = estimate_zero3_model_states_mem_needs(
@@ -183,8 +201,8 @@ def deepspeed_model_states_estimate(
         largest_layer_params,
         num_gpus_per_node=cluster.gpus_per_node,
         num_nodes=cluster.nodes,
-        cpu_offload=offload,
-        cpu_offload_params=False,
+        cpu_offload=offload or offload_params,  # DeepSpeed offloads parameters only beside the optimizer
+        cpu_offload_params=offload_params,
         zero_init=True,
     )
     return gpu_bytes
@@ -195,13 +213,14 @@ def plan_memory(
 ) -> MemoryPlan:
     gpus = cluster.gpus
     offload = cfg.zero.offload_optimizer == "cpu"
+    offload_params = cfg.zero.offload_param == "cpu"
     if cfg.matryoshka.tokens.layout == "padded":
         row_tokens = max(len(segments) * max(segments) for segments in layouts)  # padding is computed too
     else:
         row_tokens = max(sum(segments) for segments in layouts)
-    activations = activation_bytes_per_sample(shape, row_tokens)
+    activations = activation_bytes_per_sample(shape, row_tokens, checkpointing=cfg.model.activation_checkpointing)
     memory = MemoryPlan(
-        parameters=2 * shape.total_params / gpus,
+        parameters=0.0 if offload_params else 2 * shape.total_params / gpus,
         gradients=0.0 if offload else 4 * shape.trainable_params / gpus,
         optimizer=0.0 if offload else 12 * shape.trainable_params / gpus,
         gathered_layer=4 * shape.largest_layer_params,
@@ -211,7 +230,7 @@ def plan_memory(
         micro_batch=cfg.data.micro_batch_size,
         max_micro_batch=0,
         deepspeed_estimate=deepspeed_model_states_estimate(
-            shape.total_params, shape.largest_layer_params, cluster, offload
+            shape.total_params, shape.largest_layer_params, cluster, offload, offload_params
         ),
     )
     free = cluster.gpu_memory_bytes - memory.reserve - memory.model_states - memory.buffers
@@ -226,20 +245,34 @@ def zero3_comm_bytes(shape: ModelShape) -> float:
     return 2 * 2 * shape.total_params + 2 * shape.trainable_params
 
 
+def recompute_flops(shape: ModelShape, layouts: list[list[int]]) -> float:
+    """FLOPs activation checkpointing adds per sample: the forward of the transformer layers again
+    (2 x layer parameters per token, plus causal attention's forward share, a third of its training
+    FLOPs). Not model FLOPs: it lengthens the step without counting towards MFU."""
+    layer_params = shape.lm_params - shape.vocab * shape.hidden - shape.hidden  # lm_head and final norm excluded
+    per_layout = [
+        2 * layer_params * sum(segments) + sum(attention_flops(shape, s) for s in segments) / 3 for segments in layouts
+    ]
+    return sum(per_layout) / len(per_layout)
+
+
 def project(
     shape: ModelShape,
     layouts: list[list[int]],
     micro_batch: int,
     cluster: Cluster,
     assumptions: GpuAssumptions,
+    checkpointing: bool = False,
 ) -> Projection:
     """Step time of one micro-batch on every GPU, compute and ZeRO-3 communication partly overlapped:
-    t = max(compute, comm) + (1 - overlap) x min(compute, comm); MFU = model FLOPs / (t x peak)."""
+    t = max(compute, comm) + (1 - overlap) x min(compute, comm); MFU = model FLOPs / (t x peak).
+    With activation checkpointing the compute also runs the layers' forward a second time."""
     peak = assumptions.peak_tflops * 1e12
     per_sample = mean_sample_flops(shape, layouts)
     tokens_per_sample = mean_sample_tokens(layouts)
     flops = micro_batch * per_sample
-    compute_s = flops / (peak * assumptions.compute_efficiency)
+    recompute = micro_batch * recompute_flops(shape, layouts) if checkpointing else 0.0
+    compute_s = (flops + recompute) / (peak * assumptions.compute_efficiency)
     gpus = cluster.gpus
     busbw = assumptions.intra_node_busbw_gbs if cluster.nodes == 1 else assumptions.inter_node_busbw_gbs
     comm_bytes = zero3_comm_bytes(shape) if gpus > 1 else 0.0
@@ -290,10 +323,11 @@ def make_plan(
         lm_tokens_per_sample=mean_sample_tokens(layouts),
         samples_per_step=cfg.data.micro_batch_size * cfg.optim.grad_accum_steps * cluster.gpus,
     )
-    projection = project(shape, layouts, cfg.data.micro_batch_size, cluster, assumptions)
+    checkpointing = cfg.model.activation_checkpointing
+    projection = project(shape, layouts, cfg.data.micro_batch_size, cluster, assumptions, checkpointing)
     at_max = None
     if memory.max_micro_batch >= 1 and memory.max_micro_batch != cfg.data.micro_batch_size:
-        at_max = project(shape, layouts, memory.max_micro_batch, cluster, assumptions)
+        at_max = project(shape, layouts, memory.max_micro_batch, cluster, assumptions, checkpointing)
     return Plan(cfg, cluster, shape, memory, token_plan, projection, at_max, assumptions)
 
 
@@ -377,20 +411,27 @@ def format_plan(plan: Plan) -> str:
         f"  largest layer        {shape.largest_layer_params:>15,}",
         "",
         f"memory per GPU (micro-batch {memory.micro_batch})",
-        f"  parameters    {_gib(memory.parameters)}   2 B x {shape.total_params:,} / {cluster.gpus}",
+        f"  parameters    {_gib(memory.parameters)}   2 B x {shape.total_params:,} / {cluster.gpus}"
+        + (" (offloaded to CPU)" if cfg.zero.offload_param == "cpu" else ""),
         f"  gradients     {_gib(memory.gradients)}   4 B x {shape.trainable_params:,} trained / {cluster.gpus}"
         + (" (offloaded to CPU)" if cfg.zero.offload_optimizer == "cpu" else ""),
         f"  optimizer     {_gib(memory.optimizer)}   12 B x {shape.trainable_params:,} trained / {cluster.gpus} "
-        "(fp32 master, Adam m, v)",
+        "(fp32 master, Adam m, v)" + (" (offloaded to CPU)" if cfg.zero.offload_optimizer == "cpu" else ""),
         f"  gathered      {_gib(memory.gathered_layer)}   4 B x largest layer {shape.largest_layer_params:,}",
         f"  model states  {_gib(memory.model_states)}   (DeepSpeed's estimator, all parameters trained: "
         f"{memory.deepspeed_estimate / GIB:.2f} GiB)",
         f"  buffers       {_gib(memory.buffers)}   2 B x (reduce bucket + prefetch bucket)",
-        f"  activations   {_gib(memory.activations_per_sample)}   per sample, no activation checkpointing",
+        f"  activations   {_gib(memory.activations_per_sample)}   per sample, "
+        + ("with" if cfg.model.activation_checkpointing else "no")
+        + " activation checkpointing",
         f"  reserve       {_gib(memory.reserve)}   {a.memory_reserve:.0%} of GPU memory",
         f"  total         {_gib(memory.total + memory.reserve)}   of {cluster.gpu_memory_bytes / GIB:.0f} GiB",
         f"  largest micro-batch that fits: {memory.max_micro_batch}"
-        + ("" if memory.max_micro_batch >= 1 else "  (none: add GPUs, use LoRA, or zero.offload_optimizer=cpu)"),
+        + (
+            ""
+            if memory.max_micro_batch >= 1
+            else "  (none: add GPUs, use LoRA, model.activation_checkpointing=true or zero.offload_optimizer=cpu)"
+        ),
         "",
         "tokens",
         f"  text per sample      {tokens.text_per_sample}"
@@ -413,7 +454,8 @@ def format_plan(plan: Plan) -> str:
         f"    dense LM per token   2N + 2N + 2N_trained = {lm_flops_per_token(shape):.3e}   (6N when every LM weight trains)",
         "    attention per segment of l tokens: 6 x layers x hidden x l^2 (causal); vision 2N_v T + 4 L_v d_v T^2 per image",
         f"  compute per micro-batch {proj.compute_s * 1e3:9.1f} ms   at {a.compute_efficiency:.0%} of "
-        f"{a.peak_tflops:.0f} TFLOPs",
+        f"{a.peak_tflops:.0f} TFLOPs"
+        + (", the layers' forward run twice (activation checkpointing)" if cfg.model.activation_checkpointing else ""),
         f"  ZeRO-3 traffic          {proj.comm_bytes / 1e9:9.2f} GB per micro-batch   "
         f"(all-gather fwd + bwd 2 x 2 B x params, reduce-scatter 2 B x trained)",
         f"  communication           {proj.comm_s * 1e3:9.1f} ms   at {proj.busbw_gbs:.0f} GB/s bus bandwidth, "

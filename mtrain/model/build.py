@@ -164,8 +164,29 @@ def build_model(
             built.model = attach_lora(built.model, cfg)
     else:
         apply_freeze_policy(built.model, cfg)
+    if cfg.activation_checkpointing:
+        enable_activation_checkpointing(built)
     built.zero3_context = zero3_context
     return built
+
+
+def enable_activation_checkpointing(built: BuiltModel) -> None:
+    """Keep only each transformer layer's input in the forward; recompute the rest in the backward.
+
+    Non-reentrant checkpointing (use_reentrant=False): the reentrant variant returns no gradient
+    when no input of the checkpointed layer requires one (frozen embeddings under LoRA), and its
+    recomputation inside the backward re-enters ZeRO-3's parameter hooks in an order they do not
+    expect. Scale-specific LoRA adapters read the rows' scales while the task's forward runs; the
+    recomputation happens after it, so the routing restores the rows each forward saw.
+    """
+    kwargs: dict[str, Any] = {"use_reentrant": False}
+    if built.scale_routing is not None:
+        kwargs["context_fn"] = built.scale_routing.checkpoint_contexts
+    model = built.model.get_base_model() if hasattr(built.model, "get_base_model") else built.model
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # transformers before the rename (e.g. 5.17): the same switch under its old name
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _load_local(path: str, dtype: torch.dtype, attn: str, config_only: bool = False) -> BuiltModel:

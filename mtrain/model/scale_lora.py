@@ -13,7 +13,8 @@ fixed order, whatever its data.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from functools import partial
 
 import torch
@@ -51,6 +52,19 @@ class ScaleRouting:
 
     def clear(self) -> None:
         self.row_scales = None
+
+    def checkpoint_contexts(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        """`context_fn` of torch.utils.checkpoint: the backward's recomputation of a layer runs after
+        the task cleared the rows, so it gets back the rows its forward saw."""
+        return contextlib.nullcontext(), self._rows_restored(self.row_scales)
+
+    @contextlib.contextmanager
+    def _rows_restored(self, row_scales: torch.Tensor | None) -> Iterator[None]:
+        previous, self.row_scales = self.row_scales, row_scales
+        try:
+            yield
+        finally:
+            self.row_scales = previous
 
     def mask_output(self, scale: int, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         if self.row_scales is None:

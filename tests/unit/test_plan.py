@@ -223,3 +223,71 @@ def test_parse_memory_and_bad_sizes(capsys):
     assert parse_memory("40960MB") == 40 * GIB
     assert main(["plan", str(REPO / "configs/tiny.yaml"), "--gpu-mem", "lots"]) == 2
     assert "expected a size such as 80GB" in capsys.readouterr().err
+
+
+# The global batch of each recipe's paper (LLaVA-1.5 stage 1, M3, Llama-MTSK, MQT-LLaVA, VLM2Vec).
+RECIPE_GLOBAL_BATCH = {
+    "pretrain_projector": 256,
+    "continue_pretrain_interleaved": 128,
+    "lora_sft_matryoshka": 128,
+    "mqt_finetune": 128,
+    "embedding_mrl": 256,
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPE_GLOBAL_BATCH))
+def test_every_full_size_recipe_fits_eight_80gb_gpus(llava7b_dir, recipe):
+    cfg = load_config(REPO / f"configs/recipes/{recipe}.yaml", [f"model.path={llava7b_dir}"])
+    cluster = Cluster(1, 8, 80 * GIB)
+    # Text filling data.max_len is the longest row a step can meet; 300 text tokens the typical one.
+    longest = make_plan(cfg, cluster)
+    assert longest.tokens.text_per_sample == 2048 - longest.shape.visual_tokens
+    for plan in (longest, make_plan(cfg, cluster, text_tokens=300, shape=longest.shape)):
+        assert plan.memory.fits, (recipe, plan.memory.micro_batch, plan.memory.max_micro_batch)
+        assert plan.memory.total + plan.memory.reserve <= 80 * GIB
+        assert plan.tokens.samples_per_step == RECIPE_GLOBAL_BATCH[recipe]
+    assert sorted(p.stem for p in (REPO / "configs/recipes").glob("*.yaml")) == sorted(RECIPE_GLOBAL_BATCH)
+
+
+def test_activation_checkpointing_and_offload_by_hand(llava7b_dir):
+    base = [*full_finetune_7b(llava7b_dir), "zero.stage=3"]
+    cluster = Cluster(1, 8, 80 * GIB)
+    plain = make_plan(load_config(REPO / "configs/tiny.yaml", base), cluster, text_tokens=300)
+    ckpt = make_plan(
+        load_config(REPO / "configs/tiny.yaml", [*base, "model.activation_checkpointing=true"]),
+        cluster,
+        text_tokens=300,
+        shape=plain.shape,
+    )
+    # Checkpointed: each of the 32 layers keeps its input (4096 per token), one layer is recomputed
+    # at a time; final norm and logits as before.
+    row = 5 * 300 + (1 + 9 + 36 + 144 + 576)
+    layer = 6 * 4096 + 2 * 4096 + 4 * 11008
+    per_token = 2 * (32 * 4096 + layer) + 4 * 4096 + 10 * 32064
+    projector = 576 * 2 * (1024 + 2 * 4096)
+    assert ckpt.memory.activations_per_sample == row * per_token + projector
+    assert plain.memory.activations_per_sample == row * (2 * 32 * layer + 4 * 4096 + 10 * 32064) + projector
+    assert ckpt.memory.model_states == plain.memory.model_states
+    # The recomputed forward of the 32 layers costs time but is not a model FLOP.
+    layers = 32 * (4 * 4096**2 + 3 * 4096 * 11008 + 2 * 4096)
+    recompute = 4 * (2 * layers * row + sum(2 * 32 * 4096 * (300 + s) ** 2 for s in (1, 9, 36, 144, 576)))
+    flops = 4 * plain.projection.flops_per_sample
+    assert ckpt.projection.compute_s == pytest.approx((flops + recompute) / (989e12 * 0.39), rel=1e-12)
+    assert ckpt.projection.flops_per_sample == plain.projection.flops_per_sample
+    assert ckpt.projection.mfu < plain.projection.mfu
+
+    # Offload: gradients and optimizer state leave the GPU; with parameters, the bf16 partitions too.
+    offloaded = make_plan(
+        load_config(REPO / "configs/tiny.yaml", [*base, "zero.offload_optimizer=cpu", "zero.offload_param=cpu"]),
+        cluster,
+        text_tokens=300,
+        shape=plain.shape,
+    )
+    memory = offloaded.memory
+    assert (memory.parameters, memory.gradients, memory.optimizer) == (0.0, 0.0, 0.0)
+    assert memory.model_states == 4 * 32064 * 4096  # only the gathered largest layer stays
+    total = plain.shape.total_params
+    assert memory.deepspeed_estimate == deepspeed_model_states_estimate(
+        total, 32064 * 4096, cluster, offload=True, offload_params=True
+    )
+    assert memory.deepspeed_estimate < plain.memory.deepspeed_estimate
