@@ -469,28 +469,35 @@ def shard_counts(
     are shared. A shard another rank did not report (its view of the index differed) is scanned here.
     """
     indexes: dict[str, tuple[dict, float | None]] = {}
-    counts, scanned = [], 0
-    for url in urls:
+    counts: list[int | None] = []
+    missing: list[str] = []
+    scanned, last_folder, entries, mtime, index = 0, None, {}, None, {}
+    for url in urls:  # a tight loop: it runs once per shard at every start-up
         folder, _, name = url.rstrip("/").rpartition("/")
-        if folder not in indexes:
-            indexes[folder] = _load_index(folder, reader.cache)
-        index, mtime = indexes[folder]
-        entry = index.get("samples", {}).get(name)
-        fresh = isinstance(entry, int) and (mtime is None or _fresh_local_entry(url, index, mtime))
-        counts.append(entry if fresh else None)
-    missing = [url for url, count in zip(urls, counts, strict=True) if count is None]
+        if folder != last_folder:
+            if folder not in indexes:
+                indexes[folder] = _load_index(folder, reader.cache)
+            (index, mtime), last_folder = indexes[folder], folder
+            entries = index.get("samples", {})
+        entry = entries.get(name)
+        if type(entry) is int and (mtime is None or _fresh_local_entry(url, index, mtime)):
+            counts.append(entry)
+        else:
+            counts.append(None)
+            missing.append(url)
     found: dict[str, int] = {}
     if gather is not None:
         mine = {url: len(reader.scan(url)) for url in missing[rank::world_size]}
         scanned += len(mine)
         for shared in gather(mine):
             found.update(shared)
-    for i, url in enumerate(urls):
-        if counts[i] is None:
-            if url not in found:
-                found[url] = len(reader.scan(url))
-                scanned += 1
-            counts[i] = found[url]
+    if missing:
+        for i, url in enumerate(urls):
+            if counts[i] is None:
+                if url not in found:
+                    found[url] = len(reader.scan(url))
+                    scanned += 1
+                counts[i] = found[url]
     return counts, scanned
 
 
