@@ -344,16 +344,45 @@ class EmbeddingDimsConfig(Checkable):
     weights: list[float] = setting([], "InfoNCE weight per dim in the MRL sum (empty: 1 each).")
     policy: Literal["mrl", "2dmse", "starbucks"] = setting(
         "mrl",
-        "mrl: last layer at every dim; 2dmse: last layer at full dim + one random (layer, dim) per step + KL; "
-        "starbucks: every (layers[i], dims[i]) pair every step + KL.",
+        "mrl: last layer at every dim; 2dmse: last layer + one drawn shallower layer per micro-batch + KL "
+        "(see variant); starbucks: every (layers[i], dims[i]) pair every step + KL to the largest pair.",
     )
     layers: list[int] = setting(
         [],
         "Transformer layers (1-based) embeddings are also taken from: 2dmse draws among them (empty: every layer "
         "below the last); starbucks pairs layers[i] with dims[i].",
     )
-    kl_temperature: float = setting(0.3, "Temperature of the similarity distributions the KL term aligns (2D).")
-    kl_weight: float = setting(1.0, "Weight of the KL alignment to the last layer (2D policies).")
+    variant: Literal["angle", "sentence_transformers"] = setting(
+        "angle",
+        "2dmse reference: angle (the paper's AnglE code: full width + one drawn smaller dim at both layers, KL T=1) "
+        "or sentence_transformers (Matryoshka2dLoss: dims_per_step drawn dims per layer, KL T=0.3).",
+    )
+    dims_per_step: int = setting(
+        1, "2dmse variant sentence_transformers: dims drawn per layer per micro-batch (n_dims_per_step); 0: all."
+    )
+    scoring: Literal["auto", "cosine", "dot", "normalised_dot"] = setting(
+        "auto",
+        "How a (layer, dim) prefix is scored: cosine of the re-normalised prefix, dot of the raw prefix, or dot of "
+        "the prefix of the full-width-normalised embedding; auto: cosine for mrl/2dmse, dot for starbucks.",
+    )
+    kl_temperature: float | None = setting(
+        None, "2dmse KL temperature T (loss T*KL); null: the variant's (angle 1.0, sentence_transformers 0.3)."
+    )
+    kl_weight: float = setting(1.0, "Weight of the KL term (2dmse and starbucks).")
+
+    @property
+    def resolved_scoring(self) -> str:
+        """The scoring a step uses once `auto` is resolved for the policy."""
+        if self.scoring != "auto":
+            return self.scoring
+        return "dot" if self.policy == "starbucks" else "cosine"
+
+    @property
+    def resolved_kl_temperature(self) -> float:
+        """2dmse's KL temperature once null is resolved for the variant."""
+        if self.kl_temperature is not None:
+            return self.kl_temperature
+        return 1.0 if self.variant == "angle" else 0.3
 
     def check(self) -> list[tuple[str, str]]:
         if self.dims and (sorted(set(self.dims)) != self.dims or self.dims[0] < 1):
@@ -372,8 +401,16 @@ class EmbeddingDimsConfig(Checkable):
                 return [
                     ("layers", f"starbucks pairs grow from small to large; layers must not decrease: {self.layers}")
                 ]
-        if self.kl_temperature <= 0:
+        if self.kl_temperature is not None and self.kl_temperature <= 0:
             return [("kl_temperature", f"must be positive, got {self.kl_temperature}")]
+        if self.kl_temperature is not None and self.policy != "2dmse":
+            message = f"sets the 2dmse KL; {self.policy} takes none of its own (starbucks uses the contrastive one)"
+            return [("kl_temperature", message)]
+        if self.dims_per_step < 0:
+            return [("dims_per_step", f"must be >= 0 (0: every dim), got {self.dims_per_step}")]
+        if self.policy == "2dmse" and self.variant == "angle" and self.weights:
+            message = "are not part of AnglE's 2DMSE; drop them or set matryoshka.dims.variant=sentence_transformers"
+            return [("weights", message)]
         if self.kl_weight < 0:
             return [("kl_weight", f"must be >= 0, got {self.kl_weight}")]
         return []

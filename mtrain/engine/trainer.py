@@ -71,14 +71,14 @@ class Trainer:
         """
         started = time.perf_counter()
         task = self.engine.module
-        if hasattr(task, "begin_step"):
-            task.begin_step(self.step)  # Matryoshka samplers draw from (seed, step), the same on every rank
         lr = self.engine.get_lr()[0]  # the lr this step uses, read before the scheduler advances
         losses: list[torch.Tensor] = []
         totals: dict[str, torch.Tensor] = {}
         samples = 0
         data_wait = 0.0
-        for _ in range(self.cfg.optim.grad_accum_steps):
+        for micro_batch in range(self.cfg.optim.grad_accum_steps):
+            if hasattr(task, "begin_step"):
+                task.begin_step(self.step, micro_batch)  # draws keyed by (seed, step, micro-batch), every rank alike
             fetch_started = time.perf_counter()
             raw_batch = next(self.batches)
             data_wait += time.perf_counter() - fetch_started

@@ -139,29 +139,3 @@ def shrink_image_runs(
         new_labels[row, :n] = labels[row][kept]
         new_mask[row, :n] = 1
     return new_ids, new_labels, new_mask
-
-
-class ScaleSampler:
-    """Which scales a step uses. Draws depend only on (seed, step), so every rank agrees."""
-
-    def __init__(self, scales: list[int], policy: str, seed: int) -> None:
-        self.scales = list(scales)
-        self.policy = policy
-        self.seed = seed
-
-    def generator(self, step: int, stream: int = 0) -> torch.Generator:
-        return torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 7 + stream)
-
-    def step_scale(self, step: int) -> int:
-        """The one scale of a `sample_per_step` step, identical on every rank."""
-        index = int(torch.randint(len(self.scales), (1,), generator=self.generator(step)))
-        return self.scales[index]
-
-    def row_scales(self, step: int, rank: int, rows: int) -> list[int]:
-        """One scale per sample (`sample_per_sample`); ranks hold different samples, so draws differ by rank."""
-        draws = torch.randint(len(self.scales), (rows,), generator=self.generator(step, stream=1 + rank))
-        return [self.scales[int(i)] for i in draws]
-
-    def state_dict(self) -> dict[str, object]:
-        # Stateless by construction: the draw is a function of (seed, step); kept for checkpoints.
-        return {"scales": self.scales, "policy": self.policy, "seed": self.seed}

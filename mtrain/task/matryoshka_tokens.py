@@ -25,7 +25,8 @@ from torch import nn
 
 from mtrain.config.schema import TokenScalesConfig
 from mtrain.model.scale_lora import ScaleRouting
-from mtrain.model.token_scales import ScaleSampler, image_keep_mask, pool_grid, shrink_image_runs
+from mtrain.model.token_scales import image_keep_mask, pool_grid, shrink_image_runs
+from mtrain.task.draws import ScaleSampler
 
 IGNORE_INDEX = -100
 
@@ -119,6 +120,7 @@ class MatryoshkaTokenTask(nn.Module):
         weights = tokens.weights or [1.0] * len(tokens.scales)
         self.scale_weights = dict(zip(tokens.scales, weights, strict=True))
         self.step = 0
+        self.micro_batch = 0
 
     # ── which scales ──────────────────────────────────────────────────────────────────────────
     @property
@@ -130,8 +132,10 @@ class MatryoshkaTokenTask(nn.Module):
         """Scales with a loss of their own: MQT stage 1 trains only at all M queries."""
         return [self.tokens.mqt_queries] if self.mqt_stage_one else self.tokens.scales
 
-    def begin_step(self, step: int) -> None:
+    def begin_step(self, step: int, micro_batch: int = 0) -> None:
+        """Key the next forward's draws: each accumulated micro-batch draws anew, as the references do per forward."""
         self.step = step
+        self.micro_batch = micro_batch
 
     def sampler_state_dict(self) -> dict[str, Any]:
         return self.sampler.state_dict()
@@ -151,8 +155,8 @@ class MatryoshkaTokenTask(nn.Module):
         if self.tokens.policy == "all":
             return [scale for scale in self.tokens.scales for _ in range(rows)]
         if self.tokens.policy == "sample_per_step":
-            return [self.sampler.step_scale(self.step)] * rows
-        return self.sampler.row_scales(self.step, self.rank, rows)
+            return [self.sampler.step_scale(self.step, self.micro_batch)] * rows
+        return self.sampler.row_scales(self.step, self.rank, rows, self.micro_batch)
 
     # ── the pieces ────────────────────────────────────────────────────────────────────────────
     @property

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from mtrain.config import ConfigError, load_config
-from mtrain.model.token_scales import QueryTransformerProjector, ScaleSampler, pool_grid, shrink_image_runs
+from mtrain.model.token_scales import QueryTransformerProjector, pool_grid, shrink_image_runs
+from mtrain.task.draws import ScaleSampler
 
 
 def test_pool_grid_averages_blocks():
