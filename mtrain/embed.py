@@ -6,7 +6,8 @@
 An input is a text, a PIL image, or an (image, text) pair whose text may place the image with
 `<image>`. The export of an embedding model is the Hugging Face folder the checkpoint export
 writes (`model/`) plus `embedding.json` (dims, layers, pooling) and, with a projection,
-`embedding_head.safetensors`, both written by `save_embedding_head`.
+`embedding_head.safetensors`, and with an MRL-E classifier `classifier.safetensors`
+(`Embedder.classify(inputs, dim=k)`), all written by `save_embedding_head`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from mtrain.model.embedding_head import truncate
 
 EMBEDDING_FILE = "embedding.json"
 HEAD_WEIGHTS_FILE = "embedding_head.safetensors"
+CLASSIFIER_FILE = "classifier.safetensors"
 
 EmbedInput = str | Image.Image | tuple[Image.Image, str]
 
@@ -40,6 +42,7 @@ def embedding_metadata(task: Any) -> dict[str, Any]:
         "projection_dim": task.contrastive.projection_dim,
         "width": task.head.out_width,
         "query_instruction": task.contrastive.query_instruction,
+        "classes": task.dims_config.classes,
     }
 
 
@@ -52,14 +55,19 @@ def save_embedding_head(task: Any, export_dir: str | Path, write: bool = True) -
     from safetensors.torch import save_file  # noqa: PLC0415
 
     out = Path(export_dir)
-    partitioned = [p for p in task.head.parameters() if hasattr(p, "ds_id")]
-    with deepspeed.zero.GatheredParameters(partitioned, enabled=bool(partitioned)):
-        head_state = {name: value.detach().clone().contiguous() for name, value in task.head.state_dict().items()}
+    states = {}
+    for file, module in ((HEAD_WEIGHTS_FILE, task.head), (CLASSIFIER_FILE, task.classifier)):
+        if module is None:
+            continue
+        partitioned = [p for p in module.parameters() if hasattr(p, "ds_id")]
+        with deepspeed.zero.GatheredParameters(partitioned, enabled=bool(partitioned)):
+            states[file] = {name: value.detach().clone().contiguous() for name, value in module.state_dict().items()}
     if write:
         out.mkdir(parents=True, exist_ok=True)
         (out / EMBEDDING_FILE).write_text(json.dumps(embedding_metadata(task), indent=1))
-        if head_state:
-            save_file(head_state, str(out / HEAD_WEIGHTS_FILE))
+        for file, state in states.items():
+            if state:
+                save_file(state, str(out / file))
     return out
 
 
@@ -106,6 +114,7 @@ class Embedder:
                 f"task.contrastive.pooling={meta['pooling']}",
                 f"task.contrastive.projection_dim={meta['projection_dim']}",
                 f"matryoshka.dims.dims={meta['dims']}",
+                f"matryoshka.dims.classes={meta.get('classes', 0)}",
                 "checkpoint.export_at_end=false",  # this config only rebuilds the model
             ],
         )
@@ -113,6 +122,8 @@ class Embedder:
         task = build_task(cfg, built, rank=0)
         if (folder / HEAD_WEIGHTS_FILE).is_file():
             task.head.load_state_dict(load_file(str(folder / HEAD_WEIGHTS_FILE)), strict=True)
+        if task.classifier is not None:
+            task.classifier.load_state_dict(load_file(str(folder / CLASSIFIER_FILE)), strict=True)
         embedder = cls(task, pair_spec(cfg, built), built.image_processor)
         embedder.metadata = meta
         return embedder
@@ -123,14 +134,29 @@ class Embedder:
     ) -> torch.Tensor:
         """(len(inputs), dim) unit vectors: the first `dim` coordinates (default: the largest trained)
         of the embedding at `layer` (default: the last), re-normalised."""
-        from data_pipeline.pairs import collate_side, encode_side  # noqa: PLC0415
-
         dim = dim or self.metadata["dims"][-1]
         layer = layer or self.metadata["last_layer"]
         if not 1 <= layer <= self.task.depth:
             raise ValueError(
                 f"layer={layer} is outside 1..{self.task.depth}; trained layers: {self.metadata['layers']}"
             )
+        return truncate(self.raw_embeddings(inputs, layer, instruction), dim)
+
+    @torch.no_grad()
+    def classify(self, inputs: Sequence[EmbedInput], dim: int | None = None, instruction: str = "") -> torch.Tensor:
+        """(len(inputs), classes) MRL-E logits from the first `dim` coordinates (default: the largest trained)."""
+        if self.task.classifier is None:
+            raise ValueError("this model has no MRL-E classifier; train one with matryoshka.dims.classes=N")
+        dim = dim or self.metadata["dims"][-1]
+        if dim not in self.task.classifier.dims:
+            raise ValueError(f"dim={dim} is not a trained dim; the classifier was trained at {self.task.classifier.dims}")
+        embeddings = self.raw_embeddings(inputs, self.metadata["last_layer"], instruction)
+        return self.task.classifier.logits(embeddings, dim)
+
+    def raw_embeddings(self, inputs: Sequence[EmbedInput], layer: int, instruction: str) -> torch.Tensor:
+        """(len(inputs), width) pooled (and projected) embeddings at `layer`, before any truncation."""
+        from data_pipeline.pairs import collate_side, encode_side  # noqa: PLC0415
+
         sides = []
         for item in inputs:
             image, text = (
@@ -138,5 +164,4 @@ class Embedder:
             )
             sides.append(encode_side(self.spec, image, text, instruction))
         batch = collate_side(sides, self.spec.tokenizer.pad_token_id, self.spec.image_size, self.image_processor)
-        embeddings = self.task.encode(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], [layer])
-        return truncate(embeddings[0], dim)
+        return self.task.encode(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], [layer])[0]

@@ -369,6 +369,12 @@ class EmbeddingDimsConfig(Checkable):
         None, "2dmse KL temperature T (loss T*KL); null: the variant's (angle 1.0, sentence_transformers 0.3)."
     )
     kl_weight: float = setting(1.0, "Weight of the KL term (2dmse and starbucks).")
+    classes: int = setting(
+        0,
+        "MRL-E: a classifier over this many classes on the query embedding, one weight W sliced W[:, :k] at every "
+        "dim k, trained on each pair's KEY.label.cls; 0: none.",
+    )
+    classifier_weight: float = setting(1.0, "Weight of the MRL-E classification loss beside the contrastive one.")
 
     @property
     def resolved_scoring(self) -> str:
@@ -406,6 +412,10 @@ class EmbeddingDimsConfig(Checkable):
         if self.kl_temperature is not None and self.policy != "2dmse":
             message = f"sets the 2dmse KL; {self.policy} takes none of its own (starbucks uses the contrastive one)"
             return [("kl_temperature", message)]
+        if self.classes < 0:
+            return [("classes", f"must be >= 0 (0: no MRL-E classifier), got {self.classes}")]
+        if self.classifier_weight < 0:
+            return [("classifier_weight", f"must be >= 0, got {self.classifier_weight}")]
         if self.dims_per_step < 0:
             return [("dims_per_step", f"must be >= 0 (0: every dim), got {self.dims_per_step}")]
         if self.policy == "2dmse" and self.variant == "angle" and self.weights:
@@ -503,6 +513,9 @@ class TrainConfig(Checkable):
         if width and dims.dims and dims.dims[-1] > width:
             source = "task.contrastive.projection_dim" if contrastive.projection_dim else "model.tiny.hidden_size"
             return ("matryoshka.dims.dims", f"{dims.dims[-1]} exceeds the embedding width {width} ({source})")
+        if dims.classes and contrastive.chunk_size:
+            message = "GradCache replays only the embeddings' gradient, so the MRL-E classifier would not train"
+            return ("matryoshka.dims.classes", f"{message}; set task.contrastive.chunk_size=0 or classes=0")
         if contrastive.projection_dim and self.checkpoint.export_at_end:
             message = (
                 "a projection head is not part of the Hugging Face export yet; set checkpoint.export_at_end=false "

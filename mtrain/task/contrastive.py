@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtrain.config.schema import ContrastiveConfig, EmbeddingDimsConfig
-from mtrain.model.embedding_head import EmbeddingHead, check_dims
+from mtrain.model.embedding_head import EmbeddingHead, MatryoshkaClassifier, check_dims
 from mtrain.task.draws import draw_random
-from mtrain.task.embedding_losses import embedding_kl, info_nce, prefix_scores, score_kl
+from mtrain.task.embedding_losses import embedding_kl, info_nce, mrl_e_loss, prefix_scores, score_kl
 
 SIDES = ("query", "positive")
 
@@ -183,6 +183,10 @@ class ContrastiveTask(nn.Module):
         self.model = model
         text_config = self.llava.config.text_config
         self.head = EmbeddingHead(text_config.hidden_size, contrastive.pooling, contrastive.projection_dim)
+        # MRL-E: one classifier for every dim, W sliced W[:, :k] (Kusupati et al.).
+        self.classifier = (
+            MatryoshkaClassifier(self.head.out_width, dims.classes, dims.dims) if dims.classes else None
+        )
         self.contrastive = contrastive
         self.dims_config = dims
         self.dims = check_dims(dims.dims, self.head.out_width)
@@ -289,8 +293,26 @@ class ContrastiveTask(nn.Module):
         plan = self.plan()
         queries, positives = self.encode_pairs(batch, plan.layers)
         loss, metrics = self.objective(queries, positives, plan)
+        if self.classifier is not None:
+            classifier_loss = self.classifier_loss(queries[-1], batch)
+            loss = loss + self.dims_config.classifier_weight * classifier_loss
+            metrics["classifier_loss"] = classifier_loss.detach().double()
         metrics["tokens"] = (batch["query_attention_mask"].sum() + batch["positive_attention_mask"].sum()).detach()
         return loss, metrics
+
+    def classifier_loss(self, queries: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """MRL-E cross-entropy of this rank's query embeddings (the deepest layer the step embeds) at every dim.
+
+        Local rows only, unscaled: DeepSpeed's mean over ranks is then the global-batch mean.
+        """
+        if "labels" not in batch:
+            raise ValueError(
+                "matryoshka.dims.classes is set but the batch has no labels: give every pair a KEY.label.cls "
+                "(an integer class) or set matryoshka.dims.classes=0"
+            )
+        weights = self.dims_config.weights or [1.0] * len(self.dims)
+        classifier = self.classifier
+        return mrl_e_loss(queries, batch["labels"], classifier.weight, classifier.bias, self.dims, weights)
 
     def cached_forward_backward(
         self,
@@ -328,6 +350,8 @@ class ContrastiveTask(nn.Module):
         """The unscaled global-batch loss and the loss of every (layer, dim) that contributed."""
         draws = float(totals["draws"])
         out = {"loss": float(totals["contrastive_loss"]) / draws, "kl_loss": float(totals["kl_loss"]) / draws}
+        if "classifier_loss" in totals:
+            out["classifier_loss"] = float(totals["classifier_loss"]) / draws
         for (layer, d), count in zip(
             [(layer, d) for layer in range(1, self.depth + 1) for d in self.dims],
             totals["term_count"].flatten(),

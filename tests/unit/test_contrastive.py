@@ -368,3 +368,46 @@ def test_embed_api_truncates_and_round_trips_through_an_export_with_a_projection
     assert exported.metadata["dims"] == [8, 16, 32] and exported.metadata["layers"] == [2, 3, 4]
     assert exported.metadata["projection_dim"] == 32
     torch.testing.assert_close(exported.embed(inputs, dim=16, layer=2), embedder.embed(inputs, dim=16, layer=2))
+
+
+# ── MRL-E ─────────────────────────────────────────────────────────────────────────────────────
+def test_mrl_e_classifier_trains_from_config_and_round_trips_through_the_export(tmp_path):
+    from PIL import Image
+
+    from mtrain.embed import Embedder, save_embedding_head
+    from mtrain.engine.run import pair_spec
+
+    dims = [8, 16, 64]
+    task, built, cfg = make_task(
+        f"matryoshka.dims.dims={dims}", "matryoshka.dims.classes=3", "matryoshka.dims.classifier_weight=0.5"
+    )
+    with pytest.raises(ConfigError, match="GradCache replays only"):
+        load_config(None, ["task.objective=contrastive", "matryoshka.dims.classes=3", "task.contrastive.chunk_size=2"])
+    batch = make_batch(built)
+    with pytest.raises(ValueError, match="KEY.label.cls"):
+        task(batch)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    batch["labels"] = labels
+    loss, metrics = task(batch)
+    q, p = task.encode_pairs(batch, [4])
+    w, b = task.classifier.weight, task.classifier.bias
+    # MRL_Linear_Layer(efficient=True): logits_k = x[:, :k] W[:, :k]^T + b, a cross-entropy per k, summed.
+    classifier = sum(F.cross_entropy(q[0][:, :k] @ w[:, :k].T + b, labels) for k in dims)
+    expected = sum(hand_info_nce(q[0], p[0], k, 0.1) for k in dims) + 0.5 * classifier
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    assert task.summarize(metrics)["classifier_loss"] == pytest.approx(float(classifier.detach()), rel=1e-5)
+    loss.backward()
+    assert w.grad[:, 16:].abs().sum() > 0 and w.grad[:, :8].abs().sum() > 0
+
+    built.model.save_pretrained(tmp_path / "model")
+    built.tokenizer.save_pretrained(tmp_path / "model")
+    built.image_processor.save_pretrained(tmp_path / "model")
+    save_embedding_head(task, tmp_path)
+    exported = Embedder.from_export(tmp_path)
+    assert exported.metadata["classes"] == 3
+    inputs = [Image.new("RGB", (40, 40), (200, 20, 20)), "a red circle."]
+    ours = Embedder(task, pair_spec(cfg, built), built.image_processor)
+    for k in dims:
+        torch.testing.assert_close(exported.classify(inputs, dim=k), ours.classify(inputs, dim=k))
+    with pytest.raises(ValueError, match="not a trained dim"):
+        exported.classify(inputs, dim=32)
