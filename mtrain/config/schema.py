@@ -293,7 +293,8 @@ class TokenScalesConfig(Checkable):
     )
     scales: list[int] = setting(
         [],
-        "Visual-token budgets, increasing (m3: perfect squares whose side divides the grid side; mqt: <= mqt_queries).",
+        "Visual-token budgets, increasing (m3: perfect squares whose side divides the grid side; mqt: <= mqt_queries; "
+        "mqt empty: every even number up to mqt_queries, as MQT-LLaVA draws m).",
     )
     policy: Literal["all", "sample_per_step", "sample_per_sample"] = setting(
         "all",
@@ -308,6 +309,12 @@ class TokenScalesConfig(Checkable):
     mqt_queries: int = setting(64, "M, the number of learned queries of the MQT projector.")
     mqt_stage: int = setting(2, "MQT stage 1 always uses all M queries; stage 2 uses the policy's draws.")
     mqt_heads: int = setting(4, "Attention heads of the MQT cross-attention.")
+
+    def __post_init__(self) -> None:
+        # MQT-LLaVA's default budgets (`get_matry_n`: m uniform over 2, 4, ..., M), written out so the
+        # resolved config names every trained scale.
+        if self.mode == "mqt" and not self.scales and self.mqt_queries >= 2:
+            self.scales = list(range(2, self.mqt_queries + 1, 2))
 
     def check(self) -> list[tuple[str, str]]:
         if self.mode == "none":

@@ -1,8 +1,8 @@
 """Random draws of Matryoshka structure: visual-token scales, MQT's m, 2DMSE's (layer, dim).
 
 Every draw is a pure function of (seed, step, micro-batch, stream): the references draw per forward,
-so each accumulated micro-batch gets its own draw; no rank enters the key unless the draw is
-per sample (ranks hold different samples). Nothing is stateful, so restoring the step on resume
+so each accumulated micro-batch gets its own draw; no rank enters the key, so every rank draws
+alike. Nothing is stateful, so restoring the step on resume
 restores every later draw bit-exactly.
 """
 
@@ -36,8 +36,8 @@ def mqt_even_budgets(num_queries: int) -> list[int]:
 
 
 class ScaleSampler:
-    """Which visual-token scales a micro-batch uses. One scale per micro-batch is the same on every
-    rank (ZeRO-3 needs ranks to run the same modules); one per sample differs by rank."""
+    """Which visual-token scales a micro-batch uses; the same on every rank (ZeRO-3 needs ranks to
+    run the same modules)."""
 
     def __init__(self, scales: list[int], policy: str, seed: int) -> None:
         self.scales = list(scales)
@@ -49,9 +49,11 @@ class ScaleSampler:
         draw = draw_generator(self.seed, step, micro_batch, "scale")
         return self.scales[int(torch.randint(len(self.scales), (1,), generator=draw))]
 
-    def row_scales(self, step: int, rank: int, rows: int, micro_batch: int = 0) -> list[int]:
-        """One scale per sample (`sample_per_sample`): ranks hold different samples, so rank is in the key."""
-        draw = draw_generator(self.seed, step, micro_batch, f"rows/rank{rank}")
+    def row_scales(self, step: int, rows: int, micro_batch: int = 0) -> list[int]:
+        """One scale per sample (`sample_per_sample`). Row i gets the same draw on every rank: the ranks'
+        samples differ, so each sample still gets its own uniform scale, and every rank runs the same
+        set of scales (the same modules, under ZeRO-3)."""
+        draw = draw_generator(self.seed, step, micro_batch, "rows")
         return [self.scales[int(i)] for i in torch.randint(len(self.scales), (rows,), generator=draw)]
 
     def state_dict(self) -> dict[str, object]:

@@ -156,7 +156,7 @@ class MatryoshkaTokenTask(nn.Module):
             return [scale for scale in self.tokens.scales for _ in range(rows)]
         if self.tokens.policy == "sample_per_step":
             return [self.sampler.step_scale(self.step, self.micro_batch)] * rows
-        return self.sampler.row_scales(self.step, self.rank, rows, self.micro_batch)
+        return self.sampler.row_scales(self.step, rows, self.micro_batch)
 
     # ── the pieces ────────────────────────────────────────────────────────────────────────────
     @property

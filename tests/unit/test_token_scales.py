@@ -64,7 +64,8 @@ def test_sampler_draws_depend_on_seed_and_step_only():
     draws = [sampler.step_scale(step) for step in range(50)]
     assert draws == [other_rank_copy.step_scale(step) for step in range(50)]
     assert len(set(draws)) >= 4  # it does vary from step to step
-    assert sampler.row_scales(5, rank=0, rows=32) != sampler.row_scales(5, rank=1, rows=32)
+    assert sampler.row_scales(5, rows=32) == other_rank_copy.row_scales(5, rows=32)
+    assert sampler.row_scales(5, rows=32, micro_batch=0) != sampler.row_scales(5, rows=32, micro_batch=1)
 
 
 @pytest.mark.parametrize(
