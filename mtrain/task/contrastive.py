@@ -31,7 +31,7 @@ from torch import nn
 
 from mtrain.config.schema import ContrastiveConfig, EmbeddingDimsConfig
 from mtrain.model.embedding_head import EmbeddingHead, MatryoshkaClassifier, check_dims
-from mtrain.task.draws import draw_random
+from mtrain.task.draws import draw_random, draw_slots, rank_spread
 from mtrain.task.embedding_losses import embedding_kl, info_nce, mrl_e_loss, prefix_scores, score_kl
 
 SIDES = ("query", "positive")
@@ -276,12 +276,12 @@ class ContrastiveTask(nn.Module):
             "kl_loss": kl_total.detach().double(),
             "term_loss": term_grid,
             "term_count": count_grid,
-            # Summed over ranks by the trainer: identical draws leave a zero spread (see summarize).
+            # Summed over micro-batches and ranks by the trainer: identical draws leave a zero spread.
             "drawn_layer": torch.tensor(float(drawn.layer)),
-            "drawn_layer_sq": torch.tensor(float(drawn.layer) ** 2),
             "drawn_dim": torch.tensor(float(drawn.dim)),
-            "drawn_dim_sq": torch.tensor(float(drawn.dim) ** 2),
             "draws": torch.tensor(1.0),
+            **draw_slots("drawn_layer", drawn.layer, self.micro_batch),
+            **draw_slots("drawn_dim", drawn.dim, self.micro_batch),
         }
         return loss * world_size(), metrics
 
@@ -361,12 +361,9 @@ class ContrastiveTask(nn.Module):
                 out[f"loss/layer{layer}_dim{d}"] = float(totals["term_loss"][layer - 1, self.dims.index(d)] / count)
                 out[f"terms/layer{layer}_dim{d}"] = float(count)
         if self.dims_config.policy == "2dmse":
-            spread = 0.0
             for name in ("drawn_layer", "drawn_dim"):
-                mean = float(totals[name]) / draws
-                out[name] = mean
-                spread += max(0.0, float(totals[f"{name}_sq"]) / draws - mean**2)
-            out["draw_rank_spread"] = spread
+                out[name] = float(totals[name]) / draws
+            out["draw_rank_spread"] = rank_spread(totals, "drawn_layer") + rank_spread(totals, "drawn_dim")
         return out
 
 

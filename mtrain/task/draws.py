@@ -59,3 +59,23 @@ class ScaleSampler:
     def state_dict(self) -> dict[str, object]:
         # Stateless by construction: the draw is a function of (seed, step, micro-batch); kept for checkpoints.
         return {"scales": self.scales, "policy": self.policy, "seed": self.seed}
+
+
+DRAW_SLOTS = 64  # micro-batches per step the rank-spread metric tells apart (more wrap around)
+
+
+def draw_slots(name: str, value: float, micro_batch: int) -> dict[str, torch.Tensor]:
+    """One micro-batch's draw as metrics: summed over micro-batches and ranks, each micro-batch's slot
+    holds the sum and the sum of squares of the ranks' draws, so `rank_spread` can compare the ranks."""
+    slot = torch.zeros(DRAW_SLOTS, dtype=torch.float64)
+    slot[micro_batch % DRAW_SLOTS] = 1.0
+    return {f"{name}_slots": slot * value, f"{name}_sq_slots": slot * value**2, f"{name}_count_slots": slot}
+
+
+def rank_spread(totals: dict[str, torch.Tensor], name: str) -> float:
+    """Variance over ranks of each micro-batch's draw, summed over micro-batches: 0 when every rank drew alike."""
+    count = totals[f"{name}_count_slots"]
+    present = count > 0
+    mean = totals[f"{name}_slots"][present] / count[present]
+    variance = totals[f"{name}_sq_slots"][present] / count[present] - mean**2
+    return float(variance.clamp(min=0).sum())

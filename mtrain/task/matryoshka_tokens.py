@@ -26,7 +26,7 @@ from torch import nn
 from mtrain.config.schema import TokenScalesConfig
 from mtrain.model.scale_lora import ScaleRouting
 from mtrain.model.token_scales import image_keep_mask, pool_grid, shrink_image_runs
-from mtrain.task.draws import ScaleSampler
+from mtrain.task.draws import ScaleSampler, draw_slots, rank_spread
 
 IGNORE_INDEX = -100
 
@@ -300,16 +300,17 @@ class MatryoshkaTokenTask(nn.Module):
             loss = (weights * per_scale).sum() / weights.sum()
         else:
             loss = loss_sums.sum() / token_counts.sum().clamp(min=1)
-        step_scale = float(layout.token_scales.max()) if self.tokens.policy == "sample_per_step" else 0.0
+        per_step = self.tokens.policy == "sample_per_step" and not self.mqt_stage_one
+        step_scale = float(self.sampler.step_scale(self.step, self.micro_batch)) if per_step else 0.0
         metrics = {
             "tokens": (layout.token_scales > 0).sum(),
             "label_tokens": token_counts.sum().detach(),
             "scale_loss_sum": loss_sums.detach(),
             "scale_label_tokens": token_counts.detach(),
-            # Summed over ranks by the trainer: identical draws leave a zero spread (see summarize).
+            # Summed over micro-batches and ranks by the trainer: identical draws leave a zero spread.
             "step_scale": torch.tensor(step_scale),
-            "step_scale_sq": torch.tensor(step_scale**2),
             "draws": torch.tensor(1.0),
+            **draw_slots("step_scale", step_scale, self.micro_batch),
         }
         return loss, metrics
 
@@ -320,7 +321,7 @@ class MatryoshkaTokenTask(nn.Module):
             draws = float(totals["draws"])
             mean = float(totals["step_scale"]) / draws
             out["scale_drawn"] = mean
-            out["scale_drawn_rank_spread"] = max(0.0, float(totals["step_scale_sq"]) / draws - mean**2)
+            out["scale_drawn_rank_spread"] = rank_spread(totals, "step_scale")
         for i, scale in enumerate(self.reported_scales):
             count = float(totals["scale_label_tokens"][i])
             if count > 0:

@@ -85,3 +85,18 @@ def test_sample_per_step_draws_one_scale_per_micro_batch_alike_on_every_rank():
             assert plan == rank1.plan(rows=3) and len(set(plan)) == 1
             drawn.append(plan[0])
     assert len(set(drawn[:4])) > 1 or len(set(drawn[4:8])) > 1  # micro-batches of one step differ
+
+
+def test_rank_spread_is_zero_for_ranks_that_agree_even_when_micro_batches_differ():
+    from mtrain.task.draws import draw_slots, rank_spread
+
+    def totals(per_rank_draws: list[list[int]]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for draws in per_rank_draws:  # the trainer sums over micro-batches, then over ranks
+            for micro_batch, value in enumerate(draws):
+                for name, tensor in draw_slots("m", value, micro_batch).items():
+                    out[name] = out[name] + tensor if name in out else tensor
+        return out
+
+    assert rank_spread(totals([[2, 64, 8], [2, 64, 8]]), "m") == 0.0
+    assert rank_spread(totals([[2, 64, 8], [2, 64, 10]]), "m") == 1.0  # (8 - 10)^2 / 4
