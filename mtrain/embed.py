@@ -149,7 +149,9 @@ class Embedder:
             raise ValueError("this model has no MRL-E classifier; train one with matryoshka.dims.classes=N")
         dim = dim or self.metadata["dims"][-1]
         if dim not in self.task.classifier.dims:
-            raise ValueError(f"dim={dim} is not a trained dim; the classifier was trained at {self.task.classifier.dims}")
+            raise ValueError(
+                f"dim={dim} is not a trained dim; the classifier was trained at {self.task.classifier.dims}"
+            )
         embeddings = self.raw_embeddings(inputs, self.metadata["last_layer"], instruction)
         return self.task.classifier.logits(embeddings, dim)
 

@@ -493,7 +493,12 @@ class TrainConfig(Checkable):
                 ("model.lora.strategy", f"{self.model.lora.strategy} needs visual scales; set matryoshka.tokens.mode")
             ]
         per_scale_lora = self.model.lora.enabled and self.model.lora.strategy != "shared"
-        if per_scale_lora and tokens.mode == "mqt" and tokens.mqt_stage == 1 and tokens.mqt_queries not in tokens.scales:
+        if (
+            per_scale_lora
+            and tokens.mode == "mqt"
+            and tokens.mqt_stage == 1
+            and tokens.mqt_queries not in tokens.scales
+        ):
             message = (
                 f"MQT stage 1 trains only at all {tokens.mqt_queries} queries, which has no scale adapter among "
                 f"{tokens.scales}, so no scale adapter would train; add {tokens.mqt_queries} to the scales or set "

@@ -184,9 +184,7 @@ class ContrastiveTask(nn.Module):
         text_config = self.llava.config.text_config
         self.head = EmbeddingHead(text_config.hidden_size, contrastive.pooling, contrastive.projection_dim)
         # MRL-E: one classifier for every dim, W sliced W[:, :k] (Kusupati et al.).
-        self.classifier = (
-            MatryoshkaClassifier(self.head.out_width, dims.classes, dims.dims) if dims.classes else None
-        )
+        self.classifier = MatryoshkaClassifier(self.head.out_width, dims.classes, dims.dims) if dims.classes else None
         self.contrastive = contrastive
         self.dims_config = dims
         self.dims = check_dims(dims.dims, self.head.out_width)
@@ -263,7 +261,9 @@ class ContrastiveTask(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Global-batch loss from this rank's (layers, rows, width) embeddings, scaled by the world size."""
         queries, positives = gather_keep_local(queries), gather_keep_local(positives)
-        loss, term_losses, kl_total = plan_loss(queries, positives, plan, self.dims_config, self.contrastive.temperature)
+        loss, term_losses, kl_total = plan_loss(
+            queries, positives, plan, self.dims_config, self.contrastive.temperature
+        )
         term_grid = torch.zeros(self.depth, len(self.dims), dtype=torch.float64)
         count_grid = torch.zeros_like(term_grid)
         for term, term_loss in zip(plan.terms, term_losses, strict=True):

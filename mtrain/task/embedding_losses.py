@@ -82,5 +82,8 @@ def mrl_e_loss(
 ) -> torch.Tensor:
     """Σ_k c_k · CE(features[:, :k] Wᵀ[:k] + b, labels): MRL-E (Kusupati et al., `MRL.py` `MRL_Linear_Layer`
     with `efficient=True`), one weight shared by every prefix length."""
-    terms = [c * F.cross_entropy(mrl_e_logits(features, weight, bias, k), labels) for k, c in zip(dims, dim_weights)]
+    terms = [
+        c * F.cross_entropy(mrl_e_logits(features, weight, bias, k), labels)
+        for k, c in zip(dims, dim_weights, strict=True)
+    ]
     return torch.stack(terms).sum()

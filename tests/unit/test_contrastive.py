@@ -228,7 +228,9 @@ def test_starbucks_sums_every_listed_pair_every_step_plus_kl_to_the_largest_pair
     expected = info_nce(teacher) + sum(
         info_nce(scores(layer, d))
         + F.kl_div(
-            F.log_softmax(scores(layer, d) / 0.1, dim=1), F.softmax(teacher.detach() / 0.1, dim=1), reduction="batchmean"
+            F.log_softmax(scores(layer, d) / 0.1, dim=1),
+            F.softmax(teacher.detach() / 0.1, dim=1),
+            reduction="batchmean",
         )
         for layer, d in pairs[:-1]
     )

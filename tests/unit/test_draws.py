@@ -68,10 +68,12 @@ def test_sample_per_sample_draws_anew_per_micro_batch_and_alike_on_every_rank():
     # micro_batch_size 1 under accumulation no longer collapses to one scale per step
     assert len({tuple(plan[:1]) for plan in plans.values()}) > 1
     assert len({tuple(plan) for plan in plans.values()}) == 4
-    # Resumable: a fresh task (a restarted job) at the same (step, micro-batch) draws the same.
-    fresh = token_task(0, "sample_per_sample")
-    fresh.begin_step(9, 2)
-    assert fresh.plan(rows=8) == plans[2]
+    # Resumable: the draws hold no state, so coming back to (step, micro-batch) later draws the same.
+    rank0.begin_step(10, 0)
+    rank0.plan(rows=8)
+    rank0.begin_step(9, 2)
+    assert rank0.plan(rows=8) == plans[2]
+    assert ScaleSampler([1, 4, 16, 64], "sample_per_sample", seed=1234).row_scales(9, 8, micro_batch=2) == plans[2]
 
 
 def test_sample_per_step_draws_one_scale_per_micro_batch_alike_on_every_rank():

@@ -76,7 +76,12 @@ def angle_reference(hidden: torch.Tensor, layer: int, dim: int, temperature: flo
 
 
 def sentence_transformers_reference(
-    hidden: torch.Tensor, layer: int, last_dims: list[int], layer_dims: list[int], weights: dict[int, float], kl_t: float
+    hidden: torch.Tensor,
+    layer: int,
+    last_dims: list[int],
+    layer_dims: list[int],
+    weights: dict[int, float],
+    kl_t: float,
 ) -> torch.Tensor:
     """sentence-transformers Matryoshka2dLoss = AdaptiveLayerLoss(MatryoshkaLoss(base)): the last layer's
     MatryoshkaLoss at its drawn dims, layer_idx = layer - 1 weighted 1 / (1 + layer_idx), and
@@ -111,7 +116,9 @@ def test_2dmse_angle_variant_equals_angle_compute_loss():
 
 
 def test_2dmse_angle_variant_with_another_kl_temperature():
-    dims = dims_config("matryoshka.dims.policy=2dmse", "matryoshka.dims.dims=[4,8]", "matryoshka.dims.kl_temperature=0.5")
+    dims = dims_config(
+        "matryoshka.dims.policy=2dmse", "matryoshka.dims.dims=[4,8]", "matryoshka.dims.kl_temperature=0.5"
+    )
     plan = plan_step(dims, DEPTH, WIDTH, seed=3, step=7)
     hidden = hidden_states(3)
     layer, dim = plan.drawn
@@ -170,7 +177,7 @@ def starbucks_reference(
     full_layer_scores = all_scores[last_layer_index].sum(dim=-1)
     total_loss = F.cross_entropy(full_layer_scores / TAU, target)
     target_scores = full_layer_scores.detach()
-    for layer_idx, dim in zip(range(num_layers), embedding_dim_list):
+    for layer_idx, dim in zip(range(num_layers), embedding_dim_list, strict=True):
         if layer_idx == last_layer_index and dim == embedding_dim:
             continue
         layer_scores = all_scores[layer_idx, :, :, :dim].sum(dim=-1)

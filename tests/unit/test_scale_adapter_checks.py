@@ -23,7 +23,9 @@ def test_mqt_stage_one_with_scale_adapters_needs_all_m_queries_among_the_scales(
 def test_eval_refuses_a_scale_without_an_adapter():
     overrides = [*PER_SCALE, "matryoshka.tokens.mode=m3", "matryoshka.tokens.scales=[4,64]"]
     cfg, built, task = load_for_eval("configs/tiny.yaml", overrides)
-    with pytest.raises(ValueError, match=r"--scales \[16\]: this model has per_scale LoRA adapters only for the scales \[4, 64\]"):
+    with pytest.raises(
+        ValueError, match=r"--scales \[16\]: this model has per_scale LoRA adapters only for the scales \[4, 64\]"
+    ):
         budget_view(cfg, built, task, [4, 16])
     assert budget_view(cfg, built, task, [4]).tokens.scales == [4]
     assert budget_view(cfg, built, task, None) is task
