@@ -309,6 +309,12 @@ class TokenScalesConfig(Checkable):
     mqt_queries: int = setting(64, "M, the number of learned queries of the MQT projector.")
     mqt_stage: int = setting(2, "MQT stage 1 always uses all M queries; stage 2 uses the policy's draws.")
     mqt_heads: int = setting(4, "Attention heads of the MQT cross-attention.")
+    mqt_architecture: Literal["mtrain", "mqt_llava"] = setting(
+        "mtrain",
+        "mtrain: queries attend at the LM width to features + positions, with residual and MLP; mqt_llava: "
+        "MQT-LLaVA's Resampler (keys = positions only, attention at the vision width, then a projection), "
+        "whose checkpoints load; needs a square mqt_queries.",
+    )
 
     def __post_init__(self) -> None:
         # MQT-LLaVA's default budgets (`get_matry_n`: m uniform over 2, 4, ..., M), written out so the
@@ -334,6 +340,9 @@ class TokenScalesConfig(Checkable):
                 ]
             if self.mqt_stage not in (1, 2):
                 return [("mqt_stage", f"must be 1 or 2, got {self.mqt_stage}")]
+            if self.mqt_architecture == "mqt_llava" and math.isqrt(self.mqt_queries) ** 2 != self.mqt_queries:
+                message = f"{self.mqt_queries}: the mqt_llava layout puts its queries on a square grid (e.g. 16, 256)"
+                return [("mqt_queries", message)]
         if self.weights and len(self.weights) != len(self.scales):
             return [("weights", f"has {len(self.weights)} entries for {len(self.scales)} scales")]
         if any(w < 0 for w in self.weights) or (self.weights and sum(self.weights) == 0):
