@@ -246,3 +246,13 @@ def test_mrl_e_loss_and_grads_equal_a_sliced_shared_classifier():
 def test_plan_layers_include_the_teacher():
     plan = StepPlan((Term(1, 4, 1.0),), ((1, 4),), (3, 8))
     assert plan.layers == [1, 3]
+
+
+def test_retrieval_eval_ranks_by_the_trained_scoring():
+    from mtrain.eval.retrieval import recall_at
+
+    queries = torch.tensor([[1.0, 0.0]])
+    gallery = torch.tensor([[1.0, 0.1], [3.0, 2.0]])  # entry 0 is closer in angle, entry 1 larger in dot
+    targets = torch.tensor([0])
+    assert recall_at(queries, gallery, targets, 2, "cosine")[1] == 1.0
+    assert recall_at(queries, gallery, targets, 2, "dot")[1] == 0.0
