@@ -434,6 +434,10 @@ class EmbeddingDimsConfig(Checkable):
             return [("classifier_weight", f"must be >= 0, got {self.classifier_weight}")]
         if self.dims_per_step < 0:
             return [("dims_per_step", f"must be >= 0 (0: every dim), got {self.dims_per_step}")]
+        if self.variant != "angle" and self.policy != "2dmse":
+            return [("variant", f"picks the 2dmse reference, but the policy is {self.policy}")]
+        if self.dims_per_step != 1 and (self.policy != "2dmse" or self.variant != "sentence_transformers"):
+            return [("dims_per_step", "applies to policy 2dmse with variant sentence_transformers only")]
         if self.policy == "2dmse" and self.variant == "angle" and self.weights:
             message = "are not part of AnglE's 2DMSE; drop them or set matryoshka.dims.variant=sentence_transformers"
             return [("weights", message)]

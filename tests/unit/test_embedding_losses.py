@@ -150,6 +150,10 @@ def test_2dmse_sentence_transformers_variant_equals_matryoshka2d_loss(dims_per_s
 def test_2dmse_settings_are_checked():
     with pytest.raises(ConfigError, match="variant=sentence_transformers"):
         dims_config("matryoshka.dims.policy=2dmse", "matryoshka.dims.dims=[4,8]", "matryoshka.dims.weights=[1,2]")
+    with pytest.raises(ConfigError, match="dims_per_step: applies to policy 2dmse with variant sentence_transformers"):
+        dims_config("matryoshka.dims.policy=2dmse", "matryoshka.dims.dims_per_step=2")
+    with pytest.raises(ConfigError, match="variant: picks the 2dmse reference, but the policy is mrl"):
+        dims_config("matryoshka.dims.variant=sentence_transformers")
     with pytest.raises(ConfigError, match="kl_temperature: sets the 2dmse KL"):
         dims_config(
             "matryoshka.dims.policy=starbucks",
