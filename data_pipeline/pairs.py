@@ -9,6 +9,8 @@ needs an image or a text):
     KEY.positive.txt    positive text, `<image>` allowed as above
     KEY.instruction.txt instruction placed after the query's image (VLM2Vec style); when absent
                         the reader's default instruction is used for queries with an image
+    KEY.label.cls       optional integer class of the query (WebDataset's .cls), for an MRL-E
+                        classifier; a batch with any label gets `labels`, -100 where one is missing
 
 A side with an image and no `<image>` in its text has the image first. Each side is tokenised as
 `<s> ... </s>`, so last-token pooling reads the hidden state at `</s>`.
@@ -145,6 +147,8 @@ def collate_pairs(samples: list[dict[str, Any]], spec: PairSpec, image_processor
         )
         batch.update({f"{side}_{name}": value for name, value in collated.items()})
         batch[f"{side}_texts"] = [s[side]["text"] for s in samples]
+    if any("label" in s for s in samples):
+        batch["labels"] = torch.tensor([s.get("label", -100) for s in samples], dtype=torch.long)
     return batch
 
 
@@ -165,6 +169,8 @@ class PairStream(ReplayStream):
             if side == "query":  # the sample's own instruction, else the default one for image queries
                 side_instruction = instruction or (self.text.query_instruction if image is not None else "")
             sample[side] = encode_side(self.text, image, text, side_instruction)
+        if "label.cls" in decoded:
+            sample["label"] = int(decoded["label.cls"].decode().strip())
         return sample
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:

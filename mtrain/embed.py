@@ -6,7 +6,9 @@
 An input is a text, a PIL image, or an (image, text) pair whose text may place the image with
 `<image>`. The export of an embedding model is the Hugging Face folder the checkpoint export
 writes (`model/`) plus `embedding.json` (dims, layers, pooling) and, with a projection,
-`embedding_head.safetensors`, both written by `save_embedding_head` (mtrain/checkpoint/embedding_export.py).
+`embedding_head.safetensors`, and with an MRL-E classifier `classifier.safetensors`
+(`Embedder.classify(inputs, dim=k)`), all written by `save_embedding_head`
+(mtrain/checkpoint/embedding_export.py).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from PIL import Image
 
 from mtrain.checkpoint.embedding_export import (
+    CLASSIFIER_FILE,
     EMBEDDING_FILE,
     HEAD_WEIGHTS_FILE,
     embedding_metadata,
@@ -75,6 +78,7 @@ class Embedder:
                 f"task.contrastive.pooling={meta['pooling']}",
                 f"task.contrastive.projection_dim={meta['projection_dim']}",
                 f"matryoshka.dims.dims={meta['dims']}",
+                f"matryoshka.dims.classes={meta.get('classes', 0)}",
                 "checkpoint.export_at_end=false",  # this config only rebuilds the model
             ],
         )
@@ -82,6 +86,8 @@ class Embedder:
         task = build_task(cfg, built, rank=0)
         if (folder / HEAD_WEIGHTS_FILE).is_file():
             task.head.load_state_dict(load_file(str(folder / HEAD_WEIGHTS_FILE)), strict=True)
+        if task.classifier is not None:
+            task.classifier.load_state_dict(load_file(str(folder / CLASSIFIER_FILE)), strict=True)
         embedder = cls(task, pair_spec(cfg, built), built.image_processor)
         embedder.metadata = meta
         return embedder
@@ -92,14 +98,31 @@ class Embedder:
     ) -> torch.Tensor:
         """(len(inputs), dim) unit vectors: the first `dim` coordinates (default: the largest trained)
         of the embedding at `layer` (default: the last), re-normalised."""
-        from data_pipeline.pairs import collate_side, encode_side  # noqa: PLC0415
-
         dim = dim or self.metadata["dims"][-1]
         layer = layer or self.metadata["last_layer"]
         if not 1 <= layer <= self.task.depth:
             raise ValueError(
                 f"layer={layer} is outside 1..{self.task.depth}; trained layers: {self.metadata['layers']}"
             )
+        return truncate(self.raw_embeddings(inputs, layer, instruction), dim)
+
+    @torch.no_grad()
+    def classify(self, inputs: Sequence[EmbedInput], dim: int | None = None, instruction: str = "") -> torch.Tensor:
+        """(len(inputs), classes) MRL-E logits from the first `dim` coordinates (default: the largest trained)."""
+        if self.task.classifier is None:
+            raise ValueError("this model has no MRL-E classifier; train one with matryoshka.dims.classes=N")
+        dim = dim or self.metadata["dims"][-1]
+        if dim not in self.task.classifier.dims:
+            raise ValueError(
+                f"dim={dim} is not a trained dim; the classifier was trained at {self.task.classifier.dims}"
+            )
+        embeddings = self.raw_embeddings(inputs, self.metadata["last_layer"], instruction)
+        return self.task.classifier.logits(embeddings, dim)
+
+    def raw_embeddings(self, inputs: Sequence[EmbedInput], layer: int, instruction: str) -> torch.Tensor:
+        """(len(inputs), width) pooled (and projected) embeddings at `layer`, before any truncation."""
+        from data_pipeline.pairs import collate_side, encode_side  # noqa: PLC0415
+
         sides = []
         for item in inputs:
             image, text = (
@@ -110,5 +133,4 @@ class Embedder:
             batch = collate_side(sides, self.spec.tokenizer.pad_token_id, self.spec.image_size, self.image_processor)
         device = next(self.task.parameters()).device
         input_ids, mask, pixels = (batch[name].to(device) for name in ("input_ids", "attention_mask", "pixel_values"))
-        embeddings = self.task.encode(input_ids, mask, pixels, [layer])
-        return truncate(embeddings[0], dim)
+        return self.task.encode(input_ids, mask, pixels, [layer])[0]

@@ -1,4 +1,5 @@
-"""The embedding model's part of an export: `embedding.json` and the projection head's weights.
+"""The embedding model's part of an export: `embedding.json`, the projection head's weights and the
+MRL-E classifier's.
 
 Written beside the Hugging Face `model/` folder the checkpoint export writes; `mtrain.embed`
 reads both back.
@@ -12,6 +13,7 @@ from typing import Any
 
 EMBEDDING_FILE = "embedding.json"
 HEAD_WEIGHTS_FILE = "embedding_head.safetensors"
+CLASSIFIER_FILE = "classifier.safetensors"
 
 
 def embedding_metadata(task: Any) -> dict[str, Any]:
@@ -25,11 +27,12 @@ def embedding_metadata(task: Any) -> dict[str, Any]:
         "projection_dim": task.contrastive.projection_dim,
         "width": task.head.out_width,
         "query_instruction": task.contrastive.query_instruction,
+        "classes": task.dims_config.classes,
     }
 
 
 def save_embedding_head(task: Any, export_dir: str | Path, write: bool = True) -> Path:
-    """Write `embedding.json` (and the projection weights, if any) beside an export's `model/` folder.
+    """Write `embedding.json` (and the projection and classifier weights, if any) beside an export's `model/` folder.
 
     Under ZeRO-3 every rank must call this (the head's partitions are gathered); only `write` ranks write.
     """
@@ -37,12 +40,17 @@ def save_embedding_head(task: Any, export_dir: str | Path, write: bool = True) -
     from safetensors.torch import save_file  # noqa: PLC0415
 
     out = Path(export_dir)
-    partitioned = [p for p in task.head.parameters() if hasattr(p, "ds_id")]
-    with deepspeed.zero.GatheredParameters(partitioned, enabled=bool(partitioned)):
-        head_state = {name: value.detach().clone().contiguous() for name, value in task.head.state_dict().items()}
+    states = {}
+    for file, module in ((HEAD_WEIGHTS_FILE, task.head), (CLASSIFIER_FILE, task.classifier)):
+        if module is None:
+            continue
+        partitioned = [p for p in module.parameters() if hasattr(p, "ds_id")]
+        with deepspeed.zero.GatheredParameters(partitioned, enabled=bool(partitioned)):
+            states[file] = {name: value.detach().clone().contiguous() for name, value in module.state_dict().items()}
     if write:
         out.mkdir(parents=True, exist_ok=True)
         (out / EMBEDDING_FILE).write_text(json.dumps(embedding_metadata(task), indent=1))
-        if head_state:
-            save_file(head_state, str(out / HEAD_WEIGHTS_FILE))
+        for file, state in states.items():
+            if state:
+                save_file(state, str(out / file))
     return out

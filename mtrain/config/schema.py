@@ -341,7 +341,8 @@ class TokenScalesConfig(Checkable):
     )
     scales: list[int] = setting(
         [],
-        "Visual-token budgets, increasing (m3: perfect squares whose side divides the grid side; mqt: <= mqt_queries).",
+        "Visual-token budgets, increasing (m3: perfect squares whose side divides the grid side; mqt: <= mqt_queries; "
+        "mqt empty: every even number up to mqt_queries, as MQT-LLaVA draws m).",
     )
     policy: Literal["all", "sample_per_step", "sample_per_sample"] = setting(
         "all",
@@ -356,6 +357,18 @@ class TokenScalesConfig(Checkable):
     mqt_queries: int = setting(64, "M, the number of learned queries of the MQT projector.")
     mqt_stage: int = setting(2, "MQT stage 1 always uses all M queries; stage 2 uses the policy's draws.")
     mqt_heads: int = setting(4, "Attention heads of the MQT cross-attention.")
+    mqt_architecture: Literal["mtrain", "mqt_llava"] = setting(
+        "mtrain",
+        "mtrain: queries attend at the LM width to features + positions, with residual and MLP; mqt_llava: "
+        "MQT-LLaVA's Resampler (keys = positions only, attention at the vision width, then a projection), "
+        "whose checkpoints load; needs a square mqt_queries.",
+    )
+
+    def __post_init__(self) -> None:
+        # MQT-LLaVA's default budgets (`get_matry_n`: m uniform over 2, 4, ..., M), written out so the
+        # resolved config names every trained scale.
+        if self.mode == "mqt" and not self.scales and self.mqt_queries >= 2:
+            self.scales = list(range(2, self.mqt_queries + 1, 2))
 
     def check(self) -> list[tuple[str, str]]:
         if self.mode == "none":
@@ -375,6 +388,9 @@ class TokenScalesConfig(Checkable):
                 ]
             if self.mqt_stage not in (1, 2):
                 return [("mqt_stage", f"must be 1 or 2, got {self.mqt_stage}")]
+            if self.mqt_architecture == "mqt_llava" and math.isqrt(self.mqt_queries) ** 2 != self.mqt_queries:
+                message = f"{self.mqt_queries}: the mqt_llava layout puts its queries on a square grid (e.g. 16, 256)"
+                return [("mqt_queries", message)]
         if self.weights and len(self.weights) != len(self.scales):
             return [("weights", f"has {len(self.weights)} entries for {len(self.scales)} scales")]
         if any(w < 0 for w in self.weights) or (self.weights and sum(self.weights) == 0):
@@ -392,16 +408,51 @@ class EmbeddingDimsConfig(Checkable):
     weights: list[float] = setting([], "InfoNCE weight per dim in the MRL sum (empty: 1 each).")
     policy: Literal["mrl", "2dmse", "starbucks"] = setting(
         "mrl",
-        "mrl: last layer at every dim; 2dmse: last layer at full dim + one random (layer, dim) per step + KL; "
-        "starbucks: every (layers[i], dims[i]) pair every step + KL.",
+        "mrl: last layer at every dim; 2dmse: last layer + one drawn shallower layer per micro-batch + KL "
+        "(see variant); starbucks: every (layers[i], dims[i]) pair every step + KL to the largest pair.",
     )
     layers: list[int] = setting(
         [],
         "Transformer layers (1-based) embeddings are also taken from: 2dmse draws among them (empty: every layer "
         "below the last); starbucks pairs layers[i] with dims[i].",
     )
-    kl_temperature: float = setting(0.3, "Temperature of the similarity distributions the KL term aligns (2D).")
-    kl_weight: float = setting(1.0, "Weight of the KL alignment to the last layer (2D policies).")
+    variant: Literal["angle", "sentence_transformers"] = setting(
+        "angle",
+        "2dmse reference: angle (the paper's AnglE code: full width + one drawn smaller dim at both layers, KL T=1) "
+        "or sentence_transformers (Matryoshka2dLoss: dims_per_step drawn dims per layer, KL T=0.3).",
+    )
+    dims_per_step: int = setting(
+        1, "2dmse variant sentence_transformers: dims drawn per layer per micro-batch (n_dims_per_step); 0: all."
+    )
+    scoring: Literal["auto", "cosine", "dot", "normalised_dot"] = setting(
+        "auto",
+        "How a (layer, dim) prefix is scored: cosine of the re-normalised prefix, dot of the raw prefix, or dot of "
+        "the prefix of the full-width-normalised embedding; auto: cosine for mrl/2dmse, dot for starbucks.",
+    )
+    kl_temperature: float | None = setting(
+        None, "2dmse KL temperature T (loss T*KL); null: the variant's (angle 1.0, sentence_transformers 0.3)."
+    )
+    kl_weight: float = setting(1.0, "Weight of the KL term (2dmse and starbucks).")
+    classes: int = setting(
+        0,
+        "MRL-E: a classifier over this many classes on the query embedding, one weight W sliced W[:, :k] at every "
+        "dim k, trained on each pair's KEY.label.cls; 0: none.",
+    )
+    classifier_weight: float = setting(1.0, "Weight of the MRL-E classification loss beside the contrastive one.")
+
+    @property
+    def resolved_scoring(self) -> str:
+        """The scoring a step uses once `auto` is resolved for the policy."""
+        if self.scoring != "auto":
+            return self.scoring
+        return "dot" if self.policy == "starbucks" else "cosine"
+
+    @property
+    def resolved_kl_temperature(self) -> float:
+        """2dmse's KL temperature once null is resolved for the variant."""
+        if self.kl_temperature is not None:
+            return self.kl_temperature
+        return 1.0 if self.variant == "angle" else 0.3
 
     def check(self) -> list[tuple[str, str]]:
         if self.dims and (sorted(set(self.dims)) != self.dims or self.dims[0] < 1):
@@ -420,8 +471,24 @@ class EmbeddingDimsConfig(Checkable):
                 return [
                     ("layers", f"starbucks pairs grow from small to large; layers must not decrease: {self.layers}")
                 ]
-        if self.kl_temperature <= 0:
+        if self.kl_temperature is not None and self.kl_temperature <= 0:
             return [("kl_temperature", f"must be positive, got {self.kl_temperature}")]
+        if self.kl_temperature is not None and self.policy != "2dmse":
+            message = f"sets the 2dmse KL; {self.policy} takes none of its own (starbucks uses the contrastive one)"
+            return [("kl_temperature", message)]
+        if self.classes < 0:
+            return [("classes", f"must be >= 0 (0: no MRL-E classifier), got {self.classes}")]
+        if self.classifier_weight < 0:
+            return [("classifier_weight", f"must be >= 0, got {self.classifier_weight}")]
+        if self.dims_per_step < 0:
+            return [("dims_per_step", f"must be >= 0 (0: every dim), got {self.dims_per_step}")]
+        if self.variant != "angle" and self.policy != "2dmse":
+            return [("variant", f"picks the 2dmse reference, but the policy is {self.policy}")]
+        if self.dims_per_step != 1 and (self.policy != "2dmse" or self.variant != "sentence_transformers"):
+            return [("dims_per_step", "applies to policy 2dmse with variant sentence_transformers only")]
+        if self.policy == "2dmse" and self.variant == "angle" and self.weights:
+            message = "are not part of AnglE's 2DMSE; drop them or set matryoshka.dims.variant=sentence_transformers"
+            return [("weights", message)]
         if self.kl_weight < 0:
             return [("kl_weight", f"must be >= 0, got {self.kl_weight}")]
         return []
@@ -486,6 +553,19 @@ class TrainConfig(Checkable):
             return [
                 ("model.lora.strategy", f"{self.model.lora.strategy} needs visual scales; set matryoshka.tokens.mode")
             ]
+        per_scale_lora = self.model.lora.enabled and self.model.lora.strategy != "shared"
+        if (
+            per_scale_lora
+            and tokens.mode == "mqt"
+            and tokens.mqt_stage == 1
+            and tokens.mqt_queries not in tokens.scales
+        ):
+            message = (
+                f"MQT stage 1 trains only at all {tokens.mqt_queries} queries, which has no scale adapter among "
+                f"{tokens.scales}, so no scale adapter would train; add {tokens.mqt_queries} to the scales or set "
+                "model.lora.strategy=shared"
+            )
+            return [("matryoshka.tokens.mqt_stage", message)]
         if tokens.mode == "m3" and self.model.preset == "tiny-llava":
             side = int(self.model.tiny.visual_tokens**0.5)
             bad = [s for s in tokens.scales if side % round(s**0.5)]
@@ -514,6 +594,9 @@ class TrainConfig(Checkable):
         if width and dims.dims and dims.dims[-1] > width:
             source = "task.contrastive.projection_dim" if contrastive.projection_dim else "model.tiny.hidden_size"
             return ("matryoshka.dims.dims", f"{dims.dims[-1]} exceeds the embedding width {width} ({source})")
+        if dims.classes and contrastive.chunk_size:
+            message = "GradCache replays only the embeddings' gradient, so the MRL-E classifier would not train"
+            return ("matryoshka.dims.classes", f"{message}; set task.contrastive.chunk_size=0 or classes=0")
         if contrastive.projection_dim and self.checkpoint.export_at_end:
             message = (
                 "a projection head is not part of the Hugging Face export yet; set checkpoint.export_at_end=false "

@@ -91,7 +91,6 @@ class Trainer:
         wait on the device until the next reduce (see `take_unreduced`).
         """
         started = time.perf_counter()
-        self.task.begin_step(self.step)  # Matryoshka samplers draw from (seed, step), the same on every rank
         lr = self.engine.get_lr()[0]  # the lr this step uses, read before the scheduler advances
         accumulated = self.accumulate()
         self.step += 1
@@ -103,7 +102,8 @@ class Trainer:
     def accumulate(self) -> Accumulated:
         """Every micro-batch of the step: fetch, move, forward and backward; losses and metrics summed on the device."""
         accumulated = Accumulated()
-        for _ in range(self.cfg.optim.grad_accum_steps):
+        for micro_batch in range(self.cfg.optim.grad_accum_steps):
+            self.task.begin_step(self.step, micro_batch)  # draws keyed by (seed, step, micro-batch), every rank alike
             fetch_started = time.perf_counter()
             raw_batch = next(self.batches)
             accumulated.data_wait_s += time.perf_counter() - fetch_started

@@ -60,6 +60,7 @@ def budget_view(cfg: TrainConfig, built: Any, task: torch.nn.Module, scales: lis
     trained = cfg.matryoshka.tokens
     if trained.mode != "none" and scales is None:
         return task
+    check_scale_adapters(cfg, scales or [])
     mode = trained.mode if trained.mode != "none" else "m3"
     tokens = TokenScalesConfig(
         mode=mode, scales=scales or m3_scales(built.visual_tokens), mqt_queries=trained.mqt_queries
@@ -68,6 +69,19 @@ def budget_view(cfg: TrainConfig, built: Any, task: torch.nn.Module, scales: lis
         built.model, tokens, built.image_token_id, built.visual_tokens, built.tokenizer.pad_token_id,
         seed=cfg.run.seed, rank=0, routing=built.scale_routing,
     ).eval()  # fmt: skip
+
+
+def check_scale_adapters(cfg: TrainConfig, scales: list[int]) -> None:
+    """Refuse scales without an adapter in a model with per-scale LoRA: they would run with none, silently."""
+    lora, trained = cfg.model.lora, cfg.matryoshka.tokens
+    if not (lora.enabled and lora.strategy != "shared" and trained.mode != "none"):
+        return
+    missing = [s for s in scales if s not in trained.scales]
+    if missing:
+        raise ValueError(
+            f"--scales {missing}: this model has {lora.strategy} LoRA adapters only for the scales "
+            f"{trained.scales}, so it would run there without a scale adapter; evaluate at trained scales"
+        )
 
 
 def evaluate_budgets(task: Any, batches: Iterator[dict[str, Any]], num_batches: int) -> list[ScaleResult]:

@@ -1,8 +1,9 @@
 """`mtrain eval --task retrieval`: recall@1 and recall@5 at every embedding dim (and layer), table, JSON, PNG.
 
-Held-out pairs are embedded once at every layer evaluated; each (layer, dim) then truncates and
-re-normalises. The gallery is the set of distinct positives (pairs sharing a caption share one
-gallery entry), so a query is right at k when its positive is among the k most similar entries.
+Held-out pairs are embedded once at every layer evaluated; each (layer, dim) then scores the
+prefixes as the model was trained (cosine of re-normalised prefixes, or Starbucks' dot). The
+gallery is the set of distinct positives (pairs sharing a caption share one gallery entry), so a
+query is right at k when its positive is among the k most similar entries.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 
 from mtrain.eval.budget import format_columns, save_log2_curves
-from mtrain.model.embedding_head import truncate
+from mtrain.task.embedding_losses import Scoring, prefix_scores
 
 RECALL_AT = (1, 5)
 
@@ -47,9 +48,12 @@ def embed_pairs(
     return torch.cat(queries, dim=1), torch.cat(positives, dim=1), texts
 
 
-def recall_at(queries: torch.Tensor, gallery: torch.Tensor, targets: torch.Tensor, dim: int) -> dict[int, float]:
-    """Fraction of queries whose target is among the k most similar gallery entries, for k in RECALL_AT."""
-    scores = truncate(queries, dim) @ truncate(gallery, dim).T
+def recall_at(
+    queries: torch.Tensor, gallery: torch.Tensor, targets: torch.Tensor, dim: int, scoring: Scoring = "cosine"
+) -> dict[int, float]:
+    """Fraction of queries whose target is among the k most similar gallery entries, for k in RECALL_AT,
+    scored as the model was trained (`matryoshka.dims.scoring`: Starbucks ranks by raw dot products)."""
+    scores = prefix_scores(queries, gallery, dim, scoring)
     target_scores = scores.gather(1, targets[:, None])
     rank = (scores > target_scores).sum(dim=1)  # entries strictly better than the target
     return {k: float((rank < k).float().mean()) for k in RECALL_AT}
@@ -67,7 +71,7 @@ def evaluate_retrieval(
     for i, layer in enumerate(layers):
         gallery = positives[i, first]
         for dim in dims or task.dims:
-            recall = recall_at(queries[i], gallery, targets, dim)
+            recall = recall_at(queries[i], gallery, targets, dim, task.dims_config.resolved_scoring)
             results.append(RetrievalResult(layer, dim, recall[1], recall[5], len(texts), len(distinct)))
     return results
 

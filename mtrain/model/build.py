@@ -18,7 +18,7 @@ from torch import nn
 
 from mtrain.config.schema import ModelConfig, TinyLlavaConfig, TokenScalesConfig
 from mtrain.model.scale_lora import ScaleRouting, adapter_names, attach_scale_lora
-from mtrain.model.token_scales import QueryTransformerProjector
+from mtrain.model.token_scales import MQTLlavaResampler, QueryTransformerProjector
 from mtrain.model.tokenizer import IMAGE_TOKEN, build_tiny_tokenizer
 
 # Loading code never reaches a hub: everything comes from the preset or a local folder.
@@ -275,13 +275,22 @@ def replace_projector_with_mqt(
 
         context = deepspeed.zero.Init(config_dict_or_path=zero3_ds_config)  # built partitioned, like the rest
     with context:
-        projector = QueryTransformerProjector(
-            vision_dim=config.vision_config.hidden_size,
-            text_dim=config.text_config.hidden_size,
-            num_queries=tokens.mqt_queries,
-            num_heads=tokens.mqt_heads,
-            num_patches=grid_tokens,
-        ).to(dtype)
+        if tokens.mqt_architecture == "mqt_llava":
+            projector: nn.Module = MQTLlavaResampler(
+                vision_dim=config.vision_config.hidden_size,
+                text_dim=config.text_config.hidden_size,
+                num_queries=tokens.mqt_queries,
+                num_heads=tokens.mqt_heads,
+            )
+        else:
+            projector = QueryTransformerProjector(
+                vision_dim=config.vision_config.hidden_size,
+                text_dim=config.text_config.hidden_size,
+                num_queries=tokens.mqt_queries,
+                num_heads=tokens.mqt_heads,
+                num_patches=grid_tokens,
+            )
+        projector = projector.to(dtype)
     built.model.model.multi_modal_projector = projector
     built.visual_tokens = tokens.mqt_queries
 

@@ -1,4 +1,7 @@
-"""Nested visual-token scales: M3 grid pooling, the MQT query transformer, and the scale sampler.
+"""Nested visual-token scales: M3 grid pooling and the MQT query transformers (mtrain's and MQT-LLaVA's).
+
+Which scales a step uses is drawn in mtrain/task/draws.py; how the variants are laid out, in
+mtrain/task/token_layout.py.
 
 Both heads turn one image's projected visual tokens into a prefix-nested family:
 - M3 average-pools the (side x side) grid of projected tokens to (k x k) for every scale k^2;
@@ -79,27 +82,59 @@ class QueryTransformerProjector(nn.Module):
         return hidden + self.mlp(self.norm_out(hidden))
 
 
-class ScaleSampler:
-    """Which scales a step uses. Draws depend only on (seed, step), so every rank agrees."""
+def sincos_2d_column_first(side: int, dim: int) -> torch.Tensor:
+    """MQT-LLaVA's query positions (MAE `get_2d_sincos_pos_embed`): per grid cell, in row-major order,
+    the sin-cos code of its column, then of its row: (side * side, dim)."""
+    if dim % 4:
+        raise ValueError(f"2D sin-cos positions need a width divisible by 4, got {dim}")
+    rows, columns = torch.meshgrid(
+        torch.arange(side, dtype=torch.float64), torch.arange(side, dtype=torch.float64), indexing="ij"
+    )
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    parts = []
+    for coord in (columns.flatten(), rows.flatten()):
+        angles = coord[:, None] * omega[None, :]
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, dim=1).float()
 
-    def __init__(self, scales: list[int], policy: str, seed: int) -> None:
-        self.scales = list(scales)
-        self.policy = policy
-        self.seed = seed
 
-    def generator(self, step: int, stream: int = 0) -> torch.Generator:
-        return torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 7 + stream)
+class MQTLlavaResampler(nn.Module):
+    """MQT-LLaVA's `Resampler` layout (`llava/model/multimodal_projector/builder.py`), so its weights load.
 
-    def step_scale(self, step: int) -> int:
-        """The one scale of a `sample_per_step` step, identical on every rank."""
-        index = int(torch.randint(len(self.scales), (1,), generator=self.generator(step)))
-        return self.scales[index]
+    One cross-attention at the vision width: queries `query[:m] + pos_embed[:m]`, keys the patch
+    positions only (`pos_embed` resized bicubically to the patch grid), values the vision features,
+    each through its own LayerNorm; then a bias-free projection `proj` (vision_dim, text_dim). No
+    residual, no MLP. Parameter names and shapes are the reference's: query, pos_embed (a buffer
+    here, fixed in the reference too), attn.{in_proj_weight, in_proj_bias, out_proj.*},
+    ln_q / ln_k / ln_v, proj.
+    """
 
-    def row_scales(self, step: int, rank: int, rows: int) -> list[int]:
-        """One scale per sample (`sample_per_sample`); ranks hold different samples, so draws differ by rank."""
-        draws = torch.randint(len(self.scales), (rows,), generator=self.generator(step, stream=1 + rank))
-        return [self.scales[int(i)] for i in draws]
+    def __init__(self, vision_dim: int, text_dim: int, num_queries: int, num_heads: int) -> None:
+        super().__init__()
+        side = math.isqrt(num_queries)
+        if side * side != num_queries:
+            raise ValueError(f"the MQT-LLaVA layout places its {num_queries} queries on a square grid; use a square")
+        self.num_queries = num_queries
+        self.register_buffer("pos_embed", sincos_2d_column_first(side, vision_dim))
+        self.query = nn.Parameter(torch.empty(num_queries, vision_dim))
+        nn.init.trunc_normal_(self.query, std=0.02)
+        self.attn = nn.MultiheadAttention(vision_dim, num_heads)
+        self.ln_q = nn.LayerNorm(vision_dim, eps=1e-6)
+        self.ln_k = nn.LayerNorm(vision_dim, eps=1e-6)
+        self.ln_v = nn.LayerNorm(vision_dim, eps=1e-6)
+        self.proj = nn.Parameter(text_dim**-0.5 * torch.randn(vision_dim, text_dim))
 
-    def state_dict(self) -> dict[str, object]:
-        # Stateless by construction: the draw is a function of (seed, step); kept for checkpoints.
-        return {"scales": self.scales, "policy": self.policy, "seed": self.seed}
+    def key_positions(self, patches: int) -> torch.Tensor:
+        """`pos_embed` resized from the query grid to the patch grid (the reference's `get_abs_pos`)."""
+        side, patch_side = math.isqrt(self.num_queries), math.isqrt(patches)
+        grid = self.pos_embed.float().reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        resized = F.interpolate(grid, size=(patch_side, patch_side), mode="bicubic", align_corners=False)
+        return resized.permute(0, 2, 3, 1).flatten(0, 2).to(self.pos_embed.dtype)
+
+    def forward(self, vision_features: torch.Tensor) -> torch.Tensor:
+        images, patches, _ = vision_features.shape
+        values = self.ln_v(vision_features).transpose(0, 1)  # (patches, images, width): sequence first
+        keys = self.ln_k(self.key_positions(patches).to(values.dtype)).unsqueeze(1).expand(-1, images, -1)
+        queries = self.ln_q(self.query + self.pos_embed.to(self.query.dtype)).unsqueeze(1).expand(-1, images, -1)
+        attended, _ = self.attn(queries, keys, values, need_weights=False)
+        return attended.transpose(0, 1) @ self.proj

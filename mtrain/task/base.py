@@ -5,7 +5,7 @@ none of the optional behaviour inherits the defaults here.
 
     forward(batch)                 -> (loss, metrics): metrics are device tensors, summed over
                                       micro-batches and ranks by the trainer
-    begin_step(step)               the per-step hook: draws that depend on (seed, step)
+    begin_step(step, micro_batch)  the per-micro-batch hook: draws that depend on (seed, step, micro-batch)
     forward_backward(batch, f, b)  one micro-batch's forward and backward; GradCache overrides it
     summarize(totals)              loggable floats from the metrics summed over ranks
     sampler_state_dict() / load_sampler_state_dict(state)   what checkpoints keep per rank
@@ -41,8 +41,9 @@ class Task(nn.Module):
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, Metrics]:
         raise NotImplementedError
 
-    def begin_step(self, step: int) -> None:
-        """Called before each optimizer step's micro-batches, on every rank."""
+    def begin_step(self, step: int, micro_batch: int = 0) -> None:
+        """Called before each micro-batch of an optimizer step, on every rank: the references draw
+        their Matryoshka structure per forward, so each accumulated micro-batch draws anew."""
 
     def forward_backward(
         self,

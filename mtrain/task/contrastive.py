@@ -5,10 +5,11 @@ One step:
     queries + positives, one row each ─► vision tower + LM once, every hidden state kept
         ─► pool each layer the step uses ─► (layers, rows, width)
     gather every rank's embeddings (the local slice put back, so its gradient flows)
-    loss = Σ_terms weight · InfoNCE(first k dims of layer l, re-normalised, temperature)
-         + kl_weight · Σ KL(last layer's similarity distribution ‖ shallow one's)
+    loss = Σ_terms weight · InfoNCE(scores of the first k dims of layer l / temperature)
+         + kl_weight · Σ_students KL(teacher ‖ student)      (2DMSE: of embeddings; Starbucks: of scores)
 
-Which (layer, dim) terms a step has is a `StepPlan`, drawn from (seed, step) alone, so every rank
+The formulas live in `embedding_losses` and docs/objectives.md. Which (layer, dim) terms a
+micro-batch has is a `StepPlan`, drawn from (seed, step, micro-batch) alone, so every rank
 holds the same plan and runs the same modules (ZeRO-3 gathers in the same order everywhere).
 
 Every rank computes the loss of the whole global batch, but its backward reaches only its own
@@ -19,7 +20,6 @@ over ranks, so the loss handed to backward is scaled by the world size (see `sum
 from __future__ import annotations
 
 import contextlib
-import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -31,8 +31,10 @@ from torch import nn
 
 from data_pipeline.collate import ROW_IMAGES, ROW_TOKENS
 from mtrain.config.schema import ContrastiveConfig, EmbeddingDimsConfig
-from mtrain.model.embedding_head import EmbeddingHead, check_dims, truncate
+from mtrain.model.embedding_head import EmbeddingHead, MatryoshkaClassifier, check_dims
 from mtrain.task.base import Task
+from mtrain.task.draws import draw_random, draw_slots, rank_spread
+from mtrain.task.embedding_losses import embedding_kl, info_nce, mrl_e_loss, prefix_scores, score_kl
 from mtrain.task.token_layout import row_counts
 
 SIDES = ("query", "positive")
@@ -49,36 +51,110 @@ class Term:
 
 @dataclass(frozen=True)
 class StepPlan:
+    """One micro-batch's InfoNCE terms, and the (layer, dim) students its KL aligns to `kl_teacher`."""
+
     terms: tuple[Term, ...]
-    kl_students: tuple[tuple[int, int], ...]  # (layer, dim) aligned to the last layer at the full dim
-    last_layer: int
-    full_dim: int
+    kl_students: tuple[tuple[int, int], ...] = ()
+    kl_teacher: tuple[int, int] | None = None
+    drawn: tuple[int, int] = (0, 0)  # 2dmse: the drawn (shallow layer, dim), for the draw metrics
 
     @property
     def layers(self) -> list[int]:
         """Layers whose embeddings the step needs, increasing (a fixed order on every rank)."""
         used = {t.layer for t in self.terms} | {layer for layer, _ in self.kl_students}
-        if self.kl_students:
-            used.add(self.last_layer)
+        if self.kl_teacher is not None:
+            used.add(self.kl_teacher[0])
         return sorted(used)
 
 
-def plan_step(dims: EmbeddingDimsConfig, depth: int, width: int, seed: int, step: int) -> StepPlan:
-    """The (layer, dim) terms of `step`: a pure function of (config, seed, step), the same on every rank."""
+def plan_step(
+    dims: EmbeddingDimsConfig, depth: int, width: int, seed: int, step: int, micro_batch: int = 0
+) -> StepPlan:
+    """The (layer, dim) terms of one micro-batch: a pure function of (config, seed, step, micro-batch),
+    the same on every rank. docs/objectives.md gives each policy's formula and reference."""
     sizes = check_dims(dims.dims, width)
     weights = dims.weights or [1.0] * len(sizes)
     full = sizes[-1]
     if dims.policy == "mrl":
-        return StepPlan(tuple(Term(depth, d, w) for d, w in zip(sizes, weights, strict=True)), (), depth, full)
+        return StepPlan(tuple(Term(depth, d, w) for d, w in zip(sizes, weights, strict=True)))
     if dims.policy == "starbucks":
+        # The pairs grow in layer and dim, so the last is the largest: it is the KL teacher
+        # (SrlDenseModel.forward: the last listed layer at full width) and has its own loss.
         pairs = list(zip(dims.layers, sizes, strict=True))
         terms = tuple(Term(layer, d, w) for (layer, d), w in zip(pairs, weights, strict=True))
-        return StepPlan(terms, tuple(p for p in pairs if p != (depth, full)), depth, full)
-    candidates = dims.layers or list(range(1, depth))
-    draw = random.Random(f"2dmse/{seed}/{step}")  # seeded by (seed, step) only: never by rank
-    layer, dim = draw.choice(candidates), draw.choice(sizes)
-    terms = (Term(depth, full, 1.0), Term(layer, dim, 1.0))
-    return StepPlan(terms, ((layer, full),), depth, full)
+        return StepPlan(terms, tuple(pairs[:-1]), pairs[-1])
+    draw = draw_random(seed, step, micro_batch, "2dmse")  # never keyed by rank
+    layer = draw.choice(dims.layers or list(range(1, depth)))
+    shallow = 1.0 / layer  # both references weight layer l's terms by 1/l (l = 1-based layer number)
+    if dims.variant == "angle":
+        # AngleTDMSETrainer.compute_loss: full width plus one drawn smaller dim, at both layers.
+        dim = draw.choice(sizes[:-1] or sizes)
+        widths = sorted({full, dim})
+        terms = tuple(Term(depth, d, 1.0) for d in widths) + tuple(Term(layer, d, shallow) for d in widths)
+    else:
+        # Matryoshka2dLoss: each layer's MatryoshkaLoss draws its own `dims_per_step` dims.
+        count = dims.dims_per_step or len(sizes)
+
+        def some_dims() -> list[int]:
+            return sorted(draw.sample(range(len(sizes)), count)) if count < len(sizes) else list(range(len(sizes)))
+
+        terms = tuple(Term(depth, sizes[i], weights[i]) for i in some_dims())
+        shallow_dims = some_dims()
+        terms += tuple(Term(layer, sizes[i], weights[i] * shallow) for i in shallow_dims)
+        dim = sizes[shallow_dims[0]]
+    return StepPlan(terms, ((layer, full),), (depth, full), (layer, dim))
+
+
+def plan_loss(
+    queries: torch.Tensor,
+    positives: torch.Tensor,
+    plan: StepPlan,
+    dims: EmbeddingDimsConfig,
+    temperature: float,
+) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """(loss, each term's InfoNCE, the KL) of (layers, rows, width) embeddings whose layers are `plan.layers`.
+
+    loss = Σ_terms weight · InfoNCE + kl_weight · KL; every piece is a tensor on the embeddings' device.
+    """
+    index = {layer: i for i, layer in enumerate(plan.layers)}
+    scoring = dims.resolved_scoring
+    term_losses = [
+        info_nce(prefix_scores(queries[index[t.layer]], positives[index[t.layer]], t.dim, scoring), temperature)
+        for t in plan.terms
+    ]
+    loss = torch.stack([t.weight * term for t, term in zip(plan.terms, term_losses, strict=True)]).sum()
+    kl_total = kl_loss(queries, positives, plan, index, dims, temperature)
+    return loss + dims.kl_weight * kl_total, term_losses, kl_total
+
+
+def kl_loss(
+    queries: torch.Tensor,
+    positives: torch.Tensor,
+    plan: StepPlan,
+    index: dict[int, int],
+    dims: EmbeddingDimsConfig,
+    temperature: float,
+) -> torch.Tensor:
+    """The plan's KL alignment of every student (layer, dim) to the teacher (layer, dim)."""
+    kl_total = queries.new_zeros((), dtype=torch.float32)
+    if plan.kl_teacher is None:
+        return kl_total
+    teacher_layer, teacher_dim = plan.kl_teacher
+    if dims.policy == "2dmse":
+        # Over every row's embedding (queries and positives alike), the teacher trained as well.
+        rows = torch.cat([queries, positives], dim=-2)
+        teacher = rows[index[teacher_layer], :, :teacher_dim]
+        for layer, dim in plan.kl_students:
+            kl_total = kl_total + embedding_kl(teacher, rows[index[layer], :, :dim], dims.resolved_kl_temperature)
+        return kl_total
+    # Starbucks: each query's score distribution over the positives, at the contrastive temperature.
+    at = index[teacher_layer]
+    teacher_scores = prefix_scores(queries[at], positives[at], teacher_dim, dims.resolved_scoring)
+    for layer, dim in plan.kl_students:
+        at = index[layer]
+        student_scores = prefix_scores(queries[at], positives[at], dim, dims.resolved_scoring)
+        kl_total = kl_total + score_kl(teacher_scores, student_scores, temperature)
+    return kl_total
 
 
 def gather_keep_local(local: torch.Tensor) -> torch.Tensor:
@@ -95,25 +171,6 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def info_nce(queries: torch.Tensor, positives: torch.Tensor, dim: int, temperature: float) -> torch.Tensor:
-    """InfoNCE of query i against positive i, every other positive a negative, at size `dim`."""
-    logits = truncate(queries, dim) @ truncate(positives, dim).T / temperature
-    return F.cross_entropy(logits, torch.arange(len(queries), device=logits.device))
-
-
-def similarity_kl(
-    teacher_q: torch.Tensor,
-    teacher_p: torch.Tensor,
-    student_q: torch.Tensor,
-    student_p: torch.Tensor,
-    temperature: float,
-) -> torch.Tensor:
-    """KL(teacher ‖ student) of each query's distribution over the positives; the teacher is not trained by it."""
-    teacher = F.log_softmax((teacher_q @ teacher_p.T / temperature).detach(), dim=-1)
-    student = F.log_softmax(student_q @ student_p.T / temperature, dim=-1)
-    return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
-
-
 class ContrastiveTask(Task):
     def __init__(
         self,
@@ -128,22 +185,32 @@ class ContrastiveTask(Task):
         super().__init__(model)
         text_config = self.llava.config.text_config
         self.head = EmbeddingHead(text_config.hidden_size, contrastive.pooling, contrastive.projection_dim)
+        # MRL-E: one classifier for every dim, W sliced W[:, :k] (Kusupati et al.).
+        self.classifier = MatryoshkaClassifier(self.head.out_width, dims.classes, dims.dims) if dims.classes else None
         self.contrastive = contrastive
         self.dims_config = dims
         self.dims = check_dims(dims.dims, self.head.out_width)
         self.depth = text_config.num_hidden_layers
         if any(layer > self.depth for layer in dims.layers):
             raise ValueError(f"matryoshka.dims.layers={dims.layers} name layers beyond the model's {self.depth}")
+        if dims.policy == "2dmse" and self.depth in dims.layers:
+            raise ValueError(
+                f"matryoshka.dims.layers={dims.layers} holds the last layer {self.depth}, which 2dmse always trains; "
+                "list only the shallower layers to draw from"
+            )
         self.image_token_id = image_token_id
         self.pad_token_id = pad_token_id
         self.visual_tokens = visual_tokens
         self.image_size = self.llava.config.vision_config.image_size
         self.seed = seed
         self.step = 0
+        self.micro_batch = 0
         self.chunk_size = contrastive.chunk_size
 
-    def begin_step(self, step: int) -> None:
+    def begin_step(self, step: int, micro_batch: int = 0) -> None:
+        """Key the next forward's draws: each accumulated micro-batch draws anew, as the references do per forward."""
         self.step = step
+        self.micro_batch = micro_batch
 
     def evaluated_layers(self) -> list[int]:
         """The last layer, plus every layer the 2D policies train (2dmse without a list: all of them)."""
@@ -153,7 +220,7 @@ class ContrastiveTask(Task):
         return sorted({*layers, self.depth}) if policy != "mrl" else [self.depth]
 
     def plan(self) -> StepPlan:
-        return plan_step(self.dims_config, self.depth, self.head.out_width, self.seed, self.step)
+        return plan_step(self.dims_config, self.depth, self.head.out_width, self.seed, self.step, self.micro_batch)
 
     # ── embedding ─────────────────────────────────────────────────────────────────────────────
     def encode(
@@ -198,40 +265,30 @@ class ContrastiveTask(Task):
         self, queries: torch.Tensor, positives: torch.Tensor, plan: StepPlan
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Global-batch loss from this rank's (layers, rows, width) embeddings, scaled by the world size."""
-        index = {layer: i for i, layer in enumerate(plan.layers)}
         queries, positives = gather_keep_local(queries), gather_keep_local(positives)
-        temperature = self.contrastive.temperature
+        loss, term_losses, kl_total = plan_loss(
+            queries, positives, plan, self.dims_config, self.contrastive.temperature
+        )
         device = queries.device
         # Per-term losses stay on the device; the counts are known on the host.
         term_grid = torch.zeros(self.depth, len(self.dims), dtype=torch.float64, device=device)
         counts = [[0.0] * len(self.dims) for _ in range(self.depth)]
-        loss = queries.new_zeros((), dtype=torch.float32)
-        for term in plan.terms:
-            term_loss = info_nce(queries[index[term.layer]], positives[index[term.layer]], term.dim, temperature)
-            loss = loss + term.weight * term_loss
+        for term, term_loss in zip(plan.terms, term_losses, strict=True):
             cell = (term.layer - 1, self.dims.index(term.dim))
             term_grid[cell] += term_loss.detach().double()
             counts[cell[0]][cell[1]] += 1
-        kl_total = loss.new_zeros(())
-        kl_t = self.dims_config.kl_temperature
-        last = index.get(plan.last_layer)
-        for layer, dim in plan.kl_students:
-            teacher = (truncate(queries[last], plan.full_dim), truncate(positives[last], plan.full_dim))
-            student = (truncate(queries[index[layer]], dim), truncate(positives[index[layer]], dim))
-            kl_total = kl_total + similarity_kl(*teacher, *student, kl_t)
-        loss = loss + self.dims_config.kl_weight * kl_total
-        drawn = plan.terms[-1] if self.dims_config.policy == "2dmse" else Term(0, 0, 0.0)
+        drawn = Term(*plan.drawn, 0.0)  # (0, 0) outside 2dmse
         metrics = {
             "contrastive_loss": loss.detach().double(),
             "kl_loss": kl_total.detach().double(),
             "term_loss": term_grid,
             "term_count": torch.tensor(counts, dtype=torch.float64, device=device),
-            # Summed over ranks by the trainer: identical draws leave a zero spread (see summarize).
+            # Summed over micro-batches and ranks by the trainer: identical draws leave a zero spread.
             "drawn_layer": torch.tensor(float(drawn.layer), device=device),
-            "drawn_layer_sq": torch.tensor(float(drawn.layer) ** 2, device=device),
             "drawn_dim": torch.tensor(float(drawn.dim), device=device),
-            "drawn_dim_sq": torch.tensor(float(drawn.dim) ** 2, device=device),
             "draws": torch.tensor(1.0, device=device),
+            **draw_slots("drawn_layer", drawn.layer, self.micro_batch, device=device),
+            **draw_slots("drawn_dim", drawn.dim, self.micro_batch, device=device),
         }
         return loss * world_size(), metrics
 
@@ -243,8 +300,26 @@ class ContrastiveTask(Task):
         plan = self.plan()
         queries, positives = self.encode_pairs(batch, plan.layers)
         loss, metrics = self.objective(queries, positives, plan)
+        if self.classifier is not None:
+            classifier_loss = self.classifier_loss(queries[-1], batch)
+            loss = loss + self.dims_config.classifier_weight * classifier_loss
+            metrics["classifier_loss"] = classifier_loss.detach().double()
         metrics["tokens"] = (batch["query_attention_mask"].sum() + batch["positive_attention_mask"].sum()).detach()
         return loss, metrics
+
+    def classifier_loss(self, queries: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """MRL-E cross-entropy of this rank's query embeddings (the deepest layer the step embeds) at every dim.
+
+        Local rows only, unscaled: DeepSpeed's mean over ranks is then the global-batch mean.
+        """
+        if "labels" not in batch:
+            raise ValueError(
+                "matryoshka.dims.classes is set but the batch has no labels: give every pair a KEY.label.cls "
+                "(an integer class) or set matryoshka.dims.classes=0"
+            )
+        weights = self.dims_config.weights or [1.0] * len(self.dims)
+        classifier = self.classifier
+        return mrl_e_loss(queries, batch["labels"], classifier.weight, classifier.bias, self.dims, weights)
 
     def forward_backward(
         self,
@@ -285,6 +360,8 @@ class ContrastiveTask(Task):
         """The unscaled global-batch loss and the loss of every (layer, dim) that contributed."""
         draws = float(totals["draws"])
         out = {"loss": float(totals["contrastive_loss"]) / draws, "kl_loss": float(totals["kl_loss"]) / draws}
+        if "classifier_loss" in totals:
+            out["classifier_loss"] = float(totals["classifier_loss"]) / draws
         for (layer, d), count in zip(
             [(layer, d) for layer in range(1, self.depth + 1) for d in self.dims],
             totals["term_count"].flatten(),
@@ -294,12 +371,9 @@ class ContrastiveTask(Task):
                 out[f"loss/layer{layer}_dim{d}"] = float(totals["term_loss"][layer - 1, self.dims.index(d)] / count)
                 out[f"terms/layer{layer}_dim{d}"] = float(count)
         if self.dims_config.policy == "2dmse":
-            spread = 0.0
             for name in ("drawn_layer", "drawn_dim"):
-                mean = float(totals[name]) / draws
-                out[name] = mean
-                spread += max(0.0, float(totals[f"{name}_sq"]) / draws - mean**2)
-            out["draw_rank_spread"] = spread
+                out[name] = float(totals[name]) / draws
+            out["draw_rank_spread"] = rank_spread(totals, "drawn_layer") + rank_spread(totals, "drawn_dim")
         return out
 
 

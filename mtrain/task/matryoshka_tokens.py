@@ -25,8 +25,9 @@ from torch import nn
 from data_pipeline.tokenize import IGNORE_INDEX
 from mtrain.config.schema import TokenScalesConfig
 from mtrain.model.scale_lora import ScaleRouting
-from mtrain.model.token_scales import ScaleSampler, pool_grid
+from mtrain.model.token_scales import pool_grid
 from mtrain.task.base import Task
+from mtrain.task.draws import ScaleSampler, draw_slots, rank_spread
 from mtrain.task.token_layout import Layout, lay_out, place_variants, row_counts, visual_in_layout
 
 
@@ -53,7 +54,9 @@ class MatryoshkaTokenTask(Task):
         weights = tokens.weights or [1.0] * len(tokens.scales)
         self.scale_weights = dict(zip(tokens.scales, weights, strict=True))
         self.step = 0
-        self.step_scale = 0  # the one scale of a `sample_per_step` step, drawn in begin_step
+        self.micro_batch = 0
+        self.step_scale = 0  # the one scale of a `sample_per_step` micro-batch, drawn in begin_step
+        self.begin_step(0, 0)
 
     # ── which scales ──────────────────────────────────────────────────────────────────────────
     @property
@@ -65,10 +68,12 @@ class MatryoshkaTokenTask(Task):
         """Scales with a loss of their own: MQT stage 1 trains only at all M queries."""
         return [self.tokens.mqt_queries] if self.mqt_stage_one else self.tokens.scales
 
-    def begin_step(self, step: int) -> None:
+    def begin_step(self, step: int, micro_batch: int = 0) -> None:
+        """Key the next forward's draws: each accumulated micro-batch draws anew, as the references do per forward."""
         self.step = step
+        self.micro_batch = micro_batch
         if self.tokens.policy == "sample_per_step":
-            self.step_scale = self.sampler.step_scale(step)  # on the host, once per step
+            self.step_scale = self.sampler.step_scale(step, micro_batch)  # on the host, before the forward
 
     def sampler_state_dict(self) -> dict[str, Any]:
         return self.sampler.state_dict()
@@ -88,8 +93,8 @@ class MatryoshkaTokenTask(Task):
         if self.tokens.policy == "all":
             return [scale for scale in self.tokens.scales for _ in range(rows)]
         if self.tokens.policy == "sample_per_step":
-            return [self.step_scale or self.sampler.step_scale(self.step)] * rows
-        return self.sampler.row_scales(self.step, self.rank, rows)
+            return [self.step_scale] * rows
+        return self.sampler.row_scales(self.step, rows, self.micro_batch)
 
     # ── the pieces ────────────────────────────────────────────────────────────────────────────
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -181,17 +186,17 @@ class MatryoshkaTokenTask(Task):
             loss = (weights * per_scale).sum() / weights.sum()
         else:
             loss = loss_sums.sum() / token_counts.sum().clamp(min=1)
-        drawn = max(v.scale for v in layout.variants)  # known on the host: no read of the layout
-        step_scale = float(drawn) if self.tokens.policy == "sample_per_step" else 0.0
+        per_step = self.tokens.policy == "sample_per_step" and not self.mqt_stage_one
+        step_scale = float(self.step_scale) if per_step else 0.0  # drawn on the host: no read of the layout
         metrics = {
             "tokens": (layout.token_scales > 0).sum(),
             "label_tokens": token_counts.sum().detach(),
             "scale_loss_sum": loss_sums.detach(),
             "scale_label_tokens": token_counts.detach(),
-            # Summed over ranks by the trainer: identical draws leave a zero spread (see summarize).
+            # Summed over micro-batches and ranks by the trainer: identical draws leave a zero spread.
             "step_scale": torch.tensor(step_scale, device=device),
-            "step_scale_sq": torch.tensor(step_scale**2, device=device),
             "draws": torch.tensor(1.0, device=device),
+            **draw_slots("step_scale", step_scale, self.micro_batch, device=device),
         }
         return loss, metrics
 
@@ -202,7 +207,7 @@ class MatryoshkaTokenTask(Task):
             draws = float(totals["draws"])
             mean = float(totals["step_scale"]) / draws
             out["scale_drawn"] = mean
-            out["scale_drawn_rank_spread"] = max(0.0, float(totals["step_scale_sq"]) / draws - mean**2)
+            out["scale_drawn_rank_spread"] = rank_spread(totals, "step_scale")
         for i, scale in enumerate(self.reported_scales):
             count = float(totals["scale_label_tokens"][i])
             if count > 0:

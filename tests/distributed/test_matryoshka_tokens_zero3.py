@@ -55,3 +55,25 @@ def test_two_rank_zero3_training(tmp_path, shards_pattern, mode, scales, strateg
     # Scales and LoRA strategy are stored with the checkpoint.
     saved = (run_dir / "checkpoints" / f"step_{steps:08d}" / "config.yaml").read_text()
     assert f"mode: {mode}" in saved and f"strategy: {strategy}" in saved
+
+
+def test_two_rank_accumulation_draws_per_micro_batch_alike_on_both_ranks(tmp_path, shards_pattern):
+    """grad_accum_steps 2: each micro-batch draws its own m (so a step can train two), every rank the same."""
+    run_dir = tmp_path / "run"
+    steps = 6
+    cmd = [
+        str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "mtrain",
+        "train", str(REPO / "configs/tiny.yaml"), f"run.dir={run_dir}", f"data.shards={shards_pattern}",
+        f"run.max_steps={steps}", "optim.warmup_steps=2", "logging.progress=false",
+        "checkpoint.export_at_end=false", "checkpoint.save_at_end=false", "optim.grad_accum_steps=2",
+        "data.micro_batch_size=2", "matryoshka.tokens.mode=mqt", "matryoshka.tokens.mqt_queries=16",
+        "matryoshka.tokens.policy=sample_per_step",
+    ]  # fmt: skip
+    proc = run(cmd, cwd=tmp_path, timeout=240)
+    assert proc.returncode == 0
+    metrics = read_metrics(run_dir)
+    assert len(metrics) == steps
+    assert all(m["scale_drawn_rank_spread"] == 0 for m in metrics), "ranks drew different scales"
+    trained = [sorted(int(k.split("_")[-1]) for k in m if k.startswith("loss/scale_")) for m in metrics]
+    assert all(set(scales) <= set(range(2, 17, 2)) for scales in trained)
+    assert any(len(scales) == 2 for scales in trained), trained  # two micro-batches, two draws

@@ -111,7 +111,7 @@ def test_mqt_finetune_draws_one_scale_per_step(tmp_path, shards):
     train_recipe("mqt_finetune", run_dir, shards["conversation"], steps=3)
     for step in read_metrics(run_dir):
         drawn = int(step["scale_drawn"])
-        assert drawn in (2, 4, 8, 16) and step["scale_drawn_rank_spread"] == 0
+        assert drawn in range(2, 17, 2) and step["scale_drawn_rank_spread"] == 0
         assert [key for key in step if key.startswith("loss/scale_")] == [f"loss/scale_{drawn}"]
 
 

@@ -153,67 +153,91 @@ def test_mrl_loss_is_the_weighted_sum_of_per_dim_info_nce():
     assert len({round(summary[f"loss/layer4_dim{k}"], 4) for k in dims}) == len(dims)
 
 
-def test_2dmse_draws_one_shallow_pair_per_step_identically_and_adds_kl():
+def test_2dmse_draws_one_shallow_pair_per_micro_batch_identically_and_trains_the_angle_objective():
     dims = [8, 16, 32, 64]
     task, built, cfg = make_task(f"matryoshka.dims.dims={dims}", "matryoshka.dims.policy=2dmse")
     drawn = set()
     for step in range(24):
         plan = plan_step(cfg.matryoshka.dims, 4, 64, seed=cfg.run.seed, step=step)
-        # The draw depends on (seed, step) only: recomputing it (as another rank does) gives the same.
+        # The draw depends on (seed, step, micro-batch) only: recomputing it (as another rank does) gives the same.
         assert plan == plan_step(cfg.matryoshka.dims, 4, 64, seed=cfg.run.seed, step=step)
-        full, shallow = plan.terms
-        assert (full.layer, full.dim) == (4, 64)
-        assert 1 <= shallow.layer <= 3 and shallow.dim in dims
-        assert plan.kl_students == ((shallow.layer, 64),)
-        drawn.add((shallow.layer, shallow.dim))
+        layer, dim = plan.drawn
+        assert 1 <= layer <= 3 and dim in dims[:-1]
+        # AnglE: the last layer at full width and at the drawn dim; layer l at both, weighted 1/l.
+        assert [(t.layer, t.dim, t.weight) for t in plan.terms] == [(4, dim, 1.0), (4, 64, 1.0)] + [
+            (layer, dim, 1 / layer),
+            (layer, 64, 1 / layer),
+        ]
+        assert plan.kl_students == ((layer, 64),) and plan.kl_teacher == (4, 64)
+        drawn.add((layer, dim))
     assert len(drawn) >= 6  # the draws move around the grid
-    assert plan_step(cfg.matryoshka.dims, 4, 64, seed=cfg.run.seed + 1, step=0) != plan_step(
-        cfg.matryoshka.dims, 4, 64, seed=cfg.run.seed, step=0
-    ) or plan_step(cfg.matryoshka.dims, 4, 64, seed=cfg.run.seed + 1, step=1) != plan_step(
-        cfg.matryoshka.dims, 4, 64, seed=cfg.run.seed, step=1
-    )
+    assert {plan_step(cfg.matryoshka.dims, 4, 64, seed=cfg.run.seed + 1, step=s) for s in range(4)} != {
+        plan_step(cfg.matryoshka.dims, 4, 64, seed=cfg.run.seed, step=s) for s in range(4)
+    }
 
     batch = make_batch(built)
     task.begin_step(5)
     plan = task.plan()
-    layer, dim = plan.terms[1].layer, plan.terms[1].dim
+    layer = min(t.layer for t in plan.terms)
+    dim = min(t.dim for t in plan.terms)
     loss, metrics = task(batch)
     q, p = task.encode_pairs(batch, [layer, 4])
+    rows_l, rows_4 = torch.cat([q[0], p[0]]), torch.cat([q[1], p[1]])
+    # AngleTDMSETrainer.compute_loss with T = 1: T * KL between softmaxes of the embeddings themselves.
+    kl = F.kl_div(F.log_softmax(rows_l, dim=-1), F.softmax(rows_4, dim=-1), reduction="batchmean")
     expected = (
         hand_info_nce(q[1], p[1], 64, 0.1)
-        + hand_info_nce(q[0], p[0], dim, 0.1)
-        + hand_kl(cosine(q[1], p[1], 64), cosine(q[0], p[0], 64), 0.3)
+        + hand_info_nce(q[1], p[1], dim, 0.1)
+        + (hand_info_nce(q[0], p[0], 64, 0.1) + hand_info_nce(q[0], p[0], dim, 0.1)) / layer
+        + kl
     )
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
     summary = task.summarize(metrics)
     assert sorted(k for k in summary if k.startswith("terms/")) == sorted(
-        {"terms/layer4_dim64", f"terms/layer{layer}_dim{dim}"}
+        f"terms/layer{a}_dim{b}" for a in (layer, 4) for b in (dim, 64)
     )
     assert summary["drawn_layer"] == layer and summary["drawn_dim"] == dim and summary["kl_loss"] > 0
 
 
-def test_starbucks_sums_every_listed_pair_every_step_plus_kl():
-    dims, layers = [8, 16, 32, 64], [1, 2, 3, 4]
+@pytest.mark.parametrize("layers", [[1, 2, 3, 4], [1, 2, 2, 3]])
+def test_starbucks_sums_every_listed_pair_every_step_plus_kl_to_the_largest_pair(layers):
+    dims = [8, 16, 32, 64]
     task, built, cfg = make_task(
         f"matryoshka.dims.dims={dims}", "matryoshka.dims.policy=starbucks", f"matryoshka.dims.layers={layers}"
     )
     plans = {plan_step(cfg.matryoshka.dims, 4, 64, seed=cfg.run.seed, step=s) for s in range(10)}
     assert len(plans) == 1  # a fixed list, no draws
     (plan,) = plans
-    assert [(t.layer, t.dim) for t in plan.terms] == [(1, 8), (2, 16), (3, 32), (4, 64)]
-    assert plan.kl_students == ((1, 8), (2, 16), (3, 32))
+    pairs = list(zip(layers, dims, strict=True))
+    assert [(t.layer, t.dim) for t in plan.terms] == pairs
+    assert plan.kl_students == tuple(pairs[:-1])
 
     batch = make_batch(built)
     loss, metrics = task(batch)
-    q, p = task.encode_pairs(batch, [1, 2, 3, 4])
-    expected = sum(hand_info_nce(q[i], p[i], d, 0.1) for i, d in enumerate(dims))
-    expected = expected + sum(
-        hand_kl(cosine(q[3], p[3], 64), cosine(q[i], p[i], d), 0.3) for i, d in enumerate(dims[:3])
+    used = sorted(set(layers))
+    q, p = task.encode_pairs(batch, used)
+
+    def scores(layer: int, d: int) -> torch.Tensor:  # SrlDenseModel.forward: dot product of raw prefixes
+        at = used.index(layer)
+        return q[at][:, :d] @ p[at][:, :d].T
+
+    def info_nce(logits: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits / 0.1, torch.arange(len(logits)))
+
+    teacher = scores(layers[-1], 64)
+    expected = info_nce(teacher) + sum(
+        info_nce(scores(layer, d))
+        + F.kl_div(
+            F.log_softmax(scores(layer, d) / 0.1, dim=1),
+            F.softmax(teacher.detach() / 0.1, dim=1),
+            reduction="batchmean",
+        )
+        for layer, d in pairs[:-1]
     )
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
     summary = task.summarize(metrics)
     assert sorted(k for k in summary if k.startswith("terms/")) == sorted(
-        f"terms/layer{layer}_dim{d}" for layer, d in zip(layers, dims, strict=True)
+        f"terms/layer{layer}_dim{d}" for layer, d in pairs
     )
 
 
@@ -346,3 +370,46 @@ def test_embed_api_truncates_and_round_trips_through_an_export_with_a_projection
     assert exported.metadata["dims"] == [8, 16, 32] and exported.metadata["layers"] == [2, 3, 4]
     assert exported.metadata["projection_dim"] == 32
     torch.testing.assert_close(exported.embed(inputs, dim=16, layer=2), embedder.embed(inputs, dim=16, layer=2))
+
+
+# ── MRL-E ─────────────────────────────────────────────────────────────────────────────────────
+def test_mrl_e_classifier_trains_from_config_and_round_trips_through_the_export(tmp_path):
+    from PIL import Image
+
+    from mtrain.embed import Embedder, save_embedding_head
+    from mtrain.engine.data import pair_spec
+
+    dims = [8, 16, 64]
+    task, built, cfg = make_task(
+        f"matryoshka.dims.dims={dims}", "matryoshka.dims.classes=3", "matryoshka.dims.classifier_weight=0.5"
+    )
+    with pytest.raises(ConfigError, match="GradCache replays only"):
+        load_config(None, ["task.objective=contrastive", "matryoshka.dims.classes=3", "task.contrastive.chunk_size=2"])
+    batch = make_batch(built)
+    with pytest.raises(ValueError, match="KEY.label.cls"):
+        task(batch)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    batch["labels"] = labels
+    loss, metrics = task(batch)
+    q, p = task.encode_pairs(batch, [4])
+    w, b = task.classifier.weight, task.classifier.bias
+    # MRL_Linear_Layer(efficient=True): logits_k = x[:, :k] W[:, :k]^T + b, a cross-entropy per k, summed.
+    classifier = sum(F.cross_entropy(q[0][:, :k] @ w[:, :k].T + b, labels) for k in dims)
+    expected = sum(hand_info_nce(q[0], p[0], k, 0.1) for k in dims) + 0.5 * classifier
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    assert task.summarize(metrics)["classifier_loss"] == pytest.approx(float(classifier.detach()), rel=1e-5)
+    loss.backward()
+    assert w.grad[:, 16:].abs().sum() > 0 and w.grad[:, :8].abs().sum() > 0
+
+    built.model.save_pretrained(tmp_path / "model")
+    built.tokenizer.save_pretrained(tmp_path / "model")
+    built.image_processor.save_pretrained(tmp_path / "model")
+    save_embedding_head(task, tmp_path)
+    exported = Embedder.from_export(tmp_path)
+    assert exported.metadata["classes"] == 3
+    inputs = [Image.new("RGB", (40, 40), (200, 20, 20)), "a red circle."]
+    ours = Embedder(task, pair_spec(cfg, built), built.image_processor)
+    for k in dims:
+        torch.testing.assert_close(exported.classify(inputs, dim=k), ours.classify(inputs, dim=k))
+    with pytest.raises(ValueError, match="not a trained dim"):
+        exported.classify(inputs, dim=32)

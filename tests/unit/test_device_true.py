@@ -45,6 +45,12 @@ OBJECTIVES = {
         "model.lora.strategy=per_scale",
     ],
     "mqt": ["matryoshka.tokens.mode=mqt", "matryoshka.tokens.scales=[2,8,32,64]"],
+    "mqt_llava_sample_per_step": [
+        "matryoshka.tokens.mode=mqt",
+        "matryoshka.tokens.mqt_queries=16",
+        "matryoshka.tokens.mqt_architecture=mqt_llava",
+        "matryoshka.tokens.policy=sample_per_step",
+    ],
     "contrastive_gradcache_mrl": [
         "task.objective=contrastive",
         "model.freeze.language_model=false",
@@ -56,6 +62,13 @@ OBJECTIVES = {
         "model.tiny.num_layers=3",
         "matryoshka.dims.policy=2dmse",
         "matryoshka.dims.dims=[8,64]",
+    ],
+    "contrastive_starbucks": [
+        "task.objective=contrastive",
+        "model.tiny.num_layers=3",
+        "matryoshka.dims.policy=starbucks",
+        "matryoshka.dims.dims=[8,32,64]",
+        "matryoshka.dims.layers=[1,2,3]",
     ],
 }
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from mtrain.config import ConfigError, load_config
-from mtrain.model.token_scales import QueryTransformerProjector, ScaleSampler, pool_grid
+from mtrain.model.token_scales import QueryTransformerProjector, pool_grid
+from mtrain.task.draws import ScaleSampler
 from mtrain.task.token_layout import shrink_image_runs
 
 
@@ -38,7 +39,9 @@ def test_shrink_keeps_first_tokens_of_each_image_run():
     ids = torch.tensor([[1, 9, 9, 9, 9, 5, 9, 9, 9, 9, 6, 0]])
     labels = torch.tensor([[-100, -100, -100, -100, -100, 5, -100, -100, -100, -100, 6, -100]])
     mask = (ids != pad).long()
-    new_ids, new_labels, new_mask = shrink_image_runs(ids, labels, mask, image, visual_tokens=4, keep=1, pad_token_id=pad)
+    new_ids, new_labels, new_mask = shrink_image_runs(
+        ids, labels, mask, image, visual_tokens=4, keep=1, pad_token_id=pad
+    )
     assert new_ids.tolist() == [[1, 9, 5, 9, 6]]
     assert new_labels.tolist() == [[-100, -100, 5, -100, 6]]
     assert new_mask.tolist() == [[1, 1, 1, 1, 1]]
@@ -50,7 +53,8 @@ def test_sampler_draws_depend_on_seed_and_step_only():
     draws = [sampler.step_scale(step) for step in range(50)]
     assert draws == [other_rank_copy.step_scale(step) for step in range(50)]
     assert len(set(draws)) >= 4  # it does vary from step to step
-    assert sampler.row_scales(5, rank=0, rows=32) != sampler.row_scales(5, rank=1, rows=32)
+    assert sampler.row_scales(5, rows=32) == other_rank_copy.row_scales(5, rows=32)
+    assert sampler.row_scales(5, rows=32, micro_batch=0) != sampler.row_scales(5, rows=32, micro_batch=1)
 
 
 @pytest.mark.parametrize(
