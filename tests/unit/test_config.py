@@ -108,3 +108,14 @@ def test_validate_cli_fails_fast_and_spawns_nothing(tmp_path):
     assert "model.lora.rnak" in proc.stderr and "model.lora.rank" in proc.stderr
     assert elapsed < 15
     assert not (tmp_path / "runs").exists()  # nothing started, nothing written
+
+
+def test_key_given_twice_is_refused_with_a_quoting_hint(tmp_path):
+    path = write(tmp_path, "{}\n")
+    # What an unquoted `data.shards=data/sample/shard-{000000..000001}.tar` becomes after bash's brace expansion.
+    expanded = ["data.shards=data/sample/shard-000000.tar", "data.shards=data/sample/shard-000001.tar"]
+    with pytest.raises(ConfigError, match=r"data.shards: given twice .*quote"):
+        load_config(path, expanded)
+    with pytest.raises(ConfigError, match=r"optim.lr: given twice"):
+        load_config(path, ["optim.lr=1e-3", " optim.lr =2e-3"])
+    assert load_config(path, ["optim.lr=1e-3", "optim.warmup_steps=2"]).optim.warmup_steps == 2
