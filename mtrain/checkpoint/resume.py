@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from mtrain.checkpoint.manifest import manifest_problems, read_manifest
+from mtrain.checkpoint.run_folder import last_saved
 from mtrain.checkpoint.save import (
     CONFIG_FILE,
     DELETING_PREFIX,
@@ -98,7 +99,7 @@ def find_resume_checkpoint(resume: str, checkpoints_root: Path, remove_partials:
     if remove_partials:
         remove_partial(partial)
     if complete:
-        return complete[-1]
+        return last_saved(complete)  # `latest`, unless a save was cut before updating it (run_folder.py)
     if resume != "auto":
         raise ValueError(f"checkpoint.resume={resume!r} holds no complete checkpoint")
     return None
@@ -120,7 +121,7 @@ INCOMPATIBLE = (
     "checkpoint.init_from",
 )
 # Changing these is expected between a run and its resume: not even a warning.
-SILENT = ("run.dir", "checkpoint.resume", "logging.", "dist.")
+SILENT = ("run.dir", "checkpoint.resume", "checkpoint.start_over", "logging.", "dist.")
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
