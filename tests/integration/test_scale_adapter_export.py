@@ -83,8 +83,8 @@ def test_shared_plus_per_scale_export_loads_in_stock_peft(tmp_path, shards_patte
         in proc.stdout
     )
     assert "model.lora.rank: 8 -> 4  (blocks a resume)" in proc.stdout
+    assert "matryoshka.tokens.mode: 'm3' -> 'none'" in proc.stdout
     # Given the run folder, it reads the checkpoints folder inside.
     proc = run([str(BIN / "python"), "-m", "mtrain", "inspect", str(run_dir)], cwd=tmp_path)
     assert proc.returncode == 0
     assert f"{run_dir / 'checkpoints'}: 1 complete checkpoint(s), latest -> step_00000003" in proc.stdout
-    assert "matryoshka.tokens.mode: 'm3' -> 'none'" in proc.stdout
