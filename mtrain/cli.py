@@ -174,7 +174,12 @@ def _dispatch(args: argparse.Namespace) -> int:
             require_wandb()
         from mtrain.engine.run import run_training  # noqa: PLC0415
         from mtrain.launch.distributed import leave_finished_job  # noqa: PLC0415
-        from mtrain.launch.outcome import raise_keyboard_interrupt_on_sigterm, report_interrupt  # noqa: PLC0415
+        from mtrain.launch.outcome import (  # noqa: PLC0415
+            is_lost_peer,
+            raise_keyboard_interrupt_on_sigterm,
+            report_interrupt,
+            report_lost_peer,
+        )
         from mtrain.launch.preflight import PreflightError  # noqa: PLC0415
 
         raise_keyboard_interrupt_on_sigterm()
@@ -185,6 +190,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             return 3
         except KeyboardInterrupt:
             return leave_finished_job(report_interrupt(Path(cfg.run.dir)))
+        except RuntimeError as exc:
+            if not is_lost_peer(exc):
+                raise
+            return leave_finished_job(report_lost_peer(exc))
         return leave_finished_job(0)
     if args.command == "eval" and args.task == "retrieval":
         from mtrain.eval.retrieval import run_retrieval_eval  # noqa: PLC0415

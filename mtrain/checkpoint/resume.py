@@ -156,7 +156,8 @@ def check_config_matches(checkpoint: CheckpointInfo, current: dict[str, Any]) ->
         raise ValueError(
             f"cannot resume from {checkpoint.folder}: the config differs in what the checkpoint depends on: "
             + "; ".join(errors)
-            + ". Restore those values, or start a new run (checkpoint.resume=never, or another run.dir; "
+            + ". Restore those values, or start a new run (checkpoint.resume=never checkpoint.start_over=true, or "
+            "another run.dir; "
             "checkpoint.init_from to take its weights only)"
         )
     return benign

@@ -50,6 +50,34 @@ def report_final_error(kind: str, exc: BaseException) -> int:
     return EXIT_NO_RETRY
 
 
+# What gloo and NCCL say when a peer process died (killed, its node lost) in the middle of a collective.
+LOST_PEER_MARKERS = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "NCCL communicator was aborted",
+)
+
+
+def is_lost_peer(exc: BaseException) -> bool:
+    return isinstance(exc, RuntimeError) and any(marker in str(exc) for marker in LOST_PEER_MARKERS)
+
+
+def report_lost_peer(exc: BaseException) -> int:
+    """One line for a rank whose peer died; the launcher's restart (if any) resumes from `latest`. Retryable."""
+    if debug_enabled():
+        traceback.print_exception(exc, file=sys.stderr)
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    rank = os.environ.get("RANK", "0")
+    print(
+        f"mtrain: rank {rank} lost a peer rank mid-step ({first[:200]}); a launcher with restarts left "
+        "restarts the job from the latest checkpoint (MTRAIN_DEBUG=1 for the traceback)",
+        file=sys.stderr,
+        flush=True,
+    )
+    return 1
+
+
 def raise_keyboard_interrupt_on_sigterm() -> None:
     """SIGTERM (a launcher or scheduler stopping the job) ends training like Ctrl-C does."""
 
