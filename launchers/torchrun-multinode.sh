@@ -9,7 +9,10 @@
 #   NODE_RANK       this node's rank; c10d assigns ranks itself, so it is only a hint (optional)
 #   LOCAL_ADDR      this node's address as the others should reach it (optional; torchrun's --local-addr)
 #   MAX_RESTARTS    restarts of the whole job when a process fails (default 3); with
-#                   checkpoint.resume=auto (the default) each restart resumes from the latest checkpoint
+#                   checkpoint.resume=auto (the default) each restart resumes from the latest checkpoint.
+#                   Every agent restarts into the same rendezvous round; each round's workers get a
+#                   fresh store (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, set in common.sh). torchrun
+#                   retries every failure alike, also errors no restart can fix (exit status 2).
 #   RDZV_TIMEOUT    seconds a node waits for the others to join before failing (default 600)
 #   DRY_RUN=1       validate, print the command and the DeepSpeed JSON, start nothing
 #

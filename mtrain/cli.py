@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from mtrain.config import ConfigError, dump_yaml, field_docs, load_config
 from mtrain.config.schema import TrainConfig
@@ -27,6 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="check a config and overrides; spawns nothing")
     _add_config_args(validate)
     validate.add_argument("--print", action="store_true", help="print the resolved config")
+    validate.add_argument(
+        "--config-only",
+        action="store_true",
+        help="check only the config, not that its shards, model folder and run folder fit (see run.remote_paths)",
+    )
     validate.add_argument("--explain", action="store_true", help="print every key with its description")
     validate.add_argument(
         "--deepspeed-json",
@@ -146,20 +152,34 @@ def print_deepspeed_json(cfg: TrainConfig, world_size: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. mtrain's own errors print one line (MTRAIN_DEBUG=1: with the traceback) and exit
+    with EXIT_NO_RETRY (2), which the restart loops in launchers/ never retry (see launch/outcome.py)."""
+    from mtrain.launch.outcome import report_final_error  # noqa: PLC0415
+
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)
     except ConfigError as exc:
-        print(f"mtrain: config error: {exc}", file=sys.stderr)
-        return 2
+        return report_final_error("config error", exc)
     except (FileNotFoundError, ValueError) as exc:
-        print(f"mtrain: error: {exc}", file=sys.stderr)
-        return 2
+        return report_final_error("error", exc)
+    except Exception as exc:
+        # Bad data can only stop a job that imported the loader; importing it here would slow `validate`.
+        loader = sys.modules.get("data_pipeline.loader")
+        if loader is not None and isinstance(exc, loader.DataQualityError):
+            return report_final_error("data error", exc)
+        raise
 
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "validate":
         cfg = load_config(args.config, args.overrides)
+        if not args.config_only:
+            from mtrain.checkpoint.run_folder import check_fresh_start  # noqa: PLC0415
+            from mtrain.launch.inputs import check_inputs  # noqa: PLC0415
+
+            check_inputs(cfg, on_submit_host=True)
+            check_fresh_start(Path(cfg.run.dir), cfg.checkpoint.resume, cfg.checkpoint.start_over)
         if args.explain:
             for key, doc in field_docs(TrainConfig).items():
                 print(f"{key:45s} {doc}")
@@ -167,7 +187,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(dump_yaml(cfg), end="")
         if args.deepspeed_json is not None:
             print_deepspeed_json(cfg, args.deepspeed_json)
-        print(f"ok: {args.config} is a valid mtrain config", file=sys.stderr)
+        checked = "config" if args.config_only else "config; its inputs exist"
+        print(f"ok: {args.config} is a valid mtrain {checked}", file=sys.stderr)
         return 0
     if args.command == "train":
         cfg = load_config(args.config, args.overrides)  # fails here, before any process group forms
@@ -177,13 +198,26 @@ def _dispatch(args: argparse.Namespace) -> int:
             require_wandb()
         from mtrain.engine.run import run_training  # noqa: PLC0415
         from mtrain.launch.distributed import leave_finished_job  # noqa: PLC0415
+        from mtrain.launch.outcome import (  # noqa: PLC0415
+            is_lost_peer,
+            raise_keyboard_interrupt_on_sigterm,
+            report_interrupt,
+            report_lost_peer,
+        )
         from mtrain.launch.preflight import PreflightError  # noqa: PLC0415
 
+        raise_keyboard_interrupt_on_sigterm()
         try:
             run_training(cfg)
         except PreflightError as exc:
             print(f"mtrain: preflight error: {exc}", file=sys.stderr)
             return 3
+        except KeyboardInterrupt:
+            return leave_finished_job(report_interrupt(Path(cfg.run.dir)))
+        except RuntimeError as exc:
+            if not is_lost_peer(exc):
+                raise
+            return leave_finished_job(report_lost_peer(exc))
         return leave_finished_job(0)
     if args.command == "eval" and args.task == "retrieval":
         from mtrain.eval.retrieval import run_retrieval_eval  # noqa: PLC0415

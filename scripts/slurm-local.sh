@@ -8,7 +8,7 @@
 #   export SLURM_CONF=$SLURM_LOCAL_DIR/slurm.conf; sbatch ...   # `start` prints this line
 #
 #   SLURM_LOCAL_DIR  state, spool, logs and slurm.conf (default /tmp/mtrain-slurm)
-#   SLURM_CPUS       CPUs of the node (default: nproc)
+#   SLURM_CPUS       CPUs of the node (default: the CPUs this machine lets us use, whatever OMP_NUM_THREADS says)
 #   SLURMCTLD_PORT, SLURMD_PORT  (default 6817, 6818)
 # Needs root (slurmd starts jobs as their users) and Debian's slurm-wlm and munge (scripts/install.sh).
 set -euo pipefail
@@ -17,6 +17,10 @@ conf=$dir/slurm.conf
 node=$(hostname -s)
 
 die() { echo "slurm-local: $*" >&2; exit 1; }
+
+# nproc follows OMP_NUM_THREADS (1 in the test environment), which would make a 1-CPU node on which
+# a 2-task job stays pending forever; the node has the CPUs the scheduler may really use.
+real_cpus() { env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc; }
 
 munge_ok() { munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
 
@@ -47,7 +51,7 @@ ReturnToService=2
 SlurmdTimeout=60
 InactiveLimit=0
 KillWait=5
-NodeName=$node NodeAddr=127.0.0.1 CPUs=${SLURM_CPUS:-$(nproc)} State=UNKNOWN
+NodeName=$node NodeAddr=127.0.0.1 CPUs=${SLURM_CPUS:-$(real_cpus)} State=UNKNOWN
 PartitionName=local Nodes=$node Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 CONF
 }

@@ -1,7 +1,8 @@
 """Export a checkpoint to stock Hugging Face folders, in one process, from the files on disk.
 
-    OUT/model/     the merged model: safetensors, config, tokenizer, image processor
-                   (`AutoModelForImageTextToText.from_pretrained`)
+    OUT/model/     the merged model: safetensors, config, tokenizer, image processor, and for LLaVA a
+                   processor with the chat template the model was trained with
+                   (`AutoModelForImageTextToText` / `AutoProcessor.from_pretrained`)
     OUT/adapter/   the PEFT adapter with its `modules_to_save` (`PeftModel.from_pretrained`)
     OUT/base/      the base the adapter applies to, when it exists nowhere else on disk
                    (the built-in preset, or a base that came from `checkpoint.init_from`)
@@ -34,18 +35,22 @@ TASK_PREFIX = "model."  # the task module wraps the HF model as `.model`
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
     """(checkpoints root, tag) from a checkpoint folder or a root holding `latest`."""
-    from mtrain.checkpoint.resume import checkpoint_info, find_resume_checkpoint  # noqa: PLC0415
+    from mtrain.checkpoint.resume import checkpoint_info, find_resume_checkpoint, scan_checkpoints  # noqa: PLC0415
 
     path = Path(path)
     if TAG_PATTERN.match(path.name):
         checkpoint_info(path)  # a clear error when the folder is partial
         return path.parent, path.name
-    if path.is_dir():
+    if (path / "checkpoints").is_dir() and not (path / "latest").exists():
+        path = path / "checkpoints"  # a run folder
+    if path.is_dir() and scan_checkpoints(path)[0]:
         newest = find_resume_checkpoint(str(path), path, remove_partials=False)
         if newest is not None:
             return path, newest.folder.name
+    what = "an export (load it with transformers/PEFT), " if (path / EXPORT_METADATA).is_file() else ""
     raise FileNotFoundError(
-        f"{path} is neither a checkpoint folder (step_XXXXXXXX with a manifest) nor a checkpoints root"
+        f"{path} is {what}not an mtrain checkpoint: give a checkpoint folder (step_XXXXXXXX with a manifest), "
+        "a checkpoints folder, a run folder, or (mtrain eval) a config YAML"
     )
 
 
@@ -133,9 +138,39 @@ def _copy_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _save_hf_folder(model: torch.nn.Module, built: Any, folder: Path) -> None:
+    """Model, tokenizer and image processor, plus (LLaVA) a processor and the trained chat template."""
+    from data_pipeline.chat_template import CHAT_TEMPLATE  # noqa: PLC0415
+
     model.save_pretrained(folder, safe_serialization=True)
+    built.tokenizer.chat_template = CHAT_TEMPLATE
     built.tokenizer.save_pretrained(folder)
     built.image_processor.save_pretrained(folder)
+    processor = llava_processor(model.config, built, CHAT_TEMPLATE)
+    if processor is not None:
+        processor.save_pretrained(folder)
+
+
+def llava_processor(config: Any, built: Any, chat_template: str) -> Any:
+    """A `LlavaProcessor` that expands `<image>` to exactly the features the model gets (None for other families).
+
+    LLaVA's processor counts (side / patch_size)^2 + num_additional_image_tokens, minus one under the
+    "default" feature strategy (which drops the vision tower's CLS feature); a CLIP tower has that
+    one extra CLS token, a SigLIP tower none.
+    """
+    from transformers import LlavaProcessor  # noqa: PLC0415
+
+    if getattr(config, "model_type", None) != "llava":
+        return None
+    vision = config.vision_config
+    has_cls = vision.model_type == "clip_vision_model"
+    return LlavaProcessor(
+        image_processor=built.image_processor,
+        tokenizer=built.tokenizer,
+        patch_size=vision.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=1 if has_cls else 0,
+        chat_template=chat_template,
+    )
 
 
 def save_adapter_gathered(peft_model: Any, folder: Path, is_main: bool) -> None:
@@ -180,15 +215,24 @@ def merged_adapters(cfg: TrainConfig) -> list[str] | None:
     return [scale] if strategy == "per_scale" else [SHARED_ADAPTER, scale]
 
 
+def adapter_config_files(folder: Path) -> list[Path]:
+    """Every adapter's `adapter_config.json` in a PEFT folder: the lone `default` at its root, named ones below."""
+    return sorted(folder.glob("adapter_config.json")) + sorted(folder.glob("*/adapter_config.json"))
+
+
 def export_adapter_only(root: Path, tag: str, cfg: TrainConfig, folder: Path) -> dict[str, Any]:
-    """Copy the adapter the checkpoint holds (gathered from the trainable parameters at save time)."""
+    """Copy every adapter the checkpoint holds (gathered from the trainable parameters at save time)."""
     import shutil  # noqa: PLC0415
 
     saved = root / tag / ADAPTER_DIR
-    if not (saved / "adapter_model.safetensors").is_file():
-        raise FileNotFoundError(f"{root / tag} holds no {ADAPTER_DIR}/ folder; export the whole model instead")
+    if not adapter_config_files(saved):
+        raise FileNotFoundError(
+            f"{root / tag} holds no PEFT adapter under {ADAPTER_DIR}/ (no adapter_config.json there or in a "
+            "subfolder); export the whole model instead (mtrain export without --adapter-only)"
+        )
     shutil.copytree(saved, folder, dirs_exist_ok=True)
-    config = json.loads((folder / "adapter_config.json").read_text())
-    config["base_model_name_or_path"] = cfg.model.path
-    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    for config_file in adapter_config_files(folder):
+        config = json.loads(config_file.read_text())
+        config["base_model_name_or_path"] = cfg.model.path
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
     return {"source": cfg.model.path or f"preset:{cfg.model.preset}", "visual_tokens": None}

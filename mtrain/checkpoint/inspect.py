@@ -85,9 +85,13 @@ def inspect_path(
         return "\n".join(lines)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is neither a checkpoint folder nor a checkpoints folder")
+    if (path / "checkpoints").is_dir() and not (path / LATEST_FILE).exists():
+        path = path / "checkpoints"  # a run folder: its checkpoints live in checkpoints/
     complete, partial = scan_checkpoints(path)
     latest = (path / LATEST_FILE).read_text().strip() if (path / LATEST_FILE).is_file() else None
     lines = [f"{path}: {len(complete)} complete checkpoint(s), latest -> {latest}"]
+    if not complete and not partial:
+        lines.append("  (no step_XXXXXXXX folders here: give a run folder, its checkpoints/ or one checkpoint)")
     for checkpoint in complete:
         lines += describe_checkpoint(checkpoint.folder, checksums)
         if config:

@@ -30,6 +30,7 @@ from mtrain.checkpoint.layout import (
     rank_state_file,
     scan_checkpoints,
 )
+from mtrain.checkpoint.run_folder import last_saved
 from mtrain.checkpoint.save import set_rng_state
 from mtrain.config.core import to_dict
 from mtrain.config.schema import TrainConfig
@@ -54,7 +55,7 @@ def find_resume_checkpoint(resume: str, checkpoints_root: Path, remove_partials:
     if remove_partials:
         remove_partial(partial)
     if complete:
-        return complete[-1]
+        return last_saved(complete)  # `latest`, unless a save was cut before updating it (run_folder.py)
     if resume != "auto":
         raise ValueError(f"checkpoint.resume={resume!r} holds no complete checkpoint")
     return None
@@ -76,7 +77,7 @@ INCOMPATIBLE = (
     "checkpoint.init_from",
 )
 # Changing these is expected between a run and its resume: not even a warning.
-SILENT = ("run.dir", "checkpoint.resume", "logging.", "dist.")
+SILENT = ("run.dir", "checkpoint.resume", "checkpoint.start_over", "logging.", "dist.")
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -111,7 +112,8 @@ def check_config_matches(checkpoint: CheckpointInfo, current: dict[str, Any]) ->
         raise ValueError(
             f"cannot resume from {checkpoint.folder}: the config differs in what the checkpoint depends on: "
             + "; ".join(errors)
-            + ". Restore those values, or start a new run (checkpoint.resume=never, or another run.dir; "
+            + ". Restore those values, or start a new run (checkpoint.resume=never checkpoint.start_over=true, or "
+            "another run.dir; "
             "checkpoint.init_from to take its weights only)"
         )
     return benign

@@ -8,7 +8,15 @@ from pathlib import Path
 
 import yaml
 
-from mtrain.config.core import ConfigError, apply_override, build, field_docs, load_raw, to_dict
+from mtrain.config.core import (
+    ConfigError,
+    apply_override,
+    build,
+    check_distinct_overrides,
+    field_docs,
+    load_raw,
+    to_dict,
+)
 from mtrain.config.schema import TrainConfig
 
 __all__ = ["ConfigError", "TrainConfig", "load_config", "config_hash", "dump_yaml", "field_docs"]
@@ -16,6 +24,7 @@ __all__ = ["ConfigError", "TrainConfig", "load_config", "config_hash", "dump_yam
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Load a YAML config strictly, apply `a.b=c` overrides, and validate every value."""
+    check_distinct_overrides(overrides)
     raw = load_raw(path) if path is not None else {}
     for override in overrides:
         apply_override(raw, override, TrainConfig)

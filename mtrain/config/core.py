@@ -158,10 +158,33 @@ def field_docs(cls: type, path: str = "") -> dict[str, str]:
     return docs
 
 
-def apply_override(raw: dict, override: str, root_cls: type) -> None:
-    """Apply one `a.b.c=value` override to the raw mapping, checking that the path exists."""
+def override_key(override: str) -> str:
+    """The dotted key of an `a.b.c=value` override."""
     if "=" not in override:
         raise ConfigError(f"override {override!r}: expected the form a.b.c=value")
+    return override.split("=", 1)[0].strip()
+
+
+def check_distinct_overrides(overrides: list[str] | tuple[str, ...]) -> None:
+    """A key given twice is an error: the last one would silently win.
+
+    The usual cause is an unquoted brace pattern, which the shell expands into one override per
+    match (`data.shards=shard-{0..3}.tar` becomes four `data.shards=...` words).
+    """
+    seen: dict[str, str] = {}
+    for override in overrides:
+        key = override_key(override)
+        if key in seen:
+            raise ConfigError(
+                f"{key}: given twice ({seen[key]!r} and {override!r}). Give each key once; if the shell expanded "
+                f"a brace pattern into several overrides, quote it: '{key}=shard-{{000000..000003}}.tar'"
+            )
+        seen[key] = override
+
+
+def apply_override(raw: dict, override: str, root_cls: type) -> None:
+    """Apply one `a.b.c=value` override to the raw mapping, checking that the path exists."""
+    override_key(override)
     dotted, text = override.split("=", 1)
     keys = dotted.strip().split(".")
     cls: Any = root_cls

@@ -22,10 +22,17 @@ class RunConfig(Checkable):
         "auto", "auto picks bf16 on GPU and fp32 on CPU; CPU ranks need fp32 or bf16."
     )
     device: Literal["auto", "cpu", "cuda"] = setting("auto", "auto picks cuda when a GPU is visible, else cpu.")
+    remote_paths: list[str] = setting(
+        [], "Keys whose paths exist only where the ranks run, e.g. [data.shards, model.path]: validate skips them."
+    )
 
     def check(self) -> list[tuple[str, str]]:
         if self.max_steps < 1:
             return [("max_steps", f"must be at least 1, got {self.max_steps}")]
+        known = ("data.shards", "model.path", "checkpoint.init_from")  # mtrain/launch/inputs.py
+        unknown = [key for key in self.remote_paths if key not in known]
+        if unknown:
+            return [("remote_paths", f"{unknown} are not path keys; choose from {list(known)}")]
         return []
 
 
@@ -295,6 +302,9 @@ class CheckpointConfig(Checkable):
         None, "Start from these weights only (checkpoint, export or HF folder): fresh optimizer, schedule, data."
     )
     verify_checksums: bool = setting(False, "On resume, check every file's SHA-256 against the manifest.")
+    start_over: bool = setting(
+        False, "With resume=never: move an existing run in run.dir to run.dir/previous/<time>/ and start fresh."
+    )
 
     def check(self) -> list[tuple[str, str]]:
         if self.save_every < 0:
@@ -305,6 +315,8 @@ class CheckpointConfig(Checkable):
             return [("keep_every", f"must be >= 0 (0 disables), got {self.keep_every}")]
         if not self.resume:
             return [("resume", "is empty; use auto, never, or a checkpoint folder")]
+        if self.start_over and self.resume != "never":
+            return [("start_over", f"starts a fresh run; set checkpoint.resume=never with it (got {self.resume!r})")]
         return []
 
 

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from mtrain.checkpoint.checkpointer import Checkpointer
 from mtrain.checkpoint.export import export_checkpoint
 from mtrain.checkpoint.resume import preflight_resume
+from mtrain.checkpoint.run_folder import check_fresh_start
 from mtrain.checkpoint.save import inject_fault
 from mtrain.config import TrainConfig, config_hash, dump_yaml
 from mtrain.config.core import to_dict
@@ -21,6 +22,7 @@ from mtrain.engine.setup import initialize_engine, resolve_placement
 from mtrain.engine.trainer import Trainer
 from mtrain.launch.distributed import init_distributed, print0, run_on_main
 from mtrain.launch.env import WorldInfo
+from mtrain.launch.inputs import check_inputs
 from mtrain.launch.preflight import check_parameters_identical, check_ranks_agree, collective_device
 from mtrain.launch.timing import record_first_step
 from mtrain.metrics.sinks import JsonlSink, MetricSink, NullSink, SinkGroup, TensorBoardSink, WandbSink
@@ -29,34 +31,21 @@ from mtrain.task.registry import Objective, objective_for
 
 
 def check_inputs_exist(cfg: TrainConfig) -> None:
-    """Fail before any process group forms when local shards or the model folder are missing."""
-    from data_pipeline.shards import expand_shards, is_url  # noqa: PLC0415
-
-    if cfg.model.path and not (Path(cfg.model.path) / "config.json").is_file():
-        raise FileNotFoundError(
-            f"model.path={cfg.model.path!r} is not a Hugging Face model folder (no config.json); "
-            "point it at a local folder written by save_pretrained"
-        )
-
+    """Fail before any process group forms when local shards, the model folder or the resume point are wrong."""
+    check_inputs(cfg)
+    check_fresh_start(Path(cfg.run.dir), cfg.checkpoint.resume, cfg.checkpoint.start_over)
     preflight_resume(cfg)  # a missing checkpoint or an incompatible config change fails here
-    if cfg.checkpoint.init_from and not Path(cfg.checkpoint.init_from).exists():
-        raise FileNotFoundError(
-            f"checkpoint.init_from={cfg.checkpoint.init_from!r} does not exist; "
-            "give a checkpoint, an export folder or a Hugging Face model folder"
-        )
-
-    urls = [url for pattern, _ in cfg.data.source_list for url in expand_shards(pattern)]
-    missing = [u for u in urls if not is_url(u) and not Path(u).is_file()]  # a URL is read when it is used
-    if missing:
-        raise FileNotFoundError(
-            f"data.shards: {len(missing)} shard(s) not found, first {missing[0]!r}; "
-            "write the sample shards with `mtrain data sample` or point data.shards at your own"
-        )
 
 
 def prepare_run_dir(cfg: TrainConfig, ds_config: dict[str, Any], world: WorldInfo) -> Path:
     run_dir = Path(cfg.run.dir)
     if world.is_main:
+        if cfg.checkpoint.start_over:
+            from mtrain.checkpoint.run_folder import archive_previous_run  # noqa: PLC0415
+
+            archive = archive_previous_run(run_dir)
+            if archive is not None:
+                print0(f"start_over: the previous run in {run_dir} was moved to {archive}")
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
@@ -80,12 +69,12 @@ def write_rank_report(
     (run_dir / "ranks" / f"rank{world.rank:05d}.json").write_text(json.dumps(report))
 
 
-def make_sink(cfg: TrainConfig, run_dir: Path, world: WorldInfo) -> MetricSink:
+def make_sink(cfg: TrainConfig, run_dir: Path, world: WorldInfo, resumed_step: int = 0) -> MetricSink:
     if not world.is_main:
         return NullSink()
     sinks: list[MetricSink] = [JsonlSink(run_dir / "metrics.jsonl")]
     if cfg.logging.tensorboard:
-        sinks.append(TensorBoardSink(run_dir / "tensorboard"))
+        sinks.append(TensorBoardSink(run_dir / "tensorboard", purge_step=resumed_step + 1 if resumed_step else None))
     if cfg.logging.wandb:
         log = cfg.logging
         sinks.append(WandbSink(run_dir, log.wandb_project, cfg.run.name, log.wandb_mode, to_dict(cfg)))
@@ -162,12 +151,15 @@ def set_up(cfg: TrainConfig) -> Run:
     batches = objective.build_batches(cfg, built, world)
     trainer = Trainer(cfg, world, engine, batches, NullSink(), placement.device)
     checkpointer.restore(engine, trainer, batches)
+    if engine.lr_scheduler.change_note:  # a resume with another schedule joins it without a jump (schedule.py)
+        print0(engine.lr_scheduler.change_note)
     if trainer.step >= cfg.run.max_steps:
         print0(
             f"the run in {run_dir} already reached run.max_steps={cfg.run.max_steps}; raise it to continue, "
-            "or pass checkpoint.resume=never (or another run.dir) to train again from scratch"
+            "or train again from scratch with checkpoint.resume=never checkpoint.start_over=true (or another run.dir)"
         )
-    trainer.sink = make_sink(cfg, run_dir, world)  # after restore, which trims metrics logged past the checkpoint
+    # After restore, which trims metrics logged past the checkpoint; TensorBoard purges them too.
+    trainer.sink = make_sink(cfg, run_dir, world, trainer.step)
     return Run(cfg, world, run_dir, objective, checkpointer, engine, trainer, batches, started, trainer.step)
 
 
@@ -203,7 +195,10 @@ def finish(run: Run, history: list[dict[str, float]]) -> None:
     if cfg.checkpoint.save_at_end and trainer.step > run.resumed_step:
         run.save()
         print0(f"checkpoint: {run.run_dir / 'checkpoints'} (step {trainer.step})")
-    if cfg.checkpoint.save_at_end and cfg.checkpoint.export_at_end:
+    already_exported = trainer.step == run.resumed_step and (run.run_dir / "export").exists()  # a finished run re-run
+    if cfg.checkpoint.save_at_end and cfg.checkpoint.export_at_end and already_exported:
+        print0(f"export: {run.run_dir / 'export'} already holds step {trainer.step} (`mtrain export` writes another)")
+    elif cfg.checkpoint.save_at_end and cfg.checkpoint.export_at_end:
         export(run)
     if history:
         print0(

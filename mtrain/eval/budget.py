@@ -34,8 +34,13 @@ def m3_scales(grid_tokens: int) -> list[int]:
     return [k * k for k in range(1, side + 1) if side % k == 0]
 
 
-def load_for_eval(source: str | Path, overrides: list[str]) -> tuple[TrainConfig, Any, torch.nn.Module]:
-    """(config, built model, task) from a checkpoint (trained weights) or a config (as configured)."""
+def load_for_eval(
+    source: str | Path, overrides: list[str], shards: str | None = None
+) -> tuple[TrainConfig, Any, torch.nn.Module]:
+    """(config, built model, task) from a checkpoint (trained weights) or a config (as configured).
+
+    Without `shards` (evaluation shards given apart), the config's data.shards must exist: checked
+    before the model loads."""
     from mtrain.checkpoint.export import resolve_checkpoint  # noqa: PLC0415
     from mtrain.model.build import build_model  # noqa: PLC0415
     from mtrain.task.registry import build_task  # noqa: PLC0415
@@ -43,6 +48,10 @@ def load_for_eval(source: str | Path, overrides: list[str]) -> tuple[TrainConfig
     source = Path(source)
     checkpoint = resolve_checkpoint(source) if source.is_dir() else None
     cfg = load_config(checkpoint[0] / checkpoint[1] / "config.yaml" if checkpoint else source, overrides)
+    if shards is None:
+        from mtrain.launch.inputs import check_shards_exist  # noqa: PLC0415
+
+        check_shards_exist(cfg.data.shards, "data.shards (pass --shards to evaluate others)")
     built = build_model(cfg.model, torch.float32, None, cfg.run.seed, cfg.matryoshka.tokens)
     task = build_task(cfg, built, rank=0)
     if checkpoint:

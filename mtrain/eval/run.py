@@ -24,7 +24,11 @@ def eval_batches(cfg: Any, built: Any, shards: str | None) -> Any:
 def run_eval(
     source: str, overrides: list[str], shards: str | None, num_batches: int, scales: list[int] | None, out: str
 ) -> list:
-    cfg, built, task = load_for_eval(source, overrides)
+    if shards:  # before the model loads: a typo here should not cost a model load
+        from mtrain.launch.inputs import check_shards_exist  # noqa: PLC0415
+
+        check_shards_exist(shards, "--shards")
+    cfg, built, task = load_for_eval(source, overrides, shards)
     view = budget_view(cfg, built, task, scales)
     results = evaluate_budgets(view, eval_batches(cfg, built, shards), num_batches)
     print(format_table(results))

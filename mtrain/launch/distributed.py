@@ -141,9 +141,26 @@ def join_agent_store(backend: str, world: WorldInfo, timeout: timedelta) -> None
     torchrun's agent keeps one store across restarts, and the process group's keys (gloo's peer
     addresses) carry no attempt in their names: after a restart, ranks could read the dead
     attempt's addresses and wait on them until the timeout. DeepSpeed then adopts this group.
+
+    The attempt is TORCHELASTIC_RESTART_COUNT, which only one agent can be trusted to agree with
+    itself on: with several agents (nodes) a restart counts on the agent whose worker failed, not
+    on the others, which restart because a node re-joined. Their workers would then wait in
+    different namespaces until the timeout (issue 21). Several agents must not share their store
+    with the workers (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, set by launchers/common.sh): each
+    rendezvous round then hands the workers a fresh store on a fresh port, and this path is not taken.
     """
     import torch.distributed as dist  # noqa: PLC0415
 
+    agents = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
+    if agents > 1:
+        from mtrain.launch.preflight import PreflightError  # noqa: PLC0415
+
+        raise PreflightError(
+            f"torchrun with {agents} agents (nodes) shares its rendezvous store with the workers, whose "
+            "restart counts then differ between nodes after a failure and the restarted job hangs. "
+            "Export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on every node before torchrun "
+            "(launchers/torchrun-multinode.sh and launchers/slurm.sbatch do)"
+        )
     agent_store = dist.TCPStore(
         world.master_addr, world.master_port, world.world_size, is_master=False, timeout=timeout
     )

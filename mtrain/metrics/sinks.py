@@ -38,10 +38,12 @@ class JsonlSink:
 
 
 class TensorBoardSink:
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path, purge_step: int | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
 
-        self.writer = SummaryWriter(log_dir=str(log_dir))
+        # purge_step: a resumed run logs again from there; TensorBoard hides the old run's events from
+        # that step on (as metrics.jsonl is trimmed), so no step appears twice.
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         for name, value in metrics.items():

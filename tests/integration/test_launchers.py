@@ -91,7 +91,8 @@ def test_dry_run_prints_command_and_deepspeed_json(tmp_path, script):
     knobs, world_size, expected = DRY_RUNS[script]
     (tmp_path / "hosts").write_text("node01 slots=8\nnode02 slots=8\n")
     proc = run(
-        [*launcher(script), CONFIG, "data.micro_batch_size=3", "run.max_steps=7"],
+        # The shards live on the (imaginary) cluster's filesystem, not on this machine.
+        [*launcher(script), CONFIG, "data.micro_batch_size=3", "run.max_steps=7", "run.remote_paths=[data.shards]"],
         cwd=tmp_path,
         env=script_env(DRY_RUN="1", **knobs),
         timeout=120,
@@ -209,6 +210,7 @@ def local_slurm(tmp_path_factory):
     folder = tmp_path_factory.mktemp("slurm")
     env = {
         **os.environ,
+        "OMP_NUM_THREADS": "1",  # as in the test environment: the node must still get every CPU
         "SLURM_LOCAL_DIR": str(folder),
         "SLURMCTLD_PORT": str(free_port()),
         "SLURMD_PORT": str(free_port()),
@@ -216,6 +218,7 @@ def local_slurm(tmp_path_factory):
     script = ["bash", str(REPO / "scripts/slurm-local.sh")]
     started = subprocess.run([*script, "start"], env=env, capture_output=True, text=True, timeout=90)
     assert started.returncode == 0, started.stdout + started.stderr
+    assert f"up with {len(os.sched_getaffinity(0))} CPUs" in started.stdout
     yield folder / "slurm.conf"
     subprocess.run([*script, "stop"], env=env, capture_output=True, text=True, timeout=60)
 
@@ -224,7 +227,7 @@ def test_slurm_sbatch_trains_and_checkpoints(tmp_path, shards_pattern, local_slu
     run_dir = tmp_path / "run"
     env = script_env(
         SLURM_CONF=str(local_slurm),
-        MTRAIN_HOME=str(REPO),  # sbatch runs a copy of the script; this finds launchers/common.sh
+        OMP_NUM_THREADS="1",
         MASTER_PORT=str(free_port()),
         MTRAIN_LAUNCH_TIME=str(time.time()),
     )
@@ -240,7 +243,7 @@ def test_slurm_sbatch_trains_and_checkpoints(tmp_path, shards_pattern, local_slu
         CONFIG,
         *overrides(run_dir, shards_pattern, 4, "checkpoint.save_every=2"),
     ]
-    proc = run(cmd, tmp_path, 360, env)
+    proc = run(cmd, tmp_path, 360, env)  # submitted from tmp_path: the script finds its own folder
     log = job_log.read_text() if job_log.exists() else ""
     assert proc.returncode == 0, log[-5000:]
     assert "attempt 0" in log and "srun --kill-on-bad-exit=1" in log
@@ -305,5 +308,74 @@ def test_kill_one_rank_restarts_and_resumes_to_the_same_loss(tmp_path, shards_pa
     assert f"at step {resumed_at}" in output and "resumed from" in output
     # Each step logged once (metrics past the checkpoint are trimmed on resume); the same final loss.
     metrics = read_metrics(faulty_dir)
+    assert [m["step"] for m in metrics] == list(range(1, steps + 1))
+    assert metrics[-1]["loss"] == expected["loss"]
+
+
+# ── fault: two torchrun agents (two "nodes"), kill -9 the second agent's worker ────────────────
+def agent_worker_pid(tag: str) -> int | None:
+    """The training process started by the torchrun agent whose environment carries `tag`."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            parent = (proc / "stat").read_text().rsplit(")", 1)[1].split()[1]
+            parent_cmdline = Path(f"/proc/{parent}/cmdline").read_bytes()
+        except (OSError, IndexError):
+            continue
+        if f"MTRAIN_TEST_TAG={tag}".encode() in environ and b"torch.distributed.run" in parent_cmdline:
+            return int(proc.name)
+    return None
+
+
+def test_multinode_kill_restarts_every_agent_and_resumes_from_latest(tmp_path, shards_pattern):
+    steps, save_every = 12, 4
+    reference_dir = tmp_path / "reference"
+    env = script_env(MAX_RESTARTS="0", MASTER_PORT=str(free_port()))
+    cmd = [*launcher("torchrun.sh"), CONFIG, *overrides(reference_dir, shards_pattern, steps)]
+    reference = start([*cmd, f"checkpoint.save_every={save_every}"], tmp_path, env, tmp_path / "reference.log")
+    assert finish(reference, 360) == 0, reference.log.read_text()[-5000:]
+    expected = read_metrics(reference_dir)[-1]
+
+    run_dir = tmp_path / "run"
+    endpoint = f"127.0.0.1:{free_port()}"
+    cmd = [*launcher("torchrun-multinode.sh"), CONFIG, *overrides(run_dir, shards_pattern, steps)]
+    cmd.append(f"checkpoint.save_every={save_every}")
+    agents = []
+    for i in range(2):
+        env = script_env(
+            NNODES="2", NPROC_PER_NODE="1", RDZV_ENDPOINT=endpoint, RDZV_ID="kill-test", LOCAL_ADDR="127.0.0.1",
+            MAX_RESTARTS="1", RDZV_TIMEOUT="120", MTRAIN_TEST_TAG=f"{run_dir}-agent{i}",
+        )  # fmt: skip
+        agents.append(start(cmd, tmp_path, env, tmp_path / f"agent{i}.log"))
+    deadline = time.time() + 300
+    killed = latest_at_kill = None
+    while time.time() < deadline and all(a.poll() is None for a in agents):
+        if (run_dir / "checkpoints" / "latest").exists():
+            killed = agent_worker_pid(f"{run_dir}-agent1")
+            if killed:
+                latest_at_kill = (run_dir / "checkpoints" / "latest").read_text().strip()
+                os.kill(killed, signal.SIGKILL)
+                killed_at = time.time()
+                break
+        time.sleep(0.2)
+    assert killed, "the second agent's worker was not found (or the run ended) before the first checkpoint"
+    for agent in agents:
+        assert finish(agent, 360) == 0, agent.log.read_text()[-5000:]
+    output = "".join(agent.log.read_text() for agent in agents)
+
+    # One restart of every agent, into the same rendezvous; the restarted job resumed from `latest`
+    # (or the checkpoint saved right after it), fast: its first step came within 60 s of the kill.
+    first_step = json.loads((run_dir / "first_step.json").read_text())
+    resumed_at = first_step["step"] - 1
+    assert resumed_at >= int(latest_at_kill.removeprefix("step_")), (resumed_at, latest_at_kill)
+    assert output.count("resumed from") == 1 and f"at step {resumed_at}" in output
+    assert (run_dir / "first_step.json").stat().st_mtime - killed_at < 60
+    assert "DistStoreError" not in output and "connectFullMesh" not in output
+    # The surviving rank says in one line what happened, without a traceback.
+    assert "lost a peer rank mid-step" in output or "mtrain: interrupted at step" in output  # (SIGTERM by its agent)
+    assert "Traceback" not in output
+    metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == list(range(1, steps + 1))
     assert metrics[-1]["loss"] == expected["loss"]

@@ -48,6 +48,31 @@ def test_shared_plus_per_scale_export_loads_in_stock_peft(tmp_path, shards_patte
         got = stacked.eval()(input_ids=ids, pixel_values=pixels).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
+    # Stock AutoProcessor + generate: the trained prompt format, the model's 64 image tokens, an answer.
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(export / "model")
+    messages = [{"role": "user", "content": "<image>\nWhat is in the picture?"}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert prompt == "<s>USER: <image>\nWhat is in the picture?\nASSISTANT: "
+    inputs = processor(images=Image.new("RGB", (40, 40), (200, 30, 30)), text=prompt, return_tensors="pt")
+    assert int((inputs["input_ids"] == merged.config.image_token_id).sum()) == 64
+    with torch.no_grad():
+        generated = merged.generate(**inputs, max_new_tokens=4, do_sample=False)
+        first = merged(**inputs).logits[0, -1].argmax()
+    assert generated.shape[1] > inputs["input_ids"].shape[1] and generated[0, inputs["input_ids"].shape[1]] == first
+
+    # --adapter-only copies every adapter the checkpoint holds; each folder loads in stock PEFT.
+    from mtrain.checkpoint.export import export_checkpoint
+
+    only = export_checkpoint(run_dir / "checkpoints", tmp_path / "adapter-only", adapter_only=True) / "adapter"
+    names = sorted(p.name for p in only.iterdir() if p.is_dir())
+    assert names == ["scale_1", "scale_16", "scale_4", "scale_64", "shared"]
+    for name in names:
+        loaded = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(export / "base"), only / name)
+        assert "default" in loaded.peft_config
+
     # `mtrain inspect` names the scales, the adapters, and what a given config would change.
     proc = run([str(BIN / "python"), "-m", "mtrain", "inspect", str(run_dir / "checkpoints"), "--config",
                 str(REPO / "configs/tiny.yaml"), f"run.dir={run_dir}", "model.lora.rank=4"], cwd=tmp_path)  # fmt: skip
@@ -59,3 +84,7 @@ def test_shared_plus_per_scale_export_loads_in_stock_peft(tmp_path, shards_patte
     )
     assert "model.lora.rank: 8 -> 4  (blocks a resume)" in proc.stdout
     assert "matryoshka.tokens.mode: 'm3' -> 'none'" in proc.stdout
+    # Given the run folder, it reads the checkpoints folder inside.
+    proc = run([str(BIN / "python"), "-m", "mtrain", "inspect", str(run_dir)], cwd=tmp_path)
+    assert proc.returncode == 0
+    assert f"{run_dir / 'checkpoints'}: 1 complete checkpoint(s), latest -> step_00000003" in proc.stdout

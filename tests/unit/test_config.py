@@ -108,3 +108,45 @@ def test_validate_cli_fails_fast_and_spawns_nothing(tmp_path):
     assert "model.lora.rnak" in proc.stderr and "model.lora.rank" in proc.stderr
     assert elapsed < 15
     assert not (tmp_path / "runs").exists()  # nothing started, nothing written
+
+
+def test_key_given_twice_is_refused_with_a_quoting_hint(tmp_path):
+    path = write(tmp_path, "{}\n")
+    # What an unquoted `data.shards=data/sample/shard-{000000..000001}.tar` becomes after bash's brace expansion.
+    expanded = ["data.shards=data/sample/shard-000000.tar", "data.shards=data/sample/shard-000001.tar"]
+    with pytest.raises(ConfigError, match=r"data.shards: given twice .*quote"):
+        load_config(path, expanded)
+    with pytest.raises(ConfigError, match=r"optim.lr: given twice"):
+        load_config(path, ["optim.lr=1e-3", " optim.lr =2e-3"])
+    assert load_config(path, ["optim.lr=1e-3", "optim.warmup_steps=2"]).optim.warmup_steps == 2
+
+
+def test_validate_checks_inputs_except_remote_ones(tmp_path, capsys):
+    from mtrain.cli import main
+
+    config = write(
+        tmp_path, f"run:\n  dir: {tmp_path / 'run'}\ndata:\n  shards: {tmp_path}/shard-{{000000..000001}}.tar\n"
+    )
+    assert main(["validate", str(config)]) == 2
+    assert "data.shards: 2 shard(s) not found" in capsys.readouterr().err
+    assert main(["validate", str(config), "model.preset=none", "model.path=/nowhere/llava"]) == 2
+    err = capsys.readouterr().err
+    assert "model.path='/nowhere/llava' is not a Hugging Face model folder" in err and "run.remote_paths" in err
+    # Marked as living where the ranks run: not required here. URLs never are.
+    assert (
+        main(
+            [
+                "validate",
+                str(config),
+                "model.preset=none",
+                "model.path=/nowhere/llava",
+                "run.remote_paths=[data.shards,model.path]",
+            ]
+        )
+        == 0
+    )
+    assert main(["validate", str(config), "data.shards=http://127.0.0.1:9/shard-{000000..000001}.tar"]) == 0
+    assert main(["validate", str(config), "--config-only"]) == 0
+    capsys.readouterr()
+    with pytest.raises(ConfigError, match=r"run.remote_paths: \['data.shard'\] are not path keys"):
+        load_config(config, ["run.remote_paths=[data.shard]"])

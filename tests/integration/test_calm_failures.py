@@ -1,0 +1,90 @@
+"""Failures a user lives through: mtrain's own errors print one line and are not retried by the
+launchers' restart loops; Ctrl-C ends a torchrun job with one line that says where the run stands."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import BIN, REPO, free_port, launch_env, mtrain_train, run
+from tests.data_factory import write_bad_shards
+
+pytestmark = pytest.mark.timeout(420)
+
+CONFIG = str(REPO / "configs/tiny.yaml")
+
+
+def script_env(**knobs: str) -> dict[str, str]:
+    env = launch_env()
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHON"] = str(BIN / "python")
+    env.update(knobs)
+    return env
+
+
+def overrides(run_dir: Path, shards: str, steps: int, *extra: str) -> list[str]:
+    return [
+        f"run.dir={run_dir}",
+        f"data.shards={shards}",
+        f"run.max_steps={steps}",
+        "logging.progress=false",
+        "logging.tensorboard=false",
+        "checkpoint.export_at_end=false",
+        *extra,
+    ]
+
+
+def test_own_error_is_one_line_and_the_traceback_needs_debug(tmp_path):
+    cmd = mtrain_train(tmp_path / "run", str(tmp_path / "missing-{000000..000001}.tar"))
+    calm = run(cmd, tmp_path, 120)
+    assert calm.returncode == 2
+    assert calm.stderr.strip().splitlines() == [calm.stderr.strip()]  # one line
+    assert calm.stderr.startswith("mtrain: error: data.shards: 2 shard(s) not found")
+    loud = run(cmd, tmp_path, 120, {**launch_env(), "MTRAIN_DEBUG": "1"})
+    assert loud.returncode == 2 and "Traceback (most recent call last)" in loud.stderr
+
+
+def test_bad_data_under_torchrun_restarts_is_not_retried(tmp_path):
+    bad = write_bad_shards(tmp_path / "bad")
+    env = script_env(MAX_RESTARTS="2", MASTER_PORT=str(free_port()))
+    knobs = ("data.max_bad_fraction=0.0", "data.bad_fraction_min_samples=1", "data.num_workers=0")
+    cmd = ["bash", str(REPO / "launchers/torchrun.sh"), CONFIG, *overrides(tmp_path / "run", bad["pattern"], 4, *knobs)]
+    proc = run(cmd, tmp_path, 300, env)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output[-5000:]
+    assert output.count("mtrain: attempt ") == 1  # ran once, although two restarts were allowed
+    assert "mtrain: data error" in output and "data.max_bad_fraction=0.0" in output
+    assert "mtrain: not retrying" in output
+    assert "mtrain/" not in "".join(line for line in output.splitlines() if line.strip().startswith('File "'))
+
+
+def test_sigint_ends_a_torchrun_job_with_one_summary_line(tmp_path, shards_pattern):
+    run_dir = tmp_path / "run"
+    env = script_env(MAX_RESTARTS="2", MASTER_PORT=str(free_port()))
+    cmd = ["bash", str(REPO / "launchers/torchrun.sh"), CONFIG]
+    cmd += overrides(run_dir, shards_pattern, 10_000, "checkpoint.save_every=2")
+    log = tmp_path / "job.log"
+    with log.open("w") as out:
+        # Its own session, as a terminal's foreground job: Ctrl-C signals the whole group.
+        job = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 300
+        while time.time() < deadline and job.poll() is None and not (run_dir / "checkpoints" / "latest").exists():
+            time.sleep(0.2)
+        assert job.poll() is None, log.read_text()[-5000:]
+        os.killpg(job.pid, signal.SIGINT)
+        status = job.wait(120)
+    output = log.read_text()
+    assert status == 130, output[-5000:]
+    assert output.count("mtrain: attempt ") == 1
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("mtrain: interrupted at step "), output[-5000:]
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert f"latest checkpoint {run_dir / 'checkpoints' / latest}" in last
+    continue_with = last.split("continue with: ", 1)[1]
+    assert continue_with.startswith(f"{REPO / 'launchers/torchrun.sh'} {CONFIG} run.dir={run_dir} ")
+    assert continue_with.endswith("checkpoint.save_every=2")
