@@ -14,16 +14,14 @@ from mtrain.task.registry import build_task
 
 
 def make_task(*overrides: str):
-    cfg = load_config(
-        None,
-        [
-            "task.objective=contrastive",
-            "model.freeze.language_model=false",
-            "model.tiny.num_layers=4",
-            "task.contrastive.temperature=0.1",
-            *overrides,
-        ],
-    )
+    defaults = [
+        "task.objective=contrastive",
+        "model.freeze.language_model=false",
+        "model.tiny.num_layers=4",
+        "task.contrastive.temperature=0.1",
+    ]
+    given = {override.split("=", 1)[0] for override in overrides}  # a key may be given once only
+    cfg = load_config(None, [d for d in defaults if d.split("=", 1)[0] not in given] + list(overrides))
     built = build_model(cfg.model, torch.float32, None, seed=0)
     return build_task(cfg, built, rank=0), built, cfg
 

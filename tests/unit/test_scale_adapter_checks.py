@@ -20,8 +20,13 @@ def test_mqt_stage_one_with_scale_adapters_needs_all_m_queries_among_the_scales(
     assert load_config(None, [*stage_one, "matryoshka.tokens.scales=[2,4,8]", "model.lora.enabled=true"])
 
 
-def test_eval_refuses_a_scale_without_an_adapter():
-    overrides = [*PER_SCALE, "matryoshka.tokens.mode=m3", "matryoshka.tokens.scales=[4,64]"]
+def test_eval_refuses_a_scale_without_an_adapter(shards_pattern):
+    overrides = [
+        *PER_SCALE,
+        "matryoshka.tokens.mode=m3",
+        "matryoshka.tokens.scales=[4,64]",
+        f"data.shards={shards_pattern}",
+    ]
     cfg, built, task = load_for_eval("configs/tiny.yaml", overrides)
     with pytest.raises(
         ValueError, match=r"--scales \[16\]: this model has per_scale LoRA adapters only for the scales \[4, 64\]"
