@@ -38,7 +38,9 @@ def test_shrink_keeps_first_tokens_of_each_image_run():
     ids = torch.tensor([[1, 9, 9, 9, 9, 5, 9, 9, 9, 9, 6, 0]])
     labels = torch.tensor([[-100, -100, -100, -100, -100, 5, -100, -100, -100, -100, 6, -100]])
     mask = (ids != pad).long()
-    new_ids, new_labels, new_mask = shrink_image_runs(ids, labels, mask, image, visual_tokens=4, keep=1, pad_token_id=pad)
+    new_ids, new_labels, new_mask = shrink_image_runs(
+        ids, labels, mask, image, visual_tokens=4, keep=1, pad_token_id=pad
+    )
     assert new_ids.tolist() == [[1, 9, 5, 9, 6]]
     assert new_labels.tolist() == [[-100, -100, 5, -100, 6]]
     assert new_mask.tolist() == [[1, 1, 1, 1, 1]]
