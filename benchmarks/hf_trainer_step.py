@@ -226,13 +226,14 @@ def hf_trainer(training_args, model, batches: list[dict], world, on_step_end):
 def mtrain_trainer(cfg, ds, world, built, batches: list[dict]):
     """mtrain's Trainer as `mtrain train` runs it: metrics every logging.log_every steps into the JSONL
     sink on rank 0 (the HF side logs at the same interval into its log history)."""
+    from mtrain.engine.data import ReadyBatches
     from mtrain.engine.setup import initialize_engine
     from mtrain.engine.trainer import Trainer
     from mtrain.metrics.sinks import JsonlSink, NullSink
 
     engine = initialize_engine(cfg, built, ds, world.rank)
     sink = JsonlSink(Path(tempfile.mkdtemp(prefix="mtrain-bench-")) / "metrics.jsonl") if world.is_main else NullSink()
-    return Trainer(cfg, world, engine, iter(batches), sink, "cpu")
+    return Trainer(cfg, world, engine, ReadyBatches(batches), sink, "cpu")
 
 
 def run_hf(args: argparse.Namespace) -> dict:

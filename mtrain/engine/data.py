@@ -29,6 +29,28 @@ class Batches(Protocol):
         ...
 
 
+class ReadyBatches:
+    """Batches collated beforehand (benchmarks, tests), taken in order: no counters, no position to checkpoint."""
+
+    def __init__(self, batches: list[dict[str, Any]]) -> None:
+        self._batches = iter(batches)
+
+    def __iter__(self) -> ReadyBatches:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        return next(self._batches)
+
+    def metrics(self) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        raise NotImplementedError("ready batches have no data position to checkpoint; train from a loader")
+
+    def load_state_dict(self, all_ranks: list[dict[str, Any]]) -> None:
+        raise NotImplementedError("ready batches have no data position to restore; train from a loader")
+
+
 def build_data_loader(cfg: TrainConfig, built: Any, world: WorldInfo) -> Any:
     """The StreamingLoader of this rank: tokenizer, image processor and visual-token count from the model."""
     from data_pipeline.formats import SampleRules  # noqa: PLC0415
