@@ -63,7 +63,7 @@ def matryoshka_metadata(cfg: TrainConfig) -> dict[str, Any]:
         "default_scale": (tokens.default_scale or tokens.scales[-1]) if tokens.mode != "none" else None,
         "mqt_queries": tokens.mqt_queries if tokens.mode == "mqt" else None,
         "strategy": cfg.model.lora.strategy if cfg.model.lora.enabled else None,
-        "dims": getattr(getattr(cfg.matryoshka, "dims", None), "dims", None),
+        "dims": cfg.matryoshka.dims.dims,
     }
 
 
