@@ -96,6 +96,8 @@ def test_dims_are_validated_against_order_and_width():
         load_config(None, ["task.objective=contrastive", "matryoshka.dims.dims=[16,8]"])
     with pytest.raises(ConfigError, match="exceeds the embedding width 64"):
         load_config(None, ["task.objective=contrastive", "matryoshka.dims.dims=[8,128]"])
+    with pytest.raises(ConfigError, match="cannot be packed"):
+        load_config(None, ["task.objective=contrastive", "data.packing=true"])
     with pytest.raises(ConfigError, match="only task.objective=contrastive"):
         load_config(None, ["matryoshka.dims.dims=[8,16]"])
     with pytest.raises(ConfigError, match="as many layers as dims"):
