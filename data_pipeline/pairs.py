@@ -203,8 +203,8 @@ class PairForm:
             if image is None and not text:
                 if side == NEGATIVE:
                     continue  # negatives are optional
-                raise SampleFault(
-                    "no_text",
+                raise SampleFault(  # the reason `mtrain data validate` gives it too
+                    "missing_image",
                     f"pair sample {key!r} has no {side} (needs {side}.jpg and/or {side}.txt); "
                     "see data_pipeline/pairs.py for the pair shard form",
                 )

@@ -85,7 +85,8 @@ def write_bad_shards(out: Path, seed: int = 0, pairs: bool = False) -> dict[str,
     """Shards holding every bad case next to good samples; returns expected keys and counts.
 
     With `pairs`, the same cases in the pair form (query image, positive text); the samples
-    that lack a query or a positive there (the JSON ones, the text-only one) count as `no_text`."""
+    that lack a query or a positive there (the JSON ones, the text-only one) count as `missing_image`,
+    as `mtrain data validate` counts them."""
     rng = random.Random(seed)
     jpg, png, txt = ("query.jpg", "query.png", "positive.txt") if pairs else ("jpg", "png", "txt")
     out.mkdir(parents=True, exist_ok=True)
@@ -111,9 +112,9 @@ def write_bad_shards(out: Path, seed: int = 0, pairs: bool = False) -> dict[str,
         good_caption(tar, "g001")
         add_raw_member(tar, "b_json.json", b"{not json")
         add_raw_member(tar, "b_json.0.jpg", jpeg_bytes(rng, 40))
-        bump("malformed_json", "no_text")
+        bump("malformed_json", "missing_image")
         add_raw_member(tar, "b_missing.json", json.dumps({"texts": ["x", None], "images": [None, "0.jpg"]}).encode())
-        bump("missing_image", "no_text")
+        bump("missing_image", "missing_image")
         good_caption(tar, "g002")
         add_raw_member(tar, f"g000.{jpg}", jpeg_bytes(rng, 40))  # the key g000 again, later in the shard
         add_raw_member(tar, f"g000.{txt}", b"a duplicate.")
@@ -129,11 +130,11 @@ def write_bad_shards(out: Path, seed: int = 0, pairs: bool = False) -> dict[str,
         bump("oversize_image")
         add_raw_member(tar, "b_notext.json", json.dumps({"texts": [None], "images": ["0.jpg"]}).encode())
         add_raw_member(tar, "b_notext.0.jpg", jpeg_bytes(rng, 40))
-        bump("no_text", "no_text")
+        bump("no_text", "missing_image")
         add_raw_member(
             tar, f"b_noimage.{txt}", b"a caption of no image."
         )  # text-only documents are fine; captions are not; a pair needs its query
-        bump("no_image", "no_text")
+        bump("no_image", "missing_image")
         good_caption(tar, "g003")
         add_raw_member(tar, "b_pickle.pyd", payload)
         add_raw_member(tar, "b_pickle.pickle", payload)

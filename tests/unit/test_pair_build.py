@@ -54,6 +54,12 @@ def test_pair_jsonl_with_hard_negatives_builds_and_loads(tmp_path):
     samples = list(wds.WebDataset([str(p) for p in sorted((tmp_path / "out").glob("*.tar"))], shardshuffle=False))
     assert samples[0]["negative.txt"] == b"a red square" and "negative.jpg" in samples[1]
     assert not any(k.startswith("negative") for k in samples[2])
+    from data_pipeline.check import iter_samples
+    from data_pipeline.formats import SampleRules
+
+    checked = list(iter_samples(sorted(str(p) for p in (tmp_path / "out").glob("*.tar")), SampleRules()))
+    assert [problem for _, _, problem in checked] == [None] * 3  # `mtrain data validate` reads negatives too
+    assert len(checked[1][1].images) == 2  # the positive image and the negative image
 
     loader = make_loader(
         str(tmp_path / "out" / "*.tar"), batch_size=3, max_len=48, visual_tokens=4, pairs=True, shuffle=False

@@ -104,7 +104,7 @@ def test_text_queries_interleaved_sides_and_a_missing_side(tmp_path, spec):
     # The sample without a positive is counted, not crashed on.
     alone = stream(str(path), spec, batch_size=3, shuffle=False, max_bad_fraction=1.0)
     assert sorted(next(alone)["keys"]) == ["a", "b"]
-    assert alone.fault_counts() == {"no_text": 1}
+    assert alone.fault_counts() == {"missing_image": 1}
     strict = stream(str(path), spec, batch_size=3, shuffle=False, bad_fraction_min_samples=1)
     with pytest.raises(DataQualityError, match="has no positive"):
         next(strict)
@@ -125,7 +125,7 @@ def test_bad_pair_data_is_counted_not_crashed_on(tmp_path, spec, workers):
     keys = rest_of_epoch(loader)
     assert sorted(keys) == sorted(bad["good"])  # all good samples, each once, and the epoch went on
     assert loader.fault_counts(epoch=0) == bad["faults"]
-    assert {"corrupt_image", "truncated_tar", "no_text", "empty_shard"} <= set(bad["faults"])
+    assert {"corrupt_image", "truncated_tar", "missing_image", "empty_shard"} <= set(bad["faults"])
     assert not bad["marker"].exists()
 
 
