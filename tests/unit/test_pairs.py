@@ -140,3 +140,28 @@ def test_one_pair_shard_feeds_two_ranks_of_two_workers(tmp_path, spec):
         )
         keys += rest_of_epoch(loader)
     assert sorted(keys) == sorted(set(keys)) and len(keys) == 12
+
+
+def test_pair_sources_mix_by_weight_and_resume_in_resampled_mode(tmp_path, spec):
+    """data.sources and epoch_mode hold for pairs as for every form: both sources drawn, exact resume."""
+    write_pair_shards(tmp_path / "a", num_shards=1, samples_per_shard=12, seed=0)
+    with wds.TarWriter(str(tmp_path / "b.tar")) as writer:  # text-to-text pairs, keys b0..b11
+        for i in range(12):
+            writer.write({"__key__": f"b{i}", "query.txt": f"question {i}", "positive.txt": f"answer {i}"})
+    sources = [(str(tmp_path / "a" / "pairs-000000.tar"), 0.75), (str(tmp_path / "b.tar"), 0.25)]
+
+    def loader():
+        return make_loader(sources, batch_size=4, max_len=48, visual_tokens=VISUAL, pairs=True, epoch_mode="resampled")
+
+    reference = loader()
+    expected = [next(reference) for _ in range(8)]
+    keys = [key for batch in expected for key in batch["keys"]]
+    from_b = sum(key.startswith("b") for key in keys)
+    assert len(keys) == 32 and 0 < from_b < 16 and reference.epoch == 0  # both sources, mostly the first
+    first = loader()
+    [next(first) for _ in range(3)]
+    resumed = loader()
+    resumed.load_state_dict([json.loads(json.dumps(first.state_dict()))])
+    for batch in expected[3:]:
+        got = next(resumed)
+        assert got["keys"] == batch["keys"] and torch.equal(got["query_pixel_values"], batch["query_pixel_values"])
