@@ -10,7 +10,7 @@ Inputs (JSON list or JSONL, whichever the file holds; image paths are local, rel
   `image` or `images` entry; text-only entries are kept) or OpenAI-style `messages` (`role`,
   `content` as a string or a list of `text` and `image_url` / `image` parts);
 - caption: a folder of `name.<img>` + `name.txt` pairs, or a CSV with `image,caption` columns;
-- pair: JSONL of (query, positive) pairs.
+- pair: JSONL of (query, positive) pairs, each with an optional hard negative.
 
 Every input record is checked before anything of it is written: a bad one is reported with its
 line (or row, or list index) and id, and skipped. The build fails when more than
@@ -319,11 +319,14 @@ def caption_samples(source: Path, encoder: ImageEncoder) -> Iterator[tuple[str, 
 
 def pair_sample(record: dict[str, Any], source: dict[str, Any], image_root: Path, encoder: ImageEncoder) -> dict:
     """A (query, positive) pair from query_image / query_text / positive_image / positive_text (each
-    optional, but every side needs one) and an optional instruction."""
+    optional, but every side needs one), an optional hard negative (negative_image and/or
+    negative_text, VLM2Vec / MMEB style) and an optional instruction."""
     sample: dict[str, Any] = {}
-    for side in ("query", "positive"):
+    for side in ("query", "positive", "negative"):
         image, text = record.get(f"{side}_image"), record.get(f"{side}_text")
         if not image and not text:
+            if side == "negative":
+                continue
             raise BadRecord(f"the {side} has neither {side}_image nor {side}_text")
         if image:
             data, extension = encoder.encode(local_image(image, image_root))

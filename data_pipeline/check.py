@@ -26,7 +26,7 @@ from data_pipeline.formats import (
 )
 from data_pipeline.shards import ShardCache, ShardReader
 
-PAIR_SIDES = ("query", "positive")
+PAIR_SIDES = ("query", "positive")  # required; a `negative` side (hard negative) is optional
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def build_pair(key: str, members: dict[str, bytes], rules: SampleRules) -> Sampl
     """A pair shard's group as one Sample (query side, then positive side), checked as the pair
     reader needs it: each side an image or a text."""
     segments: list[TextSegment | ImageSegment] = []
-    for side in (*PAIR_SIDES, "instruction"):
+    for side in (*PAIR_SIDES, "negative", "instruction"):
         side_members = sorted(ext for ext in members if ext.split(".", 1)[0] == side)
         if side in PAIR_SIDES and not side_members:
             raise SampleFault("missing_image", f"pair {key} has no {side} (neither {side}.jpg nor {side}.txt)")

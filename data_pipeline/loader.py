@@ -8,13 +8,14 @@
      4 tar read          header scan once per shard, members read by seek (shards.py); remote
                          and gzipped shards through a local copy, retried, shared per machine
      5 safe decode       PIL for images, json, UTF-8 text; never pickle, whatever the extension
-     6 build sample      interleaved document / caption pair / conversation (formats.py)
+     6 build sample      interleaved document / caption pair / conversation (formats.py); or a
+                         (query, positive, negative) pair (pairs.py): the form's `plan`
      7 tokenize          every <image> -> that image's number of visual tokens (tokenize.py);
                          `visual_tokens` is an int, or a function sample -> count per image
      8 mask labels       image tokens, BOS, prompts, user turns, padding
      9 pack              whole documents into rows of max_len (packing.py)
     10 preprocess image  through the model's image processor (images.py)
-    11 collate           right-padded tensors; position ids restart per document
+    11 collate           right-padded tensors; position ids restart per document; the form's `collate`
 
     planner (every worker, cheap: text only) ── stages 1-9 ──► batch plan i
     worker i % N (images only for its own plans) ── stages 5, 10, 11 ──► batch i
@@ -43,7 +44,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -84,6 +85,41 @@ class DataQualityError(RuntimeError):
     """Too much of the data is bad: stop, and say where."""
 
 
+class SampleForm(Protocol):
+    """Stages 6-8 and 11 of one kind of batch; every other stage is the loader's.
+
+    `plan` gets a tar group's text members (image members present as b"") and returns a document
+    with `key`, `images` (ImageSegments, decoded later by the worker that owns the batch),
+    `pixel_values`, `ref`, `location` and a length; it raises SampleFault for a bad sample."""
+
+    packable: bool  # whether documents may share a row (data.packing)
+
+    def plan(self, key: str, members: dict[str, bytes]) -> Any: ...
+
+    def collate(self, rows: list[list[Any]], stack: Callable[[list], torch.Tensor]) -> dict[str, Any]: ...
+
+
+class DocumentForm:
+    """Documents, captions and conversations: token ids with labels, packable (formats.py, tokenize.py)."""
+
+    packable = True
+
+    def __init__(self, rules: SampleRules, spec: TokenSpec, visual_tokens: VisualTokens, packing: bool) -> None:
+        self.rules, self.spec, self.visual_tokens, self.packing = rules, spec, visual_tokens, packing
+
+    def plan(self, key: str, members: dict[str, bytes]) -> TokenizedSample:
+        sample = build_sample(key, members, self.rules)
+        counts = self.visual_tokens if isinstance(self.visual_tokens, int) else self.visual_tokens(sample)
+        tokens = tokenize_sample(sample, self.spec, counts)
+        if self.rules.require_image and not tokens.images:
+            # Under ZeRO-3 a batch without images would skip the vision tower on one rank only.
+            raise SampleFault("no_image", f"{key}: every image lies past max_len={self.spec.max_len}")
+        return tokens
+
+    def collate(self, rows: list[Row], stack: Callable[[list], torch.Tensor]) -> dict[str, Any]:
+        return collate_rows(rows, self.spec.tokenizer.pad_token_id, self.packing, stack)
+
+
 @dataclass(frozen=True)
 class LoaderSettings:
     sources: tuple[tuple[str, float], ...]  # (shard pattern, mixture weight); the first defines the epoch
@@ -116,13 +152,13 @@ class Planner:
         rank: int,
         world_size: int,
         spec: TokenSpec,
-        visual_tokens: VisualTokens,
+        form: SampleForm,
         reader: ShardReader,
         state: dict[str, Any] | None,
         shards: list[tuple[list[str], list[int]]],
     ) -> None:
         self.settings, self.rank, self.world_size = settings, rank, world_size
-        self.spec, self.visual_tokens, self.reader = spec, visual_tokens, reader
+        self.spec, self.form, self.reader = spec, form, reader
         self.urls = [urls for urls, _ in shards]
         self.counts = [tuple(counts) for _, counts in shards]
         self.weights = [weight for _, weight in settings.sources]
@@ -179,12 +215,7 @@ class Planner:
             text_members = [ext for ext in group.members if not is_image_member(ext)]
             members = self.reader.read(url, group, text_members)
             members.update({ext: b"" for ext in group.members if is_image_member(ext)})  # presence only
-            sample = build_sample(group.key, members, self.settings.rules)
-            counts = self.visual_tokens if isinstance(self.visual_tokens, int) else self.visual_tokens(sample)
-            tokens = tokenize_sample(sample, self.spec, counts)
-            if self.settings.rules.require_image and not tokens.images:
-                # Under ZeRO-3 a batch without images would skip the vision tower on one rank only.
-                raise SampleFault("no_image", f"{group.key}: every image lies past max_len={self.spec.max_len}")
+            tokens = self.form.plan(group.key, members)
         except SampleFault as fault:
             fault.location = (url, group.key if group_index < len(scan.groups) else f"<missing:{group_index}>")
             raise
@@ -260,10 +291,14 @@ class SampleStream(IterableDataset):
         image_processor: Any,
         visual_tokens: VisualTokens,
         gather: Callable[[Any], list[Any]] | None = None,
+        form: SampleForm | None = None,
     ) -> None:
         super().__init__()
+        if form is not None and settings.packing and not form.packable:
+            raise ValueError(f"data.packing=true: {type(form).__name__} batches cannot be packed; set it to false")
         self.settings, self.rank, self.world_size = settings, rank, world_size
         self.spec, self.visual_tokens = spec, visual_tokens
+        self.form = form if form is not None else DocumentForm(settings.rules, spec, visual_tokens, settings.packing)
         self.preprocess = ImagePreprocessor(image_processor)
         self.start_state: dict[str, Any] | None = None
         # Samples per shard, resolved once per rank here (index.json, else a scan) and handed to the
@@ -283,7 +318,7 @@ class SampleStream(IterableDataset):
             self.rank,
             self.world_size,
             self.spec,
-            self.visual_tokens,
+            self.form,
             reader,
             self.start_state,
             self.shards,
@@ -314,7 +349,7 @@ class SampleStream(IterableDataset):
         meta = {"state": plan["state"], "epoch": plan["epoch"], "faults": faults, "good": sum(map(len, rows))}
         if not rows:
             return {"_loader": {**meta, "empty": True}}
-        batch = collate_rows(rows, self.spec.tokenizer.pad_token_id, self.settings.packing, self.preprocess.stack)
+        batch = self.form.collate(rows, self.preprocess.stack)
         batch["_loader"] = {**meta, "empty": False}
         return batch
 
@@ -548,10 +583,12 @@ def build_loader(
     visual_tokens: VisualTokens,
     sync: Callable[[bool], bool] | None = None,
     gather: Callable[[Any], list[Any]] | None = None,
+    form: SampleForm | None = None,
 ) -> StreamingLoader:
     """The loader for one rank: shard lists and counts (in SampleStream), then the stages wired.
 
     `gather` (every rank's value, from an all-gather; see `torch_distributed_gather`) lets the ranks
-    share the scans of shards that no index.json counts; every rank must then build its loader."""
-    stream = SampleStream(settings, rank, world_size, spec, image_processor, visual_tokens, gather)
+    share the scans of shards that no index.json counts; every rank must then build its loader.
+    `form` makes other batches than documents (pairs.PairForm); the default is DocumentForm."""
+    stream = SampleStream(settings, rank, world_size, spec, image_processor, visual_tokens, gather, form)
     return StreamingLoader(stream, sync)

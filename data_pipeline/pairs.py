@@ -1,12 +1,14 @@
-"""(query, positive) pair shards for contrastive embedding training, and their staged reader.
+"""(query, positive[, negative]) pair shards for contrastive embedding training.
 
-Pair shard form (WebDataset tar; members grouped by key, every member optional but each side
-needs an image or a text):
+Pair shard form (WebDataset tar; members grouped by key, every member optional but the query and
+the positive each need an image or a text):
 
     KEY.query.jpg       query image (also .png / .webp / .jpeg)
     KEY.query.txt       query text; may hold `<image>` where the image goes (interleaved)
     KEY.positive.jpg    positive image
     KEY.positive.txt    positive text, `<image>` allowed as above
+    KEY.negative.jpg    hard negative image (optional, VLM2Vec / MMEB style)
+    KEY.negative.txt    hard negative text, `<image>` allowed as above
     KEY.instruction.txt instruction placed after the query's image (VLM2Vec style); when absent
                         the reader's default instruction is used for queries with an image
     KEY.label.cls       optional integer class of the query (WebDataset's .cls), for an MRL-E
@@ -15,18 +17,17 @@ needs an image or a text):
 A side with an image and no `<image>` in its text has the image first. Each side is tokenised as
 `<s> ... </s>`, so last-token pooling reads the hidden state at `</s>`.
 
-    shard list ──► shuffle by (seed, epoch) ──► split by rank ──► split by worker
-        ──► read tar, group by key ──► safe decode ──► build pair ──► preprocess images
-        ──► tokenize each side (<image> -> N visual tokens) ──► batch + collate (query_*, positive_*)
-
-The reader is the caption loader's stream (data_pipeline/loader.py) up to the decoded sample,
-and is resumable the same way: a pure function of (seed, rank, worker, epoch)
-with `resume_batches` skipped without decoding.
+Pairs take the staged loader's road (data_pipeline/loader.py): shard lists and mixture, shuffle,
+rank split, bad-data skipping, exact resume at any world size. Only two stages are theirs:
+`PairForm.plan` builds and tokenises the sides of one tar group (stage 6-8), and
+`PairForm.collate` makes the batch (stage 11), with flat keys `query_*`, `positive_*` and
+`negative_*`. A sample without a negative adds no negative row; `negative_rows` says which do.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,16 +35,13 @@ import torch
 from PIL import Image
 
 from data_pipeline.collate import ROW_IMAGES, ROW_TOKENS, real_token_mask, right_pad
-from data_pipeline.formats import IMAGE_PLACEHOLDER
-from data_pipeline.replay_stream import (
-    SAFE_IMAGE_EXTENSIONS,
-    ReplayStream,
-    preprocess_image,
-    safe_decode,
-)
+from data_pipeline.formats import IMAGE_EXTENSIONS, IMAGE_PLACEHOLDER, ImageSegment, SampleFault, decode_text
+from data_pipeline.images import ImagePreprocessor
 from data_pipeline.sample_data import write_shape_shards
 
 SIDES = ("query", "positive")
+NEGATIVE = "negative"
+NEGATIVE_ROWS = "negative_rows"  # per sample: whether it has a negative row in the `negative_*` tensors
 DEFAULT_QUERY_INSTRUCTION = "Represent the image"
 
 
@@ -72,18 +70,7 @@ def write_pair_shards(
 
 
 # ── build pair ────────────────────────────────────────────────────────────────────────────────
-def side_of(decoded: dict[str, Any], side: str) -> tuple[Image.Image | None, str]:
-    image = next((decoded[f"{side}.{ext}"] for ext in SAFE_IMAGE_EXTENSIONS if f"{side}.{ext}" in decoded), None)
-    text = decoded.get(f"{side}.txt", "").strip()
-    if image is None and not text:
-        raise ValueError(
-            f"pair sample {decoded.get('__key__')!r} has no {side} (needs {side}.jpg and/or {side}.txt); "
-            "see data_pipeline/pairs.py for the pair shard form"
-        )
-    return image, text
-
-
-def side_text(image: Image.Image | None, text: str, instruction: str) -> str:
+def side_text(image: object | None, text: str, instruction: str) -> str:
     """The side's text with `<image>` where its image goes, and the instruction after the image."""
     if image is not None and IMAGE_PLACEHOLDER not in text:
         text = IMAGE_PLACEHOLDER + ("\n" + text if text else "")
@@ -92,9 +79,16 @@ def side_text(image: Image.Image | None, text: str, instruction: str) -> str:
     return text
 
 
+def side_members(key: str, members: dict[str, bytes], side: str) -> tuple[str | None, str]:
+    """(image member or None, stripped text) of one side of a tar group."""
+    image = next((f"{side}.{ext}" for ext in IMAGE_EXTENSIONS if f"{side}.{ext}" in members), None)
+    text = decode_text(members[f"{side}.txt"], key, f"{side}.txt").strip() if f"{side}.txt" in members else ""
+    return image, text
+
+
 # ── tokenize ──────────────────────────────────────────────────────────────────────────────────
-def tokenize_side(spec: PairSpec, text: str) -> list[int]:
-    """`<s> text </s>` with each `<image>` expanded to the visual tokens; fails if it exceeds max_len."""
+def side_ids(spec: PairSpec, text: str) -> list[int]:
+    """`<s> text </s>` with each `<image>` expanded to the visual tokens (no length check)."""
     tokenizer = spec.tokenizer
     ids: list[int] = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     pieces = text.split(IMAGE_PLACEHOLDER)
@@ -104,6 +98,12 @@ def tokenize_side(spec: PairSpec, text: str) -> list[int]:
         if i < len(pieces) - 1:
             ids += [spec.image_token_id] * spec.visual_tokens
     ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def tokenize_side(spec: PairSpec, text: str) -> list[int]:
+    """`<s> text </s>` with each `<image>` expanded; fails if it exceeds max_len."""
+    ids = side_ids(spec, text)
     if len(ids) > spec.max_len:
         raise ValueError(
             f"a pair side takes {len(ids)} tokens (visual tokens included), over data.max_len={spec.max_len}"
@@ -121,25 +121,60 @@ def encode_side(spec: PairSpec, image: Image.Image | None, text: str, instructio
     }
 
 
+@dataclass
+class PlannedSide:
+    input_ids: list[int]
+    text: str
+    images: list[ImageSegment]  # members only; the loader decodes them in the worker that owns the batch
+
+
+@dataclass
+class PairDoc:
+    """One planned pair: what the loader's planner and materializer need of a document."""
+
+    key: str
+    sides: dict[str, PlannedSide]  # query, positive, and negative when the sample has one
+    ref: tuple[int, int, int] | None = None
+    label: int | None = None  # the query's class (KEY.label.cls), for an MRL-E classifier
+    pixel_values: list[Any] = field(default_factory=list)  # prepared pixels of `images`, in order
+    location: Any = None
+
+    @property
+    def images(self) -> list[ImageSegment]:
+        return [image for side in self.sides.values() for image in side.images]
+
+    def __len__(self) -> int:
+        return max(len(side.input_ids) for side in self.sides.values())
+
+
 # ── collate ───────────────────────────────────────────────────────────────────────────────────
-def collate_side(
-    sides: list[dict[str, Any]], pad_token_id: int, image_size: int, image_processor: Any
+def collate_prepared(
+    rows: list[list[int]], pixels: list[list[Any]], pad_token_id: int, image_size: int, stack: Callable[[list], Any]
 ) -> dict[str, Any]:
     """Right-padded ids and mask; every image of the side in row order, (0, 3, S, S) when none."""
-    lengths = [len(s["input_ids"]) for s in sides]
-    images = [preprocess_image(image_processor, image) for s in sides for image in s["images"]]
-    pixel_values = torch.stack(images) if images else torch.zeros(0, 3, image_size, image_size)
+    lengths = [len(ids) for ids in rows]
+    flat = [p for row in pixels for p in row]
+    width = max(lengths, default=1)
     return {
-        "input_ids": right_pad([s["input_ids"] for s in sides], pad_token_id),
-        "attention_mask": real_token_mask(lengths, max(lengths)),
-        "pixel_values": pixel_values,
+        "input_ids": right_pad(rows, pad_token_id, width) if rows else torch.zeros(0, width, dtype=torch.long),
+        "attention_mask": real_token_mask(lengths, width) if rows else torch.zeros(0, width, dtype=torch.long),
+        "pixel_values": stack(flat) if flat else torch.zeros(0, 3, image_size, image_size),
         ROW_TOKENS: lengths,
-        ROW_IMAGES: [len(s["images"]) for s in sides],
+        ROW_IMAGES: [len(row) for row in pixels],
     }
 
 
+def collate_side(
+    sides: list[dict[str, Any]], pad_token_id: int, image_size: int, image_processor: Any
+) -> dict[str, Any]:
+    """`encode_side` outputs (PIL images) collated: the `embed` API's batch."""
+    preprocess = ImagePreprocessor(image_processor)
+    pixels = [[preprocess.prepare(image) for image in s["images"]] for s in sides]
+    return collate_prepared([s["input_ids"] for s in sides], pixels, pad_token_id, image_size, preprocess.stack)
+
+
 def collate_pairs(samples: list[dict[str, Any]], spec: PairSpec, image_processor: Any) -> dict[str, Any]:
-    """Flat keys `query_*` / `positive_*`, so the trainer's device move sees plain tensors."""
+    """`encode_side` pairs collated: flat keys `query_*` / `positive_*`, as the loader makes them."""
     batch: dict[str, Any] = {"keys": [s["key"] for s in samples]}
     for side in SIDES:
         collated = collate_side(
@@ -152,26 +187,86 @@ def collate_pairs(samples: list[dict[str, Any]], spec: PairSpec, image_processor
     return batch
 
 
-class PairStream(ReplayStream):
-    """Endless stream of collated pair batches for one rank (see the module docstring for stages).
+class PairForm:
+    """The pair-specific stages of the staged loader: build and tokenise a pair, collate pairs."""
 
-    Shard listing, splitting, shuffling and resuming are the caption stream's; a pair sample
-    is built, tokenised and collated here. The stream's `text` spec is a `PairSpec`.
-    """
+    packable = False
 
-    def make_sample(self, group: dict[str, Any]) -> dict[str, Any]:
-        decoded = safe_decode(group)
-        instruction = decoded.get("instruction.txt", "").strip()
-        sample: dict[str, Any] = {"key": decoded["__key__"]}
-        for side in SIDES:
-            image, text = side_of(decoded, side)
+    def __init__(self, spec: PairSpec) -> None:
+        self.spec = spec
+
+    def plan(self, key: str, members: dict[str, bytes]) -> PairDoc:
+        """The sides of one tar group (text members read, images present as b""); raises SampleFault."""
+        instruction = (
+            decode_text(members["instruction.txt"], key, "instruction.txt").strip()
+            if "instruction.txt" in members
+            else ""
+        )
+        sides: dict[str, PlannedSide] = {}
+        for side in (*SIDES, NEGATIVE):
+            image, text = side_members(key, members, side)
+            if image is None and not text:
+                if side == NEGATIVE:
+                    continue  # negatives are optional
+                raise SampleFault(  # the reason `mtrain data validate` gives it too
+                    "missing_image",
+                    f"pair sample {key!r} has no {side} (needs {side}.jpg and/or {side}.txt); "
+                    "see data_pipeline/pairs.py for the pair shard form",
+                )
             side_instruction = ""
             if side == "query":  # the sample's own instruction, else the default one for image queries
-                side_instruction = instruction or (self.text.query_instruction if image is not None else "")
-            sample[side] = encode_side(self.text, image, text, side_instruction)
-        if "label.cls" in decoded:
-            sample["label"] = int(decoded["label.cls"].decode().strip())
-        return sample
+                side_instruction = instruction or (self.spec.query_instruction if image is not None else "")
+            full_text = side_text(image, text, side_instruction)
+            ids = side_ids(self.spec, full_text)
+            if len(ids) > self.spec.max_len:  # its </s>, where pooling reads, would be cut off
+                raise SampleFault(
+                    "nothing_learned",
+                    f"{key}: its {side} takes {len(ids)} tokens (visual tokens included), "
+                    f"over data.max_len={self.spec.max_len}",
+                    needed=len(ids),
+                )
+            sides[side] = PlannedSide(ids, full_text, [ImageSegment(image)] if image else [])
+        return PairDoc(key, sides, label=pair_label(key, members))
 
-    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        return collate_pairs(samples, self.text, self.image_processor)
+    def collate(self, rows: list[list[PairDoc]], stack: Callable[[list], Any]) -> dict[str, Any]:
+        """Flat keys `query_*` / `positive_*` / `negative_*` (zero negative rows when none has one)."""
+        docs = [doc for row in rows for doc in row]
+        batch: dict[str, Any] = {"keys": [doc.key for doc in docs]}
+        for side in (*SIDES, NEGATIVE):
+            with_side = [doc for doc in docs if side in doc.sides]
+            pixels = [side_pixels(doc, side) for doc in with_side]
+            collated = collate_prepared(
+                [doc.sides[side].input_ids for doc in with_side],
+                pixels,
+                self.spec.tokenizer.pad_token_id,
+                self.spec.image_size,
+                stack,
+            )
+            batch.update({f"{side}_{name}": value for name, value in collated.items()})
+            batch[f"{side}_texts"] = [doc.sides[side].text for doc in with_side]
+        batch[NEGATIVE_ROWS] = [NEGATIVE in doc.sides for doc in docs]
+        if any(doc.label is not None for doc in docs):
+            labels = [-100 if doc.label is None else doc.label for doc in docs]
+            batch["labels"] = torch.tensor(labels, dtype=torch.long)
+        return batch
+
+
+def pair_label(key: str, members: dict[str, bytes]) -> int | None:
+    """The query's class from `KEY.label.cls` (MRL-E classifier), None when the sample has none."""
+    if "label.cls" not in members:
+        return None
+    raw = decode_text(members["label.cls"], key, "label.cls").strip()
+    try:
+        return int(raw)
+    except ValueError:
+        raise SampleFault("malformed_json", f"{key}.label.cls holds {raw!r}, not an integer class") from None
+
+
+def side_pixels(doc: PairDoc, side: str) -> list[Any]:
+    """The prepared pixels of one side of a materialized pair (doc.pixel_values follow doc.images)."""
+    start = 0
+    for name, planned in doc.sides.items():
+        if name == side:
+            return doc.pixel_values[start : start + len(planned.images)]
+        start += len(planned.images)
+    return []

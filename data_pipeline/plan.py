@@ -149,15 +149,17 @@ def repartition(
         if cursor["epoch"] == epoch:
             cursors.append(cursor)
             extra += leftovers
-        else:  # finished its share of `epoch`
-            share = max(0, -(-(total - base - old_rank) // stride))
+        else:  # finished its share of `epoch`, whatever its offset was: past the end at any offset
+            share = max(0, -(-(total - base) // stride))
             cursors.append({"base": base, "stride": stride, "offset": old_rank, "taken": share, "backlog": []})
     owed, frontier = remaining_positions(cursors, extra, total)
     return {
         "epoch": epoch,
         "base": frontier,
         "stride": world_size,
-        "offset": rank,
+        # Dealt on from where the owed positions stopped, so the ranks' shares of the rest of the
+        # epoch differ by at most one (else the rank ahead drops its last batch at the epoch's end).
+        "offset": (rank - len(owed)) % world_size,
         "taken": 0,
         "backlog": owed[rank::world_size],
     }

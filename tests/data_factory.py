@@ -81,37 +81,43 @@ def add_raw_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_bad_shards(out: Path, seed: int = 0) -> dict[str, object]:
-    """Shards holding every bad case next to good samples; returns expected keys and counts."""
+def write_bad_shards(out: Path, seed: int = 0, pairs: bool = False) -> dict[str, object]:
+    """Shards holding every bad case next to good samples; returns expected keys and counts.
+
+    With `pairs`, the same cases in the pair form (query image, positive text); the samples
+    that lack a query or a positive there (the JSON ones, the text-only one) count as `missing_image`,
+    as `mtrain data validate` counts them."""
     rng = random.Random(seed)
+    jpg, png, txt = ("query.jpg", "query.png", "positive.txt") if pairs else ("jpg", "png", "txt")
     out.mkdir(parents=True, exist_ok=True)
     good: list[str] = []
     expected: dict[str, int] = {}
 
     def good_caption(tar: tarfile.TarFile, key: str) -> None:
-        add_raw_member(tar, f"{key}.jpg", jpeg_bytes(rng, 40))
-        add_raw_member(tar, f"{key}.txt", b"a blue square.")
+        add_raw_member(tar, f"{key}.{jpg}", jpeg_bytes(rng, 40))
+        add_raw_member(tar, f"{key}.{txt}", b"a blue square.")
         good.append(key)
 
-    def bump(reason: str) -> None:
+    def bump(reason: str, pair_reason: str | None = None) -> None:
+        reason = pair_reason if pairs and pair_reason else reason
         expected[reason] = expected.get(reason, 0) + 1
 
     marker = out / "PICKLE_RAN"
     payload = b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR."  # pickle protocol 0: os.system(...)
     with tarfile.open(out / "bad-000000.tar", "w") as tar:
         good_caption(tar, "g000")
-        add_raw_member(tar, "b_corrupt.jpg", b"\xff\xd8\xff\xe0 this is not a jpeg")
-        add_raw_member(tar, "b_corrupt.txt", b"a red circle.")
+        add_raw_member(tar, f"b_corrupt.{jpg}", b"\xff\xd8\xff\xe0 this is not a jpeg")
+        add_raw_member(tar, f"b_corrupt.{txt}", b"a red circle.")
         bump("corrupt_image")
         good_caption(tar, "g001")
         add_raw_member(tar, "b_json.json", b"{not json")
         add_raw_member(tar, "b_json.0.jpg", jpeg_bytes(rng, 40))
-        bump("malformed_json")
+        bump("malformed_json", "missing_image")
         add_raw_member(tar, "b_missing.json", json.dumps({"texts": ["x", None], "images": [None, "0.jpg"]}).encode())
-        bump("missing_image")
+        bump("missing_image", "missing_image")
         good_caption(tar, "g002")
-        add_raw_member(tar, "g000.jpg", jpeg_bytes(rng, 40))  # the key g000 again, later in the shard
-        add_raw_member(tar, "g000.txt", b"a duplicate.")
+        add_raw_member(tar, f"g000.{jpg}", jpeg_bytes(rng, 40))  # the key g000 again, later in the shard
+        add_raw_member(tar, f"g000.{txt}", b"a duplicate.")
         bump("duplicate_key")
         add_raw_member(tar, "../escape.txt", b"outside")
         bump("unsafe_path")
@@ -119,21 +125,21 @@ def write_bad_shards(out: Path, seed: int = 0) -> dict[str, object]:
         bump("unsafe_path")
         big = io.BytesIO()
         Image.new("RGB", (300, 300), (1, 2, 3)).save(big, format="PNG")
-        add_raw_member(tar, "b_big.png", big.getvalue())
-        add_raw_member(tar, "b_big.txt", b"too many pixels.")
+        add_raw_member(tar, f"b_big.{png}", big.getvalue())
+        add_raw_member(tar, f"b_big.{txt}", b"too many pixels.")
         bump("oversize_image")
         add_raw_member(tar, "b_notext.json", json.dumps({"texts": [None], "images": ["0.jpg"]}).encode())
         add_raw_member(tar, "b_notext.0.jpg", jpeg_bytes(rng, 40))
-        bump("no_text")
+        bump("no_text", "missing_image")
         add_raw_member(
-            tar, "b_noimage.txt", b"a caption of no image."
-        )  # text-only documents are fine; captions are not
-        bump("no_image")
+            tar, f"b_noimage.{txt}", b"a caption of no image."
+        )  # text-only documents are fine; captions are not; a pair needs its query
+        bump("no_image", "missing_image")
         good_caption(tar, "g003")
         add_raw_member(tar, "b_pickle.pyd", payload)
         add_raw_member(tar, "b_pickle.pickle", payload)
-        add_raw_member(tar, "b_pickle.txt", b"a sample whose extra members are pickles.")
-        add_raw_member(tar, "b_pickle.jpg", jpeg_bytes(rng, 40))
+        add_raw_member(tar, f"b_pickle.{txt}", b"a sample whose extra members are pickles.")
+        add_raw_member(tar, f"b_pickle.{jpg}", jpeg_bytes(rng, 40))
         good.append("b_pickle")  # a good caption pair: the pickles are ignored, never loaded
         good_caption(tar, "g004")
     # An empty shard, and a truncated one (cut in the middle of its third sample).
@@ -143,8 +149,8 @@ def write_bad_shards(out: Path, seed: int = 0) -> dict[str, object]:
     full = io.BytesIO()
     with tarfile.open(fileobj=full, mode="w") as tar:
         for key in ("t000", "t001", "t002"):
-            add_raw_member(tar, f"{key}.jpg", jpeg_bytes(rng, 40))
-            add_raw_member(tar, f"{key}.txt", b"a green cross.")
+            add_raw_member(tar, f"{key}.{jpg}", jpeg_bytes(rng, 40))
+            add_raw_member(tar, f"{key}.{txt}", b"a green cross.")
     data = full.getvalue()
     offsets = [m.offset for m in tarfile.open(fileobj=io.BytesIO(data)).getmembers()]
     (out / "bad-000002.tar").write_bytes(data[: offsets[4] + 700])  # t002.jpg header + part of its data
@@ -166,9 +172,11 @@ def make_loader(
     image_size: int = 32,
     sync=None,
     gather=None,
+    pairs: bool = False,
     **settings,
 ):
-    """A real StreamingLoader over real shards with the tiny tokenizer and image processor."""
+    """A real StreamingLoader over real shards with the tiny tokenizer and image processor;
+    with `pairs`, of (query, positive[, negative]) pair batches."""
     from data_pipeline.loader import LoaderSettings, build_loader
     from data_pipeline.tokenize import TokenSpec
     from mtrain.model.build import tiny_image_processor
@@ -179,7 +187,12 @@ def make_loader(
     loader_settings = LoaderSettings(sources=sources, batch_size=batch_size, seed=0, **settings)
     spec = TokenSpec(tokenizer, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), max_len)
     processor = tiny_image_processor(image_size)
-    return build_loader(loader_settings, rank, world_size, spec, processor, visual_tokens, sync, gather)
+    form = None
+    if pairs:
+        from data_pipeline.pairs import PairForm, PairSpec
+
+        form = PairForm(PairSpec(tokenizer, spec.image_token_id, visual_tokens, max_len, image_size))
+    return build_loader(loader_settings, rank, world_size, spec, processor, visual_tokens, sync, gather, form)
 
 
 WORDS = "the a red green blue circle square triangle cross shape small large image shows of and is".split()

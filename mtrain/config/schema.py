@@ -602,6 +602,8 @@ class TrainConfig(Checkable):
             return None
         if self.matryoshka.tokens.mode != "none":
             return ("matryoshka.tokens.mode", "visual-token scales train with task.objective=lm; set mode none")
+        if self.data.packing:
+            return ("data.packing", "(query, positive) pairs are one row each and cannot be packed; set it to false")
         width = contrastive.projection_dim or (self.model.tiny.hidden_size if self.model.preset == "tiny-llava" else 0)
         if width and dims.dims and dims.dims[-1] > width:
             source = "task.contrastive.projection_dim" if contrastive.projection_dim else "model.tiny.hidden_size"

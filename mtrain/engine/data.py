@@ -51,20 +51,14 @@ class ReadyBatches:
         raise NotImplementedError("ready batches have no data position to restore; train from a loader")
 
 
-def build_data_loader(cfg: TrainConfig, built: Any, world: WorldInfo) -> Any:
-    """The StreamingLoader of this rank: tokenizer, image processor and visual-token count from the model."""
+def loader_settings(cfg: TrainConfig) -> Any:
+    """The loader's stages as the config's `data` section sets them (every batch form)."""
     from data_pipeline.formats import SampleRules  # noqa: PLC0415
-    from data_pipeline.loader import (  # noqa: PLC0415
-        LoaderSettings,
-        build_loader,
-        torch_distributed_gather,
-        torch_distributed_sync,
-    )
+    from data_pipeline.loader import LoaderSettings  # noqa: PLC0415
     from data_pipeline.shards import ShardCache  # noqa: PLC0415
-    from data_pipeline.tokenize import TokenSpec  # noqa: PLC0415
 
     data = cfg.data
-    settings = LoaderSettings(
+    return LoaderSettings(
         sources=tuple(data.source_list),
         batch_size=data.micro_batch_size,
         seed=cfg.run.seed,
@@ -82,9 +76,18 @@ def build_data_loader(cfg: TrainConfig, built: Any, world: WorldInfo) -> Any:
             folder=data.shard_cache_dir, retries=data.remote_retries, max_bytes=int(data.shard_cache_gb * 2**30)
         ),
     )
-    spec = TokenSpec(built.tokenizer, built.image_token_id, data.max_len)
+
+
+def build_data_loader(cfg: TrainConfig, built: Any, world: WorldInfo, form: Any = None) -> Any:
+    """The StreamingLoader of this rank: tokenizer, image processor and visual-token count from the model.
+
+    `form` makes other batches than documents (pairs: `build_pair_loader`)."""
+    from data_pipeline.loader import build_loader, torch_distributed_gather, torch_distributed_sync  # noqa: PLC0415
+    from data_pipeline.tokenize import TokenSpec  # noqa: PLC0415
+
+    spec = TokenSpec(built.tokenizer, built.image_token_id, cfg.data.max_len)
     return build_loader(
-        settings,
+        loader_settings(cfg),
         world.rank,
         world.world_size,
         spec,
@@ -93,6 +96,7 @@ def build_data_loader(cfg: TrainConfig, built: Any, world: WorldInfo) -> Any:
         sync=torch_distributed_sync(),
         # Shards without an index entry are scanned once over all ranks (every rank builds a loader here).
         gather=torch_distributed_gather() if world.world_size > 1 else None,
+        form=form,
     )
 
 
@@ -111,19 +115,7 @@ def pair_spec(cfg: TrainConfig, built: Any) -> Any:
 
 
 def build_pair_loader(cfg: TrainConfig, built: Any, world: WorldInfo) -> Any:
-    """(query, positive) pair batches of this rank, resumable by replay."""
-    from data_pipeline.pairs import PairStream  # noqa: PLC0415
-    from data_pipeline.replay_stream import ResumableLoader  # noqa: PLC0415
+    """(query, positive[, negative]) pair batches of this rank: the staged loader with the pair form."""
+    from data_pipeline.pairs import PairForm  # noqa: PLC0415
 
-    stream = PairStream(
-        cfg.data.shards,
-        world.rank,
-        world.world_size,
-        cfg.data.micro_batch_size,
-        pair_spec(cfg, built),
-        built.image_processor,
-        cfg.run.seed,
-        shuffle_buffer=0,
-        num_workers=cfg.data.num_workers,
-    )
-    return ResumableLoader(stream, cfg.data.num_workers)
+    return build_data_loader(cfg, built, world, form=PairForm(pair_spec(cfg, built)))

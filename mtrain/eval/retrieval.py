@@ -127,22 +127,19 @@ def retrieval_view(cfg: Any, built: Any, task: torch.nn.Module) -> Any:
 def run_retrieval_eval(
     source: str, overrides: list[str], shards: str | None, num_batches: int, dims: list[int] | None, out: str
 ) -> list[RetrievalResult]:
-    from data_pipeline.pairs import PairStream  # noqa: PLC0415
+    from data_pipeline.pairs import PairForm  # noqa: PLC0415
     from mtrain.engine.data import pair_spec  # noqa: PLC0415
     from mtrain.eval.budget import load_for_eval  # noqa: PLC0415
+    from mtrain.eval.run import eval_batches  # noqa: PLC0415
 
-    cfg, built, task = load_for_eval(source, overrides)
+    if shards:  # before the model loads, as `mtrain eval` does for the token budgets
+        from mtrain.launch.inputs import check_shards_exist  # noqa: PLC0415
+
+        check_shards_exist(shards, "--shards")
+    cfg, built, task = load_for_eval(source, overrides, shards)
     view = retrieval_view(cfg, built, task)
-    stream = PairStream(
-        shards or cfg.data.shards,
-        0,
-        1,
-        cfg.data.micro_batch_size,
-        pair_spec(cfg, built),
-        built.image_processor,
-        cfg.run.seed,
-    )
-    results = evaluate_retrieval(view, iter(stream), num_batches, dims)
+    stream = eval_batches(cfg, built, shards, form=PairForm(pair_spec(cfg, built)))
+    results = evaluate_retrieval(view, stream, num_batches, dims)
     print(format_retrieval_table(results))
     json_path, png_path = write_retrieval_report(results, Path(out), name=str(source))
     print(f"wrote {json_path} and {png_path}")

@@ -9,8 +9,8 @@ from typing import Any
 from mtrain.eval.budget import budget_view, evaluate_budgets, format_table, load_for_eval, write_report
 
 
-def eval_batches(cfg: Any, built: Any, shards: str | None) -> Any:
-    """Held-out batches in a single process, in shard order (no shuffling)."""
+def eval_batches(cfg: Any, built: Any, shards: str | None, form: Any = None) -> Any:
+    """Held-out batches in a single process, in shard order (no shuffling); `form` as in build_data_loader."""
     from mtrain.engine.data import build_data_loader  # noqa: PLC0415
     from mtrain.launch.env import WorldInfo  # noqa: PLC0415
 
@@ -18,7 +18,7 @@ def eval_batches(cfg: Any, built: Any, shards: str | None) -> Any:
     if shards:
         data = dataclasses.replace(data, shards=shards, sources=[])
     single = WorldInfo(0, 1, 0, 1, "127.0.0.1", 0, "none")
-    return build_data_loader(dataclasses.replace(cfg, data=data), built, single)
+    return build_data_loader(dataclasses.replace(cfg, data=data), built, single, form=form)
 
 
 def run_eval(

@@ -2,10 +2,11 @@
 
 One step:
 
-    queries + positives, one row each ─► vision tower + LM once, every hidden state kept
+    queries + positives (+ hard negatives), one row each ─► vision tower + LM once, every hidden state kept
         ─► pool each layer the step uses ─► (layers, rows, width)
     gather every rank's embeddings (the local slice put back, so its gradient flows)
-    loss = Σ_terms weight · InfoNCE(scores of the first k dims of layer l / temperature)
+    loss = Σ_terms weight · InfoNCE(scores of the first k dims of layer l / temperature;
+                                    candidates: every positive, then every hard negative)
          + kl_weight · Σ_students KL(teacher ‖ student)      (2DMSE: of embeddings; Starbucks: of scores)
 
 The formulas live in `embedding_losses` and docs/objectives.md. Which (layer, dim) terms a
@@ -38,6 +39,14 @@ from mtrain.task.embedding_losses import embedding_kl, info_nce, mrl_e_loss, pre
 from mtrain.task.token_layout import row_counts
 
 SIDES = ("query", "positive")
+NEGATIVE = "negative"
+NEGATIVE_ROWS = "negative_rows"  # host list: which samples have a row in `negative_*` (data_pipeline/pairs.py)
+
+
+def sides_of(batch: dict[str, Any]) -> tuple[str, ...]:
+    """The sides a batch holds; the pair loader always adds `negative_*` (maybe of zero rows), so
+    every rank of a run takes the same path."""
+    return (*SIDES, NEGATIVE) if f"{NEGATIVE}_input_ids" in batch else SIDES
 
 
 @dataclass(frozen=True)
@@ -111,17 +120,25 @@ def plan_loss(
     plan: StepPlan,
     dims: EmbeddingDimsConfig,
     temperature: float,
+    negatives: torch.Tensor | None = None,
+    negative_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
     """(loss, each term's InfoNCE, the KL) of (layers, rows, width) embeddings whose layers are `plan.layers`.
 
     loss = Σ_terms weight · InfoNCE + kl_weight · KL; every piece is a tensor on the embeddings' device.
+    `negatives` (layers, rows, width) are hard negatives, extra InfoNCE candidates of every query
+    where `negative_mask` is true; the KL terms look at queries and positives only.
     """
     index = {layer: i for i, layer in enumerate(plan.layers)}
     scoring = dims.resolved_scoring
-    term_losses = [
-        info_nce(prefix_scores(queries[index[t.layer]], positives[index[t.layer]], t.dim, scoring), temperature)
-        for t in plan.terms
-    ]
+
+    def term_loss(t: Term) -> torch.Tensor:
+        at = index[t.layer]
+        scores = prefix_scores(queries[at], positives[at], t.dim, scoring)
+        negative_scores = None if negatives is None else prefix_scores(queries[at], negatives[at], t.dim, scoring)
+        return info_nce(scores, temperature, negative_scores, negative_mask)
+
+    term_losses = [term_loss(t) for t in plan.terms]
     loss = torch.stack([t.weight * term for t, term in zip(plan.terms, term_losses, strict=True)]).sum()
     kl_total = kl_loss(queries, positives, plan, index, dims, temperature)
     return loss + dims.kl_weight * kl_total, term_losses, kl_total
@@ -247,27 +264,42 @@ class ContrastiveTask(Task):
 
     def encode_pairs(self, batch: dict[str, Any], layers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Queries and positives embedded in one forward: (layers, rows, width) each."""
-        rows = batch["query_input_ids"].shape[0]
-        width = max(batch[f"{side}_input_ids"].shape[1] for side in SIDES)
+        queries, positives = self.encode_sides(batch, layers, SIDES)
+        return queries, positives
+
+    def encode_sides(self, batch: dict[str, Any], layers: list[int], sides: tuple[str, ...]) -> list[torch.Tensor]:
+        """Every side's rows embedded in one forward: (layers, rows of the side, width) per side."""
+        rows = [batch[f"{side}_input_ids"].shape[0] for side in sides]
+        width = max(batch[f"{side}_input_ids"].shape[1] for side in sides)
 
         def right_padded(name: str) -> torch.Tensor:
-            # Both sides to one width; mask 0 marks the new columns, and the ids there are never read.
-            return torch.cat([F.pad(batch[f"{s}_{name}"], (0, width - batch[f"{s}_{name}"].shape[1])) for s in SIDES])
+            # Every side to one width; mask 0 marks the new columns, and the ids there are never read.
+            return torch.cat([F.pad(batch[f"{s}_{name}"], (0, width - batch[f"{s}_{name}"].shape[1])) for s in sides])
 
         input_ids, mask = right_padded("input_ids"), right_padded("attention_mask")
         input_ids = torch.where(mask.bool(), input_ids, self.pad_token_id)  # so no padding id is taken for <image>
-        pixel_values = torch.cat([batch[f"{side}_pixel_values"] for side in SIDES])
+        pixel_values = torch.cat([batch[f"{side}_pixel_values"] for side in sides])
         embeddings = self.encode(input_ids, mask, pixel_values, layers)
-        return embeddings[:, :rows], embeddings[:, rows:]
+        return list(embeddings.split(rows, dim=1))
 
     # ── the loss ──────────────────────────────────────────────────────────────────────────────
     def objective(
-        self, queries: torch.Tensor, positives: torch.Tensor, plan: StepPlan
+        self,
+        queries: torch.Tensor,
+        positives: torch.Tensor,
+        plan: StepPlan,
+        negatives: torch.Tensor | None = None,
+        negative_rows: list[bool] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Global-batch loss from this rank's (layers, rows, width) embeddings, scaled by the world size."""
+        """Global-batch loss from this rank's (layers, rows, width) embeddings, scaled by the world size.
+
+        `negatives` holds the hard negatives of the samples marked in `negative_rows`, in order."""
         queries, positives = gather_keep_local(queries), gather_keep_local(positives)
+        negative_mask = None
+        if negatives is not None:
+            negatives, negative_mask = gathered_negatives(negatives, negative_rows or [])
         loss, term_losses, kl_total = plan_loss(
-            queries, positives, plan, self.dims_config, self.contrastive.temperature
+            queries, positives, plan, self.dims_config, self.contrastive.temperature, negatives, negative_mask
         )
         device = queries.device
         # Per-term losses stay on the device; the counts are known on the host.
@@ -296,15 +328,17 @@ class ContrastiveTask(Task):
     def forward(self, batch: dict[str, Any], embed_layers: list[int] | None = None) -> Any:
         """The step's loss and metrics; with `embed_layers`, only the (queries, positives) embeddings."""
         if embed_layers is not None:
-            return self.encode_pairs(batch, embed_layers)
+            return tuple(self.encode_sides(batch, embed_layers, sides_of(batch)))
         plan = self.plan()
-        queries, positives = self.encode_pairs(batch, plan.layers)
-        loss, metrics = self.objective(queries, positives, plan)
+        sides = sides_of(batch)
+        embedded = self.encode_sides(batch, plan.layers, sides)
+        queries = embedded[0]
+        loss, metrics = self.objective(*embedded[:2], plan, *negative_args(batch, embedded))
         if self.classifier is not None:
             classifier_loss = self.classifier_loss(queries[-1], batch)
             loss = loss + self.dims_config.classifier_weight * classifier_loss
             metrics["classifier_loss"] = classifier_loss.detach().double()
-        metrics["tokens"] = (batch["query_attention_mask"].sum() + batch["positive_attention_mask"].sum()).detach()
+        metrics["tokens"] = sum(batch[f"{side}_attention_mask"].sum() for side in sides).detach()
         return loss, metrics
 
     def classifier_loss(self, queries: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
@@ -344,16 +378,21 @@ class ContrastiveTask(Task):
             for start, end in chunks:
                 rng_states.append(random_state())  # replayed below, so dropout masks match
                 embedded.append(forward(slice_pairs(batch, start, end, self), embed_layers=plan.layers))
-        queries = torch.cat([q for q, _ in embedded], dim=1).requires_grad_()
-        positives = torch.cat([p for _, p in embedded], dim=1).requires_grad_()
-        loss, metrics = self.objective(queries, positives, plan)
-        query_grad, positive_grad = torch.autograd.grad(loss, [queries, positives])
+        # Per side, every chunk's rows in order: the whole batch's embeddings, without a graph.
+        whole = [torch.cat(parts, dim=1).requires_grad_() for parts in zip(*embedded, strict=True)]
+        loss, metrics = self.objective(*whole[:2], plan, *negative_args(batch, whole))
+        grads = torch.autograd.grad(loss, whole)
+        firsts = [0] * len(whole)  # where each side's rows of the next chunk start
         for (start, end), state in zip(chunks, rng_states, strict=True):
             with restored_random_state(state):
-                chunk_q, chunk_p = forward(slice_pairs(batch, start, end, self), embed_layers=plan.layers)
-            surrogate = (chunk_q * query_grad[:, start:end]).sum() + (chunk_p * positive_grad[:, start:end]).sum()
+                chunk = forward(slice_pairs(batch, start, end, self), embed_layers=plan.layers)
+            surrogate = sum(
+                (part * grad[:, first : first + part.shape[1]]).sum()
+                for part, grad, first in zip(chunk, grads, firsts, strict=True)
+            )
+            firsts = [first + part.shape[1] for first, part in zip(firsts, chunk, strict=True)]
             backward(surrogate)
-        metrics["tokens"] = (batch["query_attention_mask"].sum() + batch["positive_attention_mask"].sum()).detach()
+        metrics["tokens"] = sum(batch[f"{side}_attention_mask"].sum() for side in sides_of(batch)).detach()
         return loss.detach(), metrics
 
     def summarize(self, totals: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -382,17 +421,41 @@ def chunk_bounds(rows: int, chunk_size: int) -> list[tuple[int, int]]:
     return [(start, min(start + size, rows)) for start in range(0, rows, size)]
 
 
+def negative_args(batch: dict[str, Any], embedded: list[torch.Tensor]) -> tuple[Any, Any]:
+    """(negatives, negative_rows) for `objective`: (None, None) when the batch has no negative side."""
+    if len(embedded) <= len(SIDES):
+        return None, None
+    return embedded[len(SIDES)], list(batch[NEGATIVE_ROWS])
+
+
+def gathered_negatives(negatives: torch.Tensor, negative_rows: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's negatives as (layers, ranks x rows, width), one (maybe blank) row per sample,
+    and the mask of real ones: a fixed shape per rank, whatever number of negatives each holds."""
+    layers, _, width = negatives.shape
+    present = [row for row, has in enumerate(negative_rows) if has]
+    index = torch.tensor(present, dtype=torch.long, device=negatives.device)
+    full = negatives.new_zeros(layers, len(negative_rows), width).index_copy(1, index, negatives)
+    mask = torch.tensor([[float(has)] for has in negative_rows], device=negatives.device)
+    return gather_keep_local(full), gather_keep_local(mask)[:, 0] > 0.5
+
+
 def slice_pairs(batch: dict[str, Any], start: int, end: int, task: ContrastiveTask) -> dict[str, Any]:
-    """Rows start:end of both sides, with the images those rows hold (counted on the host by collate)."""
+    """Rows start:end of every side, with the images those rows hold (counted on the host by collate);
+    the negative side's rows are those of the samples start:end that have one."""
     out: dict[str, Any] = {}
-    for side in SIDES:
+    for side in sides_of(batch):
         prefix = f"{side}_"
+        lo, hi = start, end
+        if side == NEGATIVE:
+            has = list(batch[NEGATIVE_ROWS])
+            lo, hi = sum(has[:start]), sum(has[:end])
+            out[NEGATIVE_ROWS] = has[start:end]
         tokens, images = row_counts(batch, task.image_token_id, task.visual_tokens, task.pad_token_id, prefix)
-        first, count = sum(images[:start]), sum(images[start:end])
-        out[f"{side}_input_ids"] = batch[f"{side}_input_ids"][start:end]
-        out[f"{side}_attention_mask"] = batch[f"{side}_attention_mask"][start:end]
+        first, count = sum(images[:lo]), sum(images[lo:hi])
+        out[f"{side}_input_ids"] = batch[f"{side}_input_ids"][lo:hi]
+        out[f"{side}_attention_mask"] = batch[f"{side}_attention_mask"][lo:hi]
         out[f"{side}_pixel_values"] = batch[f"{side}_pixel_values"][first : first + count]
-        out[f"{prefix}{ROW_TOKENS}"], out[f"{prefix}{ROW_IMAGES}"] = tokens[start:end], images[start:end]
+        out[f"{prefix}{ROW_TOKENS}"], out[f"{prefix}{ROW_IMAGES}"] = tokens[lo:hi], images[lo:hi]
     return out
 
 

@@ -2,7 +2,7 @@
 
 Each function cites the reference it follows; docs/objectives.md writes out the formulas.
 
-    queries, positives (rows, width) ──► prefix_scores(dim, scoring) ──► info_nce
+    queries, positives (rows, width) ──► prefix_scores(dim, scoring) ──► info_nce (+ hard negatives' scores)
     2DMSE:     embedding_kl   T·KL between softmaxes of the embeddings themselves, teacher trained
     Starbucks: score_kl       KL between in-batch score distributions, teacher detached
     MRL-E:     mrl_e_loss     one classifier sliced W[:, :k] for every prefix length k
@@ -39,8 +39,22 @@ def prefix_scores(queries: torch.Tensor, positives: torch.Tensor, dim: int, scor
     return queries @ positives.T
 
 
-def info_nce(scores: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Cross-entropy of query i against positive i among every positive of the batch."""
+def info_nce(
+    scores: torch.Tensor,
+    temperature: float,
+    negative_scores: torch.Tensor | None = None,
+    negative_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of query i against positive i among every positive of the batch.
+
+    `negative_scores` (queries, hard negatives) are extra candidates of every query (VLM2Vec / MMEB,
+    Tevatron's `train_group_size`); columns whose `negative_mask` is false are left out, as a
+    sample without a negative holds a blank row there.
+    """
+    if negative_scores is not None:
+        if negative_mask is not None:
+            negative_scores = negative_scores.masked_fill(~negative_mask, float("-inf"))  # exp(-inf) = 0
+        scores = torch.cat([scores, negative_scores], dim=1)
     targets = torch.arange(scores.shape[0], device=scores.device)
     return F.cross_entropy(scores / temperature, targets)
 

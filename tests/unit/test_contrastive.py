@@ -94,6 +94,8 @@ def test_dims_are_validated_against_order_and_width():
         load_config(None, ["task.objective=contrastive", "matryoshka.dims.dims=[16,8]"])
     with pytest.raises(ConfigError, match="exceeds the embedding width 64"):
         load_config(None, ["task.objective=contrastive", "matryoshka.dims.dims=[8,128]"])
+    with pytest.raises(ConfigError, match="cannot be packed"):
+        load_config(None, ["task.objective=contrastive", "data.packing=true"])
     with pytest.raises(ConfigError, match="only task.objective=contrastive"):
         load_config(None, ["matryoshka.dims.dims=[8,16]"])
     with pytest.raises(ConfigError, match="as many layers as dims"):
@@ -239,6 +241,61 @@ def test_starbucks_sums_every_listed_pair_every_step_plus_kl_to_the_largest_pair
     )
 
 
+def with_negatives(built, batch: dict, rows: list[int]) -> dict:
+    """The batch plus a hard negative for each sample in `rows` (texts, and one image), as the loader adds them."""
+    import random
+
+    from data_pipeline.pairs import PairSpec, collate_side, encode_side
+    from data_pipeline.sample_data import draw_shape
+
+    spec = PairSpec(built.tokenizer, built.image_token_id, built.visual_tokens, 96, 32)
+    image = draw_shape("red", "square", random.Random(1))
+    sides = [encode_side(spec, image if i == rows[0] else None, f"not this one {i}") for i in rows]
+    collated = collate_side(sides, built.tokenizer.pad_token_id, 32, built.image_processor)
+    rows_of_batch = len(batch["keys"])
+    return {
+        **batch,
+        **{f"negative_{name}": value for name, value in collated.items()},
+        "negative_rows": [i in rows for i in range(rows_of_batch)],
+    }
+
+
+def hand_info_nce_with_negatives(q, p, n, k: int, temperature: float) -> torch.Tensor:
+    """Query i scores positive i against every positive and every hard negative."""
+    q, p, n = (F.normalize(x[:, :k], dim=1) for x in (q, p, n))
+    logits = torch.cat([q @ p.T, q @ n.T], dim=1) / temperature
+    return -(logits.diagonal() - logits.logsumexp(dim=1)).mean()
+
+
+def test_hard_negatives_are_extra_candidates_of_every_query():
+    dims = [8, 64]
+    task, built, _ = make_task(f"matryoshka.dims.dims={dims}")
+    batch = make_batch(built)
+    plain, _ = task(batch)
+    negated = with_negatives(built, batch, rows=[0, 2, 3])
+    loss, metrics = task(negated)
+    q, p, n = task.encode_sides(negated, [4], ("query", "positive", "negative"))
+    assert n.shape[1] == 3
+    expected = sum(hand_info_nce_with_negatives(q[0], p[0], n[0], k, 0.1) for k in dims)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    assert loss > plain + 1e-4  # more candidates to tell apart: the same embeddings score a higher loss
+    # Queries and positives embed as without negatives (one forward, rows independent).
+    q_plain, p_plain = task.encode_pairs(batch, [4])
+    torch.testing.assert_close(q, q_plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(p, p_plain, rtol=1e-5, atol=1e-5)
+    # A negative side of zero rows (what the loader sends when no sample has one) changes nothing.
+    empty = with_negatives(built, batch, rows=[0])
+    empty.update(
+        negative_input_ids=empty["negative_input_ids"][:0],
+        negative_attention_mask=empty["negative_attention_mask"][:0],
+        negative_pixel_values=empty["negative_pixel_values"][:0],
+        negative_row_tokens=[],
+        negative_row_images=[],
+        negative_rows=[False] * 6,
+    )
+    torch.testing.assert_close(task(empty)[0], plain, rtol=1e-6, atol=1e-6)
+
+
 # ── GradCache ─────────────────────────────────────────────────────────────────────────────────
 class ActivationMeter:
     """Elements autograd saves for backward (parameters excluded), peak between backward calls."""
@@ -330,6 +387,18 @@ def test_gradcache_matches_direct_path_and_holds_one_chunk_of_activations():
     _, direct_peak_2 = direct_step(task, make_batch(built, rows=2))
     assert meter.peak < 1.3 * direct_peak_2, (meter.peak, direct_peak_2)
     assert direct_peak > 3 * meter.peak, (direct_peak, meter.peak)
+
+    # With hard negatives (on samples 1, 4 and 5: chunks hold 0, 1 or 2 of them).
+    negated = with_negatives(built, batch, rows=[1, 4, 5])
+    task.zero_grad()
+    task.chunk_size = 0
+    direct_loss, _ = direct_step(task, negated)
+    expected = grads_of(trained)
+    task.zero_grad()
+    task.chunk_size = 2
+    cached_loss, _ = task.forward_backward(negated, forward=task, backward=lambda loss: loss.backward())
+    torch.testing.assert_close(cached_loss, direct_loss, rtol=1e-5, atol=1e-5)
+    assert_same_grads(trained, expected)
     print(
         f"saved activation elements: direct 8 rows {direct_peak}, GradCache chunk 2 {meter.peak}, direct 2 rows {direct_peak_2}"
     )

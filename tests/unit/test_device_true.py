@@ -122,7 +122,10 @@ def pair_batch(built) -> dict:
         }
         for row in range(4)
     ]
-    return collate_pairs(samples, spec, built.image_processor)
+    from tests.unit.test_contrastive import with_negatives
+
+    # Hard negatives on rows 1 and 2 (one with an image): the negative path is device-true too.
+    return with_negatives(built, collate_pairs(samples, spec, built.image_processor), rows=[1, 2])
 
 
 def batch_for(cfg, built) -> dict:

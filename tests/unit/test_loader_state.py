@@ -97,3 +97,19 @@ def test_data_config_sources_and_modes_are_checked():
         load_config(tiny, ["data.sources=[{shards: a.tar, weight: 0}]"])
     with pytest.raises(ConfigError, match="did you mean 'resampled'"):
         load_config(tiny, ["data.epoch_mode=resample"])
+
+
+def test_repartition_deals_the_rest_of_an_epoch_evenly():
+    """1 -> 2 ranks with 3 leftovers and 5 fresh positions: 4 each, so no rank drops a batch at the end."""
+    from data_pipeline.plan import next_position, repartition
+
+    old = [{"epoch": 0, "base": 30, "stride": 1, "offset": 0, "taken": 13, "backlog": []}]
+    shares = []
+    for rank in range(2):
+        cursor = repartition(old, [[40, 41, 42]], rank, 2, 48)
+        positions = []
+        while (position := next_position(cursor, 48)) is not None:
+            positions.append(position)
+        shares.append(positions)
+    assert sorted(shares[0] + shares[1]) == list(range(40, 48))
+    assert [len(share) for share in shares] == [4, 4]  # the old dealing gave 5 and 3
