@@ -245,8 +245,9 @@ def test_slurm_sbatch_trains_and_checkpoints(tmp_path, shards_pattern, local_slu
 
 
 # ── fault: kill -9 one rank mid-run; torchrun restarts the job and it resumes ─────────────────
-def worker_pid(tag: str, rank: int) -> int | None:
-    """The training process of `rank` (a direct child of torchrun) in the job whose environment carries `tag`."""
+def worker_pid(tag: str, rank: int | None = None) -> int | None:
+    """The training process (a direct child of a torchrun agent) in the job whose environment carries
+    `tag`; of `rank` when given."""
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -256,9 +257,12 @@ def worker_pid(tag: str, rank: int) -> int | None:
             parent_cmdline = Path(f"/proc/{parent}/cmdline").read_bytes()
         except (OSError, IndexError):
             continue
-        if f"MTRAIN_TEST_TAG={tag}".encode() in environ and f"RANK={rank}".encode() in environ:
-            if b"torch.distributed.run" in parent_cmdline:  # not a helper process the rank forked
-                return int(proc.name)
+        if f"MTRAIN_TEST_TAG={tag}".encode() not in environ:
+            continue
+        if rank is not None and f"RANK={rank}".encode() not in environ:
+            continue
+        if b"torch.distributed.run" in parent_cmdline:  # not a helper process the rank forked
+            return int(proc.name)
     return None
 
 
@@ -302,20 +306,6 @@ def test_kill_one_rank_restarts_and_resumes_to_the_same_loss(tmp_path, shards_pa
 
 
 # ── fault: two torchrun agents (two "nodes"), kill -9 the second agent's worker ────────────────
-def agent_worker_pid(tag: str) -> int | None:
-    """The training process started by the torchrun agent whose environment carries `tag`."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            environ = (proc / "environ").read_bytes().split(b"\0")
-            parent = (proc / "stat").read_text().rsplit(")", 1)[1].split()[1]
-            parent_cmdline = Path(f"/proc/{parent}/cmdline").read_bytes()
-        except (OSError, IndexError):
-            continue
-        if f"MTRAIN_TEST_TAG={tag}".encode() in environ and b"torch.distributed.run" in parent_cmdline:
-            return int(proc.name)
-    return None
 
 
 def test_multinode_kill_restarts_every_agent_and_resumes_from_latest(tmp_path, shards_pattern):
@@ -342,7 +332,7 @@ def test_multinode_kill_restarts_every_agent_and_resumes_from_latest(tmp_path, s
     killed = latest_at_kill = None
     while time.time() < deadline and all(a.poll() is None for a in agents):
         if (run_dir / "checkpoints" / "latest").exists():
-            killed = agent_worker_pid(f"{run_dir}-agent1")
+            killed = worker_pid(f"{run_dir}-agent1")
             if killed:
                 latest_at_kill = (run_dir / "checkpoints" / "latest").read_text().strip()
                 os.kill(killed, signal.SIGKILL)
