@@ -160,15 +160,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except ConfigError as exc:
-        return report_final_error("config error", exc)
+        return _leave(report_final_error("config error", exc))
     except (FileNotFoundError, ValueError) as exc:
-        return report_final_error("error", exc)
+        return _leave(report_final_error("error", exc))
     except Exception as exc:
         # Bad data can only stop a job that imported the loader; importing it here would slow `validate`.
         loader = sys.modules.get("data_pipeline.loader")
         if loader is not None and isinstance(exc, loader.DataQualityError):
-            return report_final_error("data error", exc)
+            return _leave(report_final_error("data error", exc))
         raise
+
+
+def _leave(code: int) -> int:
+    """Exit status `code`; a rank of a multi-rank job leaves without C++ finalisation (see leave_finished_job),
+    which could otherwise hang or abort on the communication threads of a job that stopped mid-step."""
+    distributed = sys.modules.get("mtrain.launch.distributed")
+    return distributed.leave_finished_job(code) if distributed is not None else code
 
 
 def _dispatch(args: argparse.Namespace) -> int:

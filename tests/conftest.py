@@ -43,19 +43,38 @@ def run(
     return proc
 
 
+def torchrun(*args: str, ranks: int = 2) -> list[str]:
+    """torchrun on one node with `ranks` processes and a free master port, then `args`."""
+    return [str(BIN / "torchrun"), "--nproc_per_node", str(ranks), "--master_port", str(free_port()), *args]
+
+
+def script_env(**knobs: str) -> dict[str, str]:
+    """The child environment plus launcher knobs; the venv's launchers come first on PATH."""
+    env = launch_env()
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHON"] = str(BIN / "python")
+    env.update(knobs)
+    return env
+
+
+def launcher_overrides(run_dir: Path, shards: str, steps: int, *extra: str) -> list[str]:
+    """The overrides a launcher test passes after the config: a short quiet run without export."""
+    return [
+        f"run.dir={run_dir}",
+        f"data.shards={shards}",
+        f"run.max_steps={steps}",
+        "logging.progress=false",
+        "logging.tensorboard=false",
+        "checkpoint.export_at_end=false",
+        *extra,
+    ]
+
+
 def mtrain_train(run_dir: Path, shards: str, *overrides: str, ranks: int = 1) -> list[str]:
     """`mtrain train configs/tiny.yaml` as a command: plain python for 1 rank, torchrun for more."""
     launcher = [str(BIN / "python"), "-m", "mtrain"]
     if ranks > 1:
-        launcher = [
-            str(BIN / "torchrun"),
-            "--nproc_per_node",
-            str(ranks),
-            "--master_port",
-            str(free_port()),
-            "-m",
-            "mtrain",
-        ]
+        launcher = torchrun("-m", "mtrain", ranks=ranks)
     config = [str(REPO / "configs/tiny.yaml"), f"run.dir={run_dir}", f"data.shards={shards}", "logging.progress=false"]
     return [*launcher, "train", *config, *overrides]
 

@@ -177,7 +177,7 @@ def check_distinct_overrides(overrides: list[str] | tuple[str, ...]) -> None:
         if key in seen:
             raise ConfigError(
                 f"{key}: given twice ({seen[key]!r} and {override!r}). Give each key once; if the shell expanded "
-                f"a brace pattern into several overrides, quote it: '{key}=shard-{{000000..000003}}.tar'"
+                f"an unquoted brace pattern into several overrides, quote it, e.g. '{key}=shard-{{000000..000003}}.tar'"
             )
         seen[key] = override
 

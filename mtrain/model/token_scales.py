@@ -33,22 +33,28 @@ def pool_grid(features: torch.Tensor, scale: int) -> torch.Tensor:
     return pooled.reshape(images, dim, scale).transpose(1, 2)
 
 
+def sincos_grid(side: int, dim: int, column_first: bool = False) -> torch.Tensor:
+    """MAE-style 2D sin-cos codes of a side x side grid, cells in row-major order: (side * side, dim).
+    Each cell's code is that of its row then its column, or column then row with `column_first`."""
+    if dim % 4:
+        raise ValueError(f"2D sin-cos positions need a width divisible by 4, got {dim}")
+    rows, columns = torch.meshgrid(
+        torch.arange(side, dtype=torch.float64), torch.arange(side, dtype=torch.float64), indexing="ij"
+    )
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    parts = []
+    for coord in (columns.flatten(), rows.flatten()) if column_first else (rows.flatten(), columns.flatten()):
+        angles = coord[:, None] * omega[None, :]
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, dim=1).float()
+
+
 def sincos_2d(num_positions: int, dim: int) -> torch.Tensor:
     """Fixed 2D sin-cos position embeddings for a square grid of `num_positions` (MAE style)."""
     side = math.isqrt(num_positions)
     if side * side != num_positions:
         side = math.ceil(math.sqrt(num_positions))  # non-square count: take the first positions of a covering grid
-    if dim % 4:
-        raise ValueError(f"2D sin-cos positions need a width divisible by 4, got {dim}")
-    ys, xs = torch.meshgrid(
-        torch.arange(side, dtype=torch.float64), torch.arange(side, dtype=torch.float64), indexing="ij"
-    )
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
-    parts = []
-    for coord in (ys.flatten(), xs.flatten()):
-        angles = coord[:, None] * omega[None, :]
-        parts += [angles.sin(), angles.cos()]
-    return torch.cat(parts, dim=1)[:num_positions].float()
+    return sincos_grid(side, dim)[:num_positions]
 
 
 class QueryTransformerProjector(nn.Module):
@@ -85,17 +91,7 @@ class QueryTransformerProjector(nn.Module):
 def sincos_2d_column_first(side: int, dim: int) -> torch.Tensor:
     """MQT-LLaVA's query positions (MAE `get_2d_sincos_pos_embed`): per grid cell, in row-major order,
     the sin-cos code of its column, then of its row: (side * side, dim)."""
-    if dim % 4:
-        raise ValueError(f"2D sin-cos positions need a width divisible by 4, got {dim}")
-    rows, columns = torch.meshgrid(
-        torch.arange(side, dtype=torch.float64), torch.arange(side, dtype=torch.float64), indexing="ij"
-    )
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
-    parts = []
-    for coord in (columns.flatten(), rows.flatten()):
-        angles = coord[:, None] * omega[None, :]
-        parts += [angles.sin(), angles.cos()]
-    return torch.cat(parts, dim=1).float()
+    return sincos_grid(side, dim, column_first=True)
 
 
 class MQTLlavaResampler(nn.Module):

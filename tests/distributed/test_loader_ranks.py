@@ -7,7 +7,7 @@ import json
 import pytest
 
 from data_pipeline.pairs import write_pair_shards
-from tests.conftest import BIN, REPO, free_port, run
+from tests.conftest import REPO, run, torchrun
 from tests.data_factory import write_mixed_shards
 
 pytestmark = pytest.mark.timeout(300)
@@ -20,11 +20,7 @@ def test_two_ranks_resume_ledger_and_stay_in_step(tmp_path, shards_pattern):
     out = tmp_path / "out"
     out.mkdir()
     cmd = [
-        str(BIN / "torchrun"),
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
+        *torchrun(),
         str(REPO / "tests/distributed/loader_ranks.py"),
         mixed,
         shards_pattern,

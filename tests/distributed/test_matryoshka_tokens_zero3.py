@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import BIN, REPO, free_port, read_metrics, run
+from tests.conftest import REPO, read_metrics, run, torchrun
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -27,7 +27,7 @@ def test_two_rank_zero3_training(tmp_path, shards_pattern, mode, scales, strateg
     run_dir = tmp_path / "run"
     steps = 10
     cmd = [
-        str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "mtrain",
+        *torchrun(), "-m", "mtrain",
         "train", str(REPO / "configs/tiny.yaml"), f"run.dir={run_dir}", f"data.shards={shards_pattern}",
         f"run.max_steps={steps}", "optim.warmup_steps=2", "logging.progress=false",
         "checkpoint.export_at_end=false", "zero.param_persistence_threshold=0",
@@ -62,7 +62,7 @@ def test_two_rank_accumulation_draws_per_micro_batch_alike_on_both_ranks(tmp_pat
     run_dir = tmp_path / "run"
     steps = 6
     cmd = [
-        str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "mtrain",
+        *torchrun(), "-m", "mtrain",
         "train", str(REPO / "configs/tiny.yaml"), f"run.dir={run_dir}", f"data.shards={shards_pattern}",
         f"run.max_steps={steps}", "optim.warmup_steps=2", "logging.progress=false",
         "checkpoint.export_at_end=false", "checkpoint.save_at_end=false", "optim.grad_accum_steps=2",

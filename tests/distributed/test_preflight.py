@@ -8,7 +8,7 @@ import pytest
 
 from mtrain.launch.env import WorldInfo
 from mtrain.launch.preflight import disagreements, rendezvous_failure
-from tests.conftest import BIN, REPO, free_port, run
+from tests.conftest import REPO, run, torchrun
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -16,11 +16,7 @@ pytestmark = pytest.mark.timeout(180)
 def test_preflight_checks_on_two_ranks(tmp_path):
     proc = run(
         [
-            str(BIN / "torchrun"),
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(free_port()),
+            *torchrun(),
             str(REPO / "tests/distributed/preflight_worker.py"),
             str(tmp_path),
         ],

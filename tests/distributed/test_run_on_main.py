@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import BIN, REPO, free_port, run
+from tests.conftest import REPO, run, torchrun
 
 pytestmark = pytest.mark.timeout(180)
 
 
 def test_rank0_work_outlasts_the_collective_timeout_and_hands_back_result_and_error(tmp_path):
     cmd = [
-        str(BIN / "torchrun"),
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
+        *torchrun(),
         str(REPO / "tests/distributed/main_work_ranks.py"),
     ]
     proc = run(cmd, cwd=tmp_path, timeout=120)

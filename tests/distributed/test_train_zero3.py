@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BIN, REPO, free_port, read_metrics, run
+from tests.conftest import BIN, REPO, free_port, read_metrics, run, torchrun
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -27,11 +27,7 @@ def train_args(run_dir: Path, shards: str, steps: int, *extra: str) -> list[str]
 def test_torchrun_two_ranks_shards_parameters_and_learns(tmp_path, shards_pattern):
     run_dir = tmp_path / "run"
     cmd = [
-        str(BIN / "torchrun"),
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
+        *torchrun(),
         "-m",
         "mtrain",
         *train_args(run_dir, shards_pattern, 24, "zero.param_persistence_threshold=0"),

@@ -7,36 +7,15 @@ import os
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import BIN, REPO, free_port, launch_env, mtrain_train, run
+from tests.conftest import REPO, free_port, launch_env, launcher_overrides, mtrain_train, run, script_env
 from tests.data_factory import write_bad_shards
 
 pytestmark = pytest.mark.timeout(420)
 
 CONFIG = str(REPO / "configs/tiny.yaml")
-
-
-def script_env(**knobs: str) -> dict[str, str]:
-    env = launch_env()
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHON"] = str(BIN / "python")
-    env.update(knobs)
-    return env
-
-
-def overrides(run_dir: Path, shards: str, steps: int, *extra: str) -> list[str]:
-    return [
-        f"run.dir={run_dir}",
-        f"data.shards={shards}",
-        f"run.max_steps={steps}",
-        "logging.progress=false",
-        "logging.tensorboard=false",
-        "checkpoint.export_at_end=false",
-        *extra,
-    ]
 
 
 def test_own_error_is_one_line_and_the_traceback_needs_debug(tmp_path):
@@ -53,7 +32,12 @@ def test_bad_data_under_torchrun_restarts_is_not_retried(tmp_path):
     bad = write_bad_shards(tmp_path / "bad")
     env = script_env(MAX_RESTARTS="2", MASTER_PORT=str(free_port()))
     knobs = ("data.max_bad_fraction=0.0", "data.bad_fraction_min_samples=1", "data.num_workers=0")
-    cmd = ["bash", str(REPO / "launchers/torchrun.sh"), CONFIG, *overrides(tmp_path / "run", bad["pattern"], 4, *knobs)]
+    cmd = [
+        "bash",
+        str(REPO / "launchers/torchrun.sh"),
+        CONFIG,
+        *launcher_overrides(tmp_path / "run", bad["pattern"], 4, *knobs),
+    ]
     proc = run(cmd, tmp_path, 300, env)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 2, output[-5000:]
@@ -67,7 +51,7 @@ def test_sigint_ends_a_torchrun_job_with_one_summary_line(tmp_path, shards_patte
     run_dir = tmp_path / "run"
     env = script_env(MAX_RESTARTS="2", MASTER_PORT=str(free_port()))
     cmd = ["bash", str(REPO / "launchers/torchrun.sh"), CONFIG]
-    cmd += overrides(run_dir, shards_pattern, 10_000, "checkpoint.save_every=2")
+    cmd += launcher_overrides(run_dir, shards_pattern, 10_000, "checkpoint.save_every=2")
     log = tmp_path / "job.log"
     with log.open("w") as out:
         # Its own session, as a terminal's foreground job: Ctrl-C signals the whole group.

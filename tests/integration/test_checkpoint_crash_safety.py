@@ -29,8 +29,10 @@ STAGES = {
 }
 
 
-def train_cmd(run_dir: Path, shards: str) -> list[str]:
-    return mtrain_train(run_dir, shards, "run.max_steps=4", "checkpoint.save_every=2", "checkpoint.export_at_end=false")
+def train_cmd(run_dir: Path, shards: str, steps: int = 4) -> list[str]:
+    return mtrain_train(
+        run_dir, shards, f"run.max_steps={steps}", "checkpoint.save_every=2", "checkpoint.export_at_end=false"
+    )
 
 
 def test_kill_at_each_save_stage_leaves_latest_loadable(tmp_path, shards_pattern):
@@ -76,7 +78,7 @@ def test_kill_at_each_save_stage_leaves_latest_loadable(tmp_path, shards_pattern
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000004"
 
     # Resuming with an incompatible config names the change and fails before any process group.
-    proc = run([*train_cmd(run_dir, shards_pattern), "model.lora.rank=4", "run.max_steps=6"], cwd=tmp_path)
+    proc = run([*train_cmd(run_dir, shards_pattern, steps=6), "model.lora.rank=4"], cwd=tmp_path)
     assert proc.returncode == 2
     assert "cannot resume from" in proc.stderr and "model.lora.rank: 8 -> 4" in proc.stderr
     assert "run.max_steps" not in proc.stderr  # a benign change is no reason to refuse

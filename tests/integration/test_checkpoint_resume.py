@@ -17,10 +17,12 @@ STEPS, SAVE_EVERY = 6, 3
 
 
 def train_cmd(ranks: int, run_dir: Path, shards: str, *extra: str) -> list[str]:
+    # A key may be given once (config/core.py): `extra` may set its own run.max_steps.
+    steps = [] if any(e.startswith("run.max_steps=") for e in extra) else [f"run.max_steps={STEPS}"]
     return mtrain_train(
         run_dir,
         shards,
-        f"run.max_steps={STEPS}",
+        *steps,
         f"checkpoint.save_every={SAVE_EVERY}",
         "checkpoint.export_at_end=false",
         "zero.param_persistence_threshold=0",  # really sharded: each rank holds half of every tensor

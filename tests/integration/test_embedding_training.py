@@ -12,7 +12,7 @@ import re
 import pytest
 import torch
 
-from tests.conftest import BIN, REPO, free_port, read_metrics, run
+from tests.conftest import BIN, REPO, read_metrics, run, torchrun
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -36,7 +36,7 @@ def test_mrl_embedding_training_two_rank_zero3_then_retrieval_eval(tmp_path):
     run_dir = tmp_path / "run"
     config = str(REPO / "configs/tiny_embed.yaml")
     cmd = [
-        str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "mtrain",
+        *torchrun(), "-m", "mtrain",
         "train", config, f"run.dir={run_dir}", f"data.shards={train_shards}", f"run.max_steps={STEPS}",
         "logging.progress=false", "zero.param_persistence_threshold=0", "task.contrastive.chunk_size=4",
     ]  # fmt: skip

@@ -16,33 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BIN, REPO, free_port, launch_env, read_metrics, run
+from tests.conftest import BIN, REPO, free_port, launcher_overrides, read_metrics, run, script_env
 
 pytestmark = pytest.mark.timeout(420)
 
 CONFIG = str(REPO / "configs/tiny.yaml")
 AS_ROOT = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
-
-
-def overrides(run_dir: Path, shards: str, steps: int, *extra: str) -> list[str]:
-    return [
-        f"run.dir={run_dir}",
-        f"data.shards={shards}",
-        f"run.max_steps={steps}",
-        "logging.progress=false",
-        "logging.tensorboard=false",
-        "checkpoint.export_at_end=false",
-        *extra,
-    ]
-
-
-def script_env(**knobs: str) -> dict[str, str]:
-    """The child environment plus launcher knobs; the venv's launchers come first on PATH."""
-    env = launch_env()
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHON"] = str(BIN / "python")
-    env.update(knobs)
-    return env
 
 
 def launcher(name: str) -> list[str]:
@@ -147,7 +126,7 @@ def test_torchrun_two_rendezvous_agents_play_two_nodes(tmp_path, shards_pattern)
         MAX_RESTARTS="0",
         MTRAIN_LAUNCH_TIME=str(time.time()),
     )
-    cmd = [*launcher("torchrun-multinode.sh"), CONFIG, *overrides(run_dir, shards_pattern, 4)]
+    cmd = [*launcher("torchrun-multinode.sh"), CONFIG, *launcher_overrides(run_dir, shards_pattern, 4)]
     agents = [start(cmd, tmp_path, env, tmp_path / f"agent{i}.log") for i in range(2)]
     for agent in agents:
         assert finish(agent, 360) == 0, agent.log.read_text()[-5000:]
@@ -166,7 +145,10 @@ def test_deepspeed_runner_hostfile_with_openmpi(tmp_path, shards_pattern):
         **AS_ROOT,
     )
     proc = run(
-        [*launcher("deepspeed-multinode.sh"), CONFIG, *overrides(run_dir, shards_pattern, 4)], tmp_path, 360, env
+        [*launcher("deepspeed-multinode.sh"), CONFIG, *launcher_overrides(run_dir, shards_pattern, 4)],
+        tmp_path,
+        360,
+        env,
     )
     assert proc.returncode == 0
     assert "mpirun -n 2 -hostfile" in proc.stdout + proc.stderr  # the runner really went through Open MPI
@@ -176,7 +158,7 @@ def test_deepspeed_runner_hostfile_with_openmpi(tmp_path, shards_pattern):
 def test_mpirun_script_two_ranks(tmp_path, shards_pattern):
     run_dir = tmp_path / "run"
     env = script_env(NP="2", MPIRUN=str(BIN / "mpirun"), MASTER_PORT=str(free_port()), **AS_ROOT)
-    proc = run([*launcher("mpirun.sh"), CONFIG, *overrides(run_dir, shards_pattern, 4)], tmp_path, 360, env)
+    proc = run([*launcher("mpirun.sh"), CONFIG, *launcher_overrides(run_dir, shards_pattern, 4)], tmp_path, 360, env)
     assert proc.returncode == 0
     assert_trained(run_dir, 4, "openmpi")
 
@@ -184,7 +166,14 @@ def test_mpirun_script_two_ranks(tmp_path, shards_pattern):
 def test_missing_rank_fails_clearly_within_the_timeout(tmp_path, shards_pattern):
     # World size 2, but only rank 0 is ever started.
     env = script_env(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    cmd = [str(BIN / "python"), "-m", "mtrain", "train", CONFIG, *overrides(tmp_path / "run", shards_pattern, 4)]
+    cmd = [
+        str(BIN / "python"),
+        "-m",
+        "mtrain",
+        "train",
+        CONFIG,
+        *launcher_overrides(tmp_path / "run", shards_pattern, 4),
+    ]
     proc = run([*cmd, "dist.init_timeout_s=20"], tmp_path, 240, env)
     assert proc.returncode == 3
     assert "mtrain: preflight error: rendezvous failed: rank 0 waited 20 s at 127.0.0.1:" in proc.stderr
@@ -241,7 +230,7 @@ def test_slurm_sbatch_trains_and_checkpoints(tmp_path, shards_pattern, local_slu
         f"--output={job_log}",
         str(REPO / "launchers/slurm.sbatch"),
         CONFIG,
-        *overrides(run_dir, shards_pattern, 4, "checkpoint.save_every=2"),
+        *launcher_overrides(run_dir, shards_pattern, 4, "checkpoint.save_every=2"),
     ]
     proc = run(cmd, tmp_path, 360, env)  # submitted from tmp_path: the script finds its own folder
     log = job_log.read_text() if job_log.exists() else ""
@@ -256,8 +245,9 @@ def test_slurm_sbatch_trains_and_checkpoints(tmp_path, shards_pattern, local_slu
 
 
 # ── fault: kill -9 one rank mid-run; torchrun restarts the job and it resumes ─────────────────
-def worker_pid(tag: str, rank: int) -> int | None:
-    """The training process of `rank` (a direct child of torchrun) in the job whose environment carries `tag`."""
+def worker_pid(tag: str, rank: int | None = None) -> int | None:
+    """The training process (a direct child of a torchrun agent) in the job whose environment carries
+    `tag`; of `rank` when given."""
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -267,9 +257,12 @@ def worker_pid(tag: str, rank: int) -> int | None:
             parent_cmdline = Path(f"/proc/{parent}/cmdline").read_bytes()
         except (OSError, IndexError):
             continue
-        if f"MTRAIN_TEST_TAG={tag}".encode() in environ and f"RANK={rank}".encode() in environ:
-            if b"torch.distributed.run" in parent_cmdline:  # not a helper process the rank forked
-                return int(proc.name)
+        if f"MTRAIN_TEST_TAG={tag}".encode() not in environ:
+            continue
+        if rank is not None and f"RANK={rank}".encode() not in environ:
+            continue
+        if b"torch.distributed.run" in parent_cmdline:  # not a helper process the rank forked
+            return int(proc.name)
     return None
 
 
@@ -278,7 +271,7 @@ def test_kill_one_rank_restarts_and_resumes_to_the_same_loss(tmp_path, shards_pa
 
     def launch(run_dir: Path, restarts: str) -> subprocess.Popen:
         env = script_env(MAX_RESTARTS=restarts, MASTER_PORT=str(free_port()), MTRAIN_TEST_TAG=str(run_dir))
-        cmd = [*launcher("torchrun.sh"), CONFIG, *overrides(run_dir, shards_pattern, steps)]
+        cmd = [*launcher("torchrun.sh"), CONFIG, *launcher_overrides(run_dir, shards_pattern, steps)]
         cmd.append(f"checkpoint.save_every={save_every}")
         return start(cmd, tmp_path, env, tmp_path / f"{run_dir.name}.log")
 
@@ -313,34 +306,20 @@ def test_kill_one_rank_restarts_and_resumes_to_the_same_loss(tmp_path, shards_pa
 
 
 # ── fault: two torchrun agents (two "nodes"), kill -9 the second agent's worker ────────────────
-def agent_worker_pid(tag: str) -> int | None:
-    """The training process started by the torchrun agent whose environment carries `tag`."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            environ = (proc / "environ").read_bytes().split(b"\0")
-            parent = (proc / "stat").read_text().rsplit(")", 1)[1].split()[1]
-            parent_cmdline = Path(f"/proc/{parent}/cmdline").read_bytes()
-        except (OSError, IndexError):
-            continue
-        if f"MTRAIN_TEST_TAG={tag}".encode() in environ and b"torch.distributed.run" in parent_cmdline:
-            return int(proc.name)
-    return None
 
 
 def test_multinode_kill_restarts_every_agent_and_resumes_from_latest(tmp_path, shards_pattern):
     steps, save_every = 12, 4
     reference_dir = tmp_path / "reference"
     env = script_env(MAX_RESTARTS="0", MASTER_PORT=str(free_port()))
-    cmd = [*launcher("torchrun.sh"), CONFIG, *overrides(reference_dir, shards_pattern, steps)]
+    cmd = [*launcher("torchrun.sh"), CONFIG, *launcher_overrides(reference_dir, shards_pattern, steps)]
     reference = start([*cmd, f"checkpoint.save_every={save_every}"], tmp_path, env, tmp_path / "reference.log")
     assert finish(reference, 360) == 0, reference.log.read_text()[-5000:]
     expected = read_metrics(reference_dir)[-1]
 
     run_dir = tmp_path / "run"
     endpoint = f"127.0.0.1:{free_port()}"
-    cmd = [*launcher("torchrun-multinode.sh"), CONFIG, *overrides(run_dir, shards_pattern, steps)]
+    cmd = [*launcher("torchrun-multinode.sh"), CONFIG, *launcher_overrides(run_dir, shards_pattern, steps)]
     cmd.append(f"checkpoint.save_every={save_every}")
     agents = []
     for i in range(2):
@@ -353,7 +332,7 @@ def test_multinode_kill_restarts_every_agent_and_resumes_from_latest(tmp_path, s
     killed = latest_at_kill = None
     while time.time() < deadline and all(a.poll() is None for a in agents):
         if (run_dir / "checkpoints" / "latest").exists():
-            killed = agent_worker_pid(f"{run_dir}-agent1")
+            killed = worker_pid(f"{run_dir}-agent1")
             if killed:
                 latest_at_kill = (run_dir / "checkpoints" / "latest").read_text().strip()
                 os.kill(killed, signal.SIGKILL)
