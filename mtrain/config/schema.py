@@ -22,6 +22,9 @@ class RunConfig(Checkable):
         "auto", "auto picks bf16 on GPU and fp32 on CPU; CPU ranks need fp32 or bf16."
     )
     device: Literal["auto", "cpu", "cuda"] = setting("auto", "auto picks cuda when a GPU is visible, else cpu.")
+    nonfinite: Literal["stop", "skip"] = setting(
+        "stop", "A non-finite loss or gradient norm (found on log steps and before saves): stop naming it, or skip."
+    )
 
     def check(self) -> list[tuple[str, str]]:
         if self.max_steps < 1:
