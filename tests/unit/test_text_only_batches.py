@@ -67,3 +67,13 @@ def test_a_text_only_step_is_device_true_and_makes_no_host_sync(objective):
     finally:
         torch.set_default_device(None)
     assert loss.device.type == "cpu" and torch.isfinite(loss)
+
+
+def test_the_language_model_task_splices_images_as_the_model_itself_does():
+    cfg, built, task = build(OBJECTIVES["lm_packed"])
+    batch = packed_batch(built)
+    with torch.no_grad():
+        loss, _ = task(batch)
+        inputs = {k: batch[k] for k in ("input_ids", "labels", "pixel_values", "position_ids")}
+        reference = task.model(**inputs, use_cache=False).loss  # Hugging Face's own merge of the images
+    torch.testing.assert_close(loss, reference, rtol=0, atol=0)
