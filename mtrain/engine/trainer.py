@@ -152,7 +152,9 @@ class Trainer:
             return
         if self.cfg.run.nonfinite == "skip":
             self.nonfinite_skipped += len(bad)
-            print(f"mtrain: skipped {len(bad)} step(s) with a non-finite loss or gradient norm: {[u.step for u in bad]}")
+            print(
+                f"mtrain: skipped {len(bad)} step(s) with a non-finite loss or gradient norm: {[u.step for u in bad]}"
+            )
             return
         first = bad[0]
         raise NonFiniteError(
