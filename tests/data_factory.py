@@ -234,6 +234,29 @@ def write_mixed_shards(out: Path, docs_per_shard: list[int], seed: int = 0, max_
     return str(out / f"mix-{{000000..{len(docs_per_shard) - 1:06d}}}.tar")
 
 
+def write_mixed_modality_shard(path: Path, count: int = 32, text_only_every: int = 4) -> dict[str, bool]:
+    """Conversations and documents, every `text_only_every`-th one without an image; key -> has an image."""
+    rng = random.Random(0)
+    has_image = {}
+    with wds.TarWriter(str(path)) as writer:
+        for i in range(count):
+            key, with_image = f"t{i:03d}", i % text_only_every != 0
+            if i % 2:
+                turns = [
+                    {"from": "human", "value": ("<image>\n" if with_image else "") + "what is shown?"},
+                    {"from": "gpt", "value": "a red circle."},
+                ]
+                sample = {"__key__": key, "json": json.dumps({"conversations": turns})}
+            else:
+                texts, images = (["a doc.", None], [None, "0.jpg"]) if with_image else (["only words."], [None])
+                sample = {"__key__": key, "json": json.dumps({"texts": texts, "images": images})}
+            if with_image:
+                sample["0.jpg" if i % 2 == 0 else "jpg"] = jpeg_bytes(rng, 24)
+            writer.write(sample)
+            has_image[key] = with_image
+    return has_image
+
+
 def rest_of_epoch(loader) -> list[str]:
     """Sample keys of every batch until the loader's epoch ends (the first batch of the next is dropped)."""
     keys = []

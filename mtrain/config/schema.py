@@ -25,6 +25,9 @@ class RunConfig(Checkable):
     remote_paths: list[str] = setting(
         [], "Keys whose paths exist only where the ranks run, e.g. [data.shards, model.path]: validate skips them."
     )
+    nonfinite: Literal["stop", "skip"] = setting(
+        "stop", "A non-finite loss or gradient norm (found on log steps and before saves): stop naming it, or skip."
+    )
 
     def check(self) -> list[tuple[str, str]]:
         if self.max_steps < 1:

@@ -97,6 +97,7 @@ class Run:
     resumed_step: int
 
     def save(self) -> None:
+        self.trainer.check_finite()  # no checkpoint holds the weights of a non-finite step
         self.checkpointer.save(self.engine, self.trainer, self.batches, dump_yaml(self.cfg))
 
     def due_for_save(self, step: int) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -28,13 +29,34 @@ class Accumulated:
     totals: dict[str, torch.Tensor] = field(default_factory=dict)
     samples: int = 0
     data_wait_s: float = 0.0
+    keys: list[str] = field(default_factory=list)  # the samples' keys, to name them if the step goes non-finite
 
-    def add(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor], samples: int) -> None:
+    def add(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor], samples: int, keys: list[str]) -> None:
         self.losses.append(loss)
         self.samples += samples
+        self.keys += keys
         for name, value in metrics.items():
             value = torch.as_tensor(value).detach()
             self.totals[name] = self.totals[name] + value if name in self.totals else value
+
+
+class NonFiniteError(RuntimeError):
+    """A step's loss or gradient norm was NaN or infinite."""
+
+
+def nan_loss_injected(step: int) -> bool:
+    """`MTRAIN_FAULT_INJECT=nan_loss@STEP` makes that step's loss NaN (tests of the non-finite check only)."""
+    name, _, at_step = os.environ.get("MTRAIN_FAULT_INJECT", "").partition("@")
+    return name == "nan_loss" and at_step.isdigit() and int(at_step) == step
+
+
+@dataclass
+class Unchecked:
+    """A step not yet checked for a non-finite loss or gradient norm: its flag stays on the device until read."""
+
+    step: int
+    nonfinite: torch.Tensor
+    keys: list[str]
 
 
 class Trainer:
@@ -59,6 +81,9 @@ class Trainer:
         self.samples_seen = 0
         # This rank's tokens and samples since the last reduce over ranks (steps that log nothing).
         self.unreduced = self.zero_counts()
+        # Steps whose non-finite flag is not read yet: read together on log steps and before saves.
+        self.unchecked: list[Unchecked] = []
+        self.nonfinite_skipped = 0
         # Model FLOPs per counted token, for the logged TFLOPs and MFU (see mtrain/metrics/flops.py).
         self.flops_per_token = trainer_flops_per_token(cfg, engine.module)
 
@@ -95,9 +120,46 @@ class Trainer:
         accumulated = self.accumulate()
         self.step += 1
         self.count_unreduced(accumulated)
+        self.unchecked.append(Unchecked(self.step, self.nonfinite_flag(accumulated), accumulated.keys))
         if not log:
             return None
+        self.check_finite()
         return self.step_metrics(accumulated, lr, time.perf_counter() - started)
+
+    def nonfinite_flag(self, accumulated: Accumulated) -> torch.Tensor:
+        """1 when a micro-batch loss or the step's gradient norm is NaN or infinite; computed on the device, not read."""
+        losses = torch.stack(accumulated.losses).float()
+        flag = (~torch.isfinite(losses)).any()
+        grad_norm = self.engine.get_global_grad_norm()  # a device tensor (or DeepSpeed's float inf on overflow)
+        if grad_norm is not None:
+            flag = flag | ~torch.isfinite(torch.as_tensor(grad_norm).to(losses.device, torch.float32))
+        return flag.to(torch.float64)
+
+    def check_finite(self) -> None:
+        """Read the flags of the steps since the last check (one read, one collective); every rank calls it.
+
+        `run.nonfinite=stop` raises, naming the first bad step and this rank's samples of it.
+        `skip` counts it: under ZeRO-3 DeepSpeed has not applied a step whose gradient norm was
+        non-finite, so the weights stay finite.
+        """
+        if not self.unchecked:
+            return
+        flags = self.all_reduce_sum(torch.stack([u.nonfinite for u in self.unchecked]).cpu())
+        bad = [u for u, flag in zip(self.unchecked, flags.tolist(), strict=True) if flag > 0]
+        self.unchecked = []
+        if not bad:
+            return
+        if self.cfg.run.nonfinite == "skip":
+            self.nonfinite_skipped += len(bad)
+            print(
+                f"mtrain: skipped {len(bad)} step(s) with a non-finite loss or gradient norm: {[u.step for u in bad]}"
+            )
+            return
+        first = bad[0]
+        raise NonFiniteError(
+            f"non-finite loss or gradient norm at step {first.step} (rank {self.world.rank}'s samples: "
+            f"{', '.join(first.keys[:16])}); lower optim.lr, check those samples, or set run.nonfinite=skip"
+        )
 
     def accumulate(self) -> Accumulated:
         """Every micro-batch of the step: fetch, move, forward and backward; losses and metrics summed on the device."""
@@ -109,9 +171,8 @@ class Trainer:
             accumulated.data_wait_s += time.perf_counter() - fetch_started
             batch = self.to_device(raw_batch)
             loss, metrics = self.forward_backward(batch)
-            accumulated.add(
-                loss, metrics, samples=len(batch["keys"]) if "keys" in batch else batch["input_ids"].shape[0]
-            )
+            keys = list(batch.get("keys", []))
+            accumulated.add(loss, metrics, samples=len(keys) or batch["input_ids"].shape[0], keys=keys)
         return accumulated
 
     def count_unreduced(self, accumulated: Accumulated) -> None:
@@ -138,6 +199,7 @@ class Trainer:
             "tokens_per_s": tokens / elapsed,
             "samples_per_s": samples / elapsed,
             "step_time_s": elapsed,
+            "nonfinite_steps_skipped": float(self.nonfinite_skipped),
             # Mean over ranks of the time spent inside next(batches), as a share of the step.
             "data_wait_frac": float(totals["data_wait_s"]) / self.world.world_size / elapsed,
             **self.resource_metrics(tokens, elapsed),
@@ -147,7 +209,10 @@ class Trainer:
     def forward_backward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The task's forward and backward through the engine (GradCache runs several), then the engine's
         (accumulating) step."""
-        loss, metrics = self.task.forward_backward(batch, forward=self.engine, backward=self.engine.backward)
+        forward = self.engine
+        if nan_loss_injected(self.step + 1):
+            forward = lambda b: (lambda loss, metrics: (loss * float("nan"), metrics))(*self.engine(b))  # noqa: E731
+        loss, metrics = self.task.forward_backward(batch, forward=forward, backward=self.engine.backward)
         self.engine.step()
         # Kept on the device: a float() here would wait for the step on a GPU every micro-batch.
         return loss.detach(), metrics

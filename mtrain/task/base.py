@@ -5,6 +5,8 @@ none of the optional behaviour inherits the defaults here.
 
     forward(batch)                 -> (loss, metrics): metrics are device tensors, summed over
                                       micro-batches and ranks by the trainer
+    image_features(pixels)         the vision path's visual tokens: (images, tokens, dim)
+    vision_stand_in(device)        a text-only micro-batch's zero-weighted vision pass (ZeRO-3 lockstep)
     begin_step(step, micro_batch)  the per-micro-batch hook: draws that depend on (seed, step, micro-batch)
     forward_backward(batch, f, b)  one micro-batch's forward and backward; GradCache overrides it
     summarize(totals)              loggable floats from the metrics summed over ranks
@@ -40,6 +42,27 @@ class Task(nn.Module):
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, Metrics]:
         raise NotImplementedError
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected visual tokens of every image at full size: (images, tokens, dim)."""
+        output = self.llava.model.get_image_features(pixel_values=pixel_values, return_dict=True)
+        return torch.stack(list(output.pooler_output))
+
+    def stand_in_pixels(self, device: torch.device) -> torch.Tensor:
+        """One blank image of the vision tower's size, on `device` in the input dtype."""
+        vision = self.llava.config.vision_config
+        shape = (1, vision.num_channels, vision.image_size, vision.image_size)
+        return torch.zeros(shape, dtype=self.input_dtype, device=device)
+
+    def vision_stand_in(self, device: torch.device) -> torch.Tensor:
+        """Zero, computed through the whole vision path on a blank image: add it to a text-only batch's embeddings.
+
+        Under ZeRO-3 every rank must gather (forward) and reduce (backward) the same parameters in
+        the same order every step; a rank that skipped the vision path while another ran it would
+        hang both. Multiplying by zero keeps the loss and every gradient exactly the text's own.
+        """
+        features = self.image_features(self.stand_in_pixels(device))
+        return features.sum() * 0
 
     def begin_step(self, step: int, micro_batch: int = 0) -> None:
         """Called before each micro-batch of an optimizer step, on every rank: the references draw

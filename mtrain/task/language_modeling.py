@@ -15,12 +15,17 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "positi
 class LanguageModelingTask(Task):
     """Wraps the MLLM; `forward(batch)` returns the mean token loss and counted metrics."""
 
+    def __init__(self, model: torch.nn.Module, image_token_id: int) -> None:
+        super().__init__(model)
+        self.image_token_id = image_token_id
+
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         inputs = {name: batch[name] for name in MODEL_INPUTS if name in batch}
         if "position_ids" in inputs:
             # Packed rows: with no 2D mask, transformers derives a block-diagonal causal mask from
             # the position ids (they restart per document), so attention never crosses documents.
             inputs.pop("attention_mask", None)
+        inputs["inputs_embeds"] = self.embed(inputs.pop("input_ids"), inputs.pop("pixel_values", None))
         # No KV cache in training; with one, transformers skips the packed-sequence mask (5.x).
         output = self.model(**inputs, use_cache=False)
         metrics = {
@@ -28,3 +33,17 @@ class LanguageModelingTask(Task):
             "label_tokens": (batch["labels"] != IGNORE_INDEX).sum().detach(),
         }
         return output.loss, metrics
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with every image's visual tokens spliced in, as the model's own forward does.
+
+        Done here, before the model is called, so the modules run in one order whatever the batch
+        holds (embeddings, vision tower, projector, language model): under ZeRO-3 every rank must
+        gather the same modules in the same order. A batch without images runs the vision path on a
+        stand-in image whose output enters times zero.
+        """
+        embeddings = self.llava.get_input_embeddings()(input_ids)
+        if pixel_values is None or pixel_values.numel() == 0:  # a shape: known on the host
+            return embeddings + self.vision_stand_in(embeddings.device).to(embeddings.dtype)
+        features = self.image_features(pixel_values).flatten(0, 1).to(embeddings.dtype)
+        return embeddings.masked_scatter((input_ids == self.image_token_id).unsqueeze(-1), features)

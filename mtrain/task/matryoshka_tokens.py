@@ -97,11 +97,6 @@ class MatryoshkaTokenTask(Task):
         return self.sampler.row_scales(self.step, rows, self.micro_batch)
 
     # ── the pieces ────────────────────────────────────────────────────────────────────────────
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Projected visual tokens of every image at full size: (images, full, dim). Runs once per step."""
-        output = self.llava.model.get_image_features(pixel_values=pixel_values, return_dict=True)
-        return torch.stack(list(output.pooler_output))
-
     def at_scale(self, features: torch.Tensor, scale: int) -> torch.Tensor:
         if self.tokens.mode == "mqt":
             return features[:, :scale]  # queries are independent: the first m of M equal an m-query pass
@@ -130,12 +125,16 @@ class MatryoshkaTokenTask(Task):
         packed = self.tokens.layout == "packed"
         variants = place_variants(variant_scales, tokens, images, self.visual_tokens, packed)
         layout = lay_out(batch, variants, packed, self.image_token_id, self.visual_tokens, self.pad_token_id)
-        features = self.image_features(batch["pixel_values"])
-        scaled = {s: self.at_scale(features, s) for s in sorted(set(variant_scales))}
-        visual = visual_in_layout(scaled, variants, images)
         embeddings = self.llava.get_input_embeddings()(layout.input_ids)
-        image_positions = (layout.input_ids == self.image_token_id).unsqueeze(-1)
-        embeddings = embeddings.masked_scatter(image_positions, visual.to(embeddings.dtype))
+        if sum(images):
+            # The vision tower and projector run once per step, at full size, whatever scales were drawn.
+            features = self.image_features(batch["pixel_values"])
+            scaled = {s: self.at_scale(features, s) for s in sorted(set(variant_scales))}
+            visual = visual_in_layout(scaled, variants, images)
+            image_positions = (layout.input_ids == self.image_token_id).unsqueeze(-1)
+            embeddings = embeddings.masked_scatter(image_positions, visual.to(embeddings.dtype))
+        else:
+            embeddings = embeddings + self.vision_stand_in(embeddings.device).to(embeddings.dtype)
         if self.routing is not None:
             self.routing.set_rows(layout.token_scales)
         try:

@@ -27,7 +27,8 @@ def mtrain_model(checkpoint: Path) -> torch.nn.Module:
     from mtrain.task.language_modeling import LanguageModelingTask
 
     cfg = load_config(checkpoint / "config.yaml")
-    task = LanguageModelingTask(build_model(cfg.model, torch.float32, None, cfg.run.seed).model)
+    built = build_model(cfg.model, torch.float32, None, cfg.run.seed)
+    task = LanguageModelingTask(built.model, built.image_token_id)
     task.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name))
     return task.model.eval()
 

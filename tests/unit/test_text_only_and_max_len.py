@@ -3,38 +3,11 @@ to nothing stops the loader at the first batch, naming the max_len the data need
 
 from __future__ import annotations
 
-import json
-import random
-
 import pytest
-import webdataset as wds
 
 from data_pipeline.formats import SampleRules
 from data_pipeline.loader import DataQualityError
-from tests.data_factory import jpeg_bytes, make_loader
-
-
-def write_mixed_modality_shard(path, count: int = 32) -> dict[str, bool]:
-    """Conversations and documents, every 4th one without an image; key -> has an image."""
-    rng = random.Random(0)
-    has_image = {}
-    with wds.TarWriter(str(path)) as writer:
-        for i in range(count):
-            key, with_image = f"t{i:03d}", i % 4 != 0
-            if i % 2:
-                turns = [
-                    {"from": "human", "value": ("<image>\n" if with_image else "") + "what is shown?"},
-                    {"from": "gpt", "value": "a red circle."},
-                ]
-                sample = {"__key__": key, "json": json.dumps({"conversations": turns})}
-            else:
-                texts, images = (["a doc.", None], [None, "0.jpg"]) if with_image else (["only words."], [None])
-                sample = {"__key__": key, "json": json.dumps({"texts": texts, "images": images})}
-            if with_image:
-                sample["0.jpg" if i % 2 == 0 else "jpg"] = jpeg_bytes(rng, 24)
-            writer.write(sample)
-            has_image[key] = with_image
-    return has_image
+from tests.data_factory import make_loader, write_mixed_modality_shard
 
 
 def epoch_keys(loader) -> list[str]:
