@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +40,6 @@ from mtrain.launch.env import WorldInfo
 from mtrain.task.base import Task
 
 
-def on_rank0(world: WorldInfo, work: Callable[[], Any]) -> Any:
-    """Run `work` on rank 0 and hand its result (or its error) to every rank; the others wait
-    outside any collective, so a long universal conversion or init_from export cannot time out."""
-    return run_on_main(work, "checkpoint")
-
-
 class Checkpointer:
     def __init__(self, cfg: TrainConfig, run_dir: Path, world: WorldInfo) -> None:
         self.cfg = cfg
@@ -65,7 +58,7 @@ class Checkpointer:
         the universal checkpoint.
         """
         cfg = self.cfg
-        folder = on_rank0(self.world, self._find_on_rank0)
+        folder = run_on_main(self._find_on_rank0, "checkpoint")
         if folder is None:
             return ds_config
         checkpoint = find_resume_checkpoint(folder, self.root, remove_partials=False)
@@ -76,7 +69,7 @@ class Checkpointer:
                 f"checkpoint: {checkpoint.folder.name} was saved by {checkpoint.world_size} rank(s), this run has "
                 f"{self.world.world_size}: converting to DeepSpeed's universal format"
             )
-            on_rank0(self.world, lambda: str(convert_to_universal(checkpoint.folder)))
+            run_on_main(lambda: str(convert_to_universal(checkpoint.folder)), "checkpoint")
             ds_config = ds_config | {"checkpoint": {"load_universal": True}}
             self.universal = True
         self.resume_from = checkpoint
@@ -99,7 +92,7 @@ class Checkpointer:
         source = self.cfg.checkpoint.init_from
         if not source:
             return self.cfg.model
-        on_rank0(self.world, lambda: str(init_from_model_folder(source, self.run_dir, create=True)))
+        run_on_main(lambda: str(init_from_model_folder(source, self.run_dir, create=True)), "checkpoint")
         folder = init_from_model_folder(source, self.run_dir, create=False)
         print0(f"init_from: weights from {folder} (fresh optimizer, schedule and data)")
         return dataclasses.replace(self.cfg.model, preset="none", path=str(folder))

@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mtrain.launch.preflight import is_partitioned
+
 EMBEDDING_FILE = "embedding.json"
 HEAD_WEIGHTS_FILE = "embedding_head.safetensors"
 CLASSIFIER_FILE = "classifier.safetensors"
@@ -44,7 +46,7 @@ def save_embedding_head(task: Any, export_dir: str | Path, write: bool = True) -
     for file, module in ((HEAD_WEIGHTS_FILE, task.head), (CLASSIFIER_FILE, task.classifier)):
         if module is None:
             continue
-        partitioned = [p for p in module.parameters() if hasattr(p, "ds_id")]
+        partitioned = [p for p in module.parameters() if is_partitioned(p)]
         with deepspeed.zero.GatheredParameters(partitioned, enabled=bool(partitioned)):
             states[file] = {name: value.detach().clone().contiguous() for name, value in module.state_dict().items()}
     if write:
