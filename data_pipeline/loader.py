@@ -3,13 +3,13 @@
      1 shard list        brace patterns, globs, URLs; several sources, each with a mixture weight;
                          samples per shard from index.json (checked) or one scan per rank
      2 shuffle           shards by (seed, source, epoch); samples of every 8 shards together
-     3 split             by rank: position r, r+W, r+2W ... of the epoch order (plan.py);
+     3 split             by rank: position r, r+W, r+2W ... of the epoch order (epoch_order.py);
                          then by worker: worker w of N builds batches w, w+N, w+2N ...
      4 tar read          header scan once per shard, members read by seek (shards.py); remote
                          and gzipped shards through a local copy, retried, shared per machine
      5 safe decode       PIL for images, json, UTF-8 text; never pickle, whatever the extension
      6 build sample      interleaved document / caption pair / conversation (formats.py); or a
-                         (query, positive, negative) pair (pairs.py): the form's `plan`
+                         (query, positive, negative) pair (pairs.py): the form's `tokenize`
      7 tokenize          every <image> -> that image's number of visual tokens (tokenize.py);
                          `visual_tokens` is an int, or a function sample -> count per image
      8 mask labels       image tokens, BOS, prompts, user turns, padding
@@ -61,7 +61,7 @@ from data_pipeline.formats import (
 )
 from data_pipeline.images import ImagePreprocessor
 from data_pipeline.packing import Row, collate_rows, take_row
-from data_pipeline.plan import (
+from data_pipeline.epoch_order import (
     SourceOrder,
     cursor_exhausted,
     draw_position,
@@ -88,13 +88,13 @@ class DataQualityError(RuntimeError):
 class SampleForm(Protocol):
     """Stages 6-8 and 11 of one kind of batch; every other stage is the loader's.
 
-    `plan` gets a tar group's text members (image members present as b"") and returns a document
+    `tokenize` gets a tar group's text members (image members present as b"") and returns a document
     with `key`, `images` (ImageSegments, decoded later by the worker that owns the batch),
     `pixel_values`, `ref`, `location` and a length; it raises SampleFault for a bad sample."""
 
     packable: bool  # whether documents may share a row (data.packing)
 
-    def plan(self, key: str, members: dict[str, bytes]) -> Any: ...
+    def tokenize(self, key: str, members: dict[str, bytes]) -> Any: ...
 
     def collate(self, rows: list[list[Any]], stack: Callable[[list], torch.Tensor]) -> dict[str, Any]: ...
 
@@ -107,7 +107,7 @@ class DocumentForm:
     def __init__(self, rules: SampleRules, spec: TokenSpec, visual_tokens: VisualTokens, packing: bool) -> None:
         self.rules, self.spec, self.visual_tokens, self.packing = rules, spec, visual_tokens, packing
 
-    def plan(self, key: str, members: dict[str, bytes]) -> TokenizedSample:
+    def tokenize(self, key: str, members: dict[str, bytes]) -> TokenizedSample:
         sample = build_sample(key, members, self.rules)
         counts = self.visual_tokens if isinstance(self.visual_tokens, int) else self.visual_tokens(sample)
         tokens = tokenize_sample(sample, self.spec, counts)
@@ -215,7 +215,7 @@ class Planner:
             text_members = [ext for ext in group.members if not is_image_member(ext)]
             members = self.reader.read(url, group, text_members)
             members.update({ext: b"" for ext in group.members if is_image_member(ext)})  # presence only
-            tokens = self.form.plan(group.key, members)
+            tokens = self.form.tokenize(group.key, members)
         except SampleFault as fault:
             fault.location = (url, group.key if group_index < len(scan.groups) else f"<missing:{group_index}>")
             raise

@@ -19,7 +19,7 @@ A side with an image and no `<image>` in its text has the image first. Each side
 
 Pairs take the staged loader's road (data_pipeline/loader.py): shard lists and mixture, shuffle,
 rank split, bad-data skipping, exact resume at any world size. Only two stages are theirs:
-`PairForm.plan` builds and tokenises the sides of one tar group (stage 6-8), and
+`PairForm.tokenize` builds and tokenises the sides of one tar group (stage 6-8), and
 `PairForm.collate` makes the batch (stage 11), with flat keys `query_*`, `positive_*` and
 `negative_*`. A sample without a negative adds no negative row; `negative_rows` says which do.
 """
@@ -195,7 +195,7 @@ class PairForm:
     def __init__(self, spec: PairSpec) -> None:
         self.spec = spec
 
-    def plan(self, key: str, members: dict[str, bytes]) -> PairDoc:
+    def tokenize(self, key: str, members: dict[str, bytes]) -> PairDoc:
         """The sides of one tar group (text members read, images present as b""); raises SampleFault."""
         instruction = (
             decode_text(members["instruction.txt"], key, "instruction.txt").strip()

@@ -10,8 +10,8 @@ One step:
          + kl_weight · Σ_students KL(teacher ‖ student)      (2DMSE: of embeddings; Starbucks: of scores)
 
 The formulas live in `embedding_losses` and docs/objectives.md. Which (layer, dim) terms a
-micro-batch has is a `StepPlan`, drawn from (seed, step, micro-batch) alone, so every rank
-holds the same plan and runs the same modules (ZeRO-3 gathers in the same order everywhere).
+micro-batch has is a `TermSet`, drawn from (seed, step, micro-batch) alone, so every rank
+holds the same terms and runs the same modules (ZeRO-3 gathers in the same order everywhere).
 
 Every rank computes the loss of the whole global batch, but its backward reaches only its own
 slice; the sum of the ranks' gradients is then the global-batch gradient. DeepSpeed averages
@@ -59,7 +59,7 @@ class Term:
 
 
 @dataclass(frozen=True)
-class StepPlan:
+class TermSet:
     """One micro-batch's InfoNCE terms, and the (layer, dim) students its KL aligns to `kl_teacher`."""
 
     terms: tuple[Term, ...]
@@ -76,22 +76,22 @@ class StepPlan:
         return sorted(used)
 
 
-def plan_step(
+def draw_term_set(
     dims: EmbeddingDimsConfig, depth: int, width: int, seed: int, step: int, micro_batch: int = 0
-) -> StepPlan:
+) -> TermSet:
     """The (layer, dim) terms of one micro-batch: a pure function of (config, seed, step, micro-batch),
     the same on every rank. docs/objectives.md gives each policy's formula and reference."""
     sizes = check_dims(dims.dims, width)
     weights = dims.weights or [1.0] * len(sizes)
     full = sizes[-1]
     if dims.policy == "mrl":
-        return StepPlan(tuple(Term(depth, d, w) for d, w in zip(sizes, weights, strict=True)))
+        return TermSet(tuple(Term(depth, d, w) for d, w in zip(sizes, weights, strict=True)))
     if dims.policy == "starbucks":
         # The pairs grow in layer and dim, so the last is the largest: it is the KL teacher
         # (SrlDenseModel.forward: the last listed layer at full width) and has its own loss.
         pairs = list(zip(dims.layers, sizes, strict=True))
         terms = tuple(Term(layer, d, w) for (layer, d), w in zip(pairs, weights, strict=True))
-        return StepPlan(terms, tuple(pairs[:-1]), pairs[-1])
+        return TermSet(terms, tuple(pairs[:-1]), pairs[-1])
     draw = draw_random(seed, step, micro_batch, "2dmse")  # never keyed by rank
     layer = draw.choice(dims.layers or list(range(1, depth)))
     shallow = 1.0 / layer  # both references weight layer l's terms by 1/l (l = 1-based layer number)
@@ -111,25 +111,25 @@ def plan_step(
         shallow_dims = some_dims()
         terms += tuple(Term(layer, sizes[i], weights[i] * shallow) for i in shallow_dims)
         dim = sizes[shallow_dims[0]]
-    return StepPlan(terms, ((layer, full),), (depth, full), (layer, dim))
+    return TermSet(terms, ((layer, full),), (depth, full), (layer, dim))
 
 
-def plan_loss(
+def term_set_loss(
     queries: torch.Tensor,
     positives: torch.Tensor,
-    plan: StepPlan,
+    term_set: TermSet,
     dims: EmbeddingDimsConfig,
     temperature: float,
     negatives: torch.Tensor | None = None,
     negative_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
-    """(loss, each term's InfoNCE, the KL) of (layers, rows, width) embeddings whose layers are `plan.layers`.
+    """(loss, each term's InfoNCE, the KL) of (layers, rows, width) embeddings whose layers are `term_set.layers`.
 
     loss = Σ_terms weight · InfoNCE + kl_weight · KL; every piece is a tensor on the embeddings' device.
     `negatives` (layers, rows, width) are hard negatives, extra InfoNCE candidates of every query
     where `negative_mask` is true; the KL terms look at queries and positives only.
     """
-    index = {layer: i for i, layer in enumerate(plan.layers)}
+    index = {layer: i for i, layer in enumerate(term_set.layers)}
     scoring = dims.resolved_scoring
 
     def term_loss(t: Term) -> torch.Tensor:
@@ -138,36 +138,36 @@ def plan_loss(
         negative_scores = None if negatives is None else prefix_scores(queries[at], negatives[at], t.dim, scoring)
         return info_nce(scores, temperature, negative_scores, negative_mask)
 
-    term_losses = [term_loss(t) for t in plan.terms]
-    loss = torch.stack([t.weight * term for t, term in zip(plan.terms, term_losses, strict=True)]).sum()
-    kl_total = kl_loss(queries, positives, plan, index, dims, temperature)
+    term_losses = [term_loss(t) for t in term_set.terms]
+    loss = torch.stack([t.weight * term for t, term in zip(term_set.terms, term_losses, strict=True)]).sum()
+    kl_total = kl_loss(queries, positives, term_set, index, dims, temperature)
     return loss + dims.kl_weight * kl_total, term_losses, kl_total
 
 
 def kl_loss(
     queries: torch.Tensor,
     positives: torch.Tensor,
-    plan: StepPlan,
+    term_set: TermSet,
     index: dict[int, int],
     dims: EmbeddingDimsConfig,
     temperature: float,
 ) -> torch.Tensor:
-    """The plan's KL alignment of every student (layer, dim) to the teacher (layer, dim)."""
+    """The term_set's KL alignment of every student (layer, dim) to the teacher (layer, dim)."""
     kl_total = queries.new_zeros((), dtype=torch.float32)
-    if plan.kl_teacher is None:
+    if term_set.kl_teacher is None:
         return kl_total
-    teacher_layer, teacher_dim = plan.kl_teacher
+    teacher_layer, teacher_dim = term_set.kl_teacher
     if dims.policy == "2dmse":
         # Over every row's embedding (queries and positives alike), the teacher trained as well.
         rows = torch.cat([queries, positives], dim=-2)
         teacher = rows[index[teacher_layer], :, :teacher_dim]
-        for layer, dim in plan.kl_students:
+        for layer, dim in term_set.kl_students:
             kl_total = kl_total + embedding_kl(teacher, rows[index[layer], :, :dim], dims.resolved_kl_temperature)
         return kl_total
     # Starbucks: each query's score distribution over the positives, at the contrastive temperature.
     at = index[teacher_layer]
     teacher_scores = prefix_scores(queries[at], positives[at], teacher_dim, dims.resolved_scoring)
-    for layer, dim in plan.kl_students:
+    for layer, dim in term_set.kl_students:
         at = index[layer]
         student_scores = prefix_scores(queries[at], positives[at], dim, dims.resolved_scoring)
         kl_total = kl_total + score_kl(teacher_scores, student_scores, temperature)
@@ -236,8 +236,8 @@ class ContrastiveTask(Task):
             return list(range(1, self.depth + 1))
         return sorted({*layers, self.depth}) if policy != "mrl" else [self.depth]
 
-    def plan(self) -> StepPlan:
-        return plan_step(self.dims_config, self.depth, self.head.out_width, self.seed, self.step, self.micro_batch)
+    def term_set(self) -> TermSet:
+        return draw_term_set(self.dims_config, self.depth, self.head.out_width, self.seed, self.step, self.micro_batch)
 
     # ── embedding ─────────────────────────────────────────────────────────────────────────────
     def encode(
@@ -287,7 +287,7 @@ class ContrastiveTask(Task):
         self,
         queries: torch.Tensor,
         positives: torch.Tensor,
-        plan: StepPlan,
+        term_set: TermSet,
         negatives: torch.Tensor | None = None,
         negative_rows: list[bool] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -298,18 +298,18 @@ class ContrastiveTask(Task):
         negative_mask = None
         if negatives is not None:
             negatives, negative_mask = gathered_negatives(negatives, negative_rows or [])
-        loss, term_losses, kl_total = plan_loss(
-            queries, positives, plan, self.dims_config, self.contrastive.temperature, negatives, negative_mask
+        loss, term_losses, kl_total = term_set_loss(
+            queries, positives, term_set, self.dims_config, self.contrastive.temperature, negatives, negative_mask
         )
         device = queries.device
         # Per-term losses stay on the device; the counts are known on the host.
         term_grid = torch.zeros(self.depth, len(self.dims), dtype=torch.float64, device=device)
         counts = [[0.0] * len(self.dims) for _ in range(self.depth)]
-        for term, term_loss in zip(plan.terms, term_losses, strict=True):
+        for term, term_loss in zip(term_set.terms, term_losses, strict=True):
             cell = (term.layer - 1, self.dims.index(term.dim))
             term_grid[cell] += term_loss.detach().double()
             counts[cell[0]][cell[1]] += 1
-        drawn = Term(*plan.drawn, 0.0)  # (0, 0) outside 2dmse
+        drawn = Term(*term_set.drawn, 0.0)  # (0, 0) outside 2dmse
         metrics = {
             "contrastive_loss": loss.detach().double(),
             "kl_loss": kl_total.detach().double(),
@@ -329,11 +329,11 @@ class ContrastiveTask(Task):
         """The step's loss and metrics; with `embed_layers`, only the (queries, positives) embeddings."""
         if embed_layers is not None:
             return tuple(self.encode_sides(batch, embed_layers, sides_of(batch)))
-        plan = self.plan()
+        term_set = self.term_set()
         sides = sides_of(batch)
-        embedded = self.encode_sides(batch, plan.layers, sides)
+        embedded = self.encode_sides(batch, term_set.layers, sides)
         queries = embedded[0]
-        loss, metrics = self.objective(*embedded[:2], plan, *negative_args(batch, embedded))
+        loss, metrics = self.objective(*embedded[:2], term_set, *negative_args(batch, embedded))
         if self.classifier is not None:
             classifier_loss = self.classifier_loss(queries[-1], batch)
             loss = loss + self.dims_config.classifier_weight * classifier_loss
@@ -371,21 +371,21 @@ class ContrastiveTask(Task):
         """
         if not self.chunk_size:
             return super().forward_backward(batch, forward, backward)
-        plan = self.plan()
+        term_set = self.term_set()
         chunks = chunk_bounds(batch["query_input_ids"].shape[0], self.chunk_size)
         rng_states, embedded = [], []
         with torch.no_grad():
             for start, end in chunks:
                 rng_states.append(random_state())  # replayed below, so dropout masks match
-                embedded.append(forward(slice_pairs(batch, start, end, self), embed_layers=plan.layers))
+                embedded.append(forward(slice_pairs(batch, start, end, self), embed_layers=term_set.layers))
         # Per side, every chunk's rows in order: the whole batch's embeddings, without a graph.
         whole = [torch.cat(parts, dim=1).requires_grad_() for parts in zip(*embedded, strict=True)]
-        loss, metrics = self.objective(*whole[:2], plan, *negative_args(batch, whole))
+        loss, metrics = self.objective(*whole[:2], term_set, *negative_args(batch, whole))
         grads = torch.autograd.grad(loss, whole)
         firsts = [0] * len(whole)  # where each side's rows of the next chunk start
         for (start, end), state in zip(chunks, rng_states, strict=True):
             with restored_random_state(state):
-                chunk = forward(slice_pairs(batch, start, end, self), embed_layers=plan.layers)
+                chunk = forward(slice_pairs(batch, start, end, self), embed_layers=term_set.layers)
             surrogate = sum(
                 (part * grad[:, first : first + part.shape[1]]).sum()
                 for part, grad, first in zip(chunk, grads, firsts, strict=True)

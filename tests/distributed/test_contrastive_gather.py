@@ -29,7 +29,7 @@ ROWS, STEP = 8, 3
 
 
 def loss_and_grads(task, batch: dict, chunk_size: int) -> tuple[float, dict[str, torch.Tensor], tuple]:
-    """Reported loss, gradients averaged over ranks, and the step's plan."""
+    """Reported loss, gradients averaged over ranks, and the step's term_set."""
     task.zero_grad()
     task.begin_step(STEP)
     if chunk_size:
@@ -45,7 +45,7 @@ def loss_and_grads(task, batch: dict, chunk_size: int) -> tuple[float, dict[str,
             if world > 1:
                 dist.all_reduce(param.grad)
             grads[name] = param.grad / world  # DeepSpeed averages gradients over ranks
-    return float(task.summarize(metrics)["loss"]), grads, task.plan()
+    return float(task.summarize(metrics)["loss"]), grads, task.term_set()
 
 
 def task_and_rows(policy: str, rows: slice):
@@ -80,8 +80,8 @@ def test_gathered_negatives_equal_one_process_with_the_global_batch(tmp_path):
         assert len(single_grads) > 10
         for chunk_size in (0, 2):
             for rank in ranks:
-                loss, grads, plan = rank[(policy, chunk_size)]
-                assert plan == single_plan  # every rank draws the same (layer, dim) pairs
+                loss, grads, term_set = rank[(policy, chunk_size)]
+                assert term_set == single_plan  # every rank draws the same (layer, dim) pairs
                 assert loss == pytest.approx(single_loss, rel=1e-5), (policy, chunk_size)
                 assert grads.keys() == single_grads.keys()
                 for name, grad in grads.items():

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from mtrain.config import ConfigError, load_config
 from mtrain.model.build import build_model
 from mtrain.model.embedding_head import MatryoshkaClassifier, check_dims, pool_last_token, pool_mean
-from mtrain.task.contrastive import plan_step
+from mtrain.task.contrastive import draw_term_set
 from mtrain.task.registry import build_task
 
 
@@ -158,28 +158,28 @@ def test_2dmse_draws_one_shallow_pair_per_micro_batch_identically_and_trains_the
     task, built, cfg = make_task(f"matryoshka.dims.dims={dims}", "matryoshka.dims.policy=2dmse")
     drawn = set()
     for step in range(24):
-        plan = plan_step(cfg.matryoshka.dims, 4, 64, seed=cfg.run.seed, step=step)
+        term_set = draw_term_set(cfg.matryoshka.dims, 4, 64, seed=cfg.run.seed, step=step)
         # The draw depends on (seed, step, micro-batch) only: recomputing it (as another rank does) gives the same.
-        assert plan == plan_step(cfg.matryoshka.dims, 4, 64, seed=cfg.run.seed, step=step)
-        layer, dim = plan.drawn
+        assert term_set == draw_term_set(cfg.matryoshka.dims, 4, 64, seed=cfg.run.seed, step=step)
+        layer, dim = term_set.drawn
         assert 1 <= layer <= 3 and dim in dims[:-1]
         # AnglE: the last layer at full width and at the drawn dim; layer l at both, weighted 1/l.
-        assert [(t.layer, t.dim, t.weight) for t in plan.terms] == [(4, dim, 1.0), (4, 64, 1.0)] + [
+        assert [(t.layer, t.dim, t.weight) for t in term_set.terms] == [(4, dim, 1.0), (4, 64, 1.0)] + [
             (layer, dim, 1 / layer),
             (layer, 64, 1 / layer),
         ]
-        assert plan.kl_students == ((layer, 64),) and plan.kl_teacher == (4, 64)
+        assert term_set.kl_students == ((layer, 64),) and term_set.kl_teacher == (4, 64)
         drawn.add((layer, dim))
     assert len(drawn) >= 6  # the draws move around the grid
-    assert {plan_step(cfg.matryoshka.dims, 4, 64, seed=cfg.run.seed + 1, step=s) for s in range(4)} != {
-        plan_step(cfg.matryoshka.dims, 4, 64, seed=cfg.run.seed, step=s) for s in range(4)
+    assert {draw_term_set(cfg.matryoshka.dims, 4, 64, seed=cfg.run.seed + 1, step=s) for s in range(4)} != {
+        draw_term_set(cfg.matryoshka.dims, 4, 64, seed=cfg.run.seed, step=s) for s in range(4)
     }
 
     batch = make_batch(built)
     task.begin_step(5)
-    plan = task.plan()
-    layer = min(t.layer for t in plan.terms)
-    dim = min(t.dim for t in plan.terms)
+    term_set = task.term_set()
+    layer = min(t.layer for t in term_set.terms)
+    dim = min(t.dim for t in term_set.terms)
     loss, metrics = task(batch)
     q, p = task.encode_pairs(batch, [layer, 4])
     rows_l, rows_4 = torch.cat([q[0], p[0]]), torch.cat([q[1], p[1]])
@@ -205,12 +205,12 @@ def test_starbucks_sums_every_listed_pair_every_step_plus_kl_to_the_largest_pair
     task, built, cfg = make_task(
         f"matryoshka.dims.dims={dims}", "matryoshka.dims.policy=starbucks", f"matryoshka.dims.layers={layers}"
     )
-    plans = {plan_step(cfg.matryoshka.dims, 4, 64, seed=cfg.run.seed, step=s) for s in range(10)}
-    assert len(plans) == 1  # a fixed list, no draws
-    (plan,) = plans
+    term_sets = {draw_term_set(cfg.matryoshka.dims, 4, 64, seed=cfg.run.seed, step=s) for s in range(10)}
+    assert len(term_sets) == 1  # a fixed list, no draws
+    (term_set,) = term_sets
     pairs = list(zip(layers, dims, strict=True))
-    assert [(t.layer, t.dim) for t in plan.terms] == pairs
-    assert plan.kl_students == tuple(pairs[:-1])
+    assert [(t.layer, t.dim) for t in term_set.terms] == pairs
+    assert term_set.kl_students == tuple(pairs[:-1])
 
     batch = make_batch(built)
     loss, metrics = task(batch)

@@ -1,7 +1,7 @@
 """2DMSE, Starbucks and MRL-E on fixed tensors against hand computations written from each reference.
 
 Each `*_reference` function below follows the cited code line by line, with mtrain's InfoNCE in
-place of the reference's pluggable base loss; `plan_loss` must give the same loss and gradients.
+place of the reference's pluggable base loss; `term_set_loss` must give the same loss and gradients.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from mtrain.config import ConfigError, load_config
 from mtrain.config.schema import EmbeddingDimsConfig
 from mtrain.model.embedding_head import MatryoshkaClassifier
-from mtrain.task.contrastive import StepPlan, Term, plan_loss, plan_step
+from mtrain.task.contrastive import TermSet, Term, term_set_loss, draw_term_set
 from mtrain.task.embedding_losses import mrl_e_loss
 
 DEPTH, WIDTH, ROWS, TAU = 4, 8, 5, 0.1
@@ -36,10 +36,10 @@ def base_loss(rows: torch.Tensor) -> torch.Tensor:
     return -(logits.diagonal() - logits.logsumexp(dim=1)).mean()
 
 
-def mtrain_loss(hidden: torch.Tensor, plan: StepPlan, dims: EmbeddingDimsConfig) -> torch.Tensor:
-    stack = hidden[plan.layers]
+def mtrain_loss(hidden: torch.Tensor, term_set: TermSet, dims: EmbeddingDimsConfig) -> torch.Tensor:
+    stack = hidden[term_set.layers]
     q, p = split(stack)
-    loss, _, _ = plan_loss(q, p, plan, dims, TAU)
+    loss, _, _ = term_set_loss(q, p, term_set, dims, TAU)
     return loss
 
 
@@ -100,18 +100,18 @@ def test_2dmse_angle_variant_equals_angle_compute_loss():
     assert dims.variant == "angle" and dims.resolved_kl_temperature == 1.0
     seen = set()
     for micro_batch in range(12):
-        plan = plan_step(dims, DEPTH, WIDTH, seed=1, step=0, micro_batch=micro_batch)
-        layer, dim = plan.drawn
-        seen.add(plan.drawn)
+        term_set = draw_term_set(dims, DEPTH, WIDTH, seed=1, step=0, micro_batch=micro_batch)
+        layer, dim = term_set.drawn
+        seen.add(term_set.drawn)
         assert 1 <= layer < DEPTH and dim in (2, 4)  # AnglE draws a smaller dim than the full width
-        assert [(t.layer, t.dim, t.weight) for t in plan.terms] == [
+        assert [(t.layer, t.dim, t.weight) for t in term_set.terms] == [
             (DEPTH, dim, 1.0),
             (DEPTH, WIDTH, 1.0),
             (layer, dim, 1 / layer),
             (layer, WIDTH, 1 / layer),
         ]
         hidden = hidden_states(micro_batch)
-        assert_same_loss_and_grads(hidden, mtrain_loss(hidden, plan, dims), angle_reference(hidden, layer, dim, 1.0))
+        assert_same_loss_and_grads(hidden, mtrain_loss(hidden, term_set, dims), angle_reference(hidden, layer, dim, 1.0))
     assert len(seen) >= 4  # micro-batches of one step draw different (layer, dim)
 
 
@@ -119,10 +119,10 @@ def test_2dmse_angle_variant_with_another_kl_temperature():
     dims = dims_config(
         "matryoshka.dims.policy=2dmse", "matryoshka.dims.dims=[4,8]", "matryoshka.dims.kl_temperature=0.5"
     )
-    plan = plan_step(dims, DEPTH, WIDTH, seed=3, step=7)
+    term_set = draw_term_set(dims, DEPTH, WIDTH, seed=3, step=7)
     hidden = hidden_states(3)
-    layer, dim = plan.drawn
-    assert_same_loss_and_grads(hidden, mtrain_loss(hidden, plan, dims), angle_reference(hidden, layer, dim, 0.5))
+    layer, dim = term_set.drawn
+    assert_same_loss_and_grads(hidden, mtrain_loss(hidden, term_set, dims), angle_reference(hidden, layer, dim, 0.5))
 
 
 @pytest.mark.parametrize("dims_per_step", [1, 2, 0])
@@ -137,14 +137,14 @@ def test_2dmse_sentence_transformers_variant_equals_matryoshka2d_loss(dims_per_s
     assert dims.resolved_kl_temperature == 0.3
     weights = {2: 1.0, 4: 0.5, 8: 2.0}
     for micro_batch in range(4):
-        plan = plan_step(dims, DEPTH, WIDTH, seed=2, step=5, micro_batch=micro_batch)
-        layer = plan.drawn[0]
-        last_dims = [t.dim for t in plan.terms if t.layer == DEPTH]
-        layer_dims = [t.dim for t in plan.terms if t.layer == layer]
+        term_set = draw_term_set(dims, DEPTH, WIDTH, seed=2, step=5, micro_batch=micro_batch)
+        layer = term_set.drawn[0]
+        last_dims = [t.dim for t in term_set.terms if t.layer == DEPTH]
+        layer_dims = [t.dim for t in term_set.terms if t.layer == layer]
         assert len(last_dims) == len(layer_dims) == (dims_per_step or 3)
         hidden = hidden_states(micro_batch)
         reference = sentence_transformers_reference(hidden, layer, last_dims, layer_dims, weights, 0.3)
-        assert_same_loss_and_grads(hidden, mtrain_loss(hidden, plan, dims), reference)
+        assert_same_loss_and_grads(hidden, mtrain_loss(hidden, term_set, dims), reference)
 
 
 def test_2dmse_settings_are_checked():
@@ -209,13 +209,13 @@ def test_starbucks_equals_srl_dense_model_forward(layers, sizes, scoring):
         f"matryoshka.dims.scoring={scoring}",
         "matryoshka.dims.kl_weight=0.7",
     )
-    plan = plan_step(dims, DEPTH, WIDTH, seed=0, step=0)
-    assert plan.kl_teacher == (layers[-1], WIDTH)
-    assert plan.kl_students == tuple(zip(layers[:-1], sizes[:-1], strict=True))
-    assert plan == plan_step(dims, DEPTH, WIDTH, seed=5, step=9, micro_batch=1)  # a fixed list: no draws
+    term_set = draw_term_set(dims, DEPTH, WIDTH, seed=0, step=0)
+    assert term_set.kl_teacher == (layers[-1], WIDTH)
+    assert term_set.kl_students == tuple(zip(layers[:-1], sizes[:-1], strict=True))
+    assert term_set == draw_term_set(dims, DEPTH, WIDTH, seed=5, step=9, micro_batch=1)  # a fixed list: no draws
     hidden = hidden_states(1)
     reference = starbucks_reference(hidden, layers, sizes, scoring == "normalised_dot", 0.7)
-    ours = mtrain_loss(hidden, plan, dims)
+    ours = mtrain_loss(hidden, term_set, dims)
     (ours_grad,) = torch.autograd.grad(ours, hidden)
     (reference_grad,) = torch.autograd.grad(reference, hidden)
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
@@ -248,8 +248,8 @@ def test_mrl_e_loss_and_grads_equal_a_sliced_shared_classifier():
 
 
 def test_plan_layers_include_the_teacher():
-    plan = StepPlan((Term(1, 4, 1.0),), ((1, 4),), (3, 8))
-    assert plan.layers == [1, 3]
+    term_set = TermSet((Term(1, 4, 1.0),), ((1, 4),), (3, 8))
+    assert term_set.layers == [1, 3]
 
 
 def test_retrieval_eval_ranks_by_the_trained_scoring():

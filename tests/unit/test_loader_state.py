@@ -101,7 +101,7 @@ def test_data_config_sources_and_modes_are_checked():
 
 def test_repartition_deals_the_rest_of_an_epoch_evenly():
     """1 -> 2 ranks with 3 leftovers and 5 fresh positions: 4 each, so no rank drops a batch at the end."""
-    from data_pipeline.plan import next_position, repartition
+    from data_pipeline.epoch_order import next_position, repartition
 
     old = [{"epoch": 0, "base": 30, "stride": 1, "offset": 0, "taken": 13, "backlog": []}]
     shares = []
