@@ -49,6 +49,15 @@ from typing import Any, Protocol
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data_pipeline.epoch_order import (
+    SourceOrder,
+    cursor_exhausted,
+    draw_position,
+    draw_source,
+    fresh_cursor,
+    next_position,
+    repartition,
+)
 from data_pipeline.formats import (
     FAULT_REASONS,
     IMAGE_EXTENSIONS,
@@ -61,15 +70,6 @@ from data_pipeline.formats import (
 )
 from data_pipeline.images import ImagePreprocessor
 from data_pipeline.packing import Row, collate_rows, take_row
-from data_pipeline.epoch_order import (
-    SourceOrder,
-    cursor_exhausted,
-    draw_position,
-    draw_source,
-    fresh_cursor,
-    next_position,
-    repartition,
-)
 from data_pipeline.shards import ShardCache, ShardReader, expand_shards, shard_counts
 from data_pipeline.tokenize import IGNORE_INDEX, TokenizedSample, TokenSpec, tokenize_sample
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from mtrain.config import ConfigError, load_config
 from mtrain.config.schema import EmbeddingDimsConfig
 from mtrain.model.embedding_head import MatryoshkaClassifier
-from mtrain.task.contrastive import TermSet, Term, term_set_loss, draw_term_set
+from mtrain.task.contrastive import Term, TermSet, draw_term_set, term_set_loss
 from mtrain.task.embedding_losses import mrl_e_loss
 
 DEPTH, WIDTH, ROWS, TAU = 4, 8, 5, 0.1
@@ -111,7 +111,9 @@ def test_2dmse_angle_variant_equals_angle_compute_loss():
             (layer, WIDTH, 1 / layer),
         ]
         hidden = hidden_states(micro_batch)
-        assert_same_loss_and_grads(hidden, mtrain_loss(hidden, term_set, dims), angle_reference(hidden, layer, dim, 1.0))
+        assert_same_loss_and_grads(
+            hidden, mtrain_loss(hidden, term_set, dims), angle_reference(hidden, layer, dim, 1.0)
+        )
     assert len(seen) >= 4  # micro-batches of one step draw different (layer, dim)
 
 
