@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from data_pipeline.formats import IMAGE_PLACEHOLDER
 from mtrain.config.core import Checkable, section, setting
 
 
@@ -186,7 +187,7 @@ class DataConfig(Checkable):
             return [("micro_batch_size", f"must be at least 1, got {self.micro_batch_size}")]
         if self.num_workers < 0:
             return [("num_workers", f"must be >= 0, got {self.num_workers}")]
-        if "<image>" not in self.prompt:
+        if IMAGE_PLACEHOLDER not in self.prompt:
             return [("prompt", f"{self.prompt!r} has no <image> placeholder; captions need one, e.g. '<image>\\n'")]
         if self.pack_window < 1:
             return [("pack_window", f"must be at least 1, got {self.pack_window}")]
