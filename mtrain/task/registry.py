@@ -132,39 +132,24 @@ class Objective:
     """The one module DeepSpeed wraps: the model with this objective's losses."""
     build_batches: Callable[[TrainConfig, BuiltModel, WorldInfo], Any]
     """This rank's endless, resumable batches (a `mtrain.engine.data.Batches`)."""
-    export_extras: Callable[[Task, Path, bool], None]
+    export_extras: Callable[[Task, Path, bool], None] = no_export_extras
     """What the end-of-run export writes beside the model; every rank calls it, `write` ranks write."""
-    budget_view: Callable[[TrainConfig, BuiltModel, Task, list[int] | None], Task]
+    budget_view: Callable[[TrainConfig, BuiltModel, Task, list[int] | None], Task] = m3_budget_view
     """`mtrain eval`'s task at visual-token budgets (None: the default ones), from the trained task."""
-    retrieval_view: Callable[[TrainConfig, BuiltModel, Task], Task]
+    retrieval_view: Callable[[TrainConfig, BuiltModel, Task], Task] = full_width_retrieval_view
     """The task `mtrain eval --task retrieval` and `Embedder` embed with, from the trained task."""
 
 
 OBJECTIVES: dict[str, Objective] = {
     objective.name: objective
     for objective in (
+        Objective("language_modeling", language_modeling_task, loader_batches),
+        Objective("matryoshka_tokens", matryoshka_tokens_task, loader_batches, budget_view=trained_budget_view),
         Objective(
-            name="language_modeling",
-            build_task=language_modeling_task,
-            build_batches=loader_batches,
-            export_extras=no_export_extras,
-            budget_view=m3_budget_view,
-            retrieval_view=full_width_retrieval_view,
-        ),
-        Objective(
-            name="matryoshka_tokens",
-            build_task=matryoshka_tokens_task,
-            build_batches=loader_batches,
-            export_extras=no_export_extras,
-            budget_view=trained_budget_view,
-            retrieval_view=full_width_retrieval_view,
-        ),
-        Objective(
-            name="contrastive",
-            build_task=contrastive_task,
-            build_batches=pair_batches,
+            "contrastive",
+            contrastive_task,
+            pair_batches,
             export_extras=embedding_head_export,
-            budget_view=m3_budget_view,
             retrieval_view=trained_retrieval_view,
         ),
     )
