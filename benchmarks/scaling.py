@@ -66,8 +66,13 @@ gathers the whole model in one flat all_gather per step and keeps it through bac
 bucket and max reuse distance exceed the model). Same bytes, 77 collectives against 1."""
 
 SETTINGS = {"ws1": 1, "ws2": 2}  # name: ranks (one thread each)
+# DeepSpeed's own defaults, which the analysis above is about (mtrain's defaults are sized to the hidden size).
+DEEPSPEED_SIZES = ["zero.reduce_bucket_size=50000000", "zero.prefetch_bucket_size=50000000"]
 # The engines a launch times in alternating blocks: name -> config overrides. ws1 times the first.
-ENGINES = {"default": [], "threshold0": ["zero.param_persistence_threshold=0"]}
+ENGINES = {
+    "default": [*DEEPSPEED_SIZES, "zero.param_persistence_threshold=100000"],
+    "threshold0": [*DEEPSPEED_SIZES, "zero.param_persistence_threshold=0"],
+}
 
 
 def launch(name: str, args: argparse.Namespace, out: Path) -> dict:

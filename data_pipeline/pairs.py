@@ -12,7 +12,7 @@ the positive each need an image or a text):
     KEY.instruction.txt instruction placed after the query's image (VLM2Vec style); when absent
                         the reader's default instruction is used for queries with an image
     KEY.label.cls       optional integer class of the query (WebDataset's .cls), for an MRL-E
-                        classifier; a batch with any label gets `labels`, -100 where one is missing
+                        classifier; a batch with any label gets `labels`, IGNORE_INDEX where one is missing
 
 A side with an image and no `<image>` in its text has the image first. Each side is tokenised as
 `<s> ... </s>`, so last-token pooling reads the hidden state at `</s>`.
@@ -38,6 +38,7 @@ from data_pipeline.collate import ROW_IMAGES, ROW_TOKENS, real_token_mask, right
 from data_pipeline.formats import IMAGE_EXTENSIONS, IMAGE_PLACEHOLDER, ImageSegment, SampleFault, decode_text
 from data_pipeline.images import ImagePreprocessor
 from data_pipeline.sample_data import write_shape_shards
+from data_pipeline.tokenize import IGNORE_INDEX
 
 SIDES = ("query", "positive")
 NEGATIVE = "negative"
@@ -183,7 +184,7 @@ def collate_pairs(samples: list[dict[str, Any]], spec: PairSpec, image_processor
         batch.update({f"{side}_{name}": value for name, value in collated.items()})
         batch[f"{side}_texts"] = [s[side]["text"] for s in samples]
     if any("label" in s for s in samples):
-        batch["labels"] = torch.tensor([s.get("label", -100) for s in samples], dtype=torch.long)
+        batch["labels"] = torch.tensor([s.get("label", IGNORE_INDEX) for s in samples], dtype=torch.long)
     return batch
 
 
@@ -246,7 +247,7 @@ class PairForm:
             batch[f"{side}_texts"] = [doc.sides[side].text for doc in with_side]
         batch[NEGATIVE_ROWS] = [NEGATIVE in doc.sides for doc in docs]
         if any(doc.label is not None for doc in docs):
-            labels = [-100 if doc.label is None else doc.label for doc in docs]
+            labels = [IGNORE_INDEX if doc.label is None else doc.label for doc in docs]
             batch["labels"] = torch.tensor(labels, dtype=torch.long)
         return batch
 

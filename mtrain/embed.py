@@ -47,7 +47,7 @@ class Embedder:
         """From a training checkpoint (or, with random weights, a config)."""
         from mtrain.engine.data import pair_spec  # noqa: PLC0415
         from mtrain.eval.budget import load_for_eval  # noqa: PLC0415
-        from mtrain.eval.retrieval import retrieval_view  # noqa: PLC0415
+        from mtrain.task.registry import retrieval_view  # noqa: PLC0415
 
         cfg, built, task = load_for_eval(source, list(overrides))
         return cls(retrieval_view(cfg, built, task), pair_spec(cfg, built), built.image_processor)

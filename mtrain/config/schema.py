@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from data_pipeline.formats import IMAGE_PLACEHOLDER
 from mtrain.config.core import Checkable, section, setting
 
 
@@ -186,7 +187,7 @@ class DataConfig(Checkable):
             return [("micro_batch_size", f"must be at least 1, got {self.micro_batch_size}")]
         if self.num_workers < 0:
             return [("num_workers", f"must be >= 0, got {self.num_workers}")]
-        if "<image>" not in self.prompt:
+        if IMAGE_PLACEHOLDER not in self.prompt:
             return [("prompt", f"{self.prompt!r} has no <image> placeholder; captions need one, e.g. '<image>\\n'")]
         if self.pack_window < 1:
             return [("pack_window", f"must be at least 1, got {self.pack_window}")]
@@ -236,12 +237,17 @@ class OptimConfig(Checkable):
 @dataclass
 class ZeroConfig(Checkable):
     stage: int = setting(3, "ZeRO stage; mtrain is built for 3 (parameters, gradients and optimizer sharded).")
-    param_persistence_threshold: int = setting(
-        100000, "Parameters with fewer elements stay replicated (DeepSpeed's default 1e5); 0 shards all."
+    param_persistence_threshold: int | None = setting(
+        None,
+        "Parameters with fewer elements stay replicated; 0 shards all; null: 10 x the language model's hidden size.",
     )
     overlap_comm: bool = setting(True, "Overlap gradient reduction with the backward pass.")
-    reduce_bucket_size: int = setting(50_000_000, "Elements per gradient-reduction bucket.")
-    prefetch_bucket_size: int = setting(50_000_000, "Elements of parameters prefetched ahead of use.")
+    reduce_bucket_size: int | None = setting(
+        None, "Elements per gradient-reduction bucket; null: the hidden size squared."
+    )
+    prefetch_bucket_size: int | None = setting(
+        None, "Elements of parameters prefetched ahead of use; null: 0.9 x the hidden size squared."
+    )
     offload_optimizer: Literal["none", "cpu"] = setting(
         "none",
         "cpu: fp32 master weights, Adam state and gradients live in CPU memory; DeepSpeed's CPU Adam steps there.",
@@ -265,8 +271,13 @@ class ZeroConfig(Checkable):
                     "also set zero.offload_optimizer=cpu",
                 )
             ]
-        if self.param_persistence_threshold < 0:
-            return [("param_persistence_threshold", f"must be >= 0, got {self.param_persistence_threshold}")]
+        threshold = self.param_persistence_threshold
+        if threshold is not None and threshold < 0:
+            return [("param_persistence_threshold", f"must be >= 0 or null (sized to the model), got {threshold}")]
+        for name in ("reduce_bucket_size", "prefetch_bucket_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                return [(name, f"must be at least 1 or null (sized to the model), got {value}")]
         return []
 
 

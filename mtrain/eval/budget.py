@@ -7,7 +7,6 @@ the M3 paper beats); an MQT model is evaluated at its query budgets.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,7 +15,6 @@ from typing import Any
 import torch
 
 from mtrain.config import TrainConfig, load_config
-from mtrain.config.schema import TokenScalesConfig
 
 
 @dataclass
@@ -26,12 +24,6 @@ class ScaleResult:
     token_accuracy: float
     answer_accuracy: float
     answers: int
-
-
-def m3_scales(grid_tokens: int) -> list[int]:
-    """Every square budget whose side divides the grid side: 1, 4, 16, 64 for an 8x8 grid."""
-    side = math.isqrt(grid_tokens)
-    return [k * k for k in range(1, side + 1) if side % k == 0]
 
 
 def load_for_eval(
@@ -60,37 +52,6 @@ def load_for_eval(
         state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint[0]), tag=checkpoint[1])
         task.load_state_dict(state, strict=True)
     return cfg, built, task.eval()
-
-
-def budget_view(cfg: TrainConfig, built: Any, task: torch.nn.Module, scales: list[int] | None) -> torch.nn.Module:
-    """A Matryoshka task over the model to evaluate at `scales` (default: the trained ones, else M3's)."""
-    from mtrain.task.matryoshka_tokens import MatryoshkaTokenTask  # noqa: PLC0415
-
-    trained = cfg.matryoshka.tokens
-    if trained.mode != "none" and scales is None:
-        return task
-    check_scale_adapters(cfg, scales or [])
-    mode = trained.mode if trained.mode != "none" else "m3"
-    tokens = TokenScalesConfig(
-        mode=mode, scales=scales or m3_scales(built.visual_tokens), mqt_queries=trained.mqt_queries
-    )
-    return MatryoshkaTokenTask(
-        built.model, tokens, built.image_token_id, built.visual_tokens, built.tokenizer.pad_token_id,
-        seed=cfg.run.seed, rank=0, routing=built.scale_routing,
-    ).eval()  # fmt: skip
-
-
-def check_scale_adapters(cfg: TrainConfig, scales: list[int]) -> None:
-    """Refuse scales without an adapter in a model with per-scale LoRA: they would run with none, silently."""
-    lora, trained = cfg.model.lora, cfg.matryoshka.tokens
-    if not (lora.enabled and lora.strategy != "shared" and trained.mode != "none"):
-        return
-    missing = [s for s in scales if s not in trained.scales]
-    if missing:
-        raise ValueError(
-            f"--scales {missing}: this model has {lora.strategy} LoRA adapters only for the scales "
-            f"{trained.scales}, so it would run there without a scale adapter; evaluate at trained scales"
-        )
 
 
 def evaluate_budgets(task: Any, batches: Iterator[dict[str, Any]], num_batches: int) -> list[ScaleResult]:

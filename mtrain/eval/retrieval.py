@@ -107,23 +107,6 @@ def write_retrieval_report(results: list[RetrievalResult], out_dir: Path, name: 
     return json_path, plot_recall_curve(results, out_dir / "retrieval.png", name)
 
 
-def retrieval_view(cfg: Any, built: Any, task: torch.nn.Module) -> Any:
-    """The trained contrastive task, or (for a model trained otherwise) one over it at the full width."""
-    from mtrain.task.contrastive import ContrastiveTask  # noqa: PLC0415
-
-    if isinstance(task, ContrastiveTask):
-        return task
-    return ContrastiveTask(
-        built.model,
-        cfg.task.contrastive,
-        cfg.matryoshka.dims,
-        built.image_token_id,
-        built.visual_tokens,
-        built.tokenizer.pad_token_id,
-        cfg.run.seed,
-    ).eval()
-
-
 def run_retrieval_eval(
     source: str, overrides: list[str], shards: str | None, num_batches: int, dims: list[int] | None, out: str
 ) -> list[RetrievalResult]:
@@ -131,6 +114,7 @@ def run_retrieval_eval(
     from mtrain.engine.data import pair_spec  # noqa: PLC0415
     from mtrain.eval.budget import load_for_eval  # noqa: PLC0415
     from mtrain.eval.run import eval_batches  # noqa: PLC0415
+    from mtrain.task.registry import retrieval_view  # noqa: PLC0415
 
     if shards:  # before the model loads, as `mtrain eval` does for the token budgets
         from mtrain.launch.inputs import check_shards_exist  # noqa: PLC0415

@@ -6,7 +6,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from mtrain.eval.budget import budget_view, evaluate_budgets, format_table, load_for_eval, write_report
+from mtrain.eval.budget import evaluate_budgets, format_table, load_for_eval, write_report
+from mtrain.task.registry import budget_view
 
 
 def eval_batches(cfg: Any, built: Any, shards: str | None, form: Any = None) -> Any:

@@ -20,6 +20,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from mtrain.config.deepspeed_json import zero_sizes
 from mtrain.config.schema import TrainConfig
 from mtrain.metrics.flops import (
     ModelShape,
@@ -213,6 +214,7 @@ def plan_memory(
 ) -> MemoryPlan:
     gpus = cluster.gpus
     offload = cfg.zero.offload_optimizer == "cpu"
+    sizes = zero_sizes(cfg.zero, shape.hidden)
     offload_params = cfg.zero.offload_param == "cpu"
     if cfg.matryoshka.tokens.layout == "padded":
         row_tokens = max(len(segments) * max(segments) for segments in layouts)  # padding is computed too
@@ -224,7 +226,7 @@ def plan_memory(
         gradients=0.0 if offload else 4 * shape.trainable_params / gpus,
         optimizer=0.0 if offload else 12 * shape.trainable_params / gpus,
         gathered_layer=4 * shape.largest_layer_params,
-        buffers=2 * (cfg.zero.reduce_bucket_size + cfg.zero.prefetch_bucket_size),
+        buffers=2 * (sizes.reduce_bucket_size + sizes.prefetch_bucket_size),
         activations_per_sample=activations,
         reserve=assumptions.memory_reserve * cluster.gpu_memory_bytes,
         micro_batch=cfg.data.micro_batch_size,

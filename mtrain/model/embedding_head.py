@@ -83,15 +83,10 @@ class MatryoshkaClassifier(nn.Module):
         nn.init.normal_(self.weight, std=width**-0.5)
 
     def logits(self, features: torch.Tensor, dim: int) -> torch.Tensor:
-        return features[..., :dim] @ self.weight[:, :dim].T + self.bias
+        """Class logits of the embeddings' first `dim` features (the embed API's `classify`)."""
+        return mrl_e_logits(features, self.weight, self.bias, dim)
 
-    def forward(self, features: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Logits at every trained prefix length."""
-        return {dim: self.logits(features, dim) for dim in self.dims}
 
-    def loss(self, features: torch.Tensor, labels: torch.Tensor, weights: list[float] | None = None) -> torch.Tensor:
-        """MRL classification loss: the weighted sum over dims of the cross-entropy at each size."""
-        weights = weights or [1.0] * len(self.dims)
-        return sum(
-            w * F.cross_entropy(self.logits(features, d), labels) for w, d in zip(weights, self.dims, strict=True)
-        )
+def mrl_e_logits(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dim: int) -> torch.Tensor:
+    """MRL-E logits at prefix length `dim`: the first `dim` features against the first `dim` columns of W."""
+    return features[..., :dim] @ weight[:, :dim].T + bias

@@ -19,6 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def m3_scales(grid_tokens: int) -> list[int]:
+    """Every square budget whose side divides the grid side: 1, 4, 16, 64 for an 8x8 grid."""
+    side = math.isqrt(grid_tokens)
+    return [k * k for k in range(1, side + 1) if side % k == 0]
+
+
 def pool_grid(features: torch.Tensor, scale: int) -> torch.Tensor:
     """M3: (images, side*side, dim) -> (images, scale, dim) by 2D average pooling of the token grid."""
     images, tokens, dim = features.shape

@@ -15,6 +15,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from data_pipeline.tokenize import IGNORE_INDEX
+from mtrain.model.embedding_head import mrl_e_logits
+
 Scoring = Literal["cosine", "dot", "normalised_dot"]
 
 
@@ -81,11 +84,6 @@ def score_kl(teacher_scores: torch.Tensor, student_scores: torch.Tensor, tempera
     return F.kl_div(student_log, teacher_probs, reduction="batchmean")
 
 
-def mrl_e_logits(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dim: int) -> torch.Tensor:
-    """MRL-E logits at prefix length `dim`: the first `dim` features against the first `dim` columns of W."""
-    return features[..., :dim] @ weight[:, :dim].T + bias
-
-
 def mrl_e_loss(
     features: torch.Tensor,
     labels: torch.Tensor,
@@ -97,7 +95,7 @@ def mrl_e_loss(
     """Σ_k c_k · CE(features[:, :k] Wᵀ[:k] + b, labels): MRL-E (Kusupati et al., `MRL.py` `MRL_Linear_Layer`
     with `efficient=True`), one weight shared by every prefix length."""
     terms = [
-        c * F.cross_entropy(mrl_e_logits(features, weight, bias, k), labels)
+        c * F.cross_entropy(mrl_e_logits(features, weight, bias, k), labels, ignore_index=IGNORE_INDEX)
         for k, c in zip(dims, dim_weights, strict=True)
     ]
     return torch.stack(terms).sum()

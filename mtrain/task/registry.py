@@ -1,8 +1,9 @@
-"""One entry per training objective: how to build its task, its batches and its export extras.
+"""One entry per training objective: how to build its task, its batches, its export extras and its
+evaluation views.
 
-torchtitan's `TrainSpec` at mtrain's size. The engine looks the entry up once
-(`objective_for(cfg)`) and never branches on the objective again, so a new objective is a new
-`Objective` here (and its task module), not edits across the engine.
+torchtitan's `TrainSpec` at mtrain's size. The engine and `mtrain eval` look the entry up once
+(`objective_for(cfg)`) and never branch on the objective again, so a new objective is a new
+`Objective` here (and its task module), not edits across the engine and the evaluation.
 
     language_modeling    next-token loss on the loader's batches (captions, documents, chat)
     matryoshka_tokens    the same batches, every visual-token scale in one pass (M3, MQT)
@@ -16,9 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mtrain.config.schema import TrainConfig
+from mtrain.config.schema import TokenScalesConfig, TrainConfig
 from mtrain.launch.env import WorldInfo
 from mtrain.model.build import BuiltModel
+from mtrain.model.token_scales import m3_scales
 from mtrain.task.base import Task
 from mtrain.task.contrastive import ContrastiveTask
 from mtrain.task.language_modeling import LanguageModelingTask
@@ -34,9 +36,14 @@ def language_modeling_task(cfg: TrainConfig, built: BuiltModel, rank: int) -> Ta
 
 
 def matryoshka_tokens_task(cfg: TrainConfig, built: BuiltModel, rank: int) -> Task:
+    return token_scales_task(cfg, built, cfg.matryoshka.tokens, rank)
+
+
+def token_scales_task(cfg: TrainConfig, built: BuiltModel, tokens: TokenScalesConfig, rank: int) -> MatryoshkaTokenTask:
+    """A Matryoshka task over the built model at the visual-token scales of `tokens`."""
     return MatryoshkaTokenTask(
         built.model,
-        cfg.matryoshka.tokens,
+        tokens,
         image_token_id=built.image_token_id,
         visual_tokens=built.visual_tokens,
         pad_token_id=built.tokenizer.pad_token_id,
@@ -77,9 +84,48 @@ def embedding_head_export(task: Task, export_dir: Path, write: bool) -> None:
     save_embedding_head(task, export_dir, write=write)
 
 
+# ── evaluation views: the task `mtrain eval` scores, from the task the run trained ─────────────
+def m3_budget_view(cfg: TrainConfig, built: BuiltModel, task: Task, scales: list[int] | None) -> Task:
+    """A model trained without visual-token scales, scored at M3's pooled budgets (default: every one its
+    grid has): the baseline the M3 paper beats."""
+    tokens = TokenScalesConfig(mode="m3", scales=scales or m3_scales(built.visual_tokens))
+    return token_scales_task(cfg, built, tokens, rank=0).eval()
+
+
+def trained_budget_view(cfg: TrainConfig, built: BuiltModel, task: Task, scales: list[int] | None) -> Task:
+    """The trained Matryoshka task at its own scales, or one of its mode at `scales`."""
+    if not scales:
+        return task
+    check_scale_adapters(cfg, scales)
+    trained = cfg.matryoshka.tokens
+    tokens = TokenScalesConfig(mode=trained.mode, scales=scales, mqt_queries=trained.mqt_queries)
+    return token_scales_task(cfg, built, tokens, rank=0).eval()
+
+
+def check_scale_adapters(cfg: TrainConfig, scales: list[int]) -> None:
+    """Refuse scales without an adapter in a model with per-scale LoRA: they would run with none, silently."""
+    lora, trained = cfg.model.lora, cfg.matryoshka.tokens
+    missing = [s for s in scales if s not in trained.scales]
+    if lora.enabled and lora.strategy != "shared" and missing:
+        raise ValueError(
+            f"--scales {missing}: this model has {lora.strategy} LoRA adapters only for the scales "
+            f"{trained.scales}, so it would run there without a scale adapter; evaluate at trained scales"
+        )
+
+
+def full_width_retrieval_view(cfg: TrainConfig, built: BuiltModel, task: Task) -> Task:
+    """A model trained for next tokens, embedded through a contrastive task over it (at the full width)."""
+    return contrastive_task(cfg, built, rank=0).eval()
+
+
+def trained_retrieval_view(cfg: TrainConfig, built: BuiltModel, task: Task) -> Task:
+    """The trained contrastive task itself: its projection head and dims are what retrieval scores."""
+    return task
+
+
 @dataclass(frozen=True)
 class Objective:
-    """How one objective plugs into the engine."""
+    """How one objective plugs into the engine and the evaluation."""
 
     name: str
     build_task: Callable[[TrainConfig, BuiltModel, int], Task]
@@ -88,14 +134,24 @@ class Objective:
     """This rank's endless, resumable batches (a `mtrain.engine.data.Batches`)."""
     export_extras: Callable[[Task, Path, bool], None] = no_export_extras
     """What the end-of-run export writes beside the model; every rank calls it, `write` ranks write."""
+    budget_view: Callable[[TrainConfig, BuiltModel, Task, list[int] | None], Task] = m3_budget_view
+    """`mtrain eval`'s task at visual-token budgets (None: the default ones), from the trained task."""
+    retrieval_view: Callable[[TrainConfig, BuiltModel, Task], Task] = full_width_retrieval_view
+    """The task `mtrain eval --task retrieval` and `Embedder` embed with, from the trained task."""
 
 
 OBJECTIVES: dict[str, Objective] = {
     objective.name: objective
     for objective in (
         Objective("language_modeling", language_modeling_task, loader_batches),
-        Objective("matryoshka_tokens", matryoshka_tokens_task, loader_batches),
-        Objective("contrastive", contrastive_task, pair_batches, embedding_head_export),
+        Objective("matryoshka_tokens", matryoshka_tokens_task, loader_batches, budget_view=trained_budget_view),
+        Objective(
+            "contrastive",
+            contrastive_task,
+            pair_batches,
+            export_extras=embedding_head_export,
+            retrieval_view=trained_retrieval_view,
+        ),
     )
 }
 
@@ -110,3 +166,13 @@ def objective_for(cfg: TrainConfig) -> Objective:
 def build_task(cfg: TrainConfig, built: BuiltModel, rank: int) -> Task:
     """The task module of the configured objective."""
     return objective_for(cfg).build_task(cfg, built, rank)
+
+
+def budget_view(cfg: TrainConfig, built: BuiltModel, task: Task, scales: list[int] | None) -> Task:
+    """The task `mtrain eval` scores at visual-token `scales` (None: the trained ones, else every M3 one)."""
+    return objective_for(cfg).budget_view(cfg, built, task, scales)
+
+
+def retrieval_view(cfg: TrainConfig, built: BuiltModel, task: Task) -> Task:
+    """The contrastive task retrieval evaluation and the embed API use: the trained one, or one over its model."""
+    return objective_for(cfg).retrieval_view(cfg, built, task)

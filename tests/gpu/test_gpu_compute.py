@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from data_pipeline.tokenize import IGNORE_INDEX
 from mtrain.config import load_config
 from mtrain.engine.setup import build_task
 from mtrain.model.build import build_model
@@ -131,7 +132,7 @@ def test_packed_rows_equal_padded_documents_on_cuda_attention(attention):
         logits = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], use_cache=False, **inputs)
         targets = batch["labels"][:, 1:]
         losses = F.cross_entropy(logits.logits[:, :-1].float().transpose(1, 2), targets, reduction="none")
-        return losses[targets != -100]
+        return losses[targets != IGNORE_INDEX]
 
     alone = token_losses(padded, attention_mask=padded["attention_mask"])
     together = token_losses(packed, position_ids=packed["position_ids"])

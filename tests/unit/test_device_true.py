@@ -176,7 +176,7 @@ def test_embedding_is_device_true():
 
     from data_pipeline.pairs import PairSpec
     from mtrain.embed import Embedder
-    from mtrain.eval.retrieval import retrieval_view
+    from mtrain.task.registry import retrieval_view
 
     cfg, built, task = build(OBJECTIVES["contrastive_gradcache_mrl"])
     spec = PairSpec(built.tokenizer, built.image_token_id, built.visual_tokens, 96, 32)

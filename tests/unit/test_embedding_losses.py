@@ -246,7 +246,6 @@ def test_mrl_e_loss_and_grads_equal_a_sliced_shared_classifier():
     torch.testing.assert_close(ours, reference)
     for got, expected in zip(ours_grads, reference_grads, strict=True):
         torch.testing.assert_close(got, expected)
-    torch.testing.assert_close(head.loss(features, labels, weights), reference)
 
 
 def test_plan_layers_include_the_teacher():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from data_pipeline.tokenize import IGNORE_INDEX
 from mtrain.config import load_config
 from mtrain.model.build import build_model
 from mtrain.model.token_scales import pool_grid
@@ -45,11 +46,11 @@ def make_batch(built, rows: int = 3) -> dict:
     for row in range(rows):
         caption = tokenizer(["a red circle.", "a blue square shape.", "a green cross."][row % 3]).input_ids
         ids.append([tokenizer.bos_token_id] + [built.image_token_id] * n + caption)
-        labels.append([-100] * (n + 1) + caption)
+        labels.append([IGNORE_INDEX] * (n + 1) + caption)
     width = max(map(len, ids))
     batch = {
         "input_ids": torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in ids]),
-        "labels": torch.tensor([r + [-100] * (width - len(r)) for r in labels]),
+        "labels": torch.tensor([r + [IGNORE_INDEX] * (width - len(r)) for r in labels]),
         "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in ids]),
         "pixel_values": torch.randn(rows, 3, 32, 32),
     }
@@ -100,7 +101,7 @@ def test_one_pass_equals_mean_of_separate_scale_passes(mode, strategy, layout):
             assert got is None or not got.any()
         else:
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
-    assert int(metrics["scale_label_tokens"].sum()) == 4 * int((batch["labels"][:, 1:] != -100).sum())
+    assert int(metrics["scale_label_tokens"].sum()) == 4 * int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 def test_vision_tower_runs_once_per_step():
@@ -134,7 +135,7 @@ def test_packed_layout_has_no_padding_but_row_tails():
     image, pad = 9, 0
     batch = {
         "input_ids": torch.tensor([[5, 9, 9, 9, 9, 6], [5, 9, 9, 9, 9, pad]]),
-        "labels": torch.tensor([[-100, -100, -100, -100, -100, 6], [-100, -100, -100, -100, -100, -100]]),
+        "labels": torch.tensor([[IGNORE_INDEX] * 5 + [6], [IGNORE_INDEX] * 6]),
     }
     tokens, images = row_counts(batch, image, 4, pad)
     assert (tokens, images) == ([6, 5], [1, 1])
@@ -145,7 +146,7 @@ def test_packed_layout_has_no_padding_but_row_tails():
     assert packed.position_ids[0].tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 5]
     assert packed.token_scales[1].tolist() == [1, 1, 4, 4, 4, 4, 4, 0, 0]
     assert packed.position_ids[1, 7:].tolist() == [0, 1]  # the tail is a segment of its own
-    assert packed.labels[0].tolist()[2] == 6 and packed.labels[1, 7:].tolist() == [-100, -100]
+    assert packed.labels[0].tolist()[2] == 6 and packed.labels[1, 7:].tolist() == [IGNORE_INDEX, IGNORE_INDEX]
     padded = lay_out(batch, place_variants(variant_scales, tokens, images, 4, packed=False), False, image, 4, pad)
     assert padded.input_ids.shape == (4, 6) and padded.attention_mask.sum() == 16
 
@@ -156,7 +157,7 @@ def test_packed_input_rows_restart_positions_per_document_after_shrinking():
     # One packed row of two documents, each with an image of 4 tokens; shrunk to 1 token per image.
     batch = {
         "input_ids": torch.tensor([[5, 9, 9, 9, 9, 6, 5, 9, 9, 9, 9, 7, 0]]),
-        "labels": torch.full((1, 13), -100),
+        "labels": torch.full((1, 13), IGNORE_INDEX),
         "attention_mask": torch.tensor([[1] * 12 + [0]]),
         "position_ids": torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5, 0]]),
     }

@@ -14,6 +14,7 @@ from PIL import Image
 from data_pipeline.formats import SampleRules
 from data_pipeline.loader import DataQualityError
 from data_pipeline.pairs import PairSpec, write_pair_shards
+from data_pipeline.tokenize import IGNORE_INDEX
 from mtrain.model.tokenizer import IMAGE_TOKEN, build_tiny_tokenizer
 from tests.data_factory import make_loader, rest_of_epoch, write_bad_shards
 
@@ -111,7 +112,7 @@ def test_text_queries_interleaved_sides_and_a_missing_side(tmp_path, spec):
 
 
 def test_query_classes_reach_the_batch_as_labels(tmp_path, spec):
-    """KEY.label.cls (MRL-E classifier) comes through the staged loader; -100 where a sample has none."""
+    """KEY.label.cls (MRL-E classifier) comes through the staged loader; IGNORE_INDEX where a sample has none."""
     path = tmp_path / "labels-000000.tar"
     with wds.TarWriter(str(path)) as writer:
         writer.write({"__key__": "a", "query.txt": "red", "positive.txt": "a red thing", "label.cls": b"2"})
@@ -120,7 +121,7 @@ def test_query_classes_reach_the_batch_as_labels(tmp_path, spec):
     batches = stream(str(path), spec, batch_size=2, shuffle=False, max_bad_fraction=1.0)
     batch = next(batches)
     assert batch["keys"] == ["a", "b"]
-    assert torch.equal(batch["labels"], torch.tensor([2, -100]))
+    assert torch.equal(batch["labels"], torch.tensor([2, IGNORE_INDEX]))
     assert batches.fault_counts() == {"malformed_json": 1}  # a class that is not an integer is counted
     unlabelled = next(iter(stream(pattern_of(tmp_path), spec, shuffle=False)))
     assert "labels" not in unlabelled

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from mtrain.config import ConfigError, load_config
-from mtrain.eval.budget import budget_view, load_for_eval
+from mtrain.eval.budget import load_for_eval
+from mtrain.task.registry import budget_view
 
 PER_SCALE = ["model.lora.enabled=true", "model.lora.strategy=per_scale"]
 

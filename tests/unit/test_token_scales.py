@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from data_pipeline.tokenize import IGNORE_INDEX
 from mtrain.config import ConfigError, load_config
 from mtrain.model.token_scales import QueryTransformerProjector, pool_grid
 from mtrain.task.draws import ScaleSampler
@@ -35,15 +36,15 @@ def test_mqt_prefix_equals_fewer_queries():
 
 
 def test_shrink_keeps_first_tokens_of_each_image_run():
-    image, pad = 9, 0
+    image, pad, X = 9, 0, IGNORE_INDEX
     ids = torch.tensor([[1, 9, 9, 9, 9, 5, 9, 9, 9, 9, 6, 0]])
-    labels = torch.tensor([[-100, -100, -100, -100, -100, 5, -100, -100, -100, -100, 6, -100]])
+    labels = torch.tensor([[X, X, X, X, X, 5, X, X, X, X, 6, X]])
     mask = (ids != pad).long()
     new_ids, new_labels, new_mask = shrink_image_runs(
         ids, labels, mask, image, visual_tokens=4, keep=1, pad_token_id=pad
     )
     assert new_ids.tolist() == [[1, 9, 5, 9, 6]]
-    assert new_labels.tolist() == [[-100, -100, 5, -100, 6]]
+    assert new_labels.tolist() == [[X, X, 5, X, 6]]
     assert new_mask.tolist() == [[1, 1, 1, 1, 1]]
 
 
