@@ -1,6 +1,6 @@
 """Start-up: time to the first batch of one rank, as the shard count grows.
 
-    python benchmarks/startup.py [--sizes 100 1000 10000] [--repeats 3] [--world-size 64]
+    python benchmarks/startup.py [--sizes 100 1000 10000] [--repeats 3] [--world-size 16]
 
 Writes 10,000 (the largest size) small synthetic caption shards (4 samples each) with an
 index.json, then, for each size and each road, times what one rank of `--world-size` does before
@@ -11,6 +11,11 @@ training: build its loader (shard list, samples per shard) and take the first ba
                    only the shards the first batch needs are copied; a fresh cache every time);
 - local, no index: the shards without index.json (every shard's headers scanned once per rank),
                    for comparison.
+
+The same work at every size: the timed rank's first batch (8 samples, and the 7 the planner reads
+ahead) comes from 15 shards whatever the shard count, since the rank holds at least that many
+samples even at the smallest size (100 shards x 4 samples / 16 ranks = 25). At 64 ranks it held
+6 samples at 100 shards, read 6 shards instead of 15, and made 100 shards look cheaper than they are.
 
 Target (issue 16): 10,000 shards cost <= 2x what 100 do, per road that uses the index. Times are
 wall-clock seconds, median over repetitions; the ratio line is 10,000 vs 100 shards.
@@ -84,7 +89,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 10000])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--world-size", type=int, default=64, help="the rank timed is the last of this many")
+    parser.add_argument(
+        "--world-size",
+        type=int,
+        default=16,
+        help="the rank timed is the last of this many; keep 4 x the smallest size / this >= 15 (a full first batch)",
+    )
     args = parser.parse_args()
 
     tokenizer = build_tiny_tokenizer()
