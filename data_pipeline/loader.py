@@ -512,6 +512,7 @@ class StreamingLoader:
         when the world size changed so that no sample of the epoch is lost or repeated."""
         if self._batches is not None:
             raise RuntimeError("load the loader state before taking the first batch")
+        check_saved_states(all_ranks)
         rank, world_size = self.stream.rank, self.stream.world_size
         if len(all_ranks) == world_size:
             own = all_ranks[rank]
@@ -545,6 +546,23 @@ class StreamingLoader:
             cursors.append(repartition(old, leftovers, rank, world_size, planner.totals[source]))
         draws = planners[rank]["draws"] if rank < len(planners) else 0
         return {"epoch": cursors[0].get("epoch", 0), "cursors": cursors, "draws": draws, "pending": []}
+
+
+STATE_KEYS = ("rank", "world_size", "epoch", "planner", "faults", "good", "dropped", "batches_taken")
+
+
+def check_saved_states(all_ranks: list[dict[str, Any]]) -> None:
+    """Refuse, with the way out, a data position this loader did not write (a KeyError otherwise)."""
+    for index, saved in enumerate(all_ranks):
+        missing = [key for key in STATE_KEYS if key not in saved]
+        if missing:
+            raise ValueError(
+                f"the checkpoint's data position (saved rank {index}: {sorted(saved)}) lacks {', '.join(missing)}: "
+                "an older loader wrote it (the removed `replay_stream` pair loader kept only a batch count), and "
+                "this loader cannot tell which samples it had delivered. Start a new run from the checkpoint's "
+                "weights with `checkpoint.init_from=CHECKPOINT_FOLDER` (fresh data order, optimizer and "
+                "schedule), or finish the run with the mtrain version that wrote it"
+            )
 
 
 def torch_distributed_sync() -> Callable[[bool], bool] | None:
