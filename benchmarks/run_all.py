@@ -38,7 +38,7 @@ BENCHMARKS = {
     "packing": ("packing.py", ["--repeats", "3"], "4. Packing: non-pad fraction, packed vs padded"),
     "checkpoint_io": ("checkpoint_io.py", [], "5. Checkpoint save/load vs fsync bandwidth"),
     "scaling": ("scaling.py", ["--rounds", "2"], "6. Scaling: world size 1 vs 2 on the same global batch"),
-    "startup": ("startup.py", ["--repeats", "2"],
+    "startup": ("startup.py", ["--repeats", "4"],
                 "7. Start-up: time to first batch at 100, 1,000 and 10,000 shards, local and HTTP (target <= 2x)"),
 }  # fmt: skip
 

@@ -72,10 +72,16 @@ def build_pair(key: str, members: dict[str, bytes], rules: SampleRules) -> Sampl
 
 
 def iter_samples(
-    urls: list[str], rules: SampleRules, decode_images: bool = True, cache: ShardCache | None = None
+    urls: list[str],
+    rules: SampleRules,
+    decode_images: bool = True,
+    cache: ShardCache | None = None,
+    tokenize: Callable[[Sample], object] | None = None,
 ) -> Iterator[tuple[str, Sample | None, Problem | None]]:
     """(shard, sample, None) or (shard, None, problem) for every group of every shard, in order.
-    One shard's reader at a time; decoded images are dropped once checked."""
+    One shard's reader at a time; decoded images are dropped once checked. `tokenize` (a training
+    config's tokenizing, which raises SampleFault: nothing learned within max_len, no image left)
+    is applied to every sample that is not a pair."""
     for url in urls:
         reader = ShardReader(max_open=1, cache=cache)
         for group in reader.scan(url).groups:
@@ -91,6 +97,8 @@ def iter_samples(
                         decode_image(members[image.member], group.key, image.member, rules.max_image_pixels)
                 else:
                     sample = build_sample(group.key, members, rules)
+                    if tokenize is not None:
+                        tokenize(sample)
                     if decode_images:
                         load_images(sample, members, rules)
             except SampleFault as fault:
@@ -103,9 +111,15 @@ def iter_samples(
         reader.close()
 
 
-def iter_problems(urls: list[str], rules: SampleRules, cache: ShardCache | None = None) -> Iterator[Problem]:
-    """Every bad member or sample, by shard, key and reason (images fully decoded), as found."""
-    for _, _, problem in iter_samples(urls, rules, cache=cache):
+def iter_problems(
+    urls: list[str],
+    rules: SampleRules,
+    cache: ShardCache | None = None,
+    tokenize: Callable[[Sample], object] | None = None,
+) -> Iterator[Problem]:
+    """Every bad member or sample, by shard, key and reason (images fully decoded), as found;
+    with `tokenize`, also every sample that training would drop when tokenizing it."""
+    for _, _, problem in iter_samples(urls, rules, cache=cache, tokenize=tokenize):
         if problem is not None:
             yield problem
 

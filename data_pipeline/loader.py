@@ -108,12 +108,15 @@ class DocumentForm:
         self.rules, self.spec, self.visual_tokens, self.packing = rules, spec, visual_tokens, packing
 
     def tokenize(self, key: str, members: dict[str, bytes]) -> TokenizedSample:
-        sample = build_sample(key, members, self.rules)
+        return self.tokens(build_sample(key, members, self.rules))
+
+    def tokens(self, sample: Sample) -> TokenizedSample:
+        """Stages 7-8 of a built sample, as training does them (`mtrain data validate --config` too)."""
         counts = self.visual_tokens if isinstance(self.visual_tokens, int) else self.visual_tokens(sample)
         tokens = tokenize_sample(sample, self.spec, counts)
         if self.rules.require_image and not tokens.images:
             # Under ZeRO-3 a batch without images would skip the vision tower on one rank only.
-            raise SampleFault("no_image", f"{key}: every image lies past max_len={self.spec.max_len}")
+            raise SampleFault("no_image", f"{sample.key}: every image lies past max_len={self.spec.max_len}")
         return tokens
 
     def collate(self, rows: list[Row], stack: Callable[[list], torch.Tensor]) -> dict[str, Any]:
@@ -160,7 +163,8 @@ class Planner:
         self.settings, self.rank, self.world_size = settings, rank, world_size
         self.spec, self.form, self.reader = spec, form, reader
         self.urls = [urls for urls, _ in shards]
-        self.counts = [tuple(counts) for _, counts in shards]
+        self.counts = [counts for _, counts in shards]  # shared with the stream: never modified
+        self.totals = [sum(counts) for counts in self.counts]
         self.weights = [weight for _, weight in settings.sources]
         self.state = state if state is not None else initial_state(settings, rank, world_size)
         self._orders: dict[tuple[int, int], SourceOrder] = {}
@@ -174,19 +178,19 @@ class Planner:
             if len(self._orders) > 8:
                 self._orders.clear()
             self._orders[(source, epoch)] = SourceOrder(
-                self.urls[source], list(self.counts[source]), self.settings.seed, source, epoch, self.settings.shuffle
+                self.urls[source], self.counts[source], self.settings.seed, source, epoch, self.settings.shuffle
             )
         return self._orders[(source, epoch)]
 
     def next_ref(self) -> tuple[int, int, int] | None:
         """(source, epoch, position) of the next sample; None when the epoch's first source is done."""
         state = self.state
-        if not self.resampled and cursor_exhausted(state["cursors"][0], sum(self.counts[0])):
+        if not self.resampled and cursor_exhausted(state["cursors"][0], self.totals[0]):
             return None  # checked before drawing, so no secondary sample slips in after the end
         source = draw_source(self.weights, self.settings.seed, self.rank, state["draws"])
         state["draws"] += 1
         cursor = state["cursors"][source]
-        total = sum(self.counts[source])
+        total = self.totals[source]
         if self.resampled:
             return source, 0, draw_position(cursor, total, self.settings.seed, source, self.rank)
         position = next_position(cursor, total)
@@ -508,6 +512,7 @@ class StreamingLoader:
         when the world size changed so that no sample of the epoch is lost or repeated."""
         if self._batches is not None:
             raise RuntimeError("load the loader state before taking the first batch")
+        check_saved_states(all_ranks)
         rank, world_size = self.stream.rank, self.stream.world_size
         if len(all_ranks) == world_size:
             own = all_ranks[rank]
@@ -538,9 +543,26 @@ class StreamingLoader:
                 [pos for src, epoch, pos in p["pending"] if src == source and epoch == p["cursors"][source]["epoch"]]
                 for p in planners
             ]
-            cursors.append(repartition(old, leftovers, rank, world_size, sum(planner.counts[source])))
+            cursors.append(repartition(old, leftovers, rank, world_size, planner.totals[source]))
         draws = planners[rank]["draws"] if rank < len(planners) else 0
         return {"epoch": cursors[0].get("epoch", 0), "cursors": cursors, "draws": draws, "pending": []}
+
+
+STATE_KEYS = ("rank", "world_size", "epoch", "planner", "faults", "good", "dropped", "batches_taken")
+
+
+def check_saved_states(all_ranks: list[dict[str, Any]]) -> None:
+    """Refuse, with the way out, a data position this loader did not write (a KeyError otherwise)."""
+    for index, saved in enumerate(all_ranks):
+        missing = [key for key in STATE_KEYS if key not in saved]
+        if missing:
+            raise ValueError(
+                f"the checkpoint's data position (saved rank {index}: {sorted(saved)}) lacks {', '.join(missing)}: "
+                "an older loader wrote it (the removed `replay_stream` pair loader kept only a batch count), and "
+                "this loader cannot tell which samples it had delivered. Start a new run from the checkpoint's "
+                "weights with `checkpoint.init_from=CHECKPOINT_FOLDER` (fresh data order, optimizer and "
+                "schedule), or finish the run with the mtrain version that wrote it"
+            )
 
 
 def torch_distributed_sync() -> Callable[[bool], bool] | None:

@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from mtrain.config import ConfigError, dump_yaml, field_docs, load_config
 from mtrain.config.schema import TrainConfig
@@ -127,12 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
         checker.add_argument(
             "shards", nargs="+", help="shards: paths, globs, brace patterns, URLs (several allowed; quote braces)"
         )
-        checker.add_argument("--max-image-pixels", type=int, default=4096 * 4096)
+        checker.add_argument(
+            "--max-image-pixels", type=int, default=4096 * 4096, help="ignored with --config (data.max_image_pixels)"
+        )
         checker.add_argument(
             "--config",
             nargs="+",
             metavar="CONFIG [a.b=c ...]",
-            help="count tokens with this training config's tokenizer, visual tokens and data.max_len",
+            help="tokenize as this training config does (tokenizer, visual tokens, data.max_len, data.prompt, "
+            "data.require_image, data.max_image_pixels); validate then also reports the samples training would "
+            "drop (nothing_learned, no_image)",
         )
         checker.add_argument(
             "--require-image", action="store_true", help="count conversations and documents without images as bad"
@@ -283,14 +288,27 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise AssertionError(f"unhandled command {args.command}")
 
 
-def _data_tokens(config: list[str] | None) -> tuple[object, int, int | None]:
-    """(tokenizer, visual tokens per image, data.max_len) of a training config, without weights;
-    the tiny-llava preset's without one."""
+class DataTokens(NamedTuple):
+    """How a training config tokenizes data, for `mtrain data inspect/validate --config`."""
+
+    tokenizer: Any
+    image_token_id: int
+    visual_tokens: int  # tokens each <image> stands for
+    max_len: int | None  # data.max_len; None without a config
+    data: Any  # the config's DataConfig; None without a config
+
+
+def _data_tokens(config: list[str] | None) -> DataTokens:
+    """The tokenizer, image token, visual tokens per image and data section of a training config,
+    without weights; the tiny-llava preset's without one."""
     from mtrain.config.schema import TinyLlavaConfig  # noqa: PLC0415
-    from mtrain.model.tokenizer import build_tiny_tokenizer  # noqa: PLC0415
+    from mtrain.model.tokenizer import IMAGE_TOKEN, build_tiny_tokenizer  # noqa: PLC0415
 
     if not config:
-        return build_tiny_tokenizer(), TinyLlavaConfig().visual_tokens, None
+        tokenizer = build_tiny_tokenizer()
+        return DataTokens(
+            tokenizer, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), TinyLlavaConfig().visual_tokens, None, None
+        )
     from mtrain.model.build import visual_tokens_per_image  # noqa: PLC0415
 
     cfg = load_config(config[0], config[1:])
@@ -299,16 +317,33 @@ def _data_tokens(config: list[str] | None) -> tuple[object, int, int | None]:
         from transformers import AutoConfig, AutoTokenizer  # noqa: PLC0415
 
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, local_files_only=True)
-        visual = visual_tokens_per_image(AutoConfig.from_pretrained(cfg.model.path, local_files_only=True))
+        model_config = AutoConfig.from_pretrained(cfg.model.path, local_files_only=True)
+        visual = visual_tokens_per_image(model_config)
+        image_token_id = getattr(model_config, "image_token_id", None)
+        if image_token_id is None:
+            image_token_id = model_config.image_token_index
     else:
         tokenizer, visual = build_tiny_tokenizer(), cfg.model.tiny.visual_tokens
+        image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     if tokens.mode == "mqt":
         visual = tokens.mqt_queries
-    return tokenizer, visual, cfg.data.max_len
+    return DataTokens(tokenizer, image_token_id, visual, cfg.data.max_len, cfg.data)
+
+
+def _data_rules(args: argparse.Namespace, data: Any) -> Any:
+    """SampleRules of `data inspect/validate`: the config's data section where one is given."""
+    from data_pipeline.formats import SampleRules  # noqa: PLC0415
+
+    if data is None:
+        return SampleRules(require_image=args.require_image, max_image_pixels=args.max_image_pixels)
+    return SampleRules(
+        caption_prompt=data.prompt,
+        require_image=args.require_image or data.require_image,
+        max_image_pixels=data.max_image_pixels,
+    )
 
 
 def _data_command(args: argparse.Namespace) -> int:
-    from data_pipeline.formats import SampleRules  # noqa: PLC0415
     from data_pipeline.shards import expand_shards  # noqa: PLC0415
 
     if args.data_command == "build":
@@ -341,20 +376,27 @@ def _data_command(args: argparse.Namespace) -> int:
         written = write_index(folder, args.form, urls)
         print(f"wrote {folder / 'index.json'}: {len(urls)} shards, {sum(written['samples'].values())} samples")
         return 0
-    rules = SampleRules(require_image=args.require_image, max_image_pixels=args.max_image_pixels)
     urls = [url for pattern in args.shards for url in expand_shards(pattern)]
+    # validate needs a tokenizer only to check samples as a config tokenizes them
+    tokens = _data_tokens(args.config) if args.config or args.data_command == "inspect" else None
+    rules = _data_rules(args, tokens.data if tokens else None)
     if args.data_command == "inspect":
         from data_pipeline.check import inspect_report  # noqa: PLC0415
 
-        tokenizer, visual_tokens, max_len = _data_tokens(args.config)
-        count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
-        print(inspect_report(urls, rules, count, visual_tokens, max_len))
+        count = lambda text: len(tokens.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+        print(inspect_report(urls, rules, count, tokens.visual_tokens, tokens.max_len))
         return 0
     if args.data_command == "validate":
         from data_pipeline.check import iter_problems  # noqa: PLC0415
+        from data_pipeline.loader import DocumentForm  # noqa: PLC0415
+        from data_pipeline.tokenize import TokenSpec  # noqa: PLC0415
 
+        tokenize = None
+        if tokens is not None:  # samples training would drop when tokenizing them (nothing learned, no image left)
+            spec = TokenSpec(tokens.tokenizer, tokens.image_token_id, tokens.max_len)
+            tokenize = DocumentForm(rules, spec, tokens.visual_tokens, packing=False).tokens
         problems = 0
-        for problem in iter_problems(urls, rules):  # printed as found: nothing kept
+        for problem in iter_problems(urls, rules, tokenize=tokenize):  # printed as found: nothing kept
             print(problem, flush=True)
             problems += 1
         print(f"{len(urls)} shard(s): {problems} bad member(s) or sample(s)", file=sys.stderr)

@@ -601,6 +601,13 @@ class TrainConfig(Checkable):
         problem = self.check_embedding()
         if problem:
             return [problem]
+        if self.run.nonfinite == "skip" and self.zero.stage != 3:
+            message = (
+                f"skip needs zero.stage=3, got {self.zero.stage}: a step is skipped by ZeRO-3 declining to apply a "
+                "non-finite gradient norm, which stages 0-2 do not promise (stage 0 and bf16 apply it), so a NaN "
+                "would reach the weights; set zero.stage=3 or run.nonfinite=stop"
+            )
+            return [("run.nonfinite", message)]
         visual_tokens = self.model.tiny.visual_tokens
         if self.model.preset == "tiny-llava" and self.data.max_len <= visual_tokens:
             message = f"{self.data.max_len} leaves no room for text after {visual_tokens} visual tokens; raise it"

@@ -62,6 +62,17 @@ def test_cross_section_check(tmp_path):
         load_config(write(tmp_path, "data:\n  max_len: 32\n"))
 
 
+def test_nonfinite_skip_below_zero_stage_3_is_refused_before_anything_starts(tmp_path):
+    """Only ZeRO-3 declines a step with a non-finite gradient norm; below it a skip would let NaN through."""
+    path = write(tmp_path, "run:\n  nonfinite: skip\n")
+    assert load_config(path, ["zero.stage=3"]).run.nonfinite == "skip"
+    for stage in (0, 1, 2):
+        with pytest.raises(
+            ConfigError, match=rf"run.nonfinite: skip needs zero.stage=3, got {stage}.*run.nonfinite=stop"
+        ):
+            load_config(path, [f"zero.stage={stage}"])
+
+
 def test_base_overlay_merges_deeply(tmp_path):
     (tmp_path / "full.yaml").write_text("model:\n  lora:\n    enabled: true\n    rank: 32\nrun:\n  max_steps: 1000\n")
     overlay = tmp_path / "tiny.yaml"

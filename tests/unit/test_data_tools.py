@@ -45,6 +45,21 @@ def test_inspect_counts_tokens_with_the_configs_tokenizer_and_visual_tokens(samp
     assert "(16 visual tokens per image)" in out and "over data.max_len=20: 48 of 48 samples" in out
 
 
+def test_validate_tokenizes_with_the_configs_tokenizer_visual_tokens_and_max_len(sample_shards, capsys):
+    tiny = str(REPO / "configs/tiny.yaml")
+    shard = str(sample_shards / "shard-000000.tar")
+    # 64 visual tokens + a caption need 71 tokens: at max_len=66 the caption is cut away entirely.
+    assert main(["data", "validate", shard, "--config", tiny, "data.max_len=66"]) == 1
+    captured = capsys.readouterr()
+    assert "1 shard(s): 48 bad" in captured.err
+    assert captured.out.count("\tnothing_learned\t") == 48
+    assert "within data.max_len=66; it needs 71 tokens" in captured.out
+    # The same max_len with 16 visual tokens per image (16 px images) leaves every caption whole.
+    assert main(["data", "validate", shard, "--config", tiny, "model.tiny.image_size=16", "data.max_len=66"]) == 0
+    assert "1 shard(s): 0 bad" in capsys.readouterr().err
+    assert main(["data", "validate", shard]) == 0  # without a config only the members are checked
+
+
 def test_pair_shards_are_understood(tmp_path, capsys):
     paths = write_pair_shards(tmp_path / "pairs", num_shards=1, samples_per_shard=6, seed=0)
     assert main(["data", "validate", str(paths[0])]) == 0

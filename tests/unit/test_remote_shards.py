@@ -150,6 +150,23 @@ def test_counts_come_from_a_fresh_index_and_a_stale_one_is_detected(sample_shard
     assert shard_counts(urls, ShardReader(cache=cache))[1] >= 1  # shard 0 at least
 
 
+def test_an_index_without_some_entries_scans_only_those_in_one_folder_or_several(sample_shards, tmp_path, cache):
+    folder = tmp_path / "shards"
+    shutil.copytree(sample_shards, folder)
+    index = json.loads((folder / "index.json").read_text())
+    del index["samples"][SHARDS[1]]
+    index["samples"][SHARDS[3]] = "48"  # not a count: not trusted
+    (folder / "index.json").write_text(json.dumps(index))
+    os.utime(folder / "index.json", (folder.stat().st_mtime + 10,) * 2)  # the folder untouched since its index
+    urls = expand_shards(str(folder / "shard-*.tar"))
+    assert shard_counts(urls, ShardReader(cache=cache)) == ([48] * 4, 2)
+    other = tmp_path / "other"
+    shutil.copytree(sample_shards, other)
+    os.unlink(other / "index.json")
+    both = [urls[0], str(other / SHARDS[1]), urls[2]]
+    assert shard_counts(both, ShardReader(cache=cache)) == ([48] * 3, 1)
+
+
 def test_a_shard_cut_in_place_after_its_index_counts_what_it_lost(sample_shards, tmp_path, cache):
     """Truncated in place (the folder's mtime unchanged, so start-up trusts the entry): the loader
     still delivers every sample the shard holds and counts every one it lost."""
