@@ -557,6 +557,12 @@ class TaskConfig(Checkable):
     objective: Literal["lm", "contrastive"] = setting(
         "lm", "lm: next-token loss on captions; contrastive: InfoNCE embeddings over (query, positive) pair shards."
     )
+    token_normalisation: Literal["global", "micro_batch"] = setting(
+        "global",
+        "Token-mean losses (lm, Matryoshka tokens): global divides a step's summed token losses by its learned "
+        "tokens over every micro-batch and rank (gradients of one process holding the global batch); "
+        "micro_batch takes each micro-batch's own mean and averages those.",
+    )
     contrastive: ContrastiveConfig = section(ContrastiveConfig, "Embedding training (VLM2Vec style).")
 
 

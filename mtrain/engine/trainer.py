@@ -18,7 +18,7 @@ from mtrain.launch.env import WorldInfo
 from mtrain.metrics.flops import trainer_flops_per_token
 from mtrain.metrics.progress import Progress
 from mtrain.metrics.sinks import MetricSink
-from mtrain.task.base import Task
+from mtrain.task.base import Task, TokenNorm
 
 
 @dataclass
@@ -162,18 +162,45 @@ class Trainer:
         )
 
     def accumulate(self) -> Accumulated:
-        """Every micro-batch of the step: fetch, move, forward and backward; losses and metrics summed on the device."""
+        """Every micro-batch of the step: fetch all, count their tokens, then move, forward and backward each;
+        losses and metrics summed on the device."""
         accumulated = Accumulated()
-        for micro_batch in range(self.cfg.optim.grad_accum_steps):
-            self.task.begin_step(self.step, micro_batch)  # draws keyed by (seed, step, micro-batch), every rank alike
-            fetch_started = time.perf_counter()
-            raw_batch = next(self.batches)
-            accumulated.data_wait_s += time.perf_counter() - fetch_started
-            batch = self.to_device(raw_batch)
-            loss, metrics = self.forward_backward(batch)
-            keys = list(batch.get("keys", []))
-            accumulated.add(loss, metrics, samples=len(keys) or batch["input_ids"].shape[0], keys=keys)
+        fetch_started = time.perf_counter()
+        raw_batches = [next(self.batches) for _ in range(self.cfg.optim.grad_accum_steps)]  # host tensors
+        accumulated.data_wait_s = time.perf_counter() - fetch_started
+        self.task.token_norm = self.step_token_norm(raw_batches)
+        try:
+            for micro_batch, raw_batch in enumerate(raw_batches):
+                self.task.begin_step(self.step, micro_batch)  # draws keyed by (seed, step, micro-batch), ranks alike
+                batch = self.to_device(raw_batch)
+                loss, metrics = self.forward_backward(batch)
+                keys = list(batch.get("keys", []))
+                accumulated.add(loss, metrics, samples=len(keys) or batch["input_ids"].shape[0], keys=keys)
+        finally:
+            self.task.token_norm = None  # evaluation and anything outside a step take each batch's own mean
         return accumulated
+
+    def step_token_norm(self, raw_batches: list[dict[str, Any]]) -> TokenNorm | None:
+        """The step's learned tokens over every micro-batch and rank: one all-reduce before the first backward.
+
+        Counted on the loader's host tensors and reduced on the device without a read back, so the
+        step waits on no device work. The returned losses then log as the step's true token mean
+        (`step_metrics` averages them over micro-batches and ranks: the divisor cancels).
+        """
+        if self.cfg.task.token_normalisation != "global":
+            return None
+        counts = []
+        for micro_batch, raw_batch in enumerate(raw_batches):
+            self.task.begin_step(self.step, micro_batch)  # the draws decide the scale each token trains at
+            count = self.task.learned_tokens(raw_batch)
+            if count is None:
+                return None
+            counts.append(count)
+        total = torch.stack(counts).sum(0).to(self.device, torch.float64)
+        if self.world.world_size > 1:
+            dist.all_reduce(total)
+        divisor = self.engine.gradient_accumulation_steps() * self.engine.dp_world_size
+        return TokenNorm(total.float(), float(divisor))
 
     def count_unreduced(self, accumulated: Accumulated) -> None:
         """This rank's tokens and samples, kept on the device until the next reduce."""

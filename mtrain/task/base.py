@@ -8,6 +8,8 @@ none of the optional behaviour inherits the defaults here.
     image_features(pixels)         the vision path's visual tokens: (images, tokens, dim)
     vision_stand_in(device)        a text-only micro-batch's zero-weighted vision pass (ZeRO-3 lockstep)
     begin_step(step, micro_batch)  the per-micro-batch hook: draws that depend on (seed, step, micro-batch)
+    learned_tokens(batch)          a micro-batch's learned tokens per loss group, or None (not a token mean)
+    token_norm                     set by the trainer for a step: the global counts the loss divides by
     forward_backward(batch, f, b)  one micro-batch's forward and backward; GradCache overrides it
     summarize(totals)              loggable floats from the metrics summed over ranks
     sampler_state_dict() / load_sampler_state_dict(state)   what checkpoints keep per rank
@@ -16,18 +18,41 @@ none of the optional behaviour inherits the defaults here.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from data_pipeline.tokenize import IGNORE_INDEX
+
 Metrics = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TokenNorm:
+    """One optimizer step's global token normalisation (HF's `num_items_in_batch`, made exact under DeepSpeed).
+
+    A micro-batch's loss is its summed token losses over the step's global learned-token count,
+    times `divisor`: DeepSpeed divides each backward by the micro-batches of a step and averages
+    gradients over data-parallel ranks, so multiplying by both back makes the applied gradient
+    the sum over every micro-batch and rank, the gradient of one process holding the global batch.
+    """
+
+    counts: torch.Tensor  # the step's learned tokens per loss group (scale), summed over micro-batches and ranks
+    divisor: float  # gradient accumulation steps x data-parallel ranks
+
+
+def learned_per_row(labels: torch.Tensor) -> torch.Tensor:
+    """Each row's target tokens of the next-token loss: labels from the second column on (the shift)."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum(1)
 
 
 class Task(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.token_norm: TokenNorm | None = None  # None: each micro-batch's own token mean (evaluation too)
 
     @property
     def llava(self) -> nn.Module:
@@ -67,6 +92,14 @@ class Task(nn.Module):
     def begin_step(self, step: int, micro_batch: int = 0) -> None:
         """Called before each micro-batch of an optimizer step, on every rank: the references draw
         their Matryoshka structure per forward, so each accumulated micro-batch draws anew."""
+
+    def learned_tokens(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        """This rank's learned tokens of one micro-batch, one count per loss group (after `begin_step`).
+
+        None: the loss is not a mean over tokens (contrastive pairs), so nothing is normalised.
+        Read from the batch as the loader made it (host tensors): no wait on the device.
+        """
+        return None
 
     def forward_backward(
         self,

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from data_pipeline.tokenize import IGNORE_INDEX
-from mtrain.task.base import Task
+from mtrain.task.base import Task, learned_per_row
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "position_ids")
 
@@ -26,13 +26,21 @@ class LanguageModelingTask(Task):
             # the position ids (they restart per document), so attention never crosses documents.
             inputs.pop("attention_mask", None)
         inputs["inputs_embeds"] = self.embed(inputs.pop("input_ids"), inputs.pop("pixel_values", None))
+        if self.token_norm is not None:
+            # The model's own loss, summed over tokens and divided by the step's global count.
+            inputs["num_items_in_batch"] = self.token_norm.counts[0]
         # No KV cache in training; with one, transformers skips the packed-sequence mask (5.x).
         output = self.model(**inputs, use_cache=False)
+        loss = output.loss if self.token_norm is None else output.loss * self.token_norm.divisor
         metrics = {
             "tokens": batch["attention_mask"].sum().detach(),
             "label_tokens": (batch["labels"] != IGNORE_INDEX).sum().detach(),
         }
-        return output.loss, metrics
+        return loss, metrics
+
+    def learned_tokens(self, batch: dict[str, Any]) -> torch.Tensor:
+        """One group: every learned token of the micro-batch."""
+        return learned_per_row(batch["labels"]).sum().reshape(1)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings with every image's visual tokens spliced in, as the model's own forward does.

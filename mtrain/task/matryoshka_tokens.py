@@ -7,7 +7,8 @@ One step:
                                    shrink every <image> run of the text to `scale` tokens
                                    splice the features into the text embeddings
     concatenate all (sample, scale) rows ─► language model + lm_head, once ─► per-row token losses
-    loss = weighted mean over scales of each scale's token-mean loss
+    loss = weighted mean over scales of each scale's token-mean loss (the means over the step's
+           global learned tokens per scale, under `task.token_normalisation: global`)
 
 The language model runs once per step, so ZeRO-3 gathers its parameters once per step, not once
 per scale. Rows of every scale share the forward; scale-specific LoRA adapters see only their
@@ -26,7 +27,7 @@ from data_pipeline.tokenize import IGNORE_INDEX
 from mtrain.config.schema import TokenScalesConfig
 from mtrain.model.scale_lora import ScaleRouting
 from mtrain.model.token_scales import pool_grid
-from mtrain.task.base import Task
+from mtrain.task.base import Task, learned_per_row
 from mtrain.task.draws import ScaleSampler, draw_slots, rank_spread
 from mtrain.task.token_layout import Layout, lay_out, place_variants, row_counts, visual_in_layout
 
@@ -95,6 +96,20 @@ class MatryoshkaTokenTask(Task):
         if self.tokens.policy == "sample_per_step":
             return [self.step_scale] * rows
         return self.sampler.row_scales(self.step, rows, self.micro_batch)
+
+    def learned_tokens(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Learned tokens per reported scale: each variant's row counts once at its drawn scale.
+
+        Shrinking images drops only image tokens (never learned), and a variant's first token is never
+        a target (`lay_out`), so a variant learns exactly its row's shifted labels.
+        """
+        per_row = learned_per_row(batch["labels"])
+        rows = per_row.shape[0]
+        variant_scales = self.variant_scales(rows)
+        per_variant = per_row[torch.arange(len(variant_scales), device=per_row.device) % rows]
+        # Which reported scale each variant trains, as a (variants, scales) 0/1 matrix made on the host.
+        one_hot = [[float(v == s) for s in self.reported_scales] for v in variant_scales]
+        return per_variant.float() @ torch.tensor(one_hot, device=per_row.device)
 
     # ── the pieces ────────────────────────────────────────────────────────────────────────────
     def at_scale(self, features: torch.Tensor, scale: int) -> torch.Tensor:
@@ -177,14 +192,19 @@ class MatryoshkaTokenTask(Task):
         # Masked sums, not boolean indexing: indexing by a mask waits for the device to size its result.
         loss_sums = torch.stack([torch.where(target_scales == s, token_losses, 0).sum() for s in scales])
         token_counts = torch.stack([(target_scales == s).sum() for s in scales]).to(loss_sums.dtype)
-        present = token_counts > 0
+        # Divide by this micro-batch's counts, or by the step's global ones (`TokenNorm`): summed over
+        # micro-batches and ranks, the latter give each scale's mean over every learned token of the step.
+        norm = self.token_norm
+        counts = token_counts if norm is None else norm.counts.to(loss_sums.dtype)
         if self.tokens.policy == "all" and not self.mqt_stage_one:
             weights = torch.tensor([self.scale_weights[s] for s in scales], dtype=loss_sums.dtype, device=device)
-            weights = weights * present
-            per_scale = loss_sums / token_counts.clamp(min=1)
+            weights = weights * (counts > 0)
+            per_scale = loss_sums / counts.clamp(min=1)
             loss = (weights * per_scale).sum() / weights.sum()
         else:
-            loss = loss_sums.sum() / token_counts.sum().clamp(min=1)
+            loss = loss_sums.sum() / counts.sum().clamp(min=1)
+        if norm is not None:
+            loss = loss * norm.divisor
         per_step = self.tokens.policy == "sample_per_step" and not self.mqt_stage_one
         step_scale = float(self.step_scale) if per_step else 0.0  # drawn on the host: no read of the layout
         metrics = {

@@ -172,6 +172,13 @@ def lay_out(
         out_labels.index_put_(target, batch["labels"][rows])
         out_positions.index_put_(target, kept_so_far - 1 - before_document)
         out_scales.index_put_(target, torch.full_like(columns, scale))
+    # A variant's first token is never a target: packed, the token before it is another variant's.
+    firsts = [v for v in variants if v.length]
+    first_at = (
+        torch.tensor([v.out_row for v in firsts], device=device),
+        torch.tensor([v.offset for v in firsts], device=device),
+    )
+    out_labels.index_put_(first_at, torch.tensor(IGNORE_INDEX, device=device))
     columns = torch.arange(width, device=device)[None, :]
     row_ends = torch.tensor(lengths, device=device)[:, None]
     # The padding tail of a row is a segment of its own: its positions restart at 0.

@@ -24,6 +24,7 @@ from data_pipeline.packing import collate_rows
 from data_pipeline.tokenize import IGNORE_INDEX, TokenizedSample
 from mtrain.config import load_config
 from mtrain.model.build import build_model
+from mtrain.task.base import TokenNorm
 from mtrain.task.registry import build_task
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -133,7 +134,9 @@ def batch_for(cfg, built) -> dict:
 
 
 def step(task, batch: dict) -> torch.Tensor:
-    """One training micro-step of the task, the way the trainer runs it."""
+    """One training micro-step of the task, the way the trainer runs it: token losses over the step's counts."""
+    counts = task.learned_tokens(batch)
+    task.token_norm = None if counts is None else TokenNorm(counts, divisor=1.0)  # one rank, one micro-batch
     loss, metrics = task.forward_backward(batch, forward=task, backward=lambda out: out.backward())
     for name, value in metrics.items():
         assert isinstance(value, torch.Tensor) and value.device.type == "cpu", f"metric {name}: {value!r}"
