@@ -291,15 +291,15 @@ def _data_tokens(config: list[str] | None) -> tuple[object, int, int | None]:
 
     if not config:
         return build_tiny_tokenizer(), TinyLlavaConfig().visual_tokens, None
-    from mtrain.model.build import visual_tokens_per_image  # noqa: PLC0415
+    from mtrain.model.build import load_model_config, model_visual_tokens  # noqa: PLC0415
 
     cfg = load_config(config[0], config[1:])
     tokens = cfg.matryoshka.tokens
     if cfg.model.path:
-        from transformers import AutoConfig, AutoTokenizer  # noqa: PLC0415
+        from transformers import AutoTokenizer  # noqa: PLC0415
 
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, local_files_only=True)
-        visual = visual_tokens_per_image(AutoConfig.from_pretrained(cfg.model.path, local_files_only=True))
+        visual = model_visual_tokens(load_model_config(cfg.model.path))
     else:
         tokenizer, visual = build_tiny_tokenizer(), cfg.model.tiny.visual_tokens
     if tokens.mode == "mqt":
