@@ -93,7 +93,9 @@ def saved_adapter_names(folder: Path) -> list[str]:
     """Adapter names in a PEFT folder: `default` at its root, named ones (shared, scale_<s>) in subfolders."""
     from mtrain.checkpoint.export import adapter_config_files  # noqa: PLC0415
 
-    return sorted("default" if config.parent == folder else config.parent.name for config in adapter_config_files(folder))
+    return sorted(
+        "default" if config.parent == folder else config.parent.name for config in adapter_config_files(folder)
+    )
 
 
 def load_kept_adapters(model: Any, folder: Path, frozen: bool) -> list[str]:

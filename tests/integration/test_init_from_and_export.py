@@ -106,7 +106,6 @@ def test_stage1_then_stage2_with_init_from_and_stock_loaders(tmp_path, shards_pa
     assert not (only / "model").exists()
 
 
-
 MQT = ("matryoshka.tokens.mode=mqt", "matryoshka.tokens.mqt_queries=16", "matryoshka.tokens.scales=[4,16]")
 MSS = ("model.lora.strategy=shared_plus_per_scale", "model.freeze.projector=true", "checkpoint.export_at_end=false")
 
@@ -120,7 +119,9 @@ def fp32_state(checkpoint: Path) -> dict[str, torch.Tensor]:
 def projector_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     """The MQT projector's parameters in a checkpoint, named from the projector down (PEFT adds a prefix)."""
     state = fp32_state(checkpoint)
-    return {name[name.index("multi_modal_projector") :]: t for name, t in state.items() if "multi_modal_projector" in name}
+    return {
+        name[name.index("multi_modal_projector") :]: t for name, t in state.items() if "multi_modal_projector" in name
+    }
 
 
 def adapter_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
