@@ -18,18 +18,15 @@ import torch
 from torch import nn
 
 from mtrain.config.schema import ModelConfig, TinyLlavaConfig, TokenScalesConfig
-from mtrain.model.mqt_model import (
-    MQT_MODEL_TYPE,
-    MQTLlavaConfig,
-    MQTLlavaForConditionalGeneration,
-    visual_tokens_per_image,
-)
 from mtrain.model.scale_lora import ScaleRouting, adapter_names, attach_scale_lora
 from mtrain.model.tokenizer import IMAGE_TOKEN, build_tiny_tokenizer
 
 # Loading code never reaches a hub: everything comes from the preset or a local folder.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# `mqt_model.MQTLlavaConfig.model_type`, spelled out: mqt_model imports transformers' LLaVA, which this
+# module leaves to the functions that build a model (commands that fail early never import it).
+MQT_MODEL_TYPE = "mtrain_mqt_llava"
 SUPPORTED_MODEL_TYPES = ("llava", MQT_MODEL_TYPE)
 
 # A LLaVA folder's weight names (the layout `LlavaForConditionalGeneration.save_pretrained` writes) as
@@ -113,8 +110,17 @@ def tiny_image_processor(image_size: int):
     )
 
 
-def mqt_llava_config(llava_config: Any, tokens: TokenScalesConfig) -> MQTLlavaConfig:
+def visual_tokens_per_image(llava_config: Any) -> int:
+    """Tokens each <image> stands for in the language model: the patch grid (+ CLS with 'full')."""
+    vision = llava_config.vision_config
+    grid = (vision.image_size // vision.patch_size) ** 2
+    return grid + (1 if llava_config.vision_feature_select_strategy == "full" else 0)
+
+
+def mqt_llava_config(llava_config: Any, tokens: TokenScalesConfig) -> Any:
     """`llava_config` with the MQT projector of `tokens` (mqt_queries, mqt_heads, mqt_architecture)."""
+    from mtrain.model.mqt_model import MQTLlavaConfig  # noqa: PLC0415
+
     fields = llava_config.to_dict()
     for name in ("model_type", "architectures", "auto_map", "transformers_version"):
         fields.pop(name, None)
@@ -136,6 +142,8 @@ def model_visual_tokens(config: Any) -> int:
 def load_model_config(path: str | Path) -> Any:
     """The config of a local model folder: LLaVA's, or mtrain's MQT LLaVA (no remote code run)."""
     from transformers import AutoConfig  # noqa: PLC0415
+
+    from mtrain.model.mqt_model import MQTLlavaConfig  # noqa: PLC0415
 
     folder = Path(path)
     model_type = json.loads((folder / "config.json").read_text()).get("model_type")
@@ -168,6 +176,8 @@ def build_model(
     tokens = tokens or TokenScalesConfig()
     from transformers import LlavaForConditionalGeneration  # noqa: PLC0415
     from transformers.integrations import HfDeepSpeedConfig  # noqa: PLC0415
+
+    from mtrain.model.mqt_model import MQTLlavaForConditionalGeneration  # noqa: PLC0415
 
     zero3_context = HfDeepSpeedConfig(zero3_ds_config) if zero3_ds_config else None
     attn = attention_implementation(cfg.attn_implementation)
@@ -280,6 +290,8 @@ def _model_class_for(config: Any, tokens: TokenScalesConfig, path: str) -> tuple
     LLaVA folder under `tokens.mode == "mqt"` starts MQT: a fresh query transformer replaces its MLP projector.
     """
     from transformers import LlavaForConditionalGeneration  # noqa: PLC0415
+
+    from mtrain.model.mqt_model import MQTLlavaForConditionalGeneration  # noqa: PLC0415
 
     if config.model_type != MQT_MODEL_TYPE:
         if tokens.mode == "mqt":

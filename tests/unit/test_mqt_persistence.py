@@ -71,3 +71,10 @@ def test_a_llava_folder_starts_mqt_with_its_language_model(tmp_path):
     kept = [name for name in saved if "multi_modal_projector" not in name]
     assert all(torch.equal(loaded[name], saved[name]) for name in kept)
     assert "model.multi_modal_projector.queries" in loaded  # a fresh query transformer replaces the MLP
+
+
+def test_build_names_the_mqt_model_type_of_the_registered_class():
+    from mtrain.model.build import MQT_MODEL_TYPE
+    from mtrain.model.mqt_model import MQTLlavaConfig
+
+    assert MQTLlavaConfig.model_type == MQT_MODEL_TYPE
