@@ -43,6 +43,14 @@ def test_an_mqt_folder_reloads_bit_exactly(mqt_folder):
     assert all(torch.equal(loaded[name], saved[name]) for name in saved)
 
 
+def test_an_mqt_llava_layout_folder_reloads_bit_exactly(tmp_path):
+    tokens = dataclasses.replace(MQT, mqt_architecture="mqt_llava")
+    folder, saved = folder_of(tmp_path, tokens, "model")
+    loaded = load(folder, tokens).state_dict()
+    assert "model.multi_modal_projector.pos_embed" in saved
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[name], saved[name]) for name in saved)
+
+
 def test_an_mqt_folder_without_its_projector_is_refused(mqt_folder, tmp_path):
     import shutil
 
