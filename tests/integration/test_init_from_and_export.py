@@ -137,11 +137,10 @@ def adapter_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 
 def test_mqt_projector_and_scale_adapters_survive_export_and_init_from(tmp_path, shards_pattern):
-    """Stage 1 trains an MQT projector; stage 2 starts from it with scale-specific LoRA; stage 3 starts from stage 2
-    keeping every scale adapter frozen. Nothing trained is lost on the way, bit for bit."""
+    """Stage 1 trains an MQT projector; stage 2 starts from it with scale-specific LoRA (and resumes once); stage 3
+    starts from stage 2 keeping every scale adapter frozen. Nothing trained is lost on the way, bit for bit."""
     from transformers import AutoModelForImageTextToText
 
-    from mtrain.checkpoint.init_from import init_from_folder, init_from_start, load_kept_adapters
     from mtrain.config import load_config
     from mtrain.model.build import build_model
     from mtrain.task.language_modeling import LanguageModelingTask
@@ -172,9 +171,14 @@ def test_mqt_projector_and_scale_adapters_survive_export_and_init_from(tmp_path,
     stage2 = tmp_path / "stage2"
     init1 = f"checkpoint.init_from={stage1 / 'checkpoints'}"
     assert run(train_cmd(stage2, shards_pattern, 1, init1, *MQT, *MSS), cwd=tmp_path).returncode == 0
-    checkpoint2 = stage2 / "checkpoints" / "step_00000001"
-    kept = projector_weights(checkpoint2)
+    kept = projector_weights(stage2 / "checkpoints" / "step_00000001")
     assert kept.keys() == trained.keys() and all(torch.equal(kept[name], trained[name]) for name in trained)
+    # Resumed for a second step, the run still holds stage 1's projector.
+    proc = run(train_cmd(stage2, shards_pattern, 2, init1, *MQT, *MSS), cwd=tmp_path)
+    assert proc.returncode == 0 and "resumed from" in proc.stderr + proc.stdout
+    checkpoint2 = stage2 / "checkpoints" / "step_00000002"
+    kept = projector_weights(checkpoint2)
+    assert all(torch.equal(kept[name], trained[name]) for name in trained)
     adapters = adapter_weights(checkpoint2)
     assert {name.split("/")[0] for name in adapters} == {"shared", "scale_4", "scale_16"}
 
@@ -190,6 +194,8 @@ def test_mqt_projector_and_scale_adapters_survive_export_and_init_from(tmp_path,
     assert all(torch.equal(kept[name], trained[name]) for name in trained)
 
     # init_from_adapters=train (the default) loads the same adapters, trainable.
+    from mtrain.checkpoint.init_from import init_from_folder, init_from_start, load_kept_adapters
+
     cfg3 = load_config(checkpoint3 / "config.yaml")
     start = init_from_start(init_from_folder(str(stage2 / "checkpoints"), stage3, create=False), "train")
     model_cfg = dataclasses.replace(cfg3.model, preset="none", path=str(start.model))
