@@ -309,16 +309,16 @@ def _data_tokens(config: list[str] | None) -> DataTokens:
         return DataTokens(
             tokenizer, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), TinyLlavaConfig().visual_tokens, None, None
         )
-    from mtrain.model.build import visual_tokens_per_image  # noqa: PLC0415
+    from mtrain.model.build import load_model_config, model_visual_tokens  # noqa: PLC0415
 
     cfg = load_config(config[0], config[1:])
     tokens = cfg.matryoshka.tokens
     if cfg.model.path:
-        from transformers import AutoConfig, AutoTokenizer  # noqa: PLC0415
+        from transformers import AutoTokenizer  # noqa: PLC0415
 
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, local_files_only=True)
-        model_config = AutoConfig.from_pretrained(cfg.model.path, local_files_only=True)
-        visual = visual_tokens_per_image(model_config)
+        model_config = load_model_config(cfg.model.path)
+        visual = model_visual_tokens(model_config)
         image_token_id = getattr(model_config, "image_token_id", None)
         if image_token_id is None:
             image_token_id = model_config.image_token_index

@@ -3,6 +3,7 @@
     prepare_resume()  before the engine exists: which checkpoint to resume from (partials removed),
                   config mismatch check, universal conversion at another world size
     model_config()  the model source, replaced by `checkpoint.init_from` when set
+    load_init_adapters()  after the model is built: the init_from source's adapters, when kept
     restore()     after the engine exists: engine, trainer, every rank's data position, RNG
     save()        crash-safe save (see `save.py`)
 
@@ -20,7 +21,7 @@ from typing import Any
 
 from mtrain import __version__
 from mtrain.checkpoint.export import ADAPTER_DIR, save_adapter_gathered
-from mtrain.checkpoint.init_from import init_from_model_folder
+from mtrain.checkpoint.init_from import init_from_folder, init_from_start, load_kept_adapters
 from mtrain.checkpoint.manifest import manifest_problems
 from mtrain.checkpoint.resume import (
     CheckpointInfo,
@@ -49,6 +50,7 @@ class Checkpointer:
         self.resume_from: CheckpointInfo | None = None
         self.universal = False
         self.config_yaml = ""
+        self.init_adapters: Path | None = None  # the init_from source's adapters, when kept
 
     # ── before the engine ─────────────────────────────────────────────────────────────────────
     def prepare_resume(self, ds_config: dict[str, Any]) -> dict[str, Any]:
@@ -92,10 +94,21 @@ class Checkpointer:
         source = self.cfg.checkpoint.init_from
         if not source:
             return self.cfg.model
-        run_on_main(lambda: str(init_from_model_folder(source, self.run_dir, create=True)), "checkpoint")
-        folder = init_from_model_folder(source, self.run_dir, create=False)
-        print0(f"init_from: weights from {folder} (fresh optimizer, schedule and data)")
-        return dataclasses.replace(self.cfg.model, preset="none", path=str(folder))
+        run_on_main(lambda: str(init_from_folder(source, self.run_dir, create=True)), "checkpoint")
+        start = init_from_start(
+            init_from_folder(source, self.run_dir, create=False), self.cfg.checkpoint.init_from_adapters
+        )
+        self.init_adapters = start.adapters
+        print0(f"init_from: weights from {start.model} (fresh optimizer, schedule and data)")
+        return dataclasses.replace(self.cfg.model, preset="none", path=str(start.model))
+
+    def load_init_adapters(self, model: Any) -> None:
+        """Every adapter of the init_from source into the run's adapters of the same names (a no-op without)."""
+        if self.init_adapters is None:
+            return
+        frozen = self.cfg.checkpoint.init_from_adapters == "freeze"
+        names = load_kept_adapters(model, self.init_adapters, frozen)
+        print0(f"init_from: adapters {names} from {self.init_adapters} ({'frozen' if frozen else 'training on'})")
 
     # ── after the engine ──────────────────────────────────────────────────────────────────────
     def restore(self, engine: Any, trainer: Any, loader: Any) -> None:

@@ -10,7 +10,7 @@
 
 DeepSpeed's own `zero_to_fp32` consolidates the ZeRO partitions for the merged model. Adapters
 never need the whole model: every checkpoint of a LoRA run already holds `adapter/`, written at
-save time by gathering the trainable parameters alone (`save_adapter_gathered`), and
+save time by gathering the adapters' parameters alone (`save_adapter_gathered`), and
 `--adapter-only` copies it. Everything is written with safetensors; loading an export never
 unpickles.
 """
@@ -174,7 +174,7 @@ def llava_processor(config: Any, built: Any, chat_template: str) -> Any:
 
 
 def save_adapter_gathered(peft_model: Any, folder: Path, is_main: bool) -> None:
-    """Every rank calls this: gather only the trainable parameters (ZeRO-3), rank 0 writes a stock PEFT folder.
+    """Every rank calls this: gather only the adapters' parameters (ZeRO-3), rank 0 writes a stock PEFT folder.
 
     The frozen base stays partitioned; only the adapters and `modules_to_save` are ever whole.
     """
@@ -182,10 +182,11 @@ def save_adapter_gathered(peft_model: Any, folder: Path, is_main: bool) -> None:
     from peft import get_peft_model_state_dict  # noqa: PLC0415
     from safetensors.torch import save_file  # noqa: PLC0415
 
-    trainable = [param for param in peft_model.parameters() if param.requires_grad]
+    # The LoRA weights too when frozen (`checkpoint.init_from_adapters=freeze`): every adapter is saved whole.
+    saved = [param for name, param in peft_model.named_parameters() if param.requires_grad or ".lora_" in name]
     names = list(peft_model.peft_config)
     states: dict[str, dict[str, torch.Tensor]] = {}
-    with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
+    with deepspeed.zero.GatheredParameters(saved, modifier_rank=None):
         if is_main:
             for name in names:
                 adapter = get_peft_model_state_dict(peft_model, adapter_name=name, save_embedding_layers=False)

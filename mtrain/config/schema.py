@@ -315,6 +315,12 @@ class CheckpointConfig(Checkable):
     init_from: str | None = setting(
         None, "Start from these weights only (checkpoint, export or HF folder): fresh optimizer, schedule, data."
     )
+    init_from_adapters: Literal["train", "freeze", "merge"] = setting(
+        "train",
+        "LoRA adapters of an init_from checkpoint or export: train keeps every one (scale adapters included) and "
+        "trains them on, freeze keeps them fixed (both need this run's lora settings to match), merge folds the "
+        "default scale's into the weights and starts fresh adapters.",
+    )
     verify_checksums: bool = setting(False, "On resume, check every file's SHA-256 against the manifest.")
     start_over: bool = setting(
         False, "With resume=never: move an existing run in run.dir to run.dir/previous/<time>/ and start fresh."

@@ -146,6 +146,7 @@ def set_up(cfg: TrainConfig) -> Run:
     objective = objective_for(cfg)
     zero3 = ds_config if cfg.zero.stage == 3 else None
     built = build_model(checkpointer.model_config(), placement.dtype, zero3, cfg.run.seed, cfg.matryoshka.tokens)
+    checkpointer.load_init_adapters(built.model)
     engine = initialize_engine(cfg, built, ds_config, world.rank)
     report_model(cfg, world, run_dir, built, engine, placement.device)
 

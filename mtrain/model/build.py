@@ -7,6 +7,7 @@ partitioned, so no rank ever holds the whole model.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -18,13 +19,23 @@ from torch import nn
 
 from mtrain.config.schema import ModelConfig, TinyLlavaConfig, TokenScalesConfig
 from mtrain.model.scale_lora import ScaleRouting, adapter_names, attach_scale_lora
-from mtrain.model.token_scales import MQTLlavaResampler, QueryTransformerProjector
 from mtrain.model.tokenizer import IMAGE_TOKEN, build_tiny_tokenizer
 
 # Loading code never reaches a hub: everything comes from the preset or a local folder.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SUPPORTED_MODEL_TYPES = ("llava",)
+# `mqt_model.MQTLlavaConfig.model_type`, spelled out: mqt_model imports transformers' LLaVA, which this
+# module leaves to the functions that build a model (commands that fail early never import it).
+MQT_MODEL_TYPE = "mtrain_mqt_llava"
+SUPPORTED_MODEL_TYPES = ("llava", MQT_MODEL_TYPE)
+
+# A LLaVA folder's weight names (the layout `LlavaForConditionalGeneration.save_pretrained` writes) as
+# the MQT class names them; transformers applies LLaVA's own renaming only to the `llava` model type.
+LLAVA_TO_MQT_KEYS = {
+    r"^language_model\.lm_head": "lm_head",
+    r"^language_model\.model": "model.language_model",
+    r"^vision_tower": "model.vision_tower",
+}
 
 
 @dataclass
@@ -106,6 +117,41 @@ def visual_tokens_per_image(llava_config: Any) -> int:
     return grid + (1 if llava_config.vision_feature_select_strategy == "full" else 0)
 
 
+def mqt_llava_config(llava_config: Any, tokens: TokenScalesConfig) -> Any:
+    """`llava_config` with the MQT projector of `tokens` (mqt_queries, mqt_heads, mqt_architecture)."""
+    from mtrain.model.mqt_model import MQTLlavaConfig  # noqa: PLC0415
+
+    fields = llava_config.to_dict()
+    for name in ("model_type", "architectures", "auto_map", "transformers_version"):
+        fields.pop(name, None)
+    return MQTLlavaConfig(
+        **fields,
+        mqt_queries=tokens.mqt_queries,
+        mqt_heads=tokens.mqt_heads,
+        mqt_architecture=tokens.mqt_architecture,
+    )
+
+
+def model_visual_tokens(config: Any) -> int:
+    """Tokens each <image> stands for in the language model: M queries (MQT) or the vision tower's grid."""
+    if config.model_type == MQT_MODEL_TYPE:
+        return config.mqt_queries
+    return visual_tokens_per_image(config)
+
+
+def load_model_config(path: str | Path) -> Any:
+    """The config of a local model folder: LLaVA's, or mtrain's MQT LLaVA (no remote code run)."""
+    from transformers import AutoConfig  # noqa: PLC0415
+
+    from mtrain.model.mqt_model import MQTLlavaConfig  # noqa: PLC0415
+
+    folder = Path(path)
+    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    if model_type == MQT_MODEL_TYPE:
+        return MQTLlavaConfig.from_pretrained(folder, local_files_only=True)
+    return AutoConfig.from_pretrained(folder, local_files_only=True)
+
+
 def _image_token_id(llava_config: Any) -> int:
     value = getattr(llava_config, "image_token_id", None)
     return value if value is not None else llava_config.image_token_index
@@ -121,7 +167,8 @@ def build_model(
 ) -> BuiltModel:
     """Build or load the model described by `cfg`, partitioned under ZeRO-3 when a config is given.
 
-    With `tokens.mode == "mqt"` LLaVA's projector is replaced by the MQT query transformer; with a
+    With `tokens.mode == "mqt"` the model is `MQTLlavaForConditionalGeneration`, LLaVA with the MQT query
+    transformer as projector (its trained weights from an MQT folder, fresh on a LLaVA base); with a
     scale-specific `lora.strategy` one PEFT adapter per scale is attached. `config_only` builds a
     local model from its config.json alone (no weights, tokenizer or image processor read): called
     under `torch.device("meta")` it gives the exact parameter layout of a 7B model in seconds.
@@ -130,28 +177,31 @@ def build_model(
     from transformers import LlavaForConditionalGeneration  # noqa: PLC0415
     from transformers.integrations import HfDeepSpeedConfig  # noqa: PLC0415
 
+    from mtrain.model.mqt_model import MQTLlavaForConditionalGeneration  # noqa: PLC0415
+
     zero3_context = HfDeepSpeedConfig(zero3_ds_config) if zero3_ds_config else None
     attn = attention_implementation(cfg.attn_implementation)
     torch.manual_seed(seed)  # identical initial weights (and LoRA init) on every rank
     if cfg.path:
-        built = _load_local(cfg.path, dtype, attn, config_only)
+        built = _load_local(cfg.path, dtype, attn, tokens, config_only)
     else:
         tokenizer = build_tiny_tokenizer()
         image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         vocab_size = (len(tokenizer) + 63) // 64 * 64
         llava_config = tiny_llava_config(cfg.tiny, vocab_size, image_token_id, tokenizer.pad_token_id)
+        model_class: Any = LlavaForConditionalGeneration
+        if tokens.mode == "mqt":
+            llava_config, model_class = mqt_llava_config(llava_config, tokens), MQTLlavaForConditionalGeneration
         llava_config._attn_implementation = attn
-        model = LlavaForConditionalGeneration._from_config(llava_config, dtype=dtype)
+        model = model_class._from_config(llava_config, dtype=dtype)
         built = BuiltModel(
             model=model,
             tokenizer=tokenizer,
             image_processor=tiny_image_processor(cfg.tiny.image_size),
-            visual_tokens=visual_tokens_per_image(llava_config),
+            visual_tokens=model_visual_tokens(llava_config),
             image_token_id=image_token_id,
             source="preset:tiny-llava",
         )
-    if tokens.mode == "mqt":
-        replace_projector_with_mqt(built, tokens, zero3_ds_config, dtype)
     built.constructed_elements = parameter_elements(built.model)
     if cfg.lora.enabled:
         # PEFT freezes the base and trains the adapters plus `modules_to_save`, so the saved
@@ -189,13 +239,10 @@ def enable_activation_checkpointing(built: BuiltModel) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def _load_local(path: str, dtype: torch.dtype, attn: str, config_only: bool = False) -> BuiltModel:
-    from transformers import (  # noqa: PLC0415
-        AutoConfig,
-        AutoImageProcessor,
-        AutoTokenizer,
-        LlavaForConditionalGeneration,  # noqa: PLC0415
-    )
+def _load_local(
+    path: str, dtype: torch.dtype, attn: str, tokens: TokenScalesConfig, config_only: bool = False
+) -> BuiltModel:
+    from transformers import AutoImageProcessor, AutoTokenizer  # noqa: PLC0415
 
     folder = Path(path)
     if not (folder / "config.json").is_file():
@@ -203,28 +250,80 @@ def _load_local(path: str, dtype: torch.dtype, attn: str, config_only: bool = Fa
             f"model.path={path!r} is not a Hugging Face model folder (no config.json); "
             "point it at a local folder written by save_pretrained"
         )
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    config = load_model_config(folder)
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
             f"model.path={path!r} holds a {config.model_type!r} model; mtrain loads {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
+    starts_mqt = tokens.mode == "mqt" and config.model_type != MQT_MODEL_TYPE
+    model_class, config = _model_class_for(config, tokens, path)
     if config_only:
         config._attn_implementation = attn
-        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
-        return BuiltModel(model, None, None, visual_tokens_per_image(config), _image_token_id(config), str(folder))
-    model = LlavaForConditionalGeneration.from_pretrained(
-        folder, local_files_only=True, dtype=dtype, attn_implementation=attn
+        model = model_class._from_config(config, dtype=dtype)
+        return BuiltModel(model, None, None, model_visual_tokens(config), _image_token_id(config), str(folder))
+    model, loading = model_class.from_pretrained(
+        folder,
+        config=config,
+        key_mapping=LLAVA_TO_MQT_KEYS if starts_mqt else None,
+        local_files_only=True,
+        dtype=dtype,
+        attn_implementation=attn,
+        output_loading_info=True,
     )
+    _check_nothing_missing(loading["missing_keys"], config.model_type, path, fresh_projector=starts_mqt)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     image_processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
     return BuiltModel(
         model=model,
         tokenizer=tokenizer,
         image_processor=image_processor,
-        visual_tokens=visual_tokens_per_image(config),
+        visual_tokens=model_visual_tokens(config),
         image_token_id=_image_token_id(config),
         source=str(folder.resolve()),
     )
+
+
+def _model_class_for(config: Any, tokens: TokenScalesConfig, path: str) -> tuple[Any, Any]:
+    """The class (and config) that load a folder under this run's token mode.
+
+    An MQT folder loads with its trained projector and needs the run's MQT settings to match it. A
+    LLaVA folder under `tokens.mode == "mqt"` starts MQT: a fresh query transformer replaces its MLP projector.
+    """
+    from transformers import LlavaForConditionalGeneration  # noqa: PLC0415
+
+    from mtrain.model.mqt_model import MQTLlavaForConditionalGeneration  # noqa: PLC0415
+
+    if config.model_type != MQT_MODEL_TYPE:
+        if tokens.mode == "mqt":
+            return MQTLlavaForConditionalGeneration, mqt_llava_config(config, tokens)
+        return LlavaForConditionalGeneration, config
+    if tokens.mode != "mqt":
+        raise ValueError(
+            f"model.path={path!r} holds an MQT model (its projector turns each image into {config.mqt_queries} "
+            "query tokens); set matryoshka.tokens.mode=mqt to train or evaluate it"
+        )
+    differing = [
+        f"matryoshka.tokens.{name}={getattr(config, name)!r} (the config has {getattr(tokens, name)!r})"
+        for name in ("mqt_queries", "mqt_heads", "mqt_architecture")
+        if getattr(config, name) != getattr(tokens, name)
+    ]
+    if differing:
+        raise ValueError(f"model.path={path!r} holds an MQT projector of another shape; set {', '.join(differing)}")
+    return MQTLlavaForConditionalGeneration, config
+
+
+def _check_nothing_missing(missing_keys: set[str], model_type: str, path: str, fresh_projector: bool) -> None:
+    """Refuse a folder that lacks weights it should hold, which transformers would initialise randomly.
+
+    Only a LLaVA folder that starts MQT (`fresh_projector`) lacks a part on purpose: the new projector.
+    """
+    missing = sorted(key for key in missing_keys if not (fresh_projector and "multi_modal_projector" in key))
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise ValueError(
+            f"model.path={path!r} lacks {len(missing)} weight(s) of its {model_type!r} model ({shown}), which would "
+            "start random; re-export the checkpoint (mtrain export) or point at a complete model folder"
+        )
 
 
 def lora_target_pattern(target_modules: list[str]) -> str:
@@ -259,40 +358,6 @@ def attach_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
     from peft import get_peft_model  # noqa: PLC0415
 
     return get_peft_model(model, peft_lora_config(cfg))
-
-
-def replace_projector_with_mqt(
-    built: BuiltModel, tokens: TokenScalesConfig, zero3_ds_config: dict | None, dtype: torch.dtype
-) -> None:
-    """Swap LLaVA's MLP projector for MQT's query transformer; <image> then stands for M tokens."""
-    import contextlib  # noqa: PLC0415
-
-    config = built.model.config
-    grid_tokens = built.visual_tokens
-    context = contextlib.nullcontext()
-    if zero3_ds_config:
-        import deepspeed  # noqa: PLC0415
-
-        context = deepspeed.zero.Init(config_dict_or_path=zero3_ds_config)  # built partitioned, like the rest
-    with context:
-        if tokens.mqt_architecture == "mqt_llava":
-            projector: nn.Module = MQTLlavaResampler(
-                vision_dim=config.vision_config.hidden_size,
-                text_dim=config.text_config.hidden_size,
-                num_queries=tokens.mqt_queries,
-                num_heads=tokens.mqt_heads,
-            )
-        else:
-            projector = QueryTransformerProjector(
-                vision_dim=config.vision_config.hidden_size,
-                text_dim=config.text_config.hidden_size,
-                num_queries=tokens.mqt_queries,
-                num_heads=tokens.mqt_heads,
-                num_patches=grid_tokens,
-            )
-        projector = projector.to(dtype)
-    built.model.model.multi_modal_projector = projector
-    built.visual_tokens = tokens.mqt_queries
 
 
 def model_part(parameter_name: str) -> str:
