@@ -3,7 +3,8 @@
 Each rank embeds its half of the batch, gathers the other half without a graph and puts its own
 slice back; the ranks' gradients averaged (what DeepSpeed applies) must equal the single-process
 gradient of the whole batch, on the direct and the GradCache path, for MRL and 2DMSE, and for MRL
-with hard negatives held by one rank only (the other gathers a blank, masked slice).
+with hard negatives held by one rank only (the other gathers a blank, masked slice). The same through
+the DeepSpeed engine under ZeRO-3: tests/distributed/test_global_batch_gradients_zero3.py.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Global token normalisation's counts: what the trainer reduces before the first backward must equal
-what each loss divides by (the 2-rank gradient equality is tests/distributed/test_token_normalisation_zero3.py)."""
+what each loss divides by (the 2-rank gradient equality is tests/distributed/test_global_batch_gradients_zero3.py)."""
 
 from __future__ import annotations
 

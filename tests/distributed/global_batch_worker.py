@@ -1,6 +1,6 @@
 """One real optimizer step per case under 2-rank ZeRO-3, through the Trainer, with plain SGD (lr 1, no clip).
 
-    torchrun --nproc_per_node 2 token_norm_worker.py OUT.pt [CASE...]
+    torchrun --nproc_per_node 2 global_batch_worker.py OUT.pt [CASE...]
 
 Each rank feeds its own micro-batches (`rank_batches`); rank 0 saves, per case, every parameter
 before the step (gathered), every trainable parameter after it and the logged loss. The update
@@ -17,7 +17,7 @@ import torch
 
 from data_pipeline.tokenize import IGNORE_INDEX
 
-# Learned-token counts differ widely between micro-batches and ranks: a caption of one word
+# Learned-token counts differ widely between micro-batches and ranks (3, 169 | 83, 3): a caption of one word
 # beside paragraphs, one row beside three.
 SHORT, LONG = "red.", "a big red circle on a white ground, drawn twice, with a thin blue line under it. " * 2
 LM_MICRO_BATCHES = {0: [[SHORT], [LONG, LONG + "again.", "a blue square."]], 1: [[LONG, SHORT], ["green."]]}

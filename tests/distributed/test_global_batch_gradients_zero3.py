@@ -18,11 +18,11 @@ import pytest
 import torch
 
 from tests.conftest import REPO, launch_env, run, torchrun
-from tests.distributed.token_norm_worker import LM_MICRO_BATCHES, PAIR_ROWS, caption_batch, config
+from tests.distributed.global_batch_worker import LM_MICRO_BATCHES, PAIR_ROWS, caption_batch, config
 
 pytestmark = pytest.mark.timeout(300)
 
-WORKER = str(REPO / "tests/distributed/token_norm_worker.py")
+WORKER = str(REPO / "tests/distributed/global_batch_worker.py")
 
 
 def concat_rows(batches: list[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
