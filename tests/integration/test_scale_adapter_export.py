@@ -121,7 +121,13 @@ def check_infer_equals_mtrain_at_every_scale(run_dir, export, scales: list[int])
                 str(run_dir / "infer_out.pt"), json.dumps(scales)], cwd=run_dir)  # fmt: skip
     assert proc.returncode == 0
     loaded = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert loaded == ["mtrain", "mtrain.infer", "mtrain.model", "mtrain.model.embedding_head", "mtrain.model.token_scales"]
+    assert loaded == [
+        "mtrain",
+        "mtrain.infer",
+        "mtrain.model",
+        "mtrain.model.embedding_head",
+        "mtrain.model.token_scales",
+    ]
     inferred = torch.load(run_dir / "infer_out.pt")
     reference = {}
     for scale in scales:

@@ -67,6 +67,6 @@ def test_mqt_keeps_the_first_queries_as_the_task_does():
     model = MatryoshkaModel(task.model, MatryoshkaSpec(token_mode="mqt", scales=scales, default_scale=64))
     for scale in scales:
         inputs = model.scaled_inputs(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], scale)
-        assert int((inputs["inputs_embeds"].shape[1])) == max(len(r) for r in reference[scale])
+        assert int(inputs["inputs_embeds"].shape[1]) == max(len(r) for r in reference[scale])
         inferred = model.logits(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], scale=scale)
         assert_rows_equal(inferred, inputs["attention_mask"], reference[scale])
