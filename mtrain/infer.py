@@ -56,6 +56,7 @@ class MatryoshkaSpec:
     token_mode: str = "none"
     scales: list[int] = field(default_factory=list)
     default_scale: int | None = None
+    mqt_queries: int | None = None
     strategy: str | None = None
     dims: list[int] = field(default_factory=list)
     embedding: dict[str, Any] | None = None  # embedding.json: dims, layers, last_layer, pooling, ...
@@ -71,6 +72,7 @@ class MatryoshkaSpec:
             token_mode=block.get("token_mode", "none"),
             scales=block.get("scales") or [],
             default_scale=block.get("default_scale"),
+            mqt_queries=block.get("mqt_queries"),
             strategy=block.get("strategy"),
             dims=block.get("dims") or [],
             embedding=json.loads(embedding_file.read_text()) if embedding_file.is_file() else None,
@@ -129,9 +131,15 @@ class MatryoshkaModel:
         return torch.stack(list(output.pooler_output))
 
     def at_scale(self, features: torch.Tensor, scale: int) -> torch.Tensor:
-        if self.spec.token_mode == "mqt":
-            return features[:, :scale]  # MQT queries attend only to the image: a prefix is an m-query pass
-        return pool_grid(features, scale)
+        if self.spec.token_mode != "mqt":
+            return pool_grid(features, scale)
+        queries = self.spec.mqt_queries or features.shape[1]
+        if features.shape[1] != queries:
+            raise ValueError(
+                f"this model's projector gives {features.shape[1]} tokens per image, not the {queries} MQT "
+                "queries it was trained with: the export's query-transformer projector did not load"
+            )
+        return features[:, :scale]  # MQT queries attend only to the image: a prefix is an m-query pass
 
     def scaled_inputs(
         self,

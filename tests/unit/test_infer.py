@@ -64,9 +64,15 @@ def test_mqt_keeps_the_first_queries_as_the_task_does():
     batch = make_batch(built)
     scales = [2, 8, 32, 64]
     reference = per_scale_logits(task, batch, scales)
-    model = MatryoshkaModel(task.model, MatryoshkaSpec(token_mode="mqt", scales=scales, default_scale=64))
+    model = MatryoshkaModel(task.model, MatryoshkaSpec("mqt", scales, default_scale=64, mqt_queries=64))
     for scale in scales:
         inputs = model.scaled_inputs(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], scale)
         assert int(inputs["inputs_embeds"].shape[1]) == max(len(r) for r in reference[scale])
         inferred = model.logits(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], scale=scale)
         assert_rows_equal(inferred, inputs["attention_mask"], reference[scale])
+
+    # A projector giving another count than the trained queries (a stock load that fell back to
+    # LLaVA's MLP projector) is refused, not read as queries.
+    wrong = MatryoshkaModel(task.model, MatryoshkaSpec("mqt", scales, default_scale=64, mqt_queries=128))
+    with pytest.raises(ValueError, match="gives 64 tokens per image, not the 128 MQT queries"):
+        wrong.logits(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], scale=8)
