@@ -283,3 +283,35 @@ def load_projection(folder: Path, spec: MatryoshkaSpec, dtype: torch.dtype) -> n
     projection = nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=dtype)
     projection.weight.data.copy_(weight)
     return projection.eval()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m mtrain.infer EXPORT --image PICTURE --prompt TEXT [--scale S]`: answer with the trained chat
+    template, each image at S visual tokens (default: the export's default scale)."""
+    import argparse  # noqa: PLC0415
+
+    from PIL import Image  # noqa: PLC0415
+    from transformers import AutoProcessor  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(prog="python -m mtrain.infer", description=main.__doc__)
+    parser.add_argument("export", help="the folder `mtrain export` (or the end of training) wrote")
+    parser.add_argument("--image", required=True, help="a picture file")
+    parser.add_argument("--prompt", required=True, help="the question about it")
+    parser.add_argument("--scale", type=int, default=None, help="visual tokens per image (a trained scale)")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    args = parser.parse_args(argv)
+    model = MatryoshkaModel.from_export(args.export)
+    processor = AutoProcessor.from_pretrained(Path(args.export) / "model")
+    messages = [{"role": "user", "content": f"<image>\n{args.prompt}"}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=Image.open(args.image).convert("RGB"), text=text, return_tensors="pt")
+    new_tokens = model.generate(
+        inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"], scale=args.scale,
+        max_new_tokens=args.max_new_tokens, do_sample=False,
+    )  # fmt: skip
+    print(processor.decode(new_tokens[0], skip_special_tokens=True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

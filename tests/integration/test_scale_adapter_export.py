@@ -101,6 +101,8 @@ batch = torch.load(batch_file)
 out = {scale: model.logits(batch["input_ids"], batch["pixel_values"], scale=scale) for scale in scales}
 out["generated"] = model.generate(batch["input_ids"], batch["pixel_values"], scale=16, max_new_tokens=3, do_sample=False)
 torch.save(out, out_file)
+from mtrain.infer import main  # the command line: stock AutoProcessor, the chat template, one answer
+main([export, "--image", sys.argv[5], "--prompt", "What is in the picture?", "--scale", "4", "--max-new-tokens", "3"])
 print(json.dumps(sorted(m for m in sys.modules if m.startswith(("mtrain", "data_pipeline", "deepspeed")))))
 """
 
@@ -117,8 +119,11 @@ def check_infer_equals_mtrain_at_every_scale(run_dir, export, scales: list[int])
     torch.manual_seed(0)
     batch = {"input_ids": ids, "pixel_values": torch.randn(1, 3, 32, 32)}
     torch.save(batch, run_dir / "infer_batch.pt")
+    from PIL import Image
+
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(run_dir / "picture.png")
     proc = run([str(BIN / "python"), "-c", INFER_SCRIPT, str(export), str(run_dir / "infer_batch.pt"),
-                str(run_dir / "infer_out.pt"), json.dumps(scales)], cwd=run_dir)  # fmt: skip
+                str(run_dir / "infer_out.pt"), json.dumps(scales), str(run_dir / "picture.png")], cwd=run_dir)  # fmt: skip
     assert proc.returncode == 0
     loaded = json.loads(proc.stdout.strip().splitlines()[-1])
     assert loaded == [
