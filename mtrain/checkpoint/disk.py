@@ -6,10 +6,17 @@ Out of space, a save used to die inside `torch.save` with `basic_ios::clear: ios
   the save will take (the newest complete checkpoint's, else an estimate from the parameters) and
   warns when it will not fit;
 - a write that fails with ENOSPC / EDQUOT, EACCES / EPERM or EROFS (or with torch's errno-less
-  RuntimeError on a full or read-only disk) is caught on the rank it hit; every rank learns of it
-  at the save's next sync point and raises the same `CheckpointSaveError`, which names the folder,
+  RuntimeError on a full or read-only disk) becomes a `CheckpointSaveError` that names the folder,
   the space needed and free, and the step `latest` still points to. `latest` is never touched by a
-  failed save, and the partial staging folder is removed to give the space back.
+  failed save, and rank 0 removes the partial staging folder to give the space back.
+
+Where a failure can be agreed on: in mtrain's own stages every rank reaches the same sync point
+(`agree`, which replaces a barrier), so all raise the same error. Inside DeepSpeed's
+`save_checkpoint` the ranks run collectives of their own (tag checks, optimizer state, the closing
+barrier), and a rank that left it early cannot tell which one its peers wait in; joining any would
+mismatch them and hang (seen with 2 ranks on a full tmpfs). So a rank whose DeepSpeed write fails
+raises at once (`raise_alone`); a peer whose write went through then fails on the lost rank and the
+launcher stops the job, and the no-retry status of the failed rank keeps launchers/ from retrying.
 """
 
 from __future__ import annotations
@@ -161,6 +168,14 @@ class SaveFailures:
             shutil.rmtree(self.staging, ignore_errors=True)  # give the space back; `latest` never moved
         raise CheckpointSaveError(self.describe(failures[0]))
 
+    def raise_alone(self) -> None:
+        """Raise this rank's failure now, joining no collective (see the module docstring)."""
+        if self.failure is None:
+            return
+        if self.rank == 0:
+            shutil.rmtree(self.staging, ignore_errors=True)
+        raise CheckpointSaveError(self.describe(self.failure))
+
     def describe(self, failure: tuple[str, str]) -> str:
         cause, seen = failure
         space = ""
@@ -171,5 +186,6 @@ class SaveFailures:
             )
         return (
             f"checkpoint save into {self.root} failed: {cause} ({seen}).{space} {latest_description(self.root)}; "
-            f"the partial save was removed. To continue: {FIXES[cause]}, then run the same command to resume."
+            f"the partial save {'was removed' if self.rank == 0 else 'is removed at the next start'}. "
+            f"To continue: {FIXES[cause]}, then run the same command to resume."
         )

@@ -126,11 +126,6 @@ def file_owner(name: str) -> int:
     return int(match.group(1)) if match else 0
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def _rank_and_world() -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -170,9 +165,7 @@ def save_checkpoint(
         engine.save_checkpoint(
             str(root), tag=staging.name, client_state={"trainer": meta["trainer"]}, save_latest=False
         )
-    if failures.failure is not None:
-        _barrier()  # DeepSpeed's closing barrier, which the ranks whose writes went through are waiting in
-    failures.agree()
+    failures.raise_alone()  # inside DeepSpeed's collectives no sync point is safe to join (disk.py)
     inject_fault("engine_written", step)
     if write_extra is not None:
         with failures.writing():
