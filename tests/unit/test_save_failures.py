@@ -92,3 +92,17 @@ def test_free_space_is_checked_against_the_newest_checkpoint_before_a_save(tmp_p
     check = check_free_space(root, engine=None)  # a checkpoint exists: the engine is not asked
     assert check.needed == 10 + huge and check.basis == "the size of step_00000003" and 0 < check.free < huge
     assert f"warning: checkpoint: {root} has " in capsys.readouterr().err
+
+
+def test_a_failed_deepspeed_write_raises_alone_and_only_rank_0_removes_the_partial_save(tmp_path):
+    root = tmp_path / "checkpoints"
+    staging = root / ".staging-step_00000002"
+    staging.mkdir(parents=True)
+    failures = SaveFailures(root, staging, rank=1, world_size=2)  # no process group: joins no collective
+    failures.raise_alone()  # nothing failed
+    with failures.writing():
+        raise OSError(errno.EROFS, "Read-only file system")
+    with pytest.raises(CheckpointSaveError, match="the file system is read-only .rank 1: OSError") as caught:
+        failures.raise_alone()
+    assert "no earlier checkpoint exists" in str(caught.value) and "is removed at the next start" in str(caught.value)
+    assert "put run.dir on a writable file system" in str(caught.value) and staging.is_dir()
