@@ -159,14 +159,14 @@ def print_deepspeed_json(cfg: TrainConfig, world_size: int) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command. mtrain's own errors print one line (MTRAIN_DEBUG=1: with the traceback) and exit
     with EXIT_NO_RETRY (2), which the restart loops in launchers/ never retry (see launch/outcome.py)."""
-    from mtrain.launch.outcome import report_final_error  # noqa: PLC0415
+    from mtrain.launch.outcome import NoRetryError, report_final_error  # noqa: PLC0415
 
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)
     except ConfigError as exc:
         return _leave(report_final_error("config error", exc))
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, NoRetryError) as exc:
         return _leave(report_final_error("error", exc))
     except Exception as exc:
         # Bad data can only stop a job that imported the loader; importing it here would slow `validate`.

@@ -33,6 +33,28 @@ def embedding_metadata(task: Any) -> dict[str, Any]:
     }
 
 
+def embedding_width(cfg: Any, built: Any) -> int:
+    """The width of the trained embedding: the projection's, else the language model's hidden size."""
+    return cfg.task.contrastive.projection_dim or built.model.config.text_config.hidden_size
+
+
+def write_matryoshka_dimensions(model_folder: Path, dims: list[int]) -> None:
+    """Record the trained embedding sizes in the exported `config.json`, where serving stacks look for them.
+
+    vLLM reads `matryoshka_dimensions` from the Hugging Face config (`vllm/config/model.py`:
+    `ModelConfig.is_matryoshka` is true when `hf_config.matryoshka_dimensions` is non-empty or
+    `hf_config.is_matryoshka` is set; `ModelConfig.matryoshka_dimensions` is the list that an
+    embedding request's `dimensions` must belong to). sentence-transformers takes the size as
+    `SentenceTransformer(..., truncate_dim=k)` and stores none in its own files, so `matryoshka_dimensions`
+    (and `embedding.json`) is where a user finds the sizes to pass.
+    """
+    config_file = model_folder / "config.json"
+    config = json.loads(config_file.read_text())
+    config["matryoshka_dimensions"] = list(dims)
+    config["is_matryoshka"] = True
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def save_embedding_head(task: Any, export_dir: str | Path, write: bool = True) -> Path:
     """Write `embedding.json` (and the projection and classifier weights, if any) beside an export's `model/` folder.
 

@@ -55,15 +55,25 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
 
 
 def matryoshka_metadata(cfg: TrainConfig) -> dict[str, Any]:
-    """Scales, dims and adapter strategy of the Matryoshka heads, as trained."""
-    tokens = cfg.matryoshka.tokens
+    """The Matryoshka spec as trained: the `matryoshka` block of `mtrain.json`, which `mtrain.infer` reads.
+
+    Visual tokens: `token_mode` (none, m3, mqt), `scales`, `default_scale` (the scale merged into
+    export/model), `mqt_queries`, and the LoRA `strategy` (per-scale adapters live in export/adapter).
+    Embeddings (`objective` contrastive): `dims`, `dims_policy`, and `layers` as configured (the
+    resolved layers, with the last layer, are in export/embedding.json).
+    """
+    tokens, dims = cfg.matryoshka.tokens, cfg.matryoshka.dims
+    embedding = cfg.task.objective == "contrastive"
     return {
+        "objective": cfg.task.objective,
         "token_mode": tokens.mode,
         "scales": tokens.scales if tokens.mode != "none" else None,
         "default_scale": (tokens.default_scale or tokens.scales[-1]) if tokens.mode != "none" else None,
         "mqt_queries": tokens.mqt_queries if tokens.mode == "mqt" else None,
         "strategy": cfg.model.lora.strategy if cfg.model.lora.enabled else None,
-        "dims": cfg.matryoshka.dims.dims,
+        "dims": dims.dims,
+        "dims_policy": dims.policy if embedding else None,
+        "layers": dims.layers if embedding else None,
     }
 
 
@@ -105,7 +115,9 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, adapter_only:
 def export_full(root: Path, tag: str, cfg: TrainConfig, out: Path) -> tuple[Any, dict[str, str]]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: PLC0415
 
+    from mtrain.checkpoint.embedding_export import embedding_width, write_matryoshka_dimensions  # noqa: PLC0415
     from mtrain.model.build import build_model  # noqa: PLC0415
+    from mtrain.model.embedding_head import check_dims  # noqa: PLC0415
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
     # The run's own model config rebuilds the skeleton (every weight then comes from the checkpoint): a run
@@ -128,6 +140,8 @@ def export_full(root: Path, tag: str, cfg: TrainConfig, out: Path) -> tuple[Any,
         written["adapter"] = "adapter"
         model = model.merge_and_unload(adapter_names=merged_adapters(cfg))
     _save_hf_folder(model, built, out / "model")
+    if cfg.task.objective == "contrastive":
+        write_matryoshka_dimensions(out / "model", check_dims(cfg.matryoshka.dims.dims, embedding_width(cfg, built)))
     return built, written
 
 

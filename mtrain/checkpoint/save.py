@@ -14,6 +14,9 @@ A save goes through stages, each durable before the next begins:
 A crash anywhere leaves `latest` on the previous complete checkpoint; a folder without a valid
 manifest is partial, and resume reports and removes it (see `resume.py`).
 
+Before stage 1 rank 0 warns when the free space will not hold the save; a full, read-only or
+forbidden disk stops the save with a `CheckpointSaveError` on every rank (see `disk.py`).
+
 `MTRAIN_FAULT_INJECT=STAGE[@STEP]` SIGKILLs the process at a stage (tests use it): one of
 `FAULT_STAGES`.
 """
@@ -36,6 +39,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mtrain.checkpoint.disk import SaveFailures, check_free_space
 from mtrain.checkpoint.layout import (
     CONFIG_FILE,
     DELETING_PREFIX,
@@ -122,11 +126,6 @@ def file_owner(name: str) -> int:
     return int(match.group(1)) if match else 0
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def _rank_and_world() -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -152,22 +151,33 @@ def save_checkpoint(
     rank, world_size = _rank_and_world()
     tag = checkpoint_tag(step)
     staging = root / f"{STAGING_PREFIX}{tag}"
+    # A write that fails for lack of space or rights is held until the next `agree()`, where every
+    # rank raises the same error; `agree()` also stands in for a barrier.
+    failures = SaveFailures(root, staging, rank, world_size)
     if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)  # left by an earlier crash at this very step
-    _barrier()
+        with failures.writing():
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(staging, ignore_errors=True)  # left by an earlier crash at this very step
+            failures.space = check_free_space(root, engine)
+    failures.agree()
 
-    engine.save_checkpoint(str(root), tag=staging.name, client_state={"trainer": meta["trainer"]}, save_latest=False)
+    with failures.writing():
+        engine.save_checkpoint(
+            str(root), tag=staging.name, client_state={"trainer": meta["trainer"]}, save_latest=False
+        )
+    failures.raise_alone()  # inside DeepSpeed's collectives no sync point is safe to join (disk.py)
     inject_fault("engine_written", step)
     if write_extra is not None:
-        write_extra(staging)
+        with failures.writing():
+            write_extra(staging)
 
-    torch.save({"rng": rng_state(), "samplers": rank_state.samplers}, staging / rank_state_file(rank))
-    (staging / rank_data_file(rank)).write_text(_json(rank_state.data))
-    if rank == 0:
-        (staging / CONFIG_FILE).write_text(config_yaml)
+    with failures.writing():
+        torch.save({"rng": rng_state(), "samplers": rank_state.samplers}, staging / rank_state_file(rank))
+        (staging / rank_data_file(rank)).write_text(_json(rank_state.data))
+        if rank == 0:
+            (staging / CONFIG_FILE).write_text(config_yaml)
     inject_fault("rank_files", step)
-    _barrier()  # every rank's files exist: each now makes its own durable and hashes them
+    failures.agree()  # every rank's files exist: each now makes its own durable and hashes them
 
     mine = [name for name in relative_files(staging) if file_owner(name) == rank]
     entries = describe_files(staging, mine)
@@ -179,18 +189,19 @@ def save_checkpoint(
 
     folder = root / tag
     if rank == 0:
-        files = {name: entry for per_rank in gathered for name, entry in per_rank.items()}
-        write_manifest(staging, files, {**meta, "tag": tag, "step": step, "world_size": world_size})
-        inject_fault("manifest", step)
-        if folder.exists():  # re-saving a step (a resume that ends where it started): replace it
-            discard(folder)
-        os.rename(staging, folder)
-        fsync_dir(root)
-        inject_fault("renamed", step)
-        write_text_durably(root / LATEST_FILE, tag)
-        inject_fault("latest", step)
-        apply_retention(root, retention)
-    _barrier()
+        with failures.writing():
+            files = {name: entry for per_rank in gathered for name, entry in per_rank.items()}
+            write_manifest(staging, files, {**meta, "tag": tag, "step": step, "world_size": world_size})
+            inject_fault("manifest", step)
+            if folder.exists():  # re-saving a step (a resume that ends where it started): replace it
+                discard(folder)
+            os.rename(staging, folder)
+            fsync_dir(root)
+            inject_fault("renamed", step)
+            write_text_durably(root / LATEST_FILE, tag)
+            inject_fault("latest", step)
+            apply_retention(root, retention)
+    failures.agree()
     inject_fault("saved", step)
     return folder
 

@@ -25,6 +25,11 @@ EXIT_INTERRUPTED = 130
 """Exit status after SIGINT/SIGTERM (128 + SIGINT, as shells report it)."""
 
 
+class NoRetryError(Exception):
+    """An error no restart can fix (a full or read-only disk, ...): `mtrain` reports it in one line and
+    exits with EXIT_NO_RETRY."""
+
+
 def debug_enabled() -> bool:
     return os.environ.get("MTRAIN_DEBUG", "") not in ("", "0")
 

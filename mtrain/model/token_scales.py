@@ -39,6 +39,18 @@ def pool_grid(features: torch.Tensor, scale: int) -> torch.Tensor:
     return pooled.reshape(images, dim, scale).transpose(1, 2)
 
 
+def image_keep_mask(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int, visual_tokens: int, keep: int
+) -> torch.Tensor:
+    """True on the real tokens that survive shrinking every image run to its first `keep` tokens.
+
+    Training (mtrain/task/token_layout.py) and stock inference (mtrain/infer.py) shrink prompts with it."""
+    is_image = input_ids == image_token_id
+    # Index of each image token within its image: image tokens counted so far, modulo the run length.
+    within_image = (torch.cumsum(is_image.long(), dim=1) - 1) % visual_tokens
+    return (~is_image | (within_image < keep)) & attention_mask.bool()
+
+
 def sincos_grid(side: int, dim: int, column_first: bool = False) -> torch.Tensor:
     """MAE-style 2D sin-cos codes of a side x side grid, cells in row-major order: (side * side, dim).
     Each cell's code is that of its row then its column, or column then row with `column_first`."""

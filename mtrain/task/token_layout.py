@@ -21,16 +21,7 @@ import torch
 
 from data_pipeline.collate import ROW_IMAGES, ROW_TOKENS
 from data_pipeline.tokenize import IGNORE_INDEX
-
-
-def image_keep_mask(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int, visual_tokens: int, keep: int
-) -> torch.Tensor:
-    """True on the real tokens that survive shrinking every image run to its first `keep` tokens."""
-    is_image = input_ids == image_token_id
-    # Index of each image token within its image: image tokens counted so far, modulo the run length.
-    within_image = (torch.cumsum(is_image.long(), dim=1) - 1) % visual_tokens
-    return (~is_image | (within_image < keep)) & attention_mask.bool()
+from mtrain.model.token_scales import image_keep_mask
 
 
 def shrink_image_runs(

@@ -100,3 +100,25 @@ def test_mrl_embedding_training_two_rank_zero3_then_retrieval_eval(tmp_path):
     assert json.loads((run_dir / "export" / "embedding.json").read_text())["dims"] == DIMS
     assert exported.metadata["layers"] == [2] and exported.metadata["pooling"] == "last"
     torch.testing.assert_close(exported.embed(images, dim=8, instruction="Represent the image"), small)
+
+    # The export names its Matryoshka sizes where vLLM looks (config.json) and in mtrain.json's spec.
+    config = json.loads((run_dir / "export" / "model" / "config.json").read_text())
+    assert config["matryoshka_dimensions"] == DIMS and config["is_matryoshka"] is True
+    spec = json.loads((run_dir / "export" / "mtrain.json").read_text())["matryoshka"]
+    assert (spec["objective"], spec["dims"], spec["dims_policy"], spec["layers"]) == ("contrastive", DIMS, "mrl", [])
+
+    # mtrain.infer (stock transformers + PEFT) on the export embeds as the checkpoint does, at every dim.
+    from data_pipeline.pairs import collate_side, encode_side
+    from mtrain.infer import MatryoshkaModel
+
+    stock = MatryoshkaModel.from_export(run_dir / "export")
+    spec, pad, texts = embedder.spec, embedder.spec.tokenizer.pad_token_id, ["a red circle.", "a blue square."]
+    for inputs, sides, instruction in (
+        (images, [encode_side(spec, image, "", "Represent the image") for image in images], "Represent the image"),
+        (texts, [encode_side(spec, None, text) for text in texts], ""),
+    ):
+        batch = collate_side(sides, pad, spec.image_size, embedder.image_processor)
+        for dim in DIMS:
+            want = embedder.embed(inputs, dim=dim, instruction=instruction)
+            got = stock.embed(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], dim=dim, layer=2)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

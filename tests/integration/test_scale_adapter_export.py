@@ -48,6 +48,8 @@ def test_shared_plus_per_scale_export_loads_in_stock_peft(tmp_path, shards_patte
         got = stacked.eval()(input_ids=ids, pixel_values=pixels).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
+    check_infer_equals_mtrain_at_every_scale(run_dir, export, [1, 4, 16, 64])
+
     # Stock AutoProcessor + generate: the trained prompt format, the model's 64 image tokens, an answer.
     from PIL import Image
     from transformers import AutoProcessor
@@ -88,3 +90,64 @@ def test_shared_plus_per_scale_export_loads_in_stock_peft(tmp_path, shards_patte
     proc = run([str(BIN / "python"), "-m", "mtrain", "inspect", str(run_dir)], cwd=tmp_path)
     assert proc.returncode == 0
     assert f"{run_dir / 'checkpoints'}: 1 complete checkpoint(s), latest -> step_00000003" in proc.stdout
+
+
+INFER_SCRIPT = """
+import json, sys, torch
+from mtrain.infer import MatryoshkaModel
+export, batch_file, out_file, scales = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+model = MatryoshkaModel.from_export(export)
+batch = torch.load(batch_file)
+out = {scale: model.logits(batch["input_ids"], batch["pixel_values"], scale=scale) for scale in scales}
+out["generated"] = model.generate(batch["input_ids"], batch["pixel_values"], scale=16, max_new_tokens=3, do_sample=False)
+torch.save(out, out_file)
+from mtrain.infer import main  # the command line: stock AutoProcessor, the chat template, one answer
+main([export, "--image", sys.argv[5], "--prompt", "What is in the picture?", "--scale", "4", "--max-new-tokens", "3"])
+print(json.dumps(sorted(m for m in sys.modules if m.startswith(("mtrain", "data_pipeline", "deepspeed")))))
+"""
+
+
+def check_infer_equals_mtrain_at_every_scale(run_dir, export, scales: list[int]) -> None:
+    """`mtrain.infer` on the export, in a process that imports no training code, gives the logits of
+    mtrain's own per-scale forward of the checkpoint (scale adapters routed by token scale) at every scale."""
+    from mtrain.eval.budget import load_for_eval
+    from mtrain.infer import MatryoshkaModel
+
+    cfg, built, task = load_for_eval(run_dir / "checkpoints", [])
+    text = built.tokenizer("a red circle is shown").input_ids[1:]
+    ids = torch.tensor([[built.tokenizer.bos_token_id] + [built.image_token_id] * 64 + text])
+    torch.manual_seed(0)
+    batch = {"input_ids": ids, "pixel_values": torch.randn(1, 3, 32, 32)}
+    torch.save(batch, run_dir / "infer_batch.pt")
+    from PIL import Image
+
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(run_dir / "picture.png")
+    proc = run([str(BIN / "python"), "-c", INFER_SCRIPT, str(export), str(run_dir / "infer_batch.pt"),
+                str(run_dir / "infer_out.pt"), json.dumps(scales), str(run_dir / "picture.png")], cwd=run_dir)  # fmt: skip
+    assert proc.returncode == 0
+    loaded = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert loaded == [
+        "mtrain",
+        "mtrain.infer",
+        "mtrain.model",
+        "mtrain.model.embedding_head",
+        "mtrain.model.token_scales",
+    ]
+    inferred = torch.load(run_dir / "infer_out.pt")
+    reference = {}
+    for scale in scales:
+        with torch.no_grad():
+            logits, layout = task.run({**batch, "labels": ids.clone()}, [scale])
+        assert inferred[scale].shape[1] == 1 + scale + len(text) == int((layout.token_scales > 0).sum())
+        torch.testing.assert_close(inferred[scale], logits, rtol=1e-5, atol=1e-5)
+        reference[scale] = logits
+    assert inferred["generated"][0, 0] == inferred[16][0, -1].argmax()
+
+    # The adapters matter: scale 1's prompt through scale 4's adapters is another model.
+    model = MatryoshkaModel.from_export(export)
+    inputs = model.scaled_inputs(ids, batch["pixel_values"], scale=1)
+    model.use_scale_adapters(4)
+    with torch.no_grad():
+        assert (model.model(**inputs).logits - reference[1]).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="scale=9 has no adapter"):
+        model.logits(ids, batch["pixel_values"], scale=9)

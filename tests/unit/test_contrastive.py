@@ -440,6 +440,24 @@ def test_embed_api_truncates_and_round_trips_through_an_export_with_a_projection
     assert exported.metadata["projection_dim"] == 32
     torch.testing.assert_close(exported.embed(inputs, dim=16, layer=2), embedder.embed(inputs, dim=16, layer=2))
 
+    # mtrain.infer on the same folder (stock transformers, the projection head from the export): the
+    # checkpoint's embeddings at every trained layer and dim.
+    import json
+
+    from data_pipeline.pairs import collate_side, encode_side
+    from mtrain.checkpoint.export import EXPORT_METADATA, matryoshka_metadata
+    from mtrain.infer import MatryoshkaModel
+
+    (tmp_path / EXPORT_METADATA).write_text(json.dumps({"matryoshka": matryoshka_metadata(cfg)}))
+    stock = MatryoshkaModel.from_export(tmp_path)
+    sides = [encode_side(embedder.spec, image, "", ""), encode_side(embedder.spec, None, "a red circle."),
+             encode_side(embedder.spec, image, "what is <image> showing?")]  # fmt: skip
+    batch = collate_side(sides, built.tokenizer.pad_token_id, embedder.spec.image_size, built.image_processor)
+    for layer in (2, 3, 4):
+        for dim in (8, 16, 32):
+            got = stock.embed(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], dim=dim, layer=layer)
+            torch.testing.assert_close(got, embedder.embed(inputs, dim=dim, layer=layer), rtol=1e-5, atol=1e-5)
+
 
 # ── MRL-E ─────────────────────────────────────────────────────────────────────────────────────
 def test_mrl_e_classifier_trains_from_config_and_round_trips_through_the_export(tmp_path):

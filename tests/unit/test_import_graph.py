@@ -107,3 +107,21 @@ def test_lower_layers_never_import_the_entry_points() -> None:
         if target in ENTRY_POINTS
     )
     assert upward == []
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every project module `start` imports, directly or through others (lazy imports included)."""
+    seen: set[str] = set()
+    todo = [start]
+    while todo:
+        for target in graph.get(todo.pop(), ()):
+            if target not in seen:
+                seen.add(target)
+                todo.append(target)
+    return seen
+
+
+def test_inference_entry_point_reaches_no_training_code() -> None:
+    # `mtrain.infer` runs an export on stock transformers + PEFT: it may reuse the pure tensor helpers
+    # of mtrain/model, never config, task, engine, checkpoint, launch or the data pipeline.
+    assert reachable(import_graph(), "mtrain.infer") == {"mtrain.model.embedding_head", "mtrain.model.token_scales"}

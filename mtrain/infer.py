@@ -1,0 +1,317 @@
+"""Inference on an mtrain export with stock transformers + PEFT: generate at a visual-token scale,
+embed at a Matryoshka dim and layer. Nothing of mtrain's training code is imported.
+
+    from mtrain.infer import MatryoshkaModel
+    from transformers import AutoProcessor
+
+    model = MatryoshkaModel.from_export("runs/m3/export")           # reads export/mtrain.json
+    processor = AutoProcessor.from_pretrained("runs/m3/export/model")
+    inputs = processor(images=image, text=prompt, return_tensors="pt")  # <image> -> the full grid
+    answer = model.generate(**inputs, scale=16, max_new_tokens=32)     # 16 visual tokens per image
+    vectors = MatryoshkaModel.from_export("runs/embed/export").embed(**inputs, dim=64, layer=12)
+
+How a scale runs (the same steps as training, mtrain/task/matryoshka_tokens.py):
+
+    prompt ids, every <image> expanded to the full grid (as the exported processor does)
+      -> keep the first `scale` tokens of every image run (`image_keep_mask`), left-pad
+      -> vision tower + projector at full size -> M3: average-pool the grid to `scale` tokens
+                                                  MQT: keep the first `scale` query outputs
+      -> splice the features into the text embeddings -> the language model (`generate`)
+
+Scale-specific LoRA (strategy per_scale or shared_plus_per_scale): the base model (export/base, or
+the base each adapter names) with every adapter of export/adapter loaded; a call at scale s makes
+`scale_s` (and `shared`) the active adapters, which is what the token masks of training amount to
+when every token of the forward has one scale. Without scale adapters export/model is used: it is
+merged at the default scale.
+
+Embeddings follow mtrain/task/contrastive.py: the hidden states of `layer` pooled as trained
+(`embedding.json`), through the projection head when there is one, truncated to `dim` and
+L2-normalised. `export/model/config.json` also lists `matryoshka_dimensions` for serving stacks.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mtrain.model.embedding_head import pool_last_token, pool_mean, truncate
+from mtrain.model.token_scales import image_keep_mask, pool_grid
+
+EXPORT_METADATA = "mtrain.json"  # written by mtrain/checkpoint/export.py
+EMBEDDING_FILE = "embedding.json"  # written by mtrain/checkpoint/embedding_export.py
+HEAD_WEIGHTS_FILE = "embedding_head.safetensors"
+SCALE_STRATEGIES = ("per_scale", "shared_plus_per_scale")
+SHARED_ADAPTER = "shared"
+
+
+@dataclass
+class MatryoshkaSpec:
+    """The `matryoshka` block of an export's mtrain.json, plus embedding.json for embedding exports."""
+
+    token_mode: str = "none"
+    scales: list[int] = field(default_factory=list)
+    default_scale: int | None = None
+    mqt_queries: int | None = None
+    strategy: str | None = None
+    dims: list[int] = field(default_factory=list)
+    embedding: dict[str, Any] | None = None  # embedding.json: dims, layers, last_layer, pooling, ...
+
+    @classmethod
+    def read(cls, folder: Path) -> MatryoshkaSpec:
+        meta_file = folder / EXPORT_METADATA
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"{folder} has no {EXPORT_METADATA}: give the folder `mtrain export` wrote")
+        block = json.loads(meta_file.read_text()).get("matryoshka", {})
+        embedding_file = folder / EMBEDDING_FILE
+        return cls(
+            token_mode=block.get("token_mode", "none"),
+            scales=block.get("scales") or [],
+            default_scale=block.get("default_scale"),
+            mqt_queries=block.get("mqt_queries"),
+            strategy=block.get("strategy"),
+            dims=block.get("dims") or [],
+            embedding=json.loads(embedding_file.read_text()) if embedding_file.is_file() else None,
+        )
+
+
+class MatryoshkaModel:
+    """A stock Hugging Face model (with PEFT adapters for scale-specific LoRA) run as mtrain trained it."""
+
+    def __init__(self, model: nn.Module, spec: MatryoshkaSpec, head: nn.Module | None = None) -> None:
+        self.model = model.eval()
+        self.spec = spec
+        self.head = head  # the embedding projection, when the embedding export has one
+        self.llava = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.image_token_id = self.llava.config.image_token_id
+
+    @classmethod
+    def from_export(cls, export_dir: str | Path, dtype: torch.dtype = torch.float32) -> MatryoshkaModel:
+        """Load `export_dir` (what `mtrain export` or the end of training wrote)."""
+        from transformers import AutoModelForImageTextToText  # noqa: PLC0415
+
+        folder = Path(export_dir)
+        spec = MatryoshkaSpec.read(folder)
+        if spec.strategy in SCALE_STRATEGIES:
+            model = load_scale_adapters(folder, spec, dtype)
+        else:
+            model = AutoModelForImageTextToText.from_pretrained(folder / "model", dtype=dtype)
+        return cls(model, spec, load_projection(folder, spec, dtype))
+
+    # ── visual-token scales ───────────────────────────────────────────────────────────────────
+    def check_scale(self, scale: int | None) -> int | None:
+        """The scale to run (None: the full grid); refuses one the model has no adapter for."""
+        spec = self.spec
+        if scale is None:
+            return spec.default_scale
+        if spec.strategy in SCALE_STRATEGIES and scale not in spec.scales:
+            raise ValueError(f"scale={scale} has no adapter: this export trained scale adapters for {spec.scales}")
+        return scale  # also an M3 view of a model trained at the full grid only, as `mtrain eval --scales` gives
+
+    def use_scale_adapters(self, scale: int) -> None:
+        """Make `scale_<scale>` (and `shared`) the active LoRA adapters; trained modules stay active."""
+        names = [f"scale_{scale}"] + ([SHARED_ADAPTER] if self.spec.strategy == "shared_plus_per_scale" else [])
+        self.model.base_model.set_adapter(names)
+        # Training attached `modules_to_save` (projector, lm_head) to the first adapter only, and had
+        # every adapter active: keep that adapter's copy of those modules active at every scale.
+        from peft.utils import ModulesToSaveWrapper  # noqa: PLC0415
+
+        carrier = adapter_order(self.spec)[0]
+        for module in self.model.modules():
+            if isinstance(module, ModulesToSaveWrapper) and carrier in module.modules_to_save:
+                module.set_adapter(carrier, inference_mode=True)
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected visual tokens of every image at full size: (images, tokens, dim)."""
+        output = self.llava.model.get_image_features(pixel_values=pixel_values.to(self.llava.dtype), return_dict=True)
+        return torch.stack(list(output.pooler_output))
+
+    def at_scale(self, features: torch.Tensor, scale: int) -> torch.Tensor:
+        if self.spec.token_mode != "mqt":
+            return pool_grid(features, scale)
+        queries = self.spec.mqt_queries or features.shape[1]
+        if features.shape[1] != queries:
+            raise ValueError(
+                f"this model's projector gives {features.shape[1]} tokens per image, not the {queries} MQT "
+                "queries it was trained with: the export's query-transformer projector did not load"
+            )
+        return features[:, :scale]  # MQT queries attend only to the image: a prefix is an m-query pass
+
+    def scaled_inputs(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        attention_mask: torch.Tensor | None = None,
+        scale: int | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """`inputs_embeds`, `attention_mask` and `position_ids` of a prompt whose images run at `scale`,
+        rows left-padded (for generation)."""
+        scale = self.check_scale(scale)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if self.spec.strategy in SCALE_STRATEGIES:
+            self.use_scale_adapters(scale)
+        embed_tokens = self.llava.get_input_embeddings()
+        if pixel_values is None or not bool((input_ids == self.image_token_id).any()):
+            ids, mask = input_ids, attention_mask
+            embeddings = embed_tokens(ids)
+        else:
+            features = self.image_features(pixel_values)
+            full = features.shape[1]
+            scale = scale or full
+            ids, mask = keep_left_padded(
+                input_ids, attention_mask, image_keep_mask(input_ids, attention_mask, self.image_token_id, full, scale)
+            )
+            embeddings = embed_tokens(ids)
+            visual = self.at_scale(features, scale).to(embeddings.dtype)
+            embeddings = embeddings.masked_scatter((ids == self.image_token_id).unsqueeze(-1), visual)
+        position_ids = (mask.long().cumsum(1) - 1).clamp(min=0)
+        return {"inputs_embeds": embeddings, "attention_mask": mask, "position_ids": position_ids}
+
+    @torch.no_grad()
+    def logits(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        scale: int | None = None,
+    ) -> torch.Tensor:
+        """Next-token logits of every position of the (left-padded) prompt at `scale`."""
+        return self.model(**self.scaled_inputs(input_ids, pixel_values, attention_mask, scale), use_cache=False).logits
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        scale: int | None = None,
+        **generate_kwargs: Any,
+    ) -> torch.Tensor:
+        """The new tokens only (`generate` from embeddings returns no prompt), each image at `scale` tokens."""
+        inputs = self.scaled_inputs(input_ids, pixel_values, attention_mask, scale)
+        inputs.pop("position_ids")  # generate derives them from the left-padded mask
+        return self.model.generate(**inputs, **generate_kwargs)
+
+    # ── Matryoshka embeddings ─────────────────────────────────────────────────────────────────
+    @torch.no_grad()
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        dim: int | None = None,
+        layer: int | None = None,
+    ) -> torch.Tensor:
+        """(rows, dim) unit vectors: the first `dim` coordinates (default: the largest trained) of the
+        embedding at hidden layer `layer` (default: the last), re-normalised."""
+        meta = self.spec.embedding
+        if meta is None:
+            raise ValueError(f"this export has no {EMBEDDING_FILE}: it is not an embedding model (task.objective)")
+        dim, layer = dim or meta["dims"][-1], layer or meta["last_layer"]
+        if not 1 <= layer <= meta["last_layer"]:
+            raise ValueError(f"layer={layer} is outside 1..{meta['last_layer']}; trained layers: {meta['layers']}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        embeddings = self.llava.get_input_embeddings()(input_ids)
+        if pixel_values is not None and pixel_values.shape[0]:
+            features = self.image_features(pixel_values).flatten(0, 1).to(embeddings.dtype)
+            embeddings = embeddings.masked_scatter((input_ids == self.image_token_id).unsqueeze(-1), features)
+        hidden = self.llava.model(
+            inputs_embeds=embeddings, attention_mask=attention_mask, output_hidden_states=True, use_cache=False
+        ).hidden_states[layer]
+        pooled = (pool_last_token if meta["pooling"] == "last" else pool_mean)(hidden, attention_mask)
+        if self.head is not None:
+            pooled = self.head(pooled)
+        return truncate(pooled, dim)
+
+
+def keep_left_padded(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kept tokens of every row, left-padded to the longest: (ids, mask). The pad id is never read."""
+    rows = [input_ids[row][keep[row]] for row in range(input_ids.shape[0])]
+    width = max(len(row) for row in rows)
+    ids = input_ids.new_zeros(len(rows), width)
+    mask = attention_mask.new_zeros(len(rows), width)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = row
+        mask[i, width - len(row) :] = 1
+    return ids, mask
+
+
+def adapter_order(spec: MatryoshkaSpec) -> list[str]:
+    """Adapters in training's order (mtrain/model/scale_lora.py: `adapter_names`); the first carries
+    `modules_to_save`."""
+    per_scale = [f"scale_{s}" for s in spec.scales]
+    return [SHARED_ADAPTER, *per_scale] if spec.strategy == "shared_plus_per_scale" else per_scale
+
+
+def load_scale_adapters(folder: Path, spec: MatryoshkaSpec, dtype: torch.dtype) -> nn.Module:
+    """The base model with every adapter of export/adapter loaded under its own name (stock PEFT)."""
+    from peft import PeftModel  # noqa: PLC0415
+    from transformers import AutoModelForImageTextToText  # noqa: PLC0415
+
+    names = adapter_order(spec)
+    adapters = folder / "adapter"
+    missing = [name for name in names if not (adapters / name / "adapter_config.json").is_file()]
+    if missing:
+        raise FileNotFoundError(f"{adapters} lacks the adapters {missing}; export the checkpoint again")
+    base = folder / "base"
+    if not base.is_dir():  # the base the run started from, as the adapter records it
+        base = Path(json.loads((adapters / names[0] / "adapter_config.json").read_text())["base_model_name_or_path"])
+    model = PeftModel.from_pretrained(
+        AutoModelForImageTextToText.from_pretrained(base, dtype=dtype), adapters / names[0], adapter_name=names[0]
+    )
+    for name in names[1:]:
+        model.load_adapter(adapters / name, adapter_name=name)
+    return model
+
+
+def load_projection(folder: Path, spec: MatryoshkaSpec, dtype: torch.dtype) -> nn.Module | None:
+    """The embedding head's projection (`projection_dim` > 0), as trained."""
+    if spec.embedding is None or not (folder / HEAD_WEIGHTS_FILE).is_file():
+        return None
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    state = load_file(str(folder / HEAD_WEIGHTS_FILE))
+    weight = state["projection.weight"]
+    projection = nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=dtype)
+    projection.weight.data.copy_(weight)
+    return projection.eval()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m mtrain.infer EXPORT --image PICTURE --prompt TEXT [--scale S]`: answer with the trained chat
+    template, each image at S visual tokens (default: the export's default scale)."""
+    import argparse  # noqa: PLC0415
+
+    from PIL import Image  # noqa: PLC0415
+    from transformers import AutoProcessor  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(prog="python -m mtrain.infer", description=main.__doc__)
+    parser.add_argument("export", help="the folder `mtrain export` (or the end of training) wrote")
+    parser.add_argument("--image", required=True, help="a picture file")
+    parser.add_argument("--prompt", required=True, help="the question about it")
+    parser.add_argument("--scale", type=int, default=None, help="visual tokens per image (a trained scale)")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    args = parser.parse_args(argv)
+    model = MatryoshkaModel.from_export(args.export)
+    processor = AutoProcessor.from_pretrained(Path(args.export) / "model")
+    messages = [{"role": "user", "content": f"<image>\n{args.prompt}"}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=Image.open(args.image).convert("RGB"), text=text, return_tensors="pt")
+    new_tokens = model.generate(
+        inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"], scale=args.scale,
+        max_new_tokens=args.max_new_tokens, do_sample=False,
+    )  # fmt: skip
+    print(processor.decode(new_tokens[0], skip_special_tokens=True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
