@@ -99,7 +99,11 @@ class MatryoshkaModel:
         if spec.strategy in SCALE_STRATEGIES:
             model = load_scale_adapters(folder, spec, dtype)
         else:
-            model = AutoModelForImageTextToText.from_pretrained(folder / "model", dtype=dtype)
+            # An MQT export carries its projector's modelling code (mtrain/model/mqt_model.py, via
+            # auto_map): stock transformers runs it only with trust_remote_code.
+            model = AutoModelForImageTextToText.from_pretrained(
+                folder / "model", dtype=dtype, trust_remote_code=spec.token_mode == "mqt"
+            )
         return cls(model, spec, load_projection(folder, spec, dtype))
 
     # ── visual-token scales ───────────────────────────────────────────────────────────────────
@@ -265,7 +269,9 @@ def load_scale_adapters(folder: Path, spec: MatryoshkaSpec, dtype: torch.dtype) 
     if not base.is_dir():  # the base the run started from, as the adapter records it
         base = Path(json.loads((adapters / names[0] / "adapter_config.json").read_text())["base_model_name_or_path"])
     model = PeftModel.from_pretrained(
-        AutoModelForImageTextToText.from_pretrained(base, dtype=dtype), adapters / names[0], adapter_name=names[0]
+        AutoModelForImageTextToText.from_pretrained(base, dtype=dtype, trust_remote_code=spec.token_mode == "mqt"),
+        adapters / names[0],
+        adapter_name=names[0],
     )
     for name in names[1:]:
         model.load_adapter(adapters / name, adapter_name=name)
