@@ -64,14 +64,26 @@ def evaluate_retrieval(
 ) -> list[RetrievalResult]:
     layers = task.evaluated_layers()
     queries, positives, texts = embed_pairs(task, batches, num_batches, layers)
+    return score_retrieval(queries, positives, texts, layers, dims or task.dims, task.dims_config.resolved_scoring)
+
+
+def score_retrieval(
+    queries: torch.Tensor,
+    positives: torch.Tensor,
+    texts: list[str],
+    layers: list[int],
+    dims: list[int],
+    scoring: Scoring,
+) -> list[RetrievalResult]:
+    """Recall at every (layer, dim) of (layers, N, width) embeddings; the gallery is the distinct positives."""
     distinct = list(dict.fromkeys(texts))
     first = [texts.index(text) for text in distinct]
     targets = torch.tensor([distinct.index(text) for text in texts])
     results = []
     for i, layer in enumerate(layers):
         gallery = positives[i, first]
-        for dim in dims or task.dims:
-            recall = recall_at(queries[i], gallery, targets, dim, task.dims_config.resolved_scoring)
+        for dim in dims:
+            recall = recall_at(queries[i], gallery, targets, dim, scoring)
             results.append(RetrievalResult(layer, dim, recall[1], recall[5], len(texts), len(distinct)))
     return results
 
