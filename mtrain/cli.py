@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--task", choices=("budget", "retrieval"), default="budget", help="what to evaluate")
     evaluate.add_argument("overrides", nargs="*", metavar="a.b.c=value", help="dotted overrides")
     evaluate.add_argument("--shards", help="evaluation shards (default: the config's data.shards)")
-    evaluate.add_argument("--batches", type=int, default=4, help="batches to evaluate")
+    evaluate.add_argument("--batches", type=int, default=0, help="batches to evaluate (0: the whole held-out set)")
     evaluate.add_argument("--scales", help="comma-separated budgets (default: the trained scales, else every M3 scale)")
     evaluate.add_argument("--dims", help="retrieval: comma-separated embedding sizes (default: the trained dims)")
     evaluate.add_argument("--out", default="eval", help="folder for the JSON report and PNG curve")

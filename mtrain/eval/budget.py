@@ -26,6 +26,7 @@ class ScaleResult:
     token_accuracy: float
     answer_accuracy: float
     answers: int
+    tokens: int = 0
 
 
 def m3_scales(grid_tokens: int) -> list[int]:
@@ -93,24 +94,34 @@ def check_scale_adapters(cfg: TrainConfig, scales: list[int]) -> None:
         )
 
 
-def evaluate_budgets(task: Any, batches: Iterator[dict[str, Any]], num_batches: int) -> list[ScaleResult]:
-    totals: dict[int, dict[str, float]] = {}
-    for _, batch in zip(range(num_batches), batches, strict=False):
-        for scale in task.tokens.scales:
-            stats = task.evaluate_scale(batch, scale)
-            for key, value in stats.items():
-                totals.setdefault(scale, {}).setdefault(key, 0.0)
-                totals[scale][key] += value
-    return [
-        ScaleResult(
-            scale=scale,
-            loss=t["loss_sum"] / max(t["tokens"], 1),
-            token_accuracy=t["correct_tokens"] / max(t["tokens"], 1),
-            answer_accuracy=t["answers_correct"] / max(t["answers"], 1),
-            answers=int(t["answers"]),
+def evaluate_budgets(task: Any, batches: Iterator[dict[str, Any]], num_batches: int = 0) -> list[ScaleResult]:
+    """Every scale of `task` over `num_batches` batches (0: until `batches` ends), in this one process."""
+    from itertools import islice  # noqa: PLC0415
+
+    from mtrain.eval.in_loop import evaluate_token_budgets  # noqa: PLC0415
+
+    rounds = ((batch, True) for batch in islice(batches, num_batches or None))
+    return scale_results(evaluate_token_budgets(task, rounds, to_device=lambda batch: batch))
+
+
+def scale_results(sums: dict[int, torch.Tensor]) -> list[ScaleResult]:
+    """One row per scale from the sums of `mtrain.eval.in_loop.TOKEN_SUMS` (over every rank)."""
+    from mtrain.eval.in_loop import TOKEN_SUMS  # noqa: PLC0415
+
+    results = []
+    for scale, values in sorted(sums.items()):
+        t = dict(zip(TOKEN_SUMS, values.tolist(), strict=True))
+        results.append(
+            ScaleResult(
+                scale=scale,
+                loss=t["loss_sum"] / max(t["tokens"], 1),
+                token_accuracy=t["correct_tokens"] / max(t["tokens"], 1),
+                answer_accuracy=t["answers_correct"] / max(t["answers"], 1),
+                answers=int(t["answers"]),
+                tokens=int(t["tokens"]),
+            )
         )
-        for scale, t in sorted(totals.items())
-    ]
+    return results
 
 
 def format_columns(columns: list[tuple[str, int, str]], rows: list[tuple[Any, ...]]) -> str:

@@ -31,8 +31,9 @@ TOKEN_SUMS = ("loss_sum", "tokens", "correct_tokens", "answers_correct", "answer
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
 
 
-def held_out_loader(cfg: TrainConfig, built: Any, world: WorldInfo, shards: str, form: Any = None) -> Any:
-    """This rank's loader over held-out `shards`: the configured stages, in shard order, no workers.
+def held_out_loader(cfg: TrainConfig, built: Any, world: WorldInfo, shards: str | None, form: Any = None) -> Any:
+    """This rank's loader over held-out `shards` (None: the config's data): the configured stages, in shard
+    order, unpacked (one answer per row), no workers.
 
     Built apart from the training loader, so taking eval batches moves no training data position.
     Not synced across ranks: each rank reads its own share to the end (see `lockstep`)."""
@@ -40,9 +41,9 @@ def held_out_loader(cfg: TrainConfig, built: Any, world: WorldInfo, shards: str,
     from data_pipeline.tokenize import TokenSpec  # noqa: PLC0415
     from mtrain.engine.data import loader_settings  # noqa: PLC0415
 
-    data = dataclasses.replace(
-        cfg.data, shards=shards, sources=[], shuffle=False, num_workers=0, epoch_mode="epoch", packing=False
-    )
+    data = dataclasses.replace(cfg.data, shuffle=False, num_workers=0, epoch_mode="epoch", packing=False)
+    if shards is not None:
+        data = dataclasses.replace(data, shards=shards, sources=[])
     settings = loader_settings(dataclasses.replace(cfg, data=data))
     spec = TokenSpec(built.tokenizer, built.image_token_id, cfg.data.max_len)
     # Every rank builds its eval loader at the same point, so unindexed shards are scanned once over all ranks.

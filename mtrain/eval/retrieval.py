@@ -9,6 +9,7 @@ query is right at k when its positive is among the k most similar entries.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -150,8 +151,8 @@ def run_retrieval_eval(
         check_shards_exist(shards, "--shards")
     cfg, built, task = load_for_eval(source, overrides, shards)
     view = retrieval_view(cfg, built, task)
-    stream = eval_batches(cfg, built, shards, form=PairForm(pair_spec(cfg, built)))
-    results = evaluate_retrieval(view, stream, num_batches, dims)
+    stream = eval_batches(cfg, built, shards, num_batches, form=PairForm(pair_spec(cfg, built)))
+    results = evaluate_retrieval(view, stream, num_batches or sys.maxsize, dims)
     print(format_retrieval_table(results))
     json_path, png_path = write_retrieval_report(results, Path(out), name=str(source))
     print(f"wrote {json_path} and {png_path}")

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
 from mtrain.eval.budget import budget_view, evaluate_budgets, format_table, load_for_eval, write_report
 
 
-def eval_batches(cfg: Any, built: Any, shards: str | None, form: Any = None) -> Any:
-    """Held-out batches in a single process, in shard order (no shuffling); `form` as in build_data_loader."""
-    from mtrain.engine.data import build_data_loader  # noqa: PLC0415
+def eval_batches(cfg: Any, built: Any, shards: str | None, num_batches: int = 0, form: Any = None) -> Any:
+    """One pass over the held-out batches in a single process, in shard order (no shuffling): the whole set,
+    or its first `num_batches`; the loader of the in-loop evaluation (`form` as in build_data_loader)."""
+    from mtrain.eval.in_loop import held_out_loader, one_pass  # noqa: PLC0415
     from mtrain.launch.env import WorldInfo  # noqa: PLC0415
 
-    data = dataclasses.replace(cfg.data, shuffle=False, num_workers=0)
-    if shards:
-        data = dataclasses.replace(data, shards=shards, sources=[])
     single = WorldInfo(0, 1, 0, 1, "127.0.0.1", 0, "none")
-    return build_data_loader(dataclasses.replace(cfg, data=data), built, single, form=form)
+    return one_pass(held_out_loader(cfg, built, single, shards, form), num_batches)
 
 
 def run_eval(
@@ -30,7 +27,7 @@ def run_eval(
         check_shards_exist(shards, "--shards")
     cfg, built, task = load_for_eval(source, overrides, shards)
     view = budget_view(cfg, built, task, scales)
-    results = evaluate_budgets(view, eval_batches(cfg, built, shards), num_batches)
+    results = evaluate_budgets(view, eval_batches(cfg, built, shards, num_batches))
     print(format_table(results))
     json_path, png_path = write_report(results, Path(out), name=str(source))
     print(f"wrote {json_path} and {png_path}")
