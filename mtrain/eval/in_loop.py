@@ -90,17 +90,27 @@ def lockstep(batches: Iterator[dict[str, Any]], all_reduce: AllReduce, world_siz
 
 
 @contextlib.contextmanager
+def modes_kept(module: torch.nn.Module) -> Iterator[None]:
+    """Every submodule's train/eval mode as it was before the block, whatever the block switched."""
+    modes = [(child, child.training) for child in module.modules()]
+    try:
+        yield
+    finally:
+        for child, training in modes:
+            child.training = training
+
+
+@contextlib.contextmanager
 def evaluation_mode(module: torch.nn.Module) -> Iterator[None]:
-    """No dropout, no graph, and the RNG and train mode as they were afterwards (training is not disturbed)."""
+    """No dropout, no graph; afterwards the RNG and every train mode as they were (training is not disturbed)."""
     from mtrain.checkpoint.save import rng_state, set_rng_state  # noqa: PLC0415
 
-    saved, was_training = rng_state(), module.training
-    module.eval()
+    saved = rng_state()
     try:
-        with torch.no_grad():
+        with modes_kept(module), torch.no_grad():
+            module.eval()
             yield
     finally:
-        module.train(was_training)
         set_rng_state(saved)
 
 
@@ -195,7 +205,9 @@ class InLoopEval:
         scales = cfg.eval.scales or None
         if scales is None and cfg.matryoshka.tokens.mode == "none":
             scales = [built.visual_tokens]  # trained at the full grid only: its one budget
-        return cls(cfg, world, built, task, budget_view(cfg, built, task, scales), contrastive=False)
+        with modes_kept(task):  # a view is built in eval mode, and it shares the training model's modules
+            view = budget_view(cfg, built, task, scales)
+        return cls(cfg, world, built, task, view, contrastive=False)
 
     def due(self, step: int) -> bool:
         """Every `eval.every` steps, and after the last one when `eval.at_end`."""

@@ -26,8 +26,11 @@ def build(config: str, overrides: list[str]):
     return cfg, built, build_task(cfg, built, rank=0).train()
 
 
-def evaluate_untouched(evaluation: InLoopEval, task: torch.nn.Module) -> dict[str, float]:
-    """Evaluate, checking that the RNG streams and the train mode come back as they were."""
+def evaluate_untouched(cfg, built, task: torch.nn.Module) -> dict[str, float]:
+    """Set up and evaluate as a training run does, checking that the RNG streams and every module's train mode
+    are as they were (a view built in eval mode once switched the training model's dropout off)."""
+    evaluation = InLoopEval.for_run(cfg, SINGLE, built, task)
+    assert all(module.training for module in task.modules())
     torch_state, python_state = torch.get_rng_state(), random.getstate()
     metrics = evaluation.evaluate(lambda batch: batch, "cpu")
     assert torch.equal(torch.get_rng_state(), torch_state) and random.getstate() == python_state
@@ -43,7 +46,7 @@ def test_language_model_budgets_equal_mtrain_eval_and_leave_training_untouched(t
     write_sample_shards(tmp_path, num_shards=1, samples_per_shard=12, seed=3)
     held_out = str(tmp_path / "shard-000000.tar")
     cfg, built, task = build("tiny.yaml", [f"eval.shards={held_out}", "eval.scales=[4,64]", "data.micro_batch_size=5"])
-    metrics = evaluate_untouched(InLoopEval.for_run(cfg, SINGLE, built, task), task)
+    metrics = evaluate_untouched(cfg, built, task)
     assert [metrics[f"eval/answers/scale_{s}"] for s in (4, 64)] == [12.0, 12.0]  # 5 + 5 + 2 rows, each once
     offline = evaluate_budgets(budget_view(cfg, built, task.eval(), [4, 64]), eval_batches(cfg, built, held_out))
     for row in offline:
@@ -60,7 +63,7 @@ def test_contrastive_recall_per_dim_equals_mtrain_eval(tmp_path):
     write_pair_shards(tmp_path, num_shards=1, samples_per_shard=10, seed=4)
     held_out = str(tmp_path / "pairs-000000.tar")
     cfg, built, task = build("tiny_embed.yaml", [f"eval.shards={held_out}", "eval.dims=[8,64]"])
-    metrics = evaluate_untouched(InLoopEval.for_run(cfg, SINGLE, built, task), task)
+    metrics = evaluate_untouched(cfg, built, task)
     assert sorted(metrics) == sorted(
         f"eval/{name}/dim_{d}" for name in ("recall_at_1", "recall_at_5", "queries") for d in (8, 64)
     )
