@@ -27,6 +27,8 @@ class ScaleResult:
     answer_accuracy: float
     answers: int
     tokens: int = 0
+    trained: bool = True
+    """False for a budget the model never trained at (`mtrain eval --untrained-budgets`)."""
 
 
 def m3_scales(grid_tokens: int) -> list[int]:
@@ -136,8 +138,10 @@ def format_columns(columns: list[tuple[str, int, str]], rows: list[tuple[Any, ..
 
 def format_table(results: list[ScaleResult]) -> str:
     columns = [("visual tokens", 13, "d"), ("loss", 8, ".4f"), ("token acc", 10, ".3f"), ("answer acc", 11, ".3f")]
-    rows = [(r.scale, r.loss, r.token_accuracy, r.answer_accuracy, r.answers) for r in results]
-    return format_columns([*columns, ("answers", 8, "d")], rows)
+    rows = [
+        (r.scale, r.loss, r.token_accuracy, r.answer_accuracy, r.answers, "yes" if r.trained else "no") for r in results
+    ]
+    return format_columns([*columns, ("answers", 8, "d"), ("trained", 8, "s")], rows)
 
 
 def plot_budget_curve(curves: dict[str, list[ScaleResult]], path: Path, metric: str = "answer_accuracy") -> Path:

@@ -36,9 +36,13 @@ def test_eval_prints_per_scale_table_and_writes_plot(tmp_path, shards_pattern):
     png = (out / "budget.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
 
-    # The same evaluation of the untrained model (a config: built as configured, random weights) fails the floors.
-    fresh = run([str(BIN / "python"), "-m", "mtrain", "eval", str(REPO / "configs/tiny.yaml"), *M3, "--batches", "2",
-                 "--shards", shards_pattern, "--out", str(tmp_path / "fresh")], cwd=tmp_path)  # fmt: skip
+    # A freshly initialised full-grid model (a config: built as configured, random weights) fails the floors at
+    # every scale; the pooled scales it never trained at are evaluated only on request, and marked.
+    fresh = run([str(BIN / "python"), "-m", "mtrain", "eval", str(REPO / "configs/tiny.yaml"), "--batches", "2",
+                 "--scales", "1,4,16,64", "--untrained-budgets", "--shards", shards_pattern,
+                 "--out", str(tmp_path / "fresh")], cwd=tmp_path)  # fmt: skip
     assert fresh.returncode == 0
     untrained = json.loads((tmp_path / "fresh" / "budget.json").read_text())["results"]
     assert all(r["loss"] > LOSS_FLOOR and r["token_accuracy"] < ACCURACY_FLOOR for r in untrained), untrained
+    assert [r["trained"] for r in untrained] == [False, False, False, True]
+    assert "trained=no: a budget this model never trained at" in fresh.stdout

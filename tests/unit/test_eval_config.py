@@ -105,3 +105,14 @@ def test_token_metrics_divide_sums_over_ranks():
     assert metrics["eval/token_accuracy/scale_4"] == 0.4
     assert metrics["eval/answer_accuracy/scale_4"] == 0.5
     assert (metrics["eval/tokens/scale_4"], metrics["eval/answers/scale_4"]) == (10.0, 2.0)
+
+
+def test_mtrain_eval_refuses_untrained_budgets_without_the_flag():
+    from mtrain.eval.run import check_budgets_trained
+
+    with pytest.raises(
+        ValueError, match=r"--scales \[1, 4\]: this model was trained only at \[64\].*--untrained-budgets"
+    ):
+        check_budgets_trained([1, 4, 64], [64], allow_untrained=False)
+    check_budgets_trained([1, 4, 64], [64], allow_untrained=True)
+    check_budgets_trained([4, 64], [1, 4, 16, 64], allow_untrained=False)
