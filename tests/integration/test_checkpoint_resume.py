@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import BIN, launch_env, mtrain_train, read_metrics, run
+from tests.conftest import launch_env, mtrain_train, read_metrics, run, torchrun
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -131,20 +131,23 @@ def test_in_loop_eval_logs_every_scale_resumes_exactly_and_equals_mtrain_eval(tw
         < straight_evals[EVAL_EVERY][f"eval/loss/scale_{EVAL_SCALES[-1]}"]
     )  # the held-out loss falls as the model trains
 
-    # `mtrain eval` on the final checkpoint and the same shards, in one fp32 process: the same figures.
+    # `mtrain eval` on the final checkpoint and the same shards, on 2 ranks of torchrun (each loads the weights and
+    # scores its share; fp32): the same figures. The M3 scales are budgets this full-grid model never trained at.
     out = base / "mtrain-eval"
     heldout = str(base / "heldout" / "shard-000000.tar")
     scales = ",".join(map(str, EVAL_SCALES))
-    cmd = [str(BIN / "python"), "-m", "mtrain", "eval", str(straight / "checkpoints"), "--shards", heldout,
-           "--scales", scales, "--out", str(out)]  # fmt: skip
+    cmd = [*torchrun("-m", "mtrain"), "eval", str(straight / "checkpoints"), "--shards", heldout,
+           "--scales", scales, "--untrained-budgets", "--out", str(out)]  # fmt: skip
     proc = run(cmd, cwd=base)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "eval:" in proc.stderr and proc.stdout.count("wrote ") == 1  # rank 0's progress bar and report
     offline = {r["scale"]: r for r in json.loads((out / "budget.json").read_text())["results"]}
     in_loop = straight_evals[STEPS]
     for scale in EVAL_SCALES:
         row = offline[scale]
         assert row["tokens"] == in_loop[f"eval/tokens/scale_{scale}"]  # counts exact
         assert row["answers"] == in_loop[f"eval/answers/scale_{scale}"]
+        assert row["trained"] == (scale == 64)
         assert row["loss"] == pytest.approx(in_loop[f"eval/loss/scale_{scale}"], rel=1e-5)  # fp32 tolerance
         one_token = 1 / row["tokens"]  # an fp32 tie may flip one argmax
         assert abs(row["token_accuracy"] - in_loop[f"eval/token_accuracy/scale_{scale}"]) <= one_token
