@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -62,10 +63,13 @@ def held_out_loader(cfg: TrainConfig, built: Any, world: WorldInfo, shards: str 
 
 def one_pass(loader: Any, limit: int = 0) -> Iterator[dict[str, Any]]:
     """The loader's first epoch (this rank's whole share), or its first `limit` batches when `limit` > 0."""
-    for taken, batch in enumerate(loader):
-        if loader.epoch > 0 or (limit and taken >= limit):
+    taken = 0
+    while not limit or taken < limit:
+        batch = next(loader)
+        if loader.epoch > 0:  # the first batch of the next epoch: this rank's share is done
             return
         yield batch
+        taken += 1
 
 
 def lockstep(batches: Iterator[dict[str, Any]], all_reduce: AllReduce, world_size: int) -> Iterator[tuple[Any, bool]]:
@@ -74,7 +78,7 @@ def lockstep(batches: Iterator[dict[str, Any]], all_reduce: AllReduce, world_siz
     Under ZeRO-3 each forward is a collective, so a rank whose share ended early runs its last batch
     again, uncounted. One tiny all-reduce per round says how many ranks still have a batch."""
     last = None
-    for round_index in range(1 << 62):
+    for round_index in itertools.count():
         batch = next(batches, None)
         holding = int(all_reduce(torch.tensor([float(batch is not None)], dtype=torch.float64))[0])
         if holding == 0:
