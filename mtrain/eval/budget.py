@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,9 @@ import torch
 
 from mtrain.config import TrainConfig, load_config
 from mtrain.config.schema import TokenScalesConfig
+
+# Per-budget sums of a language-model evaluation (`MatryoshkaTokenTask.evaluate_scale`).
+TOKEN_SUMS = ("loss_sum", "tokens", "correct_tokens", "answers_correct", "answers")
 
 
 @dataclass
@@ -96,20 +99,30 @@ def check_scale_adapters(cfg: TrainConfig, scales: list[int]) -> None:
         )
 
 
+def evaluate_token_budgets(
+    view: Any, rounds: Iterator[tuple[dict[str, Any], bool]], to_device: Callable[[dict[str, Any]], dict[str, Any]]
+) -> dict[int, torch.Tensor]:
+    """This rank's sums (`TOKEN_SUMS`) per visual-token scale of `view` (a MatryoshkaTokenTask)."""
+    sums = {scale: torch.zeros(len(TOKEN_SUMS), dtype=torch.float64) for scale in view.tokens.scales}
+    for batch, counted in rounds:
+        batch = to_device(batch)
+        for scale in view.tokens.scales:
+            stats = view.evaluate_scale(batch, scale)
+            if counted:
+                sums[scale] += torch.tensor([stats[name] for name in TOKEN_SUMS], dtype=torch.float64)
+    return sums
+
+
 def evaluate_budgets(task: Any, batches: Iterator[dict[str, Any]], num_batches: int = 0) -> list[ScaleResult]:
     """Every scale of `task` over `num_batches` batches (0: until `batches` ends), in this one process."""
     from itertools import islice  # noqa: PLC0415
-
-    from mtrain.eval.in_loop import evaluate_token_budgets  # noqa: PLC0415
 
     rounds = ((batch, True) for batch in islice(batches, num_batches or None))
     return scale_results(evaluate_token_budgets(task, rounds, to_device=lambda batch: batch))
 
 
 def scale_results(sums: dict[int, torch.Tensor]) -> list[ScaleResult]:
-    """One row per scale from the sums of `mtrain.eval.in_loop.TOKEN_SUMS` (over every rank)."""
-    from mtrain.eval.in_loop import TOKEN_SUMS  # noqa: PLC0415
-
+    """One row per scale from the sums of `TOKEN_SUMS` (over every rank)."""
     results = []
     for scale, values in sorted(sums.items()):
         t = dict(zip(TOKEN_SUMS, values.tolist(), strict=True))

@@ -7,15 +7,14 @@
 
 The model is the training engine's own module: under ZeRO-3 each forward gathers the parameters
 as training does, and nothing is copied or gathered to one rank. The RNG state is restored after
-each evaluation, so a run with evaluation resumes bit-exactly. `mtrain eval` runs the same code in
-one process (`evaluate_token_budgets`, `evaluate_retrieval_budgets`), so their figures agree.
+each evaluation, so a run with evaluation resumes bit-exactly. `mtrain eval` (`run.py`) runs the same
+loader, rounds and sums (`held_out.py`, `budget.evaluate_token_budgets`) on any number of ranks, so
+their figures agree.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -24,73 +23,9 @@ import torch
 import torch.distributed as dist
 
 from mtrain.config.schema import TrainConfig
+from mtrain.eval.budget import TOKEN_SUMS, budget_view, evaluate_token_budgets
+from mtrain.eval.held_out import held_out_loader, lockstep, one_pass
 from mtrain.launch.env import WorldInfo
-
-# Per-budget sums of a language-model evaluation (`MatryoshkaTokenTask.evaluate_scale`).
-TOKEN_SUMS = ("loss_sum", "tokens", "correct_tokens", "answers_correct", "answers")
-
-AllReduce = Callable[[torch.Tensor], torch.Tensor]
-
-
-def held_out_loader(cfg: TrainConfig, built: Any, world: WorldInfo, shards: str | None, form: Any = None) -> Any:
-    """This rank's loader over held-out `shards` (None: the config's data): the configured stages, in shard
-    order, unpacked (one answer per row), no workers.
-
-    Built apart from the training loader, so taking eval batches moves no training data position.
-    Not synced across ranks: each rank reads its own share to the end (see `lockstep`)."""
-    from data_pipeline.loader import build_loader, torch_distributed_gather  # noqa: PLC0415
-    from data_pipeline.tokenize import TokenSpec  # noqa: PLC0415
-    from mtrain.engine.data import loader_settings  # noqa: PLC0415
-
-    data = dataclasses.replace(cfg.data, shuffle=False, num_workers=0, epoch_mode="epoch", packing=False)
-    if shards is not None:
-        data = dataclasses.replace(data, shards=shards, sources=[])
-    settings = loader_settings(dataclasses.replace(cfg, data=data))
-    spec = TokenSpec(built.tokenizer, built.image_token_id, cfg.data.max_len)
-    # Every rank builds its eval loader at the same point, so unindexed shards are scanned once over all ranks.
-    gather = torch_distributed_gather() if world.world_size > 1 else None
-    return build_loader(
-        settings,
-        world.rank,
-        world.world_size,
-        spec,
-        built.image_processor,
-        built.visual_tokens,
-        gather=gather,
-        form=form,
-    )
-
-
-def one_pass(loader: Any, limit: int = 0) -> Iterator[dict[str, Any]]:
-    """The loader's first epoch (this rank's whole share), or its first `limit` batches when `limit` > 0."""
-    taken = 0
-    while not limit or taken < limit:
-        batch = next(loader)
-        if loader.epoch > 0:  # the first batch of the next epoch: this rank's share is done
-            return
-        yield batch
-        taken += 1
-
-
-def lockstep(batches: Iterator[dict[str, Any]], all_reduce: AllReduce, world_size: int) -> Iterator[tuple[Any, bool]]:
-    """(batch, counted) rounds until every rank is out of batches; every rank runs every round.
-
-    Under ZeRO-3 each forward is a collective, so a rank whose share ended early runs its last batch
-    again, uncounted. One tiny all-reduce per round says how many ranks still have a batch."""
-    last = None
-    for round_index in itertools.count():
-        batch = next(batches, None)
-        holding = int(all_reduce(torch.tensor([float(batch is not None)], dtype=torch.float64))[0])
-        if holding == 0:
-            return
-        if round_index == 0 and holding < world_size:
-            raise ValueError(
-                f"eval.shards gave {world_size - holding} of {world_size} ranks no batch; the held-out set "
-                "needs at least one sample per rank (give more held-out samples or fewer ranks)"
-            )
-        if batch is not None:
-            last = batch
-        yield (batch if batch is not None else last), batch is not None
 
 
 @contextlib.contextmanager
@@ -116,20 +51,6 @@ def evaluation_mode(module: torch.nn.Module) -> Iterator[None]:
             yield
     finally:
         set_rng_state(saved)
-
-
-def evaluate_token_budgets(
-    view: Any, rounds: Iterator[tuple[dict[str, Any], bool]], to_device: Callable[[dict[str, Any]], dict[str, Any]]
-) -> dict[int, torch.Tensor]:
-    """This rank's sums (`TOKEN_SUMS`) per visual-token scale of `view` (a MatryoshkaTokenTask)."""
-    sums = {scale: torch.zeros(len(TOKEN_SUMS), dtype=torch.float64) for scale in view.tokens.scales}
-    for batch, counted in rounds:
-        batch = to_device(batch)
-        for scale in view.tokens.scales:
-            stats = view.evaluate_scale(batch, scale)
-            if counted:
-                sums[scale] += torch.tensor([stats[name] for name in TOKEN_SUMS], dtype=torch.float64)
-    return sums
 
 
 def token_metrics(sums: dict[int, torch.Tensor]) -> dict[str, float]:
@@ -204,8 +125,6 @@ class InLoopEval:
             return None
         if cfg.task.objective == "contrastive":
             return cls(cfg, world, built, task, task, contrastive=True)
-        from mtrain.eval.budget import budget_view  # noqa: PLC0415
-
         scales = cfg.eval.scales or None
         if scales is None and cfg.matryoshka.tokens.mode == "none":
             scales = [built.visual_tokens]  # trained at the full grid only: its one budget

@@ -12,7 +12,7 @@ from mtrain.eval.budget import budget_view, format_table, load_for_eval, write_r
 def eval_batches(cfg: Any, built: Any, shards: str | None, num_batches: int = 0, form: Any = None) -> Any:
     """One pass over the held-out batches in a single process, in shard order (no shuffling): the whole set,
     or its first `num_batches`; the loader of the in-loop evaluation (`form` as in build_data_loader)."""
-    from mtrain.eval.in_loop import held_out_loader, one_pass  # noqa: PLC0415
+    from mtrain.eval.held_out import held_out_loader, one_pass  # noqa: PLC0415
     from mtrain.launch.env import WorldInfo  # noqa: PLC0415
 
     single = WorldInfo(0, 1, 0, 1, "127.0.0.1", 0, "none")
@@ -54,8 +54,8 @@ def evaluate_on_ranks(cfg: Any, built: Any, view: Any, world: Any, shards: str |
     import torch.distributed as dist  # noqa: PLC0415
     from tqdm import tqdm  # noqa: PLC0415
 
-    from mtrain.eval.budget import scale_results  # noqa: PLC0415
-    from mtrain.eval.in_loop import evaluate_token_budgets, held_out_loader, lockstep, one_pass  # noqa: PLC0415
+    from mtrain.eval.budget import evaluate_token_budgets, scale_results  # noqa: PLC0415
+    from mtrain.eval.held_out import held_out_loader, lockstep, one_pass  # noqa: PLC0415
 
     def all_reduce(values: torch.Tensor) -> torch.Tensor:
         if world.world_size > 1:

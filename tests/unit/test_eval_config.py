@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from mtrain.config import ConfigError, load_config
-from mtrain.eval.in_loop import TOKEN_SUMS, lockstep, one_pass, token_metrics
+from mtrain.eval.budget import TOKEN_SUMS
+from mtrain.eval.held_out import lockstep, one_pass
+from mtrain.eval.in_loop import token_metrics
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 M3 = ["matryoshka.tokens.mode=m3", "matryoshka.tokens.scales=[1,4,16,64]"]
