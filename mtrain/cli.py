@@ -49,8 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--task", choices=("budget", "retrieval"), default="budget", help="what to evaluate")
     evaluate.add_argument("overrides", nargs="*", metavar="a.b.c=value", help="dotted overrides")
     evaluate.add_argument("--shards", help="evaluation shards (default: the config's data.shards)")
-    evaluate.add_argument("--batches", type=int, default=4, help="batches to evaluate")
-    evaluate.add_argument("--scales", help="comma-separated budgets (default: the trained scales, else every M3 scale)")
+    evaluate.add_argument("--batches", type=int, default=0, help="batches to evaluate (0: the whole held-out set)")
+    evaluate.add_argument("--scales", help="comma-separated budgets (default: the scales the model trained at)")
+    evaluate.add_argument(
+        "--untrained-budgets",
+        action="store_true",
+        help="allow --scales the model never trained at (marked in the output)",
+    )
     evaluate.add_argument("--dims", help="retrieval: comma-separated embedding sizes (default: the trained dims)")
     evaluate.add_argument("--out", default="eval", help="folder for the JSON report and PNG curve")
 
@@ -241,7 +246,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from mtrain.eval.run import run_eval  # noqa: PLC0415
 
         scales = [int(s) for s in args.scales.split(",")] if args.scales else None
-        run_eval(args.source, args.overrides, args.shards, args.batches, scales, args.out)
+        run_eval(args.source, args.overrides, args.shards, args.batches, scales, args.out, args.untrained_budgets)
         return 0
     if args.command == "plan":
         from mtrain.metrics.plan import Cluster, format_plan, make_plan, parse_memory  # noqa: PLC0415

@@ -114,7 +114,7 @@ def train_and_evaluate(experiment: Experiment, work: Path, data: Path, steps: in
     if experiment.evaluation == "retrieval":
         evaluate += ["--task", "retrieval", "--dims", EMBEDDING_DIMS]
     elif experiment.name == "full_grid":
-        evaluate += ["--scales", TOKEN_SCALES]  # pooled grids of a model that never saw them
+        evaluate += ["--scales", TOKEN_SCALES, "--untrained-budgets"]  # pooled grids of a model that never saw them
     run_logged("mtrain eval", evaluate, log)
     report = json.loads((eval_dir / f"{experiment.evaluation}.json").read_text())
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

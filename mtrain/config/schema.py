@@ -573,6 +573,38 @@ class TaskConfig(Checkable):
 
 
 @dataclass
+class EvalConfig(Checkable):
+    shards: str = setting(
+        "", "Held-out shards evaluated during training (any form data.shards takes); empty: no evaluation."
+    )
+    every: int = setting(0, "Evaluate every N optimizer steps (0: only at the end, when eval.at_end).")
+    at_end: bool = setting(True, "Also evaluate after the last step.")
+    batches: int = setting(0, "Batches per rank in each evaluation; 0: the whole held-out set.")
+    scales: list[int] = setting(
+        [], "Visual-token budgets to evaluate (lm); empty: the trained scales, or the full grid without any."
+    )
+    dims: list[int] = setting([], "Embedding dims to evaluate (contrastive); empty: the trained dims.")
+    layers: list[int] = setting([], "Layers whose embeddings are evaluated (contrastive); empty: the trained ones.")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.shards)
+
+    def check(self) -> list[tuple[str, str]]:
+        if self.every < 0:
+            return [("every", f"must be >= 0 (0: only at the end), got {self.every}")]
+        if self.batches < 0:
+            return [("batches", f"must be >= 0 (0: the whole held-out set), got {self.batches}")]
+        if not self.shards and (self.every or self.scales or self.dims or self.layers):
+            return [("shards", "is empty, so nothing is evaluated; give held-out shards, e.g. data/heldout/*.tar")]
+        for name in ("scales", "dims", "layers"):
+            values = getattr(self, name)
+            if values and (sorted(set(values)) != values or values[0] < 1):
+                return [(name, f"must be positive and strictly increasing, got {values}")]
+        return []
+
+
+@dataclass
 class TrainConfig(Checkable):
     run: RunConfig = section(RunConfig, "Run identity, length and precision.")
     model: ModelConfig = section(ModelConfig, "Model source, freezing and adapters.")
@@ -584,6 +616,7 @@ class TrainConfig(Checkable):
     logging: LoggingConfig = section(LoggingConfig, "Metrics and progress.")
     task: TaskConfig = section(TaskConfig, "Training objective.")
     matryoshka: MatryoshkaConfig = section(MatryoshkaConfig, "Matryoshka structure: nested visual tokens and dims.")
+    eval: EvalConfig = section(EvalConfig, "Evaluation on held-out shards during training.")
 
     def check(self) -> list[tuple[str, str]]:
         tokens = self.matryoshka.tokens
@@ -610,7 +643,7 @@ class TrainConfig(Checkable):
             if bad:
                 message = f"{bad}: the side of each scale must divide the {side}x{side} grid side {side}"
                 return [("matryoshka.tokens.scales", message)]
-        problem = self.check_embedding()
+        problem = self.check_embedding() or self.check_eval()
         if problem:
             return [problem]
         if self.run.nonfinite == "skip" and self.zero.stage != 3:
@@ -625,6 +658,34 @@ class TrainConfig(Checkable):
             message = f"{self.data.max_len} leaves no room for text after {visual_tokens} visual tokens; raise it"
             return [("data.max_len", message)]
         return []
+
+    def check_eval(self) -> tuple[str, str] | None:
+        """The evaluated budgets against the objective and the model (known here for the tiny preset)."""
+        budgets, tokens = self.eval, self.matryoshka.tokens
+        contrastive = self.task.objective == "contrastive"
+        if budgets.scales and contrastive:
+            return ("eval.scales", "are visual-token budgets of task.objective=lm; evaluate eval.dims instead")
+        if (budgets.dims or budgets.layers) and not contrastive:
+            return ("eval.dims", "are embedding budgets of task.objective=contrastive; evaluate eval.scales instead")
+        lora = self.model.lora
+        if lora.enabled and lora.strategy != "shared" and tokens.mode != "none":
+            untrained = [s for s in budgets.scales if s not in tokens.scales]
+            if untrained:
+                message = f"{untrained} have no {lora.strategy} LoRA adapter (trained: {tokens.scales}); drop them"
+                return ("eval.scales", message)
+        if self.model.preset != "tiny-llava":
+            return None
+        visual_tokens, side = self.model.tiny.visual_tokens, math.isqrt(self.model.tiny.visual_tokens)
+        limit = tokens.mqt_queries if tokens.mode == "mqt" else visual_tokens
+        if budgets.scales and budgets.scales[-1] > limit:
+            return ("eval.scales", f"{budgets.scales[-1]} exceeds the {limit} visual tokens an image has")
+        if tokens.mode != "mqt" and any(
+            side % max(math.isqrt(s), 1) or math.isqrt(s) ** 2 != s for s in budgets.scales
+        ):
+            return ("eval.scales", f"{budgets.scales}: each must be a square whose side divides the grid side {side}")
+        if budgets.layers and budgets.layers[-1] > self.model.tiny.num_layers:
+            return ("eval.layers", f"{budgets.layers} name layers beyond the model's {self.model.tiny.num_layers}")
+        return None
 
     def check_embedding(self) -> tuple[str, str] | None:
         """Dims and layers against the embedding width and depth (known here for the tiny preset)."""

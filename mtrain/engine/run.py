@@ -20,6 +20,7 @@ from mtrain.config.core import to_dict
 from mtrain.config.deepspeed_json import deepspeed_config
 from mtrain.engine.setup import initialize_engine, resolve_placement
 from mtrain.engine.trainer import Trainer
+from mtrain.eval.in_loop import InLoopEval
 from mtrain.launch.distributed import init_distributed, print0, run_on_main
 from mtrain.launch.env import WorldInfo
 from mtrain.launch.inputs import check_inputs
@@ -95,6 +96,7 @@ class Run:
     batches: Any
     started: float
     resumed_step: int
+    evaluation: InLoopEval | None = None
 
     def save(self) -> None:
         self.trainer.check_finite()  # no checkpoint holds the weights of a non-finite step
@@ -106,9 +108,14 @@ class Run:
         return bool(every) and step % every == 0 and step < self.cfg.run.max_steps
 
     def end_of_step(self, trainer: Trainer) -> None:
-        """After every step: the first step's timing once, and the periodic save."""
+        """After every step: the first step's timing once, the evaluation and the periodic save.
+
+        The evaluation comes first: a checkpoint of step N then follows step N's eval line, so a
+        resume from it logs no eval twice and misses none."""
         if trainer.step == self.resumed_step + 1:
             report_first_step(self)
+        if self.evaluation is not None and self.evaluation.due(trainer.step):
+            evaluate(self)
         if self.due_for_save(trainer.step):
             self.save()
 
@@ -162,7 +169,10 @@ def set_up(cfg: TrainConfig) -> Run:
         )
     # After restore, which trims metrics logged past the checkpoint; TensorBoard purges them too.
     trainer.sink = make_sink(cfg, run_dir, world, trainer.step)
-    return Run(cfg, world, run_dir, objective, checkpointer, engine, trainer, batches, started, trainer.step)
+    evaluation = InLoopEval.for_run(cfg, world, built, engine.module)
+    return Run(
+        cfg, world, run_dir, objective, checkpointer, engine, trainer, batches, started, trainer.step, evaluation
+    )
 
 
 def report_model(cfg: TrainConfig, world: WorldInfo, run_dir: Path, built: Any, engine: Any, device: str) -> None:
@@ -182,6 +192,17 @@ def train(run: Run) -> list[dict[str, float]]:
     history = run.trainer.train(on_step_end=run.end_of_step)
     run.trainer.sink.close()
     return history
+
+
+def evaluate(run: Run) -> dict[str, float]:
+    """The held-out evaluation on every rank (the engine's own weights), logged beside the step's metrics."""
+    assert run.evaluation is not None
+    started = time.perf_counter()
+    metrics = run.evaluation.evaluate(run.trainer.to_device, run.trainer.device)
+    run.trainer.sink.log(run.trainer.step, metrics)
+    losses = ", ".join(f"{name.split('/')[-1]} {value:.4f}" for name, value in metrics.items() if "/loss/" in name)
+    print0(f"eval at step {run.trainer.step} ({time.perf_counter() - started:.1f}s): {losses or metrics}")
+    return metrics
 
 
 def report_first_step(run: Run) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -246,20 +246,6 @@ class Trainer:
 
     # ── evaluation ────────────────────────────────────────────────────────────────────────────
     @torch.no_grad()
-    def evaluate(self, batches: Iterator[dict[str, Any]], num_batches: int) -> float:
-        """Mean loss over `num_batches` held-out batches, averaged over ranks, without updating weights.
-
-        The hook for in-loop evaluation: a collective (every rank calls it with the same
-        `num_batches`); the loop does not call it yet. Losses stay on the device until the end.
-        """
-        self.engine.eval()
-        try:
-            losses = [self.engine(self.to_device(next(batches)))[0].detach() for _ in range(num_batches)]
-        finally:
-            self.engine.train()
-        mean = (torch.stack(losses).double().sum() / num_batches).reshape(1).cpu()
-        return float(self.all_reduce_sum(mean)[0]) / self.world.world_size
-
     def resource_metrics(self, tokens: float, elapsed: float) -> dict[str, float]:
         """This process's memory, and model TFLOPs per rank (MFU when `logging.peak_tflops` is set)."""
         metrics = {"memory/rss_gb": psutil.Process().memory_info().rss / 2**30}

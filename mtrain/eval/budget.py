@@ -7,7 +7,7 @@ the M3 paper beats); an MQT model is evaluated at its query budgets.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,9 @@ from typing import Any
 import torch
 
 from mtrain.config import TrainConfig, load_config
+
+# Per-budget sums of a language-model evaluation (`MatryoshkaTokenTask.evaluate_scale`).
+TOKEN_SUMS = ("loss_sum", "tokens", "correct_tokens", "answers_correct", "answers")
 
 
 @dataclass
@@ -24,6 +27,9 @@ class ScaleResult:
     token_accuracy: float
     answer_accuracy: float
     answers: int
+    tokens: int = 0
+    trained: bool = True
+    """False for a budget the model never trained at (`mtrain eval --untrained-budgets`)."""
 
 
 def load_for_eval(
@@ -54,24 +60,44 @@ def load_for_eval(
     return cfg, built, task.eval()
 
 
-def evaluate_budgets(task: Any, batches: Iterator[dict[str, Any]], num_batches: int) -> list[ScaleResult]:
-    totals: dict[int, dict[str, float]] = {}
-    for _, batch in zip(range(num_batches), batches, strict=False):
-        for scale in task.tokens.scales:
-            stats = task.evaluate_scale(batch, scale)
-            for key, value in stats.items():
-                totals.setdefault(scale, {}).setdefault(key, 0.0)
-                totals[scale][key] += value
-    return [
-        ScaleResult(
-            scale=scale,
-            loss=t["loss_sum"] / max(t["tokens"], 1),
-            token_accuracy=t["correct_tokens"] / max(t["tokens"], 1),
-            answer_accuracy=t["answers_correct"] / max(t["answers"], 1),
-            answers=int(t["answers"]),
+def evaluate_token_budgets(
+    view: Any, rounds: Iterator[tuple[dict[str, Any], bool]], to_device: Callable[[dict[str, Any]], dict[str, Any]]
+) -> dict[int, torch.Tensor]:
+    """This rank's sums (`TOKEN_SUMS`) per visual-token scale of `view` (a MatryoshkaTokenTask)."""
+    sums = {scale: torch.zeros(len(TOKEN_SUMS), dtype=torch.float64) for scale in view.tokens.scales}
+    for batch, counted in rounds:
+        batch = to_device(batch)
+        for scale in view.tokens.scales:
+            stats = view.evaluate_scale(batch, scale)
+            if counted:
+                sums[scale] += torch.tensor([stats[name] for name in TOKEN_SUMS], dtype=torch.float64)
+    return sums
+
+
+def evaluate_budgets(task: Any, batches: Iterator[dict[str, Any]], num_batches: int = 0) -> list[ScaleResult]:
+    """Every scale of `task` over `num_batches` batches (0: until `batches` ends), in this one process."""
+    from itertools import islice  # noqa: PLC0415
+
+    rounds = ((batch, True) for batch in islice(batches, num_batches or None))
+    return scale_results(evaluate_token_budgets(task, rounds, to_device=lambda batch: batch))
+
+
+def scale_results(sums: dict[int, torch.Tensor]) -> list[ScaleResult]:
+    """One row per scale from the sums of `TOKEN_SUMS` (over every rank)."""
+    results = []
+    for scale, values in sorted(sums.items()):
+        t = dict(zip(TOKEN_SUMS, values.tolist(), strict=True))
+        results.append(
+            ScaleResult(
+                scale=scale,
+                loss=t["loss_sum"] / max(t["tokens"], 1),
+                token_accuracy=t["correct_tokens"] / max(t["tokens"], 1),
+                answer_accuracy=t["answers_correct"] / max(t["answers"], 1),
+                answers=int(t["answers"]),
+                tokens=int(t["tokens"]),
+            )
         )
-        for scale, t in sorted(totals.items())
-    ]
+    return results
 
 
 def format_columns(columns: list[tuple[str, int, str]], rows: list[tuple[Any, ...]]) -> str:
@@ -86,8 +112,10 @@ def format_columns(columns: list[tuple[str, int, str]], rows: list[tuple[Any, ..
 
 def format_table(results: list[ScaleResult]) -> str:
     columns = [("visual tokens", 13, "d"), ("loss", 8, ".4f"), ("token acc", 10, ".3f"), ("answer acc", 11, ".3f")]
-    rows = [(r.scale, r.loss, r.token_accuracy, r.answer_accuracy, r.answers) for r in results]
-    return format_columns([*columns, ("answers", 8, "d")], rows)
+    rows = [
+        (r.scale, r.loss, r.token_accuracy, r.answer_accuracy, r.answers, "yes" if r.trained else "no") for r in results
+    ]
+    return format_columns([*columns, ("answers", 8, "d"), ("trained", 8, "s")], rows)
 
 
 def plot_budget_curve(curves: dict[str, list[ScaleResult]], path: Path, metric: str = "answer_accuracy") -> Path:

@@ -9,6 +9,7 @@ query is right at k when its positive is among the k most similar entries.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -64,14 +65,26 @@ def evaluate_retrieval(
 ) -> list[RetrievalResult]:
     layers = task.evaluated_layers()
     queries, positives, texts = embed_pairs(task, batches, num_batches, layers)
+    return score_retrieval(queries, positives, texts, layers, dims or task.dims, task.dims_config.resolved_scoring)
+
+
+def score_retrieval(
+    queries: torch.Tensor,
+    positives: torch.Tensor,
+    texts: list[str],
+    layers: list[int],
+    dims: list[int],
+    scoring: Scoring,
+) -> list[RetrievalResult]:
+    """Recall at every (layer, dim) of (layers, N, width) embeddings; the gallery is the distinct positives."""
     distinct = list(dict.fromkeys(texts))
     first = [texts.index(text) for text in distinct]
     targets = torch.tensor([distinct.index(text) for text in texts])
     results = []
     for i, layer in enumerate(layers):
         gallery = positives[i, first]
-        for dim in dims or task.dims:
-            recall = recall_at(queries[i], gallery, targets, dim, task.dims_config.resolved_scoring)
+        for dim in dims:
+            recall = recall_at(queries[i], gallery, targets, dim, scoring)
             results.append(RetrievalResult(layer, dim, recall[1], recall[5], len(texts), len(distinct)))
     return results
 
@@ -122,8 +135,8 @@ def run_retrieval_eval(
         check_shards_exist(shards, "--shards")
     cfg, built, task = load_for_eval(source, overrides, shards)
     view = retrieval_view(cfg, built, task)
-    stream = eval_batches(cfg, built, shards, form=PairForm(pair_spec(cfg, built)))
-    results = evaluate_retrieval(view, stream, num_batches, dims)
+    stream = eval_batches(cfg, built, shards, num_batches, form=PairForm(pair_spec(cfg, built)))
+    results = evaluate_retrieval(view, stream, num_batches or sys.maxsize, dims)
     print(format_retrieval_table(results))
     json_path, png_path = write_retrieval_report(results, Path(out), name=str(source))
     print(f"wrote {json_path} and {png_path}")

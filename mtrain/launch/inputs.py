@@ -32,6 +32,8 @@ def missing_inputs(cfg: Any, skip: tuple[str, ...] | list[str] = ()) -> list[str
         )
     if "data.shards" not in skip:
         problems += [missing_shards(pattern, "data.shards") for pattern, _ in cfg.data.source_list]
+    if "eval.shards" not in skip and cfg.eval.shards:
+        problems.append(missing_shards(cfg.eval.shards, "eval.shards"))
     return [problem for problem in problems if problem]
 
 

@@ -1,5 +1,5 @@
-"""Checkpoints under real 2-rank ZeRO-3 runs: bit-exact resume after SIGKILL, kills inside a save,
-another world size, and DeepSpeed's own zero_to_fp32 on mtrain's folders."""
+"""Checkpoints under real 2-rank ZeRO-3 runs: bit-exact resume after SIGKILL (with the in-loop evaluation
+on), kills inside a save, another world size, and DeepSpeed's own zero_to_fp32 on mtrain's folders."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import launch_env, mtrain_train, read_metrics, run
+from tests.conftest import launch_env, mtrain_train, read_metrics, run, torchrun
 
 pytestmark = pytest.mark.timeout(600)
 
 STEPS, SAVE_EVERY = 6, 3
+EVAL_EVERY, EVAL_SCALES = 2, [1, 4, 16, 64]  # M3 budgets of a model trained at the full grid (shared LoRA)
 
 
 def train_cmd(ranks: int, run_dir: Path, shards: str, *extra: str) -> list[str]:
@@ -43,19 +44,29 @@ def consolidated(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
 
 
 def losses(run_dir: Path) -> dict[int, tuple[float, float]]:
-    return {m["step"]: (m["loss"], m["grad_norm"]) for m in read_metrics(run_dir)}
+    return {m["step"]: (m["loss"], m["grad_norm"]) for m in read_metrics(run_dir) if "loss" in m}
+
+
+def eval_lines(run_dir: Path) -> dict[int, dict[str, float]]:
+    return {m["step"]: m for m in read_metrics(run_dir) if any(k.startswith("eval/") for k in m)}
 
 
 @pytest.fixture(scope="module")
 def two_rank_runs(tmp_path_factory, sample_shards):
     """An uninterrupted 2-rank run, and the same command SIGKILLed after its step-3 save then re-run."""
+    from data_pipeline.sample_data import write_sample_shards
+
     shards = str(sample_shards / "shard-{000000..000003}.tar")
     base = tmp_path_factory.mktemp("resume")
+    # 17 held-out samples: 9 (2 batches) and 8 (1 batch) per rank, so rank 1 runs a round again, uncounted.
+    write_sample_shards(base / "heldout", num_shards=1, samples_per_shard=17, seed=5)
+    evaluation = (f"eval.shards={base / 'heldout' / 'shard-000000.tar'}", f"eval.every={EVAL_EVERY}",
+                  f"eval.scales={EVAL_SCALES}".replace(" ", ""))  # fmt: skip
     straight, killed = base / "straight", base / "killed"
-    assert run(train_cmd(2, straight, shards), cwd=base).returncode == 0
-    crashed = run(train_cmd(2, killed, shards), cwd=base, env=with_fault(f"saved@{SAVE_EVERY}"))
+    assert run(train_cmd(2, straight, shards, *evaluation), cwd=base).returncode == 0
+    crashed = run(train_cmd(2, killed, shards, *evaluation), cwd=base, env=with_fault(f"saved@{SAVE_EVERY}"))
     outputs = {"crashed": crashed}
-    outputs["resumed"] = run(train_cmd(2, killed, shards), cwd=base)  # the very same command again
+    outputs["resumed"] = run(train_cmd(2, killed, shards, *evaluation), cwd=base)  # the very same command again
     return base, shards, straight, killed, outputs
 
 
@@ -104,6 +115,42 @@ def test_sigkill_then_same_command_resumes_bit_exactly(two_rank_runs):
     for name, tensor in lora.items():
         full = "model." + name.replace(".weight", ".default.weight")
         assert torch.equal(tensor, a[full]), name
+
+
+def test_in_loop_eval_logs_every_scale_resumes_exactly_and_equals_mtrain_eval(two_rank_runs):
+    base, _, straight, killed, _ = two_rank_runs
+    straight_evals, killed_evals = eval_lines(straight), eval_lines(killed)
+    assert sorted(straight_evals) == list(range(EVAL_EVERY, STEPS + 1, EVAL_EVERY))  # steps 2, 4 and 6
+    for metric in ("loss", "token_accuracy", "answer_accuracy", "tokens", "answers"):
+        assert all(f"eval/{metric}/scale_{s}" in straight_evals[STEPS] for s in EVAL_SCALES), metric
+    assert all(straight_evals[STEPS][f"eval/answers/scale_{s}"] == 17 for s in EVAL_SCALES)  # every sample once
+    # The run that was killed after its step-3 save and resumed: the same eval lines, bit for bit, none twice.
+    assert killed_evals == straight_evals
+    assert (
+        straight_evals[STEPS][f"eval/loss/scale_{EVAL_SCALES[-1]}"]
+        < straight_evals[EVAL_EVERY][f"eval/loss/scale_{EVAL_SCALES[-1]}"]
+    )  # the held-out loss falls as the model trains
+
+    # `mtrain eval` on the final checkpoint and the same shards, on 2 ranks of torchrun (each loads the weights and
+    # scores its share; fp32): the same figures. The M3 scales are budgets this full-grid model never trained at.
+    out = base / "mtrain-eval"
+    heldout = str(base / "heldout" / "shard-000000.tar")
+    scales = ",".join(map(str, EVAL_SCALES))
+    cmd = [*torchrun("-m", "mtrain"), "eval", str(straight / "checkpoints"), "--shards", heldout,
+           "--scales", scales, "--untrained-budgets", "--out", str(out)]  # fmt: skip
+    proc = run(cmd, cwd=base)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "eval:" in proc.stderr and proc.stdout.count("wrote ") == 1  # rank 0's progress bar and report
+    offline = {r["scale"]: r for r in json.loads((out / "budget.json").read_text())["results"]}
+    in_loop = straight_evals[STEPS]
+    for scale in EVAL_SCALES:
+        row = offline[scale]
+        assert row["tokens"] == in_loop[f"eval/tokens/scale_{scale}"]  # counts exact
+        assert row["answers"] == in_loop[f"eval/answers/scale_{scale}"]
+        assert row["trained"] == (scale == 64)
+        assert row["loss"] == pytest.approx(in_loop[f"eval/loss/scale_{scale}"], rel=1e-5)  # fp32 tolerance
+        one_token = 1 / row["tokens"]  # an fp32 tie may flip one argmax
+        assert abs(row["token_accuracy"] - in_loop[f"eval/token_accuracy/scale_{scale}"]) <= one_token
 
 
 def test_world_size_two_to_one_and_back_continues(two_rank_runs):
