@@ -26,7 +26,7 @@ from mtrain.config.schema import TrainConfig
 from mtrain.eval.budget import TOKEN_SUMS, evaluate_token_budgets
 from mtrain.eval.held_out import held_out_loader, lockstep, one_pass
 from mtrain.launch.env import WorldInfo
-from mtrain.task.registry import budget_view
+from mtrain.task.registry import budget_view, objective_for
 
 
 @contextlib.contextmanager
@@ -124,7 +124,7 @@ class InLoopEval:
         """The evaluation of this run, over the engine's task `task`; None when `eval.shards` is empty."""
         if not cfg.eval.enabled:
             return None
-        if cfg.task.objective == "contrastive":
+        if objective_for(cfg).held_out_metrics == "retrieval":
             return cls(cfg, world, built, task, task, contrastive=True)
         scales = cfg.eval.scales or None
         if scales is None and cfg.matryoshka.tokens.mode == "none":
