@@ -82,6 +82,9 @@ class TinyLlavaConfig(Checkable):
     vision_layers: int = setting(2, "Vision tower depth.")
     image_size: int = setting(32, "Input image side in pixels.")
     patch_size: int = setting(4, "Vision patch side; the grid is (image_size / patch_size)^2 tokens.")
+    vision_tower: Literal["clip", "siglip"] = setting(
+        "clip", "Vision tower: clip (a CLS token, dropped) or siglip (no CLS); either gives the bare patch grid."
+    )
 
     @property
     def visual_tokens(self) -> int:

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from mtrain.config.schema import ModelConfig, TinyLlavaConfig, TokenScalesConfig
+from mtrain.model.families import SUPPORTED_MODEL_TYPES, ModelFamily, family_for
+from mtrain.model.families.llava import tiny_image_processor, tiny_llava_config
 from mtrain.model.scale_lora import ScaleRouting, adapter_names, attach_scale_lora
 from mtrain.model.token_scales import MQTLlavaResampler, QueryTransformerProjector
 from mtrain.model.tokenizer import IMAGE_TOKEN, build_tiny_tokenizer
@@ -24,7 +26,7 @@ from mtrain.model.tokenizer import IMAGE_TOKEN, build_tiny_tokenizer
 # Loading code never reaches a hub: everything comes from the preset or a local folder.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SUPPORTED_MODEL_TYPES = ("llava",)
+__all__ = ["SUPPORTED_MODEL_TYPES", "build_model", "tiny_image_processor", "tiny_llava_config"]
 
 
 @dataclass
@@ -35,6 +37,7 @@ class BuiltModel:
     visual_tokens: int  # tokens each <image> expands to in the data: the grid (M3) or M queries (MQT)
     image_token_id: int
     source: str
+    family: ModelFamily | None = None  # what mtrain knows about the model's kind (mtrain/model/families)
     # Row routing of scale-specific LoRA adapters; None without them.
     scale_routing: ScaleRouting | None = None
     # Parameter elements right after construction, before adapters (see `parameter_elements`).
@@ -57,58 +60,9 @@ def attention_implementation(requested: str) -> str:
     return "sdpa"
 
 
-def tiny_llava_config(tiny: TinyLlavaConfig, vocab_size: int, image_token_id: int, pad_token_id: int):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig  # noqa: PLC0415
-
-    text = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=tiny.hidden_size,
-        intermediate_size=tiny.hidden_size * 2,
-        num_hidden_layers=tiny.num_layers,
-        num_attention_heads=tiny.num_heads,
-        num_key_value_heads=tiny.num_heads,
-        max_position_embeddings=1024,
-        pad_token_id=pad_token_id,
-        tie_word_embeddings=False,
-    )
-    vision = CLIPVisionConfig(
-        hidden_size=tiny.vision_hidden_size,
-        intermediate_size=tiny.vision_hidden_size * 2,
-        num_hidden_layers=tiny.vision_layers,
-        num_attention_heads=max(1, tiny.vision_hidden_size // 8),
-        image_size=tiny.image_size,
-        patch_size=tiny.patch_size,
-    )
-    return LlavaConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=image_token_id,
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-1,
-        projector_hidden_act="gelu",
-    )
-
-
-def tiny_image_processor(image_size: int):
-    # The PIL implementation: the default one wants torchvision, which the CPU stack leaves out.
-    from transformers import CLIPImageProcessorPil  # noqa: PLC0415
-
-    return CLIPImageProcessorPil(
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
-    )
-
-
-def visual_tokens_per_image(llava_config: Any) -> int:
-    """Tokens each <image> stands for in the language model: the patch grid (+ CLS with 'full')."""
-    vision = llava_config.vision_config
-    grid = (vision.image_size // vision.patch_size) ** 2
-    return grid + (1 if llava_config.vision_feature_select_strategy == "full" else 0)
-
-
-def _image_token_id(llava_config: Any) -> int:
-    value = getattr(llava_config, "image_token_id", None)
-    return value if value is not None else llava_config.image_token_index
+def visual_tokens_per_image(config: Any) -> int:
+    """Tokens each <image> stands for in the language model, as the model's family counts them."""
+    return family_for(config.model_type).visual_tokens(config)
 
 
 def build_model(
@@ -127,7 +81,6 @@ def build_model(
     under `torch.device("meta")` it gives the exact parameter layout of a 7B model in seconds.
     """
     tokens = tokens or TokenScalesConfig()
-    from transformers import LlavaForConditionalGeneration  # noqa: PLC0415
     from transformers.integrations import HfDeepSpeedConfig  # noqa: PLC0415
 
     zero3_context = HfDeepSpeedConfig(zero3_ds_config) if zero3_ds_config else None
@@ -141,14 +94,16 @@ def build_model(
         vocab_size = (len(tokenizer) + 63) // 64 * 64
         llava_config = tiny_llava_config(cfg.tiny, vocab_size, image_token_id, tokenizer.pad_token_id)
         llava_config._attn_implementation = attn
-        model = LlavaForConditionalGeneration._from_config(llava_config, dtype=dtype)
+        family = family_for(llava_config.model_type)
+        model = family.model_class()._from_config(llava_config, dtype=dtype)
         built = BuiltModel(
             model=model,
             tokenizer=tokenizer,
-            image_processor=tiny_image_processor(cfg.tiny.image_size),
-            visual_tokens=visual_tokens_per_image(llava_config),
+            image_processor=tiny_image_processor(cfg.tiny.image_size, cfg.tiny.vision_tower),
+            visual_tokens=family.visual_tokens(llava_config),
             image_token_id=image_token_id,
             source="preset:tiny-llava",
+            family=family,
         )
     if tokens.mode == "mqt":
         replace_projector_with_mqt(built, tokens, zero3_ds_config, dtype)
@@ -190,12 +145,7 @@ def enable_activation_checkpointing(built: BuiltModel) -> None:
 
 
 def _load_local(path: str, dtype: torch.dtype, attn: str, config_only: bool = False) -> BuiltModel:
-    from transformers import (  # noqa: PLC0415
-        AutoConfig,
-        AutoImageProcessor,
-        AutoTokenizer,
-        LlavaForConditionalGeneration,  # noqa: PLC0415
-    )
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer  # noqa: PLC0415
 
     folder = Path(path)
     if not (folder / "config.json").is_file():
@@ -204,26 +154,23 @@ def _load_local(path: str, dtype: torch.dtype, attn: str, config_only: bool = Fa
             "point it at a local folder written by save_pretrained"
         )
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"model.path={path!r} holds a {config.model_type!r} model; mtrain loads {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+    family = family_for(config.model_type, f"model.path={path!r}")
     if config_only:
         config._attn_implementation = attn
-        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
-        return BuiltModel(model, None, None, visual_tokens_per_image(config), _image_token_id(config), str(folder))
-    model = LlavaForConditionalGeneration.from_pretrained(
-        folder, local_files_only=True, dtype=dtype, attn_implementation=attn
-    )
+        model = family.model_class()._from_config(config, dtype=dtype)
+        visual, image_token_id = family.visual_tokens(config), family.image_token_id(config)
+        return BuiltModel(model, None, None, visual, image_token_id, str(folder), family=family)
+    model = family.model_class().from_pretrained(folder, local_files_only=True, dtype=dtype, attn_implementation=attn)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     image_processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
     return BuiltModel(
         model=model,
         tokenizer=tokenizer,
         image_processor=image_processor,
-        visual_tokens=visual_tokens_per_image(config),
-        image_token_id=_image_token_id(config),
+        visual_tokens=family.visual_tokens(config),
+        image_token_id=family.image_token_id(config),
         source=str(folder.resolve()),
+        family=family,
     )
 
 
@@ -268,6 +215,8 @@ def replace_projector_with_mqt(
     import contextlib  # noqa: PLC0415
 
     config = built.model.config
+    family = built.family or family_for(config.model_type)
+    vision_dim, text_dim = family.projector_dims(config)
     grid_tokens = built.visual_tokens
     context = contextlib.nullcontext()
     if zero3_ds_config:
@@ -277,21 +226,21 @@ def replace_projector_with_mqt(
     with context:
         if tokens.mqt_architecture == "mqt_llava":
             projector: nn.Module = MQTLlavaResampler(
-                vision_dim=config.vision_config.hidden_size,
-                text_dim=config.text_config.hidden_size,
+                vision_dim=vision_dim,
+                text_dim=text_dim,
                 num_queries=tokens.mqt_queries,
                 num_heads=tokens.mqt_heads,
             )
         else:
             projector = QueryTransformerProjector(
-                vision_dim=config.vision_config.hidden_size,
-                text_dim=config.text_config.hidden_size,
+                vision_dim=vision_dim,
+                text_dim=text_dim,
                 num_queries=tokens.mqt_queries,
                 num_heads=tokens.mqt_heads,
                 num_patches=grid_tokens,
             )
         projector = projector.to(dtype)
-    built.model.model.multi_modal_projector = projector
+    family.set_projector(built.model, projector)
     built.visual_tokens = tokens.mqt_queries
 
 
