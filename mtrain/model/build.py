@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mtrain.config.schema import ModelConfig, TinyLlavaConfig, TokenScalesConfig
+from mtrain.config.schema import ModelConfig, TokenScalesConfig
 from mtrain.model.families import SUPPORTED_MODEL_TYPES, ModelFamily, family_for
 from mtrain.model.families.llava import tiny_image_processor, tiny_llava_config
 from mtrain.model.scale_lora import ScaleRouting, adapter_names, attach_scale_lora
