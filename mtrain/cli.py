@@ -186,6 +186,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             from mtrain.launch.inputs import check_inputs  # noqa: PLC0415
 
             check_inputs(cfg, on_submit_host=True)
+            if "model.path" not in cfg.run.remote_paths:
+                from mtrain.launch.model_checks import check_model  # noqa: PLC0415
+
+                check_model(cfg)
             check_fresh_start(Path(cfg.run.dir), cfg.checkpoint.resume, cfg.checkpoint.start_over)
         if args.explain:
             for key, doc in field_docs(TrainConfig).items():

@@ -17,11 +17,12 @@ import torch
 from torch import nn
 
 from mtrain.config.schema import ModelConfig, TokenScalesConfig
+from mtrain.launch.distributed import print0
 from mtrain.model.families import SUPPORTED_MODEL_TYPES, ModelFamily, family_for
 from mtrain.model.families.llava import tiny_image_processor, tiny_llava_config
 from mtrain.model.scale_lora import ScaleRouting, adapter_names, attach_scale_lora
 from mtrain.model.token_scales import MQTLlavaResampler, QueryTransformerProjector
-from mtrain.model.tokenizer import IMAGE_TOKEN, build_tiny_tokenizer
+from mtrain.model.tokenizer import IMAGE_TOKEN, build_tiny_tokenizer, pad_with_eos_or_unk
 
 # Loading code never reaches a hub: everything comes from the preset or a local folder.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -162,6 +163,9 @@ def _load_local(path: str, dtype: torch.dtype, attn: str, config_only: bool = Fa
         return BuiltModel(model, None, None, visual, image_token_id, str(folder), family=family)
     model = family.model_class().from_pretrained(folder, local_files_only=True, dtype=dtype, attn_implementation=attn)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    note = pad_with_eos_or_unk(tokenizer)
+    if note:
+        print0(f"model.path={path!r}: {note}")
     image_processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
     return BuiltModel(
         model=model,
