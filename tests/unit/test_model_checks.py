@@ -56,7 +56,9 @@ def test_an_unsupported_folder_is_refused_before_any_process_group(tmp_path, sha
         )
         seconds, group = proc.stdout.split()
         assert group == "group=False"
-        assert float(seconds.split("=")[1]) < 5.0  # config and folder read, no model, no rendezvous
+        assert (
+            float(seconds.split("=")[1]) < 10.0
+        )  # imports, config and folder read (1-2 s measured); no model, no rendezvous
     assert not (tmp_path / "run").exists()
 
 
