@@ -105,6 +105,11 @@ class ModelConfig(Checkable):
         "tiny-llava", "Built-in model with random weights and a local tokenizer; 'none' when path is set."
     )
     path: str | None = setting(None, "Local Hugging Face folder of a LLaVA-family checkpoint (never downloaded).")
+    chat_template: str = setting(
+        "",
+        "Jinja chat template that renders conversations, for a model folder whose tokenizer has none (or to replace "
+        "it); empty: the tokenizer's own. It must render an image part as <image>.",
+    )
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = setting(
         "auto", "auto uses flash_attention_2 when flash-attn imports on a GPU, else sdpa."
     )

@@ -96,6 +96,7 @@ def build_model(
         llava_config = tiny_llava_config(cfg.tiny, vocab_size, image_token_id, tokenizer.pad_token_id)
         llava_config._attn_implementation = attn
         family = family_for(llava_config.model_type)
+        tokenizer.chat_template = family.tiny_chat_template()  # the family's shape, as a real folder brings its own
         model = family.model_class()._from_config(llava_config, dtype=dtype)
         built = BuiltModel(
             model=model,
@@ -106,6 +107,8 @@ def build_model(
             source="preset:tiny-llava",
             family=family,
         )
+    if cfg.chat_template and built.tokenizer is not None:
+        built.tokenizer.chat_template = cfg.chat_template  # rendered by the loader, saved by the export
     if tokens.mode == "mqt":
         replace_projector_with_mqt(built, tokens, zero3_ds_config, dtype)
     built.constructed_elements = parameter_elements(built.model)

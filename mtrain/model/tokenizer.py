@@ -6,6 +6,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerFast
 
+from data_pipeline.chat_template import CHAT_TEMPLATE
 from data_pipeline.formats import IMAGE_PLACEHOLDER
 
 IMAGE_TOKEN = IMAGE_PLACEHOLDER  # one special token stands where text says <image>
@@ -23,7 +24,8 @@ question answer user assistant describe it there are here
 
 
 def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """Train a deterministic byte-level BPE tokenizer with `<image>` as a special token."""
+    """Train a deterministic byte-level BPE tokenizer with `<image>` as a special token and the
+    tiny preset's LLaVA-1.5-shaped chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: PLC0415
 
     tokenizer = Tokenizer(models.BPE())
@@ -40,6 +42,7 @@ def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     tokenizer.train_from_iterator(sentences * 4, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
+        chat_template=CHAT_TEMPLATE,  # LLaVA-1.5's shape (data_pipeline/chat_template.py)
         bos_token="<s>",
         eos_token="</s>",
         pad_token="<pad>",
