@@ -35,31 +35,32 @@ def folder_config(folder, *overrides: str):
     return load_config(None, ["model.preset=none", f"model.path={folder}", *overrides])
 
 
-def test_an_unsupported_folder_is_refused_before_any_process_group(tmp_path, shards_pattern):
+def test_an_unsupported_folder_is_refused_before_any_process_group(tmp_path, shards_pattern, capsys):
     from transformers import Qwen2VLConfig
 
+    from mtrain.cli import main
+
     folder = save_folder(tmp_path / "qwen", Qwen2VLConfig())
+    refusal = f"model.path={str(folder)!r} is a 'qwen2_vl' model; mtrain supports the model families llava"
+    args = [str(REPO / "configs/tiny.yaml"), "model.preset=none", f"model.path={folder}"]
+    args += [f"run.dir={tmp_path / 'run'}", f"data.shards={shards_pattern}"]
+    # `train` in a fresh interpreter: it reports whether a process group formed and how long main() took.
     code = (
         "import sys, time\nimport torch.distributed as dist\nfrom mtrain.cli import main\n"
         "start = time.perf_counter()\nrc = main(sys.argv[1:])\n"
         "print(f'seconds={time.perf_counter() - start:.2f} group={dist.is_initialized()}')\nsys.exit(rc)"
     )
-    args = [str(REPO / "configs/tiny.yaml"), "model.preset=none", f"model.path={folder}"]
-    args += [f"run.dir={tmp_path / 'run'}", f"data.shards={shards_pattern}"]
-    for command in (["train", *args], ["validate", *args]):
-        proc = subprocess.run(
-            [sys.executable, "-c", code, *command], capture_output=True, text=True, timeout=120, env=launch_env()
-        )
-        assert proc.returncode == 2, proc.stderr
-        assert f"model.path={str(folder)!r} is a 'qwen2_vl' model; mtrain supports the model families llava" in (
-            proc.stderr
-        )
-        seconds, group = proc.stdout.split()
-        assert group == "group=False"
-        assert (
-            float(seconds.split("=")[1]) < 10.0
-        )  # imports, config and folder read (1-2 s measured); no model, no rendezvous
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "train", *args], capture_output=True, text=True, timeout=120, env=launch_env()
+    )
+    assert proc.returncode == 2 and refusal in proc.stderr, proc.stderr
+    seconds, group = proc.stdout.split()
+    assert group == "group=False"
+    assert float(seconds.split("=")[1]) < 10.0  # imports, config and folder read (1-2 s measured); no rendezvous
     assert not (tmp_path / "run").exists()
+    # `mtrain validate`, which every launcher runs before spawning anything, refuses it the same way.
+    assert main(["validate", *args]) == 2
+    assert refusal in capsys.readouterr().err
 
 
 def test_scales_that_do_not_fit_the_folders_grid_are_named(tmp_path):
