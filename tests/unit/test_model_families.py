@@ -50,6 +50,21 @@ def test_llava_visual_tokens_equal_the_towers_real_output(tower, strategy, expec
     assert (family.visual_grid(config) is not None) == (expected == 64)
 
 
+def test_a_siglip_exports_processor_expands_image_to_the_familys_count():
+    from PIL import Image
+
+    from mtrain.checkpoint.export import llava_processor
+    from mtrain.model.families.llava import tiny_image_processor
+
+    config = tiny_config("siglip")
+    tokenizer = build_tiny_tokenizer()
+    built = type("Built", (), {"tokenizer": tokenizer, "image_processor": tiny_image_processor(32, "siglip")})
+    processor = llava_processor(config, built, tokenizer.chat_template)
+    inputs = processor(images=Image.new("RGB", (40, 24)), text="<image>\nWhat is it?", return_tensors="pt")
+    assert int((inputs["input_ids"] == config.image_token_id).sum()) == family_for("llava").visual_tokens(config) == 64
+    assert tuple(inputs["pixel_values"].shape) == (1, 3, 32, 32)
+
+
 def test_m3_scales_are_checked_against_the_models_grid():
     family = family_for("llava")
     tokens = load_config(None, ["matryoshka.tokens.mode=m3", "matryoshka.tokens.scales=[1,4,16,64]"])
