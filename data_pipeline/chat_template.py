@@ -1,35 +1,131 @@
-"""The conversation format the data pipeline trains on, as a Hugging Face (jinja) chat template.
+"""Conversations rendered by the model's own chat template, with labels on assistant turns only.
 
-`formats.build_conversation` renders a LLaVA conversation as
+`ConversationTemplate` renders a LLaVA conversation ({from, value} turns) with a Hugging Face
+(jinja) chat template, the one the loaded tokenizer carries (or `model.chat_template`), exactly as
+`tokenizer.apply_chat_template` would. The assistant parts are found turn by turn: for every
+assistant turn i, the text of turns [0, i) with the generation prompt is a prefix of the text of
+turns [0, i], and the rest of that is the assistant's: its answer and its end-of-turn tokens,
+learned; everything else (system prompt, user turns, role headers) is not. A template that does
+not render turn by turn that way is refused with a clear error. The rendered text carries the
+template's own BOS and end-of-turn tokens; tokenization adds none (`Sample.rendered`).
 
-    <bos>USER: {human turn}\n ASSISTANT: {gpt turn}\n ... <eos>
+Messages are `{"role": "user" | "assistant" | "system", "content": [parts]}` with `{"type": "image"}`
+where the turn's text has `<image>` and `{"type": "text", "text": ...}` for the text around it: the
+structured form multimodal templates read. The template must render each image part as `<image>`
+(the placeholder tokenization expands to the visual tokens).
 
-with every `<image>` in a turn kept in place (tokenization expands it to the visual tokens). An
-export stores `CHAT_TEMPLATE` with its tokenizer and processor, so
-`processor.apply_chat_template(messages, add_generation_prompt=True)` gives a model exactly the
-prompt it was trained on; tests/integration/test_export_generate.py checks that the token ids are
-equal. Messages use the usual roles (`user`, `assistant`) and either a string content (with
-`<image>` where an image goes) or a list of `{"type": "image"}` / `{"type": "text", "text": ...}`.
+`CHAT_TEMPLATE` is the built-in tiny preset's: LLaVA-1.5's Vicuna-v1 shape
+`<s>{system} USER: {question} ASSISTANT: {answer}</s>USER: ...`, with a shorter default system
+prompt than LLaVA-1.5's ("A chat between a curious human and an artificial intelligence assistant.
+..."), which the tiny byte-level tokenizer would spend most of a 96-token row on. It marks the
+assistant parts with `{% generation %}`, so `apply_chat_template(..., return_assistant_tokens_mask=True)`
+gives the mask training uses (tests/unit/test_chat_template.py checks they are equal). An export
+stores the template its tokenizer trained with, so `processor.apply_chat_template(messages,
+add_generation_prompt=True)` gives a model exactly the prompt it was trained on.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
+IMAGE_TEXT = "<image>"  # what a template renders for an image part: formats.IMAGE_PLACEHOLDER
+TINY_SYSTEM_PROMPT = "A chat between a user and an assistant."
+
 CHAT_TEMPLATE = (
     "{{- bos_token -}}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'user' -%}{{- 'USER: ' -}}"
-    "{%- elif message['role'] == 'assistant' -%}{{- 'ASSISTANT: ' -}}"
-    "{%- else -%}{{- raise_exception('only user and assistant roles were trained, got ' + message['role']) -}}"
-    "{%- endif -%}"
-    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
     "{%- else -%}"
+    "{%- set system = '" + TINY_SYSTEM_PROMPT + "' -%}{%- set turns = messages -%}"
+    "{%- endif -%}"
+    "{%- if system is not string -%}{%- set system = system | map(attribute='text') | join('') -%}{%- endif -%}"
+    "{{- system + ' ' -}}"
+    "{%- for message in turns -%}"
+    "{%- if message['content'] is string -%}{%- set text = message['content'] -%}"
+    "{%- else -%}{%- set text = namespace(value='') -%}"
     "{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' -%}{{- '<image>' -}}"
-    "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}"
+    "{%- if part['type'] == 'image' -%}{%- set text.value = text.value + '<image>' -%}"
+    "{%- elif part['type'] == 'text' -%}{%- set text.value = text.value + part['text'] -%}"
     "{%- endif -%}"
     "{%- endfor -%}"
+    "{%- set text = text.value -%}"
     "{%- endif -%}"
-    "{{- '\\n' -}}"
+    "{%- if message['role'] == 'user' -%}{{- 'USER: ' + text + ' ' -}}"
+    "{%- elif message['role'] == 'assistant' -%}{{- 'ASSISTANT:' -}}"
+    "{%- generation -%}{{- ' ' + text + eos_token -}}{%- endgeneration -%}"
+    "{%- else -%}{{- raise_exception('a system message comes first; got role ' + message['role']) -}}"
+    "{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- 'ASSISTANT: ' -}}{%- else -%}{{- eos_token -}}{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
 )
+
+
+class ChatTemplateError(ValueError):
+    """A conversation cannot be rendered: no template, or one that does not render turn by turn."""
+
+
+def message_content(text: str) -> list[dict[str, str]]:
+    """A turn's text as structured parts: an image part for every `<image>`, text parts around them."""
+    parts: list[dict[str, str]] = []
+    pieces = text.split(IMAGE_TEXT)
+    for i, piece in enumerate(pieces):
+        if piece:
+            parts.append({"type": "text", "text": piece})
+        if i < len(pieces) - 1:
+            parts.append({"type": "image"})
+    return parts
+
+
+@dataclass(frozen=True)
+class ConversationTemplate:
+    """A jinja chat template and the special tokens it renders (plain strings: it travels to loader workers)."""
+
+    template: str  # empty: the model has none, and conversations are refused with `missing`
+    bos_token: str | None = None
+    eos_token: str | None = None
+    missing: str = "the model's tokenizer has no chat template; set model.chat_template to render conversations"
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any) -> ConversationTemplate:
+        template = tokenizer.chat_template
+        if isinstance(template, dict):  # several named templates: the default one
+            template = template.get("default", "")
+        return cls(template or "", tokenizer.bos_token, tokenizer.eos_token)
+
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
+        from transformers.utils.chat_template_utils import render_jinja_template  # noqa: PLC0415
+
+        rendered, _ = render_jinja_template(
+            conversations=[messages],
+            chat_template=self.template,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+        )
+        return rendered[0]
+
+    def pieces(self, messages: list[dict[str, Any]]) -> list[tuple[str, str, bool]]:
+        """The rendered conversation as (role, text, learned) pieces in reading order; only the
+        assistant parts are learned."""
+        if not self.template:
+            raise ChatTemplateError(self.missing)
+        whole = self.render(messages)
+        pieces: list[tuple[str, str, bool]] = []
+        done = 0
+        for index, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prompt = self.render(messages[:index], add_generation_prompt=True)
+            through = self.render(messages[: index + 1])
+            if not (whole.startswith(through) and through.startswith(prompt) and len(prompt) >= done):
+                raise ChatTemplateError(
+                    f"the chat template does not render turn by turn (assistant turn {index}: the prompt before it "
+                    "is not a prefix of the conversation), so its assistant parts cannot be found; "
+                    "set model.chat_template to one that does"
+                )
+            pieces.append(("user", whole[done : len(prompt)], False))
+            pieces.append(("assistant", whole[len(prompt) : len(through)], True))
+            done = len(through)
+        pieces.append(("user", whole[done:], False))
+        return [piece for piece in pieces if piece[1]]

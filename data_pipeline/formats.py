@@ -18,6 +18,8 @@ from typing import Any
 
 from PIL import Image
 
+from data_pipeline.chat_template import ConversationTemplate, message_content
+
 IMAGE_PLACEHOLDER = "<image>"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXTENSIONS = ("txt", "text")
@@ -75,6 +77,8 @@ class Sample:
     # Segment counts at which a learned (assistant) turn ends: where a conversation may be cut.
     turn_ends: list[int] = field(default_factory=list)
     source: str = ""  # the input record it was built from ("file line 12 (id abc)"), when the shard says
+    # Rendered by the model's chat template, which wrote its own BOS and end-of-turn tokens: tokenization adds none.
+    rendered: bool = False
 
     @property
     def images(self) -> list[ImageSegment]:
@@ -89,6 +93,9 @@ class SampleRules:
     require_image: bool = False  # text-only conversations and documents are first-class; captions need one
     require_text: bool = True
     max_image_pixels: int = 4096 * 4096
+    # The model's chat template for conversations; None: the fixed `ChatTemplate` prefixes, for the data
+    # tools that check and plan shards without a model (training always passes the model's).
+    chat: ConversationTemplate | None = None
 
 
 def is_image_member(extension: str) -> bool:
@@ -237,14 +244,23 @@ def render_conversation(
     return pieces
 
 
+def conversation_messages(turns: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """{from, value} turns as chat-template messages: {role, content parts} (`chat_template.message_content`)."""
+    render_conversation(turns)  # the same checks, the same ValueError on a malformed turn
+    return [{"role": canonical_role(turn["from"]), "content": message_content(turn["value"])} for turn in turns]
+
+
 def build_conversation(key: str, members: dict[str, bytes], meta: dict[str, Any], rules: SampleRules) -> Sample:
     turns = meta["conversations"]
     if not isinstance(turns, list):
         raise SampleFault("malformed_json", f"{key}.json: 'conversations' must be a list of {{from, value}}")
     try:
-        pieces = render_conversation(turns)
+        messages = conversation_messages(turns) if rules.chat is not None else None
+        pieces = render_conversation(turns) if rules.chat is None else None
     except ValueError as exc:
         raise SampleFault("malformed_json", f"{key}.json: {exc}") from None
+    if rules.chat is not None:
+        pieces = rules.chat.pieces(messages)  # a ChatTemplateError stops the job: every conversation would fail
     available = image_member_names(members)
     segments: list[TextSegment | ImageSegment] = []
     turn_ends: list[int] = []
@@ -262,7 +278,8 @@ def build_conversation(key: str, members: dict[str, bytes], meta: dict[str, Any]
         last_of_turn = index + 1 == len(pieces) or pieces[index + 1][0] != role or pieces[index + 1][2] != learned
         if learned and last_of_turn:
             turn_ends.append(len(segments))
-    return _checked(Sample(key, "conversation", segments, turn_ends), rules)
+    sample = Sample(key, "conversation", segments, turn_ends, rendered=rules.chat is not None)
+    return _checked(sample, rules)
 
 
 def _checked(sample: Sample, rules: SampleRules) -> Sample:

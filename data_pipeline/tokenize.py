@@ -6,7 +6,8 @@ image), so a per-sample or per-image scale changes only that argument.
 
 Masking: image tokens, BOS, non-learned text (prompts, user turns) and padding get
 IGNORE_INDEX; learned text (captions, document text, assistant turns) and the final EOS are
-learned. A sample longer than `max_len` is cut, but never inside an image's tokens: the cut moves
+learned. A conversation rendered by the model's chat template (`Sample.rendered`) brings its own
+BOS and end-of-turn tokens, learned with its assistant turns; nothing is added to it. A sample longer than `max_len` is cut, but never inside an image's tokens: the cut moves
 to before that image, and the image is dropped with them. A conversation is cut after its last
 assistant turn that fits whole (then closed with EOS); only when not even the first one fits is
 it cut inside that turn. A sample left with no learned token raises `SampleFault("nothing_learned")`:
@@ -65,7 +66,10 @@ def tokenize_sample(sample: Sample, spec: TokenSpec, visual_tokens_per_image: in
     if len(counts) != len(images):
         raise ValueError(f"{sample.key}: {len(counts)} visual-token counts for {len(images)} images")
     tokenizer = spec.tokenizer
-    input_ids: list[int] = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    # A sample rendered by a chat template carries the template's own BOS and end-of-turn tokens.
+    bos = None if sample.rendered else tokenizer.bos_token_id
+    eos = None if sample.rendered else tokenizer.eos_token_id
+    input_ids: list[int] = [bos] if bos is not None else []
     labels: list[int] = [IGNORE_INDEX] * len(input_ids)
     spans: list[tuple[int, int]] = []
     image_index = 0
@@ -85,7 +89,6 @@ def tokenize_sample(sample: Sample, spec: TokenSpec, visual_tokens_per_image: in
             image_index += 1
         if index + 1 in sample.turn_ends:
             turn_ends.append(len(input_ids))
-    eos = tokenizer.eos_token_id
     if eos is not None:
         input_ids.append(eos)
         labels.append(eos if learned_any else IGNORE_INDEX)

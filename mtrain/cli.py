@@ -196,6 +196,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             from mtrain.launch.inputs import check_inputs  # noqa: PLC0415
 
             check_inputs(cfg, on_submit_host=True)
+            if "model.path" not in cfg.run.remote_paths:
+                from mtrain.launch.model_checks import check_model  # noqa: PLC0415
+
+                check_model(cfg)
             check_fresh_start(Path(cfg.run.dir), cfg.checkpoint.resume, cfg.checkpoint.start_over)
         if args.explain:
             for key, doc in field_docs(TrainConfig).items():
@@ -314,7 +318,8 @@ def _data_tokens(config: list[str] | None) -> DataTokens:
         return DataTokens(
             tokenizer, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), TinyLlavaConfig().visual_tokens, None, None
         )
-    from mtrain.model.build import load_model_config, model_visual_tokens  # noqa: PLC0415
+    from mtrain.model.build import load_model_config  # noqa: PLC0415
+    from mtrain.model.families import family_for  # noqa: PLC0415
 
     cfg = load_config(config[0], config[1:])
     tokens = cfg.matryoshka.tokens
@@ -323,10 +328,8 @@ def _data_tokens(config: list[str] | None) -> DataTokens:
 
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, local_files_only=True)
         model_config = load_model_config(cfg.model.path)
-        visual = model_visual_tokens(model_config)
-        image_token_id = getattr(model_config, "image_token_id", None)
-        if image_token_id is None:
-            image_token_id = model_config.image_token_index
+        family = family_for(model_config.model_type, f"model.path={cfg.model.path!r}")
+        visual, image_token_id = family.visual_tokens(model_config), family.image_token_id(model_config)
     else:
         tokenizer, visual = build_tiny_tokenizer(), cfg.model.tiny.visual_tokens
         image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)

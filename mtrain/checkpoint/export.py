@@ -152,14 +152,12 @@ def _copy_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _save_hf_folder(model: torch.nn.Module, built: Any, folder: Path) -> None:
-    """Model, tokenizer and image processor, plus (LLaVA) a processor and the trained chat template."""
-    from data_pipeline.chat_template import CHAT_TEMPLATE  # noqa: PLC0415
-
+    """Model, tokenizer and image processor, plus (LLaVA) a processor; both carry the chat template
+    conversations were rendered with in training (the tokenizer's, see data_pipeline/chat_template.py)."""
     model.save_pretrained(folder, safe_serialization=True)
-    built.tokenizer.chat_template = CHAT_TEMPLATE
     built.tokenizer.save_pretrained(folder)
     built.image_processor.save_pretrained(folder)
-    processor = llava_processor(model.config, built, CHAT_TEMPLATE)
+    processor = llava_processor(model.config, built, built.tokenizer.chat_template)
     if processor is not None:
         processor.save_pretrained(folder)
 

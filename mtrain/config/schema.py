@@ -83,6 +83,9 @@ class TinyLlavaConfig(Checkable):
     vision_layers: int = setting(2, "Vision tower depth.")
     image_size: int = setting(32, "Input image side in pixels.")
     patch_size: int = setting(4, "Vision patch side; the grid is (image_size / patch_size)^2 tokens.")
+    vision_tower: Literal["clip", "siglip"] = setting(
+        "clip", "Vision tower: clip (a CLS token, dropped) or siglip (no CLS); either gives the bare patch grid."
+    )
 
     @property
     def visual_tokens(self) -> int:
@@ -103,6 +106,11 @@ class ModelConfig(Checkable):
         "tiny-llava", "Built-in model with random weights and a local tokenizer; 'none' when path is set."
     )
     path: str | None = setting(None, "Local Hugging Face folder of a LLaVA-family checkpoint (never downloaded).")
+    chat_template: str = setting(
+        "",
+        "Jinja chat template that renders conversations, for a model folder whose tokenizer has none (or to replace "
+        "it); empty: the tokenizer's own. It must render an image part as <image>.",
+    )
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = setting(
         "auto", "auto uses flash_attention_2 when flash-attn imports on a GPU, else sdpa."
     )

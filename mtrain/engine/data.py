@@ -51,8 +51,10 @@ class ReadyBatches:
         raise NotImplementedError("ready batches have no data position to restore; train from a loader")
 
 
-def loader_settings(cfg: TrainConfig) -> Any:
-    """The loader's stages as the config's `data` section sets them (every batch form)."""
+def loader_settings(cfg: TrainConfig, tokenizer: Any) -> Any:
+    """The loader's stages as the config's `data` section sets them (every batch form); conversations
+    are rendered by `tokenizer`'s chat template."""
+    from data_pipeline.chat_template import ConversationTemplate  # noqa: PLC0415
     from data_pipeline.formats import SampleRules  # noqa: PLC0415
     from data_pipeline.loader import LoaderSettings  # noqa: PLC0415
     from data_pipeline.shards import ShardCache  # noqa: PLC0415
@@ -70,7 +72,10 @@ def loader_settings(cfg: TrainConfig) -> Any:
         max_bad_fraction=data.max_bad_fraction,
         bad_fraction_min_samples=data.bad_fraction_min_samples,
         rules=SampleRules(
-            caption_prompt=data.prompt, require_image=data.require_image, max_image_pixels=data.max_image_pixels
+            caption_prompt=data.prompt,
+            require_image=data.require_image,
+            max_image_pixels=data.max_image_pixels,
+            chat=ConversationTemplate.from_tokenizer(tokenizer),
         ),
         cache=ShardCache(
             folder=data.shard_cache_dir, retries=data.remote_retries, max_bytes=int(data.shard_cache_gb * 2**30)
@@ -87,7 +92,7 @@ def build_data_loader(cfg: TrainConfig, built: Any, world: WorldInfo, form: Any 
 
     spec = TokenSpec(built.tokenizer, built.image_token_id, cfg.data.max_len)
     return build_loader(
-        loader_settings(cfg),
+        loader_settings(cfg, built.tokenizer),
         world.rank,
         world.world_size,
         spec,

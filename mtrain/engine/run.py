@@ -24,6 +24,7 @@ from mtrain.eval.in_loop import InLoopEval
 from mtrain.launch.distributed import init_distributed, print0, run_on_main
 from mtrain.launch.env import WorldInfo
 from mtrain.launch.inputs import check_inputs
+from mtrain.launch.model_checks import check_model
 from mtrain.launch.preflight import check_parameters_identical, check_ranks_agree, collective_device
 from mtrain.launch.timing import record_first_step
 from mtrain.metrics.sinks import JsonlSink, MetricSink, NullSink, SinkGroup, TensorBoardSink, WandbSink
@@ -34,6 +35,7 @@ from mtrain.task.registry import Objective, objective_for
 def check_inputs_exist(cfg: TrainConfig) -> None:
     """Fail before any process group forms when local shards, the model folder or the resume point are wrong."""
     check_inputs(cfg)
+    check_model(cfg)  # the folder's family, scales and pad token: before any process group forms
     check_fresh_start(Path(cfg.run.dir), cfg.checkpoint.resume, cfg.checkpoint.start_over)
     preflight_resume(cfg)  # a missing checkpoint or an incompatible config change fails here
 

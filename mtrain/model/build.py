@@ -17,17 +17,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from mtrain.config.schema import ModelConfig, TinyLlavaConfig, TokenScalesConfig
+from mtrain.config.schema import ModelConfig, TokenScalesConfig
+from mtrain.launch.distributed import print0
+from mtrain.model.families import MQT_MODEL_TYPE, SUPPORTED_MODEL_TYPES, ModelFamily, family_for
+from mtrain.model.families.llava import tiny_image_processor, tiny_llava_config
 from mtrain.model.scale_lora import ScaleRouting, adapter_names, attach_scale_lora
-from mtrain.model.tokenizer import IMAGE_TOKEN, build_tiny_tokenizer
+from mtrain.model.tokenizer import IMAGE_TOKEN, build_tiny_tokenizer, pad_with_eos_or_unk
 
 # Loading code never reaches a hub: everything comes from the preset or a local folder.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-# `mqt_model.MQTLlavaConfig.model_type`, spelled out: mqt_model imports transformers' LLaVA, which this
-# module leaves to the functions that build a model (commands that fail early never import it).
-MQT_MODEL_TYPE = "mtrain_mqt_llava"
-SUPPORTED_MODEL_TYPES = ("llava", MQT_MODEL_TYPE)
 
 # A LLaVA folder's weight names (the layout `LlavaForConditionalGeneration.save_pretrained` writes) as
 # the MQT class names them; transformers applies LLaVA's own renaming only to the `llava` model type.
@@ -36,6 +34,8 @@ LLAVA_TO_MQT_KEYS = {
     r"^language_model\.model": "model.language_model",
     r"^vision_tower": "model.vision_tower",
 }
+
+__all__ = ["MQT_MODEL_TYPE", "SUPPORTED_MODEL_TYPES", "build_model", "tiny_image_processor", "tiny_llava_config"]
 
 
 @dataclass
@@ -46,6 +46,7 @@ class BuiltModel:
     visual_tokens: int  # tokens each <image> expands to in the data: the grid (M3) or M queries (MQT)
     image_token_id: int
     source: str
+    family: ModelFamily | None = None  # what mtrain knows about the model's kind (mtrain/model/families)
     # Row routing of scale-specific LoRA adapters; None without them.
     scale_routing: ScaleRouting | None = None
     # Parameter elements right after construction, before adapters (see `parameter_elements`).
@@ -68,53 +69,10 @@ def attention_implementation(requested: str) -> str:
     return "sdpa"
 
 
-def tiny_llava_config(tiny: TinyLlavaConfig, vocab_size: int, image_token_id: int, pad_token_id: int):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig  # noqa: PLC0415
-
-    text = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=tiny.hidden_size,
-        intermediate_size=tiny.hidden_size * 2,
-        num_hidden_layers=tiny.num_layers,
-        num_attention_heads=tiny.num_heads,
-        num_key_value_heads=tiny.num_heads,
-        max_position_embeddings=1024,
-        pad_token_id=pad_token_id,
-        tie_word_embeddings=False,
-    )
-    vision = CLIPVisionConfig(
-        hidden_size=tiny.vision_hidden_size,
-        intermediate_size=tiny.vision_hidden_size * 2,
-        num_hidden_layers=tiny.vision_layers,
-        num_attention_heads=max(1, tiny.vision_hidden_size // 8),
-        image_size=tiny.image_size,
-        patch_size=tiny.patch_size,
-    )
-    return LlavaConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=image_token_id,
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-1,
-        projector_hidden_act="gelu",
-    )
-
-
-def tiny_image_processor(image_size: int):
-    # The PIL implementation: the default one wants torchvision, which the CPU stack leaves out.
-    from transformers import CLIPImageProcessorPil  # noqa: PLC0415
-
-    return CLIPImageProcessorPil(
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
-    )
-
-
-def visual_tokens_per_image(llava_config: Any) -> int:
-    """Tokens each <image> stands for in the language model: the patch grid (+ CLS with 'full')."""
-    vision = llava_config.vision_config
-    grid = (vision.image_size // vision.patch_size) ** 2
-    return grid + (1 if llava_config.vision_feature_select_strategy == "full" else 0)
+def visual_tokens_per_image(config: Any) -> int:
+    """Tokens each <image> stands for in the language model, as the model's family counts them
+    (M queries for an MQT model, the tower's real output otherwise)."""
+    return family_for(config.model_type).visual_tokens(config)
 
 
 def mqt_llava_config(llava_config: Any, tokens: TokenScalesConfig) -> Any:
@@ -132,15 +90,8 @@ def mqt_llava_config(llava_config: Any, tokens: TokenScalesConfig) -> Any:
     )
 
 
-def model_visual_tokens(config: Any) -> int:
-    """Tokens each <image> stands for in the language model: M queries (MQT) or the vision tower's grid."""
-    if config.model_type == MQT_MODEL_TYPE:
-        return config.mqt_queries
-    return visual_tokens_per_image(config)
-
-
 def load_model_config(path: str | Path) -> Any:
-    """The config of a local model folder: LLaVA's, or mtrain's MQT LLaVA (no remote code run)."""
+    """The config of a local model folder: its family's, or mtrain's MQT LLaVA (no remote code run)."""
     from transformers import AutoConfig  # noqa: PLC0415
 
     from mtrain.model.mqt_model import MQTLlavaConfig  # noqa: PLC0415
@@ -150,11 +101,6 @@ def load_model_config(path: str | Path) -> Any:
     if model_type == MQT_MODEL_TYPE:
         return MQTLlavaConfig.from_pretrained(folder, local_files_only=True)
     return AutoConfig.from_pretrained(folder, local_files_only=True)
-
-
-def _image_token_id(llava_config: Any) -> int:
-    value = getattr(llava_config, "image_token_id", None)
-    return value if value is not None else llava_config.image_token_index
 
 
 def build_model(
@@ -174,7 +120,6 @@ def build_model(
     under `torch.device("meta")` it gives the exact parameter layout of a 7B model in seconds.
     """
     tokens = tokens or TokenScalesConfig()
-    from transformers import LlavaForConditionalGeneration  # noqa: PLC0415
     from transformers.integrations import HfDeepSpeedConfig  # noqa: PLC0415
 
     from mtrain.model.mqt_model import MQTLlavaForConditionalGeneration  # noqa: PLC0415
@@ -189,19 +134,25 @@ def build_model(
         image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         vocab_size = (len(tokenizer) + 63) // 64 * 64
         llava_config = tiny_llava_config(cfg.tiny, vocab_size, image_token_id, tokenizer.pad_token_id)
-        model_class: Any = LlavaForConditionalGeneration
+        family = family_for(llava_config.model_type)
+        tokenizer.chat_template = family.tiny_chat_template()  # the family's shape, as a real folder brings its own
+        model_class: Any = family.model_class()
         if tokens.mode == "mqt":
             llava_config, model_class = mqt_llava_config(llava_config, tokens), MQTLlavaForConditionalGeneration
+            family = family_for(MQT_MODEL_TYPE)
         llava_config._attn_implementation = attn
         model = model_class._from_config(llava_config, dtype=dtype)
         built = BuiltModel(
             model=model,
             tokenizer=tokenizer,
-            image_processor=tiny_image_processor(cfg.tiny.image_size),
-            visual_tokens=model_visual_tokens(llava_config),
+            image_processor=tiny_image_processor(cfg.tiny.image_size, cfg.tiny.vision_tower),
+            visual_tokens=family.visual_tokens(llava_config),
             image_token_id=image_token_id,
             source="preset:tiny-llava",
+            family=family,
         )
+    if cfg.chat_template and built.tokenizer is not None:
+        built.tokenizer.chat_template = cfg.chat_template  # rendered by the loader, saved by the export
     built.constructed_elements = parameter_elements(built.model)
     if cfg.lora.enabled:
         # PEFT freezes the base and trains the adapters plus `modules_to_save`, so the saved
@@ -251,16 +202,15 @@ def _load_local(
             "point it at a local folder written by save_pretrained"
         )
     config = load_model_config(folder)
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"model.path={path!r} holds a {config.model_type!r} model; mtrain loads {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+    family_for(config.model_type, f"model.path={path!r}")  # a supported family, or the error naming them
     starts_mqt = tokens.mode == "mqt" and config.model_type != MQT_MODEL_TYPE
     model_class, config = _model_class_for(config, tokens, path)
+    family = family_for(config.model_type)
     if config_only:
         config._attn_implementation = attn
         model = model_class._from_config(config, dtype=dtype)
-        return BuiltModel(model, None, None, model_visual_tokens(config), _image_token_id(config), str(folder))
+        visual, image_token_id = family.visual_tokens(config), family.image_token_id(config)
+        return BuiltModel(model, None, None, visual, image_token_id, str(folder), family=family)
     model, loading = model_class.from_pretrained(
         folder,
         config=config,
@@ -272,14 +222,18 @@ def _load_local(
     )
     _check_nothing_missing(loading["missing_keys"], config.model_type, path, fresh_projector=starts_mqt)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    note = pad_with_eos_or_unk(tokenizer)
+    if note:
+        print0(f"model.path={path!r}: {note}")
     image_processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
     return BuiltModel(
         model=model,
         tokenizer=tokenizer,
         image_processor=image_processor,
-        visual_tokens=model_visual_tokens(config),
-        image_token_id=_image_token_id(config),
+        visual_tokens=family.visual_tokens(config),
+        image_token_id=family.image_token_id(config),
         source=str(folder.resolve()),
+        family=family,
     )
 
 
@@ -289,14 +243,17 @@ def _model_class_for(config: Any, tokens: TokenScalesConfig, path: str) -> tuple
     An MQT folder loads with its trained projector and needs the run's MQT settings to match it. A
     LLaVA folder under `tokens.mode == "mqt"` starts MQT: a fresh query transformer replaces its MLP projector.
     """
-    from transformers import LlavaForConditionalGeneration  # noqa: PLC0415
-
     from mtrain.model.mqt_model import MQTLlavaForConditionalGeneration  # noqa: PLC0415
 
     if config.model_type != MQT_MODEL_TYPE:
         if tokens.mode == "mqt":
+            if config.model_type != "llava":
+                raise ValueError(
+                    f"model.path={path!r}: MQT's query transformer replaces a LLaVA projector, and this is a "
+                    f"{config.model_type!r} model; use matryoshka.tokens.mode=m3 or a llava model"
+                )
             return MQTLlavaForConditionalGeneration, mqt_llava_config(config, tokens)
-        return LlavaForConditionalGeneration, config
+        return family_for(config.model_type).model_class(), config
     if tokens.mode != "mqt":
         raise ValueError(
             f"model.path={path!r} holds an MQT model (its projector turns each image into {config.mqt_queries} "

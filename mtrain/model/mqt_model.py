@@ -43,10 +43,12 @@ class MQTLlavaConfig(LlavaConfig):
 
 
 def visual_tokens_per_image(llava_config: LlavaConfig) -> int:
-    """Tokens the vision tower hands the projector per image: the patch grid (+ CLS with 'full')."""
+    """Tokens the vision tower hands the projector per image: the patch grid, after CLIP's CLS token
+    ('default' drops the first token). mtrain's llava family counts the same; this file stands alone in exports."""
     vision = llava_config.vision_config
     grid = (vision.image_size // vision.patch_size) ** 2
-    return grid + (1 if llava_config.vision_feature_select_strategy == "full" else 0)
+    cls = 1 if vision.model_type == "clip_vision_model" else 0
+    return grid + cls - (1 if llava_config.vision_feature_select_strategy == "default" else 0)
 
 
 def mqt_projector(config: MQTLlavaConfig) -> nn.Module:

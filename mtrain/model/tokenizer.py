@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from transformers import PreTrainedTokenizerFast
 
+from data_pipeline.chat_template import CHAT_TEMPLATE
 from data_pipeline.formats import IMAGE_PLACEHOLDER
 
 IMAGE_TOKEN = IMAGE_PLACEHOLDER  # one special token stands where text says <image>
@@ -21,7 +24,8 @@ question answer user assistant describe it there are here
 
 
 def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """Train a deterministic byte-level BPE tokenizer with `<image>` as a special token."""
+    """Train a deterministic byte-level BPE tokenizer with `<image>` as a special token and the
+    tiny preset's LLaVA-1.5-shaped chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: PLC0415
 
     tokenizer = Tokenizer(models.BPE())
@@ -38,9 +42,26 @@ def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     tokenizer.train_from_iterator(sentences * 4, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
+        chat_template=CHAT_TEMPLATE,  # LLaVA-1.5's shape (data_pipeline/chat_template.py)
         bos_token="<s>",
         eos_token="</s>",
         pad_token="<pad>",
         unk_token="<unk>",
         extra_special_tokens={"image_token": IMAGE_TOKEN},
     )
+
+
+def pad_with_eos_or_unk(tokenizer: Any) -> str:
+    """Give a tokenizer without a pad token its eos (else unk) token as one; returns a note saying so, or ''.
+
+    Padding positions never count (labels are IGNORE_INDEX, attention masks or packed position ids
+    leave them out), so any id works; eos is the usual choice for decoder models. A tokenizer with
+    none of them is refused before training starts (mtrain/launch/model_checks.py).
+    """
+    if tokenizer.pad_token is not None:
+        return ""
+    stand_in = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    if stand_in is None:
+        raise ValueError("the tokenizer has no pad token and no eos or unk token to pad with; set tokenizer.pad_token")
+    tokenizer.pad_token = stand_in
+    return f"the tokenizer has no pad token; padding with {stand_in!r} (id {tokenizer.pad_token_id}), never learned"

@@ -57,7 +57,7 @@ def test_shared_plus_per_scale_export_loads_in_stock_peft(tmp_path, shards_patte
     processor = AutoProcessor.from_pretrained(export / "model")
     messages = [{"role": "user", "content": "<image>\nWhat is in the picture?"}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    assert prompt == "<s>USER: <image>\nWhat is in the picture?\nASSISTANT: "
+    assert prompt == "<s>A chat between a user and an assistant. USER: <image>\nWhat is in the picture? ASSISTANT:"
     inputs = processor(images=Image.new("RGB", (40, 40), (200, 30, 30)), text=prompt, return_tensors="pt")
     assert int((inputs["input_ids"] == merged.config.image_token_id).sum()) == 64
     with torch.no_grad():

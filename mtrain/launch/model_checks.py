@@ -1,0 +1,73 @@
+"""The model folder fits mtrain and the config, checked before any process group forms.
+
+`mtrain validate` (every launcher runs it before spawning anything) and every rank before
+`init_distributed` call `check_model(cfg)`. It reads the folder's small files only (config.json,
+the tokenizer), never weights:
+- the folder's `model_type` has a family (mtrain/model/families); the error names those that do;
+- the config's Matryoshka scales fit that model's visual-token grid (`ModelFamily.problems`);
+- the tokenizer has a pad token, or an eos/unk token that `build_model` puts in its place (with a
+  logged note): collating right-pads every row, so a tokenizer with none of them cannot train.
+The built-in tiny preset is checked by the config itself (mtrain/config/schema.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from data_pipeline.shards import is_url
+
+
+class ModelCheckError(ValueError):
+    """The model folder cannot train with this config; the message says why and what to change."""
+
+
+def folder_model_type(folder: Path) -> str:
+    """`model_type` from config.json, read as plain JSON: an unknown type needs no transformers class."""
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelCheckError(f"model.path={str(folder)!r}: config.json is unreadable ({exc})") from None
+    if not model_type:
+        raise ModelCheckError(
+            f"model.path={str(folder)!r}: config.json names no model_type; save it with save_pretrained"
+        )
+    return str(model_type)
+
+
+def pad_token_problem(tokenizer: Any, where: str) -> str:
+    """'' when the tokenizer pads, or has an eos/unk token to pad with; the problem otherwise."""
+    if tokenizer.pad_token is not None or tokenizer.eos_token is not None or tokenizer.unk_token is not None:
+        return ""
+    return (
+        f"{where}: its tokenizer has no pad token and no eos or unk token to pad with; set one and save it "
+        "(tokenizer.pad_token = '<pad>'; tokenizer.save_pretrained(folder))"
+    )
+
+
+def model_problems(cfg: Any) -> list[str]:
+    """Every reason the model folder of `cfg` cannot train with it; empty for the tiny preset."""
+    path = cfg.model.path
+    if not path or is_url(path) or not (Path(path) / "config.json").is_file():
+        return []  # the preset, or a missing folder, which check_inputs reports
+    from mtrain.model.families import UnsupportedModelError, family_for  # noqa: PLC0415
+
+    where = f"model.path={path!r}"
+    try:
+        family = family_for(folder_model_type(Path(path)), where)
+    except UnsupportedModelError as exc:
+        return [str(exc)]
+    from transformers import AutoConfig, AutoTokenizer  # noqa: PLC0415
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    problems = [f"{where}: {problem}" for problem in family.problems(config, cfg.matryoshka.tokens)]
+    pad = pad_token_problem(AutoTokenizer.from_pretrained(path, local_files_only=True), where)
+    return problems + ([pad] if pad else [])
+
+
+def check_model(cfg: Any) -> None:
+    """Raise ModelCheckError naming every problem `model_problems` finds."""
+    problems = model_problems(cfg)
+    if problems:
+        raise ModelCheckError("; ".join(problems))

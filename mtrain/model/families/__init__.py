@@ -1,0 +1,38 @@
+"""Model families: what mtrain must know about one kind of multimodal model, keyed by `config.model_type`.
+
+A family answers, for its transformers model class:
+- how images become per-image visual-token grids (`visual_grid`: rows x columns of projected
+  tokens, or None when the tokens are no grid) and how many tokens one `<image>` stands for
+  (`visual_tokens`), both from the tower's real output;
+- how the projector maps them: the family's own model class (MQT's query transformer in place of
+  LLaVA's projector is a family of its own, `mtrain_mqt_llava`);
+- where they go in the sequence (`image_token_id`: the id whose positions the visual tokens fill);
+- how position ids are made (`position_ids`: a one-line rule the packer and the task follow);
+- which chat template the built-in tiny preset carries (`tiny_chat_template`); a loaded folder
+  brings its own.
+`problems(config, tokens)` lists what makes a config unusable with a model, checked before any
+process group forms (`mtrain/launch/model_checks.py`).
+
+To add a family: a module here with one `ModelFamily` subclass, and one entry in `FAMILIES`.
+"""
+
+from __future__ import annotations
+
+from mtrain.model.families.base import ModelFamily, UnsupportedModelError
+from mtrain.model.families.llava import MQT_MODEL_TYPE, LlavaFamily, MQTLlavaFamily
+
+__all__ = ["FAMILIES", "MQT_MODEL_TYPE", "SUPPORTED_MODEL_TYPES", "ModelFamily", "UnsupportedModelError", "family_for"]
+
+FAMILIES: dict[str, ModelFamily] = {family.model_type: family for family in (LlavaFamily(), MQTLlavaFamily())}
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(FAMILIES)
+
+
+def family_for(model_type: str, where: str = "the model") -> ModelFamily:
+    """The family of `model_type`; an UnsupportedModelError naming the supported ones otherwise."""
+    family = FAMILIES.get(model_type)
+    if family is None:
+        raise UnsupportedModelError(
+            f"{where} is a {model_type!r} model; mtrain supports the model families "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}. Convert it to one of them or choose a model of a supported family"
+        )
+    return family

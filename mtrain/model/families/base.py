@@ -1,0 +1,43 @@
+"""The interface every model family implements; the registry is `mtrain.model.families`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+
+class UnsupportedModelError(ValueError):
+    """A model folder whose `model_type` has no family here."""
+
+
+class ModelFamily:
+    """The interface every family implements (see the module docstring)."""
+
+    model_type: str = ""
+    # How position ids are made; the packer (data_pipeline/packing.py) and the layout follow it.
+    position_ids: str = ""
+
+    def model_class(self) -> type[nn.Module]:
+        """The transformers class that builds and loads this family (for ...ForConditionalGeneration)."""
+        raise NotImplementedError
+
+    def visual_tokens(self, config: Any) -> int:
+        """Tokens each `<image>` expands to in the language model, as the tower and projector emit them."""
+        raise NotImplementedError
+
+    def visual_grid(self, config: Any) -> tuple[int, int] | None:
+        """(rows, columns) of the projected visual tokens of one image; None when they are not a pure grid."""
+        raise NotImplementedError
+
+    def image_token_id(self, config: Any) -> int:
+        """The token id whose positions the visual tokens fill."""
+        raise NotImplementedError
+
+    def problems(self, config: Any, tokens: Any) -> list[str]:
+        """What makes `tokens` (a TokenScalesConfig) or the model config unusable together; empty when fine."""
+        return []
+
+    def tiny_chat_template(self) -> str:
+        """The jinja chat template the built-in tiny preset of this family carries."""
+        raise NotImplementedError
