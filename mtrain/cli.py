@@ -332,22 +332,28 @@ def _data_tokens(config: list[str] | None) -> DataTokens:
         visual, image_token_id = family.visual_tokens(model_config), family.image_token_id(model_config)
     else:
         tokenizer, visual = build_tiny_tokenizer(), cfg.model.tiny.visual_tokens
+        tokenizer.chat_template = family_for("llava").tiny_chat_template()  # as build_model gives the preset
         image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if cfg.model.chat_template:
+        tokenizer.chat_template = cfg.model.chat_template
     if tokens.mode == "mqt":
         visual = tokens.mqt_queries
     return DataTokens(tokenizer, image_token_id, visual, cfg.data.max_len, cfg.data)
 
 
-def _data_rules(args: argparse.Namespace, data: Any) -> Any:
-    """SampleRules of `data inspect/validate`: the config's data section where one is given."""
+def _data_rules(args: argparse.Namespace, tokens: DataTokens | None) -> Any:
+    """SampleRules of `data inspect/validate`: the config's data section and chat template where one is given."""
+    from data_pipeline.chat_template import ConversationTemplate  # noqa: PLC0415
     from data_pipeline.formats import SampleRules  # noqa: PLC0415
 
-    if data is None:
+    if tokens is None or tokens.data is None:
         return SampleRules(require_image=args.require_image, max_image_pixels=args.max_image_pixels)
+    data = tokens.data
     return SampleRules(
         caption_prompt=data.prompt,
         require_image=args.require_image or data.require_image,
         max_image_pixels=data.max_image_pixels,
+        chat=ConversationTemplate.from_tokenizer(tokens.tokenizer),
     )
 
 
@@ -387,7 +393,7 @@ def _data_command(args: argparse.Namespace) -> int:
     urls = [url for pattern in args.shards for url in expand_shards(pattern)]
     # validate needs a tokenizer only to check samples as a config tokenizes them
     tokens = _data_tokens(args.config) if args.config or args.data_command == "inspect" else None
-    rules = _data_rules(args, tokens.data if tokens else None)
+    rules = _data_rules(args, tokens)
     if args.data_command == "inspect":
         from data_pipeline.check import inspect_report  # noqa: PLC0415
 

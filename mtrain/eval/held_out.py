@@ -35,7 +35,7 @@ def held_out_loader(cfg: TrainConfig, built: Any, world: WorldInfo, shards: str 
     data = dataclasses.replace(cfg.data, shuffle=False, num_workers=0, epoch_mode="epoch", packing=False)
     if shards is not None:
         data = dataclasses.replace(data, shards=shards, sources=[])
-    settings = loader_settings(dataclasses.replace(cfg, data=data))
+    settings = loader_settings(dataclasses.replace(cfg, data=data), built.tokenizer)
     spec = TokenSpec(built.tokenizer, built.image_token_id, cfg.data.max_len)
     # Every rank builds its eval loader at the same point, so unindexed shards are scanned once over all ranks.
     gather = torch_distributed_gather() if world.world_size > 1 else None
