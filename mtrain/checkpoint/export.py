@@ -27,6 +27,7 @@ from mtrain import __version__
 from mtrain.checkpoint.save import CONFIG_FILE, TAG_PATTERN
 from mtrain.config import load_config
 from mtrain.config.schema import TrainConfig
+from mtrain.task.registry import objective_for
 
 EXPORT_METADATA = "mtrain.json"
 ADAPTER_DIR = "adapter"
@@ -63,7 +64,7 @@ def matryoshka_metadata(cfg: TrainConfig) -> dict[str, Any]:
     resolved layers, with the last layer, are in export/embedding.json).
     """
     tokens, dims = cfg.matryoshka.tokens, cfg.matryoshka.dims
-    embedding = cfg.task.objective == "contrastive"
+    embedding = objective_for(cfg).embeds
     return {
         "objective": cfg.task.objective,
         "token_mode": tokens.mode,
@@ -140,7 +141,7 @@ def export_full(root: Path, tag: str, cfg: TrainConfig, out: Path) -> tuple[Any,
         written["adapter"] = "adapter"
         model = model.merge_and_unload(adapter_names=merged_adapters(cfg))
     _save_hf_folder(model, built, out / "model")
-    if cfg.task.objective == "contrastive":
+    if objective_for(cfg).embeds:
         write_matryoshka_dimensions(out / "model", check_dims(cfg.matryoshka.dims.dims, embedding_width(cfg, built)))
     return built, written
 

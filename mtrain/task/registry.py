@@ -138,6 +138,9 @@ class Objective:
     """`mtrain eval`'s task at visual-token budgets (None: the default ones), from the trained task."""
     retrieval_view: Callable[[TrainConfig, BuiltModel, Task], Task] = full_width_retrieval_view
     """The task `mtrain eval --task retrieval` and `Embedder` embed with, from the trained task."""
+    embeds: bool = False
+    """The model's output is an embedding: the export records its dims and layers and writes the
+    `matryoshka_dimensions` serving stacks read."""
     held_out_metrics: str = "token_budgets"
     """What the in-loop evaluation reports: "token_budgets" (loss and accuracy per visual-token scale,
     through `budget_view`) or "retrieval" (recall@k per dim and layer, through `retrieval_view`)."""
@@ -154,6 +157,7 @@ OBJECTIVES: dict[str, Objective] = {
             pair_batches,
             export_extras=embedding_head_export,
             retrieval_view=trained_retrieval_view,
+            embeds=True,
             held_out_metrics="retrieval",
         ),
     )
