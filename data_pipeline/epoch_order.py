@@ -27,6 +27,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
+# Which rule orders an epoch, saved with every data position: 1 shuffled shards with Python's
+# `random` (before the start-up work of issue 16), 2 permutes them with NumPy's RandomState. A
+# position saved under another rule resumes, but the rest of its epoch follows this rule.
+ORDER_VERSION = 2
+
 Cursor = dict  # JSON-serialisable: {"epoch", "base", "stride", "offset", "taken", "backlog"} or {"draws"}
 
 

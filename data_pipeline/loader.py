@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import os
 import uuid
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -50,6 +51,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.epoch_order import (
+    ORDER_VERSION,
     SourceOrder,
     cursor_exhausted,
     draw_position,
@@ -505,6 +507,7 @@ class StreamingLoader:
             "good": self.good,
             "dropped": self.dropped,
             "batches_taken": self.batches_taken,
+            "order_version": ORDER_VERSION,
         }
 
     def load_state_dict(self, all_ranks: list[dict[str, Any]]) -> None:
@@ -513,6 +516,7 @@ class StreamingLoader:
         if self._batches is not None:
             raise RuntimeError("load the loader state before taking the first batch")
         check_saved_states(all_ranks)
+        warn_if_order_changed(all_ranks)
         rank, world_size = self.stream.rank, self.stream.world_size
         if len(all_ranks) == world_size:
             own = all_ranks[rank]
@@ -549,6 +553,19 @@ class StreamingLoader:
 
 
 STATE_KEYS = ("rank", "world_size", "epoch", "planner", "faults", "good", "dropped", "batches_taken")
+
+
+def warn_if_order_changed(all_ranks: list[dict[str, Any]]) -> None:
+    """A data position saved under another epoch-order rule resumes, but not exactly: say so."""
+    saved = {state.get("order_version", 1) for state in all_ranks}
+    if saved != {ORDER_VERSION}:
+        warnings.warn(
+            f"the checkpoint's data position was saved under epoch-order rule {sorted(saved)}, and this mtrain "
+            f"orders epochs by rule {ORDER_VERSION}: the rest of the current epoch follows the new order, so "
+            "some of its samples may be seen twice or not at all (later epochs are exact). Finish the epoch "
+            "with the mtrain version that wrote the checkpoint if that matters",
+            stacklevel=2,
+        )
 
 
 def check_saved_states(all_ranks: list[dict[str, Any]]) -> None:

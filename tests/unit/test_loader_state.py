@@ -130,3 +130,26 @@ def test_a_replay_stream_pair_checkpoint_fails_to_resume_naming_the_way_out(tmp_
         loader = make_loader(str(paths[0]), world_size=world_size, pairs=True)
         with pytest.raises(ValueError, match=r"lacks epoch, planner.*replay_stream.*checkpoint\.init_from="):
             loader.load_state_dict(saved)
+
+
+def test_a_position_saved_under_the_previous_epoch_order_resumes_with_a_warning(tmp_path):
+    """Positions saved before the NumPy shard permutation (no `order_version`) still resume, and the
+    user is told that the rest of that epoch follows the new order; today's positions resume silently."""
+    import warnings
+
+    import pytest
+
+    import random
+
+    pattern = str(tmp_path / "a.tar")
+    caption_shard(tmp_path / "a.tar", [f"k{i}" for i in range(8)], random.Random(0))
+    first = make_loader(pattern, batch_size=2)
+    next(first)
+    saved = first.state_dict()
+    assert saved["order_version"] == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the current rule: no warning
+        make_loader(pattern, batch_size=2).load_state_dict([saved])
+    older = {key: value for key, value in saved.items() if key != "order_version"}
+    with pytest.warns(UserWarning, match=r"epoch-order rule \[1\].*rule 2.*seen twice or not at all"):
+        make_loader(pattern, batch_size=2).load_state_dict([older])
