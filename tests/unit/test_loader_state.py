@@ -135,11 +135,10 @@ def test_a_replay_stream_pair_checkpoint_fails_to_resume_naming_the_way_out(tmp_
 def test_a_position_saved_under_the_previous_epoch_order_resumes_with_a_warning(tmp_path):
     """Positions saved before the NumPy shard permutation (no `order_version`) still resume, and the
     user is told that the rest of that epoch follows the new order; today's positions resume silently."""
+    import random
     import warnings
 
     import pytest
-
-    import random
 
     pattern = str(tmp_path / "a.tar")
     caption_shard(tmp_path / "a.tar", [f"k{i}" for i in range(8)], random.Random(0))
