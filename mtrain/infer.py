@@ -148,7 +148,7 @@ class MatryoshkaModel:
     def scaled_inputs(
         self,
         input_ids: torch.Tensor,
-        pixel_values: torch.Tensor | None,
+        pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         scale: int | None = None,
     ) -> dict[str, torch.Tensor]:
@@ -177,27 +177,20 @@ class MatryoshkaModel:
         return {"inputs_embeds": embeddings, "attention_mask": mask, "position_ids": position_ids}
 
     @torch.no_grad()
-    def logits(
-        self,
-        input_ids: torch.Tensor,
-        pixel_values: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        scale: int | None = None,
-    ) -> torch.Tensor:
-        """Next-token logits of every position of the (left-padded) prompt at `scale`."""
-        return self.model(**self.scaled_inputs(input_ids, pixel_values, attention_mask, scale), use_cache=False).logits
+    def logits(self, scale: int | None = None, **prompt: torch.Tensor | None) -> torch.Tensor:
+        """Next-token logits of every position of the (left-padded) prompt at `scale`; the prompt's
+        `input_ids`, `pixel_values` and `attention_mask` as the processor gives them (`**inputs`)."""
+        return self.model(**self.scaled_inputs(**prompt, scale=scale), use_cache=False).logits
 
     @torch.no_grad()
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        pixel_values: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        scale: int | None = None,
-        **generate_kwargs: Any,
-    ) -> torch.Tensor:
-        """The new tokens only (`generate` from embeddings returns no prompt), each image at `scale` tokens."""
-        inputs = self.scaled_inputs(input_ids, pixel_values, attention_mask, scale)
+    def generate(self, scale: int | None = None, **kwargs: Any) -> torch.Tensor:
+        """The new tokens only (`generate` from embeddings returns no prompt), each image at `scale` tokens.
+
+        `input_ids`, `pixel_values` and `attention_mask` as the processor gives them (`**inputs`);
+        every other keyword goes to transformers' `generate`."""
+        prompt = {name: kwargs.pop(name, None) for name in ("input_ids", "pixel_values", "attention_mask")}
+        generate_kwargs = kwargs
+        inputs = self.scaled_inputs(**prompt, scale=scale)
         inputs.pop("position_ids")  # generate derives them from the left-padded mask
         return self.model.generate(**inputs, **generate_kwargs)
 
@@ -311,10 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     messages = [{"role": "user", "content": f"<image>\n{args.prompt}"}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(images=Image.open(args.image).convert("RGB"), text=text, return_tensors="pt")
-    new_tokens = model.generate(
-        inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"], scale=args.scale,
-        max_new_tokens=args.max_new_tokens, do_sample=False,
-    )  # fmt: skip
+    new_tokens = model.generate(**inputs, scale=args.scale, max_new_tokens=args.max_new_tokens, do_sample=False)
     print(processor.decode(new_tokens[0], skip_special_tokens=True))
     return 0
 

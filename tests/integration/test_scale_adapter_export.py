@@ -98,8 +98,8 @@ from mtrain.infer import MatryoshkaModel
 export, batch_file, out_file, scales = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 model = MatryoshkaModel.from_export(export)
 batch = torch.load(batch_file)
-out = {scale: model.logits(batch["input_ids"], batch["pixel_values"], scale=scale) for scale in scales}
-out["generated"] = model.generate(batch["input_ids"], batch["pixel_values"], scale=16, max_new_tokens=3, do_sample=False)
+out = {scale: model.logits(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], scale=scale) for scale in scales}
+out["generated"] = model.generate(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], scale=16, max_new_tokens=3, do_sample=False)
 torch.save(out, out_file)
 from mtrain.infer import main  # the command line: stock AutoProcessor, the chat template, one answer
 main([export, "--image", sys.argv[5], "--prompt", "What is in the picture?", "--scale", "4", "--max-new-tokens", "3"])
@@ -150,4 +150,4 @@ def check_infer_equals_mtrain_at_every_scale(run_dir, export, scales: list[int])
     with torch.no_grad():
         assert (model.model(**inputs).logits - reference[1]).abs().max() > 1e-2
     with pytest.raises(ValueError, match="scale=9 has no adapter"):
-        model.logits(ids, batch["pixel_values"], scale=9)
+        model.logits(input_ids=ids, pixel_values=batch["pixel_values"], scale=9)

@@ -37,6 +37,15 @@ def read_back(report) -> list[dict]:
     return list(wds.WebDataset(report.shards, shardshuffle=False).decode("pil"))
 
 
+def check_report(report, samples: int, skipped: dict[str, str]) -> None:
+    """`samples` were written, and each skipped input was reported at its place (line, index or row,
+    in order) with its reason ("" where the reason is not checked)."""
+    assert report.samples == samples
+    assert [line.split(":")[0] for line in report.skipped] == list(skipped)
+    for line, reason in zip(report.skipped, skipped.values(), strict=True):
+        assert reason in line, line
+
+
 def built_samples(report) -> list:
     """Every written sample through the loader's own sample builder (raises on a bad one)."""
     out = []
@@ -83,15 +92,12 @@ def test_openai_messages_and_sharegpt_system_turns(tmp_path, images):
     report = build_shards(
         "conversation", tmp_path / "messages.jsonl", tmp_path / "m", image_dir=images, max_skipped_fraction=1.0
     )
-    assert report.samples == 2 and len(report.skipped) == 4
-    assert [s.split(":")[0] for s in report.skipped] == [
-        "messages.jsonl line 3", "messages.jsonl line 4 (id m4)", "messages.jsonl line 5 (id m5)", "messages.jsonl line 6 (id m6)",
-    ]  # fmt: skip
-    assert (
-        "not JSON" in report.skipped[0]
-        and "nothing to learn" in report.skipped[1]
-        and "missing.jpg" in report.skipped[3]
-    )
+    check_report(report, 2, {
+        "messages.jsonl line 3": "not JSON",
+        "messages.jsonl line 4 (id m4)": "nothing to learn",
+        "messages.jsonl line 5 (id m5)": "",
+        "messages.jsonl line 6 (id m6)": "missing.jpg",
+    })  # fmt: skip
     first, second = built_samples(report)
     text = "".join(getattr(s, "text", "<image>") for s in first.segments)
     assert text.startswith("You describe shapes.\nUSER: <image>\nWhat is it?\nASSISTANT: A red circle.")
@@ -110,13 +116,9 @@ def test_openai_messages_and_sharegpt_system_turns(tmp_path, images):
     report = build_shards(
         "conversation", tmp_path / "sharegpt.json", tmp_path / "s", image_dir=images, max_skipped_fraction=1.0
     )
-    assert report.samples == 2 and [s.split(":")[0] for s in report.skipped] == [
-        "sharegpt.json index 2 (id s3)", "sharegpt.json index 3 (id s4)", "sharegpt.json index 4 (id s5)",
-    ]  # fmt: skip
-    assert (
-        "unknown role 'narrator'" in report.skipped[0]
-        and "2 <image> placeholder(s) for 1 image(s)" in report.skipped[1]
-    )
+    check_report(report, 2, {"sharegpt.json index 2 (id s3)": "unknown role 'narrator'",
+                             "sharegpt.json index 3 (id s4)": "2 <image> placeholder(s) for 1 image(s)",
+                             "sharegpt.json index 4 (id s5)": ""})  # fmt: skip
     system, with_image = built_samples(report)
     assert system.segments[0].text == "Be brief." and not system.segments[0].learned
     assert len(with_image.images) == 1
@@ -138,14 +140,9 @@ def test_mmc4_images_go_before_their_matched_sentence(tmp_path, images):
     ]  # fmt: skip
     jsonl(tmp_path / "mmc4.jsonl", records)
     report = build_shards("mmc4", tmp_path / "mmc4.jsonl", tmp_path / "out", image_dir=images, max_skipped_fraction=1.0)
-    assert report.samples == 2 and [s.split(":")[0] for s in report.skipped] == [
-        "mmc4.jsonl line 3", "mmc4.jsonl line 4", "mmc4.jsonl line 5",
-    ]  # fmt: skip
-    assert (
-        "outside text_list" in report.skipped[0]
-        and "nope.jpg" in report.skipped[1]
-        and "text_list" in report.skipped[2]
-    )
+    check_report(report, 2, {
+        "mmc4.jsonl line 3": "outside text_list", "mmc4.jsonl line 4": "nope.jpg", "mmc4.jsonl line 5": "text_list",
+    })  # fmt: skip
     doc = read_back(report)[0]["json"]
     assert doc["texts"] == ["A page about shapes.", None, "Here is a circle.", None, "And a square."]
     assert doc["images"] == [None, "0.jpg", None, "1.jpg", None]
@@ -165,11 +162,7 @@ def test_obelics_parquet_with_local_image_paths(tmp_path, images):
     report = build_shards(
         "interleaved", tmp_path / "obelics.parquet", tmp_path / "out", image_dir=images, max_skipped_fraction=1.0
     )
-    assert report.samples == 1 and [s.split(":")[0] for s in report.skipped] == [
-        "obelics.parquet row 1",
-        "obelics.parquet row 2",
-    ]
-    assert "no text to learn" in report.skipped[0] and "is a URL" in report.skipped[1]
+    check_report(report, 1, {"obelics.parquet row 1": "no text to learn", "obelics.parquet row 2": "is a URL"})
     assert read_back(report)[0]["json"]["metadata"] == {"page": 1}
 
 

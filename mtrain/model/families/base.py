@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from torch import nn
@@ -18,9 +19,14 @@ class ModelFamily:
     # How position ids are made; the packer (data_pipeline/packing.py) and the layout follow it.
     position_ids: str = ""
 
+    # The class that builds and loads this family, as "module:Name" (imported on first use, so that
+    # commands which fail early never import a model's code).
+    model_class_path: str = ""
+
     def model_class(self) -> type[nn.Module]:
-        """The transformers class that builds and loads this family (for ...ForConditionalGeneration)."""
-        raise NotImplementedError
+        """The transformers class that builds and loads this family (its ...ForConditionalGeneration)."""
+        module, name = self.model_class_path.split(":")
+        return getattr(importlib.import_module(module), name)
 
     def visual_tokens(self, config: Any) -> int:
         """Tokens each `<image>` expands to in the language model, as the tower and projector emit them."""

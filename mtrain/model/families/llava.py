@@ -17,8 +17,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
-
 from mtrain.model.families.base import ModelFamily, UnsupportedModelError
 
 # Tokens a tower emits before its patch grid, by the vision config's model_type.
@@ -38,12 +36,8 @@ def tower_tokens(vision_config: Any) -> int:
 
 class LlavaFamily(ModelFamily):
     model_type = "llava"
+    model_class_path = "transformers:LlavaForConditionalGeneration"
     position_ids = "1-D, from 0 at each document's first token; visual tokens take consecutive positions"
-
-    def model_class(self) -> type[nn.Module]:
-        from transformers import LlavaForConditionalGeneration  # noqa: PLC0415
-
-        return LlavaForConditionalGeneration
 
     def visual_tokens(self, config: Any) -> int:
         dropped = 1 if config.vision_feature_select_strategy == "default" else 0
@@ -154,11 +148,7 @@ class MQTLlavaFamily(LlavaFamily):
     so an `<image>` stands for the `mqt_queries` query outputs (m of them at scale m: a prefix)."""
 
     model_type = MQT_MODEL_TYPE
-
-    def model_class(self) -> type[nn.Module]:
-        from mtrain.model.mqt_model import MQTLlavaForConditionalGeneration  # noqa: PLC0415
-
-        return MQTLlavaForConditionalGeneration
+    model_class_path = "mtrain.model.mqt_model:MQTLlavaForConditionalGeneration"
 
     def visual_tokens(self, config: Any) -> int:
         return config.mqt_queries

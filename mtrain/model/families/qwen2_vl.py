@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from mtrain.model.families.base import ModelFamily
 
@@ -66,12 +65,8 @@ def pooled_grid_thw(grid_thw: torch.Tensor, factor: int) -> torch.Tensor:
 
 class Qwen2VLFamily(ModelFamily):
     model_type = "qwen2_vl"
+    model_class_path = "transformers:Qwen2VLForConditionalGeneration"
     position_ids = "3-D M-RoPE from the model's get_rope_index, given each image's pooled grid (t, h / f, w / f)"
-
-    def model_class(self) -> type[nn.Module]:
-        from transformers import Qwen2VLForConditionalGeneration  # noqa: PLC0415
-
-        return Qwen2VLForConditionalGeneration
 
     def visual_tokens(self, config: Any) -> int:
         raise NotImplementedError("qwen2_vl images have a token count each: rows * columns of their merged grid")
