@@ -52,16 +52,16 @@ def test_per_scale_adapters_load_from_stock_peft_folders_and_match_the_task(tmp_
 
     model = MatryoshkaModel.from_export(tmp_path)
     for scale in scales:
-        inputs = model.scaled_inputs(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], scale)
-        inferred = model.logits(
-            input_ids=batch["input_ids"],
-            pixel_values=batch["pixel_values"],
-            attention_mask=batch["attention_mask"],
-            scale=scale,
-        )
+        inputs = model.scaled_inputs(**prompt_of(batch), scale=scale)
+        inferred = model.logits(**prompt_of(batch), scale=scale)
         assert_rows_equal(inferred, inputs["attention_mask"], reference[scale])
     with pytest.raises(ValueError, match="scale=9 has no adapter"):
         model.logits(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], scale=9)
+
+
+def prompt_of(batch: dict) -> dict:
+    """What a processor gives for the batch's prompts: the `**inputs` of mtrain.infer's calls."""
+    return {name: batch[name] for name in ("input_ids", "pixel_values", "attention_mask")}
 
 
 def test_mqt_keeps_the_first_queries_as_the_task_does():
@@ -71,23 +71,13 @@ def test_mqt_keeps_the_first_queries_as_the_task_does():
     reference = per_scale_logits(task, batch, scales)
     model = MatryoshkaModel(task.model, MatryoshkaSpec("mqt", scales, default_scale=64, mqt_queries=64))
     for scale in scales:
-        inputs = model.scaled_inputs(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], scale)
+        inputs = model.scaled_inputs(**prompt_of(batch), scale=scale)
         assert int(inputs["inputs_embeds"].shape[1]) == max(len(r) for r in reference[scale])
-        inferred = model.logits(
-            input_ids=batch["input_ids"],
-            pixel_values=batch["pixel_values"],
-            attention_mask=batch["attention_mask"],
-            scale=scale,
-        )
+        inferred = model.logits(**prompt_of(batch), scale=scale)
         assert_rows_equal(inferred, inputs["attention_mask"], reference[scale])
 
     # A projector giving another count than the trained queries (a stock load that fell back to
     # LLaVA's MLP projector) is refused, not read as queries.
     wrong = MatryoshkaModel(task.model, MatryoshkaSpec("mqt", scales, default_scale=64, mqt_queries=128))
     with pytest.raises(ValueError, match="gives 64 tokens per image, not the 128 MQT queries"):
-        wrong.logits(
-            input_ids=batch["input_ids"],
-            pixel_values=batch["pixel_values"],
-            attention_mask=batch["attention_mask"],
-            scale=8,
-        )
+        wrong.logits(**prompt_of(batch), scale=8)
