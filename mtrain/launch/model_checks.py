@@ -37,8 +37,10 @@ def folder_model_type(folder: Path) -> str:
 
 
 def pad_token_problem(tokenizer: Any, where: str) -> str:
-    """'' when the tokenizer pads, or has an eos/unk token to pad with; the problem otherwise."""
-    if tokenizer.pad_token is not None or tokenizer.eos_token is not None or tokenizer.unk_token is not None:
+    """'' when the tokenizer pads, or has an eos/unk token that `build_model` pads with; the problem otherwise."""
+    from mtrain.model.tokenizer import pad_stand_in  # noqa: PLC0415
+
+    if tokenizer.pad_token is not None or pad_stand_in(tokenizer) is not None:
         return ""
     return (
         f"{where}: its tokenizer has no pad token and no eos or unk token to pad with; set one and save it "
@@ -58,9 +60,11 @@ def model_problems(cfg: Any) -> list[str]:
         family = family_for(folder_model_type(Path(path)), where)
     except UnsupportedModelError as exc:
         return [str(exc)]
-    from transformers import AutoConfig, AutoTokenizer  # noqa: PLC0415
+    from transformers import AutoTokenizer  # noqa: PLC0415
 
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    from mtrain.model.build import load_model_config  # noqa: PLC0415
+
+    config = load_model_config(path)  # an MQT folder's config without running its code
     problems = [f"{where}: {problem}" for problem in family.problems(config, cfg.matryoshka.tokens)]
     pad = pad_token_problem(AutoTokenizer.from_pretrained(path, local_files_only=True), where)
     return problems + ([pad] if pad else [])

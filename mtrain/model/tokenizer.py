@@ -51,16 +51,20 @@ def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     )
 
 
-def pad_with_eos_or_unk(tokenizer: Any) -> str:
-    """Give a tokenizer without a pad token its eos (else unk) token as one; returns a note saying so, or ''.
+def pad_stand_in(tokenizer: Any) -> str | None:
+    """The token a tokenizer without a pad token pads with: its eos token, else its unk token (None: neither).
 
     Padding positions never count (labels are IGNORE_INDEX, attention masks or packed position ids
-    leave them out), so any id works; eos is the usual choice for decoder models. A tokenizer with
-    none of them is refused before training starts (mtrain/launch/model_checks.py).
-    """
+    leave them out), so any id works; eos is the usual choice for decoder models."""
+    return tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+
+
+def pad_with_eos_or_unk(tokenizer: Any) -> str:
+    """Give a tokenizer without a pad token its `pad_stand_in` as one; returns a note saying so, or ''.
+    A tokenizer with no stand-in is refused before training starts (mtrain/launch/model_checks.py)."""
     if tokenizer.pad_token is not None:
         return ""
-    stand_in = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    stand_in = pad_stand_in(tokenizer)
     if stand_in is None:
         raise ValueError("the tokenizer has no pad token and no eos or unk token to pad with; set tokenizer.pad_token")
     tokenizer.pad_token = stand_in

@@ -86,3 +86,17 @@ def test_build_names_the_mqt_model_type_of_the_registered_class():
     from mtrain.model.mqt_model import MQTLlavaConfig
 
     assert MQTLlavaConfig.model_type == MQT_MODEL_TYPE
+
+
+def test_an_mqt_folder_passes_the_checks_before_any_process_group(mqt_folder):
+    """`model.path` at an MQT folder (what an MQT run exports) is a supported family whose config loads
+    without running the folder's remote code."""
+    from mtrain.config import load_config
+    from mtrain.launch.model_checks import model_problems
+
+    folder, _ = mqt_folder
+    overrides = ["model.preset=none", f"model.path={folder}", "matryoshka.tokens.mode=mqt",
+                 "matryoshka.tokens.mqt_queries=16", "matryoshka.tokens.scales=[4,16]"]  # fmt: skip
+    assert model_problems(load_config(None, overrides)) == []
+    refused = model_problems(load_config(None, overrides[:2]))  # the folder's queries need mode=mqt
+    assert len(refused) == 1 and "set matryoshka.tokens.mode=mqt" in refused[0]
