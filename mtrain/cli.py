@@ -332,7 +332,6 @@ def _data_tokens(config: list[str] | None) -> DataTokens:
         visual, image_token_id = family.visual_tokens(model_config), family.image_token_id(model_config)
     else:
         tokenizer, visual = build_tiny_tokenizer(), cfg.model.tiny.visual_tokens
-        tokenizer.chat_template = family_for("llava").tiny_chat_template()  # as build_model gives the preset
         image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     if cfg.model.chat_template:
         tokenizer.chat_template = cfg.model.chat_template

@@ -135,7 +135,6 @@ def build_model(
         vocab_size = (len(tokenizer) + 63) // 64 * 64
         llava_config = tiny_llava_config(cfg.tiny, vocab_size, image_token_id, tokenizer.pad_token_id)
         family = family_for(llava_config.model_type)
-        tokenizer.chat_template = family.tiny_chat_template()  # the family's shape, as a real folder brings its own
         model_class: Any = family.model_class()
         if tokens.mode == "mqt":
             llava_config, model_class = mqt_llava_config(llava_config, tokens), MQTLlavaForConditionalGeneration

@@ -120,3 +120,19 @@ def test_data_index_writes_counts_and_sizes_the_loader_trusts(sample_shards, tmp
     index = json.loads((folder / "index.json").read_text())
     assert index["format"] == "caption" and set(index["samples"].values()) == {48} and len(index["bytes"]) == 4
     assert shard_counts(expand_shards(str(folder / "*.tar")), ShardReader()) == ([48] * 4, 0)
+
+
+def test_validate_with_a_config_renders_conversations_with_its_chat_template():
+    """`data validate/inspect --config` tokenize conversations as training does: through the config's
+    chat template (the tokenizer's, or `model.chat_template`), not the fixed prefixes used without one."""
+    import argparse
+
+    from mtrain.cli import _data_rules, _data_tokens
+    from mtrain.model.tokenizer import build_tiny_tokenizer
+
+    args = argparse.Namespace(require_image=False, max_image_pixels=None)
+    tiny = str(REPO / "configs/tiny.yaml")
+    assert _data_rules(args, _data_tokens([tiny])).chat.template == build_tiny_tokenizer().chat_template
+    custom = "{% for m in messages %}{{ m.role }}: {{ m.content }} {% endfor %}"
+    assert _data_rules(args, _data_tokens([tiny, f'model.chat_template="{custom}"'])).chat.template == custom
+    assert _data_rules(args, None).chat is None

@@ -7,9 +7,9 @@ A family answers, for its transformers model class:
 - how the projector maps them: the family's own model class (MQT's query transformer in place of
   LLaVA's projector is a family of its own, `mtrain_mqt_llava`);
 - where they go in the sequence (`image_token_id`: the id whose positions the visual tokens fill);
-- how position ids are made (`position_ids`: a one-line rule the packer and the task follow);
-- which chat template the built-in tiny preset carries (`tiny_chat_template`); a loaded folder
-  brings its own.
+- how position ids are made (`position_ids`: a one-line rule the packer and the task follow).
+Chat templates come with the tokenizer: a loaded folder's own, or the tiny preset's
+(`mtrain.model.tokenizer.build_tiny_tokenizer`), or `model.chat_template`.
 `problems(config, tokens)` lists what makes a config unusable with a model, checked before any
 process group forms (`mtrain/launch/model_checks.py`).
 

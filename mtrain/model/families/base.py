@@ -43,7 +43,3 @@ class ModelFamily:
     def problems(self, config: Any, tokens: Any) -> list[str]:
         """What makes `tokens` (a TokenScalesConfig) or the model config unusable together; empty when fine."""
         return []
-
-    def tiny_chat_template(self) -> str:
-        """The jinja chat template the built-in tiny preset of this family carries."""
-        raise NotImplementedError

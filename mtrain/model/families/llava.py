@@ -68,11 +68,6 @@ class LlavaFamily(ModelFamily):
             ]
         return m3_scale_problems(grid, tokens.scales)
 
-    def tiny_chat_template(self) -> str:
-        from data_pipeline.chat_template import CHAT_TEMPLATE  # noqa: PLC0415
-
-        return CHAT_TEMPLATE
-
 
 def m3_scale_problems(grid: tuple[int, int], scales: list[int]) -> list[str]:
     """M3 pools a square grid by one factor per side: scale k*k needs k to divide the side."""

@@ -76,6 +76,3 @@ class Qwen2VLFamily(ModelFamily):
 
     def image_token_id(self, config: Any) -> int:
         return config.image_token_id
-
-    def tiny_chat_template(self) -> str:
-        raise NotImplementedError("the qwen2_vl tiny preset is not built yet")
