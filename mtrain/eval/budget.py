@@ -74,6 +74,14 @@ def evaluate_token_budgets(
     return sums
 
 
+def reduce_sums(
+    sums: dict[int, torch.Tensor], all_reduce: Callable[[torch.Tensor], torch.Tensor]
+) -> dict[int, torch.Tensor]:
+    """Every rank's per-scale sums added up, in one collective: counts stay exact."""
+    scales = sorted(sums)
+    return dict(zip(scales, all_reduce(torch.stack([sums[s] for s in scales])), strict=True))
+
+
 def evaluate_budgets(task: Any, batches: Iterator[dict[str, Any]], num_batches: int = 0) -> list[ScaleResult]:
     """Every scale of `task` over `num_batches` batches (0: until `batches` ends), in this one process."""
     from itertools import islice  # noqa: PLC0415

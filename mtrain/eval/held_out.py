@@ -51,6 +51,21 @@ def held_out_loader(cfg: TrainConfig, built: Any, world: WorldInfo, shards: str 
     )
 
 
+def sum_over_ranks(world: WorldInfo, device: str = "cpu") -> AllReduce:
+    """A sum over every rank of `world`, reduced on `device` (nccl reduces GPU tensors, gloo CPU ones) and
+    handed back on the host; the identity on one rank."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    def all_reduce(values: torch.Tensor) -> torch.Tensor:
+        if world.world_size == 1:
+            return values
+        on_device = values.to(device)
+        dist.all_reduce(on_device)
+        return on_device.cpu()
+
+    return all_reduce
+
+
 def one_pass(loader: Any, limit: int = 0) -> Iterator[dict[str, Any]]:
     """The loader's first epoch (this rank's whole share), or its first `limit` batches when `limit` > 0."""
     taken = 0

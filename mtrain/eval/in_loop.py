@@ -20,11 +20,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from mtrain.config.schema import TrainConfig
-from mtrain.eval.budget import TOKEN_SUMS, evaluate_token_budgets
-from mtrain.eval.held_out import held_out_loader, lockstep, one_pass
+from mtrain.eval.budget import evaluate_token_budgets, reduce_sums, scale_results
+from mtrain.eval.held_out import held_out_loader, lockstep, one_pass, sum_over_ranks
 from mtrain.launch.env import WorldInfo
 from mtrain.task.registry import budget_view, objective_for
 
@@ -57,14 +56,13 @@ def evaluation_mode(module: torch.nn.Module) -> Iterator[None]:
 def token_metrics(sums: dict[int, torch.Tensor]) -> dict[str, float]:
     """Loss, token accuracy and (teacher-forced) answer accuracy per scale, from sums over every rank."""
     out: dict[str, float] = {}
-    for scale, values in sorted(sums.items()):
-        total = dict(zip(TOKEN_SUMS, values.tolist(), strict=True))
-        tokens, answers = max(total["tokens"], 1.0), max(total["answers"], 1.0)
-        out[f"eval/loss/scale_{scale}"] = total["loss_sum"] / tokens
-        out[f"eval/token_accuracy/scale_{scale}"] = total["correct_tokens"] / tokens
-        out[f"eval/answer_accuracy/scale_{scale}"] = total["answers_correct"] / answers
-        out[f"eval/tokens/scale_{scale}"] = total["tokens"]
-        out[f"eval/answers/scale_{scale}"] = total["answers"]
+    for result in scale_results(sums):  # the divisions `mtrain eval` makes
+        budget = f"scale_{result.scale}"
+        out[f"eval/loss/{budget}"] = result.loss
+        out[f"eval/token_accuracy/{budget}"] = result.token_accuracy
+        out[f"eval/answer_accuracy/{budget}"] = result.answer_accuracy
+        out[f"eval/tokens/{budget}"] = float(result.tokens)
+        out[f"eval/answers/{budget}"] = float(result.answers)
     return out
 
 
@@ -141,13 +139,7 @@ class InLoopEval:
     def evaluate(self, to_device: Callable[[dict[str, Any]], dict[str, Any]], device: str) -> dict[str, float]:
         """One evaluation over the held-out shards; every rank calls it and gets the same metrics."""
 
-        def all_reduce(values: torch.Tensor) -> torch.Tensor:
-            if self.world.world_size == 1:
-                return values
-            on_device = values.to(device)  # gloo reduces CPU tensors; nccl needs them on the GPU
-            dist.all_reduce(on_device)
-            return on_device.cpu()
-
+        all_reduce = sum_over_ranks(self.world, device)
         form = self.pair_form() if self.contrastive else None
         loader = held_out_loader(self.cfg, self.built, self.world, self.cfg.eval.shards, form)
         rounds = lockstep(one_pass(loader, self.cfg.eval.batches), all_reduce, self.world.world_size)
@@ -155,9 +147,7 @@ class InLoopEval:
             if self.contrastive:
                 return self.evaluate_retrieval(rounds, to_device)
             sums = evaluate_token_budgets(self.view, rounds, to_device)
-        scales = sorted(sums)
-        reduced = all_reduce(torch.stack([sums[s] for s in scales]))  # one collective: exact sums of counts
-        return token_metrics(dict(zip(scales, reduced, strict=True)))
+        return token_metrics(reduce_sums(sums, all_reduce))
 
     def pair_form(self) -> Any:
         from data_pipeline.pairs import PairForm  # noqa: PLC0415

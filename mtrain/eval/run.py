@@ -52,25 +52,18 @@ def evaluate_on_ranks(cfg: Any, built: Any, view: Any, world: Any, shards: str |
     """Every rank scores its share of the held-out set (lockstep rounds, a progress bar on rank 0); the sums
     are reduced over ranks, as the in-loop evaluation reduces them, so any number of ranks gives the same table."""
     import torch  # noqa: PLC0415
-    import torch.distributed as dist  # noqa: PLC0415
     from tqdm import tqdm  # noqa: PLC0415
 
-    from mtrain.eval.budget import evaluate_token_budgets, scale_results  # noqa: PLC0415
-    from mtrain.eval.held_out import held_out_loader, lockstep, one_pass  # noqa: PLC0415
+    from mtrain.eval.budget import evaluate_token_budgets, reduce_sums, scale_results  # noqa: PLC0415
+    from mtrain.eval.held_out import held_out_loader, lockstep, one_pass, sum_over_ranks  # noqa: PLC0415
 
-    def all_reduce(values: torch.Tensor) -> torch.Tensor:
-        if world.world_size > 1:
-            dist.all_reduce(values)
-        return values
-
+    all_reduce = sum_over_ranks(world)  # `mtrain eval` runs on the CPU (gloo)
     batches = one_pass(held_out_loader(cfg, built, world, shards), num_batches)
     rounds = tqdm(lockstep(batches, all_reduce, world.world_size), desc="eval", unit="batch",
                   disable=not world.is_main, file=sys.stderr)  # fmt: skip
     with torch.no_grad():
         sums = evaluate_token_budgets(view, rounds, to_device=lambda batch: batch)
-    scales = sorted(sums)
-    reduced = all_reduce(torch.stack([sums[s] for s in scales]))
-    return scale_results(dict(zip(scales, reduced, strict=True)))
+    return scale_results(reduce_sums(sums, all_reduce))
 
 
 def run_eval(
