@@ -188,11 +188,10 @@ class MatryoshkaModel:
 
         `input_ids`, `pixel_values` and `attention_mask` as the processor gives them (`**inputs`);
         every other keyword goes to transformers' `generate`."""
-        prompt = {name: kwargs.pop(name, None) for name in ("input_ids", "pixel_values", "attention_mask")}
-        generate_kwargs = kwargs
+        prompt = {name: kwargs.pop(name) for name in ("input_ids", "pixel_values", "attention_mask") if name in kwargs}
         inputs = self.scaled_inputs(**prompt, scale=scale)
         inputs.pop("position_ids")  # generate derives them from the left-padded mask
-        return self.model.generate(**inputs, **generate_kwargs)
+        return self.model.generate(**inputs, **kwargs)
 
     # ── Matryoshka embeddings ─────────────────────────────────────────────────────────────────
     @torch.no_grad()

@@ -144,10 +144,12 @@ def load_kept_adapters(model: Any, folder: Path, frozen: bool) -> list[str]:
 
 def _gathered(model: Any) -> contextlib.AbstractContextManager:
     """Under ZeRO-3 gather the adapters' parameters (only them) so they can be written; a no-op otherwise."""
+    from mtrain.launch.preflight import is_partitioned  # noqa: PLC0415
+
     partitioned = [
         param
         for name, param in model.named_parameters()
-        if hasattr(param, "ds_id") and (".lora_" in name or "modules_to_save" in name)
+        if is_partitioned(param) and (".lora_" in name or "modules_to_save" in name)
     ]
     if not partitioned:
         return contextlib.nullcontext()

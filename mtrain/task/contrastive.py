@@ -152,7 +152,7 @@ def kl_loss(
     dims: EmbeddingDimsConfig,
     temperature: float,
 ) -> torch.Tensor:
-    """The term_set's KL alignment of every student (layer, dim) to the teacher (layer, dim)."""
+    """The KL alignment of every student (layer, dim) of `term_set` to its teacher (layer, dim)."""
     kl_total = queries.new_zeros((), dtype=torch.float32)
     if term_set.kl_teacher is None:
         return kl_total
