@@ -667,6 +667,14 @@ class TrainConfig(Checkable):
             return [("data.max_len", message)]
         return []
 
+    def scales_without_adapter(self, scales: list[int]) -> list[int]:
+        """The visual-token scales a model with per-scale LoRA has no adapter for: evaluated there, it would
+        run with none, silently (checked for `eval.scales` here and for `mtrain eval --scales`)."""
+        lora, tokens = self.model.lora, self.matryoshka.tokens
+        if not (lora.enabled and lora.strategy != "shared" and tokens.mode != "none"):
+            return []
+        return [s for s in scales if s not in tokens.scales]
+
     def check_eval(self) -> tuple[str, str] | None:
         """The evaluated budgets against the objective and the model (known here for the tiny preset)."""
         budgets, tokens = self.eval, self.matryoshka.tokens
@@ -675,12 +683,12 @@ class TrainConfig(Checkable):
             return ("eval.scales", "are visual-token budgets of task.objective=lm; evaluate eval.dims instead")
         if (budgets.dims or budgets.layers) and not contrastive:
             return ("eval.dims", "are embedding budgets of task.objective=contrastive; evaluate eval.scales instead")
-        lora = self.model.lora
-        if lora.enabled and lora.strategy != "shared" and tokens.mode != "none":
-            untrained = [s for s in budgets.scales if s not in tokens.scales]
-            if untrained:
-                message = f"{untrained} have no {lora.strategy} LoRA adapter (trained: {tokens.scales}); drop them"
-                return ("eval.scales", message)
+        untrained = self.scales_without_adapter(budgets.scales)
+        if untrained:
+            message = (
+                f"{untrained} have no {self.model.lora.strategy} LoRA adapter (trained: {tokens.scales}); drop them"
+            )
+            return ("eval.scales", message)
         if self.model.preset != "tiny-llava":
             return None
         visual_tokens, side = self.model.tiny.visual_tokens, math.isqrt(self.model.tiny.visual_tokens)

@@ -104,12 +104,11 @@ def trained_budget_view(cfg: TrainConfig, built: BuiltModel, task: Task, scales:
 
 def check_scale_adapters(cfg: TrainConfig, scales: list[int]) -> None:
     """Refuse scales without an adapter in a model with per-scale LoRA: they would run with none, silently."""
-    lora, trained = cfg.model.lora, cfg.matryoshka.tokens
-    missing = [s for s in scales if s not in trained.scales]
-    if lora.enabled and lora.strategy != "shared" and missing:
+    missing = cfg.scales_without_adapter(scales)
+    if missing:
         raise ValueError(
-            f"--scales {missing}: this model has {lora.strategy} LoRA adapters only for the scales "
-            f"{trained.scales}, so it would run there without a scale adapter; evaluate at trained scales"
+            f"--scales {missing}: this model has {cfg.model.lora.strategy} LoRA adapters only for the scales "
+            f"{cfg.matryoshka.tokens.scales}, so it would run there without a scale adapter; evaluate at trained scales"
         )
 
 
