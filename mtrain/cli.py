@@ -341,19 +341,17 @@ def _data_tokens(config: list[str] | None) -> DataTokens:
 
 
 def _data_rules(args: argparse.Namespace, tokens: DataTokens | None) -> Any:
-    """SampleRules of `data inspect/validate`: the config's data section and chat template where one is given."""
-    from data_pipeline.chat_template import ConversationTemplate  # noqa: PLC0415
+    """SampleRules of `data inspect/validate`: training's, from the config's data section and chat template,
+    where one is given (`--require-image` can add the image requirement to them)."""
+    import dataclasses  # noqa: PLC0415
+
     from data_pipeline.formats import SampleRules  # noqa: PLC0415
+    from mtrain.engine.data import sample_rules  # noqa: PLC0415
 
     if tokens is None or tokens.data is None:
         return SampleRules(require_image=args.require_image, max_image_pixels=args.max_image_pixels)
-    data = tokens.data
-    return SampleRules(
-        caption_prompt=data.prompt,
-        require_image=args.require_image or data.require_image,
-        max_image_pixels=data.max_image_pixels,
-        chat=ConversationTemplate.from_tokenizer(tokens.tokenizer),
-    )
+    rules = sample_rules(tokens.data, tokens.tokenizer)
+    return dataclasses.replace(rules, require_image=True) if args.require_image else rules
 
 
 def _data_command(args: argparse.Namespace) -> int:

@@ -51,11 +51,23 @@ class ReadyBatches:
         raise NotImplementedError("ready batches have no data position to restore; train from a loader")
 
 
+def sample_rules(data: Any, tokenizer: Any) -> Any:
+    """How samples are built and checked, as a `data` section sets it; conversations are rendered by
+    `tokenizer`'s chat template (training, evaluation and `mtrain data validate/inspect --config`)."""
+    from data_pipeline.chat_template import ConversationTemplate  # noqa: PLC0415
+    from data_pipeline.formats import SampleRules  # noqa: PLC0415
+
+    return SampleRules(
+        caption_prompt=data.prompt,
+        require_image=data.require_image,
+        max_image_pixels=data.max_image_pixels,
+        chat=ConversationTemplate.from_tokenizer(tokenizer),
+    )
+
+
 def loader_settings(cfg: TrainConfig, tokenizer: Any) -> Any:
     """The loader's stages as the config's `data` section sets them (every batch form); conversations
     are rendered by `tokenizer`'s chat template."""
-    from data_pipeline.chat_template import ConversationTemplate  # noqa: PLC0415
-    from data_pipeline.formats import SampleRules  # noqa: PLC0415
     from data_pipeline.loader import LoaderSettings  # noqa: PLC0415
     from data_pipeline.shards import ShardCache  # noqa: PLC0415
 
@@ -71,12 +83,7 @@ def loader_settings(cfg: TrainConfig, tokenizer: Any) -> Any:
         epoch_mode=data.epoch_mode,
         max_bad_fraction=data.max_bad_fraction,
         bad_fraction_min_samples=data.bad_fraction_min_samples,
-        rules=SampleRules(
-            caption_prompt=data.prompt,
-            require_image=data.require_image,
-            max_image_pixels=data.max_image_pixels,
-            chat=ConversationTemplate.from_tokenizer(tokenizer),
-        ),
+        rules=sample_rules(data, tokenizer),
         cache=ShardCache(
             folder=data.shard_cache_dir, retries=data.remote_retries, max_bytes=int(data.shard_cache_gb * 2**30)
         ),
