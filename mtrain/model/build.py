@@ -122,8 +122,6 @@ def build_model(
     tokens = tokens or TokenScalesConfig()
     from transformers.integrations import HfDeepSpeedConfig  # noqa: PLC0415
 
-    from mtrain.model.mqt_model import MQTLlavaForConditionalGeneration  # noqa: PLC0415
-
     zero3_context = HfDeepSpeedConfig(zero3_ds_config) if zero3_ds_config else None
     attn = attention_implementation(cfg.attn_implementation)
     torch.manual_seed(seed)  # identical initial weights (and LoRA init) on every rank
@@ -134,13 +132,11 @@ def build_model(
         image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         vocab_size = (len(tokenizer) + 63) // 64 * 64
         llava_config = tiny_llava_config(cfg.tiny, vocab_size, image_token_id, tokenizer.pad_token_id)
-        family = family_for(llava_config.model_type)
-        model_class: Any = family.model_class()
         if tokens.mode == "mqt":
-            llava_config, model_class = mqt_llava_config(llava_config, tokens), MQTLlavaForConditionalGeneration
-            family = family_for(MQT_MODEL_TYPE)
+            llava_config = mqt_llava_config(llava_config, tokens)  # the mtrain_mqt_llava family
+        family = family_for(llava_config.model_type)
         llava_config._attn_implementation = attn
-        model = model_class._from_config(llava_config, dtype=dtype)
+        model = family.model_class()._from_config(llava_config, dtype=dtype)
         built = BuiltModel(
             model=model,
             tokenizer=tokenizer,
@@ -253,11 +249,9 @@ def _model_class_for(config: Any, tokens: TokenScalesConfig, path: str) -> tuple
                 )
             return MQTLlavaForConditionalGeneration, mqt_llava_config(config, tokens)
         return family_for(config.model_type).model_class(), config
-    if tokens.mode != "mqt":
-        raise ValueError(
-            f"model.path={path!r} holds an MQT model (its projector turns each image into {config.mqt_queries} "
-            "query tokens); set matryoshka.tokens.mode=mqt to train or evaluate it"
-        )
+    problems = family_for(MQT_MODEL_TYPE).problems(config, tokens)  # the token mode it needs
+    if problems:
+        raise ValueError(f"model.path={path!r} holds an MQT model: {problems[0]}")
     differing = [
         f"matryoshka.tokens.{name}={getattr(config, name)!r} (the config has {getattr(tokens, name)!r})"
         for name in ("mqt_queries", "mqt_heads", "mqt_architecture")
