@@ -58,6 +58,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--dims", help="retrieval: comma-separated embedding sizes (default: the trained dims)")
     evaluate.add_argument("--out", default="eval", help="folder for the JSON report and PNG curve")
+    evaluate.add_argument(
+        "--generate-samples",
+        type=int,
+        help="budget: answer the first N held-out samples by greedy generation at every scale (default: the "
+        "config's eval.generate_samples; 0: none)",
+    )
+    evaluate.add_argument("--max-new-tokens", type=int, help="the longest generated answer (eval.max_new_tokens)")
+
+    generate = commands.add_parser("generate", help="a quick look: the greedy answer about one picture at a scale")
+    generate.add_argument("source", help="an export folder (holding mtrain.json), or a checkpoint or run folder")
+    generate.add_argument("--image", required=True, help="a picture file")
+    generate.add_argument("--prompt", required=True, help="the question about it")
+    generate.add_argument("--scale", type=int, help="visual tokens per image, a trained scale (default: the largest)")
+    generate.add_argument("--max-new-tokens", type=int, default=32, help="the longest answer, in tokens")
 
     plan = commands.add_parser("plan", help="per-GPU memory, tokens per step and an H100 projection; no weights read")
     _add_config_args(plan)
@@ -181,6 +195,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
 
 
+def _generation_overrides(args: argparse.Namespace) -> list[str]:
+    """`mtrain eval --generate-samples/--max-new-tokens` as the `eval.` keys they set."""
+    flags = {"eval.generate_samples": args.generate_samples, "eval.max_new_tokens": args.max_new_tokens}
+    return [f"{key}={value}" for key, value in flags.items() if value is not None]
+
+
 def _leave(code: int) -> int:
     """Exit status `code`; a rank of a multi-rank job leaves without C++ finalisation (see leave_finished_job),
     which could otherwise hang or abort on the communication threads of a job that stopped mid-step."""
@@ -250,7 +270,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         from mtrain.eval.run import run_eval  # noqa: PLC0415
 
         scales = [int(s) for s in args.scales.split(",")] if args.scales else None
-        run_eval(args.source, args.overrides, args.shards, args.batches, scales, args.out, args.untrained_budgets)
+        overrides = [*args.overrides, *_generation_overrides(args)]  # checked with the config they change
+        run_eval(args.source, overrides, args.shards, args.batches, scales, args.out, args.untrained_budgets)
+        return 0
+    if args.command == "generate":
+        from mtrain.eval.generation import run_generate  # noqa: PLC0415
+
+        print(run_generate(args.source, args.image, args.prompt, args.scale, args.max_new_tokens))
         return 0
     if args.command == "plan":
         from mtrain.metrics.plan import Cluster, format_plan, make_plan, parse_memory  # noqa: PLC0415

@@ -31,7 +31,9 @@ L2-normalised. `export/model/config.json` also lists `matryoshka_dimensions` for
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +70,11 @@ class MatryoshkaSpec:
             raise FileNotFoundError(f"{folder} has no {EXPORT_METADATA}: give the folder `mtrain export` wrote")
         block = json.loads(meta_file.read_text()).get("matryoshka", {})
         embedding_file = folder / EMBEDDING_FILE
+        return cls.from_block(block, json.loads(embedding_file.read_text()) if embedding_file.is_file() else None)
+
+    @classmethod
+    def from_block(cls, block: dict[str, Any], embedding: dict[str, Any] | None = None) -> MatryoshkaSpec:
+        """The spec of a `matryoshka` block (mtrain.json's, or a training config's own, as the export writes it)."""
         return cls(
             token_mode=block.get("token_mode", "none"),
             scales=block.get("scales") or [],
@@ -75,17 +82,22 @@ class MatryoshkaSpec:
             mqt_queries=block.get("mqt_queries"),
             strategy=block.get("strategy"),
             dims=block.get("dims") or [],
-            embedding=json.loads(embedding_file.read_text()) if embedding_file.is_file() else None,
+            embedding=embedding,
         )
 
 
 class MatryoshkaModel:
     """A stock Hugging Face model (with PEFT adapters for scale-specific LoRA) run as mtrain trained it."""
 
-    def __init__(self, model: nn.Module, spec: MatryoshkaSpec, head: nn.Module | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, spec: MatryoshkaSpec, head: nn.Module | None = None, routing: Any = None
+    ) -> None:
         self.model = model.eval()
         self.spec = spec
         self.head = head  # the embedding projection, when the embedding export has one
+        # A training model's scale routing (`set_rows`/`clear`, mtrain/model/scale_lora.py): there every
+        # scale adapter stays active and is masked per token, so a scale is chosen by routing the rows to it.
+        self.routing = routing
         self.llava = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.image_token_id = self.llava.config.image_token_id
 
@@ -157,7 +169,7 @@ class MatryoshkaModel:
         scale = self.check_scale(scale)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        if self.spec.strategy in SCALE_STRATEGIES:
+        if self.spec.strategy in SCALE_STRATEGIES and self.routing is None:
             self.use_scale_adapters(scale)
         embed_tokens = self.llava.get_input_embeddings()
         if pixel_values is None or not bool((input_ids == self.image_token_id).any()):
@@ -180,7 +192,9 @@ class MatryoshkaModel:
     def logits(self, scale: int | None = None, **prompt: torch.Tensor | None) -> torch.Tensor:
         """Next-token logits of every position of the (left-padded) prompt at `scale`; the prompt's
         `input_ids`, `pixel_values` and `attention_mask` as the processor gives them (`**inputs`)."""
-        return self.model(**self.scaled_inputs(**prompt, scale=scale), use_cache=False).logits
+        inputs = self.scaled_inputs(**prompt, scale=scale)
+        with self.routed(inputs["inputs_embeds"].shape[0], scale):
+            return self.model(**inputs, use_cache=False).logits
 
     @torch.no_grad()
     def generate(self, scale: int | None = None, **kwargs: Any) -> torch.Tensor:
@@ -191,7 +205,25 @@ class MatryoshkaModel:
         prompt = {name: kwargs.pop(name) for name in ("input_ids", "pixel_values", "attention_mask") if name in kwargs}
         inputs = self.scaled_inputs(**prompt, scale=scale)
         inputs.pop("position_ids")  # generate derives them from the left-padded mask
-        return self.model.generate(**inputs, **kwargs)
+        with self.routed(inputs["inputs_embeds"].shape[0], scale):
+            return self.model.generate(**inputs, **kwargs)
+
+    @contextlib.contextmanager
+    def routed(self, rows: int, scale: int | None) -> Iterator[None]:
+        """Every token of the language model's forwards routed to `scale`'s adapters (a training model's
+        routing; nothing to do for an export, whose adapters `scaled_inputs` switched). One scale per row
+        broadcasts over the prompt and over each new token the KV cache adds."""
+        if self.routing is None or self.spec.strategy not in SCALE_STRATEGIES:
+            yield
+            return
+        scale = self.check_scale(scale)
+        if scale is None:
+            raise ValueError(f"give a scale: this model's LoRA adapters are per scale ({self.spec.scales})")
+        self.routing.set_rows(torch.full((rows, 1), scale))
+        try:
+            yield
+        finally:
+            self.routing.clear()
 
     # ── Matryoshka embeddings ─────────────────────────────────────────────────────────────────
     @torch.no_grad()
@@ -300,12 +332,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     model = MatryoshkaModel.from_export(args.export)
     processor = AutoProcessor.from_pretrained(Path(args.export) / "model")
-    messages = [{"role": "user", "content": f"<image>\n{args.prompt}"}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(images=Image.open(args.image).convert("RGB"), text=text, return_tensors="pt")
-    new_tokens = model.generate(**inputs, scale=args.scale, max_new_tokens=args.max_new_tokens, do_sample=False)
-    print(processor.decode(new_tokens[0], skip_special_tokens=True))
+    print(answer(model, processor, Image.open(args.image).convert("RGB"), args.prompt, args.scale, args.max_new_tokens))
     return 0
+
+
+def answer(model: MatryoshkaModel, processor: Any, image: Any, prompt: str, scale: int | None,
+           max_new_tokens: int) -> str:  # fmt: skip
+    """The greedy answer to one question about one picture, asked with the trained chat template."""
+    messages = [{"role": "user", "content": f"<image>\n{prompt}"}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=image, text=text, return_tensors="pt")
+    new_tokens = model.generate(**inputs, scale=scale, max_new_tokens=max_new_tokens, do_sample=False)
+    return processor.decode(new_tokens[0], skip_special_tokens=True)
 
 
 if __name__ == "__main__":

@@ -593,6 +593,12 @@ class EvalConfig(Checkable):
     )
     dims: list[int] = setting([], "Embedding dims to evaluate (contrastive); empty: the trained dims.")
     layers: list[int] = setting([], "Layers whose embeddings are evaluated (contrastive); empty: the trained ones.")
+    generate_samples: int = setting(
+        0,
+        "Held-out samples (the first N, over all ranks) answered by greedy generation at every evaluated scale "
+        "(lm; also read by mtrain eval); 0: no generation.",
+    )
+    max_new_tokens: int = setting(32, "The longest generated answer, in tokens (eval.generate_samples).")
 
     @property
     def enabled(self) -> bool:
@@ -603,6 +609,10 @@ class EvalConfig(Checkable):
             return [("every", f"must be >= 0 (0: only at the end), got {self.every}")]
         if self.batches < 0:
             return [("batches", f"must be >= 0 (0: the whole held-out set), got {self.batches}")]
+        if self.generate_samples < 0:
+            return [("generate_samples", f"must be >= 0 (0: no generation), got {self.generate_samples}")]
+        if self.max_new_tokens < 1:
+            return [("max_new_tokens", f"must be >= 1 (the longest generated answer), got {self.max_new_tokens}")]
         if not self.shards and (self.every or self.scales or self.dims or self.layers):
             return [("shards", "is empty, so nothing is evaluated; give held-out shards, e.g. data/heldout/*.tar")]
         for name in ("scales", "dims", "layers"):
@@ -683,6 +693,8 @@ class TrainConfig(Checkable):
             return ("eval.scales", "are visual-token budgets of task.objective=lm; evaluate eval.dims instead")
         if (budgets.dims or budgets.layers) and not contrastive:
             return ("eval.dims", "are embedding budgets of task.objective=contrastive; evaluate eval.scales instead")
+        if budgets.generate_samples and contrastive:
+            return ("eval.generate_samples", "needs task.objective=lm: an embedding model answers nothing; set 0")
         untrained = self.scales_without_adapter(budgets.scales)
         if untrained:
             message = (

@@ -30,15 +30,18 @@ class ScaleResult:
     tokens: int = 0
     trained: bool = True
     """False for a budget the model never trained at (`mtrain eval --untrained-budgets`)."""
+    generated_accuracy: float | None = None
+    """Greedy answers equal to the reference (`mtrain.eval.generation`); None when nothing was generated."""
+    generated_answers: int = 0
 
 
 def load_for_eval(
-    source: str | Path, overrides: list[str], shards: str | None = None
+    source: str | Path, overrides: list[str], shards: str | None = None, data_needed: bool = True
 ) -> tuple[TrainConfig, Any, torch.nn.Module]:
     """(config, built model, task) from a checkpoint (trained weights) or a config (as configured).
 
-    Without `shards` (evaluation shards given apart), the config's data.shards must exist: checked
-    before the model loads."""
+    Without `shards` (evaluation shards given apart), the config's data.shards must exist when `data_needed`:
+    checked before the model loads."""
     from mtrain.checkpoint.export import resolve_checkpoint  # noqa: PLC0415
     from mtrain.model.build import build_model  # noqa: PLC0415
     from mtrain.task.registry import build_task  # noqa: PLC0415
@@ -46,7 +49,7 @@ def load_for_eval(
     source = Path(source)
     checkpoint = resolve_checkpoint(source) if source.is_dir() else None
     cfg = load_config(checkpoint[0] / checkpoint[1] / "config.yaml" if checkpoint else source, overrides)
-    if shards is None:
+    if shards is None and data_needed:
         from mtrain.launch.inputs import check_shards_exist  # noqa: PLC0415
 
         check_shards_exist(cfg.data.shards, "data.shards (pass --shards to evaluate others)")
@@ -123,7 +126,11 @@ def format_table(results: list[ScaleResult]) -> str:
     rows = [
         (r.scale, r.loss, r.token_accuracy, r.answer_accuracy, r.answers, "yes" if r.trained else "no") for r in results
     ]
-    return format_columns([*columns, ("answers", 8, "d"), ("trained", 8, "s")], rows)
+    columns += [("answers", 8, "d"), ("trained", 8, "s")]
+    if any(r.generated_accuracy is not None for r in results):
+        columns += [("generated acc", 14, ".3f"), ("generated", 10, "d")]
+        rows = [(*row, r.generated_accuracy, r.generated_answers) for row, r in zip(rows, results, strict=True)]
+    return format_columns(columns, rows)
 
 
 def plot_budget_curve(curves: dict[str, list[ScaleResult]], path: Path, metric: str = "answer_accuracy") -> Path:

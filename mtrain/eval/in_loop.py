@@ -23,6 +23,7 @@ import torch
 
 from mtrain.config.schema import TrainConfig
 from mtrain.eval.budget import evaluate_token_budgets, reduce_sums, scale_results
+from mtrain.eval.generation import generated_answer_sums, generated_metrics, generation_model
 from mtrain.eval.held_out import held_out_loader, lockstep, one_pass, sum_over_ranks
 from mtrain.launch.env import WorldInfo
 from mtrain.task.registry import budget_view, objective_for
@@ -147,7 +148,14 @@ class InLoopEval:
             if self.contrastive:
                 return self.evaluate_retrieval(rounds, to_device)
             sums = evaluate_token_budgets(self.view, rounds, to_device)
-        return token_metrics(reduce_sums(sums, all_reduce))
+            generated = self.generated_answers(to_device, all_reduce) if self.cfg.eval.generate_samples else {}
+        return token_metrics(reduce_sums(sums, all_reduce)) | generated_metrics(generated)
+
+    def generated_answers(self, to_device: Callable, all_reduce: Callable) -> dict[int, torch.Tensor]:
+        """Greedy answers at every evaluated scale, with the engine's weights (`generation.py`)."""
+        model = generation_model(self.cfg, self.built, self.module)
+        return generated_answer_sums(self.cfg, self.built, model, self.world, self.cfg.eval.shards,
+                                     self.view.tokens.scales, to_device, all_reduce)  # fmt: skip
 
     def pair_form(self) -> Any:
         from data_pipeline.pairs import PairForm  # noqa: PLC0415

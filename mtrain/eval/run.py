@@ -63,7 +63,25 @@ def evaluate_on_ranks(cfg: Any, built: Any, view: Any, world: Any, shards: str |
                   disable=not world.is_main, file=sys.stderr)  # fmt: skip
     with torch.no_grad():
         sums = evaluate_token_budgets(view, rounds, to_device=lambda batch: batch)
-    return scale_results(reduce_sums(sums, all_reduce))
+    results = scale_results(reduce_sums(sums, all_reduce))
+    if cfg.eval.generate_samples:
+        add_generated_accuracy(results, cfg, built, view, world, shards, all_reduce)
+    return results
+
+
+def add_generated_accuracy(results: list, cfg: Any, built: Any, view: Any, world: Any, shards: str | None,
+                           all_reduce: Any) -> None:  # fmt: skip
+    """Each row's generated-answer accuracy over the first `eval.generate_samples` held-out samples (the
+    in-loop evaluation's code path: `mtrain.eval.generation`)."""
+    import torch  # noqa: PLC0415
+
+    from mtrain.eval.generation import generated_accuracy, generated_answer_sums, generation_model  # noqa: PLC0415
+
+    with torch.no_grad():
+        model = generation_model(cfg, built, view)
+        sums = generated_answer_sums(cfg, built, model, world, shards, view.tokens.scales, lambda b: b, all_reduce)
+    for result in results:
+        result.generated_accuracy, result.generated_answers = generated_accuracy(sums)[result.scale]
 
 
 def run_eval(
