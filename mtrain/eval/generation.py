@@ -87,12 +87,13 @@ def same_answer(generated: list[int], reference: list[int], tokenizer: Any, eos_
     return decode(generated, skip_special_tokens=True).strip() == decode(reference, skip_special_tokens=True).strip()
 
 
-def generation_model(cfg: TrainConfig, built: Any, task: torch.nn.Module) -> MatryoshkaModel:
-    """The task's model run as `mtrain.infer` runs an export of it (the same spec; its scale adapters chosen
-    through the training model's routing). Switches the model to eval mode: build it inside `evaluation_mode`."""
+def generation_model(cfg: TrainConfig, task: torch.nn.Module, routing: Any) -> MatryoshkaModel:
+    """The task's model run as `mtrain.infer` runs an export of it: the same spec, its scale adapters (if any)
+    chosen through the training model's `routing` (`BuiltModel.scale_routing`). Switches the model to eval
+    mode: in a training job, build it inside `evaluation_mode`."""
     from mtrain.checkpoint.export import matryoshka_metadata  # noqa: PLC0415
 
-    return MatryoshkaModel(task.model, MatryoshkaSpec.from_block(matryoshka_metadata(cfg)), routing=built.scale_routing)
+    return MatryoshkaModel(task.model, MatryoshkaSpec.from_block(matryoshka_metadata(cfg)), routing=routing)
 
 
 def rank_quota(samples: int, world: WorldInfo) -> int:
@@ -214,7 +215,7 @@ def load_generator(source: str | Path) -> tuple[MatryoshkaModel, Any]:
 
     cfg, built, task = load_for_eval(folder, [], shards=None, data_needed=False)
     processor = llava_processor(task.llava.config, built, built.tokenizer.chat_template)
-    return generation_model(cfg, built, task), processor
+    return generation_model(cfg, task, built.scale_routing), processor
 
 
 def check_generation_scale(spec: MatryoshkaSpec, scale: int | None) -> None:

@@ -153,7 +153,7 @@ class InLoopEval:
 
     def generated_answers(self, to_device: Callable, all_reduce: Callable) -> dict[int, torch.Tensor]:
         """Greedy answers at every evaluated scale, with the engine's weights (`generation.py`)."""
-        model = generation_model(self.cfg, self.built, self.module)
+        model = generation_model(self.cfg, self.module, self.built.scale_routing)
         return generated_answer_sums(self.cfg, self.built, model, self.world, self.cfg.eval.shards,
                                      self.view.tokens.scales, to_device, all_reduce)  # fmt: skip
 

@@ -78,7 +78,7 @@ def add_generated_accuracy(results: list, cfg: Any, built: Any, view: Any, world
     from mtrain.eval.generation import generated_accuracy, generated_answer_sums, generation_model  # noqa: PLC0415
 
     with torch.no_grad():
-        model = generation_model(cfg, built, view)
+        model = generation_model(cfg, view, built.scale_routing)
         sums = generated_answer_sums(cfg, built, model, world, shards, view.tokens.scales, lambda b: b, all_reduce)
     for result in results:
         result.generated_accuracy, result.generated_answers = generated_accuracy(sums)[result.scale]

@@ -5,12 +5,18 @@
 split (2 ranks): rank 0 reads only the text-only shard, rank 1 only the image shard.
 joined (1 rank, optim.grad_accum_steps=2): the same two micro-batches per step, one after the other,
 the same global batch the split run makes. Both write the logged losses to OUT.json.
+
+After training, each loader's next prompts are answered greedily with the engine's own module
+(`mtrain.eval.generation`): split, both ranks generate at once, the text rank's answers ending after
+2 tokens and the image rank's after 6, so the text rank must keep stepping with the other (ZeRO-3
+gathers each layer's parameters from both ranks in every forward). The answers go to OUT.json too.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +60,44 @@ def main() -> None:
     order = ["text", "image"] if role == "joined" else [["text", "image"][run.world.rank]]
     run.trainer.batches = TakeTurns([loader[name]() for name in order])
     history = train(run)
+    started = time.perf_counter()
+    answers = answer_next_prompts(run, order, run.trainer.batches.loaders)
+    print(f"answered in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+    gathered = [answers]
+    if run.world.world_size > 1:
+        import torch.distributed as dist
+
+        gathered = [None] * run.world.world_size
+        dist.all_gather_object(gathered, answers)
     finish(run, history)
     if run.world.is_main:
-        Path(out).write_text(json.dumps([m["loss"] for m in history]))
+        answered = {name: rows for part in gathered for name, rows in part.items()}
+        Path(out).write_text(json.dumps({"losses": [m["loss"] for m in history], "answers": answered}))
+
+
+MAX_NEW_TOKENS = {"text": 2, "image": 6}  # answers that end at different lengths on the two ranks
+
+
+def answer_next_prompts(run: Any, names: list[str], loaders: list[Any]) -> dict[str, list[list[int]]]:
+    """The greedy answers (new tokens) to the first two prompts of each loader's next batch, at 4 visual tokens
+    (the full grid without scales)."""
+    from mtrain.eval.generation import answer_batch, answer_prompts, generation_model
+    from mtrain.eval.in_loop import evaluation_mode
+    from mtrain.model.tokenizer import IMAGE_TOKEN, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    module = run.engine.module
+    scale = 4 if run.cfg.matryoshka.tokens.mode != "none" else None
+    answers = {}
+    with evaluation_mode(module):
+        model = generation_model(run.cfg, module, getattr(module, "routing", None))
+        for name, loader in zip(names, loaders, strict=True):
+            image_token = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+            prompts = answer_prompts(next(loader), image_token, 64, tokenizer.pad_token_id, rows=2)
+            inputs = run.trainer.to_device(prompts.inputs)
+            synced = run.world.world_size > 1
+            answers[name] = answer_batch(model, inputs, scale, tokenizer, MAX_NEW_TOKENS[name], synced)
+    return answers
 
 
 if __name__ == "__main__":

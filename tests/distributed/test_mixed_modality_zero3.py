@@ -1,7 +1,10 @@
 """Under real 2-rank ZeRO-3 (every parameter sharded), one rank holds only text-only micro-batches
 and the other only image batches, step after step. The text-only rank runs the vision path on a
 blank stand-in image times zero, so both ranks gather and reduce the same parameters: the run ends
-(no hang; the test has a timeout) and its losses equal a 1-rank run of the same global batch."""
+(no hang; the test has a timeout) and its losses equal a 1-rank run of the same global batch.
+
+Then both ranks answer prompts by greedy generation with the engine's module, the text rank's answers
+ending before the image rank's: they step together (no hang) and give the 1-rank run's answers."""
 
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ def test_text_only_and_image_ranks_stay_in_step_and_match_one_rank(tmp_path, tas
         "zero.param_persistence_threshold=0", "model.lora.dropout=0.0", "data.micro_batch_size=4",
         "model.freeze.vision_tower=false", f"data.shards={image_shard}", *TASKS[task],
     ]  # fmt: skip
-    losses = {}
+    outputs = {}
     for role, ranks, accum in (("split", 2, 1), ("joined", 1, 2)):
         out = tmp_path / f"{role}.json"
         launcher = [str(BIN / "python")]
@@ -41,7 +44,11 @@ def test_text_only_and_image_ranks_stay_in_step_and_match_one_rank(tmp_path, tas
         args = [WORKER, str(out), str(text_shard), str(image_shard), role, f"run.dir={tmp_path / role}"]
         proc = run([*launcher, *args, *common, f"optim.grad_accum_steps={accum}"], tmp_path, 240, launch_env())
         assert proc.returncode == 0
-        losses[role] = json.loads(out.read_text())
+        outputs[role] = json.loads(out.read_text())
+    losses = {role: output["losses"] for role, output in outputs.items()}
     assert len(losses["split"]) == STEPS
     assert losses["split"] == pytest.approx(losses["joined"], rel=1e-5, abs=1e-6)
     assert losses["split"][-1] < losses["split"][0]
+    answers = outputs["split"]["answers"]
+    assert [len(row) for row in answers["text"]] == [2, 2] and [len(row) for row in answers["image"]] == [6, 6]
+    assert answers == outputs["joined"]["answers"]

@@ -71,7 +71,7 @@ def test_training_model_routes_its_scale_adapters_as_the_task_does():
     assert MatryoshkaSpec.from_block(matryoshka_metadata(cfg)).strategy == "shared_plus_per_scale"
     batch = make_batch(built)
     reference = per_scale_logits(task.eval(), batch, [1, 16])
-    model = generation_model(cfg, built, task)
+    model = generation_model(cfg, task, built.scale_routing)
     assert isinstance(model, MatryoshkaModel) and model.routing is built.scale_routing
     for scale in (1, 16):
         inputs = model.scaled_inputs(**prompt_of(batch), scale=scale)
