@@ -37,6 +37,7 @@ CONFIGS = REPO / "configs" / "experiments" / "digits"
 HELDOUT_ROWS = 8  # 45 batches of 8 are exactly the 360 held-out scans, each seen once
 HELDOUT_BATCHES = 45
 TOKEN_SCALES = "1,4,16"
+ANSWER_TOKENS = 4  # a digit's name and the end of the turn, with room to spare: `mtrain eval --max-new-tokens`
 EMBEDDING_DIMS = "8,16,32,64"
 
 
@@ -113,7 +114,9 @@ def train_and_evaluate(experiment: Experiment, work: Path, data: Path, steps: in
     ]  # fmt: skip
     if experiment.evaluation == "retrieval":
         evaluate += ["--task", "retrieval", "--dims", EMBEDDING_DIMS]
-    elif experiment.name == "full_grid":
+    else:  # every held-out question also answered by greedy generation
+        evaluate += ["--generate-samples", str(HELDOUT_ROWS * HELDOUT_BATCHES), "--max-new-tokens", str(ANSWER_TOKENS)]
+    if experiment.name == "full_grid":
         evaluate += ["--scales", TOKEN_SCALES, "--untrained-budgets"]  # pooled grids of a model that never saw them
     run_logged("mtrain eval", evaluate, log)
     report = json.loads((eval_dir / f"{experiment.evaluation}.json").read_text())

@@ -59,7 +59,7 @@ def answer_prompts(batch: dict[str, Any], image_token_id: int, visual_tokens: in
         learned = [i for i in range(tokens[row]) if labels[row][i] != IGNORE_INDEX]
         if not learned:
             raise ValueError(f"held-out row {row} has no learned token, so no answer to compare with")
-        start = learned[0]
+        start = max(learned[0], 1)  # a row's first token is never a target: it is the shortest prompt
         end = next((i for i in range(start, tokens[row]) if labels[row][i] == IGNORE_INDEX), tokens[row])
         prompts.append(ids[row][:start])
         references.append(ids[row][start:end])

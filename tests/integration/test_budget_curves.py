@@ -14,6 +14,7 @@ import pytest
 
 from benchmarks.budget_curves.run import curve
 from tests.conftest import REPO, run
+from tests.unit.test_generation import GENERATED_ACCURACY_FLOOR
 
 
 @pytest.mark.slow
@@ -34,6 +35,12 @@ def test_matryoshka_heads_beat_their_baselines_on_digits(tmp_path):
     assert (tmp_path / "m3" / "run" / "export" / "model" / "config.json").is_file()
     assert m3[1] > full_grid_only[1], f"M3 {m3} is not above the full-grid-only baseline {full_grid_only} at 1 token"
     assert m3[16] > 0.3, f"M3 did not learn the digits (chance is 0.1): {m3}"
+    # Greedy generation answers every held-out scan as well: above the floor a random model stays under
+    # (tests/unit/test_generation.py), and close to the teacher-forced answer accuracy (the same argmaxes).
+    generated = {r["scale"]: r["generated_accuracy"] for r in runs["m3"]["results"]}
+    assert all(r["generated_answers"] == 360 for r in runs["m3"]["results"])
+    assert generated[16] > GENERATED_ACCURACY_FLOOR, f"M3's generated answers {generated} are not above the floor"
+    assert all(abs(generated[s] - m3[s]) < 0.05 for s in m3), f"generated {generated} vs teacher-forced {m3}"
 
     mrl, no_mrl = curve(runs["mrl"]), curve(runs["no_mrl"])
     assert sorted(mrl) == [8, 16, 32, 64]

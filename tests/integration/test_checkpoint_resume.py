@@ -15,6 +15,7 @@ pytestmark = pytest.mark.timeout(600)
 
 STEPS, SAVE_EVERY = 6, 3
 EVAL_EVERY, EVAL_SCALES = 2, [1, 4, 16, 64]  # M3 budgets of a model trained at the full grid (shared LoRA)
+GENERATED = 5  # held-out samples answered by generation: 3 on rank 0, 2 on rank 1
 
 
 def train_cmd(ranks: int, run_dir: Path, shards: str, *extra: str) -> list[str]:
@@ -60,8 +61,10 @@ def two_rank_runs(tmp_path_factory, sample_shards):
     base = tmp_path_factory.mktemp("resume")
     # 17 held-out samples: 9 (2 batches) and 8 (1 batch) per rank, so rank 1 runs a round again, uncounted.
     write_sample_shards(base / "heldout", num_shards=1, samples_per_shard=17, seed=5)
+    # Generation too: the first GENERATED samples answered greedily at every scale, both ranks stepping together.
     evaluation = (f"eval.shards={base / 'heldout' / 'shard-000000.tar'}", f"eval.every={EVAL_EVERY}",
-                  f"eval.scales={EVAL_SCALES}".replace(" ", ""))  # fmt: skip
+                  f"eval.scales={EVAL_SCALES}".replace(" ", ""), f"eval.generate_samples={GENERATED}",
+                  "eval.max_new_tokens=3")  # fmt: skip
     straight, killed = base / "straight", base / "killed"
     assert run(train_cmd(2, straight, shards, *evaluation), cwd=base).returncode == 0
     crashed = run(train_cmd(2, killed, shards, *evaluation), cwd=base, env=with_fault(f"saved@{SAVE_EVERY}"))
@@ -121,9 +124,10 @@ def test_in_loop_eval_logs_every_scale_resumes_exactly_and_equals_mtrain_eval(tw
     base, _, straight, killed, _ = two_rank_runs
     straight_evals, killed_evals = eval_lines(straight), eval_lines(killed)
     assert sorted(straight_evals) == list(range(EVAL_EVERY, STEPS + 1, EVAL_EVERY))  # steps 2, 4 and 6
-    for metric in ("loss", "token_accuracy", "answer_accuracy", "tokens", "answers"):
+    for metric in ("loss", "token_accuracy", "answer_accuracy", "tokens", "answers", "generated_accuracy"):
         assert all(f"eval/{metric}/scale_{s}" in straight_evals[STEPS] for s in EVAL_SCALES), metric
     assert all(straight_evals[STEPS][f"eval/answers/scale_{s}"] == 17 for s in EVAL_SCALES)  # every sample once
+    assert all(straight_evals[STEPS][f"eval/generated_answers/scale_{s}"] == GENERATED for s in EVAL_SCALES)
     # The run that was killed after its step-3 save and resumed: the same eval lines, bit for bit, none twice.
     assert killed_evals == straight_evals
     assert (
@@ -151,6 +155,9 @@ def test_in_loop_eval_logs_every_scale_resumes_exactly_and_equals_mtrain_eval(tw
         assert row["loss"] == pytest.approx(in_loop[f"eval/loss/scale_{scale}"], rel=1e-5)  # fp32 tolerance
         one_token = 1 / row["tokens"]  # an fp32 tie may flip one argmax
         assert abs(row["token_accuracy"] - in_loop[f"eval/token_accuracy/scale_{scale}"]) <= one_token
+        # The checkpoint's eval.generate_samples: `mtrain eval` answers the same samples, with the same result.
+        assert row["generated_answers"] == in_loop[f"eval/generated_answers/scale_{scale}"] == GENERATED
+        assert row["generated_accuracy"] == in_loop[f"eval/generated_accuracy/scale_{scale}"]
 
 
 def test_world_size_two_to_one_and_back_continues(two_rank_runs):

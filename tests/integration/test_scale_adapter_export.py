@@ -12,7 +12,7 @@ from tests.conftest import BIN, REPO, run
 pytestmark = pytest.mark.timeout(300)
 
 
-def test_shared_plus_per_scale_export_loads_in_stock_peft(tmp_path, shards_pattern):
+def test_shared_plus_per_scale_export_loads_in_stock_peft(tmp_path, shards_pattern, capsys):
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
@@ -74,6 +74,8 @@ def test_shared_plus_per_scale_export_loads_in_stock_peft(tmp_path, shards_patte
     for name in names:
         loaded = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(export / "base"), only / name)
         assert "default" in loaded.peft_config
+
+    check_mtrain_generate(run_dir, export, tmp_path, capsys)
 
     # `mtrain inspect` names the scales, the adapters, and what a given config would change.
     proc = run([str(BIN / "python"), "-m", "mtrain", "inspect", str(run_dir / "checkpoints"), "--config",
@@ -151,3 +153,25 @@ def check_infer_equals_mtrain_at_every_scale(run_dir, export, scales: list[int])
         assert (model.model(**inputs).logits - reference[1]).abs().max() > 1e-2
     with pytest.raises(ValueError, match="scale=9 has no adapter"):
         model.logits(input_ids=ids, pixel_values=batch["pixel_values"], scale=9)
+
+
+def check_mtrain_generate(run_dir, export, tmp_path, capsys) -> None:
+    """`mtrain generate` prints the same answer from the export (stock loading) and from the checkpoint (loaded as
+    `mtrain eval` loads it, the scale adapters routed as in training); bad inputs exit 2 with the reason."""
+    from mtrain.cli import main
+
+    picture = str(run_dir / "picture.png")  # written by check_infer_equals_mtrain_at_every_scale
+    ask = ["--image", picture, "--prompt", "What is in the picture?", "--max-new-tokens", "3"]
+    answers = []
+    for source in (export, run_dir / "checkpoints"):
+        assert main(["generate", str(source), *ask, "--scale", "4"]) == 0
+        answers.append(capsys.readouterr().out.strip())
+    assert answers[0] and answers[0] == answers[1], answers
+    bad = {
+        "no such file": ["generate", str(export), *ask[2:], "--image", str(tmp_path / "missing.png")],
+        "trained at the visual-token scales [1, 4, 16, 64]": ["generate", str(export), *ask, "--scale", "9"],
+        "not an mtrain checkpoint": ["generate", str(tmp_path), *ask],
+    }
+    for reason, argv in bad.items():
+        assert main(argv) == 2, reason
+        assert reason in capsys.readouterr().err
