@@ -9,7 +9,8 @@ The model is the training engine's own module: under ZeRO-3 each forward gathers
 as training does, and nothing is copied or gathered to one rank. The RNG state is restored after
 each evaluation, so a run with evaluation resumes bit-exactly. `mtrain eval` (`run.py`) runs the same
 loader, rounds and sums (`held_out.py`, `budget.evaluate_token_budgets`) on any number of ranks, so
-their figures agree.
+their figures agree. With `eval.generate_samples`, the first N held-out samples are also answered by
+greedy generation at every scale (`generation.py`), every rank stepping together under ZeRO-3.
 """
 
 from __future__ import annotations

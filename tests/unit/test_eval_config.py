@@ -32,6 +32,12 @@ M3 = ["matryoshka.tokens.mode=m3", "matryoshka.tokens.scales=[1,4,16,64]"]
             r"eval.scales: \[2\] have no per_scale LoRA adapter",
         ),
         (["eval.shard=h.tar"], r"eval.shard: unknown key; did you mean 'eval.shards'"),
+        (["eval.shards=h.tar", "eval.generate_samples=-1"], r"eval.generate_samples: must be >= 0 \(0: no generation"),
+        (["eval.shards=h.tar", "eval.max_new_tokens=0"], r"eval.max_new_tokens: must be >= 1"),
+        (
+            ["task.objective=contrastive", "eval.shards=h.tar", "eval.generate_samples=8"],
+            r"eval.generate_samples: needs task.objective=lm",
+        ),
     ],
 )
 def test_bad_eval_values_fail_when_the_config_is_built(overrides, message):
@@ -43,6 +49,9 @@ def test_eval_defaults_are_off_and_valid_settings_load():
     assert not load_config(TINY).eval.enabled
     cfg = load_config(TINY, [*M3, "eval.shards=h.tar", "eval.every=10", "eval.scales=[1,64]", "eval.batches=3"])
     assert (cfg.eval.enabled, cfg.eval.every, cfg.eval.scales, cfg.eval.batches) == (True, 10, [1, 64], 3)
+    assert cfg.eval.generate_samples == 0  # generation is off unless asked for
+    cfg = load_config(TINY, ["eval.shards=h.tar", "eval.generate_samples=32", "eval.max_new_tokens=8"])
+    assert (cfg.eval.generate_samples, cfg.eval.max_new_tokens) == (32, 8)
 
 
 def test_missing_held_out_shards_fail_in_validate_before_any_spawn(tmp_path, capsys):
