@@ -80,8 +80,9 @@ def add_generated_accuracy(results: list, cfg: Any, built: Any, view: Any, world
     with torch.no_grad():
         model = generation_model(cfg, view, built.scale_routing)
         sums = generated_answer_sums(cfg, built, model, world, shards, view.tokens.scales, lambda b: b, all_reduce)
+    per_scale = generated_accuracy(sums)
     for result in results:
-        result.generated_accuracy, result.generated_answers = generated_accuracy(sums)[result.scale]
+        result.generated_accuracy, result.generated_answers = per_scale[result.scale]
 
 
 def run_eval(
