@@ -193,7 +193,7 @@ class MatryoshkaModel:
         """Next-token logits of every position of the (left-padded) prompt at `scale`; the prompt's
         `input_ids`, `pixel_values` and `attention_mask` as the processor gives them (`**inputs`)."""
         inputs = self.scaled_inputs(**prompt, scale=scale)
-        with self.routed(inputs["inputs_embeds"].shape[0], scale):
+        with self.routed(inputs["inputs_embeds"], scale):
             return self.model(**inputs, use_cache=False).logits
 
     @torch.no_grad()
@@ -205,21 +205,21 @@ class MatryoshkaModel:
         prompt = {name: kwargs.pop(name) for name in ("input_ids", "pixel_values", "attention_mask") if name in kwargs}
         inputs = self.scaled_inputs(**prompt, scale=scale)
         inputs.pop("position_ids")  # generate derives them from the left-padded mask
-        with self.routed(inputs["inputs_embeds"].shape[0], scale):
+        with self.routed(inputs["inputs_embeds"], scale):
             return self.model.generate(**inputs, **kwargs)
 
     @contextlib.contextmanager
-    def routed(self, rows: int, scale: int | None) -> Iterator[None]:
-        """Every token of the language model's forwards routed to `scale`'s adapters (a training model's
-        routing; nothing to do for an export, whose adapters `scaled_inputs` switched). One scale per row
-        broadcasts over the prompt and over each new token the KV cache adds."""
+    def routed(self, embeddings: torch.Tensor, scale: int | None) -> Iterator[None]:
+        """Every token of the language model's forwards on the prompt `embeddings` (rows, tokens, dim) routed
+        to `scale`'s adapters (a training model's routing; nothing to do for an export, whose adapters
+        `scaled_inputs` switched). One scale per row broadcasts over the prompt and each new token."""
         if self.routing is None or self.spec.strategy not in SCALE_STRATEGIES:
             yield
             return
         scale = self.check_scale(scale)
         if scale is None:
             raise ValueError(f"give a scale: this model's LoRA adapters are per scale ({self.spec.scales})")
-        self.routing.set_rows(torch.full((rows, 1), scale))
+        self.routing.set_rows(torch.full((embeddings.shape[0], 1), scale, device=embeddings.device))
         try:
             yield
         finally:
