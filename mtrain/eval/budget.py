@@ -141,14 +141,20 @@ def plot_budget_curve(curves: dict[str, list[ScaleResult]], path: Path, metric: 
     return save_log2_curves(figure, axes, "visual tokens per image", (metric.replace("_", " "), "loss"), path)
 
 
-def save_log2_curves(figure: Any, axes: Any, xlabel: str, ylabels: tuple[str, ...], path: Path) -> Path:
-    """Label the panels (log-2 x axis, grid, legend) and write the PNG."""
+def save_log2_curves(
+    figure: Any, axes: Any, xlabel: str, ylabels: tuple[str, ...], path: Path, ticks: list[int] | None = None
+) -> Path:
+    """Label the panels (log-2 x axis, grid, legend) and write the PNG; `ticks`: the budgets to mark."""
     import matplotlib.pyplot as plt  # noqa: PLC0415
-    from matplotlib.ticker import ScalarFormatter  # noqa: PLC0415
+    from matplotlib.ticker import FuncFormatter, NullLocator, ScalarFormatter  # noqa: PLC0415
 
     for ax, label in zip(axes, ylabels, strict=True):
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(ScalarFormatter())  # budgets read as 1, 4, 16, not 2^0, 2^2, 2^4
+        if ticks:  # exactly the budgets evaluated, as integers
+            ax.set_xticks(ticks)
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+            ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xlabel(xlabel)
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
