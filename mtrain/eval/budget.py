@@ -142,9 +142,16 @@ def plot_budget_curve(curves: dict[str, list[ScaleResult]], path: Path, metric: 
 
 
 def save_log2_curves(
-    figure: Any, axes: Any, xlabel: str, ylabels: tuple[str, ...], path: Path, ticks: list[int] | None = None
+    figure: Any,
+    axes: Any,
+    xlabel: str,
+    ylabels: tuple[str, ...],
+    path: Path,
+    ticks: list[int] | None = None,
+    legend: bool = True,
 ) -> Path:
-    """Label the panels (log-2 x axis, grid, legend) and write the PNG; `ticks`: the budgets to mark."""
+    """Label the panels (log-2 x axis, grid, a legend in each unless not `legend`) and write the PNG;
+    `ticks`: the budgets to mark."""
     import matplotlib.pyplot as plt  # noqa: PLC0415
     from matplotlib.ticker import FuncFormatter, NullLocator, ScalarFormatter  # noqa: PLC0415
 
@@ -158,7 +165,8 @@ def save_log2_curves(
         ax.set_xlabel(xlabel)
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
-        ax.legend()
+        if legend:
+            ax.legend()
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)

@@ -131,5 +131,8 @@ def plot_curves(curves: list[BudgetCurve], path: Path, title: str) -> Path:
         metric.replace("_", " ") + ("" if layer is None else f" (layer {layer})") for metric, layer in panels
     )
     figure.suptitle(title, fontsize=10)
+    if len(curves) > 1:  # one legend of the steps, beside the last panel, where it hides no line
+        axes[len(panels) - 1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
     budgets = sorted({point[curve.axis] for curve in curves for point in curve.points})
-    return save_log2_curves(figure, axes[: len(panels)], AXIS_LABELS[last.axis], labels, path, ticks=budgets)
+    axis_label = AXIS_LABELS[last.axis]
+    return save_log2_curves(figure, axes[: len(panels)], axis_label, labels, path, ticks=budgets, legend=False)
