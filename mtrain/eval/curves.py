@@ -104,6 +104,14 @@ def thinned(curves: list[BudgetCurve], most: int = MAX_LINES) -> list[BudgetCurv
     return [curves[i] for i in picked]
 
 
+def plot_panels(curves: list[BudgetCurve]) -> list[tuple[str, int | None]]:
+    """(metric, layer) of each panel: every quality metric and layer any of `curves` logged (an evaluation
+    may log a metric the others do not)."""
+    metrics = dict.fromkeys(metric for curve in curves for metric in curve.quality_metrics)
+    layers = sorted({layer for curve in curves for layer in curve.layers}, key=lambda layer: layer or 0)
+    return [(metric, layer) for metric in metrics for layer in layers]
+
+
 def plot_curves(curves: list[BudgetCurve], path: Path, title: str) -> Path:
     """One panel per quality metric (and layer), x = budget on a log-2 axis, one line per curve (step)."""
     import matplotlib  # noqa: PLC0415
@@ -114,7 +122,7 @@ def plot_curves(curves: list[BudgetCurve], path: Path, title: str) -> Path:
     from mtrain.eval.budget import save_log2_curves  # noqa: PLC0415
 
     last = curves[-1]
-    panels = [(metric, layer) for metric in last.quality_metrics for layer in last.layers]
+    panels = plot_panels(curves)
     columns = min(len(panels), 3)
     rows = -(-len(panels) // columns)
     figure, grid = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.6 * rows), squeeze=False)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mtrain.cli import main
-from mtrain.eval.curves import BudgetCurve, budget_curve, read_curve, thinned, write_curve
+from mtrain.eval.curves import BudgetCurve, budget_curve, plot_panels, read_curve, thinned, write_curve
 from tests.unit.test_in_loop_eval import SINGLE, build
 
 SCALES = [1, 4, 16, 64]
@@ -114,3 +114,9 @@ def test_thinned_keeps_first_last_and_evenly_spaced():
     curves = [BudgetCurve(step, "scale", []) for step in range(10, 210, 10)]
     assert [c.step for c in thinned(curves, 5)] == [10, 60, 110, 150, 200]
     assert thinned(curves[:3], 5) == curves[:3]
+
+
+def test_panels_cover_every_metric_any_evaluation_logged():
+    early = budget_curve(2, {"eval/loss/scale_4": 2.0, "eval/answers/scale_4": 8})
+    late = budget_curve(4, {"eval/loss/scale_4": 1.0, "eval/generated_accuracy/scale_4": 0.5})
+    assert plot_panels([early, late]) == [("loss", None), ("generated_accuracy", None)]
