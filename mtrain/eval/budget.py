@@ -138,7 +138,11 @@ def plot_budget_curve(curves: dict[str, list[ScaleResult]], path: Path, metric: 
         scales = [r.scale for r in results]
         axes[0].plot(scales, [getattr(r, metric) for r in results], marker="o", label=name)
         axes[1].plot(scales, [r.loss for r in results], marker="o", label=name)
-    return save_log2_curves(figure, axes, "visual tokens per image", (metric.replace("_", " "), "loss"), path)
+    if len(curves) == 1:  # its name (often a long checkpoint path) as the title; a legend would cover the curve
+        figure.suptitle(next(iter(curves)), fontsize=9)
+    ticks = sorted({r.scale for results in curves.values() for r in results})
+    labels = (metric.replace("_", " "), "loss")
+    return save_log2_curves(figure, axes, "visual tokens per image", labels, path, ticks=ticks, legend=len(curves) > 1)
 
 
 def save_log2_curves(
