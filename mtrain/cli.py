@@ -80,9 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--gpu-mem", default="80GB", help="memory per GPU, e.g. 80GB, 40GB (default 80GB)")
     plan.add_argument("--text-tokens", type=int, help="mean text tokens per sample (default: fill data.max_len)")
 
-    plot = commands.add_parser("plot", help="PNG curves (loss per scale and dim, throughput) from a run folder")
+    plot = commands.add_parser(
+        "plot", help="PNG curves (loss per scale and dim, throughput, quality against budget) from a run folder"
+    )
     plot.add_argument("run_dir", help="a run folder holding metrics.jsonl")
     plot.add_argument("--out", help="output folder (default: RUN_DIR/plots)")
+    plot.add_argument(
+        "--budget",
+        action="store_true",
+        help="only budget.png (quality against budget over training); fails without eval",
+    )
 
     export = commands.add_parser("export", help="export a checkpoint to Hugging Face folders")
     export.add_argument("checkpoint", help="checkpoint folder (step_XXXXXXXX) or the root holding 'latest'")
@@ -288,10 +295,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(format_plan(make_plan(cfg, cluster, args.text_tokens)))
         return 0
     if args.command == "plot":
-        from mtrain.metrics.plot import plot_run  # noqa: PLC0415
+        from mtrain.metrics.plot import BUDGET_PLOT, plot_budget_over_training, plot_run  # noqa: PLC0415
 
-        for path in plot_run(args.run_dir, args.out):
+        written = (
+            [plot_budget_over_training(args.run_dir, args.out)] if args.budget else plot_run(args.run_dir, args.out)
+        )
+        for path in written:
             print(f"wrote {path}")
+        if all(path.name != BUDGET_PLOT for path in written):
+            print(f"no {BUDGET_PLOT}: the run logged no evaluation (train with eval.shards set to draw it)")
         return 0
     if args.command == "export":
         from mtrain.checkpoint.export import export_checkpoint  # noqa: PLC0415

@@ -1,8 +1,9 @@
 """Budget curves on real digits: do mtrain's Matryoshka heads learn the papers' shapes?
 
 Every experiment goes end to end through mtrain: shards built by `mtrain data build`
-(prepare_digits.py), training by `mtrain train` under torchrun with DeepSpeed ZeRO-3, a
-checkpoint, and the figures from `mtrain eval` on the held-out scans.
+(prepare_digits.py), training by `mtrain train` under torchrun with DeepSpeed ZeRO-3, and the
+figures from its in-loop evaluation of the held-out scans after the last step, which the final
+checkpoint keeps as its budget curve (`budget_curve.json`).
 
 1. tokens:   M3 all-scale training, MQT with random m, and a model trained at the full grid only
              (evaluated with M3's pooled grids): answer accuracy at each visual-token budget;
@@ -34,11 +35,10 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "experiments" / "digits"
-HELDOUT_ROWS = 8  # 45 batches of 8 are exactly the 360 held-out scans, each seen once
-HELDOUT_BATCHES = 45
-TOKEN_SCALES = "1,4,16"
-ANSWER_TOKENS = 4  # a digit's name and the end of the turn, with room to spare: `mtrain eval --max-new-tokens`
-EMBEDDING_DIMS = "8,16,32,64"
+TOKEN_SCALES = "[1,4,16]"
+EMBEDDING_DIMS = "[8,16,32,64]"
+HELDOUT_SCANS = 360  # every held-out scan also answered by greedy generation
+ANSWER_TOKENS = 4  # a digit's name and the end of the turn, with room to spare
 
 
 @dataclass(frozen=True)
@@ -90,45 +90,49 @@ def run_logged(what: str, command: list[str], log: Path) -> None:
         raise RuntimeError(f"{what} exited with {result.returncode}; see {log}")
 
 
-def train_and_evaluate(experiment: Experiment, work: Path, data: Path, steps: int | None) -> dict[str, Any]:
-    """`mtrain train` (torchrun, one rank, ZeRO-3) from scratch, then `mtrain eval` on the held-out split.
+def evaluation_overrides(experiment: Experiment, data: Path) -> list[str]:
+    """The in-loop evaluation after the last step, over every held-out scan: at the trained budgets, at M3's
+    pooled grids for the full-grid model (budgets it never saw), at the MRL dims for both embedding runs."""
+    overrides = [f"eval.shards={shard_list(data_folder(experiment, data, 'heldout'))}", "eval.at_end=true"]
+    if experiment.evaluation == "retrieval":
+        return [*overrides, f"eval.dims={EMBEDDING_DIMS}"]
+    overrides += [f"eval.generate_samples={HELDOUT_SCANS}", f"eval.max_new_tokens={ANSWER_TOKENS}"]
+    if experiment.name == "full_grid":
+        overrides.append(f"eval.scales={TOKEN_SCALES}")
+    return overrides
 
-    The run folder (checkpoint, export), the eval report and the log go to work/<name>/.
+
+def train_and_evaluate(experiment: Experiment, work: Path, data: Path, steps: int | None) -> dict[str, Any]:
+    """`mtrain train` (torchrun, one rank, ZeRO-3) from scratch, evaluating the held-out split after its last step.
+
+    The run folder (checkpoint with its budget curve, export) and the log go to work/<name>/.
     """
+    from mtrain.checkpoint.export import resolve_checkpoint  # noqa: PLC0415
+    from mtrain.eval.curves import read_curve  # noqa: PLC0415
+
     folder = work / experiment.name
     shutil.rmtree(folder, ignore_errors=True)  # a leftover checkpoint would be resumed, not retrained
-    run_dir, eval_dir, log = folder / "run", folder / "eval", folder / "log.txt"
+    run_dir, log = folder / "run", folder / "log.txt"
     folder.mkdir(parents=True)
     train = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
         "-m", "mtrain", "train", str(experiment.config), f"run.dir={run_dir}", "logging.progress=false",
-        f"data.shards={shard_list(data_folder(experiment, data, 'train'))}",
+        f"data.shards={shard_list(data_folder(experiment, data, 'train'))}", *evaluation_overrides(experiment, data),
     ] + ([f"run.max_steps={steps}"] if steps else [])  # fmt: skip
     started = time.perf_counter()
     run_logged("mtrain train", train, log)
     trained_s = time.perf_counter() - started
-    evaluate = [
-        sys.executable, "-m", "mtrain", "eval", str(run_dir / "checkpoints"), f"data.micro_batch_size={HELDOUT_ROWS}",
-        "--batches", str(HELDOUT_BATCHES), "--shards", shard_list(data_folder(experiment, data, "heldout")),
-        "--out", str(eval_dir),
-    ]  # fmt: skip
-    if experiment.evaluation == "retrieval":
-        evaluate += ["--task", "retrieval", "--dims", EMBEDDING_DIMS]
-    else:  # every held-out question also answered by greedy generation
-        evaluate += ["--generate-samples", str(HELDOUT_ROWS * HELDOUT_BATCHES), "--max-new-tokens", str(ANSWER_TOKENS)]
-    if experiment.name == "full_grid":
-        evaluate += ["--scales", TOKEN_SCALES, "--untrained-budgets"]  # pooled grids of a model that never saw them
-    run_logged("mtrain eval", evaluate, log)
-    report = json.loads((eval_dir / f"{experiment.evaluation}.json").read_text())
+    root, tag = resolve_checkpoint(run_dir / "checkpoints")
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in metrics if "loss" in m]
     return {
         "name": experiment.name,
         "label": experiment.label,
         "evaluation": experiment.evaluation,
         "steps": metrics[-1]["step"],
-        "train_loss": [metrics[0]["loss"], metrics[-1]["loss"]],
+        "train_loss": [losses[0], losses[-1]],
         "train_s": round(trained_s, 1),
-        "results": report["results"],
+        "results": read_curve(root / tag).points,
     }
 
 
@@ -136,8 +140,8 @@ def curve(run: dict[str, Any]) -> dict[int, float]:
     """Budget -> quality: answer accuracy per visual-token scale, or recall@1 per dim (last layer)."""
     if run["evaluation"] == "budget":
         return {r["scale"]: r["answer_accuracy"] for r in run["results"]}
-    last = max(r["layer"] for r in run["results"])
-    return {r["dim"]: r["recall_at_1"] for r in run["results"] if r["layer"] == last}
+    last = max(r.get("layer", 0) for r in run["results"])  # points name their layer only when several were evaluated
+    return {r["dim"]: r["recall_at_1"] for r in run["results"] if r.get("layer", 0) == last}
 
 
 def non_decreasing(points: dict[int, float]) -> bool:
@@ -221,7 +225,8 @@ def write_report(runs: dict[str, dict[str, Any]], out: Path, wall_s: float, quic
         f"Written by `python benchmarks/budget_curves/run.py{' --quick' if quick else ''}` in {wall_s / 60:.1f} min "
         "wall. Data: scikit-learn's 1,797 real 8x8 scans of handwritten digits, upscaled to 32 px, a fixed "
         "stratified 20% held out (360 scans; `prepare_digits.py`). Every figure is measured on the held-out "
-        "scans by `mtrain eval` from the run's checkpoint. Seeds are fixed in `configs/experiments/digits/`.",
+        "scans by the run's in-loop evaluation after its last step (the final checkpoint's `budget_curve.json`). "
+        "Seeds are fixed in `configs/experiments/digits/`.",
         "",
         *machine,
         "",
@@ -255,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "budget_curves" / "results"), help="results folder")
     parser.add_argument("--data", default=str(REPO / "data" / "digits"), help="digit shards (built when missing)")
-    parser.add_argument("--work", help="run folders, eval reports and logs (default runs/budget_curves)")
+    parser.add_argument("--work", help="run folders and logs (default runs/budget_curves)")
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}, at --steps (default 400)")
     parser.add_argument("--steps", type=int, help="override every config's run.max_steps")
     parser.add_argument("--only", nargs="+", choices=[e.name for e in EXPERIMENTS], help="run only these")

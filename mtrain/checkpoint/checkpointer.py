@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +132,11 @@ class Checkpointer:
         rng = "restored" if exact else "re-seeded per rank"
         print0(f"resumed from {checkpoint.folder} at step {checkpoint.step} ({how} load, RNG {rng})")
 
-    def save(self, engine: Any, trainer: Any, loader: Any, config_yaml: str) -> Path:
+    def save(
+        self, engine: Any, trainer: Any, loader: Any, config_yaml: str, add_files: Callable[[Path], None] | None = None
+    ) -> Path:
+        """Every rank calls this. `add_files(staging_folder)`, when given, writes more files into the folder before
+        the manifest is made, so the manifest covers them (the budget curve, `run.py`)."""
         meta = {
             "trainer": trainer.state_dict(),
             "config_hash": config_hash(self.cfg),
@@ -142,14 +147,16 @@ class Checkpointer:
         task: Task = engine.module
         rank_state = RankState(data=loader.state_dict(), samplers=task.sampler_state_dict())
         retention = Retention(self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every)
-        write_adapter = None
-        if self.cfg.model.lora.enabled:
+        lora = self.cfg.model.lora.enabled
 
-            def write_adapter(staging: Path) -> None:
+        def write_extra(staging: Path) -> None:
+            if lora:  # a collective: every rank joins the gather before any rank-0-only file work
                 save_adapter_gathered(engine.module.model, staging / ADAPTER_DIR, self.world.is_main)
+            if add_files is not None:
+                add_files(staging)
 
         return save_checkpoint(
-            engine, self.root, trainer.step, meta, rank_state, config_yaml, retention, write_extra=write_adapter
+            engine, self.root, trainer.step, meta, rank_state, config_yaml, retention, write_extra=write_extra
         )
 
 

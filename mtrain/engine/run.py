@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from mtrain.config.core import to_dict
 from mtrain.config.deepspeed_json import deepspeed_config
 from mtrain.engine.setup import initialize_engine, resolve_placement
 from mtrain.engine.trainer import Trainer
+from mtrain.eval.curves import budget_curve, write_curve
 from mtrain.eval.in_loop import InLoopEval
 from mtrain.launch.distributed import init_distributed, print0, run_on_main
 from mtrain.launch.env import WorldInfo
@@ -99,24 +101,47 @@ class Run:
     started: float
     resumed_step: int
     evaluation: InLoopEval | None = None
+    last_evaluation: tuple[int, dict[str, float]] | None = None
+    """The step and metrics of the latest evaluation: the checkpoint of that step holds its budget curve."""
 
     def save(self) -> None:
         self.trainer.check_finite()  # no checkpoint holds the weights of a non-finite step
-        self.checkpointer.save(self.engine, self.trainer, self.batches, dump_yaml(self.cfg))
+        self.checkpointer.save(self.engine, self.trainer, self.batches, dump_yaml(self.cfg), self.curve_writer())
+
+    def curve_writer(self) -> Callable[[Path], None] | None:
+        """Rank 0's writer of this step's budget curve (JSON + PNG) into the staged checkpoint folder, where the
+        manifest covers it; None on other ranks and at a step that was not evaluated."""
+        if not self.world.is_main or self.last_evaluation is None or self.last_evaluation[0] != self.trainer.step:
+            return None
+        curve = budget_curve(*self.last_evaluation)
+        if curve is None:
+            return None
+
+        def write(staging: Path) -> None:
+            write_curve(curve, staging)
+
+        return write
 
     def due_for_save(self, step: int) -> bool:
         """A periodic save: every `checkpoint.save_every` steps, the last step left to the finish."""
         every = self.cfg.checkpoint.save_every
         return bool(every) and step % every == 0 and step < self.cfg.run.max_steps
 
+    def saves_at(self, step: int) -> bool:
+        """A checkpoint is saved after `step`: a periodic save, or the final one."""
+        final = step == self.cfg.run.max_steps and self.cfg.checkpoint.save_at_end
+        return self.due_for_save(step) or final
+
     def end_of_step(self, trainer: Trainer) -> None:
         """After every step: the first step's timing once, the evaluation and the periodic save.
 
         The evaluation comes first: a checkpoint of step N then follows step N's eval line, so a
-        resume from it logs no eval twice and misses none."""
+        resume from it logs no eval twice and misses none. With evaluation on, a step that saves a
+        checkpoint is evaluated too when `eval.every` / `eval.at_end` did not ask for it: every
+        checkpoint then holds its budget curve."""
         if trainer.step == self.resumed_step + 1:
             report_first_step(self)
-        if self.evaluation is not None and self.evaluation.due(trainer.step):
+        if self.evaluation is not None and (self.evaluation.due(trainer.step) or self.saves_at(trainer.step)):
             evaluate(self)
         if self.due_for_save(trainer.step):
             self.save()
@@ -202,6 +227,7 @@ def evaluate(run: Run) -> dict[str, float]:
     started = time.perf_counter()
     metrics = run.evaluation.evaluate(run.trainer.to_device, run.trainer.device)
     run.trainer.sink.log(run.trainer.step, metrics)
+    run.last_evaluation = (run.trainer.step, metrics)
     losses = ", ".join(f"{name.split('/')[-1]} {value:.4f}" for name, value in metrics.items() if "/loss/" in name)
     print0(f"eval at step {run.trainer.step} ({time.perf_counter() - started:.1f}s): {losses or metrics}")
     return metrics

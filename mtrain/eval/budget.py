@@ -145,21 +145,39 @@ def plot_budget_curve(curves: dict[str, list[ScaleResult]], path: Path, metric: 
         scales = [r.scale for r in results]
         axes[0].plot(scales, [getattr(r, metric) for r in results], marker="o", label=name)
         axes[1].plot(scales, [r.loss for r in results], marker="o", label=name)
-    return save_log2_curves(figure, axes, "visual tokens per image", (metric.replace("_", " "), "loss"), path)
+    if len(curves) == 1:  # its name (often a long checkpoint path) as the title; a legend would cover the curve
+        figure.suptitle(next(iter(curves)), fontsize=9)
+    ticks = sorted({r.scale for results in curves.values() for r in results})
+    labels = (metric.replace("_", " "), "loss")
+    return save_log2_curves(figure, axes, "visual tokens per image", labels, path, ticks=ticks, legend=len(curves) > 1)
 
 
-def save_log2_curves(figure: Any, axes: Any, xlabel: str, ylabels: tuple[str, ...], path: Path) -> Path:
-    """Label the panels (log-2 x axis, grid, legend) and write the PNG."""
+def save_log2_curves(
+    figure: Any,
+    axes: Any,
+    xlabel: str,
+    ylabels: tuple[str, ...],
+    path: Path,
+    ticks: list[int] | None = None,
+    legend: bool = True,
+) -> Path:
+    """Label the panels (log-2 x axis, grid, a legend in each unless not `legend`) and write the PNG;
+    `ticks`: the budgets to mark."""
     import matplotlib.pyplot as plt  # noqa: PLC0415
-    from matplotlib.ticker import ScalarFormatter  # noqa: PLC0415
+    from matplotlib.ticker import FuncFormatter, NullLocator, ScalarFormatter  # noqa: PLC0415
 
     for ax, label in zip(axes, ylabels, strict=True):
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(ScalarFormatter())  # budgets read as 1, 4, 16, not 2^0, 2^2, 2^4
+        if ticks:  # exactly the budgets evaluated, as integers
+            ax.set_xticks(ticks)
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+            ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xlabel(xlabel)
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
-        ax.legend()
+        if legend:
+            ax.legend()
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)

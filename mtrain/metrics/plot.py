@@ -1,4 +1,5 @@
-"""`mtrain plot RUN_DIR`: PNG curves from `RUN_DIR/metrics.jsonl` (loss per scale and dim, throughput)."""
+"""`mtrain plot RUN_DIR`: PNG curves from `RUN_DIR/metrics.jsonl` (loss per scale and dim, throughput) and,
+for a run that evaluated, quality against budget over training (`budget.png`, see `mtrain/eval/curves.py`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import json
 import re
 from pathlib import Path
 
+from mtrain.eval.curves import curves_from_records, plot_curves, thinned
+
+BUDGET_PLOT = "budget.png"
 PER_SCALE = re.compile(r"loss/(scale|dim)_(\d+)$")
 
 
@@ -31,8 +35,26 @@ def loss_keys(records: list[dict[str, float]]) -> list[str]:
     return ["loss", *ordered]
 
 
-def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
-    """Write loss.png and throughput.png (and utilisation.png when data-wait or MFU was logged)."""
+def plot_budget_over_training(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    """`budget.png`: each eval metric against budget (log-2 axis), one line per evaluation (at most
+    `MAX_LINES` of them, first and last included), darker to lighter as training goes on."""
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir / "metrics.jsonl")
+    curves = curves_from_records(records)
+    if not curves:
+        raise ValueError(
+            f"{run_dir / 'metrics.jsonl'} holds no eval records, so there is no quality-against-budget curve: "
+            "train with held-out shards, e.g. eval.shards=data/heldout/shard-000000.tar eval.every=20"
+        )
+    out = Path(out_dir) if out_dir else run_dir / "plots"
+    shown = thinned(curves)
+    title = f"{run_dir.name}: held-out quality against budget, {len(shown)} of {len(curves)} evaluations"
+    return plot_curves(shown, out / BUDGET_PLOT, title)
+
+
+def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, budget: bool = True) -> list[Path]:
+    """Write loss.png and throughput.png (and utilisation.png when data-wait or MFU was logged), and
+    budget.png when `budget` and the run logged evaluations."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
@@ -68,4 +90,6 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
         figure.savefig(out / filename, dpi=100)
         plt.close(figure)
         written.append(out / filename)
+    if budget and curves_from_records(records):
+        written.append(plot_budget_over_training(run_dir, out))
     return written

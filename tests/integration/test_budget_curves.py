@@ -2,7 +2,8 @@
 
 `benchmarks/budget_curves/run.py --quick` builds the digit shards with `mtrain data build`, trains
 M3 and its full-grid-only baseline, MRL and its no-MRL baseline (fewer steps than the full
-script), and evaluates each checkpoint with `mtrain eval` on the held-out scans.
+script), each evaluating the held-out scans in the loop after its last step; the figures are the
+final checkpoints' budget curves.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def test_matryoshka_heads_beat_their_baselines_on_digits(tmp_path):
     assert sorted(m3) == sorted(full_grid_only) == [1, 4, 16]
     assert all(r["answers"] == 360 for r in runs["m3"]["results"]), "every held-out scan is answered once"
     assert (tmp_path / "m3" / "run" / "export" / "model" / "config.json").is_file()
+    final = tmp_path / "m3" / "run" / "checkpoints" / f"step_{runs['m3']['steps']:08d}"
+    assert (final / "budget_curve.png").stat().st_size > 1000  # the checkpoint's curve, which results.json holds
     assert m3[1] > full_grid_only[1], f"M3 {m3} is not above the full-grid-only baseline {full_grid_only} at 1 token"
     assert m3[16] > 0.3, f"M3 did not learn the digits (chance is 0.1): {m3}"
     # Greedy generation answers every held-out scan as well: above the floor a random model stays under
@@ -45,7 +48,7 @@ def test_matryoshka_heads_beat_their_baselines_on_digits(tmp_path):
     mrl, no_mrl = curve(runs["mrl"]), curve(runs["no_mrl"])
     assert sorted(mrl) == [8, 16, 32, 64]
     assert mrl[8] > no_mrl[8], f"MRL {mrl} is not above truncated no-MRL {no_mrl} at 8 dims"
-    assert all(r["queries"] == 360 and r["gallery"] == 10 for r in runs["mrl"]["results"])
+    assert all(r["queries"] == 360 for r in runs["mrl"]["results"]), "every held-out scan is a query once"
 
     report = (out / "RESULTS.md").read_text()
     assert "## The expected shapes" in report

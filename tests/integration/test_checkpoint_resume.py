@@ -1,5 +1,6 @@
 """Checkpoints under real 2-rank ZeRO-3 runs: bit-exact resume after SIGKILL (with the in-loop evaluation
-on), kills inside a save, another world size, and DeepSpeed's own zero_to_fp32 on mtrain's folders."""
+on, and each checkpoint's budget curve), kills inside a save, another world size, and DeepSpeed's own
+zero_to_fp32 on mtrain's folders."""
 
 from __future__ import annotations
 
@@ -123,7 +124,8 @@ def test_sigkill_then_same_command_resumes_bit_exactly(two_rank_runs):
 def test_in_loop_eval_logs_every_scale_resumes_exactly_and_equals_mtrain_eval(two_rank_runs):
     base, _, straight, killed, _ = two_rank_runs
     straight_evals, killed_evals = eval_lines(straight), eval_lines(killed)
-    assert sorted(straight_evals) == list(range(EVAL_EVERY, STEPS + 1, EVAL_EVERY))  # steps 2, 4 and 6
+    # Steps 2, 4 and 6 by eval.every, and step 3 too: it saves a checkpoint, and each checkpoint holds its curve.
+    assert sorted(straight_evals) == sorted({*range(EVAL_EVERY, STEPS + 1, EVAL_EVERY), SAVE_EVERY})
     for metric in ("loss", "token_accuracy", "answer_accuracy", "tokens", "answers", "generated_accuracy"):
         assert all(f"eval/{metric}/scale_{s}" in straight_evals[STEPS] for s in EVAL_SCALES), metric
     assert all(straight_evals[STEPS][f"eval/answers/scale_{s}"] == 17 for s in EVAL_SCALES)  # every sample once
@@ -134,6 +136,20 @@ def test_in_loop_eval_logs_every_scale_resumes_exactly_and_equals_mtrain_eval(tw
         straight_evals[STEPS][f"eval/loss/scale_{EVAL_SCALES[-1]}"]
         < straight_evals[EVAL_EVERY][f"eval/loss/scale_{EVAL_SCALES[-1]}"]
     )  # the held-out loss falls as the model trains
+
+    # Each checkpoint's budget curve: every metric per budget of its step's eval line, in the manifest (the
+    # killed run resumed from its step-3 folder, curve and all), and the same bytes after the resume.
+    from mtrain.checkpoint.manifest import manifest_problems
+    from mtrain.eval.curves import CURVE_JSON, CURVE_PNG, budget_curve, read_curve
+
+    for step in (SAVE_EVERY, STEPS):
+        folders = [run_dir / "checkpoints" / f"step_{step:08d}" for run_dir in (straight, killed)]
+        for folder in folders:
+            assert read_curve(folder) == budget_curve(step, straight_evals[step]), folder
+            assert {CURVE_JSON, CURVE_PNG} <= set(json.loads((folder / "manifest.json").read_text())["files"])
+            assert manifest_problems(folder, checksums=True) == []
+        assert [p["scale"] for p in read_curve(folders[0]).points] == EVAL_SCALES
+        assert (folders[0] / CURVE_JSON).read_bytes() == (folders[1] / CURVE_JSON).read_bytes()
 
     # `mtrain eval` on the final checkpoint and the same shards, on 2 ranks of torchrun (each loads the weights and
     # scores its share; fp32): the same figures. The M3 scales are budgets this full-grid model never trained at.
