@@ -265,9 +265,8 @@ def test_qwen2_5_vl_7b_recipe_fits_eight_80gb_gpus():
     assert shape.trainable_params == 6 * 28 * 32 * ((3584 + 3584) + (3584 + 512))
     # 672 x 672 px: 48 x 48 patches of 14 px through the tower, 2 x 2 merged into 576 tokens.
     assert (shape.vision_sequence, shape.grid_tokens, shape.visual_tokens) == (2304, 576, 576)
-    assert (shape.vision_layers, shape.vision_hidden, shape.vision_trained, shape.projector_trained) == (
-        32, 1280, False, False
-    )
+    assert (shape.vision_layers, shape.vision_hidden) == (32, 1280)
+    assert not shape.vision_trained and not shape.projector_trained
     assert longest.tokens.visual_per_scale == {1: 1, 9: 9, 36: 36, 144: 144, 576: 576}
     for plan in (longest, make_plan(cfg, cluster, text_tokens=300, shape=shape)):
         assert plan.memory.fits, (plan.memory.micro_batch, plan.memory.max_micro_batch)
