@@ -40,6 +40,8 @@ BENCHMARKS = {
     "scaling": ("scaling.py", ["--rounds", "2"], "6. Scaling: world size 1 vs 2 on the same global batch"),
     "startup": ("startup.py", ["--repeats", "4"],
                 "7. Start-up: time to first batch at 100, 1,000 and 10,000 shards, local and HTTP (target <= 2x)"),
+    "eval_memory": ("eval_memory.py", ["--rounds", "2"],
+                    "8. Evaluation memory: peak RSS per rank with eval.every vs training alone (target <= 1.10x)"),
 }  # fmt: skip
 
 PLAN_OVERRIDES = [

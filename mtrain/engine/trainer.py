@@ -59,6 +59,18 @@ class Unchecked:
     keys: list[str]
 
 
+def batch_to_device(batch: dict[str, Any], device: str, dtype: torch.dtype) -> dict[str, Any]:
+    """Tensors to `device`, floating-point ones (pixels) in `dtype`; host lists stay (training and `mtrain eval`)."""
+    moved = {}
+    for name, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, non_blocking=True)
+            if value.is_floating_point():
+                value = value.to(dtype)
+        moved[name] = value
+    return moved
+
+
 class Trainer:
     def __init__(
         self,
@@ -260,15 +272,7 @@ class Trainer:
     # ── helpers ───────────────────────────────────────────────────────────────────────────────
     def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Tensors to this rank's device, floating-point ones (pixels) in the model's dtype; host lists stay."""
-        dtype = self.task.input_dtype
-        moved = {}
-        for name, value in batch.items():
-            if isinstance(value, torch.Tensor):
-                value = value.to(self.device, non_blocking=True)
-                if value.is_floating_point():
-                    value = value.to(dtype)
-            moved[name] = value
-        return moved
+        return batch_to_device(batch, self.device, self.task.input_dtype)
 
     def all_reduce_sums(self, totals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Sum every named tensor over ranks with one collective (names and shapes agree across ranks)."""

@@ -35,16 +35,14 @@ class ScaleResult:
     generated_answers: int = 0
 
 
-def load_for_eval(
+def eval_source(
     source: str | Path, overrides: list[str], shards: str | None = None, data_needed: bool = True
-) -> tuple[TrainConfig, Any, torch.nn.Module]:
-    """(config, built model, task) from a checkpoint (trained weights) or a config (as configured).
+) -> tuple[TrainConfig, tuple[Path, str] | None]:
+    """The config of a checkpoint (with the checkpoint's folder and tag) or of a config file (no checkpoint).
 
-    Without `shards` (evaluation shards given apart), the config's data.shards must exist when `data_needed`:
-    checked before the model loads."""
+    Without `shards` (evaluation shards given apart), the config's data.shards must exist when
+    `data_needed`: checked before any model loads."""
     from mtrain.checkpoint.export import resolve_checkpoint  # noqa: PLC0415
-    from mtrain.model.build import build_model  # noqa: PLC0415
-    from mtrain.task.registry import build_task  # noqa: PLC0415
 
     source = Path(source)
     checkpoint = resolve_checkpoint(source) if source.is_dir() else None
@@ -53,14 +51,44 @@ def load_for_eval(
         from mtrain.launch.inputs import check_shards_exist  # noqa: PLC0415
 
         check_shards_exist(cfg.data.shards, "data.shards (pass --shards to evaluate others)")
-    built = build_model(cfg.model, torch.float32, None, cfg.run.seed, cfg.matryoshka.tokens)
+    return cfg, checkpoint
+
+
+def consolidated_weights(checkpoint: tuple[Path, str]) -> dict[str, torch.Tensor]:
+    """The checkpoint's fp32 weights, every rank's ZeRO shards joined (any world size)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: PLC0415
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint[0]), tag=checkpoint[1])
+
+
+def load_for_eval(
+    source: str | Path,
+    overrides: list[str],
+    shards: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    data_needed: bool = True,
+) -> tuple[TrainConfig, Any, torch.nn.Module]:
+    """(config, built model, task) from a checkpoint (trained weights) or a config (as configured), whole in
+    this process, in `dtype` on `device` (the weights are stored in fp32 and rounded to `dtype`)."""
+    cfg, checkpoint = eval_source(source, overrides, shards, data_needed)
+    return (cfg, *whole_task(cfg, checkpoint, dtype, device))
+
+
+def whole_task(
+    cfg: TrainConfig, checkpoint: tuple[Path, str] | None, dtype: torch.dtype, device: str
+) -> tuple[Any, torch.nn.Module]:
+    """(built model, task in eval mode) with every weight in this process, in `dtype` on `device`."""
+    from mtrain.model.build import build_model  # noqa: PLC0415
+    from mtrain.task.registry import build_task  # noqa: PLC0415
+
+    built = build_model(cfg.model, dtype, None, cfg.run.seed, cfg.matryoshka.tokens)
     task = build_task(cfg, built, rank=0)
     if checkpoint:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: PLC0415
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint[0]), tag=checkpoint[1])
-        task.load_state_dict(state, strict=True)
-    return cfg, built, task.eval()
+        task.load_state_dict(consolidated_weights(checkpoint), strict=True)
+    for param in task.parameters():  # parameters only, as DeepSpeed casts them (PEFT made its adapters fp32)
+        param.data = param.data.to(dtype)
+    return built, task.to(device).eval()
 
 
 def evaluate_token_budgets(

@@ -41,8 +41,8 @@ def embed_pairs(
     queries, positives, texts = [], [], []
     for _, batch in zip(range(num_batches), batches, strict=False):
         q, p = task.encode_pairs(batch, layers)
-        queries.append(q.float())
-        positives.append(p.float())
+        queries.append(q.float().cpu())  # scored on the host, beside the texts
+        positives.append(p.float().cpu())
         texts += batch["positive_texts"]
     if not queries:
         raise ValueError("the evaluation shards gave no batch; point --shards at held-out pair shards")
@@ -125,7 +125,9 @@ def run_retrieval_eval(
 ) -> list[RetrievalResult]:
     from data_pipeline.pairs import PairForm  # noqa: PLC0415
     from mtrain.engine.data import pair_spec  # noqa: PLC0415
-    from mtrain.eval.budget import load_for_eval  # noqa: PLC0415
+    from mtrain.engine.setup import resolve_placement  # noqa: PLC0415
+    from mtrain.engine.trainer import batch_to_device  # noqa: PLC0415
+    from mtrain.eval.budget import eval_source, whole_task  # noqa: PLC0415
     from mtrain.eval.run import eval_batches  # noqa: PLC0415
     from mtrain.task.registry import retrieval_view  # noqa: PLC0415
 
@@ -133,10 +135,13 @@ def run_retrieval_eval(
         from mtrain.launch.inputs import check_shards_exist  # noqa: PLC0415
 
         check_shards_exist(shards, "--shards")
-    cfg, built, task = load_for_eval(source, overrides, shards)
+    cfg, checkpoint = eval_source(source, overrides, shards)
+    placement = resolve_placement(cfg)  # the training precision: bf16 on a GPU, fp32 on the CPU by default
+    built, task = whole_task(cfg, checkpoint, placement.dtype, placement.device)
     view = retrieval_view(cfg, built, task)
     stream = eval_batches(cfg, built, shards, num_batches, form=PairForm(pair_spec(cfg, built)))
-    results = evaluate_retrieval(view, stream, num_batches or sys.maxsize, dims)
+    moved = (batch_to_device(batch, placement.device, view.input_dtype) for batch in stream)
+    results = evaluate_retrieval(view, moved, num_batches or sys.maxsize, dims)
     print(format_retrieval_table(results))
     json_path, png_path = write_retrieval_report(results, Path(out), name=str(source))
     print(f"wrote {json_path} and {png_path}")

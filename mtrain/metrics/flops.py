@@ -18,6 +18,7 @@ LoRA adapters out (2 r (d_in + d_out) per adapted matrix: under 1% at r <= 64).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -37,7 +38,7 @@ class ModelShape:
     vision_hidden: int
     vision_layers: int
     vision_intermediate: int
-    vision_sequence: int  # tokens through the vision tower per image: patches + CLS
+    vision_sequence: int  # tokens through the vision tower per pass: patches (+ CLS)
     grid_tokens: int  # patch-grid tokens the projector reads per image
     visual_tokens: int  # tokens each image gives the language model at full scale (grid, or M for MQT)
     lm_params: int  # language-model parameters in matmuls (see the module docstring)
@@ -49,12 +50,52 @@ class ModelShape:
     total_params: int  # every parameter held: adapters and PEFT's frozen module copies included
     trainable_params: int
     largest_layer_params: int  # the largest module's own parameters (ZeRO-3 gathers it whole)
+    vision_passes: int = 1  # tower passes per image: 1, or crops + base image for anyres (LLaVA-OneVision)
+    image_note: str = ""  # how the image was planned, for a family whose token count depends on the image
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """How one image goes through the vision tower and projector into the language model."""
+
+    vision_sequence: int  # tokens through the tower per pass
+    grid_tokens: int  # tokens the projector reads per pass
+    visual_tokens: int  # tokens the image gives the language model at full scale
+    passes: int = 1  # tower passes per image
+    note: str = ""
+
+
+# Families whose visual tokens depend on the image are planned at one stated image size.
+QWEN_PLANNED_PIXELS = 672  # Qwen2-VL / 2.5-VL: 672 x 672 px -> 48 x 48 patches -> 24 x 24 = 576 merged tokens
+ONEVISION_PLANNED_CROPS = 2  # LLaVA-OneVision anyres: a 768 x 768 px image -> 2 x 2 crops of 384 px + the base image
+
+
+def image_geometry(config: Any, visual_tokens: int) -> ImageGeometry:
+    """The tower's, projector's and language model's tokens of one image, as each family counts them
+    (`visual_tokens`: the family's own count, used for LLaVA-1.5-style fixed grids and MQT's queries)."""
+    vision = config.vision_config
+    if config.model_type in ("qwen2_vl", "qwen2_5_vl"):
+        patches = (QWEN_PLANNED_PIXELS // vision.patch_size) ** 2
+        merged = patches // vision.spatial_merge_size**2
+        note = (f"{QWEN_PLANNED_PIXELS} x {QWEN_PLANNED_PIXELS} px images (native resolution): {patches} patches, "
+                f"{merged} merged tokens; every tower layer counted as full attention")  # fmt: skip
+        return ImageGeometry(patches, merged, merged, 1, note)
+    grid = (vision.image_size // vision.patch_size) ** 2
+    if config.model_type == "llava_onevision":
+        crops, side = ONEVISION_PLANNED_CROPS, vision.image_size // vision.patch_size
+        # anyres: the crops' grids joined (crops*side)^2 plus one image-newline token per row, then the base image
+        tokens = (crops * side) ** 2 + crops * side + grid
+        note = (f"{crops * vision.image_size} x {crops * vision.image_size} px images: {crops} x {crops} crops of "
+                f"{vision.image_size} px + the base image, {grid} tokens each, {crops * side} newline tokens")  # fmt: skip
+        return ImageGeometry(grid, grid, tokens, crops * crops + 1, note)
+    return ImageGeometry(grid + 1, grid, visual_tokens)
 
 
 def model_shape(model: nn.Module, visual_tokens: int) -> ModelShape:
     """Shapes from the LLaVA config and parameter counts from `model` (a LlavaForConditionalGeneration,
     possibly PEFT-wrapped). Works on the meta device and on ZeRO-3 partitioned parameters."""
     text, vision = model.config.text_config, model.config.vision_config
+    image = image_geometry(model.config, visual_tokens)
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     counts = {"language_model": 0, "lm_trained": 0, "vision_tower": 0, "projector": 0}
     trained_parts: set[str] = set()
@@ -76,7 +117,6 @@ def model_shape(model: nn.Module, visual_tokens: int) -> ModelShape:
     largest = max(
         sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters(recurse=False)) for module in model.modules()
     )
-    grid = (vision.image_size // vision.patch_size) ** 2
     return ModelShape(
         hidden=text.hidden_size,
         layers=text.num_hidden_layers,
@@ -86,9 +126,9 @@ def model_shape(model: nn.Module, visual_tokens: int) -> ModelShape:
         vision_hidden=vision.hidden_size,
         vision_layers=vision.num_hidden_layers,
         vision_intermediate=vision.intermediate_size,
-        vision_sequence=grid + 1,
-        grid_tokens=grid,
-        visual_tokens=visual_tokens,
+        vision_sequence=image.vision_sequence,
+        grid_tokens=image.grid_tokens,
+        visual_tokens=image.visual_tokens,
         lm_params=counts["language_model"],
         lm_trained_params=counts["lm_trained"],
         vision_params=counts["vision_tower"],
@@ -98,6 +138,8 @@ def model_shape(model: nn.Module, visual_tokens: int) -> ModelShape:
         total_params=total,
         trainable_params=trainable,
         largest_layer_params=largest,
+        vision_passes=image.passes,
+        image_note=image.note,
     )
 
 
@@ -132,7 +174,7 @@ def image_flops(shape: ModelShape) -> float:
     tower = 2 * shape.vision_params * sequence + 4 * shape.vision_layers * shape.vision_hidden * sequence**2
     projector = 2 * shape.projector_params * shape.grid_tokens
     projector_passes = 1 + int(shape.projector_trained) + int(shape.vision_trained)
-    return tower * (3 if shape.vision_trained else 1) + projector * projector_passes
+    return shape.vision_passes * (tower * (3 if shape.vision_trained else 1) + projector * projector_passes)
 
 
 def sample_flops(shape: ModelShape, segments: list[int], images: int = 1) -> float:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from mtrain.config.deepspeed_json import zero_sizes
 from mtrain.config.schema import TrainConfig
@@ -145,15 +146,39 @@ def parse_memory(text: str) -> int:
     return int(float(match.group(1)) * scale)
 
 
+# Model types `mtrain plan` lays out before mtrain trains them: transformers' own class from the folder's
+# config.json, with the run's LoRA or freezing (Qwen2.5-VL's and LLaVA-OneVision's shapes are in configs/models/).
+PLANNED_ONLY_MODEL_TYPES = ("qwen2_5_vl", "llava_onevision")
+
+
 def planned_model_shape(cfg: TrainConfig) -> ModelShape:
     """The configured model (freezing, LoRA, MQT included) built on the meta device: no weights."""
     import torch  # noqa: PLC0415
 
-    from mtrain.model.build import build_model  # noqa: PLC0415
+    from mtrain.model.build import build_model, load_model_config  # noqa: PLC0415
+    from mtrain.model.families import SUPPORTED_MODEL_TYPES  # noqa: PLC0415
 
+    config = load_model_config(cfg.model.path) if cfg.model.path else None
     with torch.device("meta"):
+        if config is not None and config.model_type not in SUPPORTED_MODEL_TYPES:
+            return model_shape(layout_only_model(cfg, config), visual_tokens=0)
         built = build_model(cfg.model, torch.bfloat16, None, cfg.run.seed, cfg.matryoshka.tokens, config_only=True)
     return model_shape(built.model, built.visual_tokens)
+
+
+def layout_only_model(cfg: TrainConfig, config: Any) -> Any:
+    """transformers' model of `config` (a type in PLANNED_ONLY_MODEL_TYPES) with the run's LoRA or freezing."""
+    import torch  # noqa: PLC0415
+    from transformers import AutoModelForImageTextToText  # noqa: PLC0415
+
+    from mtrain.model.build import attach_training_parts  # noqa: PLC0415
+
+    if config.model_type not in PLANNED_ONLY_MODEL_TYPES:
+        from mtrain.model.families import family_for  # noqa: PLC0415
+
+        family_for(config.model_type, f"model.path={cfg.model.path!r}")  # the error naming the supported families
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
+    return attach_training_parts(model, cfg.model, cfg.matryoshka.tokens)[0]
 
 
 def activation_bytes_per_sample(
@@ -183,10 +208,10 @@ def activation_bytes_per_sample(
             vision_layers = shape.vision_layers * shape.vision_hidden + vision_per_layer
         else:
             vision_layers = shape.vision_layers * vision_per_layer
-        vision = images * shape.vision_sequence * 2 * vision_layers
+        vision = images * shape.vision_passes * shape.vision_sequence * 2 * vision_layers
     projector = 0.0
     if shape.projector_trained or shape.vision_trained:
-        projector = images * shape.grid_tokens * 2 * (shape.vision_hidden + 2 * shape.hidden)
+        projector = images * shape.vision_passes * shape.grid_tokens * 2 * (shape.vision_hidden + 2 * shape.hidden)
     return lm + vision + projector
 
 
@@ -411,6 +436,7 @@ def format_plan(plan: Plan) -> str:
         f"  vision tower         {shape.vision_params:>15,}   {'trains' if shape.vision_trained else 'frozen'}",
         f"  projector            {shape.projector_params:>15,}   {'trains' if shape.projector_trained else 'frozen'}",
         f"  largest layer        {shape.largest_layer_params:>15,}",
+        *([f"  images               {shape.image_note}"] if shape.image_note else []),
         "",
         f"memory per GPU (micro-batch {memory.micro_batch})",
         f"  parameters    {_gib(memory.parameters)}   2 B x {shape.total_params:,} / {cluster.gpus}"

@@ -149,21 +149,26 @@ def build_model(
     if cfg.chat_template and built.tokenizer is not None:
         built.tokenizer.chat_template = cfg.chat_template  # rendered by the loader, saved by the export
     built.constructed_elements = parameter_elements(built.model)
-    if cfg.lora.enabled:
-        # PEFT freezes the base and trains the adapters plus `modules_to_save`, so the saved
-        # adapter alone rebuilds the trained model on top of the original base.
-        if tokens.mode != "none" and cfg.lora.strategy != "shared":
-            names = adapter_names(cfg.lora.strategy, tokens.scales)
-            configs = [peft_lora_config(cfg, with_modules_to_save=i == 0) for i in range(len(names))]
-            built.model, built.scale_routing = attach_scale_lora(built.model, configs, names)
-        else:
-            built.model = attach_lora(built.model, cfg)
-    else:
-        apply_freeze_policy(built.model, cfg)
+    built.model, built.scale_routing = attach_training_parts(built.model, cfg, tokens)
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(built)
     built.zero3_context = zero3_context
     return built
+
+
+def attach_training_parts(model: nn.Module, cfg: ModelConfig, tokens: TokenScalesConfig) -> tuple[nn.Module, Any]:
+    """(model, scale routing or None): the LoRA adapters (one shared, or one per scale) or, without LoRA, the
+    freeze policy. Also what `mtrain plan` applies to a model type it lays out before mtrain trains it."""
+    if not cfg.lora.enabled:
+        apply_freeze_policy(model, cfg)
+        return model, None
+    # PEFT freezes the base and trains the adapters plus `modules_to_save`, so the saved
+    # adapter alone rebuilds the trained model on top of the original base.
+    if tokens.mode != "none" and cfg.lora.strategy != "shared":
+        names = adapter_names(cfg.lora.strategy, tokens.scales)
+        configs = [peft_lora_config(cfg, with_modules_to_save=i == 0) for i in range(len(names))]
+        return attach_scale_lora(model, configs, names)
+    return attach_lora(model, cfg), None
 
 
 def enable_activation_checkpointing(built: BuiltModel) -> None:
@@ -311,11 +316,12 @@ def attach_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
 
 
 def model_part(parameter_name: str) -> str:
-    """Which part a parameter belongs to: vision_tower, projector or language_model."""
-    if "vision_tower" in parameter_name:
-        return "vision_tower"
-    if "multi_modal_projector" in parameter_name:
+    """Which part a parameter belongs to: vision_tower, projector or language_model (Qwen-VL's tower is
+    `visual`, its patch merger the projector)."""
+    if "multi_modal_projector" in parameter_name or ".visual.merger." in parameter_name:
         return "projector"
+    if "vision_tower" in parameter_name or ".visual." in parameter_name:
+        return "vision_tower"
     return "language_model"
 
 

@@ -5,6 +5,7 @@ zero_to_fp32 on mtrain's folders."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -161,6 +162,11 @@ def test_in_loop_eval_logs_every_scale_resumes_exactly_and_equals_mtrain_eval(tw
     proc = run(cmd, cwd=base)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "eval:" in proc.stderr and proc.stdout.count("wrote ") == 1  # rank 0's progress bar and report
+    # The weights partitioned over the 2 ranks as in training (ZeRO-3, threshold 0), in the run's precision.
+    held = re.search(r"2 rank\(s\), cpu/fp32, ZeRO-3, rank 0 holds ([\d,]+) of ([\d,]+) parameter", proc.stderr)
+    assert held, proc.stderr[-2000:]
+    local, total = (int(value.replace(",", "")) for value in held.groups())
+    assert abs(local / total - 0.5) < 0.01, (local, total)
     offline = {r["scale"]: r for r in json.loads((out / "budget.json").read_text())["results"]}
     in_loop = straight_evals[STEPS]
     for scale in EVAL_SCALES:

@@ -1,7 +1,9 @@
 """Tiny MRL embedding training under 2-rank ZeRO-3 (torchrun, GradCache chunks), then retrieval eval.
 
 The pairs are the coloured-shape images (query: image + "Represent the image") and their captions
-(positive). Held-out pairs come from another seed; the untrained model is the baseline.
+(positive). Held-out pairs come from another seed; the untrained model is the baseline. The run evaluates
+them in the loop (`eval.every`): recall@1/5 per dim at the right steps, equal to `mtrain eval` on the final
+checkpoint.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from tests.conftest import BIN, REPO, read_metrics, run, torchrun
 pytestmark = pytest.mark.timeout(420)
 
 DIMS = [8, 16, 32, 64]
-STEPS = 30
+STEPS, EVAL_EVERY = 30, 15
 
 
 def recall_rows(stdout: str) -> dict[int, tuple[float, float]]:
@@ -30,21 +32,31 @@ def test_mrl_embedding_training_two_rank_zero3_then_retrieval_eval(tmp_path):
     from data_pipeline.pairs import write_pair_shards
 
     write_pair_shards(tmp_path / "pairs", num_shards=4, samples_per_shard=48, seed=0)
-    write_pair_shards(tmp_path / "held_out", num_shards=1, samples_per_shard=64, seed=99)
+    # Two held-out shards: one per rank in the loop, read in shard order (the same gallery) by `mtrain eval`.
+    write_pair_shards(tmp_path / "held_out", num_shards=2, samples_per_shard=32, seed=99)
     train_shards = str(tmp_path / "pairs" / "pairs-{000000..000003}.tar")
-    held_out = str(tmp_path / "held_out" / "pairs-000000.tar")
+    held_out = str(tmp_path / "held_out" / "pairs-{000000..000001}.tar")
     run_dir = tmp_path / "run"
     config = str(REPO / "configs/tiny_embed.yaml")
     cmd = [
         *torchrun(), "-m", "mtrain",
         "train", config, f"run.dir={run_dir}", f"data.shards={train_shards}", f"run.max_steps={STEPS}",
         "logging.progress=false", "zero.param_persistence_threshold=0", "task.contrastive.chunk_size=4",
+        f"eval.shards={held_out}", f"eval.every={EVAL_EVERY}",
     ]  # fmt: skip
     proc = run(cmd, cwd=tmp_path, timeout=360)
     assert proc.returncode == 0
 
-    metrics = read_metrics(run_dir)
+    logged = read_metrics(run_dir)
+    metrics = [m for m in logged if "loss" in m]
+    evals = {m["step"]: m for m in logged if any(name.startswith("eval/") for name in m)}
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
+    assert sorted(evals) == [EVAL_EVERY, STEPS]
+    for m in evals.values():
+        assert sorted(m) == sorted(
+            ["step", *(f"eval/{name}/dim_{d}" for name in ("recall_at_1", "recall_at_5", "queries") for d in DIMS)]
+        )
+        assert all(m[f"eval/queries/dim_{d}"] == 64 for d in DIMS)  # both ranks' shares, each pair once
     first, last = metrics[0]["loss"], sum(m["loss"] for m in metrics[-5:]) / 5
     assert last < 0.5 * first, (first, last)
     for m in metrics:
@@ -60,7 +72,7 @@ def test_mrl_embedding_training_two_rank_zero3_then_retrieval_eval(tmp_path):
 
     def evaluate(source: str, out: str) -> dict[int, tuple[float, float]]:
         cmd = [str(BIN / "python"), "-m", "mtrain", "eval", source, "--task", "retrieval", "--shards", held_out,
-               "--batches", "8", "--out", str(tmp_path / out)]  # fmt: skip
+               "--out", str(tmp_path / out)]  # fmt: skip
         result = run(cmd, cwd=tmp_path, timeout=180)
         assert result.returncode == 0
         assert "recall@1" in result.stdout and (tmp_path / out / "retrieval.png").stat().st_size > 10_000
@@ -71,6 +83,14 @@ def test_mrl_embedding_training_two_rank_zero3_then_retrieval_eval(tmp_path):
     assert sorted(trained) == DIMS and sorted(untrained) == DIMS
     saved = json.loads((tmp_path / "eval_trained" / "retrieval.json").read_text())["results"]
     assert [(r["layer"], r["dim"], r["queries"]) for r in saved] == [(2, d, 64) for d in DIMS]
+    # The in-loop evaluation after the last step (2 ranks, ZeRO-3 shards, gathered gallery) against `mtrain eval`
+    # on the checkpoint of that step (1 process, consolidated fp32 weights): the same queries, the same recall
+    # but for an fp32 tie flipping one query's rank.
+    for r in saved:
+        in_loop = {name: evals[STEPS][f"eval/{name}/dim_{r['dim']}"] for name in ("recall_at_1", "recall_at_5")}
+        assert evals[STEPS][f"eval/queries/dim_{r['dim']}"] == r["queries"]
+        for name, value in in_loop.items():
+            assert abs(value - r[name]) <= 1 / r["queries"], (r["dim"], name, value, r[name])
     gallery = saved[0]["gallery"]
     print(f"recall (r@1, r@5) by dim over {gallery} distinct positives: trained {trained}, untrained {untrained}")
     for dim in DIMS:

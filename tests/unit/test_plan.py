@@ -246,7 +246,52 @@ def test_every_full_size_recipe_fits_eight_80gb_gpus(llava7b_dir, recipe):
         assert plan.memory.fits, (recipe, plan.memory.micro_batch, plan.memory.max_micro_batch)
         assert plan.memory.total + plan.memory.reserve <= 80 * GIB
         assert plan.tokens.samples_per_step == RECIPE_GLOBAL_BATCH[recipe]
-    assert sorted(p.stem for p in (REPO / "configs/recipes").glob("*.yaml")) == sorted(RECIPE_GLOBAL_BATCH)
+    shipped = sorted(p.stem for p in (REPO / "configs/recipes").glob("*.yaml"))
+    assert shipped == sorted([*RECIPE_GLOBAL_BATCH, QWEN_RECIPE])  # the Qwen recipe: its own test below
+
+
+QWEN_RECIPE = "qwen2_5_vl_lora_sft_matryoshka"
+MODELS = REPO / "configs/models"
+
+
+def test_qwen2_5_vl_7b_recipe_fits_eight_80gb_gpus():
+    """Planned from the public Qwen2.5-VL-7B config alone (the family is not trainable yet)."""
+    cfg = load_config(REPO / f"configs/recipes/{QWEN_RECIPE}.yaml", [f"model.path={MODELS / 'qwen2_5_vl_7b'}"])
+    cluster = Cluster(1, 8, 80 * GIB)
+    longest = make_plan(cfg, cluster)
+    shape = longest.shape
+    assert shape.total_params - shape.trainable_params == 8_292_166_656  # Qwen2.5-VL-7B's published 8.29B
+    # LoRA r=32 on q_proj (3584 -> 3584) and v_proj (3584 -> 512, 4 kv heads) of 28 layers; shared + 5 scales.
+    assert shape.trainable_params == 6 * 28 * 32 * ((3584 + 3584) + (3584 + 512))
+    # 672 x 672 px: 48 x 48 patches of 14 px through the tower, 2 x 2 merged into 576 tokens.
+    assert (shape.vision_sequence, shape.grid_tokens, shape.visual_tokens) == (2304, 576, 576)
+    assert (shape.vision_layers, shape.vision_hidden) == (32, 1280)
+    assert not shape.vision_trained and not shape.projector_trained
+    assert longest.tokens.visual_per_scale == {1: 1, 9: 9, 36: 36, 144: 144, 576: 576}
+    for plan in (longest, make_plan(cfg, cluster, text_tokens=300, shape=shape)):
+        assert plan.memory.fits, (plan.memory.micro_batch, plan.memory.max_micro_batch)
+        assert plan.memory.total + plan.memory.reserve < 80 * GIB  # the per-GPU figure `mtrain plan` prints
+        assert plan.tokens.samples_per_step == 128
+    assert longest.memory.total + longest.memory.reserve > 0.4 * 80 * GIB  # text filling max_len is a real load
+
+
+def test_llava_onevision_7b_plans_anyres_crops():
+    overrides = ["model.preset=none", f"model.path={MODELS / 'llava_onevision_7b'}", "model.lora.enabled=false",
+                 "model.freeze.always_train=[]", "matryoshka.tokens.mode=none", "data.max_len=4096",
+                 "data.micro_batch_size=1"]  # fmt: skip
+    cfg = load_config(REPO / "configs/tiny.yaml", overrides)
+    plan = make_plan(cfg, Cluster(1, 8, 80 * GIB), text_tokens=300)
+    shape = plan.shape
+    assert shape.total_params == 8_046_045_936  # Qwen2-7B (vocab 152,128) + SigLIP-so400m (26 layers) + projector
+    assert shape.trainable_params == 1152 * 3584 + 3584 + 3584 * 3584 + 3584  # the projector (freeze.projector=false)
+    # A 768 x 768 px image: 2 x 2 crops of 384 px plus the base image, 27 x 27 = 729 tokens each; the crops' 54 x 54
+    # grid gets one image-newline token per row.
+    assert (shape.vision_sequence, shape.grid_tokens, shape.vision_passes) == (729, 729, 5)
+    assert shape.visual_tokens == 54 * 54 + 54 + 729
+    one_pass = dataclasses.replace(shape, vision_passes=1)
+    lm_only = sample_flops(dataclasses.replace(shape, vision_passes=0), [300 + 3699])
+    assert sample_flops(shape, [300 + 3699]) - lm_only == pytest.approx(5 * (sample_flops(one_pass, [3999]) - lm_only))
+    assert plan.memory.fits and plan.memory.total + plan.memory.reserve < 80 * GIB
 
 
 def test_activation_checkpointing_and_offload_by_hand(llava7b_dir):
