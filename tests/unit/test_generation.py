@@ -6,6 +6,7 @@ tests/distributed/test_mixed_modality_zero3.py and tests/integration/test_checkp
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from data_pipeline.sample_data import write_conversation_shards
@@ -61,19 +62,21 @@ def test_each_rank_answers_its_share_of_the_first_samples():
     assert [rank_quota(17, WorldInfo(r, 2, r, 2, "127.0.0.1", 0, "none")) for r in (0, 1)] == [9, 8]
 
 
-def test_training_model_routes_its_scale_adapters_as_the_task_does():
+@pytest.mark.parametrize(("mode", "strategy", "scales"), [("m3", "shared_plus_per_scale", [1, 16]),
+                                                           ("mqt", "per_scale", [2, 32])])  # fmt: skip
+def test_training_model_routes_its_scale_adapters_as_the_task_does(mode, strategy, scales):
     """The in-loop generation runs the training model, whose scale adapters are all active and masked per token:
     through MatryoshkaModel with the run's routing it gives the task's own per-scale logits, and the greedy token
     generated from them (with the KV cache) is their argmax."""
-    task, built = make_task("m3", "shared_plus_per_scale")
-    cfg = load_config(None, ["matryoshka.tokens.mode=m3", f"matryoshka.tokens.scales={SCALES['m3']}",
-                             "model.lora.enabled=true", "model.lora.strategy=shared_plus_per_scale"])  # fmt: skip
-    assert MatryoshkaSpec.from_block(matryoshka_metadata(cfg)).strategy == "shared_plus_per_scale"
+    task, built = make_task(mode, strategy)
+    cfg = load_config(None, [f"matryoshka.tokens.mode={mode}", f"matryoshka.tokens.scales={SCALES[mode]}",
+                             "model.lora.enabled=true", f"model.lora.strategy={strategy}"])  # fmt: skip
+    assert MatryoshkaSpec.from_block(matryoshka_metadata(cfg)).strategy == strategy
     batch = make_batch(built)
-    reference = per_scale_logits(task.eval(), batch, [1, 16])
+    reference = per_scale_logits(task.eval(), batch, scales)
     model = generation_model(cfg, task, built.scale_routing)
     assert isinstance(model, MatryoshkaModel) and model.routing is built.scale_routing
-    for scale in (1, 16):
+    for scale in scales:
         inputs = model.scaled_inputs(**prompt_of(batch), scale=scale)
         logits = model.logits(**prompt_of(batch), scale=scale)
         assert_rows_equal(logits, inputs["attention_mask"], reference[scale])
