@@ -13,6 +13,9 @@ goes through a `HashingFile`:
 - closing the file queues its fsync on the same thread and returns at once: the files of a rank
   are fsynced in parallel, and the writer never waits for the disk.
 
+The torch.save files skip torch's CRC32 of every record (the SHA-256 covers them, and the CRC cost
+as much CPU as the rest of torch.save); torch.load reads them as usual.
+
 The hash covers the bytes the file holds, as a later reader sees them. Files written by code that
 mtrain cannot route through a `HashingFile` (DeepSpeed's copy of its recovery script, the adapter
 folder) are fsynced and hashed the old way, in parallel threads; they are small.
@@ -31,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.serialization import get_crc32_options, set_crc32_options
 
 from mtrain.checkpoint.manifest import describe_files
 
@@ -162,7 +166,15 @@ class DurableFiles:
         self._records[Path(path)] = output.close()
 
     def torch_save(self, obj: Any, path: Path, zipfile: bool = True) -> None:
-        self.write(path, lambda output: torch.save(obj, output, _use_new_zipfile_serialization=zipfile))
+        """torch.save into `path`, without torch's CRC32 of every record: the manifest's SHA-256
+        covers the whole file, and the CRC cost as much CPU as the rest of the serialisation.
+        torch.load reads such files as usual (zip tools report the records' CRCs as wrong)."""
+        crc32 = get_crc32_options()
+        set_crc32_options(False)  # process-wide, read when torch.save opens its writer
+        try:
+            self.write(path, lambda output: torch.save(obj, output, _use_new_zipfile_serialization=zipfile))
+        finally:
+            set_crc32_options(crc32)
 
     def write_text(self, path: Path, text: str) -> None:
         self.write(path, lambda output: output.write(text.encode()))
