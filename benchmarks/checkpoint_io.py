@@ -40,9 +40,12 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
+BLOCK = os.urandom(8 * MIB)  # made before any clock starts: the anchor times the disk, not the random numbers
+
+
 def write_and_fsync(path: Path, size: int) -> None:
     """The anchor: `size` bytes of random data written to one file and fsynced."""
-    block = os.urandom(8 * MIB)
+    block = BLOCK
     with open(path, "wb") as handle:
         written = 0
         while written < size:
