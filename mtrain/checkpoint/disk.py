@@ -153,17 +153,18 @@ class SaveFailures:
             first_line = (str(exc).splitlines() or [""])[0][:200]
             self.failure = (cause, f"rank {self.rank}: {type(exc).__name__}: {first_line}")
 
-    def agree(self) -> None:
+    def agree(self, payload: Any = None) -> list[Any]:
         """Every rank calls this at the same point (it also serves as a barrier). If any rank failed,
-        rank 0 removes the partial folder and every rank raises the same `CheckpointSaveError`."""
-        reports: list[Any] = [(self.failure, self.space)]
+        rank 0 removes the partial folder and every rank raises the same `CheckpointSaveError`;
+        else every rank's `payload` comes back, indexed by rank (one collective carries both)."""
+        reports: list[Any] = [(self.failure, self.space, payload)]
         if dist.is_initialized() and self.world_size > 1:
             reports = [None] * self.world_size
-            dist.all_gather_object(reports, (self.failure, self.space))
+            dist.all_gather_object(reports, (self.failure, self.space, payload))
         self.space = self.space or reports[0][1]
-        failures = [failure for failure, _ in reports if failure]
+        failures = [failure for failure, _, _ in reports if failure]
         if not failures:
-            return
+            return [payload for _, _, payload in reports]
         if self.rank == 0:
             shutil.rmtree(self.staging, ignore_errors=True)  # give the space back; `latest` never moved
         raise CheckpointSaveError(self.describe(failures[0]))

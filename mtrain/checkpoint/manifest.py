@@ -69,7 +69,11 @@ def describe_files(folder: Path, names: list[str]) -> dict[str, dict[str, Any]]:
 
 
 def write_manifest(folder: Path, files: dict[str, dict[str, Any]], meta: dict[str, Any]) -> None:
-    for directory in {(folder / name).parent for name in files}:
+    """Make the files' directory entries durable, then write the manifest durably (the folder's own
+    entries, the manifest's among them, become durable with the manifest's directory fsync)."""
+    # Every folder between a file and `folder`: a nested folder's entry lives in its parent.
+    directories = {parent for name in files for parent in (folder / name).parents if folder in parent.parents}
+    for directory in directories:
         fsync_dir(directory)
     manifest = {"meta": meta, "files": files}
     write_text_durably(folder / MANIFEST_FILE, json.dumps(manifest, indent=1, sort_keys=True))

@@ -6,7 +6,9 @@ A save goes through stages, each durable before the next begins:
        (`save_latest=False`: mtrain owns `latest`).
     2. Every rank writes its own state: RNG (Python, NumPy, torch), data-loader position,
        Matryoshka sampler state.
-    3. Every rank fsyncs and hashes the files it wrote; rank 0 gathers sizes and SHA-256s.
+    3. Every rank waits until the files it wrote are durable: each was hashed (SHA-256) while it
+       was written and fsynced right after, in parallel (`durable.py`); rank 0 gathers sizes and
+       SHA-256s.
     4. Rank 0 writes `manifest.json` (files, sizes, checksums, trainer state, config hash).
     5. Rank 0 renames the staging folder to `step_XXXXXXXX` and fsyncs the root.
     6. Rank 0 replaces `latest` atomically, last, then applies retention.
@@ -40,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 from mtrain.checkpoint.disk import SaveFailures, check_free_space
+from mtrain.checkpoint.durable import DurableFiles
 from mtrain.checkpoint.layout import (
     CONFIG_FILE,
     DELETING_PREFIX,
@@ -51,7 +54,7 @@ from mtrain.checkpoint.layout import (
     rank_state_file,
     scan_checkpoints,
 )
-from mtrain.checkpoint.manifest import describe_files, fsync_dir, relative_files, write_manifest, write_text_durably
+from mtrain.checkpoint.manifest import fsync_dir, relative_files, write_manifest, write_text_durably
 from mtrain.checkpoint.universal import universal_folder
 
 FAULT_STAGES = ("engine_written", "rank_files", "manifest", "renamed", "latest", "saved")
@@ -161,7 +164,8 @@ def save_checkpoint(
             failures.space = check_free_space(root, engine)
     failures.agree()
 
-    with failures.writing():
+    files = DurableFiles(staging)  # hashes and fsyncs each file while the next one is written
+    with failures.writing(), files.recording(engine):
         engine.save_checkpoint(
             str(root), tag=staging.name, client_state={"trainer": meta["trainer"]}, save_latest=False
         )
@@ -172,20 +176,17 @@ def save_checkpoint(
             write_extra(staging)
 
     with failures.writing():
-        torch.save({"rng": rng_state(), "samplers": rank_state.samplers}, staging / rank_state_file(rank))
-        (staging / rank_data_file(rank)).write_text(_json(rank_state.data))
+        files.torch_save({"rng": rng_state(), "samplers": rank_state.samplers}, staging / rank_state_file(rank))
+        files.write_text(staging / rank_data_file(rank), _json(rank_state.data))
         if rank == 0:
-            (staging / CONFIG_FILE).write_text(config_yaml)
+            files.write_text(staging / CONFIG_FILE, config_yaml)
     inject_fault("rank_files", step)
-    failures.agree()  # every rank's files exist: each now makes its own durable and hashes them
-
-    mine = [name for name in relative_files(staging) if file_owner(name) == rank]
-    entries = describe_files(staging, mine)
-    gathered: list[Any] = [None] * world_size
-    if dist.is_initialized():
-        dist.all_gather_object(gathered, entries)
-    else:
-        gathered = [entries]
+    # Each rank waits for its own files only (no barrier between the ranks' writes), then one
+    # agreement carries every rank's failure, if any, and its files' entries to rank 0.
+    entries: dict[str, Any] = {}
+    with failures.writing():
+        entries = files.entries([name for name in relative_files(staging) if file_owner(name) == rank])
+    gathered = failures.agree(entries)
 
     folder = root / tag
     if rank == 0:
@@ -229,6 +230,8 @@ def checkpoints_to_delete(steps: list[int], latest_step: int | None, retention: 
 
 
 def apply_retention(root: Path, retention: Retention) -> None:
+    if retention.keep_last <= 0:  # keeps all: no need to scan the folder
+        return
     complete, _ = scan_checkpoints(root)
     latest = (root / LATEST_FILE).read_text().strip() if (root / LATEST_FILE).is_file() else None
     latest_match = TAG_PATTERN.match(latest or "")
