@@ -330,8 +330,13 @@ def _data_tokens(config: list[str] | None) -> DataTokens:
         model_config = load_model_config(cfg.model.path)
         family = family_for(model_config.model_type, f"model.path={cfg.model.path!r}")
         visual, image_token_id = family.visual_tokens(model_config), family.image_token_id(model_config)
+    elif cfg.model.preset == "tiny-qwen2-vl":
+        from mtrain.model.families.qwen2_vl import IMAGE_PAD, build_tiny_qwen_tokenizer  # noqa: PLC0415
+
+        tokenizer, visual = build_tiny_qwen_tokenizer(), cfg.model.tiny_visual_tokens
+        image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
     else:
-        tokenizer, visual = build_tiny_tokenizer(), cfg.model.tiny.visual_tokens
+        tokenizer, visual = build_tiny_tokenizer(), cfg.model.tiny_visual_tokens
         image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     if cfg.model.chat_template:
         tokenizer.chat_template = cfg.model.chat_template

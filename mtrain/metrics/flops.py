@@ -23,6 +23,7 @@ from torch import nn
 
 from mtrain.config.schema import TokenScalesConfig, TrainConfig
 from mtrain.model.build import model_part, visual_tokens_per_image
+from mtrain.model.families import ModelFamily
 
 
 @dataclass(frozen=True)
@@ -51,10 +52,11 @@ class ModelShape:
     largest_layer_params: int  # the largest module's own parameters (ZeRO-3 gathers it whole)
 
 
-def model_shape(model: nn.Module, visual_tokens: int) -> ModelShape:
+def model_shape(model: nn.Module, visual_tokens: int, parts: dict[str, str] | None = None) -> ModelShape:
     """Shapes from the LLaVA config and parameter counts from `model` (a LlavaForConditionalGeneration,
     possibly PEFT-wrapped). Works on the meta device and on ZeRO-3 partitioned parameters."""
     text, vision = model.config.text_config, model.config.vision_config
+    parts = parts or ModelFamily.part_names
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     counts = {"language_model": 0, "lm_trained": 0, "vision_tower": 0, "projector": 0}
     trained_parts: set[str] = set()
@@ -65,7 +67,7 @@ def model_shape(model: nn.Module, visual_tokens: int) -> ModelShape:
         trainable += numel if param.requires_grad else 0
         if "lora_" in name or "original_module" in name:
             continue  # adapters are left out of FLOPs; PEFT's frozen original of a trained module never runs
-        part = model_part(name)
+        part = model_part(name, parts)
         if param.requires_grad:
             trained_parts.add(part)
         if part == "language_model" and "embed_tokens" in name:
@@ -76,17 +78,23 @@ def model_shape(model: nn.Module, visual_tokens: int) -> ModelShape:
     largest = max(
         sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters(recurse=False)) for module in model.modules()
     )
-    grid = (vision.image_size // vision.patch_size) ** 2
+    if hasattr(vision, "image_size"):  # a fixed-size tower (LLaVA's): the patch grid plus a CLS token
+        grid = (vision.image_size // vision.patch_size) ** 2
+        sequence = grid + 1
+    else:  # Qwen2-VL: every merged token is spatial_merge_size^2 patches, the tower's whole sequence
+        grid = sequence = visual_tokens * vision.spatial_merge_size**2
+    # Qwen2-VL's tower is `embed_dim` wide over `depth` blocks (its `hidden_size` is the merger's output).
+    vision_hidden = getattr(vision, "embed_dim", None) or vision.hidden_size
     return ModelShape(
         hidden=text.hidden_size,
         layers=text.num_hidden_layers,
         kv_dim=(getattr(text, "num_key_value_heads", None) or text.num_attention_heads) * head_dim,
         intermediate=text.intermediate_size,
         vocab=text.vocab_size,
-        vision_hidden=vision.hidden_size,
-        vision_layers=vision.num_hidden_layers,
-        vision_intermediate=vision.intermediate_size,
-        vision_sequence=grid + 1,
+        vision_hidden=vision_hidden,
+        vision_layers=getattr(vision, "depth", None) or vision.num_hidden_layers,
+        vision_intermediate=getattr(vision, "intermediate_size", None) or int(vision_hidden * vision.mlp_ratio),
+        vision_sequence=sequence,
         grid_tokens=grid,
         visual_tokens=visual_tokens,
         lm_params=counts["language_model"],
@@ -159,6 +167,8 @@ def trainer_flops_per_token(cfg: TrainConfig, task: nn.Module) -> float:
     """FLOPs per counted token of a running task (`task.model` the MLLM, ZeRO-3 partitioned or not),
     its samples laid out as planned with text filling `data.max_len`."""
     tokens = cfg.matryoshka.tokens
-    visual = tokens.mqt_queries if tokens.mode == "mqt" else visual_tokens_per_image(task.model.config)
-    shape = model_shape(task.model, visual)
+    # The task's count where it has one (a Qwen2-VL image's depends on its size, not on the config).
+    visual = getattr(task, "visual_tokens", None) or visual_tokens_per_image(task.model.config)
+    visual = tokens.mqt_queries if tokens.mode == "mqt" else visual
+    shape = model_shape(task.model, visual, getattr(getattr(task, "family", None), "part_names", None))
     return flops_per_token(shape, tokens, max(cfg.data.max_len - visual, 0))

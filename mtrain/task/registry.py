@@ -50,6 +50,8 @@ def token_scales_task(cfg: TrainConfig, built: BuiltModel, tokens: TokenScalesCo
         seed=cfg.run.seed,
         rank=rank,
         routing=built.scale_routing,
+        family=built.family,
+        visual_grid=built.visual_grid,
     )
 
 

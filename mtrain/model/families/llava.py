@@ -51,7 +51,7 @@ class LlavaFamily(ModelFamily):
         value = getattr(config, "image_token_id", None)
         return value if value is not None else config.image_token_index
 
-    def problems(self, config: Any, tokens: Any) -> list[str]:
+    def problems(self, config: Any, tokens: Any, image_size: list[int] | None = None) -> list[str]:
         try:
             visual = self.visual_tokens(config)
         except UnsupportedModelError as exc:
@@ -151,7 +151,7 @@ class MQTLlavaFamily(LlavaFamily):
     def visual_grid(self, config: Any) -> tuple[int, int] | None:
         return None  # query outputs, not a patch grid
 
-    def problems(self, config: Any, tokens: Any) -> list[str]:
+    def problems(self, config: Any, tokens: Any, image_size: list[int] | None = None) -> list[str]:
         return (
             []
             if tokens.mode == "mqt"
