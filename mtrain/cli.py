@@ -310,7 +310,7 @@ class DataTokens(NamedTuple):
 def _data_tokens(config: list[str] | None) -> DataTokens:
     """The tokenizer, image token, visual tokens per image and data section of a training config,
     without weights; the tiny-llava preset's without one."""
-    from mtrain.config.schema import TinyLlavaConfig  # noqa: PLC0415
+    from mtrain.config.schema import QWEN_PRESETS, TinyLlavaConfig  # noqa: PLC0415
     from mtrain.model.tokenizer import IMAGE_TOKEN, build_tiny_tokenizer  # noqa: PLC0415
 
     if not config:
@@ -330,7 +330,7 @@ def _data_tokens(config: list[str] | None) -> DataTokens:
         model_config = load_model_config(cfg.model.path)
         family = family_for(model_config.model_type, f"model.path={cfg.model.path!r}")
         visual, image_token_id = family.visual_tokens(model_config), family.image_token_id(model_config)
-    elif cfg.model.preset == "tiny-qwen2-vl":
+    elif cfg.model.preset in QWEN_PRESETS:
         from mtrain.model.families.qwen2_vl import IMAGE_PAD, build_tiny_qwen_tokenizer  # noqa: PLC0415
 
         tokenizer, visual = build_tiny_qwen_tokenizer(), cfg.model.tiny_visual_tokens

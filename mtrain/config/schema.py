@@ -74,6 +74,9 @@ class LoraConfig(Checkable):
         return []
 
 
+QWEN_PRESETS = ("tiny-qwen2-vl", "tiny-qwen2.5-vl")  # tiny presets with Qwen's 2x2 patch merger
+
+
 @dataclass
 class TinyLlavaConfig(Checkable):
     hidden_size: int = setting(64, "Language model width.")
@@ -102,10 +105,10 @@ class TinyLlavaConfig(Checkable):
 
 @dataclass
 class ModelConfig(Checkable):
-    preset: Literal["tiny-llava", "tiny-qwen2-vl", "none"] = setting(
+    preset: Literal["tiny-llava", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "none"] = setting(
         "tiny-llava",
-        "Built-in model with random weights and a local tokenizer (a LLaVA-1.5 or a Qwen2-VL shape, sized by "
-        "model.tiny); 'none' when path is set.",
+        "Built-in model with random weights and a local tokenizer (a LLaVA-1.5, Qwen2-VL or Qwen2.5-VL shape, sized "
+        "by model.tiny); 'none' when path is set.",
     )
     path: str | None = setting(None, "Local Hugging Face folder of a LLaVA-family checkpoint (never downloaded).")
     chat_template: str = setting(
@@ -122,8 +125,8 @@ class ModelConfig(Checkable):
     )
     image_size: list[int] = setting(
         [],
-        "[height, width] in pixels every image of a qwen2_vl model.path is resized to (multiples of patch_size * "
-        "merge_size * the largest M3 pooling factor); the tiny-qwen2-vl preset uses tiny.image_size square.",
+        "[height, width] in pixels every image of a qwen2_vl / qwen2_5_vl model.path is resized to (multiples of patch_size * "
+        "merge_size * the largest M3 pooling factor); the Qwen tiny presets use tiny.image_size square.",
     )
     tiny: TinyLlavaConfig = section(TinyLlavaConfig, "Shape of the built-in tiny presets.")
     freeze: FreezeConfig = section(FreezeConfig, "Which parts keep their weights fixed.")
@@ -132,7 +135,7 @@ class ModelConfig(Checkable):
     @property
     def tiny_grid_side(self) -> int:
         """Side of a tiny preset's visual-token grid: patches per side, over Qwen2-VL's 2x2 merger."""
-        merge = 2 if self.preset == "tiny-qwen2-vl" else 1
+        merge = 2 if self.preset in QWEN_PRESETS else 1
         return self.tiny.image_size // self.tiny.patch_size // merge
 
     @property
@@ -143,7 +146,7 @@ class ModelConfig(Checkable):
     def check(self) -> list[tuple[str, str]]:
         if self.image_size and (len(self.image_size) != 2 or min(self.image_size) < 1):
             return [("image_size", f"is {self.image_size}; give [height, width] in pixels, or [] for none")]
-        if self.preset == "tiny-qwen2-vl" and self.tiny.image_size % (self.tiny.patch_size * 2):
+        if self.preset in QWEN_PRESETS and self.tiny.image_size % (self.tiny.patch_size * 2):
             message = f"{self.tiny.image_size} is not a multiple of patch_size * 2 (Qwen2-VL's 2x2 merger)"
             return [("tiny.image_size", message)]
         if self.path and self.preset != "none":
@@ -665,8 +668,12 @@ class TrainConfig(Checkable):
                 "model.lora.strategy=shared"
             )
             return [("matryoshka.tokens.mqt_stage", message)]
-        if tokens.mode == "mqt" and self.model.preset == "tiny-qwen2-vl":
-            return [("matryoshka.tokens.mode", "mqt replaces a LLaVA projector; the tiny-qwen2-vl preset trains m3")]
+        if tokens.mode != "m3" and self.model.preset in QWEN_PRESETS:
+            message = (
+                f"is {tokens.mode!r}; the Qwen tiny presets train with m3 only for now (mqt replaces a LLaVA "
+                "projector; the plain language-modeling and contrastive tasks do not make M-RoPE ids yet)"
+            )
+            return [("matryoshka.tokens.mode", message)]
         if tokens.mode == "m3" and self.model.preset != "none":
             # A tiny preset's grid is square; a folder's grid is checked by its family (mtrain/launch/model_checks.py).
             bad = [s for s in tokens.scales if round(s**0.5) ** 2 != s]

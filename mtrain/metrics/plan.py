@@ -153,7 +153,7 @@ def planned_model_shape(cfg: TrainConfig) -> ModelShape:
 
     with torch.device("meta"):
         built = build_model(cfg.model, torch.bfloat16, None, cfg.run.seed, cfg.matryoshka.tokens, config_only=True)
-    return model_shape(built.model, built.visual_tokens)
+    return model_shape(built.model, built.visual_tokens, built.family.part_names)
 
 
 def activation_bytes_per_sample(

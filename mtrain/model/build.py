@@ -23,7 +23,9 @@ from mtrain.model.families import MQT_MODEL_TYPE, SUPPORTED_MODEL_TYPES, ModelFa
 from mtrain.model.families.llava import tiny_image_processor, tiny_llava_config
 from mtrain.model.families.qwen2_vl import (
     FixedSizeImageProcessor,
+    Qwen2VLFamily,
     build_tiny_qwen_tokenizer,
+    tiny_qwen2_5_vl_config,
     tiny_qwen2_vl_config,
     tiny_qwen_image_processor,
 )
@@ -135,8 +137,8 @@ def build_model(
     torch.manual_seed(seed)  # identical initial weights (and LoRA init) on every rank
     if cfg.path:
         built = _load_local(cfg.path, dtype, attn, tokens, config_only, cfg.image_size)
-    elif cfg.preset == "tiny-qwen2-vl":
-        built = _tiny_qwen2_vl(cfg, dtype, attn)
+    elif cfg.preset in TINY_QWEN_CONFIGS:
+        built = _tiny_qwen(cfg, dtype, attn)
     else:
         tokenizer = build_tiny_tokenizer()
         image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -177,11 +179,15 @@ def build_model(
     return built
 
 
-def _tiny_qwen2_vl(cfg: ModelConfig, dtype: torch.dtype, attn: str) -> BuiltModel:
-    """The tiny-qwen2-vl preset: a Qwen2VLForConditionalGeneration from `cfg.tiny`, a Qwen-shaped tokenizer,
+# The Qwen tiny presets and the function that makes each one's config.
+TINY_QWEN_CONFIGS = {"tiny-qwen2-vl": tiny_qwen2_vl_config, "tiny-qwen2.5-vl": tiny_qwen2_5_vl_config}
+
+
+def _tiny_qwen(cfg: ModelConfig, dtype: torch.dtype, attn: str) -> BuiltModel:
+    """A tiny Qwen preset: a Qwen2-VL or Qwen2.5-VL model from `cfg.tiny`, a Qwen-shaped tokenizer,
     Qwen's image processor at the square tiny.image_size."""
     tokenizer = build_tiny_qwen_tokenizer()
-    config = tiny_qwen2_vl_config(cfg.tiny, (len(tokenizer) + 63) // 64 * 64, tokenizer)
+    config = TINY_QWEN_CONFIGS[cfg.preset](cfg.tiny, (len(tokenizer) + 63) // 64 * 64, tokenizer)
     family = family_for(config.model_type)
     config._attn_implementation = attn
     processor = tiny_qwen_image_processor(cfg.tiny.image_size, cfg.tiny.patch_size)
@@ -192,7 +198,7 @@ def _tiny_qwen2_vl(cfg: ModelConfig, dtype: torch.dtype, attn: str) -> BuiltMode
         image_processor=processor,
         visual_tokens=rows * columns,
         image_token_id=family.image_token_id(config),
-        source="preset:tiny-qwen2-vl",
+        source=f"preset:{cfg.preset}",
         family=family,
         visual_grid=(rows, columns),
     )
@@ -275,12 +281,12 @@ def _load_local(
 
 
 def _fixed_grid(config: Any, image_size: list[int] | None, path: str) -> tuple[int, int] | None:
-    """The merged grid every image of a qwen2_vl folder gets at `model.image_size` (None for other families)."""
-    if config.model_type != "qwen2_vl":
+    """The merged grid every image of a Qwen folder gets at `model.image_size` (None for other families)."""
+    if not isinstance(family_for(config.model_type), Qwen2VLFamily):
         return None
     if not image_size:
         raise ValueError(
-            f"model.path={path!r} is a qwen2_vl model, whose images are resized to one size here; "
+            f"model.path={path!r} is a {config.model_type} model, whose images are resized to one size here; "
             "set model.image_size=[height,width] (multiples of patch_size * merge_size * the largest M3 factor)"
         )
     vision = config.vision_config

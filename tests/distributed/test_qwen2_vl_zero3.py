@@ -13,7 +13,7 @@ pytestmark = pytest.mark.timeout(300)
 
 def test_two_rank_zero3_qwen2_vl_m3_mss_lora_packed(tmp_path, shards_pattern):
     run_dir = tmp_path / "run"
-    steps = 6
+    steps = 8
     cmd = [
         *torchrun(), "-m", "mtrain",
         "train", str(REPO / "configs/tiny.yaml"), f"run.dir={run_dir}", f"data.shards={shards_pattern}",

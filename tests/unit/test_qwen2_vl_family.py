@@ -39,11 +39,14 @@ TWO_TURNS = [
 ]
 
 
-def qwen_config(*overrides: str):
+PRESETS = {"tiny-qwen2-vl": "Qwen2VLForConditionalGeneration", "tiny-qwen2.5-vl": "Qwen2_5_VLForConditionalGeneration"}
+
+
+def qwen_config(*overrides: str, preset: str = "tiny-qwen2-vl"):
     return load_config(
         None,
         [
-            "model.preset=tiny-qwen2-vl",
+            f"model.preset={preset}",
             "matryoshka.tokens.mode=m3",
             f"matryoshka.tokens.scales=[{','.join(map(str, SCALES))}]",
             "model.lora.enabled=true",
@@ -54,8 +57,8 @@ def qwen_config(*overrides: str):
     )
 
 
-def make_task(strategy: str = "shared_plus_per_scale", layout: str = "packed"):
-    cfg = qwen_config(f"model.lora.strategy={strategy}", f"matryoshka.tokens.layout={layout}")
+def make_task(strategy: str = "shared_plus_per_scale", layout: str = "packed", preset: str = "tiny-qwen2-vl"):
+    cfg = qwen_config(f"model.lora.strategy={strategy}", f"matryoshka.tokens.layout={layout}", preset=preset)
     built = build_model(cfg.model, torch.float32, None, seed=0, tokens=cfg.matryoshka.tokens)
     task = build_task(cfg, built, rank=0)
     with torch.no_grad():  # LoRA B starts at zero: give every adapter a distinct delta so routing shows
@@ -140,9 +143,12 @@ def reference_scale_loss(task, built, batch, scale: int) -> torch.Tensor:
         task.routing.clear()
 
 
-@pytest.mark.parametrize("layout", ["packed", "padded"])
-def test_one_pass_equals_mean_of_separate_per_scale_stock_forwards(layout):
-    task, built = make_task(layout=layout)
+@pytest.mark.parametrize(
+    "preset,layout", [("tiny-qwen2-vl", "packed"), ("tiny-qwen2-vl", "padded"), ("tiny-qwen2.5-vl", "packed")]
+)
+def test_one_pass_equals_mean_of_separate_per_scale_stock_forwards(preset, layout):
+    task, built = make_task(layout=layout, preset=preset)
+    assert type(task.llava).__name__ == PRESETS[preset]
     assert (built.visual_tokens, built.visual_grid) == (16, (4, 4))
     batch = padded_batch(built, documents(built))
     assert tuple(batch["pixel_values"].shape) == (4, 64, 3 * 2 * 4 * 4)  # Qwen's flattened patches
@@ -179,8 +185,9 @@ def document_losses(task, batch, scale: int) -> list[torch.Tensor]:
     return out
 
 
-def test_packed_documents_give_each_documents_unpacked_loss_with_mrope_ids():
-    task, built = make_task(layout="packed")
+@pytest.mark.parametrize("preset", PRESETS)
+def test_packed_documents_give_each_documents_unpacked_loss_with_mrope_ids(preset):
+    task, built = make_task(layout="packed", preset=preset)
     docs = documents(built)
     unpacked = padded_batch(built, docs)
     row = [token for ids, _, _ in docs for token in ids]
@@ -261,16 +268,17 @@ def test_a_qwen2_vl_folder_passes_the_check_before_any_process_group(tmp_path):
     assert "set model.image_size=[height,width]" in problem
 
 
-def test_export_reloads_in_stock_transformers_with_equal_logits(tmp_path):
+@pytest.mark.parametrize("preset", PRESETS)
+def test_export_reloads_in_stock_transformers_with_equal_logits(tmp_path, preset):
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
     from mtrain.checkpoint.export import _save_hf_folder
 
-    task, built = make_task(strategy="shared")
+    task, built = make_task(strategy="shared", preset=preset)
     model = task.model.merge_and_unload().eval()
     _save_hf_folder(model, built, tmp_path / "model")
     stock = AutoModelForImageTextToText.from_pretrained(tmp_path / "model", local_files_only=True).eval()
-    assert type(stock).__name__ == "Qwen2VLForConditionalGeneration"
+    assert type(stock).__name__ == PRESETS[preset]
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model", local_files_only=True)
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}],
@@ -297,3 +305,25 @@ def test_export_reloads_in_stock_transformers_with_equal_logits(tmp_path):
         task.model = model
         logits, _ = task.run(batch, [16])
         torch.testing.assert_close(logits, stock(**kwargs).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_a_text_only_batch_runs_the_vision_path_at_zero_weight():
+    """ZeRO-3 lockstep: a micro-batch without images still runs Qwen's tower and merger, on a blank image."""
+    task, built = make_task(preset="tiny-qwen2-vl")
+    ids = text_ids(built, "<|im_start|>a red circle.<|im_end|>")
+    batch = {"input_ids": torch.tensor([ids]), "labels": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids))}
+    loss, _ = task(batch)
+    loss.backward()
+    merger = [p for name, p in task.named_parameters() if "visual.merger" in name and p.requires_grad]
+    assert merger and all(p.grad is not None and not p.grad.any() for p in merger)  # reached, exactly zero
+    assert torch.isfinite(loss)
+
+
+def test_what_the_qwen_families_do_not_run_yet_is_refused_at_config_load():
+    from mtrain.config.core import ConfigError
+
+    for mode in ("none", "mqt"):
+        with pytest.raises(ConfigError, match=f"matryoshka.tokens.mode: is '{mode}'; the Qwen tiny presets train"):
+            load_config(None, ["model.preset=tiny-qwen2.5-vl", f"matryoshka.tokens.mode={mode}"])
+    with pytest.raises(ConfigError, match=r"perfect square; \[8\]"):  # a tiny preset's grid is square
+        load_config(None, ["model.preset=tiny-qwen2-vl", "matryoshka.tokens.mode=m3", "matryoshka.tokens.scales=[1,8]"])

@@ -23,7 +23,9 @@
   document (each from 0, as the document alone would get them) and placed into the packed row;
   packed, the 1-D per-document positions go first as the fourth row transformers reads its
   block-diagonal mask from (`Qwen2VLTextModel.forward`), so attention never crosses documents.
-- MQT is not offered on this family (its query transformer replaces a LLaVA projector).
+- Objectives: the Matryoshka token task (`matryoshka.tokens.mode=m3`) only, for now; MQT's query
+  transformer replaces a LLaVA projector, and the plain language-modeling and contrastive tasks do
+  not make M-RoPE ids yet (refused before any process starts: `problems`, and the config for the presets).
 
 `qwen2_5_vl` would reuse all of this (its tower adds window attention; same merger and M-RoPE);
 `qwen3_vl` has a different tower (DeepStack features fed to several LM layers) and interleaved
@@ -167,8 +169,37 @@ def tiny_qwen2_vl_config(tiny: Any, vocab_size: int, tokenizer: Any) -> Any:
         "temporal_patch_size": 2,
         "in_channels": 3,
     }
-    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in TOKEN_IDS.items()}
-    return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+    return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **token_ids(tokenizer))
+
+
+def tiny_qwen2_5_vl_config(tiny: Any, vocab_size: int, tokenizer: Any) -> Any:
+    """The tiny preset's Qwen2_5_VLConfig: the same language model as `tiny_qwen2_vl_config`, and a
+    Qwen2.5-VL tower: RMSNorm and SwiGLU blocks with window attention over 2x2 merged-token windows,
+    full attention in its last block."""
+    from transformers import Qwen2_5_VLConfig  # noqa: PLC0415
+
+    text = tiny_qwen2_vl_config(tiny, vocab_size, tokenizer).text_config.to_dict()
+    for name in ("model_type", "architectures", "transformers_version"):
+        text.pop(name, None)
+    vision = {
+        "depth": tiny.vision_layers,
+        "hidden_size": tiny.vision_hidden_size,
+        "intermediate_size": tiny.vision_hidden_size * 2,
+        "num_heads": max(1, tiny.vision_hidden_size // 8),
+        "out_hidden_size": tiny.hidden_size,
+        "patch_size": tiny.patch_size,
+        "spatial_merge_size": MERGE_SIZE,
+        "temporal_patch_size": 2,
+        "in_channels": 3,
+        "window_size": tiny.patch_size * MERGE_SIZE * 2,  # windows of 2x2 merged tokens (pixels per side)
+        "fullatt_block_indexes": [tiny.vision_layers - 1],
+    }
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **token_ids(tokenizer))
+
+
+def token_ids(tokenizer: Any) -> dict[str, int]:
+    """The config's image, video and vision start/end token ids, from the tokenizer."""
+    return {name: tokenizer.convert_tokens_to_ids(token) for name, token in TOKEN_IDS.items()}
 
 
 MERGE_SIZE = 2  # Qwen2-VL's patch merger joins 2x2 patches
@@ -246,13 +277,17 @@ class Qwen2VLFamily(ModelFamily):
         return config.image_token_id
 
     def problems(self, config: Any, tokens: Any, image_size: list[int] | None = None) -> list[str]:
-        if tokens.mode == "mqt":
-            return ["matryoshka.tokens.mode=mqt replaces a LLaVA projector; on a qwen2_vl model use mode m3"]
+        if tokens.mode != "m3":
+            return [
+                f"matryoshka.tokens.mode={tokens.mode}: a {self.model_type} model trains with mode m3 only for now "
+                "(mqt replaces a LLaVA projector; the plain language-modeling and contrastive tasks do not make "
+                "M-RoPE ids yet)"
+            ]
         vision = config.vision_config
         unit = vision.patch_size * vision.spatial_merge_size
         if not image_size:
             return [
-                "a qwen2_vl model's images are resized to one size here; set model.image_size=[height,width] "
+                f"a {self.model_type} model's images are resized to one size here; set model.image_size=[height,width] "
                 f"(multiples of patch_size * merge_size = {unit} times the largest M3 pooling factor)"
             ]
         if image_size[0] % unit or image_size[1] % unit:
@@ -274,7 +309,7 @@ class Qwen2VLFamily(ModelFamily):
 
     def image_features(self, model: Any, pixel_values: torch.Tensor, grid: tuple[int, int] | None) -> torch.Tensor:
         if grid is None:
-            raise ValueError("a qwen2_vl model needs its images' merged grid (BuiltModel.visual_grid)")
+            raise ValueError(f"a {self.model_type} model needs its images' merged grid (BuiltModel.visual_grid)")
         grid_thw = self.patch_grid_thw(model.config, grid, pixel_values.shape[0], pixel_values.device)
         output = model.model.get_image_features(
             pixel_values=pixel_values.flatten(0, 1), image_grid_thw=grid_thw, return_dict=True
@@ -312,8 +347,17 @@ class Qwen2VLFamily(ModelFamily):
                     continue  # text only (or the padding tail): the 1-D ids are M-RoPE's too
                 factor = grid_factor(grid, scale)
                 images = int(is_image.sum()) // scale
-                grid_thw = self.patch_grid_thw(model.config, grid, images, ids.device)
-                grid_thw[:, 1:] //= factor
+                grid_thw = pooled_grid_thw(self.patch_grid_thw(model.config, grid, images, ids.device), factor)
                 positions, _ = model.model.get_rope_index(document[None], is_image[None].int(), image_grid_thw=grid_thw)
                 mrope[:, row, start:end] = positions[:, 0]
         return torch.cat([flat[None], mrope]) if packed else mrope
+
+
+class Qwen2_5_VLFamily(Qwen2VLFamily):
+    """Qwen2.5-VL (`model_type == "qwen2_5_vl"`): Qwen2-VL's pipeline as is. Its tower adds window
+    attention (and RMSNorm / SwiGLU blocks) inside `model.visual`, which returns the merged tokens in the
+    same row-major grid order; the merger, the image token and M-RoPE (`get_rope_index`, images at one
+    temporal position) are Qwen2-VL's."""
+
+    model_type = "qwen2_5_vl"
+    model_class_path = "transformers:Qwen2_5_VLForConditionalGeneration"
