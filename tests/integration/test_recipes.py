@@ -106,15 +106,6 @@ def test_lora_sft_matryoshka_trains_shared_and_per_scale_adapters(tmp_path, shar
     assert adapters == {"shared", *(f"scale_{s}" for s in scales)}
 
 
-def test_lora_sft_matryoshka_on_qwen2_5_vl_renders_its_template_and_trains_every_scale(tmp_path, shards):
-    run_dir = tmp_path / "lora_sft_qwen"
-    train_recipe("lora_sft_matryoshka_qwen2_5_vl", run_dir, shards["conversation"])
-    for step in read_metrics(run_dir):
-        assert {f"loss/scale_{s}" for s in (1, 4, 16)} <= step.keys()
-    adapters = {path.name for path in (run_dir / "checkpoints/step_00000002/adapter").iterdir()}
-    assert adapters == {"shared", "scale_1", "scale_4", "scale_16"}
-
-
 def test_mqt_finetune_draws_one_scale_per_step(tmp_path, shards):
     run_dir = tmp_path / "mqt"
     train_recipe("mqt_finetune", run_dir, shards["conversation"], steps=3)
