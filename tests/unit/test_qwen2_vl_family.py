@@ -122,14 +122,15 @@ def reference_scale_loss(task, built, batch, scale: int) -> torch.Tensor:
     `pool_merged`, M-RoPE ids from `get_rope_index` on the pooled grids of the shrunk rows."""
     model = task.llava
     images = batch["pixel_values"].shape[0]
-    grid_thw = torch.tensor([[1, 8, 8]] * images)  # 32x32 px in 4-px patches
+    rows, columns = built.visual_grid
+    grid_thw = torch.tensor([[1, rows * 2, columns * 2]] * images)  # in patches, before the 2x2 merger
     features = model.model.get_image_features(pixel_values=batch["pixel_values"].flatten(0, 1), image_grid_thw=grid_thw)
-    factor = {1: 4, 4: 2, 16: 1}[scale]
+    factor = round((rows * columns / scale) ** 0.5)
     pooled = torch.cat(
         [pool_merged(f, merged_grid(g, 2), factor) for f, g in zip(features.pooler_output, grid_thw, strict=True)]
     )
     ids, labels, mask = shrink_image_runs(
-        batch["input_ids"], batch["labels"], batch["attention_mask"], task.image_token_id, 16, scale, 0
+        batch["input_ids"], batch["labels"], batch["attention_mask"], task.image_token_id, rows * columns, scale, 0
     )
     is_image = ids == task.image_token_id
     positions, _ = model.model.get_rope_index(
@@ -143,6 +144,23 @@ def reference_scale_loss(task, built, batch, scale: int) -> torch.Tensor:
         task.routing.clear()
 
 
+def assert_one_pass_equals_separate(task, built, batch) -> None:
+    trainable = [p for p in task.parameters() if p.requires_grad]
+    loss, metrics = task(batch)
+    one_pass_grads = torch.autograd.grad(loss, trainable, allow_unused=True)
+    separate = torch.stack([reference_scale_loss(task, built, batch, s) for s in task.tokens.scales]).mean()
+    separate_grads = torch.autograd.grad(separate, trainable, allow_unused=True)
+
+    torch.testing.assert_close(loss, separate, rtol=1e-5, atol=1e-6)
+    for got, want in zip(one_pass_grads, separate_grads, strict=True):
+        if want is None:
+            assert got is None or not got.any()
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    learned = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    assert int(metrics["scale_label_tokens"].sum()) == len(task.tokens.scales) * learned
+
+
 @pytest.mark.parametrize(
     "preset,layout", [("tiny-qwen2-vl", "packed"), ("tiny-qwen2-vl", "padded"), ("tiny-qwen2.5-vl", "packed")]
 )
@@ -152,20 +170,39 @@ def test_one_pass_equals_mean_of_separate_per_scale_stock_forwards(preset, layou
     assert (built.visual_tokens, built.visual_grid) == (16, (4, 4))
     batch = padded_batch(built, documents(built))
     assert tuple(batch["pixel_values"].shape) == (4, 64, 3 * 2 * 4 * 4)  # Qwen's flattened patches
-    trainable = [p for p in task.parameters() if p.requires_grad]
+    assert_one_pass_equals_separate(task, built, batch)
 
-    loss, metrics = task(batch)
-    one_pass_grads = torch.autograd.grad(loss, trainable, allow_unused=True)
-    separate = torch.stack([reference_scale_loss(task, built, batch, s) for s in SCALES]).mean()
-    separate_grads = torch.autograd.grad(separate, trainable, allow_unused=True)
 
-    torch.testing.assert_close(loss, separate, rtol=1e-5, atol=1e-6)
-    for got, want in zip(one_pass_grads, separate_grads, strict=True):
-        if want is None:
-            assert got is None or not got.any()
-        else:
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
-    assert int(metrics["scale_label_tokens"].sum()) == 3 * int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+def test_a_saved_folder_trains_non_square_images_with_m3_factors(tmp_path):
+    """The local-folder path: a tiny Qwen2-VL saved to disk (model, tokenizer, Qwen's image processor),
+    loaded at model.image_size=[32,64]: a 4x8 merged grid, scales 2, 8, 32 (factors 4, 2, 1)."""
+    tiny = load_config(
+        None, ["model.preset=tiny-qwen2-vl", "matryoshka.tokens.mode=m3", "matryoshka.tokens.scales=[1]"]
+    )
+    preset = build_model(tiny.model, torch.float32, None, seed=0)
+    folder = tmp_path / "qwen"
+    preset.model.save_pretrained(folder)
+    preset.tokenizer.save_pretrained(folder)
+    preset.image_processor.save_pretrained(folder)
+    cfg = load_config(
+        None,
+        [
+            "model.preset=none", f"model.path={folder}", "model.image_size=[32,64]", "model.lora.enabled=true",
+            "model.lora.strategy=per_scale", "model.lora.dropout=0.0", "matryoshka.tokens.mode=m3",
+            "matryoshka.tokens.scales=[2,8,32]", "matryoshka.tokens.layout=packed",
+        ],
+    )  # fmt: skip
+    assert model_problems(cfg) == []
+    built = build_model(cfg.model, torch.float32, None, seed=0, tokens=cfg.matryoshka.tokens)
+    assert (built.visual_tokens, built.visual_grid) == (32, (4, 8))
+    task = build_task(cfg, built, rank=0)
+    with torch.no_grad():
+        for name, param in task.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    batch = padded_batch(built, documents(built))
+    assert tuple(batch["pixel_values"].shape) == (4, 128, 96)  # 8x16 patches per image
+    assert_one_pass_equals_separate(task, built, batch)
 
 
 def document_losses(task, batch, scale: int) -> list[torch.Tensor]:
