@@ -244,7 +244,7 @@ def _load_local(
     starts_mqt = tokens.mode == "mqt" and config.model_type != MQT_MODEL_TYPE
     model_class, config = _model_class_for(config, tokens, path)
     family = family_for(config.model_type)
-    grid = _fixed_grid(config, image_size, path)
+    grid = fixed_grid(config, image_size, path)
     visual = grid[0] * grid[1] if grid else family.visual_tokens(config)
     if config_only:
         config._attn_implementation = attn
@@ -280,7 +280,7 @@ def _load_local(
     )
 
 
-def _fixed_grid(config: Any, image_size: list[int] | None, path: str) -> tuple[int, int] | None:
+def fixed_grid(config: Any, image_size: list[int] | None, path: str) -> tuple[int, int] | None:
     """The merged grid every image of a Qwen folder gets at `model.image_size` (None for other families)."""
     if not isinstance(family_for(config.model_type), Qwen2VLFamily):
         return None
