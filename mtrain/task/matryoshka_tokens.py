@@ -165,10 +165,11 @@ class MatryoshkaTokenTask(Task):
         if self.routing is not None:
             self.routing.set_rows(layout.token_scales)
         try:
-            # use_cache=False: with a cache, transformers ignores packed position ids and attends across variants.
+            # The family's ids for this layout: 1-D per document (LLaVA), or Qwen's 3-D M-RoPE ids.
             positions = self.family.layout_position_ids(
                 self.llava, layout, self.visual_grid, self.image_token_id, packed
             )
+            # use_cache=False: with a cache, transformers ignores packed position ids and attends across variants.
             hidden = self.llava.model(
                 inputs_embeds=embeddings,
                 attention_mask=layout.attention_mask,
