@@ -668,12 +668,12 @@ class TrainConfig(Checkable):
                 "model.lora.strategy=shared"
             )
             return [("matryoshka.tokens.mqt_stage", message)]
-        if tokens.mode != "m3" and self.model.preset in QWEN_PRESETS:
-            message = (
-                f"is {tokens.mode!r}; the Qwen tiny presets train with m3 only for now (mqt replaces a LLaVA "
-                "projector; the plain language-modeling and contrastive tasks do not make M-RoPE ids yet)"
-            )
+        if self.model.preset in QWEN_PRESETS and tokens.mode == "mqt":
+            message = "is 'mqt', which replaces a LLaVA projector; the Qwen tiny presets train m3 (or none)"
             return [("matryoshka.tokens.mode", message)]
+        if self.model.preset in QWEN_PRESETS and self.task.objective == "contrastive":
+            message = "is 'contrastive', which the Qwen tiny presets do not train yet (its task makes no M-RoPE ids)"
+            return [("task.objective", message)]
         if tokens.mode == "m3" and self.model.preset != "none":
             # A tiny preset's grid is square; a folder's grid is checked by its family (mtrain/launch/model_checks.py).
             bad = [s for s in tokens.scales if round(s**0.5) ** 2 != s]

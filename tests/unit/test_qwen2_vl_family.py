@@ -359,8 +359,37 @@ def test_a_text_only_batch_runs_the_vision_path_at_zero_weight():
 def test_what_the_qwen_families_do_not_run_yet_is_refused_at_config_load():
     from mtrain.config.core import ConfigError
 
-    for mode in ("none", "mqt"):
-        with pytest.raises(ConfigError, match=f"matryoshka.tokens.mode: is '{mode}'; the Qwen tiny presets train"):
-            load_config(None, ["model.preset=tiny-qwen2.5-vl", f"matryoshka.tokens.mode={mode}"])
+    with pytest.raises(ConfigError, match="matryoshka.tokens.mode: is 'mqt', which replaces a LLaVA projector"):
+        load_config(None, ["model.preset=tiny-qwen2.5-vl", "matryoshka.tokens.mode=mqt"])
+    with pytest.raises(ConfigError, match="task.objective: is 'contrastive', which the Qwen tiny presets do not"):
+        load_config(None, ["model.preset=tiny-qwen2-vl", "task.objective=contrastive"])
     with pytest.raises(ConfigError, match=r"perfect square; \[8\]"):  # a tiny preset's grid is square
         load_config(None, ["model.preset=tiny-qwen2-vl", "matryoshka.tokens.mode=m3", "matryoshka.tokens.scales=[1,8]"])
+
+
+def test_language_modeling_without_scales_equals_the_stock_forward_packed_or_not():
+    """matryoshka.tokens.mode=none: the language-modeling task, every image at full size, M-RoPE ids per document."""
+    cfg = load_config(None, ["model.preset=tiny-qwen2-vl", "model.freeze.language_model=false"])
+    built = build_model(cfg.model, torch.float32, None, seed=0)
+    task = build_task(cfg, built, rank=0)
+    docs = documents(built)
+    unpacked = padded_batch(built, docs)
+    row = [token for ids, _, _ in docs for token in ids]
+    packed = {
+        "input_ids": torch.tensor([row]),
+        "labels": torch.tensor([[label for _, labels, _ in docs for label in [IGNORE_INDEX, *labels[1:]]]]),
+        "attention_mask": torch.ones(1, len(row), dtype=torch.long),
+        "position_ids": torch.tensor([[p for ids, _, _ in docs for p in range(len(ids))]]),
+        "pixel_values": unpacked["pixel_values"],
+    }
+    ids = unpacked["input_ids"]
+    stock = task.llava(
+        input_ids=ids,
+        attention_mask=unpacked["attention_mask"],
+        pixel_values=unpacked["pixel_values"].flatten(0, 1),
+        image_grid_thw=torch.tensor([[1, 8, 8]] * 4),
+        mm_token_type_ids=(ids == built.image_token_id).int(),
+        labels=unpacked["labels"],
+    ).loss
+    torch.testing.assert_close(task(unpacked)[0], stock, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(task(packed)[0], stock, rtol=1e-5, atol=1e-6)

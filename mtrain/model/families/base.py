@@ -24,6 +24,9 @@ class ModelFamily:
     # commands which fail early never import a model's code).
     model_class_path: str = ""
 
+    # The `task.objective`s whose tasks run this family.
+    objectives: tuple[str, ...] = ("lm", "contrastive")
+
     # Module-name fragments of the vision tower and the projector (freezing, LoRA's modules_to_save).
     part_names: dict[str, str] = {"vision_tower": "vision_tower", "projector": "multi_modal_projector"}
 

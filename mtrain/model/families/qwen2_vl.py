@@ -23,9 +23,10 @@
   document (each from 0, as the document alone would get them) and placed into the packed row;
   packed, the 1-D per-document positions go first as the fourth row transformers reads its
   block-diagonal mask from (`Qwen2VLTextModel.forward`), so attention never crosses documents.
-- Objectives: the Matryoshka token task (`matryoshka.tokens.mode=m3`) only, for now; MQT's query
-  transformer replaces a LLaVA projector, and the plain language-modeling and contrastive tasks do
-  not make M-RoPE ids yet (refused before any process starts: `problems`, and the config for the presets).
+- Objectives: next-token training with M3 (`matryoshka.tokens.mode=m3`) or without (`none`: the
+  language-modeling task, every image at full size, the same M-RoPE ids). MQT's query transformer
+  replaces a LLaVA projector, and the contrastive task makes no M-RoPE ids yet: both are refused
+  before any process starts (`problems` and `objectives`; the config for the presets).
 
 `qwen2_5_vl` would reuse all of this (its tower adds window attention; same merger and M-RoPE);
 `qwen3_vl` has a different tower (DeepStack features fed to several LM layers) and interleaved
@@ -266,6 +267,7 @@ class Qwen2VLFamily(ModelFamily):
     model_class_path = "transformers:Qwen2VLForConditionalGeneration"
     position_ids = "3-D M-RoPE from the model's get_rope_index, given each image's pooled grid (t, h / f, w / f)"
     part_names = {"vision_tower": "visual", "projector": "visual.merger"}
+    objectives = ("lm",)  # the contrastive task makes no M-RoPE ids yet
 
     def visual_tokens(self, config: Any) -> int:
         raise NotImplementedError("qwen2_vl images have a token count each: rows * columns of their merged grid")
@@ -277,11 +279,9 @@ class Qwen2VLFamily(ModelFamily):
         return config.image_token_id
 
     def problems(self, config: Any, tokens: Any, image_size: list[int] | None = None) -> list[str]:
-        if tokens.mode != "m3":
+        if tokens.mode == "mqt":
             return [
-                f"matryoshka.tokens.mode={tokens.mode}: a {self.model_type} model trains with mode m3 only for now "
-                "(mqt replaces a LLaVA projector; the plain language-modeling and contrastive tasks do not make "
-                "M-RoPE ids yet)"
+                f"matryoshka.tokens.mode=mqt replaces a LLaVA projector; a {self.model_type} model trains m3 or none"
             ]
         vision = config.vision_config
         unit = vision.patch_size * vision.spatial_merge_size
