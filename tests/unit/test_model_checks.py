@@ -68,6 +68,8 @@ def test_scales_that_do_not_fit_the_folders_grid_are_named(tmp_path):
     assert model_problems(folder_config(folder, "matryoshka.tokens.mode=m3", "matryoshka.tokens.scales=[1,16]")) == []
     (problem,) = model_problems(folder_config(folder, "matryoshka.tokens.mode=m3", "matryoshka.tokens.scales=[1,9]"))
     assert problem.startswith(f"model.path={str(folder)!r}: matryoshka.tokens.scales: [9] do not fit")
+    (problem,) = model_problems(folder_config(folder, "model.image_size=[32,64]"))
+    assert "model.image_size=[32, 64] is for Qwen models; a llava tower takes 32x32 images" in problem
 
 
 def test_a_missing_pad_token_pads_with_eos_or_is_refused(tmp_path):

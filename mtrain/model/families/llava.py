@@ -52,6 +52,11 @@ class LlavaFamily(ModelFamily):
         return value if value is not None else config.image_token_index
 
     def problems(self, config: Any, tokens: Any, image_size: list[int] | None = None) -> list[str]:
+        if image_size:
+            side = config.vision_config.image_size
+            return [
+                f"model.image_size={image_size} is for Qwen models; a llava tower takes {side}x{side} images, drop it"
+            ]
         try:
             visual = self.visual_tokens(config)
         except UnsupportedModelError as exc:
