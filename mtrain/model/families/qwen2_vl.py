@@ -28,9 +28,14 @@
   replaces a LLaVA projector, and the contrastive task makes no M-RoPE ids yet: both are refused
   before any process starts (`problems` and `objectives`; the config for the presets).
 
-`qwen2_5_vl` would reuse all of this (its tower adds window attention; same merger and M-RoPE);
-`qwen3_vl` has a different tower (DeepStack features fed to several LM layers) and interleaved
-M-RoPE, so its vision features would need a hook beyond `image_features`.
+`qwen2_5_vl` (`Qwen2_5_VLFamily`) reuses all of this: its tower adds window attention, with the
+same merger, image token and M-RoPE. `qwen3_vl` would need more: its tower feeds DeepStack features
+into several language-model layers (a hook beyond `image_features`, and M3 pooling of each of them)
+and its M-RoPE interleaves the three axes (its own `get_rope_index`, which the hook would call).
+
+Not yet: per-image grids (each image its own aspect-keeping size and token count; scales would then be
+pooling factors rather than token counts), a saved `Qwen2VLProcessor` in exports (its video processor
+needs torchvision, which the CPU stack leaves out), and the contrastive objective.
 """
 
 from __future__ import annotations
