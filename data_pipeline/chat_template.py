@@ -11,8 +11,9 @@ template's own BOS and end-of-turn tokens; tokenization adds none (`Sample.rende
 
 Messages are `{"role": "user" | "assistant" | "system", "content": [parts]}` with `{"type": "image"}`
 where the turn's text has `<image>` and `{"type": "text", "text": ...}` for the text around it: the
-structured form multimodal templates read. The template must render each image part as `<image>`
-(the placeholder tokenization expands to the visual tokens).
+structured form multimodal templates read. The template must render each image part as the
+tokenizer's image token (`image_text`: `<image>`, or Qwen2-VL's `<|image_pad|>` between its
+`<|vision_start|>` and `<|vision_end|>`), the placeholder tokenization expands to the visual tokens.
 
 `CHAT_TEMPLATE` is the built-in tiny preset's: LLaVA-1.5's Vicuna-v1 shape
 `<s>{system} USER: {question} ASSISTANT: {answer}</s>USER: ...`, with a shorter default system
@@ -84,6 +85,9 @@ class ConversationTemplate:
     template: str  # empty: the model has none, and conversations are refused with `missing`
     bos_token: str | None = None
     eos_token: str | None = None
+    # What the template renders for an image part, the text the rendered conversation is split at into
+    # images: the tokenizer's image token (`<image>` for LLaVA, `<|image_pad|>` for Qwen2-VL).
+    image_text: str = IMAGE_TEXT
     missing: str = "the model's tokenizer has no chat template; set model.chat_template to render conversations"
 
     @classmethod
@@ -91,7 +95,8 @@ class ConversationTemplate:
         template = tokenizer.chat_template
         if isinstance(template, dict):  # several named templates: the default one
             template = template.get("default", "")
-        return cls(template or "", tokenizer.bos_token, tokenizer.eos_token)
+        image_text = getattr(tokenizer, "image_token", None) or IMAGE_TEXT
+        return cls(template or "", tokenizer.bos_token, tokenizer.eos_token, image_text)
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
         from transformers.utils.chat_template_utils import render_jinja_template  # noqa: PLC0415

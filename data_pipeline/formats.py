@@ -265,8 +265,9 @@ def build_conversation(key: str, members: dict[str, bytes], meta: dict[str, Any]
     segments: list[TextSegment | ImageSegment] = []
     turn_ends: list[int] = []
     used = 0
+    image_text = rules.chat.image_text if rules.chat is not None else IMAGE_PLACEHOLDER
     for index, (role, text, learned) in enumerate(pieces):
-        parts = text.split(IMAGE_PLACEHOLDER)
+        parts = text.split(image_text)
         for i, part in enumerate(parts):
             if part:
                 segments.append(TextSegment(part, learned=learned))

@@ -348,7 +348,7 @@ class DataTokens(NamedTuple):
 def _data_tokens(config: list[str] | None) -> DataTokens:
     """The tokenizer, image token, visual tokens per image and data section of a training config,
     without weights; the tiny-llava preset's without one."""
-    from mtrain.config.schema import TinyLlavaConfig  # noqa: PLC0415
+    from mtrain.config.schema import QWEN_PRESETS, TinyLlavaConfig  # noqa: PLC0415
     from mtrain.model.tokenizer import IMAGE_TOKEN, build_tiny_tokenizer  # noqa: PLC0415
 
     if not config:
@@ -366,10 +366,19 @@ def _data_tokens(config: list[str] | None) -> DataTokens:
 
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, local_files_only=True)
         model_config = load_model_config(cfg.model.path)
+        from mtrain.model.build import fixed_grid  # noqa: PLC0415
+
         family = family_for(model_config.model_type, f"model.path={cfg.model.path!r}")
-        visual, image_token_id = family.visual_tokens(model_config), family.image_token_id(model_config)
+        grid = fixed_grid(model_config, cfg.model.image_size, cfg.model.path)  # Qwen: every image's merged grid
+        visual = grid[0] * grid[1] if grid else family.visual_tokens(model_config)
+        image_token_id = family.image_token_id(model_config)
+    elif cfg.model.preset in QWEN_PRESETS:
+        from mtrain.model.families.qwen2_vl import IMAGE_PAD, build_tiny_qwen_tokenizer  # noqa: PLC0415
+
+        tokenizer, visual = build_tiny_qwen_tokenizer(), cfg.model.tiny_visual_tokens
+        image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
     else:
-        tokenizer, visual = build_tiny_tokenizer(), cfg.model.tiny.visual_tokens
+        tokenizer, visual = build_tiny_tokenizer(), cfg.model.tiny_visual_tokens
         image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     if cfg.model.chat_template:
         tokenizer.chat_template = cfg.model.chat_template

@@ -74,6 +74,9 @@ class LoraConfig(Checkable):
         return []
 
 
+QWEN_PRESETS = ("tiny-qwen2-vl", "tiny-qwen2.5-vl")  # tiny presets with Qwen's 2x2 patch merger
+
+
 @dataclass
 class TinyLlavaConfig(Checkable):
     hidden_size: int = setting(64, "Language model width.")
@@ -102,8 +105,10 @@ class TinyLlavaConfig(Checkable):
 
 @dataclass
 class ModelConfig(Checkable):
-    preset: Literal["tiny-llava", "none"] = setting(
-        "tiny-llava", "Built-in model with random weights and a local tokenizer; 'none' when path is set."
+    preset: Literal["tiny-llava", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "none"] = setting(
+        "tiny-llava",
+        "Built-in model with random weights and a local tokenizer (a LLaVA-1.5, Qwen2-VL or Qwen2.5-VL shape, sized "
+        "by model.tiny); 'none' when path is set.",
     )
     path: str | None = setting(None, "Local Hugging Face folder of a LLaVA-family checkpoint (never downloaded).")
     chat_template: str = setting(
@@ -118,15 +123,36 @@ class ModelConfig(Checkable):
         False,
         "Recompute each transformer layer in the backward instead of storing its activations (less memory, ~1/3 more compute).",
     )
-    tiny: TinyLlavaConfig = section(TinyLlavaConfig, "Shape of the built-in tiny-llava preset.")
+    image_size: list[int] = setting(
+        [],
+        "[height, width] in pixels every image of a qwen2_vl / qwen2_5_vl model.path is resized to (multiples of patch_size * "
+        "merge_size * the largest M3 pooling factor); the Qwen tiny presets use tiny.image_size square.",
+    )
+    tiny: TinyLlavaConfig = section(TinyLlavaConfig, "Shape of the built-in tiny presets.")
     freeze: FreezeConfig = section(FreezeConfig, "Which parts keep their weights fixed.")
     lora: LoraConfig = section(LoraConfig, "PEFT LoRA on the language model.")
 
+    @property
+    def tiny_grid_side(self) -> int:
+        """Side of a tiny preset's visual-token grid: patches per side, over Qwen2-VL's 2x2 merger."""
+        merge = 2 if self.preset in QWEN_PRESETS else 1
+        return self.tiny.image_size // self.tiny.patch_size // merge
+
+    @property
+    def tiny_visual_tokens(self) -> int:
+        """Visual tokens per image of a tiny preset."""
+        return self.tiny_grid_side**2
+
     def check(self) -> list[tuple[str, str]]:
+        if self.image_size and (len(self.image_size) != 2 or min(self.image_size) < 1):
+            return [("image_size", f"is {self.image_size}; give [height, width] in pixels, or [] for none")]
+        if self.preset in QWEN_PRESETS and self.tiny.image_size % (self.tiny.patch_size * 2):
+            message = f"{self.tiny.image_size} is not a multiple of patch_size * 2 (Qwen2-VL's 2x2 merger)"
+            return [("tiny.image_size", message)]
         if self.path and self.preset != "none":
             return [("preset", f"is {self.preset!r} but model.path is set too; set model.preset=none to load the path")]
         if not self.path and self.preset == "none":
-            return [("path", "is empty and model.preset=none; give a local model folder or preset tiny-llava")]
+            return [("path", "is empty and model.preset=none; give a local model folder or a tiny preset")]
         if self.lora.enabled and not self.freeze.language_model:
             return [
                 (
@@ -381,7 +407,8 @@ class TokenScalesConfig(Checkable):
     )
     scales: list[int] = setting(
         [],
-        "Visual-token budgets, increasing (m3: perfect squares whose side divides the grid side; mqt: <= mqt_queries; "
+        "Visual-token budgets, increasing (m3: on a square grid perfect squares whose side divides the grid side, on "
+        "a rows x columns grid (rows / f) * (columns / f) for factors f dividing both; mqt: <= mqt_queries; "
         "mqt empty: every even number up to mqt_queries, as MQT-LLaVA draws m).",
     )
     policy: Literal["all", "sample_per_step", "sample_per_sample"] = setting(
@@ -417,10 +444,6 @@ class TokenScalesConfig(Checkable):
             return [("scales", f"is empty; mode {self.mode} needs the visual-token budgets, e.g. [1, 4, 16, 64]")]
         if sorted(set(self.scales)) != self.scales or self.scales[0] < 1:
             return [("scales", f"must be positive and strictly increasing, got {self.scales}")]
-        if self.mode == "m3":
-            bad = [s for s in self.scales if round(s**0.5) ** 2 != s]
-            if bad:
-                return [("scales", f"m3 pools a square grid, so every scale is a perfect square; {bad} are not")]
         if self.mode == "mqt":
             if self.scales[-1] > self.mqt_queries:
                 return [
@@ -655,8 +678,19 @@ class TrainConfig(Checkable):
                 "model.lora.strategy=shared"
             )
             return [("matryoshka.tokens.mqt_stage", message)]
-        if tokens.mode == "m3" and self.model.preset == "tiny-llava":
-            side = int(self.model.tiny.visual_tokens**0.5)
+        if self.model.preset in QWEN_PRESETS and tokens.mode == "mqt":
+            message = "is 'mqt', which replaces a LLaVA projector; the Qwen tiny presets train m3 (or none)"
+            return [("matryoshka.tokens.mode", message)]
+        if self.model.preset in QWEN_PRESETS and self.task.objective == "contrastive":
+            message = "is 'contrastive', which the Qwen tiny presets do not train yet (its task makes no M-RoPE ids)"
+            return [("task.objective", message)]
+        if tokens.mode == "m3" and self.model.preset != "none":
+            # A tiny preset's grid is square; a folder's grid is checked by its family (mtrain/launch/model_checks.py).
+            bad = [s for s in tokens.scales if round(s**0.5) ** 2 != s]
+            if bad:
+                message = f"m3 pools a square grid, so every scale is a perfect square; {bad} are not"
+                return [("matryoshka.tokens.scales", message)]
+            side = self.model.tiny_grid_side
             bad = [s for s in tokens.scales if side % round(s**0.5)]
             if bad:
                 message = f"{bad}: the side of each scale must divide the {side}x{side} grid side {side}"
@@ -671,8 +705,8 @@ class TrainConfig(Checkable):
                 "would reach the weights; set zero.stage=3 or run.nonfinite=stop"
             )
             return [("run.nonfinite", message)]
-        visual_tokens = self.model.tiny.visual_tokens
-        if self.model.preset == "tiny-llava" and self.data.max_len <= visual_tokens:
+        visual_tokens = self.model.tiny_visual_tokens
+        if self.model.preset != "none" and self.data.max_len <= visual_tokens:
             message = f"{self.data.max_len} leaves no room for text after {visual_tokens} visual tokens; raise it"
             return [("data.max_len", message)]
         return []
@@ -701,9 +735,9 @@ class TrainConfig(Checkable):
                 f"{untrained} have no {self.model.lora.strategy} LoRA adapter (trained: {tokens.scales}); drop them"
             )
             return ("eval.scales", message)
-        if self.model.preset != "tiny-llava":
+        if self.model.preset == "none":
             return None
-        visual_tokens, side = self.model.tiny.visual_tokens, math.isqrt(self.model.tiny.visual_tokens)
+        visual_tokens, side = self.model.tiny_visual_tokens, self.model.tiny_grid_side
         limit = tokens.mqt_queries if tokens.mode == "mqt" else visual_tokens
         if budgets.scales and budgets.scales[-1] > limit:
             return ("eval.scales", f"{budgets.scales[-1]} exceeds the {limit} visual tokens an image has")
@@ -726,7 +760,7 @@ class TrainConfig(Checkable):
             return ("matryoshka.tokens.mode", "visual-token scales train with task.objective=lm; set mode none")
         if self.data.packing:
             return ("data.packing", "(query, positive) pairs are one row each and cannot be packed; set it to false")
-        width = contrastive.projection_dim or (self.model.tiny.hidden_size if self.model.preset == "tiny-llava" else 0)
+        width = contrastive.projection_dim or (self.model.tiny.hidden_size if self.model.preset != "none" else 0)
         if width and dims.dims and dims.dims[-1] > width:
             source = "task.contrastive.projection_dim" if contrastive.projection_dim else "model.tiny.hidden_size"
             return ("matryoshka.dims.dims", f"{dims.dims[-1]} exceeds the embedding width {width} ({source})")
@@ -739,7 +773,7 @@ class TrainConfig(Checkable):
                 "and load embeddings with mtrain.embed.Embedder.from_checkpoint"
             )
             return ("task.contrastive.projection_dim", message)
-        depth = self.model.tiny.num_layers if self.model.preset == "tiny-llava" else 0
+        depth = self.model.tiny.num_layers if self.model.preset != "none" else 0
         if depth and any(layer > depth for layer in dims.layers):
             return ("matryoshka.dims.layers", f"{dims.layers} name layers beyond the model's {depth}")
         if dims.policy == "2dmse" and depth == 1 and not dims.layers:

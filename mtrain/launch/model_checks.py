@@ -4,7 +4,9 @@
 `init_distributed` call `check_model(cfg)`. It reads the folder's small files only (config.json,
 the tokenizer), never weights:
 - the folder's `model_type` has a family (mtrain/model/families); the error names those that do;
-- the config's Matryoshka scales fit that model's visual-token grid (`ModelFamily.problems`);
+- the family trains the config's `task.objective` (`ModelFamily.objectives`);
+- the config's Matryoshka scales fit that model's visual-token grid (`ModelFamily.problems`; a
+  qwen2_vl folder's grid comes from `model.image_size`);
 - the tokenizer has a pad token, or an eos/unk token that `build_model` puts in its place (with a
   logged note): collating right-pads every row, so a tokenizer with none of them cannot train.
 The built-in tiny preset is checked by the config itself (mtrain/config/schema.py).
@@ -65,7 +67,10 @@ def model_problems(cfg: Any) -> list[str]:
     from mtrain.model.build import load_model_config  # noqa: PLC0415
 
     config = load_model_config(path)  # an MQT folder's config without running its code
-    problems = [f"{where}: {problem}" for problem in family.problems(config, cfg.matryoshka.tokens)]
+    found = family.problems(config, cfg.matryoshka.tokens, cfg.model.image_size)
+    if cfg.task.objective not in family.objectives:
+        found.append(f"task.objective={cfg.task.objective} does not train a {config.model_type} model yet")
+    problems = [f"{where}: {problem}" for problem in found]
     pad = pad_token_problem(AutoTokenizer.from_pretrained(path, local_files_only=True), where)
     return problems + ([pad] if pad else [])
 

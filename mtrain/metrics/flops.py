@@ -24,6 +24,7 @@ from torch import nn
 
 from mtrain.config.schema import TokenScalesConfig, TrainConfig
 from mtrain.model.build import model_part, visual_tokens_per_image
+from mtrain.model.families import ModelFamily
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,9 @@ def image_geometry(config: Any, visual_tokens: int) -> ImageGeometry:
     (`visual_tokens`: the family's own count, used for LLaVA-1.5-style fixed grids and MQT's queries)."""
     vision = config.vision_config
     if config.model_type in ("qwen2_vl", "qwen2_5_vl"):
+        if visual_tokens:  # the run's fixed image size (model.image_size / the tiny preset's)
+            patches = visual_tokens * vision.spatial_merge_size**2
+            return ImageGeometry(patches, patches, visual_tokens)
         patches = (QWEN_PLANNED_PIXELS // vision.patch_size) ** 2
         merged = patches // vision.spatial_merge_size**2
         note = (f"{QWEN_PLANNED_PIXELS} x {QWEN_PLANNED_PIXELS} px images (native resolution): {patches} patches, "
@@ -91,10 +95,11 @@ def image_geometry(config: Any, visual_tokens: int) -> ImageGeometry:
     return ImageGeometry(grid + 1, grid, visual_tokens)
 
 
-def model_shape(model: nn.Module, visual_tokens: int) -> ModelShape:
+def model_shape(model: nn.Module, visual_tokens: int, parts: dict[str, str] | None = None) -> ModelShape:
     """Shapes from the LLaVA config and parameter counts from `model` (a LlavaForConditionalGeneration,
     possibly PEFT-wrapped). Works on the meta device and on ZeRO-3 partitioned parameters."""
     text, vision = model.config.text_config, model.config.vision_config
+    parts = parts or ModelFamily.part_names
     image = image_geometry(model.config, visual_tokens)
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     counts = {"language_model": 0, "lm_trained": 0, "vision_tower": 0, "projector": 0}
@@ -106,7 +111,7 @@ def model_shape(model: nn.Module, visual_tokens: int) -> ModelShape:
         trainable += numel if param.requires_grad else 0
         if "lora_" in name or "original_module" in name:
             continue  # adapters are left out of FLOPs; PEFT's frozen original of a trained module never runs
-        part = model_part(name)
+        part = model_part(name, parts)
         if param.requires_grad:
             trained_parts.add(part)
         if part == "language_model" and "embed_tokens" in name:
@@ -117,15 +122,17 @@ def model_shape(model: nn.Module, visual_tokens: int) -> ModelShape:
     largest = max(
         sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters(recurse=False)) for module in model.modules()
     )
+    # Qwen2-VL's tower is `embed_dim` wide over `depth` blocks (its `hidden_size` is the merger's output).
+    vision_hidden = getattr(vision, "embed_dim", None) or vision.hidden_size
     return ModelShape(
         hidden=text.hidden_size,
         layers=text.num_hidden_layers,
         kv_dim=(getattr(text, "num_key_value_heads", None) or text.num_attention_heads) * head_dim,
         intermediate=text.intermediate_size,
         vocab=text.vocab_size,
-        vision_hidden=vision.hidden_size,
-        vision_layers=vision.num_hidden_layers,
-        vision_intermediate=vision.intermediate_size,
+        vision_hidden=vision_hidden,
+        vision_layers=getattr(vision, "depth", None) or vision.num_hidden_layers,
+        vision_intermediate=getattr(vision, "intermediate_size", None) or int(vision_hidden * vision.mlp_ratio),
         vision_sequence=image.vision_sequence,
         grid_tokens=image.grid_tokens,
         visual_tokens=image.visual_tokens,
@@ -201,6 +208,8 @@ def trainer_flops_per_token(cfg: TrainConfig, task: nn.Module) -> float:
     """FLOPs per counted token of a running task (`task.model` the MLLM, ZeRO-3 partitioned or not),
     its samples laid out as planned with text filling `data.max_len`."""
     tokens = cfg.matryoshka.tokens
-    visual = tokens.mqt_queries if tokens.mode == "mqt" else visual_tokens_per_image(task.model.config)
-    shape = model_shape(task.model, visual)
+    # The task's count where it has one (a Qwen2-VL image's depends on its size, not on the config).
+    visual = getattr(task, "visual_tokens", None) or visual_tokens_per_image(task.model.config)
+    visual = tokens.mqt_queries if tokens.mode == "mqt" else visual
+    shape = model_shape(task.model, visual, getattr(getattr(task, "family", None), "part_names", None))
     return flops_per_token(shape, tokens, max(cfg.data.max_len - visual, 0))

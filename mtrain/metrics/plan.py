@@ -163,7 +163,7 @@ def planned_model_shape(cfg: TrainConfig) -> ModelShape:
         if config is not None and config.model_type not in SUPPORTED_MODEL_TYPES:
             return model_shape(layout_only_model(cfg, config), visual_tokens=0)
         built = build_model(cfg.model, torch.bfloat16, None, cfg.run.seed, cfg.matryoshka.tokens, config_only=True)
-    return model_shape(built.model, built.visual_tokens)
+    return model_shape(built.model, built.visual_tokens, built.family.part_names)
 
 
 def layout_only_model(cfg: TrainConfig, config: Any) -> Any:

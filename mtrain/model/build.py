@@ -21,6 +21,14 @@ from mtrain.config.schema import ModelConfig, TokenScalesConfig
 from mtrain.launch.distributed import print0
 from mtrain.model.families import MQT_MODEL_TYPE, SUPPORTED_MODEL_TYPES, ModelFamily, family_for
 from mtrain.model.families.llava import tiny_image_processor, tiny_llava_config
+from mtrain.model.families.qwen2_vl import (
+    FixedSizeImageProcessor,
+    Qwen2VLFamily,
+    build_tiny_qwen_tokenizer,
+    tiny_qwen2_5_vl_config,
+    tiny_qwen2_vl_config,
+    tiny_qwen_image_processor,
+)
 from mtrain.model.scale_lora import ScaleRouting, adapter_names, attach_scale_lora
 from mtrain.model.tokenizer import IMAGE_TOKEN, build_tiny_tokenizer, pad_with_eos_or_unk
 
@@ -47,6 +55,8 @@ class BuiltModel:
     image_token_id: int
     source: str
     family: ModelFamily | None = None  # what mtrain knows about the model's kind (mtrain/model/families)
+    # (rows, columns) of every image's visual tokens when not a square (Qwen2-VL's merged grid); None: square.
+    visual_grid: tuple[int, int] | None = None
     # Row routing of scale-specific LoRA adapters; None without them.
     scale_routing: ScaleRouting | None = None
     # Parameter elements right after construction, before adapters (see `parameter_elements`).
@@ -126,7 +136,9 @@ def build_model(
     attn = attention_implementation(cfg.attn_implementation)
     torch.manual_seed(seed)  # identical initial weights (and LoRA init) on every rank
     if cfg.path:
-        built = _load_local(cfg.path, dtype, attn, tokens, config_only)
+        built = _load_local(cfg.path, dtype, attn, tokens, config_only, cfg.image_size)
+    elif cfg.preset in TINY_QWEN_CONFIGS:
+        built = _tiny_qwen(cfg, dtype, attn)
     else:
         tokenizer = build_tiny_tokenizer()
         image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -149,26 +161,53 @@ def build_model(
     if cfg.chat_template and built.tokenizer is not None:
         built.tokenizer.chat_template = cfg.chat_template  # rendered by the loader, saved by the export
     built.constructed_elements = parameter_elements(built.model)
-    built.model, built.scale_routing = attach_training_parts(built.model, cfg, tokens)
+    built.model, built.scale_routing = attach_training_parts(built.model, cfg, tokens, built.family.part_names)
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(built)
     built.zero3_context = zero3_context
     return built
 
 
-def attach_training_parts(model: nn.Module, cfg: ModelConfig, tokens: TokenScalesConfig) -> tuple[nn.Module, Any]:
+def attach_training_parts(
+    model: nn.Module, cfg: ModelConfig, tokens: TokenScalesConfig, parts: dict[str, str] = ModelFamily.part_names
+) -> tuple[nn.Module, Any]:
     """(model, scale routing or None): the LoRA adapters (one shared, or one per scale) or, without LoRA, the
-    freeze policy. Also what `mtrain plan` applies to a model type it lays out before mtrain trains it."""
+    freeze policy, on the family's `parts`. Also what `mtrain plan` applies to a model it lays out."""
     if not cfg.lora.enabled:
-        apply_freeze_policy(model, cfg)
+        apply_freeze_policy(model, cfg, parts)
         return model, None
     # PEFT freezes the base and trains the adapters plus `modules_to_save`, so the saved
     # adapter alone rebuilds the trained model on top of the original base.
     if tokens.mode != "none" and cfg.lora.strategy != "shared":
         names = adapter_names(cfg.lora.strategy, tokens.scales)
-        configs = [peft_lora_config(cfg, with_modules_to_save=i == 0) for i in range(len(names))]
+        configs = [peft_lora_config(cfg, with_modules_to_save=i == 0, parts=parts) for i in range(len(names))]
         return attach_scale_lora(model, configs, names)
-    return attach_lora(model, cfg), None
+    return attach_lora(model, cfg, parts), None
+
+
+# The Qwen tiny presets and the function that makes each one's config.
+TINY_QWEN_CONFIGS = {"tiny-qwen2-vl": tiny_qwen2_vl_config, "tiny-qwen2.5-vl": tiny_qwen2_5_vl_config}
+
+
+def _tiny_qwen(cfg: ModelConfig, dtype: torch.dtype, attn: str) -> BuiltModel:
+    """A tiny Qwen preset: a Qwen2-VL or Qwen2.5-VL model from `cfg.tiny`, a Qwen-shaped tokenizer,
+    Qwen's image processor at the square tiny.image_size."""
+    tokenizer = build_tiny_qwen_tokenizer()
+    config = TINY_QWEN_CONFIGS[cfg.preset](cfg.tiny, (len(tokenizer) + 63) // 64 * 64, tokenizer)
+    family = family_for(config.model_type)
+    config._attn_implementation = attn
+    processor = tiny_qwen_image_processor(cfg.tiny.image_size, cfg.tiny.patch_size)
+    rows, columns = processor.merged_grid
+    return BuiltModel(
+        model=family.model_class()._from_config(config, dtype=dtype),
+        tokenizer=tokenizer,
+        image_processor=processor,
+        visual_tokens=rows * columns,
+        image_token_id=family.image_token_id(config),
+        source=f"preset:{cfg.preset}",
+        family=family,
+        visual_grid=(rows, columns),
+    )
 
 
 def enable_activation_checkpointing(built: BuiltModel) -> None:
@@ -191,7 +230,12 @@ def enable_activation_checkpointing(built: BuiltModel) -> None:
 
 
 def _load_local(
-    path: str, dtype: torch.dtype, attn: str, tokens: TokenScalesConfig, config_only: bool = False
+    path: str,
+    dtype: torch.dtype,
+    attn: str,
+    tokens: TokenScalesConfig,
+    config_only: bool = False,
+    image_size: list[int] | None = None,
 ) -> BuiltModel:
     from transformers import AutoImageProcessor, AutoTokenizer  # noqa: PLC0415
 
@@ -206,11 +250,13 @@ def _load_local(
     starts_mqt = tokens.mode == "mqt" and config.model_type != MQT_MODEL_TYPE
     model_class, config = _model_class_for(config, tokens, path)
     family = family_for(config.model_type)
+    grid = fixed_grid(config, image_size, path)
+    visual = grid[0] * grid[1] if grid else family.visual_tokens(config)
     if config_only:
         config._attn_implementation = attn
         model = model_class._from_config(config, dtype=dtype)
-        visual, image_token_id = family.visual_tokens(config), family.image_token_id(config)
-        return BuiltModel(model, None, None, visual, image_token_id, str(folder), family=family)
+        image_token_id = family.image_token_id(config)
+        return BuiltModel(model, None, None, visual, image_token_id, str(folder), family=family, visual_grid=grid)
     model, loading = model_class.from_pretrained(
         folder,
         config=config,
@@ -226,15 +272,32 @@ def _load_local(
     if note:
         print0(f"model.path={path!r}: {note}")
     image_processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+    if grid is not None:
+        image_processor = FixedSizeImageProcessor(image_processor, *image_size)
     return BuiltModel(
         model=model,
         tokenizer=tokenizer,
         image_processor=image_processor,
-        visual_tokens=family.visual_tokens(config),
+        visual_tokens=visual,
         image_token_id=family.image_token_id(config),
         source=str(folder.resolve()),
         family=family,
+        visual_grid=grid,
     )
+
+
+def fixed_grid(config: Any, image_size: list[int] | None, path: str) -> tuple[int, int] | None:
+    """The merged grid every image of a Qwen folder gets at `model.image_size` (None for other families)."""
+    if not isinstance(family_for(config.model_type), Qwen2VLFamily):
+        return None
+    if not image_size:
+        raise ValueError(
+            f"model.path={path!r} is a {config.model_type} model, whose images are resized to one size here; "
+            "set model.image_size=[height,width] (multiples of patch_size * merge_size * the largest M3 factor)"
+        )
+    vision = config.vision_config
+    unit = vision.patch_size * vision.spatial_merge_size
+    return image_size[0] // unit, image_size[1] // unit
 
 
 def _model_class_for(config: Any, tokens: TokenScalesConfig, path: str) -> tuple[Any, Any]:
@@ -287,17 +350,20 @@ def lora_target_pattern(target_modules: list[str]) -> str:
     return rf".*language_model.*\.({names})"
 
 
-def trained_modules(cfg: ModelConfig) -> list[str]:
-    """Whole modules that train beside LoRA: unfrozen vision tower / projector, and always_train."""
+def trained_modules(cfg: ModelConfig, parts: dict[str, str] = ModelFamily.part_names) -> list[str]:
+    """Whole modules that train beside LoRA: unfrozen vision tower / projector (named by the family's
+    `part_names`), and always_train."""
     modules = list(cfg.freeze.always_train)
     if not cfg.freeze.projector:
-        modules.append("multi_modal_projector")
+        modules.append(parts["projector"])
     if not cfg.freeze.vision_tower:
-        modules.append("vision_tower")
+        modules.append(parts["vision_tower"])
     return modules
 
 
-def peft_lora_config(cfg: ModelConfig, with_modules_to_save: bool = True):
+def peft_lora_config(
+    cfg: ModelConfig, with_modules_to_save: bool = True, parts: dict[str, str] = ModelFamily.part_names
+):
     from peft import LoraConfig as PeftLoraConfig  # noqa: PLC0415
 
     return PeftLoraConfig(
@@ -305,27 +371,27 @@ def peft_lora_config(cfg: ModelConfig, with_modules_to_save: bool = True):
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
         target_modules=lora_target_pattern(cfg.lora.target_modules),
-        modules_to_save=(trained_modules(cfg) or None) if with_modules_to_save else None,
+        modules_to_save=(trained_modules(cfg, parts) or None) if with_modules_to_save else None,
     )
 
 
-def attach_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
+def attach_lora(model: nn.Module, cfg: ModelConfig, parts: dict[str, str] = ModelFamily.part_names) -> nn.Module:
     from peft import get_peft_model  # noqa: PLC0415
 
-    return get_peft_model(model, peft_lora_config(cfg))
+    return get_peft_model(model, peft_lora_config(cfg, parts=parts))
 
 
-def model_part(parameter_name: str) -> str:
-    """Which part a parameter belongs to: vision_tower, projector or language_model (Qwen-VL's tower is
-    `visual`, its patch merger the projector)."""
-    if "multi_modal_projector" in parameter_name or ".visual.merger." in parameter_name:
+def model_part(parameter_name: str, parts: dict[str, str] = ModelFamily.part_names) -> str:
+    """Which part a parameter belongs to: vision_tower, projector or language_model (the projector
+    first: Qwen2-VL's merger sits inside its tower)."""
+    if f"{parts['projector']}." in parameter_name:
         return "projector"
-    if "vision_tower" in parameter_name or ".visual." in parameter_name:
+    if f"{parts['vision_tower']}." in parameter_name:
         return "vision_tower"
     return "language_model"
 
 
-def apply_freeze_policy(model: nn.Module, cfg: ModelConfig) -> None:
+def apply_freeze_policy(model: nn.Module, cfg: ModelConfig, parts: dict[str, str] = ModelFamily.part_names) -> None:
     """Set requires_grad per part (no LoRA); `freeze.always_train` matches always train."""
     frozen = {
         "vision_tower": cfg.freeze.vision_tower,
@@ -334,7 +400,7 @@ def apply_freeze_policy(model: nn.Module, cfg: ModelConfig) -> None:
     }
     for name, param in model.named_parameters():
         forced = any(fragment in name for fragment in cfg.freeze.always_train)
-        param.requires_grad_(forced or not frozen[model_part(name)])
+        param.requires_grad_(forced or not frozen[model_part(name, parts)])
 
 
 def parameter_elements(model: nn.Module) -> dict[str, int]:

@@ -25,17 +25,37 @@ def m3_scales(grid_tokens: int) -> list[int]:
     return [k * k for k in range(1, side + 1) if side % k == 0]
 
 
-def pool_grid(features: torch.Tensor, scale: int) -> torch.Tensor:
-    """M3: (images, side*side, dim) -> (images, scale, dim) by 2D average pooling of the token grid."""
+def grid_factor(grid: tuple[int, int], scale: int) -> int:
+    """M3's pooling factor f per side that leaves `scale` tokens of a (rows, columns) grid: scale =
+    (rows / f) * (columns / f), f dividing both sides (the rule for non-square grids, e.g. Qwen2-VL's)."""
+    rows, columns = grid
+    factor = math.isqrt(rows * columns // max(scale, 1))
+    if factor < 1 or factor * factor * scale != rows * columns or rows % factor or columns % factor:
+        fitting = [(rows // f) * (columns // f) for f in range(min(rows, columns), 0, -1) if not rows % f + columns % f]
+        raise ValueError(
+            f"scale {scale} does not pool a {rows}x{columns} grid: a scale is (rows / f) * (columns / f) for a "
+            f"factor f dividing both sides ({fitting} here)"
+        )
+    return factor
+
+
+def pool_grid(features: torch.Tensor, scale: int, grid: tuple[int, int] | None = None) -> torch.Tensor:
+    """M3: (images, tokens, dim) -> (images, scale, dim) by 2D average pooling of the token grid.
+
+    The grid is square (side * side tokens) unless a (rows, columns) `grid` is given; then the
+    scale is pooled by `grid_factor` per side."""
     images, tokens, dim = features.shape
-    side, out_side = math.isqrt(tokens), math.isqrt(scale)
-    if side * side != tokens or out_side * out_side != scale or side % out_side:
-        raise ValueError(f"cannot pool a {tokens}-token grid to {scale} tokens: both must be squares, sides dividing")
+    if grid is None:
+        side, out_side = math.isqrt(tokens), math.isqrt(scale)
+        if side * side != tokens or out_side * out_side != scale or side % out_side:
+            raise ValueError(
+                f"cannot pool a {tokens}-token grid to {scale} tokens: both must be squares, sides dividing"
+            )
+        grid = (side, side)
     if scale == tokens:
         return features
-    grid = features.transpose(1, 2).reshape(images, dim, side, side)
-    kernel = side // out_side
-    pooled = F.avg_pool2d(grid, kernel_size=kernel, stride=kernel)
+    kernel = grid_factor(grid, scale)
+    pooled = F.avg_pool2d(features.transpose(1, 2).reshape(images, dim, *grid), kernel_size=kernel, stride=kernel)
     return pooled.reshape(images, dim, scale).transpose(1, 2)
 
 

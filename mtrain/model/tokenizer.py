@@ -23,9 +23,8 @@ question answer user assistant describe it there are here
 """.split()
 
 
-def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """Train a deterministic byte-level BPE tokenizer with `<image>` as a special token and the
-    tiny preset's LLaVA-1.5-shaped chat template."""
+def train_tiny_bpe(special_tokens: list[str], vocab_size: int = 512) -> Any:
+    """A deterministic byte-level BPE `tokenizers.Tokenizer` over the tiny corpus, with `special_tokens` first."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: PLC0415
 
     tokenizer = Tokenizer(models.BPE())
@@ -33,15 +32,21 @@ def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     sentences = [" ".join(_CORPUS_WORDS[i : i + 6]) for i in range(len(_CORPUS_WORDS))]
     sentences += [f" {w}" for w in _CORPUS_WORDS] + [f"a {w}." for w in _CORPUS_WORDS]
     tokenizer.train_from_iterator(sentences * 4, trainer=trainer)
+    return tokenizer
+
+
+def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """Train a deterministic byte-level BPE tokenizer with `<image>` as a special token and the
+    tiny preset's LLaVA-1.5-shaped chat template."""
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
+        tokenizer_object=train_tiny_bpe(SPECIAL_TOKENS, vocab_size),
         chat_template=CHAT_TEMPLATE,  # LLaVA-1.5's shape (data_pipeline/chat_template.py)
         bos_token="<s>",
         eos_token="</s>",

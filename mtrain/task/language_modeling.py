@@ -7,7 +7,9 @@ from typing import Any
 import torch
 
 from data_pipeline.tokenize import IGNORE_INDEX
+from mtrain.model.families.base import ModelFamily
 from mtrain.task.base import Task, learned_per_row
+from mtrain.task.token_layout import Layout
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "position_ids")
 
@@ -15,13 +17,25 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "positi
 class LanguageModelingTask(Task):
     """Wraps the MLLM; `forward(batch)` returns the mean token loss and counted metrics."""
 
-    def __init__(self, model: torch.nn.Module, image_token_id: int) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        image_token_id: int,
+        family: ModelFamily | None = None,
+        visual_grid: tuple[int, int] | None = None,
+        visual_tokens: int = 0,
+    ) -> None:
         super().__init__(model)
         self.image_token_id = image_token_id
+        # How this model's images become tokens and its tokens get positions (LLaVA's when None).
+        self.family = family or ModelFamily()
+        self.visual_grid = visual_grid  # (rows, columns) of every image's tokens; None: a square grid
+        self.visual_tokens = visual_tokens  # tokens per <image> in the batch
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         inputs = {name: batch[name] for name in MODEL_INPUTS if name in batch}
-        if "position_ids" in inputs:
+        inputs["position_ids"] = self.position_ids(batch)
+        if "position_ids" in batch:
             # Packed rows: with no 2D mask, transformers derives a block-diagonal causal mask from
             # the position ids (they restart per document), so attention never crosses documents.
             inputs.pop("attention_mask", None)
@@ -37,6 +51,28 @@ class LanguageModelingTask(Task):
             "label_tokens": (batch["labels"] != IGNORE_INDEX).sum().detach(),
         }
         return loss, metrics
+
+    def position_ids(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The family's position ids for the batch: 1-D, restarting per packed document (LLaVA), or Qwen's
+        M-RoPE ids per document (`ModelFamily.layout_position_ids`, every image at full size)."""
+        input_ids, real = batch["input_ids"], batch["attention_mask"]
+        packed = "position_ids" in batch
+        flat = batch["position_ids"] if packed else torch.arange(input_ids.shape[1], device=input_ids.device)
+        layout = Layout(
+            input_ids=input_ids,
+            labels=batch["labels"],
+            position_ids=flat.expand_as(input_ids),
+            attention_mask=None if packed else real,
+            token_scales=real * self.visual_tokens,  # every image at its full count
+            variants=[],
+        )
+        return self.family.layout_position_ids(self.llava, layout, self.visual_grid, self.image_token_id, packed)
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.family.image_features(self.llava, pixel_values, self.visual_grid)
+
+    def stand_in_pixels(self, device: torch.device) -> torch.Tensor:
+        return self.family.stand_in_pixels(self.llava.config, self.visual_grid, self.input_dtype, device)
 
     def learned_tokens(self, batch: dict[str, Any]) -> torch.Tensor:
         """One group: every learned token of the micro-batch."""

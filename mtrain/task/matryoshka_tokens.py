@@ -25,6 +25,7 @@ from torch import nn
 
 from data_pipeline.tokenize import IGNORE_INDEX
 from mtrain.config.schema import TokenScalesConfig
+from mtrain.model.families.base import ModelFamily
 from mtrain.model.scale_lora import ScaleRouting
 from mtrain.model.token_scales import pool_grid
 from mtrain.task.base import Task, learned_per_row
@@ -43,8 +44,13 @@ class MatryoshkaTokenTask(Task):
         seed: int,
         rank: int,
         routing: ScaleRouting | None = None,
+        family: ModelFamily | None = None,
+        visual_grid: tuple[int, int] | None = None,
     ) -> None:
         super().__init__(model)
+        # How this model's images become tokens and its tokens get positions (LLaVA's when None).
+        self.family = family or ModelFamily()
+        self.visual_grid = visual_grid  # (rows, columns) of every image's tokens; None: a square grid
         self.tokens = tokens
         self.image_token_id = image_token_id
         self.visual_tokens = visual_tokens  # tokens per <image> in the loader's output: the full grid
@@ -112,10 +118,16 @@ class MatryoshkaTokenTask(Task):
         return per_variant.float() @ torch.tensor(one_hot, device=per_row.device)
 
     # ── the pieces ────────────────────────────────────────────────────────────────────────────
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.family.image_features(self.llava, pixel_values, self.visual_grid)
+
+    def stand_in_pixels(self, device: torch.device) -> torch.Tensor:
+        return self.family.stand_in_pixels(self.llava.config, self.visual_grid, self.input_dtype, device)
+
     def at_scale(self, features: torch.Tensor, scale: int) -> torch.Tensor:
         if self.tokens.mode == "mqt":
             return features[:, :scale]  # queries are independent: the first m of M equal an m-query pass
-        return pool_grid(features, scale)
+        return pool_grid(features, scale, self.visual_grid)
 
     # ── the step ──────────────────────────────────────────────────────────────────────────────
     def forward(self, batch: dict[str, Any], scales: list[int] | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -153,11 +165,15 @@ class MatryoshkaTokenTask(Task):
         if self.routing is not None:
             self.routing.set_rows(layout.token_scales)
         try:
+            # The family's ids for this layout: 1-D per document (LLaVA), or Qwen's 3-D M-RoPE ids.
+            positions = self.family.layout_position_ids(
+                self.llava, layout, self.visual_grid, self.image_token_id, packed
+            )
             # use_cache=False: with a cache, transformers ignores packed position ids and attends across variants.
             hidden = self.llava.model(
                 inputs_embeds=embeddings,
                 attention_mask=layout.attention_mask,
-                position_ids=layout.position_ids,
+                position_ids=positions,
                 use_cache=False,
             ).last_hidden_state
             return self.llava.lm_head(hidden), layout

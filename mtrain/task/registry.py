@@ -32,7 +32,7 @@ def no_export_extras(task: Task, export_dir: Path, write: bool) -> None:
 
 
 def language_modeling_task(cfg: TrainConfig, built: BuiltModel, rank: int) -> Task:
-    return LanguageModelingTask(built.model, built.image_token_id)
+    return LanguageModelingTask(built.model, built.image_token_id, built.family, built.visual_grid, built.visual_tokens)
 
 
 def matryoshka_tokens_task(cfg: TrainConfig, built: BuiltModel, rank: int) -> Task:
@@ -50,6 +50,8 @@ def token_scales_task(cfg: TrainConfig, built: BuiltModel, tokens: TokenScalesCo
         seed=cfg.run.seed,
         rank=rank,
         routing=built.scale_routing,
+        family=built.family,
+        visual_grid=built.visual_grid,
     )
 
 

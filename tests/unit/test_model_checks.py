@@ -36,12 +36,12 @@ def folder_config(folder, *overrides: str):
 
 
 def test_an_unsupported_folder_is_refused_before_any_process_group(tmp_path, shards_pattern, capsys):
-    from transformers import Qwen2VLConfig
+    from transformers import MllamaConfig
 
     from mtrain.cli import main
 
-    folder = save_folder(tmp_path / "qwen", Qwen2VLConfig())
-    refusal = f"model.path={str(folder)!r} is a 'qwen2_vl' model; mtrain supports the model families llava"
+    folder = save_folder(tmp_path / "mllama", MllamaConfig())
+    refusal = f"model.path={str(folder)!r} is a 'mllama' model; mtrain supports the model families llava"
     args = [str(REPO / "configs/tiny.yaml"), "model.preset=none", f"model.path={folder}"]
     args += [f"run.dir={tmp_path / 'run'}", f"data.shards={shards_pattern}"]
     # `train` in a fresh interpreter: it reports whether a process group formed and how long main() took.
@@ -68,6 +68,8 @@ def test_scales_that_do_not_fit_the_folders_grid_are_named(tmp_path):
     assert model_problems(folder_config(folder, "matryoshka.tokens.mode=m3", "matryoshka.tokens.scales=[1,16]")) == []
     (problem,) = model_problems(folder_config(folder, "matryoshka.tokens.mode=m3", "matryoshka.tokens.scales=[1,9]"))
     assert problem.startswith(f"model.path={str(folder)!r}: matryoshka.tokens.scales: [9] do not fit")
+    (problem,) = model_problems(folder_config(folder, "model.image_size=[32,64]"))
+    assert "model.image_size=[32, 64] is for Qwen models; a llava tower takes 32x32 images" in problem
 
 
 def test_a_missing_pad_token_pads_with_eos_or_is_refused(tmp_path):

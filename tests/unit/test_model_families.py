@@ -81,9 +81,9 @@ def test_m3_scales_are_checked_against_the_models_grid():
 
 
 def test_an_unknown_model_type_names_the_supported_families():
-    with pytest.raises(UnsupportedModelError, match=r"'qwen2_vl' model; mtrain supports the model families llava"):
-        family_for("qwen2_vl")
-    assert SUPPORTED_MODEL_TYPES == ("llava", "mtrain_mqt_llava")
+    with pytest.raises(UnsupportedModelError, match=r"'mllama' model; mtrain supports the model families llava"):
+        family_for("mllama")
+    assert SUPPORTED_MODEL_TYPES == ("llava", "mtrain_mqt_llava", "qwen2_vl", "qwen2_5_vl")
 
 
 def test_a_siglip_tower_tiny_llava_trains_with_m3_scales(shards_pattern):
@@ -111,7 +111,7 @@ def test_a_siglip_tower_tiny_llava_trains_with_m3_scales(shards_pattern):
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
 
 
-# ── qwen2_vl, in progress: M3 on native-resolution grids, M-RoPE from the pooled grid ──────────
+# ── qwen2_vl: M3 on native-resolution grids, M-RoPE from the pooled grid (model level) ─────────────
 IMAGE, VISION_START, VISION_END = 4, 6, 7
 BEFORE, AFTER = [10, 11, 12], [20, 21, 22, 23]
 

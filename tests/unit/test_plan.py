@@ -107,6 +107,39 @@ def llava7b_dir(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def qwen2_5_vl_7b_dir(tmp_path_factory):
+    """A Qwen2.5-VL-7B-Instruct config.json (its 32-block window-attention tower, Qwen2-7B shapes); no weights."""
+    from transformers import Qwen2_5_VLConfig
+
+    text = {
+        "vocab_size": 152064,
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 128000,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+    }
+    vision = {
+        "depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "out_hidden_size": 3584,
+        "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
+        "fullatt_block_indexes": [7, 15, 23, 31],
+    }  # fmt: skip
+    folder = tmp_path_factory.mktemp("qwen2.5-vl-7b")
+    Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=151655,
+        video_token_id=151656,
+        vision_start_token_id=151652,
+        vision_end_token_id=151653,
+        tie_word_embeddings=False,
+    ).save_pretrained(folder)
+    return folder
+
+
 def full_finetune_7b(folder) -> list[str]:
     return [
         "model.preset=none",
@@ -232,12 +265,14 @@ RECIPE_GLOBAL_BATCH = {
     "lora_sft_matryoshka": 128,
     "mqt_finetune": 128,
     "embedding_mrl": 256,
+    "lora_sft_matryoshka_qwen2_5_vl": 128,
 }
 
 
 @pytest.mark.parametrize("recipe", sorted(RECIPE_GLOBAL_BATCH))
-def test_every_full_size_recipe_fits_eight_80gb_gpus(llava7b_dir, recipe):
-    cfg = load_config(REPO / f"configs/recipes/{recipe}.yaml", [f"model.path={llava7b_dir}"])
+def test_every_full_size_recipe_fits_eight_80gb_gpus(llava7b_dir, qwen2_5_vl_7b_dir, recipe):
+    folder = qwen2_5_vl_7b_dir if "qwen2_5_vl" in recipe else llava7b_dir
+    cfg = load_config(REPO / f"configs/recipes/{recipe}.yaml", [f"model.path={folder}"])
     cluster = Cluster(1, 8, 80 * GIB)
     # Text filling data.max_len is the longest row a step can meet; 300 text tokens the typical one.
     longest = make_plan(cfg, cluster)

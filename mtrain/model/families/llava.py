@@ -51,7 +51,12 @@ class LlavaFamily(ModelFamily):
         value = getattr(config, "image_token_id", None)
         return value if value is not None else config.image_token_index
 
-    def problems(self, config: Any, tokens: Any) -> list[str]:
+    def problems(self, config: Any, tokens: Any, image_size: list[int] | None = None) -> list[str]:
+        if image_size:
+            side = config.vision_config.image_size
+            return [
+                f"model.image_size={image_size} is for Qwen models; a llava tower takes {side}x{side} images, drop it"
+            ]
         try:
             visual = self.visual_tokens(config)
         except UnsupportedModelError as exc:
@@ -151,7 +156,7 @@ class MQTLlavaFamily(LlavaFamily):
     def visual_grid(self, config: Any) -> tuple[int, int] | None:
         return None  # query outputs, not a patch grid
 
-    def problems(self, config: Any, tokens: Any) -> list[str]:
+    def problems(self, config: Any, tokens: Any, image_size: list[int] | None = None) -> list[str]:
         return (
             []
             if tokens.mode == "mqt"

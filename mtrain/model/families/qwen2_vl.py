@@ -1,24 +1,41 @@
-"""Qwen2-VL (`model_type == "qwen2_vl"`), in progress: the M3 pieces on its native-resolution grids.
+"""Qwen2-VL (`model_type == "qwen2_vl"`): native-resolution grids, the patch merger, 3-D M-RoPE.
 
-Not in the registry yet (a `qwen2_vl` folder is still refused before any process starts): the data
-pipeline does not yet produce Qwen's flattened patches, `image_grid_thw` and `mm_token_type_ids`,
-and the tasks do not yet pass 3-D position ids. What is here, and tested
-(tests/unit/test_model_families.py), is how M3 works on this family:
-
-- Images -> grids: the processor resizes each image to a multiple of patch_size * merge_size
-  pixels per side and cuts it into patches; the tower's patch merger (the projector) joins each
-  merge_size x merge_size block into one token. So one image is a (t, rows, columns) grid of
-  merged tokens, rows = h / merge_size and columns = w / merge_size for `image_grid_thw` (t, h, w):
-  variable per image and usually not square.
+- Images -> grids: the processor cuts each image into patch_size x patch_size patches (two copies of
+  the image as Qwen's temporal_patch_size=2 frames), flattened to (patches, 3 * 2 * patch_size^2)
+  rows ordered so that every merge_size x merge_size block is consecutive; the tower's patch
+  merger (the projector, `model.visual.merger`) joins each block into one token. So one image is a
+  (t, rows, columns) grid of merged tokens, rows = h / merge_size and columns = w / merge_size for
+  `image_grid_thw` (t, h, w), row-major. This first cut resizes every image to one configured
+  (height, width) (`FixedSizeImageProcessor`: Qwen's own processor after the resize; the tiny preset
+  uses tiny.image_size square), so every image has the same known merged grid `BuiltModel.visual_grid`
+  and every `<image>` the same number of tokens; non-square sizes are allowed.
 - M3 on such grids: a scale is a pooling factor f per side, the same for both sides; the image
-  gives (rows / f) x (columns / f) tokens. Factors nest (f = 1, 2, 4: each grid pools the one
-  before), every rank computes the same counts from the same `image_grid_thw`, and f must divide
-  both sides of every image's merged grid (resize images to multiples of patch_size * merge_size * f_max).
-- Sequence: the pooled tokens fill the positions of `image_token_id` between vision_start and
-  vision_end, (rows / f) * (columns / f) of them per image.
+  gives (rows / f) x (columns / f) tokens. Scales are written as those token counts (s =
+  rows * columns / f^2, `mtrain.model.token_scales.grid_factor`). Factors nest (f = 1, 2, 4: each
+  grid pools the one before), every rank computes the same counts from the same grid, and f must
+  divide both sides of the merged grid (size each side a multiple of patch_size * merge_size * f_max).
+- Sequence: the pooled tokens fill the positions of `image_token_id` (`<|image_pad|>`) between
+  `<|vision_start|>` and `<|vision_end|>` as the chat template writes them, (rows / f) * (columns / f)
+  of them per image.
 - Position ids: 3-D M-RoPE (temporal, height, width), from the model's own `get_rope_index`
   given the pooled grid, (t, h / f, w / f): pooled tokens get the positions of a grid of that
-  size, and the text after an image continues from the pooled grid's extent.
+  size, and the text after an image continues from the pooled grid's extent. They are computed per
+  document (each from 0, as the document alone would get them) and placed into the packed row;
+  packed, the 1-D per-document positions go first as the fourth row transformers reads its
+  block-diagonal mask from (`Qwen2VLTextModel.forward`), so attention never crosses documents.
+- Objectives: next-token training with M3 (`matryoshka.tokens.mode=m3`) or without (`none`: the
+  language-modeling task, every image at full size, the same M-RoPE ids). MQT's query transformer
+  replaces a LLaVA projector, and the contrastive task makes no M-RoPE ids yet: both are refused
+  before any process starts (`problems` and `objectives`; the config for the presets).
+
+`qwen2_5_vl` (`Qwen2_5_VLFamily`) reuses all of this: its tower adds window attention, with the
+same merger, image token and M-RoPE. `qwen3_vl` would need more: its tower feeds DeepStack features
+into several language-model layers (a hook beyond `image_features`, and M3 pooling of each of them)
+and its M-RoPE interleaves the three axes (its own `get_rope_index`, which the hook would call).
+
+Not yet: per-image grids (each image its own aspect-keeping size and token count; scales would then be
+pooling factors rather than token counts), a saved `Qwen2VLProcessor` in exports (its video processor
+needs torchvision, which the CPU stack leaves out), and the contrastive objective.
 """
 
 from __future__ import annotations
@@ -29,6 +46,47 @@ import torch
 import torch.nn.functional as F
 
 from mtrain.model.families.base import ModelFamily
+from mtrain.model.token_scales import grid_factor
+
+IMAGE_PAD = "<|image_pad|>"  # the image token: one per visual token in the sequence
+# Qwen2-VL's special tokens, as its tokenizer has them (the tiny preset's tokenizer carries the same).
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    IMAGE_PAD,
+    "<|video_pad|>",
+]
+SYSTEM_PROMPT = "You are a helpful assistant."
+
+# Qwen2-VL's chat template (ChatML with a default system prompt; an image part is
+# <|vision_start|><|image_pad|><|vision_end|>), with its assistant parts marked by {% generation %}
+# so `apply_chat_template(..., return_assistant_tokens_mask=True)` gives the mask training uses.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if loop.first and message['role'] != 'system' -%}"
+    "{{- '<|im_start|>system\\n" + SYSTEM_PROMPT + "<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}{%- set text = message['content'] -%}"
+    "{%- else -%}{%- set text = namespace(value='') -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}"
+    "{%- set text.value = text.value + '<|vision_start|><|image_pad|><|vision_end|>' -%}"
+    "{%- elif part['type'] == 'text' -%}{%- set text.value = text.value + part['text'] -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set text = text.value -%}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{%- generation -%}{{- text + '<|im_end|>\\n' -}}{%- endgeneration -%}"
+    "{%- else -%}{{- text + '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
 
 
 def merged_grid(grid_thw: torch.Tensor, merge_size: int) -> tuple[int, int, int]:
@@ -63,16 +121,248 @@ def pooled_grid_thw(grid_thw: torch.Tensor, factor: int) -> torch.Tensor:
     return pooled
 
 
+def build_tiny_qwen_tokenizer(vocab_size: int = 512) -> Any:
+    """The tiny preset's tokenizer in Qwen2-VL's shape: its special tokens, no BOS, `<|im_end|>` ending a
+    turn, `<|endoftext|>` padding, and the Qwen2-VL chat template."""
+    from transformers import PreTrainedTokenizerFast  # noqa: PLC0415
+
+    from mtrain.model.tokenizer import train_tiny_bpe  # noqa: PLC0415
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=train_tiny_bpe(SPECIAL_TOKENS, vocab_size),
+        chat_template=CHAT_TEMPLATE,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens={"image_token": IMAGE_PAD},
+    )
+
+
+def tiny_qwen2_vl_config(tiny: Any, vocab_size: int, tokenizer: Any) -> Any:
+    """The tiny preset's Qwen2VLConfig: a small Qwen2 language model with M-RoPE and a small Qwen2-VL tower
+    (patch `tiny.patch_size`, 2x2 merger)."""
+    from transformers import Qwen2VLConfig  # noqa: PLC0415
+
+    # M-RoPE splits head_dim / 2 rotary frequencies into (temporal, height, width) sections, in
+    # Qwen2-VL's proportions (16, 24, 24 of 64).
+    half = tiny.hidden_size // tiny.num_heads // 2
+    temporal = half // 4
+    height = (half - temporal) // 2
+    text = {
+        "vocab_size": vocab_size,
+        "hidden_size": tiny.hidden_size,
+        "intermediate_size": tiny.hidden_size * 2,
+        "num_hidden_layers": tiny.num_layers,
+        "num_attention_heads": tiny.num_heads,
+        "num_key_value_heads": tiny.num_heads,
+        "max_position_embeddings": 1024,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [temporal, height, half - temporal - height],
+        },
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": None,
+    }
+    vision = {
+        "depth": tiny.vision_layers,
+        "embed_dim": tiny.vision_hidden_size,
+        "hidden_size": tiny.hidden_size,
+        "num_heads": max(1, tiny.vision_hidden_size // 8),
+        "mlp_ratio": 2,
+        "patch_size": tiny.patch_size,
+        "spatial_merge_size": MERGE_SIZE,
+        "temporal_patch_size": 2,
+        "in_channels": 3,
+    }
+    return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **token_ids(tokenizer))
+
+
+def tiny_qwen2_5_vl_config(tiny: Any, vocab_size: int, tokenizer: Any) -> Any:
+    """The tiny preset's Qwen2_5_VLConfig: the same language model as `tiny_qwen2_vl_config`, and a
+    Qwen2.5-VL tower: RMSNorm and SwiGLU blocks with window attention over 2x2 merged-token windows,
+    full attention in its last block."""
+    from transformers import Qwen2_5_VLConfig  # noqa: PLC0415
+
+    text = tiny_qwen2_vl_config(tiny, vocab_size, tokenizer).text_config.to_dict()
+    for name in ("model_type", "architectures", "transformers_version"):
+        text.pop(name, None)
+    vision = {
+        "depth": tiny.vision_layers,
+        "hidden_size": tiny.vision_hidden_size,
+        "intermediate_size": tiny.vision_hidden_size * 2,
+        "num_heads": max(1, tiny.vision_hidden_size // 8),
+        "out_hidden_size": tiny.hidden_size,
+        "patch_size": tiny.patch_size,
+        "spatial_merge_size": MERGE_SIZE,
+        "temporal_patch_size": 2,
+        "in_channels": 3,
+        "window_size": tiny.patch_size * MERGE_SIZE * 2,  # windows of 2x2 merged tokens (pixels per side)
+        "fullatt_block_indexes": [tiny.vision_layers - 1],
+    }
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **token_ids(tokenizer))
+
+
+def token_ids(tokenizer: Any) -> dict[str, int]:
+    """The config's image, video and vision start/end token ids, from the tokenizer."""
+    return {name: tokenizer.convert_tokens_to_ids(token) for name, token in TOKEN_IDS.items()}
+
+
+MERGE_SIZE = 2  # Qwen2-VL's patch merger joins 2x2 patches
+TOKEN_IDS = {
+    "image_token_id": IMAGE_PAD,
+    "video_token_id": "<|video_pad|>",
+    "vision_start_token_id": "<|vision_start|>",
+    "vision_end_token_id": "<|vision_end|>",
+}
+
+
+class FixedSizeImageProcessor:
+    """Qwen2-VL's own image processor, after resizing every image to one (height, width) in pixels.
+
+    Qwen's processor keeps each image's aspect ratio (`smart_resize`), so grids vary per image;
+    this first cut gives every image the same merged grid (height / (patch * merge), width / (patch * merge)).
+    Called as an image processor on one image, it returns that image's flattened patches with a leading
+    batch axis of one: (1, patches, 3 * temporal_patch_size * patch_size^2), which the loader stacks
+    into (images, patches, dim). Saving saves the stock processor (what inference loads).
+    """
+
+    def __init__(self, processor: Any, height: int, width: int) -> None:
+        unit = processor.patch_size * processor.merge_size
+        if height % unit or width % unit:
+            raise ValueError(
+                f"a {height}x{width} image size for a Qwen2-VL model: each side must be a multiple of "
+                f"patch_size * merge_size = {unit}"
+            )
+        self.processor = processor
+        self.height = height
+        self.width = width
+
+    @property
+    def merged_grid(self) -> tuple[int, int]:
+        """(rows, columns) of merged tokens every image becomes."""
+        unit = self.processor.patch_size * self.processor.merge_size
+        return self.height // unit, self.width // unit
+
+    def __call__(self, images: Any, return_tensors: str = "pt") -> dict[str, torch.Tensor]:
+        from PIL import Image  # noqa: PLC0415
+
+        image = images.convert("RGB").resize((self.width, self.height), resample=Image.BICUBIC)
+        out = self.processor(images=image, do_resize=False, return_tensors="pt")
+        return {"pixel_values": out["pixel_values"][None], "image_grid_thw": out["image_grid_thw"]}
+
+    def save_pretrained(self, folder: Any, **kwargs: Any) -> Any:
+        return self.processor.save_pretrained(folder, **kwargs)
+
+
+def tiny_qwen_image_processor(image_size: int, patch_size: int) -> FixedSizeImageProcessor:
+    """Qwen2-VL's image processor (the PIL one: the default wants torchvision) at the tiny size: a square
+    image of `image_size` pixels keeps that size under its own resize too (what inference gets)."""
+    from transformers import Qwen2VLImageProcessorPil  # noqa: PLC0415
+
+    pixels = image_size * image_size
+    stock = Qwen2VLImageProcessorPil(
+        patch_size=patch_size, merge_size=MERGE_SIZE, temporal_patch_size=2, min_pixels=pixels, max_pixels=pixels
+    )
+    return FixedSizeImageProcessor(stock, image_size, image_size)
+
+
 class Qwen2VLFamily(ModelFamily):
     model_type = "qwen2_vl"
     model_class_path = "transformers:Qwen2VLForConditionalGeneration"
     position_ids = "3-D M-RoPE from the model's get_rope_index, given each image's pooled grid (t, h / f, w / f)"
+    part_names = {"vision_tower": "visual", "projector": "visual.merger"}
+    objectives = ("lm",)  # the contrastive task makes no M-RoPE ids yet
 
     def visual_tokens(self, config: Any) -> int:
         raise NotImplementedError("qwen2_vl images have a token count each: rows * columns of their merged grid")
 
     def visual_grid(self, config: Any) -> tuple[int, int] | None:
-        return None  # one grid per image, from image_grid_thw
+        return None  # one grid per image, from its size (BuiltModel.visual_grid for a fixed size)
 
     def image_token_id(self, config: Any) -> int:
         return config.image_token_id
+
+    def problems(self, config: Any, tokens: Any, image_size: list[int] | None = None) -> list[str]:
+        if tokens.mode == "mqt":
+            return [
+                f"matryoshka.tokens.mode=mqt replaces a LLaVA projector; a {self.model_type} model trains m3 or none"
+            ]
+        vision = config.vision_config
+        unit = vision.patch_size * vision.spatial_merge_size
+        if not image_size:
+            return [
+                f"a {self.model_type} model's images are resized to one size here; set model.image_size=[height,width] "
+                f"(multiples of patch_size * merge_size = {unit} times the largest M3 pooling factor)"
+            ]
+        if image_size[0] % unit or image_size[1] % unit:
+            return [f"model.image_size={image_size}: each side must be a multiple of patch_size * merge_size = {unit}"]
+        grid = (image_size[0] // unit, image_size[1] // unit)
+        problems = []
+        for scale in tokens.scales if tokens.mode == "m3" else []:
+            try:
+                grid_factor(grid, scale)
+            except ValueError as exc:
+                problems.append(f"matryoshka.tokens.scales: {exc} (model.image_size={image_size})")
+        return problems
+
+    def patch_grid_thw(self, config: Any, grid: tuple[int, int], images: int, device: Any) -> torch.Tensor:
+        """`image_grid_thw` rows (1, h, w) in patches for `images` images of merged grid `grid`."""
+        merge = config.vision_config.spatial_merge_size
+        rows, columns = grid
+        return torch.tensor([[1, rows * merge, columns * merge]] * images, device=device)
+
+    def image_features(self, model: Any, pixel_values: torch.Tensor, grid: tuple[int, int] | None) -> torch.Tensor:
+        if grid is None:
+            raise ValueError(f"a {self.model_type} model needs its images' merged grid (BuiltModel.visual_grid)")
+        grid_thw = self.patch_grid_thw(model.config, grid, pixel_values.shape[0], pixel_values.device)
+        output = model.model.get_image_features(
+            pixel_values=pixel_values.flatten(0, 1), image_grid_thw=grid_thw, return_dict=True
+        )
+        return torch.stack(list(output.pooler_output))
+
+    def stand_in_pixels(self, config: Any, grid: tuple[int, int] | None, dtype: Any, device: Any) -> torch.Tensor:
+        vision = config.vision_config
+        merge = vision.spatial_merge_size
+        rows, columns = grid if grid is not None else (1, 1)
+        patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        return torch.zeros((1, rows * columns * merge * merge, patch), dtype=dtype, device=device)
+
+    def layout_position_ids(
+        self, model: Any, layout: Any, grid: tuple[int, int] | None, image_token_id: int, packed: bool
+    ) -> torch.Tensor:
+        """M-RoPE ids of every document of the layout from `get_rope_index`, each from 0 as alone.
+
+        `layout.position_ids` restart at 0 at every document (and the padding tail); each document's
+        images are pooled to the grid of its scale. Packed: (4, rows, width), the 1-D ids first (the
+        mask boundaries); padded: (3, rows, width) beside the attention mask.
+        """
+        flat, ids, scales = layout.position_ids, layout.input_ids, layout.token_scales
+        mrope = flat[None].repeat(3, 1, 1)
+        starts = [[] for _ in range(ids.shape[0])]
+        for row, column in (flat == 0).nonzero().tolist():  # one read of the layout's document starts
+            starts[row].append(column)
+        scale_at = scales.tolist()
+        for row, row_starts in enumerate(starts):
+            for start, end in zip(row_starts, [*row_starts[1:], ids.shape[1]], strict=True):
+                document = ids[row, start:end]
+                is_image = document == image_token_id
+                scale = scale_at[row][start]
+                if scale == 0 or not bool(is_image.any()):
+                    continue  # text only (or the padding tail): the 1-D ids are M-RoPE's too
+                factor = grid_factor(grid, scale)
+                images = int(is_image.sum()) // scale
+                grid_thw = pooled_grid_thw(self.patch_grid_thw(model.config, grid, images, ids.device), factor)
+                positions, _ = model.model.get_rope_index(document[None], is_image[None].int(), image_grid_thw=grid_thw)
+                mrope[:, row, start:end] = positions[:, 0]
+        return torch.cat([flat[None], mrope]) if packed else mrope
+
+
+class Qwen2_5_VLFamily(Qwen2VLFamily):
+    """Qwen2.5-VL (`model_type == "qwen2_5_vl"`): Qwen2-VL's pipeline as is. Its tower adds window
+    attention (and RMSNorm / SwiGLU blocks) inside `model.visual`, which returns the merged tokens in the
+    same row-major grid order; the merger, the image token and M-RoPE (`get_rope_index`, images at one
+    temporal position) are Qwen2-VL's."""
+
+    model_type = "qwen2_5_vl"
+    model_class_path = "transformers:Qwen2_5_VLForConditionalGeneration"

@@ -1,0 +1,395 @@
+"""The qwen2_vl family end to end on the tiny-qwen2-vl preset, in one process: Qwen's patches and grids
+from its own image processor, M3 pooling per side with M-RoPE ids from the pooled grid, the one-pass
+all-scale loss against separate stock forwards, packed against unpacked documents, the Qwen-shaped chat
+template against `apply_chat_template`, the pre-process-group folder check, and an export that stock
+transformers reloads with equal logits."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from data_pipeline.chat_template import ConversationTemplate
+from data_pipeline.formats import SampleRules, build_conversation, conversation_messages
+from data_pipeline.tokenize import IGNORE_INDEX, TokenSpec, tokenize_sample
+from mtrain.config import load_config
+from mtrain.launch.model_checks import model_problems
+from mtrain.model.build import build_model
+from mtrain.model.families.qwen2_vl import (
+    IMAGE_PAD,
+    build_tiny_qwen_tokenizer,
+    merged_grid,
+    pool_merged,
+    pooled_grid_thw,
+)
+from mtrain.task.registry import build_task
+from mtrain.task.token_layout import shrink_image_runs
+
+SCALES = [1, 4, 16]  # the 4x4 merged grid of a 32x32 image pooled by 4, 2 and 1 per side
+TWO_TURNS = [
+    {"from": "human", "value": "<image>\nWhat digit is this?"},
+    {"from": "gpt", "value": "seven"},
+    {"from": "human", "value": "And its colour?"},
+    {"from": "gpt", "value": "It is red."},
+]
+
+
+PRESETS = {"tiny-qwen2-vl": "Qwen2VLForConditionalGeneration", "tiny-qwen2.5-vl": "Qwen2_5_VLForConditionalGeneration"}
+
+
+def qwen_config(*overrides: str, preset: str = "tiny-qwen2-vl"):
+    return load_config(
+        None,
+        [
+            f"model.preset={preset}",
+            "matryoshka.tokens.mode=m3",
+            f"matryoshka.tokens.scales=[{','.join(map(str, SCALES))}]",
+            "model.lora.enabled=true",
+            "model.lora.dropout=0.0",
+            "model.freeze.always_train=[lm_head]",
+            *overrides,
+        ],
+    )
+
+
+def make_task(strategy: str = "shared_plus_per_scale", layout: str = "packed", preset: str = "tiny-qwen2-vl"):
+    cfg = qwen_config(f"model.lora.strategy={strategy}", f"matryoshka.tokens.layout={layout}", preset=preset)
+    built = build_model(cfg.model, torch.float32, None, seed=0, tokens=cfg.matryoshka.tokens)
+    task = build_task(cfg, built, rank=0)
+    with torch.no_grad():  # LoRA B starts at zero: give every adapter a distinct delta so routing shows
+        for name, param in task.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    return task, built
+
+
+def text_ids(built, text: str) -> list[int]:
+    return built.tokenizer(text, add_special_tokens=False).input_ids
+
+
+def image_ids(built) -> list[int]:
+    return (
+        text_ids(built, "<|vision_start|>")
+        + [built.image_token_id] * built.visual_tokens
+        + text_ids(built, "<|vision_end|>")
+    )
+
+
+def documents(built) -> list[tuple[list[int], list[int], int]]:
+    """(input_ids, labels, images) of three documents: one image, two images, one image and a longer answer."""
+    docs = []
+    for prompt, answer, images in [
+        ("user\n", "a red circle.", 1),
+        ("two\n", "a blue square.", 2),
+        ("", "a green cross shape.", 1),
+    ]:
+        prefix = text_ids(built, "<|im_start|>" + prompt) + image_ids(built) * images
+        learned = text_ids(built, answer + "<|im_end|>")
+        docs.append((prefix + learned, [IGNORE_INDEX] * len(prefix) + learned, images))
+    return docs
+
+
+def pixels_for(built, images: int) -> torch.Tensor:
+    """Each image through the preset's processor (Qwen's own, after the fixed resize): (images, patches, dim)."""
+    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
+    shapes = [(50, 40), (32, 32), (20, 64), (64, 48)]  # resized to 32x32 whatever they are
+    return torch.cat(
+        [
+            built.image_processor(images=Image.new("RGB", shapes[i % 4], colours[i % 4]))["pixel_values"]
+            for i in range(images)
+        ]
+    )
+
+
+def padded_batch(built, docs) -> dict:
+    width = max(len(ids) for ids, _, _ in docs)
+    pad = built.tokenizer.pad_token_id
+    return {
+        "input_ids": torch.tensor([ids + [pad] * (width - len(ids)) for ids, _, _ in docs]),
+        "labels": torch.tensor([labels + [IGNORE_INDEX] * (width - len(labels)) for _, labels, _ in docs]),
+        "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _, _ in docs]),
+        "pixel_values": pixels_for(built, sum(images for _, _, images in docs)),
+    }
+
+
+def reference_scale_loss(task, built, batch, scale: int) -> torch.Tensor:
+    """One scale through the stock model: its own vision features and loss, each image pooled by
+    `pool_merged`, M-RoPE ids from `get_rope_index` on the pooled grids of the shrunk rows."""
+    model = task.llava
+    images = batch["pixel_values"].shape[0]
+    rows, columns = built.visual_grid
+    grid_thw = torch.tensor([[1, rows * 2, columns * 2]] * images)  # in patches, before the 2x2 merger
+    features = model.model.get_image_features(pixel_values=batch["pixel_values"].flatten(0, 1), image_grid_thw=grid_thw)
+    factor = round((rows * columns / scale) ** 0.5)
+    pooled = torch.cat(
+        [pool_merged(f, merged_grid(g, 2), factor) for f, g in zip(features.pooler_output, grid_thw, strict=True)]
+    )
+    ids, labels, mask = shrink_image_runs(
+        batch["input_ids"], batch["labels"], batch["attention_mask"], task.image_token_id, rows * columns, scale, 0
+    )
+    is_image = ids == task.image_token_id
+    positions, _ = model.model.get_rope_index(
+        ids, is_image.int(), image_grid_thw=pooled_grid_thw(grid_thw, factor), attention_mask=mask
+    )
+    embeds = model.get_input_embeddings()(ids).masked_scatter(is_image.unsqueeze(-1), pooled)
+    task.routing.set_rows(torch.full((ids.shape[0],), scale))
+    try:
+        return model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, labels=labels).loss
+    finally:
+        task.routing.clear()
+
+
+def assert_one_pass_equals_separate(task, built, batch) -> None:
+    trainable = [p for p in task.parameters() if p.requires_grad]
+    loss, metrics = task(batch)
+    one_pass_grads = torch.autograd.grad(loss, trainable, allow_unused=True)
+    separate = torch.stack([reference_scale_loss(task, built, batch, s) for s in task.tokens.scales]).mean()
+    separate_grads = torch.autograd.grad(separate, trainable, allow_unused=True)
+
+    torch.testing.assert_close(loss, separate, rtol=1e-5, atol=1e-6)
+    for got, want in zip(one_pass_grads, separate_grads, strict=True):
+        if want is None:
+            assert got is None or not got.any()
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    learned = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    assert int(metrics["scale_label_tokens"].sum()) == len(task.tokens.scales) * learned
+
+
+@pytest.mark.parametrize(
+    "preset,layout", [("tiny-qwen2-vl", "packed"), ("tiny-qwen2-vl", "padded"), ("tiny-qwen2.5-vl", "packed")]
+)
+def test_one_pass_equals_mean_of_separate_per_scale_stock_forwards(preset, layout):
+    task, built = make_task(layout=layout, preset=preset)
+    assert type(task.llava).__name__ == PRESETS[preset]
+    assert (built.visual_tokens, built.visual_grid) == (16, (4, 4))
+    batch = padded_batch(built, documents(built))
+    assert tuple(batch["pixel_values"].shape) == (4, 64, 3 * 2 * 4 * 4)  # Qwen's flattened patches
+    assert_one_pass_equals_separate(task, built, batch)
+
+
+def test_a_saved_folder_trains_non_square_images_with_m3_factors(tmp_path):
+    """The local-folder path: a tiny Qwen2-VL saved to disk (model, tokenizer, Qwen's image processor),
+    loaded at model.image_size=[32,64]: a 4x8 merged grid, scales 2, 8, 32 (factors 4, 2, 1)."""
+    tiny = load_config(
+        None, ["model.preset=tiny-qwen2-vl", "matryoshka.tokens.mode=m3", "matryoshka.tokens.scales=[1]"]
+    )
+    preset = build_model(tiny.model, torch.float32, None, seed=0)
+    folder = tmp_path / "qwen"
+    preset.model.save_pretrained(folder)
+    preset.tokenizer.save_pretrained(folder)
+    preset.image_processor.save_pretrained(folder)
+    cfg = load_config(
+        None,
+        [
+            "model.preset=none", f"model.path={folder}", "model.image_size=[32,64]", "model.lora.enabled=true",
+            "model.lora.strategy=per_scale", "model.lora.dropout=0.0", "matryoshka.tokens.mode=m3",
+            "matryoshka.tokens.scales=[2,8,32]", "matryoshka.tokens.layout=packed",
+        ],
+    )  # fmt: skip
+    assert model_problems(cfg) == []
+    built = build_model(cfg.model, torch.float32, None, seed=0, tokens=cfg.matryoshka.tokens)
+    assert (built.visual_tokens, built.visual_grid) == (32, (4, 8))
+    task = build_task(cfg, built, rank=0)
+    with torch.no_grad():
+        for name, param in task.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    batch = padded_batch(built, documents(built))
+    assert tuple(batch["pixel_values"].shape) == (4, 128, 96)  # 8x16 patches per image
+    assert_one_pass_equals_separate(task, built, batch)
+
+
+def document_losses(task, batch, scale: int) -> list[torch.Tensor]:
+    """Each document's summed next-token loss at `scale`, in input order, whatever its row."""
+    rows = batch["input_ids"].shape[0]
+    logits, layout = task.run(batch, [scale] * rows)
+    losses = F.cross_entropy(
+        logits[:, :-1].transpose(1, 2), layout.labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    starts = layout.position_ids == 0
+    out = []
+    for row in range(layout.input_ids.shape[0]):
+        columns = starts[row].nonzero().flatten().tolist() + [layout.input_ids.shape[1]]
+        for start, end in zip(columns[:-1], columns[1:], strict=True):
+            if layout.token_scales[row, start] > 0:
+                out.append(losses[row, start : end - 1].sum())  # the targets of tokens start+1 .. end-1
+    return out
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_packed_documents_give_each_documents_unpacked_loss_with_mrope_ids(preset):
+    task, built = make_task(layout="packed", preset=preset)
+    docs = documents(built)
+    unpacked = padded_batch(built, docs)
+    row = [token for ids, _, _ in docs for token in ids]
+    packed = {
+        "input_ids": torch.tensor([row]),
+        # The first label of every document is ignored, as the packer does.
+        "labels": torch.tensor([[label for _, labels, _ in docs for label in [IGNORE_INDEX, *labels[1:]]]]),
+        "attention_mask": torch.ones(1, len(row), dtype=torch.long),
+        "position_ids": torch.tensor([[p for ids, _, _ in docs for p in range(len(ids))]]),
+        "pixel_values": unpacked["pixel_values"],
+    }
+    padded_task = dataclasses.replace(task.tokens, layout="padded")
+    for scale in SCALES:
+        together = document_losses(task, packed, scale)
+        task.tokens, layout_tokens = padded_task, task.tokens
+        try:
+            alone = document_losses(task, unpacked, scale)
+        finally:
+            task.tokens = layout_tokens
+        assert len(together) == len(alone) == 3
+        for got, want in zip(together, alone, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # The ids the packed row ran with: 1-D per document first, then M-RoPE's three, each document from 0.
+    _, layout = task.run(packed, [16])
+    ids = task.family.layout_position_ids(task.llava, layout, built.visual_grid, built.image_token_id, packed=True)
+    second = len(docs[0][0])
+    assert ids.shape == (4, 1, len(row)) and ids[0, 0, second] == 0 and (ids[1:, 0, second] == 0).all()
+    image = (layout.input_ids[0] == built.image_token_id).nonzero().flatten()
+    first = image[0].item()  # a 4x4 grid: heights 0,0,0,0,1,... widths 0,1,2,3,0,... from the image's start
+    assert ids[2, 0, image[:16]].tolist() == [first + r for r in range(4) for _ in range(4)]
+    assert ids[3, 0, image[:16]].tolist() == [first + c for _ in range(4) for c in range(4)]
+
+
+def conversation(tokenizer, turns):
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(buffer, format="PNG")
+    rules = SampleRules(chat=ConversationTemplate.from_tokenizer(tokenizer))
+    return build_conversation("sample", {"png": buffer.getvalue()}, {"conversations": turns}, rules)
+
+
+def test_the_qwen_template_gives_apply_chat_templates_token_ids_and_assistant_mask():
+    tokenizer = build_tiny_qwen_tokenizer()
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+    messages = conversation_messages(TWO_TURNS)
+    assert tokenizer.apply_chat_template(messages, tokenize=False) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>\nWhat digit is this?<|im_end|>\n"
+        "<|im_start|>assistant\nseven<|im_end|>\n"
+        "<|im_start|>user\nAnd its colour?<|im_end|>\n<|im_start|>assistant\nIt is red.<|im_end|>\n"
+    )
+    # One visual token per image, so the ids line up with the template's single <|image_pad|>.
+    tokens = tokenize_sample(conversation(tokenizer, TWO_TURNS), TokenSpec(tokenizer, image_token_id, 512), 1)
+    reference = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    assert tokens.input_ids == reference["input_ids"]
+    assert [int(label != IGNORE_INDEX) for label in tokens.labels] == reference["assistant_masks"]
+    learned = [i for i, label in zip(tokens.input_ids, tokens.labels, strict=True) if label != IGNORE_INDEX]
+    assert tokenizer.decode(learned) == "seven<|im_end|>\nIt is red.<|im_end|>\n"
+    # Sixteen visual tokens per image: the image's run sits between vision_start and vision_end.
+    expanded = tokenize_sample(conversation(tokenizer, TWO_TURNS), TokenSpec(tokenizer, image_token_id, 512), 16)
+    start = expanded.input_ids.index(tokenizer.convert_tokens_to_ids("<|vision_start|>"))
+    assert expanded.input_ids[start + 1 : start + 17] == [image_token_id] * 16
+    assert expanded.input_ids[start + 17] == tokenizer.convert_tokens_to_ids("<|vision_end|>")
+
+
+def test_a_qwen2_vl_folder_passes_the_check_before_any_process_group(tmp_path):
+    built = build_model(qwen_config().model, torch.float32, None, seed=0, config_only=False)
+    folder = tmp_path / "qwen"
+    built.model.config.save_pretrained(folder)
+    built.tokenizer.save_pretrained(folder)
+    base = ["model.preset=none", f"model.path={folder}", "matryoshka.tokens.mode=m3"]
+    fits = load_config(None, [*base, "model.image_size=[32,64]", "matryoshka.tokens.scales=[2,8,32]"])
+    assert model_problems(fits) == []  # a 4x8 merged grid pooled by 4, 2, 1 per side
+    (problem,) = model_problems(load_config(None, [*base, "model.image_size=[32,64]", "matryoshka.tokens.scales=[4]"]))
+    assert "scale 4 does not pool a 4x8 grid" in problem and "[2, 8, 32]" in problem
+    (problem,) = model_problems(load_config(None, [*base, "matryoshka.tokens.scales=[1,4]"]))
+    assert "set model.image_size=[height,width]" in problem
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_export_reloads_in_stock_transformers_with_equal_logits(tmp_path, preset):
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+    from mtrain.checkpoint.export import _save_hf_folder
+
+    task, built = make_task(strategy="shared", preset=preset)
+    model = task.model.merge_and_unload().eval()
+    _save_hf_folder(model, built, tmp_path / "model")
+    stock = AutoModelForImageTextToText.from_pretrained(tmp_path / "model", local_files_only=True).eval()
+    assert type(stock).__name__ == PRESETS[preset]
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model", local_files_only=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    ids = tokenizer(prompt.replace(IMAGE_PAD, IMAGE_PAD * 16), add_special_tokens=False, return_tensors="pt").input_ids
+    image = Image.new("RGB", (32, 32), (30, 200, 30))
+    inputs = AutoImageProcessor.from_pretrained(tmp_path / "model", local_files_only=True)(
+        images=image, return_tensors="pt"
+    )
+    assert inputs["image_grid_thw"].tolist() == [[1, 8, 8]]  # the saved processor keeps the trained size
+    torch.testing.assert_close(inputs["pixel_values"], built.image_processor(images=image)["pixel_values"][0])
+    kwargs = {"input_ids": ids, "mm_token_type_ids": (ids == built.image_token_id).int(), **inputs}
+    with torch.no_grad():
+        torch.testing.assert_close(stock(**kwargs).logits, model(**kwargs).logits)
+        # And the trained path at full scale gives the same logits (task.run: our features, layout and M-RoPE ids).
+        batch = {
+            "input_ids": ids,
+            "labels": ids,
+            "attention_mask": torch.ones_like(ids),
+            "pixel_values": inputs["pixel_values"][None],
+        }
+        task.model = model
+        logits, _ = task.run(batch, [16])
+        torch.testing.assert_close(logits, stock(**kwargs).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_a_text_only_batch_runs_the_vision_path_at_zero_weight():
+    """ZeRO-3 lockstep: a micro-batch without images still runs Qwen's tower and merger, on a blank image."""
+    task, built = make_task(preset="tiny-qwen2-vl")
+    ids = text_ids(built, "<|im_start|>a red circle.<|im_end|>")
+    batch = {"input_ids": torch.tensor([ids]), "labels": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids))}
+    loss, _ = task(batch)
+    loss.backward()
+    merger = [p for name, p in task.named_parameters() if "visual.merger" in name and p.requires_grad]
+    assert merger and all(p.grad is not None and not p.grad.any() for p in merger)  # reached, exactly zero
+    assert torch.isfinite(loss)
+
+
+def test_what_the_qwen_families_do_not_run_yet_is_refused_at_config_load():
+    from mtrain.config.core import ConfigError
+
+    with pytest.raises(ConfigError, match="matryoshka.tokens.mode: is 'mqt', which replaces a LLaVA projector"):
+        load_config(None, ["model.preset=tiny-qwen2.5-vl", "matryoshka.tokens.mode=mqt"])
+    with pytest.raises(ConfigError, match="task.objective: is 'contrastive', which the Qwen tiny presets do not"):
+        load_config(None, ["model.preset=tiny-qwen2-vl", "task.objective=contrastive"])
+    with pytest.raises(ConfigError, match=r"perfect square; \[8\]"):  # a tiny preset's grid is square
+        load_config(None, ["model.preset=tiny-qwen2-vl", "matryoshka.tokens.mode=m3", "matryoshka.tokens.scales=[1,8]"])
+
+
+def test_language_modeling_without_scales_equals_the_stock_forward_packed_or_not():
+    """matryoshka.tokens.mode=none: the language-modeling task, every image at full size, M-RoPE ids per document."""
+    cfg = load_config(None, ["model.preset=tiny-qwen2-vl", "model.freeze.language_model=false"])
+    built = build_model(cfg.model, torch.float32, None, seed=0)
+    task = build_task(cfg, built, rank=0)
+    docs = documents(built)
+    unpacked = padded_batch(built, docs)
+    row = [token for ids, _, _ in docs for token in ids]
+    packed = {
+        "input_ids": torch.tensor([row]),
+        "labels": torch.tensor([[label for _, labels, _ in docs for label in [IGNORE_INDEX, *labels[1:]]]]),
+        "attention_mask": torch.ones(1, len(row), dtype=torch.long),
+        "position_ids": torch.tensor([[p for ids, _, _ in docs for p in range(len(ids))]]),
+        "pixel_values": unpacked["pixel_values"],
+    }
+    ids = unpacked["input_ids"]
+    stock = task.llava(
+        input_ids=ids,
+        attention_mask=unpacked["attention_mask"],
+        pixel_values=unpacked["pixel_values"].flatten(0, 1),
+        image_grid_thw=torch.tensor([[1, 8, 8]] * 4),
+        mm_token_type_ids=(ids == built.image_token_id).int(),
+        labels=unpacked["labels"],
+    ).loss
+    torch.testing.assert_close(task(unpacked)[0], stock, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(task(packed)[0], stock, rtol=1e-5, atol=1e-6)
