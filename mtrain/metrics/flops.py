@@ -67,7 +67,6 @@ class ImageGeometry:
 
 
 # Families whose visual tokens depend on the image are planned at one stated image size.
-QWEN_PLANNED_PIXELS = 672  # Qwen2-VL / 2.5-VL: 672 x 672 px -> 48 x 48 patches -> 24 x 24 = 576 merged tokens
 ONEVISION_PLANNED_CROPS = 2  # LLaVA-OneVision anyres: a 768 x 768 px image -> 2 x 2 crops of 384 px + the base image
 
 
@@ -75,15 +74,9 @@ def image_geometry(config: Any, visual_tokens: int) -> ImageGeometry:
     """The tower's, projector's and language model's tokens of one image, as each family counts them
     (`visual_tokens`: the family's own count, used for LLaVA-1.5-style fixed grids and MQT's queries)."""
     vision = config.vision_config
-    if config.model_type in ("qwen2_vl", "qwen2_5_vl"):
-        if visual_tokens:  # the run's fixed image size (model.image_size / the tiny preset's)
-            patches = visual_tokens * vision.spatial_merge_size**2
-            return ImageGeometry(patches, patches, visual_tokens)
-        patches = (QWEN_PLANNED_PIXELS // vision.patch_size) ** 2
-        merged = patches // vision.spatial_merge_size**2
-        note = (f"{QWEN_PLANNED_PIXELS} x {QWEN_PLANNED_PIXELS} px images (native resolution): {patches} patches, "
-                f"{merged} merged tokens; every tower layer counted as full attention")  # fmt: skip
-        return ImageGeometry(patches, merged, merged, 1, note)
+    if config.model_type in ("qwen2_vl", "qwen2_5_vl"):  # images resized to model.image_size: a fixed merged grid
+        patches = visual_tokens * vision.spatial_merge_size**2
+        return ImageGeometry(patches, patches, visual_tokens)
     grid = (vision.image_size // vision.patch_size) ** 2
     if config.model_type == "llava_onevision":
         crops, side = ONEVISION_PLANNED_CROPS, vision.image_size // vision.patch_size

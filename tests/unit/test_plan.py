@@ -23,6 +23,8 @@ from mtrain.metrics.plan import (
 )
 from tests.conftest import REPO
 
+MODELS = REPO / "configs/models"  # public config.json files of full-size models (no weights)
+
 M3 = ["matryoshka.tokens.mode=m3", "matryoshka.tokens.scales=[1,4,16,64]"]
 
 
@@ -104,39 +106,6 @@ def llava7b_dir(tmp_path_factory):
         folder
     )
     assert [p.name for p in folder.iterdir()] == ["config.json"]
-    return folder
-
-
-@pytest.fixture(scope="module")
-def qwen2_5_vl_7b_dir(tmp_path_factory):
-    """A Qwen2.5-VL-7B-Instruct config.json (its 32-block window-attention tower, Qwen2-7B shapes); no weights."""
-    from transformers import Qwen2_5_VLConfig
-
-    text = {
-        "vocab_size": 152064,
-        "hidden_size": 3584,
-        "intermediate_size": 18944,
-        "num_hidden_layers": 28,
-        "num_attention_heads": 28,
-        "num_key_value_heads": 4,
-        "max_position_embeddings": 128000,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
-    }
-    vision = {
-        "depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "out_hidden_size": 3584,
-        "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
-        "fullatt_block_indexes": [7, 15, 23, 31],
-    }  # fmt: skip
-    folder = tmp_path_factory.mktemp("qwen2.5-vl-7b")
-    Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=151655,
-        video_token_id=151656,
-        vision_start_token_id=151652,
-        vision_end_token_id=151653,
-        tie_word_embeddings=False,
-    ).save_pretrained(folder)
     return folder
 
 
@@ -270,8 +239,8 @@ RECIPE_GLOBAL_BATCH = {
 
 
 @pytest.mark.parametrize("recipe", sorted(RECIPE_GLOBAL_BATCH))
-def test_every_full_size_recipe_fits_eight_80gb_gpus(llava7b_dir, qwen2_5_vl_7b_dir, recipe):
-    folder = qwen2_5_vl_7b_dir if "qwen2_5_vl" in recipe else llava7b_dir
+def test_every_full_size_recipe_fits_eight_80gb_gpus(llava7b_dir, recipe):
+    folder = MODELS / "qwen2_5_vl_7b" if "qwen2_5_vl" in recipe else llava7b_dir  # the public config.json
     cfg = load_config(REPO / f"configs/recipes/{recipe}.yaml", [f"model.path={folder}"])
     cluster = Cluster(1, 8, 80 * GIB)
     # Text filling data.max_len is the longest row a step can meet; 300 text tokens the typical one.
@@ -282,27 +251,29 @@ def test_every_full_size_recipe_fits_eight_80gb_gpus(llava7b_dir, qwen2_5_vl_7b_
         assert plan.memory.total + plan.memory.reserve <= 80 * GIB
         assert plan.tokens.samples_per_step == RECIPE_GLOBAL_BATCH[recipe]
     shipped = sorted(p.stem for p in (REPO / "configs/recipes").glob("*.yaml"))
-    assert shipped == sorted([*RECIPE_GLOBAL_BATCH, QWEN_RECIPE])  # the Qwen recipe: its own test below
+    assert shipped == sorted(RECIPE_GLOBAL_BATCH)
 
 
-QWEN_RECIPE = "qwen2_5_vl_lora_sft_matryoshka"
-MODELS = REPO / "configs/models"
+QWEN_RECIPE = "lora_sft_matryoshka_qwen2_5_vl"
 
 
-def test_qwen2_5_vl_7b_recipe_fits_eight_80gb_gpus():
-    """Planned from the public Qwen2.5-VL-7B config alone (the family is not trainable yet)."""
+def test_qwen2_5_vl_7b_recipe_plans_the_published_architecture():
+    """The Qwen recipe planned from the public Qwen2.5-VL-7B config.json shipped in configs/models (no weights)."""
     cfg = load_config(REPO / f"configs/recipes/{QWEN_RECIPE}.yaml", [f"model.path={MODELS / 'qwen2_5_vl_7b'}"])
     cluster = Cluster(1, 8, 80 * GIB)
     longest = make_plan(cfg, cluster)
     shape = longest.shape
-    assert shape.total_params - shape.trainable_params == 8_292_166_656  # Qwen2.5-VL-7B's published 8.29B
-    # LoRA r=32 on q_proj (3584 -> 3584) and v_proj (3584 -> 512, 4 kv heads) of 28 layers; shared + 5 scales.
-    assert shape.trainable_params == 6 * 28 * 32 * ((3584 + 3584) + (3584 + 512))
-    # 672 x 672 px: 48 x 48 patches of 14 px through the tower, 2 x 2 merged into 576 tokens.
-    assert (shape.vision_sequence, shape.grid_tokens, shape.visual_tokens) == (2304, 576, 576)
+    # PEFT keeps the trained patch merger twice (the base copy and modules_to_save's), so what is held and not
+    # trained is the base model alone: Qwen2.5-VL-7B's published 8.29B.
+    assert shape.total_params - shape.trainable_params == 8_292_166_656
+    # LoRA r=32 on q_proj (3584 -> 3584) and v_proj (3584 -> 512, 4 kv heads) of 28 layers; shared + 5 scales,
+    # plus the merger (freeze.projector=false).
+    assert shape.trainable_params == 6 * 28 * 32 * ((3584 + 3584) + (3584 + 512)) + shape.projector_params
+    # model.image_size 448 x 448 px: 32 x 32 patches of 14 px through the tower, 2 x 2 merged into 256 tokens.
+    assert (shape.vision_sequence, shape.visual_tokens) == (1024, 256)
     assert (shape.vision_layers, shape.vision_hidden) == (32, 1280)
-    assert not shape.vision_trained and not shape.projector_trained
-    assert longest.tokens.visual_per_scale == {1: 1, 9: 9, 36: 36, 144: 144, 576: 576}
+    assert not shape.vision_trained and shape.projector_trained
+    assert longest.tokens.visual_per_scale == {1: 1, 4: 4, 16: 16, 64: 64, 256: 256}
     for plan in (longest, make_plan(cfg, cluster, text_tokens=300, shape=shape)):
         assert plan.memory.fits, (plan.memory.micro_batch, plan.memory.max_micro_batch)
         assert plan.memory.total + plan.memory.reserve < 80 * GIB  # the per-GPU figure `mtrain plan` prints
