@@ -102,8 +102,10 @@ class TinyLlavaConfig(Checkable):
 
 @dataclass
 class ModelConfig(Checkable):
-    preset: Literal["tiny-llava", "none"] = setting(
-        "tiny-llava", "Built-in model with random weights and a local tokenizer; 'none' when path is set."
+    preset: Literal["tiny-llava", "tiny-llava-onevision", "none"] = setting(
+        "tiny-llava",
+        "Built-in model with random weights and a local tokenizer (tiny-llava-onevision: anyres crops of a SigLIP "
+        "tower, a Qwen2 LM, a ChatML template); 'none' when path is set.",
     )
     path: str | None = setting(None, "Local Hugging Face folder of a LLaVA-family checkpoint (never downloaded).")
     chat_template: str = setting(
@@ -645,7 +647,7 @@ class TrainConfig(Checkable):
                 "model.lora.strategy=shared"
             )
             return [("matryoshka.tokens.mqt_stage", message)]
-        if tokens.mode == "m3" and self.model.preset == "tiny-llava":
+        if tokens.mode == "m3" and self.model.preset != "none":  # both presets pool the tower's patch grid
             side = int(self.model.tiny.visual_tokens**0.5)
             bad = [s for s in tokens.scales if side % round(s**0.5)]
             if bad:
@@ -689,7 +691,7 @@ class TrainConfig(Checkable):
                 f"{untrained} have no {self.model.lora.strategy} LoRA adapter (trained: {tokens.scales}); drop them"
             )
             return ("eval.scales", message)
-        if self.model.preset != "tiny-llava":
+        if self.model.preset == "none":
             return None
         visual_tokens, side = self.model.tiny.visual_tokens, math.isqrt(self.model.tiny.visual_tokens)
         limit = tokens.mqt_queries if tokens.mode == "mqt" else visual_tokens

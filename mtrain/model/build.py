@@ -21,6 +21,12 @@ from mtrain.config.schema import ModelConfig, TokenScalesConfig
 from mtrain.launch.distributed import print0
 from mtrain.model.families import MQT_MODEL_TYPE, SUPPORTED_MODEL_TYPES, ModelFamily, family_for
 from mtrain.model.families.llava import tiny_image_processor, tiny_llava_config
+from mtrain.model.families.llava_onevision import (
+    CHATML_TOKENS,
+    ONEVISION_CHAT_TEMPLATE,
+    tiny_onevision_config,
+    tiny_onevision_processor,
+)
 from mtrain.model.scale_lora import ScaleRouting, adapter_names, attach_scale_lora
 from mtrain.model.tokenizer import IMAGE_TOKEN, build_tiny_tokenizer, pad_with_eos_or_unk
 
@@ -128,10 +134,7 @@ def build_model(
     if cfg.path:
         built = _load_local(cfg.path, dtype, attn, tokens, config_only)
     else:
-        tokenizer = build_tiny_tokenizer()
-        image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        vocab_size = (len(tokenizer) + 63) // 64 * 64
-        llava_config = tiny_llava_config(cfg.tiny, vocab_size, image_token_id, tokenizer.pad_token_id)
+        tokenizer, llava_config, image_processor = tiny_preset(cfg)
         if tokens.mode == "mqt":
             llava_config = mqt_llava_config(llava_config, tokens)  # the mtrain_mqt_llava family
         family = family_for(llava_config.model_type)
@@ -140,10 +143,10 @@ def build_model(
         built = BuiltModel(
             model=model,
             tokenizer=tokenizer,
-            image_processor=tiny_image_processor(cfg.tiny.image_size, cfg.tiny.vision_tower),
+            image_processor=image_processor,
             visual_tokens=family.visual_tokens(llava_config),
-            image_token_id=image_token_id,
-            source="preset:tiny-llava",
+            image_token_id=family.image_token_id(llava_config),
+            source=f"preset:{cfg.preset}",
             family=family,
         )
     if cfg.chat_template and built.tokenizer is not None:
@@ -164,6 +167,22 @@ def build_model(
         enable_activation_checkpointing(built)
     built.zero3_context = zero3_context
     return built
+
+
+def tiny_preset(cfg: ModelConfig) -> tuple[Any, Any, Any]:
+    """(tokenizer, model config, image processor) of the built-in preset `cfg.preset`, shaped by `cfg.tiny`."""
+    if cfg.preset == "tiny-llava-onevision":
+        tokenizer = build_tiny_tokenizer(chat_template=ONEVISION_CHAT_TEMPLATE, turn_tokens=CHATML_TOKENS)
+        vocab_size = (len(tokenizer) + 63) // 64 * 64
+        image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        config = tiny_onevision_config(cfg.tiny, vocab_size, image_token_id, tokenizer.pad_token_id)
+        return tokenizer, config, tiny_onevision_processor(cfg.tiny.image_size, config.image_grid_pinpoints)
+    tokenizer = build_tiny_tokenizer()
+    vocab_size = (len(tokenizer) + 63) // 64 * 64
+    config = tiny_llava_config(
+        cfg.tiny, vocab_size, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), tokenizer.pad_token_id
+    )
+    return tokenizer, config, tiny_image_processor(cfg.tiny.image_size, cfg.tiny.vision_tower)
 
 
 def enable_activation_checkpointing(built: BuiltModel) -> None:
@@ -314,8 +333,8 @@ def model_part(parameter_name: str) -> str:
     """Which part a parameter belongs to: vision_tower, projector or language_model."""
     if "vision_tower" in parameter_name:
         return "vision_tower"
-    if "multi_modal_projector" in parameter_name:
-        return "projector"
+    if "multi_modal_projector" in parameter_name or "image_newline" in parameter_name:
+        return "projector"  # anyres families' learned newline token trains with the projector
     return "language_model"
 
 

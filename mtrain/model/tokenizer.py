@@ -23,9 +23,14 @@ question answer user assistant describe it there are here
 """.split()
 
 
-def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+def build_tiny_tokenizer(
+    vocab_size: int = 512, chat_template: str = CHAT_TEMPLATE, turn_tokens: tuple[str, str] | None = None
+) -> PreTrainedTokenizerFast:
     """Train a deterministic byte-level BPE tokenizer with `<image>` as a special token and the
-    tiny preset's LLaVA-1.5-shaped chat template."""
+    tiny preset's LLaVA-1.5-shaped chat template, or another family's `chat_template`.
+
+    `turn_tokens` (start, end), e.g. ChatML's `<|im_start|>`, `<|im_end|>`, become special tokens;
+    the end token is then the eos token and there is no bos token, as in Qwen2's tokenizers."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: PLC0415
 
     tokenizer = Tokenizer(models.BPE())
@@ -33,7 +38,7 @@ def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=SPECIAL_TOKENS + list(turn_tokens or ()),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -42,9 +47,9 @@ def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     tokenizer.train_from_iterator(sentences * 4, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
-        chat_template=CHAT_TEMPLATE,  # LLaVA-1.5's shape (data_pipeline/chat_template.py)
-        bos_token="<s>",
-        eos_token="</s>",
+        chat_template=chat_template,  # by default LLaVA-1.5's shape (data_pipeline/chat_template.py)
+        bos_token=None if turn_tokens else "<s>",
+        eos_token=turn_tokens[1] if turn_tokens else "</s>",
         pad_token="<pad>",
         unk_token="<unk>",
         extra_special_tokens={"image_token": IMAGE_TOKEN},

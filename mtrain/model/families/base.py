@@ -40,6 +40,20 @@ class ModelFamily:
         """The token id whose positions the visual tokens fill."""
         raise NotImplementedError
 
+    def scale_tokens(self, config: Any, scale: int | None, image_size: tuple[int, int]) -> int:
+        """Tokens an image of `image_size` (height, width) stands for at M3 scale `scale` (None: unpooled).
+
+        A fixed-grid family pools its grid to `scale` tokens; a family whose images carry more
+        than one grid (anyres crops, newlines) counts them by its own rule."""
+        return scale if scale is not None else self.visual_tokens(config)
+
+    def scaled_features(
+        self, model: nn.Module, pixel_values: Any, image_sizes: list[tuple[int, int]], scales: list[int]
+    ) -> dict[int, Any] | None:
+        """Every image at every M3 scale, {scale: (images, scale_tokens, dim)}, from one vision pass; None
+        when the family's visual tokens are one grid per image, which the task pools itself."""
+        return None
+
     def problems(self, config: Any, tokens: Any) -> list[str]:
         """What makes `tokens` (a TokenScalesConfig) or the model config unusable together; empty when fine."""
         return []
