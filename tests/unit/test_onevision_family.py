@@ -308,3 +308,37 @@ def test_export_reloads_in_stock_transformers_with_the_training_forwards_logits(
         batch |= {"pixel_values": pixels["pixel_values"], "image_sizes": pixels["image_sizes"].tolist()}
         trained, _ = task.run(batch, [16])
     torch.testing.assert_close(trained, reloaded, rtol=1e-4, atol=1e-5)
+
+
+def test_a_saved_onevision_folder_loads_and_its_scales_are_checked_before_any_process(tmp_path, plain):
+    """The local-folder path: a tiny OneVision folder (model, ChatML tokenizer, anyres image processor) builds
+    through its family, and `model_problems` (run before the process group forms) checks the scales per crop."""
+    from mtrain.launch.model_checks import model_problems
+
+    folder = tmp_path / "onevision"
+    _save_hf_folder(plain.model, plain, folder)
+    folder_cfg = ["model.preset=none", f"model.path={folder}", "model.lora.enabled=false"]
+    cfg = load_config(None, [*folder_cfg, "matryoshka.tokens.mode=m3", "matryoshka.tokens.scales=[1,4,16]"])
+    assert model_problems(cfg) == []
+    built = build_model(cfg.model, torch.float32, None, seed=0, tokens=cfg.matryoshka.tokens)
+    assert type(built.model).__name__ == "LlavaOnevisionForConditionalGeneration"
+    assert (built.family.model_type, built.visual_tokens, built.image_token_id) == (
+        "llava_onevision",
+        88,
+        plain.image_token_id,
+    )
+    assert built.tokenizer.chat_template == plain.tokenizer.chat_template
+    assert built.image_processor.image_grid_pinpoints == plain.model.config.image_grid_pinpoints
+    bad = load_config(None, [*folder_cfg, "matryoshka.tokens.mode=m3", "matryoshka.tokens.scales=[1,9]"])
+    (problem,) = model_problems(bad)
+    assert "[9] do not fit this model's 4x4 grid" in problem
+    mqt = load_config(
+        None,
+        [
+            *folder_cfg,
+            "matryoshka.tokens.mode=mqt",
+            "matryoshka.tokens.scales=[4,16]",
+            "matryoshka.tokens.mqt_queries=16",
+        ],
+    )
+    assert "use mode=m3 with a llava_onevision model" in model_problems(mqt)[0]

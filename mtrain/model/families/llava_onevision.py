@@ -124,8 +124,10 @@ def pack_at_scale(
     import torch.nn.functional as F  # noqa: PLC0415
     from transformers.models.llava_onevision.modeling_llava_onevision import unpad_image  # noqa: PLC0415
 
-    g, dim = tower_grid_side(config), crops.shape[-1]
-    pooled = crops if side == g else pool_crops(crops, g, side)
+    from mtrain.model.token_scales import pool_grid  # noqa: PLC0415
+
+    dim = crops.shape[-1]
+    pooled = pool_grid(crops, side * side)  # every crop (the base image's too) pooled on its own grid
     base, tiles = pooled[0], pooled[1:]
     crop_rows, crop_columns = crop_layout(config, image_size)
     if tiles.shape[0] != crop_rows * crop_columns:
@@ -142,15 +144,6 @@ def pack_at_scale(
     lines = newline[:, None, None].expand(dim, rows, 1).to(grid.dtype)
     grid = torch.cat((grid, lines), dim=-1).flatten(1, 2).transpose(0, 1)
     return torch.cat((base, grid), dim=0)
-
-
-def pool_crops(crops: torch.Tensor, g: int, side: int) -> torch.Tensor:
-    """(crops, g*g, dim) -> (crops, side*side, dim): every crop's grid average-pooled on its own."""
-    from mtrain.model.token_scales import pool_grid  # noqa: PLC0415
-
-    if g % side:
-        raise ValueError(f"M3 pools a {g}x{g} crop grid by a whole factor; side {side} does not divide {g}")
-    return pool_grid(crops, side * side)
 
 
 class LlavaOnevisionFamily(ModelFamily):
