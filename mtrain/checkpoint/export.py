@@ -175,6 +175,18 @@ def llava_processor(config: Any, built: Any, chat_template: str) -> Any:
 
     if getattr(config, "model_type", None) == "llava_onevision":
         return onevision_processor(config, built, chat_template)
+    if getattr(config, "model_type", None) == "llava_next":
+        from transformers import LlavaNextProcessor  # noqa: PLC0415
+
+        vision = config.vision_config  # LLaVA-NeXT's processor counts the anyres layout as the model packs it
+        return LlavaNextProcessor(
+            image_processor=built.image_processor,
+            tokenizer=built.tokenizer,
+            patch_size=vision.patch_size,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+            num_additional_image_tokens=1 if vision.model_type == "clip_vision_model" else 0,
+            chat_template=chat_template,
+        )
     if getattr(config, "model_type", None) != "llava":
         return None
     vision = config.vision_config

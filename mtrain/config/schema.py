@@ -102,10 +102,11 @@ class TinyLlavaConfig(Checkable):
 
 @dataclass
 class ModelConfig(Checkable):
-    preset: Literal["tiny-llava", "tiny-llava-onevision", "none"] = setting(
+    preset: Literal["tiny-llava", "tiny-llava-onevision", "tiny-llava-next", "none"] = setting(
         "tiny-llava",
         "Built-in model with random weights and a local tokenizer (tiny-llava-onevision: anyres crops of a SigLIP "
-        "tower, a Qwen2 LM, a ChatML template); 'none' when path is set.",
+        "tower, a Qwen2 LM, a ChatML template; tiny-llava-next: anyres crops of a CLIP tower, a Llama LM, "
+        "LLaVA-1.5's template); 'none' when path is set.",
     )
     path: str | None = setting(None, "Local Hugging Face folder of a LLaVA-family checkpoint (never downloaded).")
     chat_template: str = setting(

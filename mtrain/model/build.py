@@ -21,6 +21,7 @@ from mtrain.config.schema import ModelConfig, TokenScalesConfig
 from mtrain.launch.distributed import print0
 from mtrain.model.families import MQT_MODEL_TYPE, SUPPORTED_MODEL_TYPES, ModelFamily, family_for
 from mtrain.model.families.llava import tiny_image_processor, tiny_llava_config
+from mtrain.model.families.llava_next import tiny_next_config, tiny_next_processor
 from mtrain.model.families.llava_onevision import (
     CHATML_TOKENS,
     ONEVISION_CHAT_TEMPLATE,
@@ -179,6 +180,11 @@ def tiny_preset(cfg: ModelConfig) -> tuple[Any, Any, Any]:
         return tokenizer, config, tiny_onevision_processor(cfg.tiny.image_size, config.image_grid_pinpoints)
     tokenizer = build_tiny_tokenizer()
     vocab_size = (len(tokenizer) + 63) // 64 * 64
+    if cfg.preset == "tiny-llava-next":
+        config = tiny_next_config(
+            cfg.tiny, vocab_size, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), tokenizer.pad_token_id
+        )
+        return tokenizer, config, tiny_next_processor(cfg.tiny.image_size, config.image_grid_pinpoints)
     config = tiny_llava_config(
         cfg.tiny, vocab_size, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), tokenizer.pad_token_id
     )

@@ -83,7 +83,7 @@ def test_m3_scales_are_checked_against_the_models_grid():
 def test_an_unknown_model_type_names_the_supported_families():
     with pytest.raises(UnsupportedModelError, match=r"'qwen2_vl' model; mtrain supports the model families llava"):
         family_for("qwen2_vl")
-    assert SUPPORTED_MODEL_TYPES == ("llava", "mtrain_mqt_llava", "llava_onevision")
+    assert SUPPORTED_MODEL_TYPES == ("llava", "mtrain_mqt_llava", "llava_onevision", "llava_next")
 
 
 def test_a_siglip_tower_tiny_llava_trains_with_m3_scales(shards_pattern):

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 from mtrain.model.families.base import ModelFamily, UnsupportedModelError
 from mtrain.model.families.llava import MQT_MODEL_TYPE, LlavaFamily, MQTLlavaFamily
+from mtrain.model.families.llava_next import LlavaNextFamily
 from mtrain.model.families.llava_onevision import LlavaOnevisionFamily
 
 __all__ = ["FAMILIES", "MQT_MODEL_TYPE", "SUPPORTED_MODEL_TYPES", "ModelFamily", "UnsupportedModelError", "family_for"]
 
 FAMILIES: dict[str, ModelFamily] = {
-    family.model_type: family for family in (LlavaFamily(), MQTLlavaFamily(), LlavaOnevisionFamily())
+    family.model_type: family for family in (LlavaFamily(), MQTLlavaFamily(), LlavaOnevisionFamily(), LlavaNextFamily())
 }
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(FAMILIES)
 

@@ -19,7 +19,7 @@ image's included, is average-pooled from g x g to k x k *before* the crops are m
 merged grid is (rows * k) x (columns * k), `unpad_image` cuts it with the same image size, the
 anyres_max ratio is taken against k, and a newline ends each of its rows. So at scale k*k an
 image stands for k*k + r_k * (c_k + 1) tokens, r_k x c_k the unpadded pooled grid; at k = g this
-is exactly the stock model's `get_image_features` (tests/unit/test_onevision_family.py). Scales
+is exactly the stock model's `get_image_features` (tests/unit/test_anyres_families.py). Scales
 nest: each pooled crop pools the crop of the next larger k, and every rank computes the same
 counts from the same `image_sizes`.
 
@@ -95,15 +95,18 @@ def unpadded_grid(config: Any, image_size: tuple[int, int], side: int) -> tuple[
     else:
         padding = (columns - int(round(width * (rows / height), 7))) // 2
         columns -= 2 * padding
-    ratio = math.sqrt(rows * columns / (max_crops(config) * side**2))
+    limit = max_crops(config)
+    ratio = math.sqrt(rows * columns / (limit * side**2)) if limit else 0.0
     if ratio > 1.1:
         return int(rows // ratio), int(columns // ratio)
     return rows, columns
 
 
-def max_crops(config: Any) -> int:
-    """N of `vision_aspect_ratio="anyres_max_N"`: merged grids above ~N crops' area are shrunk."""
-    return int(config.vision_aspect_ratio.removeprefix("anyres_max_"))
+def max_crops(config: Any) -> int | None:
+    """N of OneVision's `vision_aspect_ratio="anyres_max_N"`: merged grids above ~N crops' area are
+    shrunk; None for LLaVA-NeXT, which never shrinks them."""
+    aspect = getattr(config, "vision_aspect_ratio", None)
+    return int(aspect.removeprefix("anyres_max_")) if aspect else None
 
 
 def image_tokens(config: Any, image_size: tuple[int, int], side: int | None = None) -> int:
@@ -168,10 +171,16 @@ class LlavaOnevisionFamily(ModelFamily):
 
     def problems(self, config: Any, tokens: Any) -> list[str]:
         g = tower_grid_side(config)
-        if config.vision_config.model_type == "clip_vision_model" and config.vision_feature_select_strategy == "full":
-            return ["a llava_onevision model with a CLIP tower needs vision_feature_select_strategy='default' (no CLS)"]
+        tower, strategy = config.vision_config.model_type, config.vision_feature_select_strategy
+        if (tower == "clip_vision_model") != (strategy == "default"):
+            return [
+                f"a {self.model_type} model whose {tower!r} tower with vision_feature_select_strategy={strategy!r} "
+                "gives no bare patch grid: use 'default' for a CLIP tower (drops its CLS), 'full' for SigLIP"
+            ]
         if tokens.mode == "mqt":
-            return ["matryoshka.tokens.mode=mqt replaces a llava projector; use mode=m3 with a llava_onevision model"]
+            return [
+                f"matryoshka.tokens.mode=mqt replaces a llava projector; use mode=m3 with a {self.model_type} model"
+            ]
         if tokens.mode != "m3":
             return []
         return m3_scale_problems((g, g), tokens.scales)
@@ -189,7 +198,11 @@ class LlavaOnevisionFamily(ModelFamily):
         else:
             crops_per_image = pixel_values.shape[0] // len(image_sizes)
         output = model.model.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
-        selected = output.hidden_states[config.vision_feature_layer]
+        layers = config.vision_feature_layer
+        if isinstance(layers, int):
+            selected = output.hidden_states[layers]
+        else:  # several layers, concatenated along the width (as the stock get_image_features does)
+            selected = torch.cat([output.hidden_states[layer] for layer in layers], dim=-1)
         if config.vision_feature_select_strategy == "default":
             selected = selected[:, 1:]
         projected = model.model.multi_modal_projector(selected)

@@ -1,8 +1,9 @@
-"""LLaVA-OneVision (tiny-llava-onevision): each image's anyres count and full-scale tokens equal the stock
-processor's and model's, M3 pools every crop before the merge (newlines follow the pooled grid), the
-one-pass all-scale loss equals separate per-scale forwards, packed equals unpacked per document, the
-ChatML template's ids and assistant mask equal apply_chat_template's, and the export reloads in stock
-transformers with the training forward's logits."""
+"""The anyres families, LLaVA-OneVision (tiny-llava-onevision: SigLIP, Qwen2, ChatML) and LLaVA-NeXT
+(tiny-llava-next: CLIP, Llama, LLaVA-1.5's template): each image's anyres count and full-scale tokens
+equal the stock processor's and model's, M3 pools every crop before the merge (newlines follow the
+pooled grid), the one-pass all-scale loss equals separate per-scale forwards, packed equals unpacked
+per document, the ChatML template's ids and assistant mask equal apply_chat_template's, and the
+export reloads in stock transformers with the training forward's logits."""
 
 from __future__ import annotations
 
@@ -22,28 +23,38 @@ from data_pipeline.tokenize import IGNORE_INDEX, TokenSpec, tokenize_sample
 from mtrain.checkpoint.export import _save_hf_folder
 from mtrain.config import load_config
 from mtrain.model.build import build_model
+from mtrain.model.tokenizer import build_tiny_tokenizer
 from mtrain.task.registry import build_task
 from mtrain.task.token_layout import shrink_image_runs
 from tests.data_factory import make_loader, write_mixed_shards
 
 pytestmark = pytest.mark.timeout(300)
 
-PRESET = ["model.preset=tiny-llava-onevision", "model.tiny.image_size=16", "model.tiny.patch_size=4"]
+TINY = ["model.tiny.image_size=16", "model.tiny.patch_size=4"]
+PRESETS = ["tiny-llava-onevision", "tiny-llava-next"]
 SCALES = [1, 4, 16]  # 1x1, 2x2 and 4x4 per crop of the 4x4 patch grid
 SIZES = [(48, 48), (12, 40), (40, 12), (20, 32)]  # square (2x2 crops), wide and tall (unpadded), 2x2 unpadded
 
 
-def onevision_cfg(*overrides: str):
-    return load_config(
-        None, [*PRESET, "matryoshka.tokens.mode=m3", f"matryoshka.tokens.scales={SCALES}".replace(" ", ""), *overrides]
-    )
+def anyres_cfg(preset: str, *overrides: str):
+    scales = f"matryoshka.tokens.scales={SCALES}".replace(" ", "")
+    return load_config(None, [f"model.preset={preset}", *TINY, "matryoshka.tokens.mode=m3", scales, *overrides])
+
+
+def build_plain(preset: str):
+    built = build_model(anyres_cfg(preset, "model.lora.enabled=false").model, torch.float32, None, seed=0)
+    built.model.eval()
+    return built
+
+
+@pytest.fixture(scope="module", params=PRESETS)
+def plain(request):
+    return build_plain(request.param)
 
 
 @pytest.fixture(scope="module")
-def plain():
-    built = build_model(onevision_cfg("model.lora.enabled=false").model, torch.float32, None, seed=0)
-    built.model.eval()
-    return built
+def onevision():
+    return build_plain("tiny-llava-onevision")
 
 
 def picture(size: tuple[int, int]) -> Image.Image:
@@ -52,17 +63,25 @@ def picture(size: tuple[int, int]) -> Image.Image:
 
 
 def stock_processor_count(config, image_processor, size: tuple[int, int]) -> int:
-    """`LlavaOnevisionProcessor`'s own count of an image's tokens (its methods on its settings: the processor
-    itself cannot be built without torchvision, which its video processor needs)."""
-    from transformers import LlavaOnevisionProcessor
+    """The stock processor's own count of an image's tokens. LLaVA-NeXT's processor expands `<image>`;
+    OneVision's cannot be built without torchvision (its video processor needs it), so its own counting
+    methods run on its settings."""
+    from transformers import LlavaNextProcessor, LlavaOnevisionProcessor
 
-    g = config.vision_config.image_size // config.vision_config.patch_size
+    vision = config.vision_config
+    if config.model_type == "llava_next":
+        processor = LlavaNextProcessor(
+            image_processor=image_processor, tokenizer=build_tiny_tokenizer(), patch_size=vision.patch_size,
+            vision_feature_select_strategy=config.vision_feature_select_strategy, num_additional_image_tokens=1,
+        )  # fmt: skip
+        ids = processor(images=picture(size), text="<image>", return_tensors="pt")["input_ids"]
+        return int((ids == config.image_token_id).sum())
+    g = vision.image_size // vision.patch_size
     settings = types.SimpleNamespace(
         image_processor=image_processor, num_image_tokens=g * g, vision_aspect_ratio=config.vision_aspect_ratio
     )
     settings._get_unpadded_features = functools.partial(LlavaOnevisionProcessor._get_unpadded_features, settings)
-    side = config.vision_config.image_size
-    return LlavaOnevisionProcessor._get_number_of_features(settings, *size, side, side)
+    return LlavaOnevisionProcessor._get_number_of_features(settings, *size, vision.image_size, vision.image_size)
 
 
 def test_counts_and_full_scale_tokens_equal_the_stock_processor_and_model(plain):
@@ -82,6 +101,7 @@ def test_counts_and_full_scale_tokens_equal_the_stock_processor_and_model(plain)
         assert counts == [family.scale_tokens(config, s, size) for s in SCALES]
         assert counts == sorted(set(counts)), counts  # fewer tokens at every smaller scale
     assert plain.visual_tokens == family.scale_tokens(config, None, (48, 48)) == 88  # 16 + 8 rows of 8 + newline
+    assert type(plain.model) is family.model_class()
 
 
 def test_m3_pools_each_crop_before_the_merge_and_newlines_follow_the_pooled_grid(plain):
@@ -100,17 +120,18 @@ def test_m3_pools_each_crop_before_the_merge_and_newlines_follow_the_pooled_grid
     for row in range(rows):
         torch.testing.assert_close(half[4 + row * (columns + 1) + columns], newline)
     # Each pooled crop pools its own 4x4 grid: the merged grid's top-left 2x2 block is crop (0, 0) pooled.
-    crops = plain.model.model.multi_modal_projector(
-        plain.model.model.vision_tower(inputs["pixel_values"][0], output_hidden_states=True).hidden_states[-1]
-    )
+    hidden = plain.model.model.vision_tower(inputs["pixel_values"][0], output_hidden_states=True).hidden_states[-1]
+    has_cls = plain.model.config.vision_feature_select_strategy == "default"  # CLIP: its CLS token goes
+    crops = plain.model.model.multi_modal_projector(hidden[:, 1:] if has_cls else hidden)
     crop = crops[1].reshape(4, 4, -1)
     unpadded_first_row = 1  # rows [1, 3) of the 4 survive unpadding at side 2
     pooled = crop.reshape(2, 2, 2, 2, -1).mean(dim=(1, 3))  # 2x2 pooling of crop (0, 0)
     torch.testing.assert_close(half[4], pooled[unpadded_first_row, 0].detach(), rtol=1e-5, atol=1e-6)
 
 
-def make_task(strategy: str = "shared_plus_per_scale", layout: str = "packed"):
-    cfg = onevision_cfg(
+def make_task(preset: str, strategy: str = "shared_plus_per_scale", layout: str = "packed"):
+    cfg = anyres_cfg(
+        preset,
         "model.lora.enabled=true",
         f"model.lora.strategy={strategy}",
         f"matryoshka.tokens.layout={layout}",
@@ -178,9 +199,16 @@ def reference_scale_loss(task, built, batch, scale: int) -> torch.Tensor:
             task.routing.clear()
 
 
-@pytest.mark.parametrize("strategy,layout", [("shared_plus_per_scale", "packed"), ("shared", "padded")])
-def test_one_pass_equals_mean_of_separate_scale_forwards(strategy, layout):
-    task, built = make_task(strategy, layout)
+@pytest.mark.parametrize(
+    "preset,strategy,layout",
+    [
+        ("tiny-llava-onevision", "shared_plus_per_scale", "packed"),
+        ("tiny-llava-onevision", "shared", "padded"),
+        ("tiny-llava-next", "shared_plus_per_scale", "packed"),
+    ],
+)
+def test_one_pass_equals_mean_of_separate_scale_forwards(preset, strategy, layout):
+    task, built = make_task(preset, strategy, layout)
     batch = caption_batch(built)
     task.visual_tokens = 70  # data of one non-square size, (20, 32): the count its images expand to
     trainable = [p for p in task.parameters() if p.requires_grad]
@@ -200,7 +228,7 @@ def test_one_pass_equals_mean_of_separate_scale_forwards(strategy, layout):
 
 
 def test_a_batch_mixing_image_counts_is_refused_with_the_sizes():
-    task, built = make_task("shared")
+    task, built = make_task("tiny-llava-onevision", "shared")
     batch = caption_batch(built)
     task.visual_tokens = 70
     batch["image_sizes"] = [(20, 32), (12, 40), (20, 32)]
@@ -261,7 +289,8 @@ TWO_TURNS = [
 ]
 
 
-def test_two_turn_chatml_ids_and_assistant_mask_equal_apply_chat_template(plain):
+def test_two_turn_chatml_ids_and_assistant_mask_equal_apply_chat_template(onevision):
+    plain = onevision
     tokenizer = plain.tokenizer
     messages = conversation_messages(TWO_TURNS)
     assert tokenizer.apply_chat_template(messages, tokenize=False) == (
@@ -283,15 +312,16 @@ def test_two_turn_chatml_ids_and_assistant_mask_equal_apply_chat_template(plain)
     assert tokenizer.bos_token_id is None and tokenizer.eos_token == "<|im_end|>"
 
 
-def test_export_reloads_in_stock_transformers_with_the_training_forwards_logits(tmp_path):
+@pytest.mark.parametrize("preset", PRESETS)
+def test_export_reloads_in_stock_transformers_with_the_training_forwards_logits(tmp_path, preset):
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
-    task, built = make_task("shared")
+    task, built = make_task(preset, "shared")
     _save_hf_folder(task.model.merge_and_unload(), built, tmp_path / "model")
     stock = AutoModelForImageTextToText.from_pretrained(tmp_path / "model").eval()
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
     image_processor = AutoImageProcessor.from_pretrained(tmp_path / "model")
-    assert type(stock).__name__ == "LlavaOnevisionForConditionalGeneration"
+    assert type(stock) is built.family.model_class()
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nWhat is it?"}]}],
         add_generation_prompt=True,
@@ -299,6 +329,11 @@ def test_export_reloads_in_stock_transformers_with_the_training_forwards_logits(
     )
     count = stock_processor_count(stock.config, image_processor, (20, 32))
     assert count == 70
+    if preset == "tiny-llava-next":  # its exported processor expands <image> to the same count
+        from transformers import AutoProcessor
+
+        processed = AutoProcessor.from_pretrained(tmp_path / "model")(images=picture((20, 32)), text=prompt)
+        assert processed["input_ids"][0].count(built.image_token_id) == count
     ids = tokenizer(prompt.replace("<image>", "<image>" * count), return_tensors="pt")["input_ids"]
     pixels = image_processor(images=picture((20, 32)), return_tensors="pt")
     with torch.no_grad():
@@ -310,11 +345,12 @@ def test_export_reloads_in_stock_transformers_with_the_training_forwards_logits(
     torch.testing.assert_close(trained, reloaded, rtol=1e-4, atol=1e-5)
 
 
-def test_a_saved_onevision_folder_loads_and_its_scales_are_checked_before_any_process(tmp_path, plain):
+def test_a_saved_onevision_folder_loads_and_its_scales_are_checked_before_any_process(tmp_path, onevision):
     """The local-folder path: a tiny OneVision folder (model, ChatML tokenizer, anyres image processor) builds
     through its family, and `model_problems` (run before the process group forms) checks the scales per crop."""
     from mtrain.launch.model_checks import model_problems
 
+    plain = onevision
     folder = tmp_path / "onevision"
     _save_hf_folder(plain.model, plain, folder)
     folder_cfg = ["model.preset=none", f"model.path={folder}", "model.lora.enabled=false"]
