@@ -26,7 +26,6 @@ from torch import nn
 from data_pipeline.collate import IMAGE_SIZES
 from data_pipeline.tokenize import IGNORE_INDEX
 from mtrain.config.schema import TokenScalesConfig
-from mtrain.model.families import ModelFamily, family_for
 from mtrain.model.scale_lora import ScaleRouting
 from mtrain.model.token_scales import pool_grid
 from mtrain.task.base import Task, learned_per_row
@@ -118,10 +117,6 @@ class MatryoshkaTokenTask(Task):
         if self.tokens.mode == "mqt":
             return features[:, :scale]  # queries are independent: the first m of M equal an m-query pass
         return pool_grid(features, scale)
-
-    @property
-    def family(self) -> ModelFamily:
-        return family_for(self.llava.config.model_type)
 
     def kept_tokens(self, batch: dict[str, Any], scales: list[int]) -> dict[int, int] | None:
         """Tokens every image of the batch keeps at each scale, by the family's rule for the images' sizes;

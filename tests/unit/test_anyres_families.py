@@ -378,3 +378,21 @@ def test_a_saved_onevision_folder_loads_and_its_scales_are_checked_before_any_pr
         ],
     )
     assert "use mode=m3 with a llava_onevision model" in model_problems(mqt)[0]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_next_token_training_passes_image_sizes_and_runs_text_only_batches(preset):
+    """task.objective=lm (no scales): the loss on an image batch is the stock forward's with image_sizes, and a
+    text-only batch runs the whole vision path on a blank stand-in, times zero (ZeRO-3 lockstep)."""
+    cfg = load_config(None, [f"model.preset={preset}", *TINY, "model.lora.enabled=false"])
+    built = build_model(cfg.model, torch.float32, None, seed=0)
+    task = build_task(cfg, built, rank=0)
+    batch = caption_batch(built)
+    loss, _ = task(batch)
+    sizes = torch.tensor(batch["image_sizes"])
+    inputs = {name: batch[name] for name in ("input_ids", "attention_mask", "labels", "pixel_values")}
+    torch.testing.assert_close(loss, built.model(**inputs, image_sizes=sizes).loss)
+    text = {name: batch[name][:, 70:] for name in ("input_ids", "attention_mask", "labels")}
+    text_loss, _ = task({**text, "pixel_values": torch.zeros(0), "image_sizes": []})
+    text_loss.backward()
+    assert torch.isfinite(text_loss) and built.model.model.image_newline.grad is not None

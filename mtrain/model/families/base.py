@@ -54,6 +54,12 @@ class ModelFamily:
         when the family's visual tokens are one grid per image, which the task pools itself."""
         return None
 
+    def stand_in_input(self, config: Any) -> tuple[tuple[int, ...], list[tuple[int, int]] | None]:
+        """(pixel-value shape, image_sizes or None) of one blank image the whole vision path accepts:
+        what a text-only batch runs times zero to keep ZeRO-3's ranks in step."""
+        vision = config.vision_config
+        return (1, vision.num_channels, vision.image_size, vision.image_size), None
+
     def problems(self, config: Any, tokens: Any) -> list[str]:
         """What makes `tokens` (a TokenScalesConfig) or the model config unusable together; empty when fine."""
         return []

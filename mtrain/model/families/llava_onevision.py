@@ -169,6 +169,13 @@ class LlavaOnevisionFamily(ModelFamily):
     def scale_tokens(self, config: Any, scale: int | None, image_size: tuple[int, int]) -> int:
         return image_tokens(config, image_size, math.isqrt(scale) if scale is not None else None)
 
+    def stand_in_input(self, config: Any) -> tuple[tuple[int, ...], list[tuple[int, int]] | None]:
+        """A blank image of the tower's size, with the base image and the crops its size gives."""
+        vision = config.vision_config
+        side = vision.image_size
+        rows, columns = crop_layout(config, (side, side))
+        return (1, 1 + rows * columns, vision.num_channels, side, side), [(side, side)]
+
     def problems(self, config: Any, tokens: Any) -> list[str]:
         g = tower_grid_side(config)
         tower, strategy = config.vision_config.model_type, config.vision_feature_select_strategy
