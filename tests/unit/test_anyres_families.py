@@ -396,3 +396,15 @@ def test_next_token_training_passes_image_sizes_and_runs_text_only_batches(prese
     text_loss, _ = task({**text, "pixel_values": torch.zeros(0), "image_sizes": []})
     text_loss.backward()
     assert torch.isfinite(text_loss) and built.model.model.image_newline.grad is not None
+
+
+def test_mtrain_evals_default_budgets_of_a_model_trained_without_scales_pool_each_crop():
+    from mtrain.task.registry import budget_view
+
+    cfg = load_config(None, ["model.preset=tiny-llava-onevision", *TINY, "model.lora.enabled=false"])
+    built = build_model(cfg.model, torch.float32, None, seed=0)
+    view = budget_view(cfg, built, build_task(cfg, built, rank=0), None)
+    assert view.tokens.scales == SCALES  # the 4x4 crop grid's budgets, not those of the 88 tokens an image has
+    batch = caption_batch(built)
+    view.visual_tokens = 70  # the batch's (20, 32) images
+    assert set(view.evaluate_scale(batch, 4)) >= {"loss_sum", "tokens"}

@@ -36,6 +36,11 @@ class ModelFamily:
         """(rows, columns) of the projected visual tokens of one image; None when they are not a pure grid."""
         raise NotImplementedError
 
+    def m3_grid(self, config: Any) -> tuple[int, int] | None:
+        """The grid M3 pools, whose budgets `mtrain eval` scores by default: the image's own grid, or
+        (anyres) each crop's; None when there is none."""
+        return self.visual_grid(config)
+
     def image_token_id(self, config: Any) -> int:
         """The token id whose positions the visual tokens fill."""
         raise NotImplementedError

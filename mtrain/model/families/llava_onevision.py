@@ -163,6 +163,10 @@ class LlavaOnevisionFamily(ModelFamily):
     def visual_grid(self, config: Any) -> tuple[int, int] | None:
         return None  # crops, unpadded and with newlines: no single grid
 
+    def m3_grid(self, config: Any) -> tuple[int, int] | None:
+        g = tower_grid_side(config)
+        return g, g  # every crop's patch grid: M3's scales k*k pool it
+
     def image_token_id(self, config: Any) -> int:
         return config.image_token_id
 
