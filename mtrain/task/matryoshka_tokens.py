@@ -124,9 +124,9 @@ class MatryoshkaTokenTask(Task):
 
         First cut: every image of a batch must give the same counts (one size per batch)."""
         sizes = batch.get(IMAGE_SIZES) or []
-        if self.tokens.mode != "m3" or not sizes:
-            return None
         config, family = self.llava.config, self.family
+        if self.tokens.mode != "m3" or not sizes or not family.counts_by_image_size:
+            return None
         by_size = {size: [family.scale_tokens(config, s, size) for s in [None, *scales]] for size in map(tuple, sizes)}
         if len({tuple(counts) for counts in by_size.values()}) > 1 or any(
             counts[0] != self.visual_tokens for counts in by_size.values()
@@ -142,7 +142,7 @@ class MatryoshkaTokenTask(Task):
     def scaled_visual(self, batch: dict[str, Any], scales: list[int]) -> dict[int, torch.Tensor]:
         """Every image of the batch at every scale of `scales`: {scale: (images, tokens, dim)}, one vision pass."""
         sizes = batch.get(IMAGE_SIZES) or []
-        if self.tokens.mode == "m3" and sizes:
+        if self.tokens.mode == "m3" and sizes and self.family.counts_by_image_size:
             scaled = self.family.scaled_features(self.llava, batch["pixel_values"], [tuple(s) for s in sizes], scales)
             if scaled is not None:
                 return scaled

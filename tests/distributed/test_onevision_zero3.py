@@ -11,6 +11,14 @@ from tests.conftest import REPO, read_metrics, run, torchrun
 
 pytestmark = pytest.mark.timeout(400)
 
+# What configs/tiny_onevision.yaml trains, as the checkpoint's config.yaml records it.
+SETTINGS = [
+    ("preset", "tiny-llava-onevision"),
+    ("mode", "m3"),
+    ("strategy", "shared_plus_per_scale"),
+    ("packing", "true"),
+]
+
 
 def test_two_rank_zero3_trains_m3_per_crop_with_scale_lora_and_packing_then_exports(tmp_path, shards_pattern):
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
@@ -18,13 +26,11 @@ def test_two_rank_zero3_trains_m3_per_crop_with_scale_lora_and_packing_then_expo
     run_dir, steps = tmp_path / "run", 4
     cmd = [
         *torchrun(), "-m", "mtrain",
-        "train", str(REPO / "configs/tiny.yaml"), f"run.dir={run_dir}", f"data.shards={shards_pattern}",
-        "model.preset=tiny-llava-onevision", "model.tiny.image_size=16", "model.tiny.patch_size=4",
+        "train", str(REPO / "configs/tiny_onevision.yaml"), f"run.dir={run_dir}", f"data.shards={shards_pattern}",
         f"run.max_steps={steps}", "optim.warmup_steps=1", "logging.progress=false", "zero.param_persistence_threshold=0",
-        "data.max_len=200", "data.packing=true", "data.micro_batch_size=2",
-        "matryoshka.tokens.mode=m3", "matryoshka.tokens.scales=[1,4,16]", "matryoshka.tokens.policy=all",
-        "model.lora.strategy=shared_plus_per_scale",
+        "data.micro_batch_size=2",
     ]  # fmt: skip
+    # configs/tiny_onevision.yaml: M3 at scales [1,4,16] (policy all), shared+per-scale LoRA, packed rows of 200.
     proc = run(cmd, cwd=tmp_path, timeout=360)
     assert proc.returncode == 0
 
@@ -32,6 +38,8 @@ def test_two_rank_zero3_trains_m3_per_crop_with_scale_lora_and_packing_then_expo
     assert len(metrics) == steps
     assert all(f"loss/scale_{s}" in m for m in metrics for s in (1, 4, 16))
     assert metrics[-1]["loss"] < metrics[0]["loss"]
+    saved = (run_dir / "checkpoints" / f"step_{steps:08d}" / "config.yaml").read_text()
+    assert all(f"{key}: {value}" in saved for key, value in SETTINGS), saved
 
     # The export: stock transformers loads the merged model (shared + scale_16 adapters) and gives the
     # logits of the checkpoint's own task at the full scale, on an image the processor crops 2x2.

@@ -7,7 +7,10 @@ A family answers, for its transformers model class:
 - how the projector maps them: the family's own model class (MQT's query transformer in place of
   LLaVA's projector is a family of its own, `mtrain_mqt_llava`);
 - where they go in the sequence (`image_token_id`: the id whose positions the visual tokens fill);
-- how position ids are made (`position_ids`: a one-line rule the packer and the task follow).
+- how position ids are made (`position_ids`: a one-line rule the packer and the task follow);
+- for M3, how many tokens an image of a given size keeps at a scale (`scale_tokens`), every image at
+  every scale from one vision pass when the task cannot pool one grid itself (`scaled_features`,
+  anyres), and the grid M3 pools (`m3_grid`).
 Chat templates come with the tokenizer: a loaded folder's own, or the tiny preset's
 (`mtrain.model.tokenizer.build_tiny_tokenizer`), or `model.chat_template`.
 `problems(config, tokens)` lists what makes a config unusable with a model, checked before any

@@ -18,6 +18,9 @@ class ModelFamily:
     model_type: str = ""
     # How position ids are made; the packer (data_pipeline/packing.py) and the layout follow it.
     position_ids: str = ""
+    # An image's token count depends on its (height, width) (anyres crops, native resolution): the
+    # task counts each batch's images by `scale_tokens` from the batch's `image_sizes`.
+    counts_by_image_size: bool = False
 
     # The class that builds and loads this family, as "module:Name" (imported on first use, so that
     # commands which fail early never import a model's code).

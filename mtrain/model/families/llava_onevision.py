@@ -153,6 +153,7 @@ class LlavaOnevisionFamily(ModelFamily):
     model_type = "llava_onevision"
     model_class_path = "transformers:LlavaOnevisionForConditionalGeneration"
     position_ids = "1-D, from 0 at each document's first token; visual tokens take consecutive positions"
+    counts_by_image_size = True
 
     def visual_tokens(self, config: Any) -> int:
         """The count of a square image at least as large as the largest pinpoint (all such squares get
