@@ -408,3 +408,23 @@ def test_mtrain_evals_default_budgets_of_a_model_trained_without_scales_pool_eac
     batch = caption_batch(built)
     view.visual_tokens = 70  # the batch's (20, 32) images
     assert set(view.evaluate_scale(batch, 4)) >= {"loss_sum", "tokens"}
+
+
+@pytest.mark.parametrize("size", [(48, 48), (20, 32)])
+def test_onevisions_anyres_max_shrink_follows_the_pooled_grid(onevision, size):
+    """A merged grid larger than anyres_max_N crops' area is shrunk (bilinear) as the stock model does; at a
+    pooled scale the ratio is taken against the pooled crop side. anyres_max_1 makes the tiny 2x2 crops shrink."""
+    config, family = onevision.model.config, onevision.family
+    inputs = onevision.image_processor(images=picture(size), return_tensors="pt")
+    config.vision_aspect_ratio = "anyres_max_1"
+    try:
+        with torch.no_grad():
+            stock = onevision.model.model.get_image_features(**inputs).pooler_output[0]
+            ours = family.scaled_features(onevision.model, inputs["pixel_values"], [size], SCALES)
+        count = stock_processor_count(config, onevision.image_processor, size)
+        counts = [family.scale_tokens(config, s, size) for s in SCALES]
+    finally:
+        config.vision_aspect_ratio = "anyres_max_9"
+    torch.testing.assert_close(ours[16][0], stock, rtol=0, atol=0)
+    assert stock.shape[0] == count == counts[-1] < family.scale_tokens(config, None, size)
+    assert [ours[s].shape[1] for s in SCALES] == counts
