@@ -78,8 +78,10 @@ class Task(nn.Module):
         self, pixel_values: torch.Tensor, image_sizes: list[tuple[int, int]] | None = None
     ) -> torch.Tensor:
         """Projected visual tokens of every image at full size: (images, tokens, dim). Anyres families
-        (LLaVA-NeXT, OneVision) crop by each image's (height, width), the batch's `image_sizes`."""
-        sizes = {"image_sizes": torch.tensor(image_sizes)} if image_sizes else {}
+        (LLaVA-NeXT, OneVision) crop by each image's (height, width), the batch's `image_sizes`; the
+        others never see them (LLaVA's forward would read them as Pixtral's sizes)."""
+        by_size = image_sizes and self.family.counts_by_image_size
+        sizes = {"image_sizes": torch.tensor(image_sizes)} if by_size else {}
         output = self.llava.model.get_image_features(pixel_values=pixel_values, return_dict=True, **sizes)
         return torch.stack(list(output.pooler_output))
 

@@ -428,3 +428,21 @@ def test_onevisions_anyres_max_shrink_follows_the_pooled_grid(onevision, size):
     torch.testing.assert_close(ours[16][0], stock, rtol=0, atol=0)
     assert stock.shape[0] == count == counts[-1] < family.scale_tokens(config, None, size)
     assert [ours[s].shape[1] for s in SCALES] == counts
+
+
+def test_image_sizes_in_a_llava_batch_stay_out_of_its_forward():
+    """Loader batches carry image_sizes for every family; LLaVA's get_image_features would read them as
+    Pixtral's sizes (and fail on a CLIP tower), so only anyres families get them."""
+    cfg = load_config(None, ["model.lora.enabled=false"])
+    built = build_model(cfg.model, torch.float32, None, seed=0)
+    task = build_task(cfg, built, rank=0)
+    caption = built.tokenizer("a red circle.").input_ids
+    ids = torch.tensor([[built.tokenizer.bos_token_id] + [built.image_token_id] * built.visual_tokens + caption])
+    inputs = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": ids,
+        "pixel_values": torch.randn(1, 3, 32, 32),
+    }
+    loss, _ = task({**inputs, "image_sizes": [(48, 48)]})
+    torch.testing.assert_close(loss, built.model(**inputs).loss)

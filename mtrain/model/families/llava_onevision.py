@@ -20,8 +20,9 @@ merged grid is (rows * k) x (columns * k), `unpad_image` cuts it with the same i
 anyres_max ratio is taken against k, and a newline ends each of its rows. So at scale k*k an
 image stands for k*k + r_k * (c_k + 1) tokens, r_k x c_k the unpadded pooled grid; at k = g this
 is exactly the stock model's `get_image_features` (tests/unit/test_anyres_families.py). Scales
-nest: each pooled crop pools the crop of the next larger k, and every rank computes the same
-counts from the same `image_sizes`.
+whose sides divide each other nest (1, 2, 4 on a 4x4 grid): each pooled crop is the pooling of the
+next larger one. The unpadding is recomputed at each pooled size with the stock rounding, so the
+kept rows nest up to that rounding. Every rank computes the same counts from the same `image_sizes`.
 
 First cut (what is tested): one image size per batch (so one count per scale per batch; the task
 refuses a batch that mixes sizes with a clear error), each image treated as a single-image anyres
