@@ -14,6 +14,9 @@ import torch
 
 ROW_TOKENS = "row_tokens"  # real (non-padding) tokens of each row
 ROW_IMAGES = "row_images"  # images of each row, in the order of the batch's pixel values
+# (height, width) of every image as decoded, in pixel-value order (host list): anyres families pick
+# their crops from it (`image_sizes` of LLaVA-NeXT/OneVision).
+IMAGE_SIZES = "image_sizes"
 
 
 def right_pad(rows: Sequence[Sequence[int]], pad_value: int, width: int | None = None) -> torch.Tensor:

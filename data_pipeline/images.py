@@ -45,6 +45,7 @@ def clip_steps(processor: Any) -> ClipSteps | None:
         and getattr(processor, "do_rescale", False)
         and getattr(processor, "do_normalize", False)
         and not getattr(processor, "do_pad", False)
+        and not getattr(processor, "image_grid_pinpoints", None)  # anyres (LLaVA-NeXT) crops are no plain pipeline
     )
     if not plain:
         return None

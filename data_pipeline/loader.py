@@ -363,6 +363,7 @@ class SampleStream(IterableDataset):
         url, group = doc.location
         members = reader.read(url, group, [image.member for image in doc.images])
         pixels = []
+        doc.image_sizes = []
         for image in doc.images:
             decoded = decode_image(
                 members[image.member],
@@ -372,6 +373,7 @@ class SampleStream(IterableDataset):
                 self.preprocess.draft_size,
             )
             pixels.append(self.preprocess.prepare(decoded))
+            doc.image_sizes.append((decoded.height, decoded.width))
         return pixels
 
 

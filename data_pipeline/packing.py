@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from data_pipeline.collate import ROW_IMAGES, ROW_TOKENS, real_token_mask, right_pad
+from data_pipeline.collate import IMAGE_SIZES, ROW_IMAGES, ROW_TOKENS, real_token_mask, right_pad
 from data_pipeline.tokenize import IGNORE_INDEX, TokenizedSample
 
 Row = list[TokenizedSample]
@@ -45,6 +45,7 @@ def collate_rows(
     """Right-pad rows to the longest; every image tensor of the batch in row-major order."""
     row_ids, row_labels, row_positions = [], [], []
     pixel_values: list[Any] = []
+    image_sizes: list[tuple[int, int]] = []
     keys: list[str] = []
     for row in rows:
         row_ids.append([token for doc in row for token in doc.input_ids])
@@ -53,6 +54,7 @@ def collate_rows(
         row_positions.append([position for doc in row for position in range(len(doc))])
         for doc in row:
             pixel_values += doc.pixel_values
+            image_sizes += doc.image_sizes
             keys.append(doc.key)
     lengths = [len(ids) for ids in row_ids]
     width = max(lengths)
@@ -66,6 +68,7 @@ def collate_rows(
         "keys": keys,
         ROW_TOKENS: lengths,
         ROW_IMAGES: [sum(len(doc.image_spans) for doc in row) for row in rows],
+        IMAGE_SIZES: image_sizes,
     }
     if packed:
         batch["position_ids"] = right_pad(row_positions, 0, width)

@@ -41,6 +41,7 @@ class TokenizedSample:
     images: list[ImageSegment]  # the kept images, in order
     ref: tuple[int, int, int] | None = None  # (source, epoch, position) for the loader's state
     pixel_values: list[Any] = field(default_factory=list)
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (height, width) of each decoded image
     location: Any = None  # (shard url, tar group): where the loader reads the image bytes from
 
     def __len__(self) -> int:

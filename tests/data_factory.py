@@ -173,20 +173,22 @@ def make_loader(
     sync=None,
     gather=None,
     pairs: bool = False,
+    tokenizer=None,
+    processor=None,
     **settings,
 ):
-    """A real StreamingLoader over real shards with the tiny tokenizer and image processor;
-    with `pairs`, of (query, positive[, negative]) pair batches."""
+    """A real StreamingLoader over real shards with the tiny tokenizer and image processor (or the
+    given ones, another preset's); with `pairs`, of (query, positive[, negative]) pair batches."""
     from data_pipeline.loader import LoaderSettings, build_loader
     from data_pipeline.tokenize import TokenSpec
     from mtrain.model.build import tiny_image_processor
     from mtrain.model.tokenizer import IMAGE_TOKEN, build_tiny_tokenizer
 
-    tokenizer = build_tiny_tokenizer()
+    tokenizer = tokenizer or build_tiny_tokenizer()
     sources = ((patterns, 1.0),) if isinstance(patterns, str) else tuple(patterns)
     loader_settings = LoaderSettings(sources=sources, batch_size=batch_size, seed=0, **settings)
     spec = TokenSpec(tokenizer, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), max_len)
-    processor = tiny_image_processor(image_size)
+    processor = processor or tiny_image_processor(image_size)
     form = None
     if pairs:
         from data_pipeline.pairs import PairForm, PairSpec

@@ -164,7 +164,8 @@ def _save_hf_folder(model: torch.nn.Module, built: Any, folder: Path) -> None:
 
 
 def llava_processor(config: Any, built: Any, chat_template: str) -> Any:
-    """A `LlavaProcessor` that expands `<image>` to exactly the features the model gets (None for other families).
+    """A `LlavaProcessor` that expands `<image>` to exactly the features the model gets (OneVision's own for
+    llava_onevision; None for other families).
 
     LLaVA's processor counts (side / patch_size)^2 + num_additional_image_tokens, minus one under the
     "default" feature strategy (which drops the vision tower's CLS feature); a CLIP tower has that
@@ -172,6 +173,20 @@ def llava_processor(config: Any, built: Any, chat_template: str) -> Any:
     """
     from transformers import LlavaProcessor  # noqa: PLC0415
 
+    if getattr(config, "model_type", None) == "llava_onevision":
+        return onevision_processor(config, built, chat_template)
+    if getattr(config, "model_type", None) == "llava_next":
+        from transformers import LlavaNextProcessor  # noqa: PLC0415
+
+        vision = config.vision_config  # LLaVA-NeXT's processor counts the anyres layout as the model packs it
+        return LlavaNextProcessor(
+            image_processor=built.image_processor,
+            tokenizer=built.tokenizer,
+            patch_size=vision.patch_size,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+            num_additional_image_tokens=1 if vision.model_type == "clip_vision_model" else 0,
+            chat_template=chat_template,
+        )
     if getattr(config, "model_type", None) != "llava":
         return None
     vision = config.vision_config
@@ -182,6 +197,30 @@ def llava_processor(config: Any, built: Any, chat_template: str) -> Any:
         patch_size=vision.patch_size,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
         num_additional_image_tokens=1 if has_cls else 0,
+        chat_template=chat_template,
+    )
+
+
+def onevision_processor(config: Any, built: Any, chat_template: str) -> Any:
+    """A `LlavaOnevisionProcessor` counting each image's anyres tokens as the model packs them: g*g base
+    tokens per crop grid, the unpadded crops with their newlines.
+
+    None without torchvision: the processor insists on its video processor, which needs it (the CPU
+    stack leaves it out); the export then holds the tokenizer and image processor, each loadable
+    with its Auto class, and the model's count is `LlavaOnevisionFamily.scale_tokens`."""
+    import importlib.util  # noqa: PLC0415
+
+    from transformers import LlavaOnevisionProcessor  # noqa: PLC0415
+
+    if importlib.util.find_spec("torchvision") is None:
+        return None
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    return LlavaOnevisionProcessor(
+        image_processor=built.image_processor,
+        tokenizer=built.tokenizer,
+        num_image_tokens=side * side,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        vision_aspect_ratio=config.vision_aspect_ratio,
         chat_template=chat_template,
     )
 

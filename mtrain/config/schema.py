@@ -105,10 +105,14 @@ class TinyLlavaConfig(Checkable):
 
 @dataclass
 class ModelConfig(Checkable):
-    preset: Literal["tiny-llava", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "none"] = setting(
+    preset: Literal[
+        "tiny-llava", "tiny-llava-onevision", "tiny-llava-next", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "none"
+    ] = setting(
         "tiny-llava",
-        "Built-in model with random weights and a local tokenizer (a LLaVA-1.5, Qwen2-VL or Qwen2.5-VL shape, sized "
-        "by model.tiny); 'none' when path is set.",
+        "Built-in model with random weights and a local tokenizer, sized by model.tiny (tiny-llava: LLaVA-1.5's "
+        "shape; tiny-llava-onevision: anyres crops of a SigLIP tower, a Qwen2 LM, a ChatML template; "
+        "tiny-llava-next: anyres crops of a CLIP tower, a Llama LM, LLaVA-1.5's template; tiny-qwen2-vl and "
+        "tiny-qwen2.5-vl: Qwen's tower and 2x2 patch merger, M-RoPE, Qwen's template); 'none' when path is set.",
     )
     path: str | None = setting(None, "Local Hugging Face folder of a LLaVA-family checkpoint (never downloaded).")
     chat_template: str = setting(

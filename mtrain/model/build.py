@@ -21,6 +21,13 @@ from mtrain.config.schema import ModelConfig, TokenScalesConfig
 from mtrain.launch.distributed import print0
 from mtrain.model.families import MQT_MODEL_TYPE, SUPPORTED_MODEL_TYPES, ModelFamily, family_for
 from mtrain.model.families.llava import tiny_image_processor, tiny_llava_config
+from mtrain.model.families.llava_next import tiny_next_config, tiny_next_processor
+from mtrain.model.families.llava_onevision import (
+    CHATML_TOKENS,
+    ONEVISION_CHAT_TEMPLATE,
+    tiny_onevision_config,
+    tiny_onevision_processor,
+)
 from mtrain.model.families.qwen2_vl import (
     FixedSizeImageProcessor,
     Qwen2VLFamily,
@@ -140,10 +147,7 @@ def build_model(
     elif cfg.preset in TINY_QWEN_CONFIGS:
         built = _tiny_qwen(cfg, dtype, attn)
     else:
-        tokenizer = build_tiny_tokenizer()
-        image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        vocab_size = (len(tokenizer) + 63) // 64 * 64
-        llava_config = tiny_llava_config(cfg.tiny, vocab_size, image_token_id, tokenizer.pad_token_id)
+        tokenizer, llava_config, image_processor = tiny_preset(cfg)
         if tokens.mode == "mqt":
             llava_config = mqt_llava_config(llava_config, tokens)  # the mtrain_mqt_llava family
         family = family_for(llava_config.model_type)
@@ -152,10 +156,10 @@ def build_model(
         built = BuiltModel(
             model=model,
             tokenizer=tokenizer,
-            image_processor=tiny_image_processor(cfg.tiny.image_size, cfg.tiny.vision_tower),
+            image_processor=image_processor,
             visual_tokens=family.visual_tokens(llava_config),
-            image_token_id=image_token_id,
-            source="preset:tiny-llava",
+            image_token_id=family.image_token_id(llava_config),
+            source=f"preset:{cfg.preset}",
             family=family,
         )
     if cfg.chat_template and built.tokenizer is not None:
@@ -208,6 +212,27 @@ def _tiny_qwen(cfg: ModelConfig, dtype: torch.dtype, attn: str) -> BuiltModel:
         family=family,
         visual_grid=(rows, columns),
     )
+
+
+def tiny_preset(cfg: ModelConfig) -> tuple[Any, Any, Any]:
+    """(tokenizer, model config, image processor) of the built-in preset `cfg.preset`, shaped by `cfg.tiny`."""
+    if cfg.preset == "tiny-llava-onevision":
+        tokenizer = build_tiny_tokenizer(chat_template=ONEVISION_CHAT_TEMPLATE, turn_tokens=CHATML_TOKENS)
+        vocab_size = (len(tokenizer) + 63) // 64 * 64
+        image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        config = tiny_onevision_config(cfg.tiny, vocab_size, image_token_id, tokenizer.pad_token_id)
+        return tokenizer, config, tiny_onevision_processor(cfg.tiny.image_size, config.image_grid_pinpoints)
+    tokenizer = build_tiny_tokenizer()
+    vocab_size = (len(tokenizer) + 63) // 64 * 64
+    if cfg.preset == "tiny-llava-next":
+        config = tiny_next_config(
+            cfg.tiny, vocab_size, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), tokenizer.pad_token_id
+        )
+        return tokenizer, config, tiny_next_processor(cfg.tiny.image_size, config.image_grid_pinpoints)
+    config = tiny_llava_config(
+        cfg.tiny, vocab_size, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), tokenizer.pad_token_id
+    )
+    return tokenizer, config, tiny_image_processor(cfg.tiny.image_size, cfg.tiny.vision_tower)
 
 
 def enable_activation_checkpointing(built: BuiltModel) -> None:
@@ -383,8 +408,8 @@ def attach_lora(model: nn.Module, cfg: ModelConfig, parts: dict[str, str] = Mode
 
 def model_part(parameter_name: str, parts: dict[str, str] = ModelFamily.part_names) -> str:
     """Which part a parameter belongs to: vision_tower, projector or language_model (the projector
-    first: Qwen2-VL's merger sits inside its tower)."""
-    if f"{parts['projector']}." in parameter_name:
+    first: Qwen2-VL's merger sits inside its tower; anyres families' learned newline token trains with it)."""
+    if f"{parts['projector']}." in parameter_name or "image_newline" in parameter_name:
         return "projector"
     if f"{parts['vision_tower']}." in parameter_name:
         return "vision_tower"

@@ -42,14 +42,19 @@ def train_tiny_bpe(special_tokens: list[str], vocab_size: int = 512) -> Any:
     return tokenizer
 
 
-def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """Train a deterministic byte-level BPE tokenizer with `<image>` as a special token and the
-    tiny preset's LLaVA-1.5-shaped chat template."""
+def build_tiny_tokenizer(
+    vocab_size: int = 512, chat_template: str = CHAT_TEMPLATE, turn_tokens: tuple[str, str] | None = None
+) -> PreTrainedTokenizerFast:
+    """A deterministic byte-level BPE tokenizer with `<image>` as a special token and the tiny preset's
+    LLaVA-1.5-shaped chat template, or another family's `chat_template`.
+
+    `turn_tokens` (start, end), e.g. ChatML's `<|im_start|>`, `<|im_end|>`, become special tokens;
+    the end token is then the eos token and there is no bos token, as in Qwen2's tokenizers."""
     return PreTrainedTokenizerFast(
-        tokenizer_object=train_tiny_bpe(SPECIAL_TOKENS, vocab_size),
-        chat_template=CHAT_TEMPLATE,  # LLaVA-1.5's shape (data_pipeline/chat_template.py)
-        bos_token="<s>",
-        eos_token="</s>",
+        tokenizer_object=train_tiny_bpe(SPECIAL_TOKENS + list(turn_tokens or ()), vocab_size),
+        chat_template=chat_template,  # by default LLaVA-1.5's shape (data_pipeline/chat_template.py)
+        bos_token=None if turn_tokens else "<s>",
+        eos_token=turn_tokens[1] if turn_tokens else "</s>",
         pad_token="<pad>",
         unk_token="<unk>",
         extra_special_tokens={"image_token": IMAGE_TOKEN},

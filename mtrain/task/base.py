@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from data_pipeline.tokenize import IGNORE_INDEX
+from mtrain.model.families import ModelFamily, family_for
 
 Metrics = dict[str, torch.Tensor]
 
@@ -49,6 +50,11 @@ def learned_per_row(labels: torch.Tensor) -> torch.Tensor:
 
 
 class Task(nn.Module):
+    # The family a task was built with (None: the registry's for the model's type) and the merged grid
+    # of every image's tokens (None: the family knows it, or a square grid); set by the tasks that take them.
+    given_family: ModelFamily | None = None
+    visual_grid: tuple[int, int] | None = None
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
@@ -68,16 +74,22 @@ class Task(nn.Module):
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, Metrics]:
         raise NotImplementedError
 
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Projected visual tokens of every image at full size: (images, tokens, dim)."""
-        output = self.llava.model.get_image_features(pixel_values=pixel_values, return_dict=True)
-        return torch.stack(list(output.pooler_output))
+    @property
+    def family(self) -> ModelFamily:
+        """What mtrain knows about the model's kind (mtrain/model/families): the one the task was given,
+        else the registry's for the model's type."""
+        return self.given_family or family_for(self.llava.config.model_type)
 
-    def stand_in_pixels(self, device: torch.device) -> torch.Tensor:
-        """One blank image of the vision tower's size, on `device` in the input dtype."""
-        vision = self.llava.config.vision_config
-        shape = (1, vision.num_channels, vision.image_size, vision.image_size)
-        return torch.zeros(shape, dtype=self.input_dtype, device=device)
+    def image_features(
+        self, pixel_values: torch.Tensor, image_sizes: list[tuple[int, int]] | None = None
+    ) -> torch.Tensor:
+        """Projected visual tokens of every image at full size: (images, tokens, dim), by the family's rule
+        (anyres families crop by the batch's `image_sizes`, Qwen's by its merged grid)."""
+        return self.family.image_features(self.llava, pixel_values, self.visual_grid, image_sizes)
+
+    def stand_in_pixels(self, device: torch.device) -> tuple[torch.Tensor, list[tuple[int, int]] | None]:
+        """One blank image the vision path accepts (and its image_sizes, for anyres), on `device` in the input dtype."""
+        return self.family.stand_in_input(self.llava.config, self.visual_grid, self.input_dtype, device)
 
     def vision_stand_in(self, device: torch.device) -> torch.Tensor:
         """Zero, computed through the whole vision path on a blank image: add it to a text-only batch's embeddings.
@@ -86,7 +98,7 @@ class Task(nn.Module):
         the same order every step; a rank that skipped the vision path while another ran it would
         hang both. Multiplying by zero keeps the loss and every gradient exactly the text's own.
         """
-        features = self.image_features(self.stand_in_pixels(device))
+        features = self.image_features(*self.stand_in_pixels(device))
         return features.sum() * 0
 
     def begin_step(self, step: int, micro_batch: int = 0) -> None:

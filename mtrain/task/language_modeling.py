@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from data_pipeline.collate import IMAGE_SIZES
 from data_pipeline.tokenize import IGNORE_INDEX
 from mtrain.model.families.base import ModelFamily
 from mtrain.task.base import Task, learned_per_row
@@ -27,8 +28,8 @@ class LanguageModelingTask(Task):
     ) -> None:
         super().__init__(model)
         self.image_token_id = image_token_id
-        # How this model's images become tokens and its tokens get positions (LLaVA's when None).
-        self.family = family or ModelFamily()
+        # How this model's images become tokens and its tokens get positions (None: the registry's).
+        self.given_family = family
         self.visual_grid = visual_grid  # (rows, columns) of every image's tokens; None: a square grid
         self.visual_tokens = visual_tokens  # tokens per <image> in the batch
 
@@ -39,7 +40,8 @@ class LanguageModelingTask(Task):
             # Packed rows: with no 2D mask, transformers derives a block-diagonal causal mask from
             # the position ids (they restart per document), so attention never crosses documents.
             inputs.pop("attention_mask", None)
-        inputs["inputs_embeds"] = self.embed(inputs.pop("input_ids"), inputs.pop("pixel_values", None))
+        pixel_values, image_sizes = inputs.pop("pixel_values", None), batch.get(IMAGE_SIZES)
+        inputs["inputs_embeds"] = self.embed(inputs.pop("input_ids"), pixel_values, image_sizes)
         if self.token_norm is not None:
             # The model's own loss, summed over tokens and divided by the step's global count.
             inputs["num_items_in_batch"] = self.token_norm.counts[0]
@@ -68,17 +70,16 @@ class LanguageModelingTask(Task):
         )
         return self.family.layout_position_ids(self.llava, layout, self.visual_grid, self.image_token_id, packed)
 
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.family.image_features(self.llava, pixel_values, self.visual_grid)
-
-    def stand_in_pixels(self, device: torch.device) -> torch.Tensor:
-        return self.family.stand_in_pixels(self.llava.config, self.visual_grid, self.input_dtype, device)
-
     def learned_tokens(self, batch: dict[str, Any]) -> torch.Tensor:
         """One group: every learned token of the micro-batch."""
         return learned_per_row(batch["labels"]).sum().reshape(1)
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        image_sizes: list[tuple[int, int]] | None = None,
+    ) -> torch.Tensor:
         """Token embeddings with every image's visual tokens spliced in, as the model's own forward does.
 
         Done here, before the model is called, so the modules run in one order whatever the batch
@@ -89,5 +90,5 @@ class LanguageModelingTask(Task):
         embeddings = self.llava.get_input_embeddings()(input_ids)
         if pixel_values is None or pixel_values.numel() == 0:  # a shape: known on the host
             return embeddings + self.vision_stand_in(embeddings.device).to(embeddings.dtype)
-        features = self.image_features(pixel_values).flatten(0, 1).to(embeddings.dtype)
+        features = self.image_features(pixel_values, image_sizes).flatten(0, 1).to(embeddings.dtype)
         return embeddings.masked_scatter((input_ids == self.image_token_id).unsqueeze(-1), features)

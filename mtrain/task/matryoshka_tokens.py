@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data_pipeline.collate import IMAGE_SIZES
 from data_pipeline.tokenize import IGNORE_INDEX
 from mtrain.config.schema import TokenScalesConfig
 from mtrain.model.families.base import ModelFamily
@@ -48,8 +49,8 @@ class MatryoshkaTokenTask(Task):
         visual_grid: tuple[int, int] | None = None,
     ) -> None:
         super().__init__(model)
-        # How this model's images become tokens and its tokens get positions (LLaVA's when None).
-        self.family = family or ModelFamily()
+        # How this model's images become tokens and its tokens get positions (None: the registry's).
+        self.given_family = family
         self.visual_grid = visual_grid  # (rows, columns) of every image's tokens; None: a square grid
         self.tokens = tokens
         self.image_token_id = image_token_id
@@ -118,16 +119,41 @@ class MatryoshkaTokenTask(Task):
         return per_variant.float() @ torch.tensor(one_hot, device=per_row.device)
 
     # ── the pieces ────────────────────────────────────────────────────────────────────────────
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.family.image_features(self.llava, pixel_values, self.visual_grid)
-
-    def stand_in_pixels(self, device: torch.device) -> torch.Tensor:
-        return self.family.stand_in_pixels(self.llava.config, self.visual_grid, self.input_dtype, device)
-
     def at_scale(self, features: torch.Tensor, scale: int) -> torch.Tensor:
         if self.tokens.mode == "mqt":
             return features[:, :scale]  # queries are independent: the first m of M equal an m-query pass
         return pool_grid(features, scale, self.visual_grid)
+
+    def kept_tokens(self, batch: dict[str, Any], scales: list[int]) -> dict[int, int] | None:
+        """Tokens every image of the batch keeps at each scale, by the family's rule for the images' sizes;
+        None when that is the scale itself (one grid per image, or MQT's query prefix).
+
+        First cut: every image of a batch must give the same counts (one size per batch)."""
+        sizes = batch.get(IMAGE_SIZES) or []
+        config, family = self.llava.config, self.family
+        if self.tokens.mode != "m3" or not sizes or not family.counts_by_image_size:
+            return None
+        by_size = {size: [family.scale_tokens(config, s, size) for s in [None, *scales]] for size in map(tuple, sizes)}
+        if len({tuple(counts) for counts in by_size.values()}) > 1 or any(
+            counts[0] != self.visual_tokens for counts in by_size.values()
+        ):
+            full = {size: counts[0] for size, counts in sorted(by_size.items())}
+            raise ValueError(
+                f"{config.model_type} counts each image's visual tokens from its size (height, width): {full}, but the "
+                f"data expanded every <image> to {self.visual_tokens} and one batch needs one count per scale; for now "
+                "give every image one size (a square at least as large as the largest image_grid_pinpoints entry)"
+            )
+        return dict(zip(scales, next(iter(by_size.values()))[1:], strict=True))
+
+    def scaled_visual(self, batch: dict[str, Any], scales: list[int]) -> dict[int, torch.Tensor]:
+        """Every image of the batch at every scale of `scales`: {scale: (images, tokens, dim)}, one vision pass."""
+        sizes = batch.get(IMAGE_SIZES) or []
+        if self.tokens.mode == "m3" and sizes and self.family.counts_by_image_size:
+            scaled = self.family.scaled_features(self.llava, batch["pixel_values"], [tuple(s) for s in sizes], scales)
+            if scaled is not None:
+                return scaled
+        features = self.image_features(batch["pixel_values"])
+        return {s: self.at_scale(features, s) for s in scales}
 
     # ── the step ──────────────────────────────────────────────────────────────────────────────
     def forward(self, batch: dict[str, Any], scales: list[int] | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -150,14 +176,14 @@ class MatryoshkaTokenTask(Task):
         """
         tokens, images = row_counts(batch, self.image_token_id, self.visual_tokens, self.pad_token_id)
         packed = self.tokens.layout == "packed"
-        variants = place_variants(variant_scales, tokens, images, self.visual_tokens, packed)
-        layout = lay_out(batch, variants, packed, self.image_token_id, self.visual_tokens, self.pad_token_id)
+        scales = sorted(set(variant_scales))
+        kept = self.kept_tokens(batch, scales)
+        variants = place_variants(variant_scales, tokens, images, self.visual_tokens, packed, kept)
+        layout = lay_out(batch, variants, packed, self.image_token_id, self.visual_tokens, self.pad_token_id, kept)
         embeddings = self.llava.get_input_embeddings()(layout.input_ids)
         if sum(images):
             # The vision tower and projector run once per step, at full size, whatever scales were drawn.
-            features = self.image_features(batch["pixel_values"])
-            scaled = {s: self.at_scale(features, s) for s in sorted(set(variant_scales))}
-            visual = visual_in_layout(scaled, variants, images)
+            visual = visual_in_layout(self.scaled_visual(batch, scales), variants, images)
             image_positions = (layout.input_ids == self.image_token_id).unsqueeze(-1)
             embeddings = embeddings.masked_scatter(image_positions, visual.to(embeddings.dtype))
         else:

@@ -90,7 +90,10 @@ def embedding_head_export(task: Task, export_dir: Path, write: bool) -> None:
 def m3_budget_view(cfg: TrainConfig, built: BuiltModel, task: Task, scales: list[int] | None) -> Task:
     """A model trained without visual-token scales, scored at M3's pooled budgets (default: every one its
     grid has): the baseline the M3 paper beats."""
-    tokens = TokenScalesConfig(mode="m3", scales=scales or m3_scales(built.visual_tokens))
+    grid = built.family.m3_grid(built.model.config) if built.family is not None else None
+    tokens = TokenScalesConfig(
+        mode="m3", scales=scales or m3_scales(grid[0] * grid[1] if grid else built.visual_tokens)
+    )
     return token_scales_task(cfg, built, tokens, rank=0).eval()
 
 

@@ -14,6 +14,7 @@ their columns by one scatter per scale; dropped tokens go to a spare last column
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,12 +96,18 @@ def row_counts(
 
 
 def place_variants(
-    variant_scales: list[int], tokens: list[int], images: list[int], visual_tokens: int, packed: bool
+    variant_scales: list[int],
+    tokens: list[int],
+    images: list[int],
+    visual_tokens: int,
+    packed: bool,
+    kept: Mapping[int, int] | None = None,
 ) -> list[Variant]:
     """Each variant (i: row i % rows at `variant_scales[i]`) with its length and place, in layout order.
 
     Scales are visited in increasing order (a fixed order on every rank); packed, a row's
-    variants follow each other in that order.
+    variants follow each other in that order. `kept[scale]`: tokens an image keeps at that scale
+    (default: the scale itself; anyres families count crops and newlines, `ModelFamily.scale_tokens`).
     """
     rows = len(tokens)
     ordered = [
@@ -110,7 +117,7 @@ def place_variants(
         ordered.sort(key=lambda pair: pair[0])  # stable: scales stay increasing within a row
     variants, filled = [], {}
     for index, (row, scale) in enumerate(ordered):
-        length = tokens[row] - images[row] * (visual_tokens - scale)
+        length = tokens[row] - images[row] * (visual_tokens - (kept[scale] if kept else scale))
         out_row = row if packed else index
         offset = filled.get(out_row, 0)
         filled[out_row] = offset + length
@@ -134,8 +141,10 @@ def lay_out(
     image_token_id: int,
     visual_tokens: int,
     pad_token_id: int,
+    kept: Mapping[int, int] | None = None,
 ) -> Layout:
-    """The layout of `variants`, built on the batch's device with one scatter per scale."""
+    """The layout of `variants`, built on the batch's device with one scatter per scale (`kept`: as
+    `place_variants`)."""
     input_ids, device = batch["input_ids"], batch["input_ids"].device
     out_rows = max(v.out_row for v in variants) + 1
     lengths = [0] * out_rows
@@ -152,7 +161,9 @@ def lay_out(
     for scale in sorted({v.scale for v in variants}):
         group = [v for v in variants if v.scale == scale]
         rows = torch.tensor([v.row for v in group], device=device)
-        keep = image_keep_mask(input_ids[rows], real[rows], image_token_id, visual_tokens, scale)
+        keep = image_keep_mask(
+            input_ids[rows], real[rows], image_token_id, visual_tokens, kept[scale] if kept else scale
+        )
         kept_so_far = torch.cumsum(keep.long(), dim=1)  # kept tokens up to and including each one
         # Positions restart at each document: subtract the kept tokens before the document's start.
         before_document = torch.where(starts[rows] & keep, kept_so_far - 1, 0).cummax(dim=1).values

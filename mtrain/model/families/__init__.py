@@ -7,7 +7,10 @@ A family answers, for its transformers model class:
 - how the projector maps them: the family's own model class (MQT's query transformer in place of
   LLaVA's projector is a family of its own, `mtrain_mqt_llava`);
 - where they go in the sequence (`image_token_id`: the id whose positions the visual tokens fill);
-- how position ids are made (`position_ids`: a one-line rule the packer and the task follow).
+- how position ids are made (`position_ids`: a one-line rule the packer and the task follow);
+- for M3, how many tokens an image of a given size keeps at a scale (`scale_tokens`), every image at
+  every scale from one vision pass when the task cannot pool one grid itself (`scaled_features`,
+  anyres), and the grid M3 pools (`m3_grid`).
 Chat templates come with the tokenizer: a loaded folder's own, or the tiny preset's
 (`mtrain.model.tokenizer.build_tiny_tokenizer`), or `model.chat_template`.
 `problems(config, tokens)` lists what makes a config unusable with a model, checked before any
@@ -20,12 +23,17 @@ from __future__ import annotations
 
 from mtrain.model.families.base import ModelFamily, UnsupportedModelError
 from mtrain.model.families.llava import MQT_MODEL_TYPE, LlavaFamily, MQTLlavaFamily
+from mtrain.model.families.llava_next import LlavaNextFamily
+from mtrain.model.families.llava_onevision import LlavaOnevisionFamily
 from mtrain.model.families.qwen2_vl import Qwen2_5_VLFamily, Qwen2VLFamily
 
 __all__ = ["FAMILIES", "MQT_MODEL_TYPE", "SUPPORTED_MODEL_TYPES", "ModelFamily", "UnsupportedModelError", "family_for"]
 
 FAMILIES: dict[str, ModelFamily] = {
-    family.model_type: family for family in (LlavaFamily(), MQTLlavaFamily(), Qwen2VLFamily(), Qwen2_5_VLFamily())
+    family.model_type: family
+    for family in (
+        LlavaFamily(), MQTLlavaFamily(), LlavaOnevisionFamily(), LlavaNextFamily(), Qwen2VLFamily(), Qwen2_5_VLFamily()
+    )
 }
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(FAMILIES)
 

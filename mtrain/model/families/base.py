@@ -19,6 +19,9 @@ class ModelFamily:
     model_type: str = ""
     # How position ids are made; the packer (data_pipeline/packing.py) and the layout follow it.
     position_ids: str = ""
+    # An image's token count depends on its (height, width) (anyres crops, native resolution): the
+    # task counts each batch's images by `scale_tokens` from the batch's `image_sizes`.
+    counts_by_image_size: bool = False
 
     # The class that builds and loads this family, as "module:Name" (imported on first use, so that
     # commands which fail early never import a model's code).
@@ -43,6 +46,11 @@ class ModelFamily:
         """(rows, columns) of the projected visual tokens of one image; None when they are not a pure grid."""
         raise NotImplementedError
 
+    def m3_grid(self, config: Any) -> tuple[int, int] | None:
+        """The grid M3 pools, whose budgets `mtrain eval` scores by default: the image's own grid, or
+        (anyres) each crop's; None when there is none."""
+        return self.visual_grid(config)
+
     def image_token_id(self, config: Any) -> int:
         """The token id whose positions the visual tokens fill."""
         raise NotImplementedError
@@ -52,17 +60,45 @@ class ModelFamily:
         resize to it) or the model config unusable together; empty when fine."""
         return []
 
-    # ── The forward's family hooks (mtrain/task/matryoshka_tokens.py); LLaVA's are the defaults. ─────
-    def image_features(self, model: Any, pixel_values: torch.Tensor, grid: tuple[int, int] | None) -> torch.Tensor:
+    def scale_tokens(self, config: Any, scale: int | None, image_size: tuple[int, int]) -> int:
+        """Tokens an image of `image_size` (height, width) stands for at M3 scale `scale` (None: unpooled).
+
+        A fixed-grid family pools its grid to `scale` tokens; a family whose images carry more
+        than one grid (anyres crops, newlines) counts them by its own rule."""
+        return scale if scale is not None else self.visual_tokens(config)
+
+    def scaled_features(
+        self, model: nn.Module, pixel_values: Any, image_sizes: list[tuple[int, int]], scales: list[int]
+    ) -> dict[int, Any] | None:
+        """Every image at every M3 scale, {scale: (images, scale_tokens, dim)}, from one vision pass; None
+        when the family's visual tokens are one grid per image, which the task pools itself."""
+        return None
+
+    # ── The forward's family hooks (mtrain/task/*); LLaVA's are the defaults. ─────────────────────
+    def image_features(
+        self,
+        model: Any,
+        pixel_values: torch.Tensor,
+        grid: tuple[int, int] | None,
+        image_sizes: list[tuple[int, int]] | None = None,
+    ) -> torch.Tensor:
         """Projected visual tokens of every image at full size, (images, tokens, dim), for the loader's
-        `pixel_values` (images of merged grid `grid`; None: the family knows its grid)."""
-        output = model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
+        `pixel_values` (images of merged grid `grid`; None: the family knows its grid). Anyres families
+        crop by each image's (height, width), `image_sizes`; the others never see them (LLaVA's forward
+        would read them as Pixtral's sizes)."""
+        sizes = {"image_sizes": torch.tensor(image_sizes)} if image_sizes and self.counts_by_image_size else {}
+        output = model.model.get_image_features(pixel_values=pixel_values, return_dict=True, **sizes)
         return torch.stack(list(output.pooler_output))
 
-    def stand_in_pixels(self, config: Any, grid: tuple[int, int] | None, dtype: Any, device: Any) -> torch.Tensor:
-        """One blank image as the loader would give it (a text-only batch's zero-weighted vision pass)."""
+    def stand_in_input(
+        self, config: Any, grid: tuple[int, int] | None, dtype: Any, device: Any
+    ) -> tuple[torch.Tensor, list[tuple[int, int]] | None]:
+        """(pixel values, image_sizes or None) of one blank image as the loader would give it: what a
+        text-only batch runs through the whole vision path times zero to keep ZeRO-3's ranks in step."""
         vision = config.vision_config
-        return torch.zeros((1, vision.num_channels, vision.image_size, vision.image_size), dtype=dtype, device=device)
+        shape = (1, vision.num_channels, vision.image_size, vision.image_size)
+        return torch.zeros(shape, dtype=dtype, device=device), None
+        return []
 
     def layout_position_ids(
         self, model: Any, layout: Any, grid: tuple[int, int] | None, image_token_id: int, packed: bool

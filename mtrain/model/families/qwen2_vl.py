@@ -312,7 +312,13 @@ class Qwen2VLFamily(ModelFamily):
         rows, columns = grid
         return torch.tensor([[1, rows * merge, columns * merge]] * images, device=device)
 
-    def image_features(self, model: Any, pixel_values: torch.Tensor, grid: tuple[int, int] | None) -> torch.Tensor:
+    def image_features(
+        self,
+        model: Any,
+        pixel_values: torch.Tensor,
+        grid: tuple[int, int] | None,
+        image_sizes: list[tuple[int, int]] | None = None,
+    ) -> torch.Tensor:
         if grid is None:
             raise ValueError(f"a {self.model_type} model needs its images' merged grid (BuiltModel.visual_grid)")
         grid_thw = self.patch_grid_thw(model.config, grid, pixel_values.shape[0], pixel_values.device)
@@ -321,12 +327,14 @@ class Qwen2VLFamily(ModelFamily):
         )
         return torch.stack(list(output.pooler_output))
 
-    def stand_in_pixels(self, config: Any, grid: tuple[int, int] | None, dtype: Any, device: Any) -> torch.Tensor:
+    def stand_in_input(
+        self, config: Any, grid: tuple[int, int] | None, dtype: Any, device: Any
+    ) -> tuple[torch.Tensor, list[tuple[int, int]] | None]:
         vision = config.vision_config
         merge = vision.spatial_merge_size
         rows, columns = grid if grid is not None else (1, 1)
         patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
-        return torch.zeros((1, rows * columns * merge * merge, patch), dtype=dtype, device=device)
+        return torch.zeros((1, rows * columns * merge * merge, patch), dtype=dtype, device=device), None
 
     def layout_position_ids(
         self, model: Any, layout: Any, grid: tuple[int, int] | None, image_token_id: int, packed: bool

@@ -1,0 +1,276 @@
+"""LLaVA-OneVision (`model_type == "llava_onevision"`): anyres crops of a SigLIP tower, image newlines, a Qwen2 LM.
+
+- Images -> grids: the image processor picks the best of `config.image_grid_pinpoints` for the
+  image's (height, width) (`select_best_resolution`), cuts the resized, padded image into
+  (rows x columns) crops of the tower's size and puts the whole image, resized, first: `1 + rows *
+  columns` tower inputs, `pixel_values` (images, crops, 3, S, S) with `image_sizes` (images, 2).
+  The tower gives each crop a (g x g) grid, g = image_size / patch_size (SigLIP: no CLS token;
+  `vision_feature_select_strategy` must keep the bare grid).
+- Projector: `model.model.multi_modal_projector`, per token.
+- Sequence: the base image's g*g tokens, then the crops merged into one (rows * g) x (columns * g)
+  grid, cut back to the image's aspect ratio (`unpad_image`: the padding rows or columns the
+  processor added go), each row of it followed by the learned `image_newline` token; every token
+  fills a position of `config.image_token_id`. So an image's count depends on its size:
+  `image_tokens(config, (height, width))`, the same arithmetic as the processor's.
+- Position ids: 1-D, from 0 at each document's first token, as LLaVA's.
+
+M3 on anyres (M3's own LLaVA-NeXT rule): a scale is k*k, k dividing g. Every crop, the base
+image's included, is average-pooled from g x g to k x k *before* the crops are merged; then the
+merged grid is (rows * k) x (columns * k), `unpad_image` cuts it with the same image size, the
+anyres_max ratio is taken against k, and a newline ends each of its rows. So at scale k*k an
+image stands for k*k + r_k * (c_k + 1) tokens, r_k x c_k the unpadded pooled grid; at k = g this
+is exactly the stock model's `get_image_features` (tests/unit/test_anyres_families.py). Scales
+whose sides divide each other nest (1, 2, 4 on a 4x4 grid): each pooled crop is the pooling of the
+next larger one. The unpadding is recomputed at each pooled size with the stock rounding, so the
+kept rows nest up to that rounding. Every rank computes the same counts from the same `image_sizes`.
+
+First cut (what is tested): one image size per batch (so one count per scale per batch; the task
+refuses a batch that mixes sizes with a clear error), each image treated as a single-image anyres
+input (the stock model's default when `batch_num_images` is not given). The data expands each
+`<image>` to `visual_tokens`: the count of a square image at least as large as the largest
+pinpoint, which every such square gets (the sample shards' 48-pixel squares, for the tiny preset).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from mtrain.model.families.base import ModelFamily
+from mtrain.model.families.llava import m3_scale_problems
+
+# ChatML, as LLaVA-OneVision's Qwen2 checkpoints render conversations, with `{% generation %}`
+# around the assistant's answer, its end-of-turn token and the newline after it (what LLaVA-NeXT's
+# `preprocess_qwen` learns), so `return_assistant_tokens_mask` gives the mask training learns.
+ONEVISION_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\n' -}}"
+    "{%- if message['content'] is string -%}{%- set text = message['content'] -%}"
+    "{%- else -%}{%- set text = namespace(value='') -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{%- set text.value = text.value + '<image>' -%}"
+    "{%- elif part['type'] == 'text' -%}{%- set text.value = text.value + part['text'] -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set text = text.value -%}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{%- generation -%}{{- text + '<|im_end|>\n' -}}{%- endgeneration -%}"
+    "{%- else -%}{{- text + '<|im_end|>\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
+)
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+TINY_PINPOINTS = [[16, 16], [16, 32], [32, 16], [32, 32]]  # for the tiny tower's 16-pixel input
+
+
+def tower_grid_side(config: Any) -> int:
+    """g: the side of one crop's patch grid."""
+    return config.vision_config.image_size // config.vision_config.patch_size
+
+
+def crop_layout(config: Any, image_size: tuple[int, int]) -> tuple[int, int]:
+    """(rows, columns) of crops the processor cuts an image of `image_size` (height, width) into."""
+    from transformers.image_processing_utils import select_best_resolution  # noqa: PLC0415
+
+    height, width = select_best_resolution(list(image_size), config.image_grid_pinpoints)
+    crop = config.vision_config.image_size
+    return height // crop, width // crop
+
+
+def unpadded_grid(config: Any, image_size: tuple[int, int], side: int) -> tuple[int, int]:
+    """(rows, columns) of the merged crops at crop side `side`, after unpadding and the anyres_max shrink.
+
+    The processor's arithmetic (`_get_unpadded_features`) with the crop side `side`: the grid the
+    model's `unpad_image` and interpolation leave."""
+    crop_rows, crop_columns = crop_layout(config, image_size)
+    rows, columns = crop_rows * side, crop_columns * side
+    height, width = image_size
+    if width / height > columns / rows:
+        padding = (rows - int(round(height * (columns / width), 7))) // 2
+        rows -= 2 * padding
+    else:
+        padding = (columns - int(round(width * (rows / height), 7))) // 2
+        columns -= 2 * padding
+    limit = max_crops(config)
+    ratio = math.sqrt(rows * columns / (limit * side**2)) if limit else 0.0
+    if ratio > 1.1:
+        return int(rows // ratio), int(columns // ratio)
+    return rows, columns
+
+
+def max_crops(config: Any) -> int | None:
+    """N of OneVision's `vision_aspect_ratio="anyres_max_N"`: merged grids above ~N crops' area are
+    shrunk; None for LLaVA-NeXT, which never shrinks them."""
+    aspect = getattr(config, "vision_aspect_ratio", None)
+    return int(aspect.removeprefix("anyres_max_")) if aspect else None
+
+
+def image_tokens(config: Any, image_size: tuple[int, int], side: int | None = None) -> int:
+    """Tokens one image of `image_size` (height, width) stands for, each crop pooled to side x side (default g)."""
+    side = side or tower_grid_side(config)
+    rows, columns = unpadded_grid(config, image_size, side)
+    return side * side + rows * (columns + 1)
+
+
+def pack_at_scale(
+    crops: torch.Tensor, image_size: tuple[int, int], config: Any, newline: torch.Tensor, side: int
+) -> torch.Tensor:
+    """One image's projected crops (1 + rows * columns, g*g, dim), base first, as its visual tokens at
+    crop side `side`: (image_tokens(config, image_size, side), dim).
+
+    `LlavaOnevisionModel.pack_image_features` with every crop pooled to side x side first (M3)."""
+    import torch  # noqa: PLC0415
+    import torch.nn.functional as F  # noqa: PLC0415
+    from transformers.models.llava_onevision.modeling_llava_onevision import unpad_image  # noqa: PLC0415
+
+    from mtrain.model.token_scales import pool_grid  # noqa: PLC0415
+
+    dim = crops.shape[-1]
+    pooled = pool_grid(crops, side * side)  # every crop (the base image's too) pooled on its own grid
+    base, tiles = pooled[0], pooled[1:]
+    crop_rows, crop_columns = crop_layout(config, image_size)
+    if tiles.shape[0] != crop_rows * crop_columns:
+        raise ValueError(
+            f"an image of size {tuple(image_size)} has {tiles.shape[0]} crops, but its size gives "
+            f"{crop_rows}x{crop_columns}: its pixel values and image_sizes do not belong together"
+        )
+    grid = tiles.view(crop_rows, crop_columns, side, side, dim).permute(4, 0, 2, 1, 3)
+    grid = grid.flatten(1, 2).flatten(2, 3)  # (dim, rows * side, columns * side)
+    grid = unpad_image(grid, list(image_size))
+    rows, columns = unpadded_grid(config, image_size, side)
+    if tuple(grid.shape[1:]) != (rows, columns):  # the anyres_max shrink of a very large merged grid
+        grid = F.interpolate(grid[None], [rows, columns], mode="bilinear")[0]
+    lines = newline[:, None, None].expand(dim, rows, 1).to(grid.dtype)
+    grid = torch.cat((grid, lines), dim=-1).flatten(1, 2).transpose(0, 1)
+    return torch.cat((base, grid), dim=0)
+
+
+class LlavaOnevisionFamily(ModelFamily):
+    model_type = "llava_onevision"
+    model_class_path = "transformers:LlavaOnevisionForConditionalGeneration"
+    position_ids = "1-D, from 0 at each document's first token; visual tokens take consecutive positions"
+    counts_by_image_size = True
+
+    def visual_tokens(self, config: Any) -> int:
+        """The count of a square image at least as large as the largest pinpoint (all such squares get
+        the largest square pinpoint's crops and no unpadding): what the first cut's data expands to."""
+        side = max(max(pinpoint) for pinpoint in config.image_grid_pinpoints)
+        return image_tokens(config, (side, side))
+
+    def visual_grid(self, config: Any) -> tuple[int, int] | None:
+        return None  # crops, unpadded and with newlines: no single grid
+
+    def m3_grid(self, config: Any) -> tuple[int, int] | None:
+        g = tower_grid_side(config)
+        return g, g  # every crop's patch grid: M3's scales k*k pool it
+
+    def image_token_id(self, config: Any) -> int:
+        return config.image_token_id
+
+    def scale_tokens(self, config: Any, scale: int | None, image_size: tuple[int, int]) -> int:
+        return image_tokens(config, image_size, math.isqrt(scale) if scale is not None else None)
+
+    def stand_in_input(
+        self, config: Any, grid: tuple[int, int] | None, dtype: Any, device: Any
+    ) -> tuple[torch.Tensor, list[tuple[int, int]] | None]:
+        """A blank image of the tower's size, with the base image and the crops its size gives."""
+        vision = config.vision_config
+        side = vision.image_size
+        rows, columns = crop_layout(config, (side, side))
+        shape = (1, 1 + rows * columns, vision.num_channels, side, side)
+        return torch.zeros(shape, dtype=dtype, device=device), [(side, side)]
+
+    def problems(self, config: Any, tokens: Any, image_size: list[int] | None = None) -> list[str]:
+        g = tower_grid_side(config)
+        tower, strategy = config.vision_config.model_type, config.vision_feature_select_strategy
+        if (tower == "clip_vision_model") != (strategy == "default"):
+            return [
+                f"a {self.model_type} model whose {tower!r} tower with vision_feature_select_strategy={strategy!r} "
+                "gives no bare patch grid: use 'default' for a CLIP tower (drops its CLS), 'full' for SigLIP"
+            ]
+        if tokens.mode == "mqt":
+            return [
+                f"matryoshka.tokens.mode=mqt replaces a llava projector; use mode=m3 with a {self.model_type} model"
+            ]
+        if tokens.mode != "m3":
+            return []
+        return m3_scale_problems((g, g), tokens.scales)
+
+    def scaled_features(
+        self, model: Any, pixel_values: torch.Tensor, image_sizes: list[tuple[int, int]], scales: list[int]
+    ) -> dict[int, torch.Tensor]:
+        """Every image at every scale, (images, tokens at that scale, dim): one tower pass, then M3 per crop."""
+        config = model.config
+        if pixel_values.dim() == 5:
+            crops_per_image = pixel_values.shape[1]
+            pixel_values = pixel_values.flatten(0, 1)
+        else:
+            crops_per_image = pixel_values.shape[0] // len(image_sizes)
+        output = model.model.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+        layers = config.vision_feature_layer
+        if isinstance(layers, int):
+            selected = output.hidden_states[layers]
+        else:  # several layers, concatenated along the width (as the stock get_image_features does)
+            selected = torch.cat([output.hidden_states[layer] for layer in layers], dim=-1)
+        if config.vision_feature_select_strategy == "default":
+            selected = selected[:, 1:]
+        projected = model.model.multi_modal_projector(selected)
+        per_image = projected.view(len(image_sizes), crops_per_image, *projected.shape[1:])
+        newline = model.model.image_newline
+        return {
+            scale: torch.stack(
+                [
+                    pack_at_scale(crops, size, config, newline, math.isqrt(scale))
+                    for crops, size in zip(per_image, image_sizes, strict=True)
+                ]
+            )
+            for scale in scales
+        }
+
+
+def tiny_onevision_config(tiny: Any, vocab_size: int, image_token_id: int, pad_token_id: int) -> Any:
+    """The tiny preset's LlavaOnevisionConfig: a small Qwen2, a SigLIP tower, anyres up to 2x2 crops."""
+    from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig  # noqa: PLC0415
+
+    text = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=tiny.hidden_size,
+        intermediate_size=tiny.hidden_size * 2,
+        num_hidden_layers=tiny.num_layers,
+        num_attention_heads=tiny.num_heads,
+        num_key_value_heads=tiny.num_heads,
+        max_position_embeddings=1024,
+        pad_token_id=pad_token_id,
+        tie_word_embeddings=False,
+    )
+    vision = SiglipVisionConfig(
+        hidden_size=tiny.vision_hidden_size,
+        intermediate_size=tiny.vision_hidden_size * 2,
+        num_hidden_layers=tiny.vision_layers,
+        num_attention_heads=max(1, tiny.vision_hidden_size // 8),
+        image_size=tiny.image_size,
+        patch_size=tiny.patch_size,
+    )
+    pinpoints = [[tiny.image_size * h, tiny.image_size * w] for h, w in ((1, 1), (1, 2), (2, 1), (2, 2))]
+    return LlavaOnevisionConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=image_token_id,
+        image_grid_pinpoints=pinpoints,
+        vision_feature_select_strategy="full",  # SigLIP has no CLS token: the bare grid
+        vision_feature_layer=-1,
+        tie_word_embeddings=False,
+    )
+
+
+def tiny_onevision_processor(image_size: int, pinpoints: list[list[int]]) -> Any:
+    """OneVision's own anyres preprocessing at the tiny size (the PIL implementation: no torchvision)."""
+    from transformers import LlavaOnevisionImageProcessorPil  # noqa: PLC0415
+
+    return LlavaOnevisionImageProcessorPil(
+        size={"height": image_size, "width": image_size}, image_grid_pinpoints=pinpoints, do_pad=False
+    )
