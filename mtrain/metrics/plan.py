@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any
 
 from mtrain.config.deepspeed_json import zero_sizes
 from mtrain.config.schema import TrainConfig
@@ -148,37 +147,15 @@ def parse_memory(text: str) -> int:
 
 # Model types `mtrain plan` lays out before mtrain trains them: transformers' own class from the folder's
 # config.json, with the run's LoRA or freezing (Qwen2.5-VL's and LLaVA-OneVision's shapes are in configs/models/).
-PLANNED_ONLY_MODEL_TYPES = ("qwen2_5_vl", "llava_onevision")
-
-
 def planned_model_shape(cfg: TrainConfig) -> ModelShape:
     """The configured model (freezing, LoRA, MQT included) built on the meta device: no weights."""
     import torch  # noqa: PLC0415
 
-    from mtrain.model.build import build_model, load_model_config  # noqa: PLC0415
-    from mtrain.model.families import SUPPORTED_MODEL_TYPES  # noqa: PLC0415
+    from mtrain.model.build import build_model  # noqa: PLC0415
 
-    config = load_model_config(cfg.model.path) if cfg.model.path else None
     with torch.device("meta"):
-        if config is not None and config.model_type not in SUPPORTED_MODEL_TYPES:
-            return model_shape(layout_only_model(cfg, config), visual_tokens=0)
         built = build_model(cfg.model, torch.bfloat16, None, cfg.run.seed, cfg.matryoshka.tokens, config_only=True)
     return model_shape(built.model, built.visual_tokens, built.family.part_names)
-
-
-def layout_only_model(cfg: TrainConfig, config: Any) -> Any:
-    """transformers' model of `config` (a type in PLANNED_ONLY_MODEL_TYPES) with the run's LoRA or freezing."""
-    import torch  # noqa: PLC0415
-    from transformers import AutoModelForImageTextToText  # noqa: PLC0415
-
-    from mtrain.model.build import attach_training_parts  # noqa: PLC0415
-
-    if config.model_type not in PLANNED_ONLY_MODEL_TYPES:
-        from mtrain.model.families import family_for  # noqa: PLC0415
-
-        family_for(config.model_type, f"model.path={cfg.model.path!r}")  # the error naming the supported families
-    model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
-    return attach_training_parts(model, cfg.model, cfg.matryoshka.tokens)[0]
 
 
 def activation_bytes_per_sample(

@@ -289,7 +289,8 @@ def test_llava_onevision_7b_plans_anyres_crops():
     plan = make_plan(cfg, Cluster(1, 8, 80 * GIB), text_tokens=300)
     shape = plan.shape
     assert shape.total_params == 8_046_045_936  # Qwen2-7B (vocab 152,128) + SigLIP-so400m (26 layers) + projector
-    assert shape.trainable_params == 1152 * 3584 + 3584 + 3584 * 3584 + 3584  # the projector (freeze.projector=false)
+    # The projector (freeze.projector=false) and the learned image-newline token, which trains with it.
+    assert shape.trainable_params == 1152 * 3584 + 3584 + 3584 * 3584 + 3584 + 3584
     # A 768 x 768 px image: 2 x 2 crops of 384 px plus the base image, 27 x 27 = 729 tokens each; the crops' 54 x 54
     # grid gets one image-newline token per row.
     assert (shape.vision_sequence, shape.grid_tokens, shape.vision_passes) == (729, 729, 5)

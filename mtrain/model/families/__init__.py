@@ -32,7 +32,12 @@ __all__ = ["FAMILIES", "MQT_MODEL_TYPE", "SUPPORTED_MODEL_TYPES", "ModelFamily",
 FAMILIES: dict[str, ModelFamily] = {
     family.model_type: family
     for family in (
-        LlavaFamily(), MQTLlavaFamily(), LlavaOnevisionFamily(), LlavaNextFamily(), Qwen2VLFamily(), Qwen2_5_VLFamily()
+        LlavaFamily(),
+        MQTLlavaFamily(),
+        LlavaOnevisionFamily(),
+        LlavaNextFamily(),
+        Qwen2VLFamily(),
+        Qwen2_5_VLFamily(),
     )
 }
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(FAMILIES)
