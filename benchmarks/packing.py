@@ -29,6 +29,7 @@ from data_pipeline.tokenize import TokenSpec  # noqa: E402
 from mtrain.model.build import tiny_image_processor  # noqa: E402
 from mtrain.model.tokenizer import IMAGE_TOKEN, build_tiny_tokenizer  # noqa: E402
 
+
 def mean_fraction(sources, packing: bool, batch: int, max_len: int, batches: int, seed: int) -> tuple[float, int]:
     tokenizer = build_tiny_tokenizer()
     spec = TokenSpec(tokenizer, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), max_len)
