@@ -49,6 +49,7 @@ class ModelShape:
     total_params: int  # every parameter held: adapters and PEFT's frozen module copies included
     trainable_params: int
     largest_layer_params: int  # the largest module's own parameters (ZeRO-3 gathers it whole)
+    param_numels: tuple[int, ...] = ()  # every parameter's elements (ZeRO-3 keeps small ones whole on every rank)
 
 
 def model_shape(model: nn.Module, visual_tokens: int) -> ModelShape:
@@ -59,8 +60,10 @@ def model_shape(model: nn.Module, visual_tokens: int) -> ModelShape:
     counts = {"language_model": 0, "lm_trained": 0, "vision_tower": 0, "projector": 0}
     trained_parts: set[str] = set()
     total = trainable = 0
+    numels = []
     for name, param in model.named_parameters():
         numel = getattr(param, "ds_numel", param.numel())
+        numels.append(numel)
         total += numel
         trainable += numel if param.requires_grad else 0
         if "lora_" in name or "original_module" in name:
@@ -98,6 +101,7 @@ def model_shape(model: nn.Module, visual_tokens: int) -> ModelShape:
         total_params=total,
         trainable_params=trainable,
         largest_layer_params=largest,
+        param_numels=tuple(numels),
     )
 
 
