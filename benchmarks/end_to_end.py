@@ -100,17 +100,18 @@ class Side:
     def __init__(self, name: str, block: int) -> None:
         self.name, self.block = name, block
         self.steps = 0
-        self.learned = self.non_pad = self.samples = 0
+        self.learned = self.non_pad = self.positions = self.samples = 0
         self.data_s = 0.0
         self.blocks: list[dict[str, float]] = []  # per finished block: wall seconds, counts, data wait
         self._resume, self._parked = threading.Event(), threading.Event()
         self._started = 0.0
-        self._at_start: tuple[int, int, int, float] = (0, 0, 0, 0.0)
+        self._at_start: tuple[int, int, int, int, float] = (0, 0, 0, 0, 0.0)
         self.error: BaseException | None = None
 
     def count(self, batch: dict[str, Any], samples: int) -> None:
         self.learned += learned_tokens(batch)
         self.non_pad += non_pad_tokens(batch)
+        self.positions += batch["input_ids"].numel()
         self.samples += samples
 
     def timed(self, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -130,9 +131,9 @@ class Side:
         self.steps += 1
         if self.steps % self.block:
             return
-        learned, non_pad, samples, data_s = self._at_start
+        learned, non_pad, positions, samples, data_s = self._at_start
         self.blocks.append({"wall_s": time.perf_counter() - self._started, "learned": self.learned - learned,
-                            "non_pad": self.non_pad - non_pad, "samples": self.samples - samples,
+                            "non_pad": self.non_pad - non_pad, "positions": self.positions - positions, "samples": self.samples - samples,
                             "data_s": self.data_s - data_s})  # fmt: skip
         self._park()
 
@@ -140,7 +141,7 @@ class Side:
         self._parked.set()
         self._resume.wait()
         self._resume.clear()
-        self._at_start = (self.learned, self.non_pad, self.samples, self.data_s)
+        self._at_start = (self.learned, self.non_pad, self.positions, self.samples, self.data_s)
         self._started = time.perf_counter()
 
     def start(self, loop: Callable[[Callable[[], None]], None]) -> None:
@@ -379,12 +380,13 @@ def side_result(side: Side, world_size: int) -> dict[str, Any]:
     import torch.distributed as dist
 
     timed = side.blocks[1:]
-    counts = torch.tensor([[b["learned"], b["non_pad"], b["samples"], b["data_s"]] for b in timed], dtype=torch.float64)
+    keys = ("learned", "non_pad", "positions", "samples", "data_s")
+    counts = torch.tensor([[b[key] for key in keys] for b in timed], dtype=torch.float64)
     wall = torch.tensor([b["wall_s"] for b in timed], dtype=torch.float64)
     dist.all_reduce(counts)
     dist.all_reduce(wall, op=dist.ReduceOp.MAX)
-    return {"wall_s": wall.tolist(), "learned": counts[:, 0].tolist(), "non_pad": counts[:, 1].tolist(),
-            "samples": counts[:, 2].tolist(), "data_frac": (counts[:, 3].sum() / world_size / wall.sum()).item()}  # fmt: skip
+    result = {key: counts[:, index].tolist() for index, key in enumerate(keys[:-1])}
+    return {**result, "wall_s": wall.tolist(), "data_frac": (counts[:, -1].sum() / world_size / wall.sum()).item()}
 
 
 def docs_per_row(sources: list[tuple[str, float]], rows: int, batches: int = 32) -> float:
@@ -468,8 +470,11 @@ def report(results: dict[str, list[dict]], args: argparse.Namespace, rows: int, 
         for side, label in (("mtrain", f"mtrain packed (vs {hf})"), (hf, labels[hf])):
             samples = sum(blocks(hf, side, "samples")) / (args.block * len(blocks(hf, side, "wall_s")))
             data = statistics.median(launched[side]["data_frac"] for launched in results[hf])
+            fill = sum(blocks(hf, side, "non_pad")) / sum(blocks(hf, side, "positions"))
             print(f"  {label:30s} learned tok/s {spread(rates(hf, side), 0)}   non-pad tok/s "
-                  f"{spread(rates(hf, side, 'non_pad'), 0)}   samples/step {samples:.1f}   data-wait fraction {data:.3f}")  # fmt: skip
+                  f"{spread(rates(hf, side, 'non_pad'), 0)}")  # fmt: skip
+            print(f"  {'':30s} samples/step {samples:.1f}   non-pad share of positions {fill:.3f}   "
+                  f"data-wait fraction {data:.3f}")  # fmt: skip
     for hf, target in (("hf_pad", ">= 1.5"), ("hf_flat", ">= 1.1")):
         ratios = [m / h for m, h in zip(rates(hf, "mtrain"), rates(hf, hf), strict=True)]
         print(ratio_line(f"RATIO mtrain packed / {labels[hf]} (learned tokens/s)", ratios, target))
