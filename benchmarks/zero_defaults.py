@@ -5,7 +5,10 @@
 mtrain fills the ZeRO-3 sizes the config leaves null from the language model's hidden size h
 (mtrain/config/deepspeed_json.py `zero_sizes`). Three engines on the same model, data and moment:
 
-  sized       mtrain's default: every zero.* size null (sized from h);
+  sized       mtrain's default: every zero.* size null (sized from h: threshold 10h, buckets h^2 and
+              0.9h^2 but at least DeepSpeed's 5e7);
+  hf_auto     Hugging Face's "auto" as it is (threshold 10h, buckets h^2 and 0.9h^2, no floor): what
+              mtrain's default was before the floor;
   deepspeed   DeepSpeed's own defaults: persistence threshold 1e5, reduce and prefetch buckets 5e7;
   threshold0  threshold 0 (every parameter sharded) with DeepSpeed's 5e7 buckets.
 
@@ -68,8 +71,11 @@ def worker(args: argparse.Namespace) -> None:
         built = build_model(cfg.model, torch.float32, ds, cfg.run.seed)
         return cfg, built, initialize_engine(cfg, built, ds, world.rank), ds["zero_optimization"]
 
+    width = args.width
+    hf_auto = [f"zero.param_persistence_threshold={10 * width}", f"zero.reduce_bucket_size={width * width}",
+               f"zero.prefetch_bucket_size={int(0.9 * width * width)}"]  # fmt: skip
     engines, zero = {}, {}
-    for name, extra in ENGINES.items():
+    for name, extra in {**ENGINES, "hf_auto": hf_auto}.items():
         cfg, built, engines[name], zero[name] = build(extra)
     loader = build_data_loader(cfg, built, world)
     batches = [next(loader) for _ in range(args.warmup + args.steps)]
@@ -144,7 +150,7 @@ def main() -> None:
         print(f"  width {width}: " + "; ".join(
             f"{name} " + ", ".join(f"{key.replace('stage3_', '')}={value:.0f}" for key, value in s.items())
             for name, s in sizes.items()))  # fmt: skip
-        blocks = {name: [t for r in results[width] for t in r["step_s"][name]] for name in ENGINES}
+        blocks = {name: [t for r in results[width] for t in r["step_s"][name]] for name in results[width][0]["step_s"]}
         for name, times in blocks.items():
             print(f"    {name:10s} step {statistics.median(times) * 1000:7.1f} ms (min {min(times) * 1000:.1f}, "
                   f"max {max(times) * 1000:.1f})")  # fmt: skip
@@ -153,12 +159,14 @@ def main() -> None:
         ]
         print(ratio_line(f"RATIO best of (DeepSpeed default, threshold 0) / sized default, step time, width {width}",
                          ratios, ">= 1.0"))  # fmt: skip
+        floor = [h / s for s, h in zip(blocks["sized"], blocks["hf_auto"], strict=True)]
+        print(ratio_line(f"RATIO HF auto (no bucket floor) / sized default, step time, width {width}", floor))
 
     folder = llava7b_config(scratch / "llava-1.5-7b")
     sized = plan_gib(folder, [])
     zero = plan_gib(folder, ["zero.param_persistence_threshold=0"])
     print("LLaVA-1.5-7B, 8 x H100 (mtrain plan, run_all's config): per-GPU GiB, sized default vs threshold 0: "
-          + ", ".join(f"{name} {sized.get(name, 0):.2f} vs {zero.get(name, 0):.2f}" for name in sized))  # fmt: skip
+          + ", ".join(f"{name} {sized.get(name, 0):.3f} vs {zero.get(name, 0):.3f}" for name in sized))  # fmt: skip
     print(
         f"  the sized default costs {sized['total'] - zero['total']:+.2f} GiB per GPU of 80 "
         f"({(sized['total'] - zero['total']) / 80 * 100:+.2f}% of memory)"
