@@ -167,10 +167,9 @@ def main() -> None:
     zero = plan_gib(folder, ["zero.param_persistence_threshold=0"])
     print("LLaVA-1.5-7B, 8 x H100 (mtrain plan, run_all's config): per-GPU GiB, sized default vs threshold 0: "
           + ", ".join(f"{name} {sized.get(name, 0):.3f} vs {zero.get(name, 0):.3f}" for name in sized))  # fmt: skip
-    print(
-        f"  the sized default costs {sized['total'] - zero['total']:+.2f} GiB per GPU of 80 "
-        f"({(sized['total'] - zero['total']) / 80 * 100:+.2f}% of memory)"
-    )
+    difference = f"({sized['total'] - zero['total']:+.3f} GiB per GPU of 80)"
+    print(ratio_line("RATIO 7B plan per-GPU total, sized default / threshold 0", [sized["total"] / zero["total"]],
+                     "<= 1.01", difference))  # fmt: skip
 
 
 if __name__ == "__main__":
