@@ -75,7 +75,10 @@ def worker(args: argparse.Namespace) -> None:
     hf_auto = [f"zero.param_persistence_threshold={10 * width}", f"zero.reduce_bucket_size={width * width}",
                f"zero.prefetch_bucket_size={int(0.9 * width * width)}"]  # fmt: skip
     engines, zero = {}, {}
-    for name, extra in {**ENGINES, "hf_auto": hf_auto}.items():
+    settings = list({**ENGINES, "hf_auto": hf_auto}.items())
+    # Odd rounds build (and first time) the engines in reverse: where an engine sits in the process
+    # (built first or last) must not decide its speed.
+    for name, extra in settings[::-1] if args.round % 2 else settings:
         cfg, built, engines[name], zero[name] = build(extra)
     loader = build_data_loader(cfg, built, world)
     batches = [next(loader) for _ in range(args.warmup + args.steps)]
@@ -113,6 +116,7 @@ def main() -> None:
     parser.add_argument("--widths", type=int, nargs="+", default=[64, 512])
     parser.add_argument("--worker", action="store_true")
     parser.add_argument("--width", type=int)
+    parser.add_argument("--round", type=int, default=0)
     parser.add_argument("--shards")
     parser.add_argument("--out")
     parser.add_argument("--verbose", action="store_true")
@@ -136,7 +140,7 @@ def main() -> None:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                    str(free_port()), __file__, "--worker", "--width", str(width), "--shards", str(shards),
                    "--out", str(out), "--warmup", str(args.warmup), "--blocks", str(args.blocks),
-                   "--steps", str(args.steps), "--micro-batch", str(args.micro_batch)]  # fmt: skip
+                   "--steps", str(args.steps), "--micro-batch", str(args.micro_batch), "--round", str(round_index)]  # fmt: skip
             env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'benchmarks'}", "OMP_NUM_THREADS": "1"}
             result = launch_for_result(cmd, env, out, args.verbose)
             results[width].append(result)
