@@ -79,7 +79,7 @@ ratio of those shares. On the CPU, sdpa has no varlen kernel: a block-diagonal m
 every score of its row. mtrain's packed rows are max_len long, so each position pays attention over
 max_len, where a length-grouped padded row pays over about its own length; hf_flat's one row holds
 the whole micro-batch, so its attention grows with the square of the micro-batch's tokens. On a GPU
-flash-attention's varlen path (mtrain picks flash_attention_2 when it is installed) computes only
+flash-attention's varlen path (model.attn_implementation=auto picks it when it imports) computes only
 each document's own block, which removes both costs."""
 
 
