@@ -69,6 +69,9 @@ sys.path.insert(0, str(REPO))
 from common import launch_for_result, leave_together, ratio_line, spread, write_mix  # noqa: E402
 
 HF_SIDES = ("hf_pad", "hf_flat")
+# What a side counts, summed over its blocks: tokens with a trained label, non-pad tokens, positions
+# computed (padding included), samples, and seconds spent fetching data (kept last).
+COUNTED = ("learned", "non_pad", "positions", "samples", "data_s")
 MAX_LEN = 512
 OVERRIDES = ["optim.warmup_steps=0", "logging.progress=false", f"data.max_len={MAX_LEN}"]
 
@@ -104,19 +107,18 @@ class Side:
     def __init__(self, name: str, block: int) -> None:
         self.name, self.block = name, block
         self.steps = 0
-        self.learned = self.non_pad = self.positions = self.samples = 0
-        self.data_s = 0.0
-        self.blocks: list[dict[str, float]] = []  # per finished block: wall seconds, counts, data wait
+        self.totals = dict.fromkeys(COUNTED, 0.0)
+        self.blocks: list[dict[str, float]] = []  # per finished block: wall seconds and what COUNTED grew by
         self._resume, self._parked = threading.Event(), threading.Event()
         self._started = 0.0
-        self._at_start: tuple[int, int, int, int, float] = (0, 0, 0, 0, 0.0)
+        self._at_start = dict(self.totals)
         self.error: BaseException | None = None
 
     def count(self, batch: dict[str, Any], samples: int) -> None:
-        self.learned += learned_tokens(batch)
-        self.non_pad += non_pad_tokens(batch)
-        self.positions += batch["input_ids"].numel()
-        self.samples += samples
+        self.totals["learned"] += learned_tokens(batch)
+        self.totals["non_pad"] += non_pad_tokens(batch)
+        self.totals["positions"] += batch["input_ids"].numel()
+        self.totals["samples"] += samples
 
     def timed(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """`fn` with its time added to this side's data wait."""
@@ -126,7 +128,7 @@ class Side:
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.data_s += time.perf_counter() - started
+                self.totals["data_s"] += time.perf_counter() - started
 
         return wrapped
 
@@ -135,17 +137,15 @@ class Side:
         self.steps += 1
         if self.steps % self.block:
             return
-        learned, non_pad, positions, samples, data_s = self._at_start
-        self.blocks.append({"wall_s": time.perf_counter() - self._started, "learned": self.learned - learned,
-                            "non_pad": self.non_pad - non_pad, "positions": self.positions - positions, "samples": self.samples - samples,
-                            "data_s": self.data_s - data_s})  # fmt: skip
+        grown = {key: self.totals[key] - self._at_start[key] for key in COUNTED}
+        self.blocks.append({"wall_s": time.perf_counter() - self._started, **grown})
         self._park()
 
     def _park(self) -> None:
         self._parked.set()
         self._resume.wait()
         self._resume.clear()
-        self._at_start = (self.learned, self.non_pad, self.positions, self.samples, self.data_s)
+        self._at_start = dict(self.totals)
         self._started = time.perf_counter()
 
     def start(self, loop: Callable[[Callable[[], None]], None]) -> None:
@@ -384,12 +384,11 @@ def side_result(side: Side, world_size: int) -> dict[str, Any]:
     import torch.distributed as dist
 
     timed = side.blocks[1:]
-    keys = ("learned", "non_pad", "positions", "samples", "data_s")
-    counts = torch.tensor([[b[key] for key in keys] for b in timed], dtype=torch.float64)
+    counts = torch.tensor([[b[key] for key in COUNTED] for b in timed], dtype=torch.float64)
     wall = torch.tensor([b["wall_s"] for b in timed], dtype=torch.float64)
     dist.all_reduce(counts)
     dist.all_reduce(wall, op=dist.ReduceOp.MAX)
-    result = {key: counts[:, index].tolist() for index, key in enumerate(keys[:-1])}
+    result = {key: counts[:, index].tolist() for index, key in enumerate(COUNTED[:-1])}
     return {**result, "wall_s": wall.tolist(), "data_frac": (counts[:, -1].sum() / world_size / wall.sum()).item()}
 
 
