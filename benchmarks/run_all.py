@@ -43,7 +43,7 @@ BENCHMARKS = {
     "end_to_end": ("end_to_end.py", ["--rounds", "1", "--blocks", "3", "--block", "8"],
                    "8. End to end: learned tokens/s, mtrain packed vs HF Trainer padded and padding-free "
                    "(targets >= 1.5x and >= 1.1x)"),
-    "zero_defaults": ("zero_defaults.py", ["--rounds", "1", "--blocks", "4", "--steps", "4"],
+    "zero_defaults": ("zero_defaults.py", ["--rounds", "2", "--blocks", "3", "--steps", "3"],
                       "9. ZeRO-3 sizes: the model-sized default vs DeepSpeed's default and threshold 0 at two widths "
                       "(target >= 1.0x), and its memory at 7B"),
 }  # fmt: skip

@@ -21,28 +21,15 @@ class ZeroSizes:
     """Elements of parameters gathered ahead of use (ZeRO-3)."""
 
 
-# DeepSpeed's own reduce and prefetch bucket size, in elements: the floor of the sized buckets.
-DEEPSPEED_BUCKET = 50_000_000
-
-
 def zero_sizes(zero: ZeroConfig, hidden_size: int) -> ZeroSizes:
-    """Sizes from the language model's hidden size h where the config leaves a value null.
-
-    As Hugging Face's DeepSpeed integration fills "auto": persistence threshold 10h (the norms and
-    biases stay whole, the matrices are sharded, instead of DeepSpeed's fixed 1e5 that keeps every
-    parameter of a small model whole), reduce bucket h^2 and prefetch bucket 0.9h^2 -- but never
-    smaller than DeepSpeed's default 5e7 elements. Below h ~ 7,100, h^2 buckets cut each gather and
-    reduction into many small collectives: at h = 64 and 512 on 2 ranks they made the step slower
-    than 5e7 buckets (benchmarks/zero_defaults.py), while 5e7 bf16 elements are 100 MB, nothing beside
-    a model that needs ZeRO-3 (`mtrain plan`'s buffers line). Above it the buckets grow with h.
-    """
+    """What Hugging Face's DeepSpeed integration fills in for "auto" (10h, h^2 and 0.9h^2 for a hidden
+    size h), where the config leaves a value null: buckets and replication scale with the layers, instead
+    of DeepSpeed's fixed defaults (1e5 and 5e7) that replicate all of a small model and over-buffer a large one."""
     threshold, reduce, prefetch = zero.param_persistence_threshold, zero.reduce_bucket_size, zero.prefetch_bucket_size
     return ZeroSizes(
         param_persistence_threshold=10 * hidden_size if threshold is None else threshold,
-        reduce_bucket_size=max(hidden_size * hidden_size, DEEPSPEED_BUCKET) if reduce is None else reduce,
-        prefetch_bucket_size=max(int(0.9 * hidden_size * hidden_size), DEEPSPEED_BUCKET)
-        if prefetch is None
-        else prefetch,
+        reduce_bucket_size=hidden_size * hidden_size if reduce is None else reduce,
+        prefetch_bucket_size=int(0.9 * hidden_size * hidden_size) if prefetch is None else prefetch,
     )
 
 

@@ -101,8 +101,7 @@ def test_deepspeed_json_follows_config(tmp_path):
 
 
 def test_zero3_sizes_follow_the_hidden_size_unless_set(tmp_path):
-    """HF's DeepSpeed "auto": threshold 10h, reduce bucket h^2, prefetch bucket 0.9h^2, the buckets at least
-    DeepSpeed's 5e7; a set value wins."""
+    """HF's DeepSpeed "auto": threshold 10h, reduce bucket h^2, prefetch bucket 0.9h^2; a set value wins."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     def zero(*overrides: str) -> dict:
@@ -112,16 +111,14 @@ def test_zero3_sizes_follow_the_hidden_size_unless_set(tmp_path):
         keys = ("stage3_param_persistence_threshold", "reduce_bucket_size", "stage3_prefetch_bucket_size")
         return tuple(section[key] for key in keys)
 
-    floor = 50_000_000  # DeepSpeed's own bucket size: h^2 passes it from h = 7072 (0.9h^2 from 7454)
-    assert sizes(zero()) == (640, floor, floor)  # the tiny preset: h = 64
-    assert sizes(zero("model.tiny.hidden_size=128", "model.tiny.num_heads=4")) == (1280, floor, floor)
-    assert sizes(zero("model.tiny.hidden_size=8192", "model.tiny.num_heads=4")) == (81920, 8192**2, int(0.9 * 8192**2))
+    assert sizes(zero()) == (640, 4096, 3686)  # the tiny preset: h = 64
+    assert sizes(zero("model.tiny.hidden_size=128", "model.tiny.num_heads=4")) == (1280, 16384, 14745)
     # A local model folder: the language model's width, read from its config before any weight loads.
     text = LlamaConfig(hidden_size=96, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128)
     vision = CLIPVisionConfig(hidden_size=32, num_attention_heads=4)
     LlavaConfig(text_config=text, vision_config=vision).save_pretrained(tmp_path)
-    assert sizes(zero("model.preset=none", f"model.path={tmp_path}")) == (960, floor, floor)
-    assert sizes(zero("zero.param_persistence_threshold=0")) == (0, floor, floor)
+    assert sizes(zero("model.preset=none", f"model.path={tmp_path}")) == (960, 9216, 8294)
+    assert sizes(zero("zero.param_persistence_threshold=0")) == (0, 4096, 3686)
     assert sizes(zero("zero.reduce_bucket_size=500", "zero.prefetch_bucket_size=700")) == (640, 500, 700)
     assert "reduce_bucket_size" in zero("zero.stage=2") and "stage3_prefetch_bucket_size" not in zero("zero.stage=2")
     with pytest.raises(ConfigError, match="zero.prefetch_bucket_size: must be at least 1 or null"):
