@@ -392,7 +392,7 @@ def side_result(side: Side, world_size: int) -> dict[str, Any]:
     return {**result, "wall_s": wall.tolist(), "data_frac": (counts[:, -1].sum() / world_size / wall.sum()).item()}
 
 
-def docs_per_row(sources: list[tuple[str, float]], rows: int, batches: int = 32) -> float:
+def docs_per_row(sources: list[tuple[str, float]], rows: int, batches: int = 64) -> float:
     """Documents a packed row holds on this mix, as rank 0 of 2 packs them (mtrain's loader, one process).
 
     The packer fills rows first-fit decreasing from a window of documents, so rows hold few long
