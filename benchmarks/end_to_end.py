@@ -24,9 +24,10 @@ so every ratio compares two sides measured in the same processes at the same mom
 The data: caption, conversation and interleaved-document shards with lognormal text lengths
 (common.write_mix, as benchmarks/packing.py), 0.5/0.3/0.2 by sample count. mtrain reads the shards
 as a weighted mixture, the HF dataset holds every sample of them (the same composition). The global
-batch is the same in samples: HF takes --samples-per-rank samples per rank and step; mtrain's
-micro-batch is that many samples divided by the documents a packed row holds on this mix (measured
-before the launch), so the sides train on the same number of samples per step (printed).
+batch is the same in samples: mtrain's micro-batch is --samples-per-rank divided by the documents a
+packed row holds on this mix (measured before the launch, rounded to whole rows), and HF's micro-batch
+is the samples those rows hold on average, so the sides train on about the same number of samples per
+step (printed: the packer's rows vary around that mean).
 
 Inside a launch the two sides take turns of --block optimizer steps: each side's loop runs in its own
 thread and its step-end hook parks it after a block, so only one side runs at a time (in ABBA order),
@@ -423,7 +424,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=4, help="timed blocks per side and launch, after one warm-up")
     parser.add_argument("--block", type=int, default=8, help="optimizer steps per block (a packing window: ~8)")
     parser.add_argument(
-        "--samples-per-rank", type=int, default=16, help="samples per rank and step (the HF micro-batch)"
+        "--samples-per-rank", type=int, default=16, help="about this many samples per rank and step (see the docstring)"
     )
     parser.add_argument("--samples", type=int, default=600, help="samples written, split 0.5/0.3/0.2 by kind")
     parser.add_argument("--worker", action="store_true")
@@ -444,6 +445,8 @@ def main() -> None:
     sources = write_mix(scratch / "mix", args.samples, seed=0, max_len=MAX_LEN, proportional=True)
     per_row = docs_per_row(sources, rows=max(1, args.samples_per_rank // 3))
     rows = max(1, round(args.samples_per_rank / per_row))
+    # Rows are whole: HF then takes the samples those rows hold on average, so the global batches match.
+    args.samples_per_rank = max(1, round(rows * per_row))
     results: dict[str, list[dict]] = {hf: [] for hf in HF_SIDES}  # per launch: mtrain and that HF side
     for round_index in range(args.rounds):
         for hf in HF_SIDES if round_index % 2 == 0 else HF_SIDES[::-1]:
