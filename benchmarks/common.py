@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import cProfile
 import json
+import math
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -120,3 +122,48 @@ def versions() -> str:
     changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
                              text=True).stdout  # fmt: skip
     return ", ".join(found) + f"; mtrain commit {commit.strip()}" + (" plus uncommitted changes" if changed else "")
+
+
+# ── a realistic length mix, shared by packing.py and end_to_end.py ────────────────────────────
+WORDS = "a the red green blue circle square triangle shape small large is on of with and near left right".split()
+VISUAL_TOKENS = 64  # the tiny model's grid: 32 px images, 4 px patches
+IMAGE_SIZE = 32
+MIX_WEIGHTS = {"caption": 0.5, "conversation": 0.3, "interleaved": 0.2}
+
+
+def lognormal_words(rng: random.Random, median: float, sigma: float, cap: int) -> str:
+    count = max(1, min(cap, round(rng.lognormvariate(math.log(median), sigma))))
+    return " ".join(rng.choice(WORDS) for _ in range(count))
+
+
+def write_mix(out: Path, samples: int, seed: int, max_len: int, proportional: bool = False) -> list[tuple[str, float]]:
+    """Caption, conversation and document shards (2 each) with lognormal text lengths; returns loader
+    sources with the mixture weights 0.5/0.3/0.2. `samples` per kind, or with `proportional` that many
+    in all, split by the weights (so a map-style dataset of every sample has the mixture's composition)."""
+    from data_pipeline.sample_data import write_shape_shards  # noqa: PLC0415
+
+    rng = random.Random(seed)
+    cap = max_len - VISUAL_TOKENS - 16  # words are single tokens of the tiny tokenizer (plus spaces)
+
+    def caption(colour: str, shape: str, jpeg: bytes) -> dict:
+        return {"jpg": jpeg, "txt": lognormal_words(rng, 10, 0.6, cap // 2) + f" {colour} {shape}."}
+
+    def conversation(colour: str, shape: str, jpeg: bytes) -> dict:
+        turns = [{"from": "human", "value": "<image>\n" + lognormal_words(rng, 8, 0.5, 24)}]
+        budget = cap // 2 - 40
+        for _ in range(max(1, min(6, round(rng.lognormvariate(math.log(2), 0.6))))):
+            answer = lognormal_words(rng, 25, 0.7, max(4, budget // 6)) + f" {colour} {shape}."
+            turns += [{"from": "gpt", "value": answer}, {"from": "human", "value": lognormal_words(rng, 8, 0.5, 16)}]
+        return {"json": json.dumps({"conversations": turns[:-1]}).encode(), "jpg": jpeg}
+
+    def document(colour: str, shape: str, jpeg: bytes) -> dict:
+        texts = [lognormal_words(rng, 60, 0.8, cap // 4), None, lognormal_words(rng, 60, 0.8, cap // 4)]
+        return {"json": json.dumps({"texts": texts, "images": [None, "0.jpg", None]}).encode(), "0.jpg": jpeg}
+
+    sources = []
+    for kind, members in (("caption", caption), ("conversation", conversation), ("interleaved", document)):
+        folder = out / kind
+        count = round(samples * MIX_WEIGHTS[kind]) if proportional else samples
+        write_shape_shards(folder, 2, count // 2, seed, kind, members, kind)
+        sources.append((str(folder / f"{kind}-{{000000..000001}}.tar"), MIX_WEIGHTS[kind]))
+    return sources

@@ -12,6 +12,13 @@ FLOP-ideal time = plain step time x (LM tokens all scales need) / (LM tokens of 
 the cost of exactly the tokens needed, at the plain step's efficiency.
 Printed: median step times, and the ratios naive/one_pass (target >= 1.5) and one_pass/ideal
 (target <= 1.15), each judged by its median and shown with its min and max over rounds.
+
+Then the scales sweep (--sweep-widths, default 64 and 512: the tiny width and 8x wider): the cost
+of a one-pass step follows its tokens, not its number of scales. A 12x12 grid (48 px images, patch
+4) allows five M3 scales; for 1 to 5 of them (full grid first, then ever smaller ones added:
+[144], [36,144], ... [1,4,16,36,144]) one engine per count steps the same batch, beside a plain
+full-grid engine that prices a token; the FLOP-ideal of k scales is plain x tokens(k)/tokens(plain).
+Each line: one_pass/ideal at k scales and that width (target <= 1.15), over alternating rounds.
 """
 
 from __future__ import annotations
@@ -32,6 +39,9 @@ sys.path.insert(0, str(REPO))
 from common import leave_together, ratio_line  # noqa: E402
 
 SCALES = "[1,4,16,64]"
+# The sweep: a 12x12 grid (48 px, patch 4) pools to 5 square scales; k scales take the k largest.
+SWEEP_GRID_SCALES = [144, 36, 16, 4, 1]
+SWEEP_IMAGE = ["model.tiny.image_size=48", "data.max_len=192"]
 
 
 def relaunch_under_torchrun(argv: list[str]) -> int:
@@ -61,6 +71,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="timed steps per method per round")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--shards", help="folder of sample shards (written once before the ranks start)")
+    parser.add_argument("--sweep-widths", type=int, nargs="*", default=[64, 512], help="widths of the scales sweep")
     args = parser.parse_args()
     if "RANK" not in os.environ:
         from data_pipeline.sample_data import write_sample_shards
@@ -120,7 +131,10 @@ def main() -> None:
             for _ in range(args.steps):
                 step(name)
             timings[name].append((time.perf_counter() - started) / args.steps)
-    leave_together(*(engine for _, _, engine in engines.values()))
+    swept = {width: sweep(width, args, world, shards) for width in args.sweep_widths}
+    leave_together(
+        *(engine for _, _, engine in engines.values()), *(e for w in swept.values() for e in w.pop("engines"))
+    )
     if world.rank != 0:
         return
     median = {name: statistics.median(values) for name, values in timings.items()}
@@ -140,6 +154,60 @@ def main() -> None:
     )
     print(ratio_line("naive / one_pass", naive_ratio, ">= 1.5"))
     print(ratio_line("one_pass / ideal", ideal_ratio, "<= 1.15"))
+    if swept:
+        print(f"\nM3 scales sweep: one-pass step against the FLOP-ideal as scales are added; 12x12 grid, micro-batch "
+              f"{args.batch}, 2 ranks ZeRO-3, {args.rounds} rounds x {args.steps} steps")  # fmt: skip
+    for width, result in swept.items():
+        plain = result["plain"]
+        print(
+            f"  width {width}: plain (full grid) {statistics.median(plain) * 1000:.1f} ms for {result['tokens']['plain']} LM tokens"
+        )
+        for count in range(1, len(SWEEP_GRID_SCALES) + 1):
+            name = f"k{count}"
+            ideal = [p * result["tokens"][name] / result["tokens"]["plain"] for p in plain]
+            ratios = [o / i for o, i in zip(result[name], ideal, strict=True)]
+            scales = sorted(SWEEP_GRID_SCALES[:count])
+            label = f"one_pass / ideal, width {width}, {count} scale{'s' if count > 1 else ''} {scales}"
+            note = f"({statistics.median(result[name]) * 1000:.1f} ms, {result['tokens'][name]} LM tokens)"
+            print(ratio_line(label, ratios, "<= 1.15", note))
+
+
+def sweep(width: int, args: argparse.Namespace, world, shards: Path) -> dict:
+    """One-pass steps at 1..5 M3 scales and a plain step at `width`, in alternating rounds on one batch."""
+    import torch.distributed as dist
+
+    from mtrain.engine.data import build_data_loader
+
+    base = [*SWEEP_IMAGE, f"model.tiny.hidden_size={width}", f"data.micro_batch_size={args.batch}"]
+    engines = {"plain": build_engine(base, world.rank)}
+    for count in range(1, len(SWEEP_GRID_SCALES) + 1):
+        scales = ",".join(str(s) for s in sorted(SWEEP_GRID_SCALES[:count]))
+        overrides = [*base, "matryoshka.tokens.mode=m3", f"matryoshka.tokens.scales=[{scales}]",
+                     "matryoshka.tokens.layout=packed"]  # fmt: skip
+        engines[f"k{count}"] = build_engine(overrides, world.rank)
+    cfg, built, _ = engines["plain"]
+    data = dataclasses.replace(cfg.data, shards=str(shards / "shard-{000000..000001}.tar"), sources=[])
+    batch = next(build_data_loader(dataclasses.replace(cfg, data=data), built, world))
+
+    def step(name: str) -> int:
+        engine = engines[name][2]
+        loss, metrics = engine(batch)
+        engine.backward(loss)
+        engine.step()
+        return int(metrics["tokens"])
+
+    result: dict = {"tokens": {name: step(name) for name in engines}}  # warm-up
+    result.update({name: [] for name in engines})
+    names = list(engines)
+    for round_index in range(args.rounds):
+        for name in names[round_index % len(names) :] + names[: round_index % len(names)]:
+            dist.barrier()
+            started = time.perf_counter()
+            for _ in range(args.steps):
+                step(name)
+            result[name].append((time.perf_counter() - started) / args.steps)
+    result["engines"] = [engine for _, _, engine in engines.values()]
+    return result
 
 
 if __name__ == "__main__":

@@ -14,9 +14,6 @@ Repetitions use different seeds (different lognormal draws), giving the min and 
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import random
 import statistics
 import sys
 import tempfile
@@ -24,53 +21,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import ratio_line, spread  # noqa: E402
+from common import IMAGE_SIZE, VISUAL_TOKENS, ratio_line, spread, write_mix  # noqa: E402
 
 from data_pipeline.loader import LoaderSettings, build_loader  # noqa: E402
 from data_pipeline.packing import non_pad_fraction  # noqa: E402
-from data_pipeline.sample_data import write_shape_shards  # noqa: E402
 from data_pipeline.tokenize import TokenSpec  # noqa: E402
 from mtrain.model.build import tiny_image_processor  # noqa: E402
 from mtrain.model.tokenizer import IMAGE_TOKEN, build_tiny_tokenizer  # noqa: E402
-
-WORDS = "a the red green blue circle square triangle shape small large is on of with and near left right".split()
-VISUAL_TOKENS = 64  # the tiny model's grid: 32 px images, 4 px patches
-IMAGE_SIZE = 32
-
-
-def lognormal_words(rng: random.Random, median: float, sigma: float, cap: int) -> str:
-    count = max(1, min(cap, round(rng.lognormvariate(math.log(median), sigma))))
-    return " ".join(rng.choice(WORDS) for _ in range(count))
-
-
-def write_mix(out: Path, samples: int, seed: int, max_len: int) -> list[tuple[str, float]]:
-    """Caption, conversation and document shards; returns loader sources with mixture weights."""
-    rng = random.Random(seed)
-    cap = max_len - VISUAL_TOKENS - 16  # words are single tokens of the tiny tokenizer (plus spaces)
-    per_shard = samples // 2
-
-    def caption(colour: str, shape: str, jpeg: bytes) -> dict:
-        return {"jpg": jpeg, "txt": lognormal_words(rng, 10, 0.6, cap // 2) + f" {colour} {shape}."}
-
-    def conversation(colour: str, shape: str, jpeg: bytes) -> dict:
-        turns = [{"from": "human", "value": "<image>\n" + lognormal_words(rng, 8, 0.5, 24)}]
-        budget = cap // 2 - 40
-        for _ in range(max(1, min(6, round(rng.lognormvariate(math.log(2), 0.6))))):
-            answer = lognormal_words(rng, 25, 0.7, max(4, budget // 6)) + f" {colour} {shape}."
-            turns += [{"from": "gpt", "value": answer}, {"from": "human", "value": lognormal_words(rng, 8, 0.5, 16)}]
-        return {"json": json.dumps({"conversations": turns[:-1]}).encode(), "jpg": jpeg}
-
-    def document(colour: str, shape: str, jpeg: bytes) -> dict:
-        texts = [lognormal_words(rng, 60, 0.8, cap // 4), None, lognormal_words(rng, 60, 0.8, cap // 4)]
-        return {"json": json.dumps({"texts": texts, "images": [None, "0.jpg", None]}).encode(), "0.jpg": jpeg}
-
-    kinds = [("caption", caption, 0.5), ("conversation", conversation, 0.3), ("interleaved", document, 0.2)]
-    sources = []
-    for kind, members, weight in kinds:
-        folder = out / kind
-        write_shape_shards(folder, 2, per_shard, seed, kind, members, kind)
-        sources.append((str(folder / f"{kind}-{{000000..000001}}.tar"), weight))
-    return sources
 
 
 def mean_fraction(sources, packing: bool, batch: int, max_len: int, batches: int, seed: int) -> tuple[float, int]:

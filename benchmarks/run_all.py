@@ -2,7 +2,7 @@
 
     python benchmarks/run_all.py [--out benchmarks/RESULTS.md] [--only NAME ...]
 
-About 10-15 minutes on 2 cores. Each benchmark runs as its own process (the distributed ones start
+About 15-25 minutes on 2 cores. Each benchmark runs as its own process (the distributed ones start
 torchrun themselves); its printed summary, with every ratio and its min and max over repetitions,
 goes into RESULTS.md beside the machine and library versions, followed by `mtrain plan`'s GPU
 projection for LLaVA-1.5-7B at 8 and 64 H100s with every assumption it prints. Nothing here
@@ -43,6 +43,12 @@ BENCHMARKS = {
                 "7. Start-up: time to first batch at 100, 1,000 and 10,000 shards, local and HTTP (target <= 2x)"),
     "eval_memory": ("eval_memory.py", ["--rounds", "2"],
                     "8. Evaluation memory: peak RSS per rank with eval.every vs training alone (target <= 1.10x)"),
+    "end_to_end": ("end_to_end.py", ["--rounds", "1", "--blocks", "3", "--block", "8"],
+                   "9. End to end: learned tokens/s, mtrain packed vs HF Trainer padded and padding-free "
+                   "(targets >= 1.5x and >= 1.1x)"),
+    "zero_defaults": ("zero_defaults.py", ["--rounds", "2", "--blocks", "3", "--steps", "3"],
+                      "10. ZeRO-3 sizes: the model-sized default vs DeepSpeed's default and threshold 0 at two widths "
+                      "(target >= 1.0x), and its memory at 7B"),
 }  # fmt: skip
 
 PLAN_OVERRIDES = [

@@ -53,6 +53,7 @@ class ModelShape:
     largest_layer_params: int  # the largest module's own parameters (ZeRO-3 gathers it whole)
     vision_passes: int = 1  # tower passes per image: 1, or crops + base image for anyres (LLaVA-OneVision)
     image_note: str = ""  # how the image was planned, for a family whose token count depends on the image
+    param_numels: tuple[int, ...] = ()  # every parameter's elements (ZeRO-3 keeps small ones whole on every rank)
 
 
 @dataclass(frozen=True)
@@ -98,8 +99,10 @@ def model_shape(model: nn.Module, visual_tokens: int, parts: dict[str, str] | No
     counts = {"language_model": 0, "lm_trained": 0, "vision_tower": 0, "projector": 0}
     trained_parts: set[str] = set()
     total = trainable = 0
+    numels = []
     for name, param in model.named_parameters():
         numel = getattr(param, "ds_numel", param.numel())
+        numels.append(numel)
         total += numel
         trainable += numel if param.requires_grad else 0
         if "lora_" in name or "original_module" in name:
@@ -140,6 +143,7 @@ def model_shape(model: nn.Module, visual_tokens: int, parts: dict[str, str] | No
         largest_layer_params=largest,
         vision_passes=image.passes,
         image_note=image.note,
+        param_numels=tuple(numels),
     )
 
 

@@ -10,6 +10,8 @@ which charges 18 bytes per parameter and assumes every parameter trains):
     gradients    4 B x trained parameters / GPUs        (fp32 gradient partition; 0 with zero.offload_optimizer=cpu)
     optimizer   12 B x trained parameters / GPUs        (fp32 master weights, Adam m and v; 0 offloaded)
     gathered     4 B x largest layer                    (a gathered layer's working set)
+    replicated   2 B x elements of parameters <= the persistence threshold x (1 - 1/GPUs)
+                                                        (kept whole on every GPU, beyond their shard)
     buffers      2 B x (reduce bucket + prefetch bucket)
     activations  per sample, with or without activation checkpointing (see `activation_bytes_per_sample`)
 """
@@ -82,10 +84,13 @@ class MemoryPlan:
     micro_batch: int
     max_micro_batch: int
     deepspeed_estimate: float  # DeepSpeed's own estimator for the same parameter count, all trained
+    replicated: float = 0.0  # bf16 parameters at or under the persistence threshold, whole beyond their shard
+    replicated_elements: int = 0
+    persistence_threshold: int = 0  # zero.param_persistence_threshold, or its size from the hidden size
 
     @property
     def model_states(self) -> float:
-        return self.parameters + self.gradients + self.optimizer + self.gathered_layer
+        return self.parameters + self.replicated + self.gradients + self.optimizer + self.gathered_layer
 
     @property
     def total(self) -> float:
@@ -223,8 +228,13 @@ def plan_memory(
     else:
         row_tokens = max(sum(segments) for segments in layouts)
     activations = activation_bytes_per_sample(shape, row_tokens, checkpointing=cfg.model.activation_checkpointing)
+    # DeepSpeed's rule (parameter_offload.mark_persistent_parameters): ds_numel <= threshold stays whole.
+    persistent = sum(numel for numel in shape.param_numels if numel <= sizes.param_persistence_threshold)
     memory = MemoryPlan(
         parameters=0.0 if offload_params else 2 * shape.total_params / gpus,
+        replicated=0.0 if offload_params else 2 * persistent * (1 - 1 / gpus),
+        replicated_elements=persistent,
+        persistence_threshold=sizes.param_persistence_threshold,
         gradients=0.0 if offload else 4 * shape.trainable_params / gpus,
         optimizer=0.0 if offload else 12 * shape.trainable_params / gpus,
         gathered_layer=4 * shape.largest_layer_params,
@@ -423,6 +433,8 @@ def format_plan(plan: Plan) -> str:
         f"  optimizer     {_gib(memory.optimizer)}   12 B x {shape.trainable_params:,} trained / {cluster.gpus} "
         "(fp32 master, Adam m, v)" + (" (offloaded to CPU)" if cfg.zero.offload_optimizer == "cpu" else ""),
         f"  gathered      {_gib(memory.gathered_layer)}   4 B x largest layer {shape.largest_layer_params:,}",
+        f"  replicated    {_gib(memory.replicated)}   2 B x {memory.replicated_elements:,} in parameters <= "
+        f"persistence threshold {memory.persistence_threshold:,}, whole on every GPU",
         f"  model states  {_gib(memory.model_states)}   (DeepSpeed's estimator, all parameters trained: "
         f"{memory.deepspeed_estimate / GIB:.2f} GiB)",
         f"  buffers       {_gib(memory.buffers)}   2 B x (reduce bucket + prefetch bucket)",
@@ -487,7 +499,7 @@ def format_plan(plan: Plan) -> str:
         f"  InfiniBand bus bw   {a.inter_node_busbw_gbs:.0f} GB/s per GPU (one 400 Gb/s NDR NIC per GPU, ~80% achieved); "
         "used across nodes",
         f"  overlap             {a.comm_overlap:.0%} of the shorter of compute and communication hidden",
-        "  ZeRO-3 re-gathers weights every micro-batch; small replicated parameters (< persistence threshold) ignored",
+        "  ZeRO-3 re-gathers weights every micro-batch; the traffic of replicated parameters (<= persistence threshold) ignored",
         "  flash-attention style kernels (no l^2 scores kept; packed segments attend within themselves only)",
         "",
         "reference points",

@@ -150,11 +150,19 @@ def test_llava_7b_plan_matches_hand_computation(llava7b_dir):
 
     memory = plan.memory
     trained = total - vision
-    assert memory.model_states == 2 * total / 8 + 16 * trained / 8 + 4 * 32064 * 4096
+    # Kept whole at the sized threshold 10 x 4096: the LM's 65 norms; per CLIP layer 2 layer norms and the
+    # q/k/v/o, fc1 and fc2 biases; CLIP's pre/post norms and class embedding; the projector's 2 biases.
+    whole = 65 * 4096 + 24 * (2 * 2048 + 4 * 1024 + 4096 + 1024) + 2 * 2048 + 1024 + 2 * 4096
+    assert whole == 599_040
+    assert (memory.persistence_threshold, memory.replicated_elements) == (40960, whole)
+    assert memory.replicated == 2 * whole * 7 / 8  # 1 MB: nothing at this size
+    assert memory.model_states == 2 * total / 8 + 2 * whole * 7 / 8 + 16 * trained / 8 + 4 * 32064 * 4096
     assert 14.7 < memory.model_states / GIB < 14.8
-    # Cross-check against DeepSpeed's own estimator where it applies (every parameter trained).
+    # Cross-check against DeepSpeed's own estimator where it applies (every parameter trained; it counts
+    # no replicated parameters).
     all_trained = dataclasses.replace(shape, trainable_params=total)
-    ours = plan_memory(cfg, all_trained, cluster, [[300 + s for s in (1, 9, 36, 144, 576)]], H100).model_states
+    checked = plan_memory(cfg, all_trained, cluster, [[300 + s for s in (1, 9, 36, 144, 576)]], H100)
+    ours = checked.model_states - checked.replicated
     assert ours == pytest.approx(deepspeed_model_states_estimate(total, 32064 * 4096, cluster, offload=False), abs=1)
 
     row = 5 * 300 + (1 + 9 + 36 + 144 + 576)
@@ -343,3 +351,23 @@ def test_activation_checkpointing_and_offload_by_hand(llava7b_dir):
         total, 32064 * 4096, cluster, offload=True, offload_params=True
     )
     assert memory.deepspeed_estimate < plain.memory.deepspeed_estimate
+
+
+def test_plan_counts_parameters_the_persistence_threshold_keeps_whole():
+    """Parameters at or under zero.param_persistence_threshold are whole on every GPU (DeepSpeed's rule):
+    at 0 nothing is, at a threshold above every parameter the whole model is."""
+    cluster = Cluster(1, 2, 80 * GIB)
+
+    def memory(threshold: int):
+        return make_plan(load_config(REPO / "configs/tiny.yaml", [f"zero.param_persistence_threshold={threshold}"]),
+                         cluster).memory  # fmt: skip
+
+    none, every, sized = memory(0), memory(10**9), make_plan(load_config(REPO / "configs/tiny.yaml"), cluster).memory
+    total = 218_048  # the tiny preset's parameters (test_tiny_preset_plan_matches_hand_computation)
+    assert (none.replicated, none.replicated_elements) == (0.0, 0)
+    assert every.replicated_elements == total
+    assert every.parameters + every.replicated == 2 * total  # the whole bf16 model on each of the 2 GPUs
+    assert every.model_states - none.model_states == 2 * total / 2
+    # Sized to h = 64: the threshold is 640, so norms and biases stay whole, the 64 x 64 matrices do not.
+    assert sized.persistence_threshold == 640
+    assert 0 < sized.replicated_elements < total // 10

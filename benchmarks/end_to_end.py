@@ -1,0 +1,494 @@
+"""End to end: learned tokens per second, mtrain packed against HF Trainer padded and padding-free.
+
+    python benchmarks/end_to_end.py [--rounds 1] [--blocks 4] [--block 8] [--samples-per-rank 16]
+
+What users compare: useful tokens per second on their own length mix, against the best setup the
+Hugging Face stack offers them. Three sides, each a full training loop with its own data path, its
+own copy of the same tiny LLaVA + LoRA (configs/tiny.yaml, seeded: the same initial weights), the
+same DeepSpeed JSON (ZeRO-3, fp32) and the same optimizer, on 2 ranks (gloo, one thread per rank):
+
+  mtrain    mtrain's Trainer over mtrain's loader with data.packing=true (rows of max_len, whole
+            documents, position ids restarting per document, block-diagonal attention);
+  hf_pad    transformers.Trainer as LLaVA trains: a map-style dataset that builds, tokenizes and
+            preprocesses one sample per __getitem__ (PIL decode + the image processor, as LLaVA's
+            LazySupervisedDataset), LLaVA's collator (right-pad to the batch's longest), and
+            train_sampling_strategy="group_by_length" (transformers 5's name for group_by_length;
+            lengths from the tokens, as LLaVA's `modality_lengths`);
+  hf_flat   the same Trainer and dataset with transformers' DataCollatorWithFlattening: the micro-batch
+            concatenated into one row with position ids restarting per sample (padding-free).
+
+Each round is two torchrun launches, mtrain against hf_pad and mtrain against hf_flat (two HF
+Trainers cannot share a process: accelerate refuses a second Accelerator with a DeepSpeed plugin),
+so every ratio compares two sides measured in the same processes at the same moment.
+
+The data: caption, conversation and interleaved-document shards with lognormal text lengths
+(common.write_mix, as benchmarks/packing.py), 0.5/0.3/0.2 by sample count. mtrain reads the shards
+as a weighted mixture, the HF dataset holds every sample of them (the same composition). The global
+batch is the same in samples: mtrain's micro-batch is --samples-per-rank divided by the documents a
+packed row holds on this mix (measured before the launch, rounded to whole rows), and HF's micro-batch
+is the samples those rows hold on average, so the sides train on about the same number of samples per
+step (printed: the packer's rows vary around that mean).
+
+Inside a launch the two sides take turns of --block optimizer steps: each side's loop runs in its own
+thread and its step-end hook parks it after a block, so only one side runs at a time (in ABBA order),
+and every rank issues the same collectives in the same order. The first block of each side is
+warm-up. A side's block is timed from its resume to its last step's hook: data, forward, backward,
+step and logging, all of its loop; each block pair gives one ratio (median, min, max over them).
+Counted per side: learned tokens (labels that are trained: the token after each position is not
+IGNORE) and non-pad tokens, summed over ranks; data wait (time in next(loader) for mtrain, in the
+dataset's __getitem__ and the collator for HF, which run in the training thread with 0 workers),
+as a share of the timed span.
+
+Padding-free support: transformers 5 builds a block-diagonal causal mask from restarting position
+ids when no attention mask is given (masking_utils.find_packed_sequence_indices, sdpa/eager/flex),
+and flash-attention reads them as varlen boundaries, so LLaVA (a Llama language model) trains
+padding-free with DataCollatorWithFlattening. Models that compute their own multi-axis position ids
+(Qwen2-VL's mrope) were not tried here. On the CPU sdpa has no varlen kernel: the block-diagonal
+mask still costs the full square of the row, and hf_flat's row is a whole micro-batch long (see
+ATTENTION_NOTE, printed with the figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from common import launch_for_result, leave_together, ratio_line, spread, write_mix  # noqa: E402
+
+HF_SIDES = ("hf_pad", "hf_flat")
+# What a side counts, summed over its blocks: tokens with a trained label, non-pad tokens, positions
+# computed (padding included), samples, and seconds spent fetching data (kept last).
+COUNTED = ("learned", "non_pad", "positions", "samples", "data_s")
+MAX_LEN = 512
+OVERRIDES = ["optim.warmup_steps=0", "logging.progress=false", f"data.max_len={MAX_LEN}"]
+
+ATTENTION_NOTE = """\
+Reading the figures: tokens/s per computed position is what packing cannot change; packing raises
+the non-pad share of the positions (printed per side), so over group_by_length it gains at most the
+ratio of those shares. On the CPU, sdpa has no varlen kernel: a block-diagonal mask still computes
+every score of its row. mtrain's packed rows are max_len long, so each position pays attention over
+max_len, where a length-grouped padded row pays over about its own length; hf_flat's one row holds
+the whole micro-batch, so its attention grows with the square of the micro-batch's tokens. On a GPU
+flash-attention's varlen path (model.attn_implementation=auto picks it when it imports) computes only
+each document's own block, which removes both costs."""
+
+
+# ── counting what each side trains on ─────────────────────────────────────────────────────────
+def learned_tokens(batch: dict[str, Any]) -> int:
+    """Positions whose next token is trained (labels after the causal shift, IGNORE excluded)."""
+    return int((batch["labels"][..., 1:] != -100).sum())
+
+
+def non_pad_tokens(batch: dict[str, Any]) -> int:
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
+class Side:
+    """One training loop run in a thread, parked after every `block` steps until resumed.
+
+    Only the thread that holds the turn runs, so every rank issues the same collectives in the same
+    order: the schedule of turns is the same on every rank.
+    """
+
+    def __init__(self, name: str, block: int) -> None:
+        self.name, self.block = name, block
+        self.steps = 0
+        self.totals = dict.fromkeys(COUNTED, 0.0)
+        self.blocks: list[dict[str, float]] = []  # per finished block: wall seconds and what COUNTED grew by
+        self._resume, self._parked = threading.Event(), threading.Event()
+        self._started = 0.0
+        self._at_start = dict(self.totals)
+        self.error: BaseException | None = None
+
+    def count(self, batch: dict[str, Any], samples: int) -> None:
+        self.totals["learned"] += learned_tokens(batch)
+        self.totals["non_pad"] += non_pad_tokens(batch)
+        self.totals["positions"] += batch["input_ids"].numel()
+        self.totals["samples"] += samples
+
+    def timed(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """`fn` with its time added to this side's data wait."""
+
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.totals["data_s"] += time.perf_counter() - started
+
+        return wrapped
+
+    def hook(self) -> None:
+        """Called at every step end, in the side's thread: after a block, record it and park."""
+        self.steps += 1
+        if self.steps % self.block:
+            return
+        grown = {key: self.totals[key] - self._at_start[key] for key in COUNTED}
+        self.blocks.append({"wall_s": time.perf_counter() - self._started, **grown})
+        self._park()
+
+    def _park(self) -> None:
+        self._parked.set()
+        self._resume.wait()
+        self._resume.clear()
+        self._at_start = dict(self.totals)
+        self._started = time.perf_counter()
+
+    def start(self, loop: Callable[[Callable[[], None]], None]) -> None:
+        def main() -> None:
+            try:
+                self._resume.wait()
+                self._resume.clear()
+                self._started = time.perf_counter()
+                loop(self.hook)
+            except BaseException as error:  # noqa: BLE001 -- handed to the main thread, which raises it
+                self.error = error
+            finally:
+                self._parked.set()
+
+        self.thread = threading.Thread(target=main, name=self.name, daemon=True)
+        self.thread.start()
+
+    def run_turn(self) -> None:
+        """Let the side run until it parks (one block) or its loop ends."""
+        self._parked.clear()
+        self._resume.set()
+        self._parked.wait()
+        if self.error is not None:
+            raise RuntimeError(f"side {self.name} failed") from self.error
+
+
+# ── the HF side's data: LLaVA's lazy dataset and collators ────────────────────────────────────
+def raw_samples(sources: list[tuple[str, float]]) -> list[tuple[str, dict[str, bytes]]]:
+    """Every sample of the shards as (key, members), read with plain webdataset on every rank (LLaVA keeps
+    its JSON in memory on every rank; its sampler splits the items)."""
+    import webdataset as wds
+
+    from data_pipeline.shards import expand_shards
+
+    samples = []
+    for pattern, _ in sources:
+        for url in expand_shards(pattern):
+            for item in wds.WebDataset(url, shardshuffle=False, nodesplitter=lambda urls: urls, empty_check=False):
+                members = {k: v for k, v in item.items() if not k.startswith("__")}
+                samples.append((item["__key__"], members))
+    return samples
+
+
+def llava_dataset(samples: list[tuple[str, dict[str, bytes]]], built: Any, rules: Any, side: Side):
+    """LLaVA's LazySupervisedDataset on these samples: build, tokenize and preprocess per item."""
+    import torch
+    from PIL import Image
+
+    from data_pipeline.formats import SampleFault, build_sample
+    from data_pipeline.tokenize import TokenSpec, tokenize_sample
+
+    spec = TokenSpec(built.tokenizer, built.image_token_id, MAX_LEN)
+
+    def tokens(key: str, members: dict[str, bytes]):
+        return tokenize_sample(build_sample(key, members, rules), spec, built.visual_tokens)
+
+    class LazySupervised(torch.utils.data.Dataset):
+        def __init__(self) -> None:
+            # Lengths for group_by_length, as LLaVA's `modality_lengths` (tokens only, no pixels).
+            self.samples, self.lengths = [], []
+            for key, members in samples:
+                try:
+                    self.lengths.append(len(tokens(key, members)))
+                    self.samples.append((key, members))
+                except SampleFault:  # mtrain's loader skips such a sample too
+                    continue
+
+        def __len__(self) -> int:
+            return len(self.samples)
+
+        @side.timed
+        def __getitem__(self, index: int) -> dict[str, Any]:
+            key, members = self.samples[index]
+            tokenized = tokens(key, members)
+            images = [Image.open(io.BytesIO(members[image.member])).convert("RGB") for image in tokenized.images]
+            pixels = built.image_processor(images, return_tensors="pt")["pixel_values"]
+            return {"input_ids": tokenized.input_ids, "labels": tokenized.labels, "pixel_values": pixels}
+
+    return LazySupervised()
+
+
+def padded_collator(pad_token_id: int, side: Side) -> Callable[[list[dict]], dict]:
+    """LLaVA's DataCollatorForSupervisedDataset: right-pad ids and labels, mask the padding, stack images."""
+    import torch
+
+    from data_pipeline.collate import real_token_mask, right_pad
+
+    @side.timed
+    def collate(items: list[dict]) -> dict:
+        lengths = [len(item["input_ids"]) for item in items]
+        return {
+            "input_ids": right_pad([item["input_ids"] for item in items], pad_token_id),
+            "labels": right_pad([item["labels"] for item in items], -100),
+            "attention_mask": real_token_mask(lengths, max(lengths)),
+            "pixel_values": torch.cat([item["pixel_values"] for item in items]),
+            "use_cache": False,
+        }
+
+    return collate
+
+
+def flattening_collator(side: Side) -> Callable[[list[dict]], dict]:
+    """transformers' DataCollatorWithFlattening for the text (one row, position ids per sample), images stacked."""
+    import torch
+    from transformers import DataCollatorWithFlattening
+
+    flatten = DataCollatorWithFlattening(return_position_ids=True)
+
+    @side.timed
+    def collate(items: list[dict]) -> dict:
+        batch = flatten([{"input_ids": item["input_ids"], "labels": item["labels"]} for item in items])
+        return {**batch, "pixel_values": torch.cat([item["pixel_values"] for item in items]), "use_cache": False}
+
+    return collate
+
+
+def hf_trainer_for(training_args, model, dataset, collator, side: Side):
+    """transformers.Trainer over the dataset; counts each micro-batch it trains on, hooks the step end."""
+    from transformers import Trainer, TrainerCallback
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    class CountingTrainer(Trainer):
+        def _get_train_sampler(self, train_dataset=None):
+            if self.args.train_sampling_strategy != "group_by_length":
+                return super()._get_train_sampler(train_dataset)
+            # LLaVA's override: lengths known up front instead of reading every item.
+            size = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            return LengthGroupedSampler(size, lengths=dataset.lengths)
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            side.count(inputs, int((inputs["position_ids"] == 0).sum()) if "position_ids" in inputs else
+                       inputs["input_ids"].shape[0])  # fmt: skip
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    class Hook(TrainerCallback):
+        def on_step_end(self, *_, **__) -> None:
+            side.hook()
+
+    return CountingTrainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator,
+                           callbacks=[Hook()])  # fmt: skip
+
+
+# ── the mtrain side ───────────────────────────────────────────────────────────────────────────
+class CountedBatches:
+    """mtrain's loader with its fetch time and each batch's tokens counted for the side."""
+
+    def __init__(self, loader: Any, side: Side) -> None:
+        self.loader, self.side = loader, side
+        self.fetch = side.timed(lambda: next(loader))
+
+    def __iter__(self) -> CountedBatches:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        batch = self.fetch()
+        self.side.count(batch, len(batch["keys"]))
+        return batch
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loader, name)
+
+
+def configs(args: argparse.Namespace, world_size: int):
+    """The mtrain config (packed rows), the HF config (samples per micro-batch) and their DeepSpeed JSONs."""
+    from mtrain.config import load_config
+    from mtrain.config.deepspeed_json import deepspeed_config
+    from mtrain.config.schema import DataSourceConfig
+
+    total = args.block * (args.blocks + 1)
+    common = [*OVERRIDES, f"run.max_steps={total}", f"logging.log_every={args.block}"]
+    sources = [DataSourceConfig(shards=pattern, weight=weight) for pattern, weight in json.loads(args.sources)]
+    cfgs = {}
+    for name, overrides in (("mtrain", ["data.packing=true", f"data.micro_batch_size={args.rows}"]),
+                            ("hf", [f"data.micro_batch_size={args.samples_per_rank}"])):  # fmt: skip
+        cfg = load_config(REPO / "configs/tiny.yaml", [*common, *overrides])
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sources=sources))
+        cfgs[name] = (cfg, deepspeed_config(cfg, world_size=world_size, precision="fp32"))
+    return cfgs
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One launch: mtrain and one HF side (`--hf-side`) in alternating blocks; rank 0 writes their counts.
+
+    Two HF Trainers cannot share a process (accelerate refuses a second Accelerator with a DeepSpeed
+    plugin), so each HF side has its own launch, each against mtrain in the same launch."""
+    import torch
+    from hf_trainer_step import hf_arguments
+
+    from mtrain.engine.data import build_data_loader, sample_rules
+    from mtrain.engine.setup import initialize_engine
+    from mtrain.engine.trainer import Trainer
+    from mtrain.launch.distributed import init_distributed
+    from mtrain.metrics.sinks import NullSink
+    from mtrain.model.build import build_model
+
+    world = init_distributed("gloo", 300, 29500)
+    cfgs = configs(args, world.world_size)
+    (cfg_m, ds_m), (cfg_h, ds_h) = cfgs["mtrain"], cfgs["hf"]
+    hf = args.hf_side
+    sides = {name: Side(name, args.block) for name in ("mtrain", hf)}
+    # TrainingArguments before the model: its DeepSpeed config makes the build partition (zero.Init).
+    strategy = "group_by_length" if hf == "hf_pad" else "random"
+    hf_args = dataclasses.replace(hf_arguments(cfg_h, ds_h, cfg_m.run.max_steps), logging_steps=args.block,
+                                  per_device_train_batch_size=args.samples_per_rank, train_sampling_strategy=strategy)  # fmt: skip
+    built = {name: build_model(cfg_m.model, torch.float32, ds_m, cfg_m.run.seed) for name in sides}
+
+    engine = initialize_engine(cfg_m, built["mtrain"], ds_m, world.rank)
+    loader = CountedBatches(build_data_loader(cfg_m, built["mtrain"], world), sides["mtrain"])
+    trainer_m = Trainer(cfg_m, world, engine, loader, NullSink(), "cpu")
+    sides["mtrain"].start(lambda hook: trainer_m.train(on_step_end=lambda _: hook()))
+
+    model = built[hf]
+    dataset = llava_dataset(raw_samples(json.loads(args.sources)), model, sample_rules(cfg_h.data, model.tokenizer),
+                            sides[hf])  # fmt: skip
+    collate = (
+        padded_collator(model.tokenizer.pad_token_id, sides[hf]) if hf == "hf_pad" else flattening_collator(sides[hf])
+    )
+    trainer_h = hf_trainer_for(hf_args, model.model, dataset, collate, sides[hf])
+    sides[hf].start(lambda hook: trainer_h.train())
+
+    order = list(sides)
+    for turn in range(args.blocks + 2):  # warm-up, the timed blocks, then each loop's end
+        for name in order if turn % 2 == args.first else order[::-1]:  # ABBA: neither side always first
+            sides[name].run_turn()
+    for side in sides.values():
+        side.thread.join()
+    result = {name: side_result(side, world.world_size) for name, side in sides.items()}
+    leave_together(engine, trainer_h.deepspeed)
+    if world.rank == 0:
+        Path(args.out).write_text(json.dumps(result))
+
+
+def side_result(side: Side, world_size: int) -> dict[str, Any]:
+    """The side's timed blocks (the first is warm-up): tokens and samples summed over ranks, the slowest rank's time."""
+    import torch
+    import torch.distributed as dist
+
+    timed = side.blocks[1:]
+    counts = torch.tensor([[b[key] for key in COUNTED] for b in timed], dtype=torch.float64)
+    wall = torch.tensor([b["wall_s"] for b in timed], dtype=torch.float64)
+    dist.all_reduce(counts)
+    dist.all_reduce(wall, op=dist.ReduceOp.MAX)
+    result = {key: counts[:, index].tolist() for index, key in enumerate(COUNTED[:-1])}
+    return {**result, "wall_s": wall.tolist(), "data_frac": (counts[:, -1].sum() / world_size / wall.sum()).item()}
+
+
+def docs_per_row(sources: list[tuple[str, float]], rows: int, batches: int = 64) -> float:
+    """Documents a packed row holds on this mix, as rank 0 of 2 packs them (mtrain's loader, one process).
+
+    The packer fills rows first-fit decreasing from a window of documents, so rows hold few long
+    documents when a window is fresh and many short ones as it drains: averaged over several windows."""
+    from common import IMAGE_SIZE, VISUAL_TOKENS
+
+    from data_pipeline.loader import LoaderSettings, build_loader
+    from data_pipeline.tokenize import TokenSpec
+    from mtrain.model.build import tiny_image_processor
+    from mtrain.model.tokenizer import IMAGE_TOKEN, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    spec = TokenSpec(tokenizer, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), MAX_LEN)
+    from mtrain.config import load_config
+
+    seed = load_config(REPO / "configs/tiny.yaml").run.seed  # the worker's loader seed: the same draws
+    settings = LoaderSettings(sources=tuple(sources), batch_size=rows, seed=seed, packing=True)
+    loader = build_loader(settings, 0, 2, spec, tiny_image_processor(IMAGE_SIZE), VISUAL_TOKENS)
+    taken = [next(loader) for _ in range(batches)]
+    return sum(len(b["keys"]) for b in taken) / sum(b["input_ids"].shape[0] for b in taken)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="launch pairs (mtrain with each HF side, alternating blocks)"
+    )
+    parser.add_argument("--blocks", type=int, default=4, help="timed blocks per side and launch, after one warm-up")
+    parser.add_argument("--block", type=int, default=8, help="optimizer steps per block (a packing window: ~8)")
+    parser.add_argument(
+        "--samples-per-rank", type=int, default=16, help="about this many samples per rank and step (see the docstring)"
+    )
+    parser.add_argument("--samples", type=int, default=600, help="samples written, split 0.5/0.3/0.2 by kind")
+    parser.add_argument("--worker", action="store_true")
+    parser.add_argument("--sources")
+    parser.add_argument("--rows", type=int)
+    parser.add_argument("--hf-side", choices=HF_SIDES)
+    parser.add_argument("--first", type=int, default=0, help="1: the HF side takes the first turn")
+    parser.add_argument("--out")
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+
+    from mtrain.launch.distributed import free_port
+
+    scratch = Path(tempfile.mkdtemp(prefix="mtrain-e2e-"))
+    sources = write_mix(scratch / "mix", args.samples, seed=0, max_len=MAX_LEN, proportional=True)
+    per_row = docs_per_row(sources, rows=max(1, args.samples_per_rank // 3))
+    rows = max(1, round(args.samples_per_rank / per_row))
+    # Rows are whole: HF then takes the samples those rows hold on average, so the global batches match.
+    args.samples_per_rank = max(1, round(rows * per_row))
+    results: dict[str, list[dict]] = {hf: [] for hf in HF_SIDES}  # per launch: mtrain and that HF side
+    for round_index in range(args.rounds):
+        for hf in HF_SIDES if round_index % 2 == 0 else HF_SIDES[::-1]:
+            out = scratch / f"{hf}-{round_index}.json"
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                   str(free_port()), __file__, "--worker", "--hf-side", hf, "--sources", json.dumps(sources),
+                   "--rows", str(rows), "--samples-per-rank", str(args.samples_per_rank), "--blocks",
+                   str(args.blocks), "--block", str(args.block), "--first", str(round_index % 2), "--out", str(out)]  # fmt: skip
+            env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'benchmarks'}", "OMP_NUM_THREADS": "1"}
+            results[hf].append(launch_for_result(cmd, env, out, args.verbose))
+    report(results, args, rows, per_row)
+
+
+def report(results: dict[str, list[dict]], args: argparse.Namespace, rows: int, per_row: float) -> None:
+    """Per side: learned and non-pad tokens/s and data wait; per HF side: mtrain's ratio over its blocks."""
+
+    def blocks(hf: str, side: str, key: str) -> list[float]:
+        return [value for launched in results[hf] for value in launched[side][key]]
+
+    def rates(hf: str, side: str, key: str = "learned") -> list[float]:
+        return [t / w for t, w in zip(blocks(hf, side, key), blocks(hf, side, "wall_s"), strict=True)]
+
+    print(f"\nEnd to end, tiny LLaVA + LoRA, fp32, 2 ranks ZeRO-3, max_len {MAX_LEN}, caption/conversation/interleaved "
+          f"0.5/0.3/0.2 with lognormal lengths; {args.rounds} launch(es) per HF side, each mtrain and that side in "
+          f"{args.blocks} alternating blocks of {args.block} steps")  # fmt: skip
+    print(f"global batch: HF {args.samples_per_rank} samples per rank; mtrain {rows} packed rows per rank "
+          f"({per_row:.2f} documents per row on this mix)")  # fmt: skip
+    labels = {"hf_pad": "HF padded (group_by_length)", "hf_flat": "HF padding-free (flattening)"}
+    for hf in HF_SIDES:
+        for side, label in (("mtrain", f"mtrain packed (vs {hf})"), (hf, labels[hf])):
+            samples = sum(blocks(hf, side, "samples")) / (args.block * len(blocks(hf, side, "wall_s")))
+            data = statistics.median(launched[side]["data_frac"] for launched in results[hf])
+            fill = sum(blocks(hf, side, "non_pad")) / sum(blocks(hf, side, "positions"))
+            print(f"  {label:30s} learned tok/s {spread(rates(hf, side), 0)}   non-pad tok/s "
+                  f"{spread(rates(hf, side, 'non_pad'), 0)}")  # fmt: skip
+            print(f"  {'':30s} samples/step {samples:.1f}   non-pad share of positions {fill:.3f}   "
+                  f"data-wait fraction {data:.3f}")  # fmt: skip
+    for hf, target in (("hf_pad", ">= 1.5"), ("hf_flat", ">= 1.1")):
+        ratios = [m / h for m, h in zip(rates(hf, "mtrain"), rates(hf, hf), strict=True)]
+        print(ratio_line(f"RATIO mtrain packed / {labels[hf]} (learned tokens/s)", ratios, target))
+    print(ATTENTION_NOTE)
+
+
+if __name__ == "__main__":
+    main()
