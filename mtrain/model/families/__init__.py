@@ -18,6 +18,7 @@ To add a family: a module here with one `ModelFamily` subclass, and one entry in
 
 from __future__ import annotations
 
+from mtrain.model.families.gemma3 import Gemma3Family
 from mtrain.model.families.base import ModelFamily, UnsupportedModelError
 from mtrain.model.families.llava import MQT_MODEL_TYPE, LlavaFamily, MQTLlavaFamily
 from mtrain.model.families.qwen2_vl import Qwen2_5_VLFamily, Qwen2VLFamily
@@ -25,7 +26,7 @@ from mtrain.model.families.qwen2_vl import Qwen2_5_VLFamily, Qwen2VLFamily
 __all__ = ["FAMILIES", "MQT_MODEL_TYPE", "SUPPORTED_MODEL_TYPES", "ModelFamily", "UnsupportedModelError", "family_for"]
 
 FAMILIES: dict[str, ModelFamily] = {
-    family.model_type: family for family in (LlavaFamily(), MQTLlavaFamily(), Qwen2VLFamily(), Qwen2_5_VLFamily())
+    family.model_type: family for family in (LlavaFamily(), MQTLlavaFamily(), Qwen2VLFamily(), Qwen2_5_VLFamily(), Gemma3Family())
 }
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(FAMILIES)
 

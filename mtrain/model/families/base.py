@@ -70,3 +70,8 @@ class ModelFamily:
         """The language model's position ids for a token layout (`mtrain.task.token_layout.Layout`):
         1-D ids restarting at every document, as the layout made them."""
         return layout.position_ids
+
+    def language_model_inputs(self, model: Any, layout: Any, image_token_id: int, packed: bool) -> dict[str, Any]:
+        """Extra (or replacing) keyword arguments of the language-model call for a layout, such as an
+        attention the layout's `attention_mask` cannot express (Gemma 3's bidirectional image attention)."""
+        return {}
