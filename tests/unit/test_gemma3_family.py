@@ -266,7 +266,10 @@ def test_a_gemma3_folder_passes_the_check_before_any_process_group(tmp_path):
     built.model.config.save_pretrained(folder)
     built.tokenizer.save_pretrained(folder)
     base = ["model.preset=none", f"model.path={folder}"]
-    assert model_problems(load_config(None, [*base, "matryoshka.tokens.mode=m3", "matryoshka.tokens.scales=[1,4,16]"])) == []
+    assert (
+        model_problems(load_config(None, [*base, "matryoshka.tokens.mode=m3", "matryoshka.tokens.scales=[1,4,16]"]))
+        == []
+    )
     (problem,) = model_problems(load_config(None, [*base, "matryoshka.tokens.mode=m3", "matryoshka.tokens.scales=[9]"]))
     assert "[9] do not fit this model's 4x4 grid" in problem
     (problem,) = model_problems(load_config(None, [*base, "model.image_size=[32,32]"]))
@@ -295,7 +298,9 @@ def test_export_reloads_in_stock_transformers_with_equal_logits(tmp_path):
     inputs = AutoImageProcessor.from_pretrained(tmp_path / "model", local_files_only=True)(
         images=image, return_tensors="pt"
     )
-    torch.testing.assert_close(inputs["pixel_values"], built.image_processor(images=image, return_tensors="pt")["pixel_values"])
+    torch.testing.assert_close(
+        inputs["pixel_values"], built.image_processor(images=image, return_tensors="pt")["pixel_values"]
+    )
     kwargs = {"input_ids": ids, "token_type_ids": (ids == built.image_token_id).long(), **inputs}
     with torch.no_grad():
         want = stock(**kwargs).logits

@@ -83,7 +83,7 @@ def test_m3_scales_are_checked_against_the_models_grid():
 def test_an_unknown_model_type_names_the_supported_families():
     with pytest.raises(UnsupportedModelError, match=r"'mllama' model; mtrain supports the model families llava"):
         family_for("mllama")
-    assert SUPPORTED_MODEL_TYPES == ("llava", "mtrain_mqt_llava", "qwen2_vl", "qwen2_5_vl")
+    assert SUPPORTED_MODEL_TYPES == ("llava", "mtrain_mqt_llava", "qwen2_vl", "qwen2_5_vl", "gemma3")
 
 
 def test_a_siglip_tower_tiny_llava_trains_with_m3_scales(shards_pattern):

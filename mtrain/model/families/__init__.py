@@ -18,8 +18,8 @@ To add a family: a module here with one `ModelFamily` subclass, and one entry in
 
 from __future__ import annotations
 
-from mtrain.model.families.gemma3 import Gemma3Family
 from mtrain.model.families.base import ModelFamily, UnsupportedModelError
+from mtrain.model.families.gemma3 import Gemma3Family
 from mtrain.model.families.llava import MQT_MODEL_TYPE, LlavaFamily, MQTLlavaFamily
 from mtrain.model.families.qwen2_vl import Qwen2_5_VLFamily, Qwen2VLFamily
 
