@@ -26,7 +26,8 @@ from mtrain.model.families.qwen2_vl import Qwen2_5_VLFamily, Qwen2VLFamily
 __all__ = ["FAMILIES", "MQT_MODEL_TYPE", "SUPPORTED_MODEL_TYPES", "ModelFamily", "UnsupportedModelError", "family_for"]
 
 FAMILIES: dict[str, ModelFamily] = {
-    family.model_type: family for family in (LlavaFamily(), MQTLlavaFamily(), Qwen2VLFamily(), Qwen2_5_VLFamily(), Gemma3Family())
+    family.model_type: family
+    for family in (LlavaFamily(), MQTLlavaFamily(), Qwen2VLFamily(), Qwen2_5_VLFamily(), Gemma3Family())
 }
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(FAMILIES)
 
