@@ -20,7 +20,12 @@ from torch import nn
 from mtrain.config.schema import ModelConfig, TokenScalesConfig
 from mtrain.launch.distributed import print0
 from mtrain.model.families import MQT_MODEL_TYPE, SUPPORTED_MODEL_TYPES, ModelFamily, family_for
-from mtrain.model.families.gemma3 import build_tiny_gemma3_tokenizer, tiny_gemma3_config, tiny_gemma3_image_processor
+from mtrain.model.families.gemma3 import (
+    build_tiny_gemma3_tokenizer,
+    start_projection,
+    tiny_gemma3_config,
+    tiny_gemma3_image_processor,
+)
 from mtrain.model.families.llava import tiny_image_processor, tiny_llava_config
 from mtrain.model.families.qwen2_vl import (
     FixedSizeImageProcessor,
@@ -141,7 +146,7 @@ def build_model(
     elif cfg.preset in TINY_QWEN_CONFIGS:
         built = _tiny_qwen(cfg, dtype, attn)
     elif cfg.preset == "tiny-gemma3":
-        built = _tiny_gemma3(cfg, dtype, attn)
+        built = _tiny_gemma3(cfg, dtype, attn, seed)
     else:
         tokenizer = build_tiny_tokenizer()
         image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -207,15 +212,17 @@ def _tiny_qwen(cfg: ModelConfig, dtype: torch.dtype, attn: str) -> BuiltModel:
     )
 
 
-def _tiny_gemma3(cfg: ModelConfig, dtype: torch.dtype, attn: str) -> BuiltModel:
+def _tiny_gemma3(cfg: ModelConfig, dtype: torch.dtype, attn: str, seed: int) -> BuiltModel:
     """The tiny Gemma 3 preset: a Gemma 3 model from `cfg.tiny` whose projector pools the SigLIP patch
     grid 2x2, a Gemma-shaped tokenizer, Gemma 3's image processor at tiny.image_size."""
     tokenizer = build_tiny_gemma3_tokenizer()
     config = tiny_gemma3_config(cfg.tiny, (len(tokenizer) + 63) // 64 * 64, tokenizer)
     family = family_for(config.model_type)
     config._attn_implementation = attn
+    model = family.model_class()._from_config(config, dtype=dtype)
+    start_projection(model, seed)
     return BuiltModel(
-        model=family.model_class()._from_config(config, dtype=dtype),
+        model=model,
         tokenizer=tokenizer,
         image_processor=tiny_gemma3_image_processor(cfg.tiny.image_size),
         visual_tokens=family.visual_tokens(config),

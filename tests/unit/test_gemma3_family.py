@@ -175,7 +175,38 @@ def test_one_pass_equals_mean_of_separate_per_scale_stock_forwards(layout):
     assert built.visual_tokens == 16 and built.family.visual_grid(task.llava.config) == (4, 4)
     batch = padded_batch(built, documents(built))
     assert tuple(batch["pixel_values"].shape) == (4, 3, 32, 32)
+    with torch.no_grad():  # the preset's seeded projection (stock starts it at zero): images differ
+        features = task.image_features(batch["pixel_values"])
+    assert features.shape == (4, 16, 64) and (features[0] - features[1]).abs().min() > 0
     assert_one_pass_equals_separate(task, built, batch)
+
+
+def test_a_saved_folder_trains_with_m3_scales(tmp_path):
+    """The local-folder path: a tiny Gemma 3 saved to disk (model, tokenizer, Gemma 3's image processor),
+    loaded back by model.path with per-scale LoRA; the one-pass loss still equals the stock forwards."""
+    preset = build_model(load_config(None, ["model.preset=tiny-gemma3"]).model, torch.float32, None, seed=0)
+    folder = tmp_path / "gemma3"
+    preset.model.save_pretrained(folder)
+    preset.tokenizer.save_pretrained(folder)
+    preset.image_processor.save_pretrained(folder)
+    cfg = load_config(
+        None,
+        [
+            "model.preset=none", f"model.path={folder}", "model.lora.enabled=true", "model.lora.strategy=per_scale",
+            "model.lora.dropout=0.0", "matryoshka.tokens.mode=m3", "matryoshka.tokens.scales=[1,4,16]",
+            "matryoshka.tokens.layout=packed",
+        ],
+    )  # fmt: skip
+    assert model_problems(cfg) == []
+    built = build_model(cfg.model, torch.float32, None, seed=0, tokens=cfg.matryoshka.tokens)
+    assert (built.visual_tokens, built.image_token_id) == (16, preset.image_token_id)
+    assert built.tokenizer.image_token == IMAGE_SOFT_TOKEN
+    task = build_task(cfg, built, rank=0)
+    with torch.no_grad():
+        for name, param in task.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    assert_one_pass_equals_separate(task, built, padded_batch(built, documents(built)))
 
 
 def document_losses(task, batch, scale: int) -> list[torch.Tensor]:

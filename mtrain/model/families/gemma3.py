@@ -24,6 +24,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -145,6 +146,27 @@ def tiny_gemma3_image_processor(image_size: int) -> Any:
     from transformers import Gemma3ImageProcessorPil  # noqa: PLC0415
 
     return Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size})
+
+
+def start_projection(model: Any, seed: int) -> None:
+    """Give a fresh model's projection weight a seeded random start, the same on every rank.
+
+    Stock Gemma 3 initialises `mm_input_projection_weight` to zeros (a real checkpoint brings trained
+    values), which would make every image of a random tiny model the same zero vector and M3's pooling
+    untestable. Under ZeRO-3 the weight is gathered, written on rank 0 and re-partitioned.
+    """
+    from mtrain.launch.preflight import is_partitioned  # noqa: PLC0415
+
+    weight = model.model.multi_modal_projector.mm_input_projection_weight
+    gathered: Any = contextlib.nullcontext()
+    if is_partitioned(weight):
+        import deepspeed  # noqa: PLC0415
+
+        gathered = deepspeed.zero.GatheredParameters([weight], modifier_rank=0)
+    with gathered, torch.no_grad():
+        generator = torch.Generator().manual_seed(seed)
+        start = torch.randn(weight.shape, generator=generator) * model.config.text_config.initializer_range
+        weight.copy_(start.to(weight.dtype))
 
 
 def packed_masks(config: Any, layout: Any, image_token_id: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
