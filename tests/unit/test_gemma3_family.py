@@ -345,6 +345,18 @@ def test_export_reloads_in_stock_transformers_with_equal_logits(tmp_path):
             torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-5)
 
 
+def test_a_text_only_batch_runs_the_vision_path_at_zero_weight():
+    """ZeRO-3 lockstep: a micro-batch without images still runs the SigLIP tower and projector, on a blank image."""
+    task, built = make_task()
+    ids = text_ids(built, "<bos><start_of_turn>a red circle.<end_of_turn>")
+    batch = {"input_ids": torch.tensor([ids]), "labels": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids))}
+    loss, _ = task(batch)
+    loss.backward()
+    projector = [p for name, p in task.named_parameters() if "multi_modal_projector" in name and p.requires_grad]
+    assert projector and all(p.grad is not None and not p.grad.any() for p in projector)  # reached, exactly zero
+    assert torch.isfinite(loss)
+
+
 def test_what_the_gemma3_preset_does_not_run_yet_is_refused_at_config_load():
     from mtrain.config.core import ConfigError
 
