@@ -368,9 +368,13 @@ def test_what_the_gemma3_preset_does_not_run_yet_is_refused_at_config_load():
         load_config(None, ["model.preset=tiny-gemma3", "matryoshka.tokens.mode=m3", "matryoshka.tokens.scales=[1,9]"])
 
 
-def test_language_modeling_without_scales_equals_the_stock_forward_packed_or_not():
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # packed masks: boolean for SDPA, additive for eager
+def test_language_modeling_without_scales_equals_the_stock_forward_packed_or_not(attention):
     """matryoshka.tokens.mode=none: the language-modeling task, every image at full size, image attention per document."""
-    cfg = load_config(None, ["model.preset=tiny-gemma3", "model.freeze.language_model=false"])
+    cfg = load_config(
+        None,
+        ["model.preset=tiny-gemma3", "model.freeze.language_model=false", f"model.attn_implementation={attention}"],
+    )
     built = build_model(cfg.model, torch.float32, None, seed=0)
     task = build_task(cfg, built, rank=0)
     docs = documents(built)
