@@ -291,6 +291,19 @@ def test_the_gemma_template_gives_apply_chat_templates_token_ids_and_assistant_m
     assert expanded.input_ids[start + 17] == tokenizer.convert_tokens_to_ids("<end_of_image>")
 
 
+def test_a_template_that_drops_the_image_token_is_refused():
+    """Gemma 3's own template writes only <start_of_image> (its processor expands it): images would fall
+    out of the sample silently, so the conversation is refused, naming model.chat_template."""
+    from data_pipeline.chat_template import ChatTemplateError
+
+    tokenizer = build_tiny_gemma3_tokenizer()
+    tokenizer.chat_template = tokenizer.chat_template.replace(
+        "<start_of_image>" + IMAGE_SOFT_TOKEN + "<end_of_image>", "<start_of_image>"
+    )
+    with pytest.raises(ChatTemplateError, match=r"renders 0 '<image_soft_token>' for this conversation's 1 image"):
+        conversation(tokenizer, TWO_TURNS)
+
+
 def test_a_gemma3_folder_passes_the_check_before_any_process_group(tmp_path):
     built = build_model(gemma_config().model, torch.float32, None, seed=0)
     folder = tmp_path / "gemma3"
