@@ -85,6 +85,14 @@ def attention_implementation(requested: str) -> str:
     return "sdpa"
 
 
+def family_attention(family: ModelFamily, attn: str) -> str:
+    """`attn`, or SDPA where the family's model cannot run flash_attention_2 (said once, on rank 0)."""
+    if attn != "flash_attention_2" or family.flash_attention:
+        return attn
+    print0(f"a {family.model_type} model does not run flash_attention_2 (its image attention needs a mask); using sdpa")
+    return "sdpa"
+
+
 def visual_tokens_per_image(config: Any) -> int:
     """Tokens each <image> stands for in the language model, as the model's family counts them
     (M queries for an MQT model, the tower's real output otherwise)."""
@@ -218,7 +226,7 @@ def _tiny_gemma3(cfg: ModelConfig, dtype: torch.dtype, attn: str, seed: int) -> 
     tokenizer = build_tiny_gemma3_tokenizer()
     config = tiny_gemma3_config(cfg.tiny, (len(tokenizer) + 63) // 64 * 64, tokenizer)
     family = family_for(config.model_type)
-    config._attn_implementation = attn
+    config._attn_implementation = family_attention(family, attn)
     model = family.model_class()._from_config(config, dtype=dtype)
     start_projection(model, seed)
     return BuiltModel(
@@ -272,6 +280,7 @@ def _load_local(
     starts_mqt = tokens.mode == "mqt" and config.model_type != MQT_MODEL_TYPE
     model_class, config = _model_class_for(config, tokens, path)
     family = family_for(config.model_type)
+    attn = family_attention(family, attn)
     grid = fixed_grid(config, image_size, path)
     visual = grid[0] * grid[1] if grid else family.visual_tokens(config)
     if config_only:

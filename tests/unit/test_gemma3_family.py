@@ -402,3 +402,14 @@ def test_language_modeling_without_scales_equals_the_stock_forward_packed_or_not
     ).loss
     torch.testing.assert_close(task(unpacked)[0], stock, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(task(packed_batch(docs, unpacked["pixel_values"]))[0], stock, rtol=1e-5, atol=1e-6)
+
+
+def test_flash_attention_falls_back_to_sdpa_for_gemma3():
+    """Stock Gemma 3 refuses flash_attention_2 (it would drop the image mask): `auto` on a GPU with
+    flash-attn installed must not pick it for a gemma3 model."""
+    from mtrain.model.build import family_attention
+    from mtrain.model.families import family_for
+
+    assert family_attention(family_for("gemma3"), "flash_attention_2") == "sdpa"
+    assert family_attention(family_for("gemma3"), "eager") == "eager"
+    assert family_attention(family_for("llava"), "flash_attention_2") == "flash_attention_2"

@@ -24,6 +24,9 @@ class ModelFamily:
     # commands which fail early never import a model's code).
     model_class_path: str = ""
 
+    # Whether the model class runs under flash_attention_2 (Gemma 3 does not: it drops the image mask).
+    flash_attention: bool = True
+
     # The `task.objective`s whose tasks run this family.
     objectives: tuple[str, ...] = ("lm", "contrastive")
 

@@ -199,6 +199,7 @@ class Gemma3Family(ModelFamily):
     model_class_path = "transformers:Gemma3ForConditionalGeneration"
     position_ids = "1-D, from 0 at each document's first token; visual tokens take consecutive positions"
     objectives = ("lm",)  # the contrastive task does not pass Gemma 3's bidirectional image attention yet
+    flash_attention = False  # transformers' Gemma 3 refuses it: flash attention drops the bidirectional mask
 
     def visual_tokens(self, config: Any) -> int:
         return config.mm_tokens_per_image
