@@ -13,7 +13,9 @@ Messages are `{"role": "user" | "assistant" | "system", "content": [parts]}` wit
 where the turn's text has `<image>` and `{"type": "text", "text": ...}` for the text around it: the
 structured form multimodal templates read. The template must render each image part as the
 tokenizer's image token (`image_text`: `<image>`, or Qwen2-VL's `<|image_pad|>` between its
-`<|vision_start|>` and `<|vision_end|>`), the placeholder tokenization expands to the visual tokens.
+`<|vision_start|>` and `<|vision_end|>`, Gemma 3's `<image_soft_token>`), the placeholder tokenization
+expands to the visual tokens; a template that renders a different number of them than the
+conversation has images is refused (its images would otherwise fall out of the sample).
 
 `CHAT_TEMPLATE` is the built-in tiny preset's: LLaVA-1.5's Vicuna-v1 shape
 `<s>{system} USER: {question} ASSISTANT: {answer}</s>USER: ...`, with a shorter default system
@@ -116,6 +118,17 @@ class ConversationTemplate:
         if not self.template:
             raise ChatTemplateError(self.missing)
         whole = self.render(messages)
+        images = sum(
+            part.get("type") == "image" for m in messages if not isinstance(m["content"], str) for part in m["content"]
+        )
+        if whole.count(self.image_text) != images:
+            # Else images would silently fall out of the sample: their placeholder is where they go.
+            raise ChatTemplateError(
+                f"the chat template renders {whole.count(self.image_text)} {self.image_text!r} for this conversation's "
+                f"{images} image part(s); set model.chat_template to one that writes each image part as "
+                f"{self.image_text!r}, the tokenizer's image token (a Gemma 3 folder's own template writes "
+                "<start_of_image>, which its processor expands)"
+            )
         pieces: list[tuple[str, str, bool]] = []
         done = 0
         for index, message in enumerate(messages):

@@ -75,6 +75,7 @@ class LoraConfig(Checkable):
 
 
 QWEN_PRESETS = ("tiny-qwen2-vl", "tiny-qwen2.5-vl")  # tiny presets with Qwen's 2x2 patch merger
+GEMMA3_PRESET = "tiny-gemma3"  # its projector pools 2x2 patches into one token
 
 
 @dataclass
@@ -106,13 +107,20 @@ class TinyLlavaConfig(Checkable):
 @dataclass
 class ModelConfig(Checkable):
     preset: Literal[
-        "tiny-llava", "tiny-llava-onevision", "tiny-llava-next", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "none"
+        "tiny-llava",
+        "tiny-llava-onevision",
+        "tiny-llava-next",
+        "tiny-qwen2-vl",
+        "tiny-qwen2.5-vl",
+        "tiny-gemma3",
+        "none",
     ] = setting(
         "tiny-llava",
         "Built-in model with random weights and a local tokenizer, sized by model.tiny (tiny-llava: LLaVA-1.5's "
         "shape; tiny-llava-onevision: anyres crops of a SigLIP tower, a Qwen2 LM, a ChatML template; "
         "tiny-llava-next: anyres crops of a CLIP tower, a Llama LM, LLaVA-1.5's template; tiny-qwen2-vl and "
-        "tiny-qwen2.5-vl: Qwen's tower and 2x2 patch merger, M-RoPE, Qwen's template); 'none' when path is set.",
+        "tiny-qwen2.5-vl: Qwen's tower and 2x2 patch merger, M-RoPE, Qwen's template; tiny-gemma3: a SigLIP "
+        "tower pooled to a square grid, Gemma 3's LM and template); 'none' when path is set.",
     )
     path: str | None = setting(None, "Local Hugging Face folder of a LLaVA-family checkpoint (never downloaded).")
     chat_template: str = setting(
@@ -138,8 +146,9 @@ class ModelConfig(Checkable):
 
     @property
     def tiny_grid_side(self) -> int:
-        """Side of a tiny preset's visual-token grid: patches per side, over Qwen2-VL's 2x2 merger."""
-        merge = 2 if self.preset in QWEN_PRESETS else 1
+        """Side of a tiny preset's visual-token grid: patches per side, over Qwen2-VL's 2x2 merger or
+        Gemma 3's 2x2 pooling projector."""
+        merge = 2 if self.preset in (*QWEN_PRESETS, GEMMA3_PRESET) else 1
         return self.tiny.image_size // self.tiny.patch_size // merge
 
     @property
@@ -150,8 +159,8 @@ class ModelConfig(Checkable):
     def check(self) -> list[tuple[str, str]]:
         if self.image_size and (len(self.image_size) != 2 or min(self.image_size) < 1):
             return [("image_size", f"is {self.image_size}; give [height, width] in pixels, or [] for none")]
-        if self.preset in QWEN_PRESETS and self.tiny.image_size % (self.tiny.patch_size * 2):
-            message = f"{self.tiny.image_size} is not a multiple of patch_size * 2 (Qwen2-VL's 2x2 merger)"
+        if self.preset in (*QWEN_PRESETS, GEMMA3_PRESET) and self.tiny.image_size % (self.tiny.patch_size * 2):
+            message = f"{self.tiny.image_size} is not a multiple of patch_size * 2 (the preset's 2x2 merger or pooling)"
             return [("tiny.image_size", message)]
         if self.path and self.preset != "none":
             return [("preset", f"is {self.preset!r} but model.path is set too; set model.preset=none to load the path")]
@@ -687,6 +696,15 @@ class TrainConfig(Checkable):
             return [("matryoshka.tokens.mode", message)]
         if self.model.preset in QWEN_PRESETS and self.task.objective == "contrastive":
             message = "is 'contrastive', which the Qwen tiny presets do not train yet (its task makes no M-RoPE ids)"
+            return [("task.objective", message)]
+        if self.model.preset == GEMMA3_PRESET and tokens.mode == "mqt":
+            message = "is 'mqt', which replaces a LLaVA projector; the Gemma 3 tiny preset trains m3 (or none)"
+            return [("matryoshka.tokens.mode", message)]
+        if self.model.preset == GEMMA3_PRESET and self.task.objective == "contrastive":
+            message = (
+                "is 'contrastive', which the Gemma 3 tiny preset does not train yet "
+                "(its task does not pass Gemma 3's bidirectional image attention)"
+            )
             return [("task.objective", message)]
         if tokens.mode == "m3" and self.model.preset != "none":
             # A tiny preset's grid is square; a folder's grid is checked by its family (mtrain/launch/model_checks.py).

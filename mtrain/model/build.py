@@ -20,6 +20,12 @@ from torch import nn
 from mtrain.config.schema import ModelConfig, TokenScalesConfig
 from mtrain.launch.distributed import print0
 from mtrain.model.families import MQT_MODEL_TYPE, SUPPORTED_MODEL_TYPES, ModelFamily, family_for
+from mtrain.model.families.gemma3 import (
+    build_tiny_gemma3_tokenizer,
+    start_projection,
+    tiny_gemma3_config,
+    tiny_gemma3_image_processor,
+)
 from mtrain.model.families.llava import tiny_image_processor, tiny_llava_config
 from mtrain.model.families.llava_next import tiny_next_config, tiny_next_processor
 from mtrain.model.families.llava_onevision import (
@@ -86,6 +92,14 @@ def attention_implementation(requested: str) -> str:
     return "sdpa"
 
 
+def family_attention(family: ModelFamily, attn: str) -> str:
+    """`attn`, or SDPA where the family's model cannot run flash_attention_2 (said once, on rank 0)."""
+    if attn != "flash_attention_2" or family.flash_attention:
+        return attn
+    print0(f"a {family.model_type} model does not run flash_attention_2 (its image attention needs a mask); using sdpa")
+    return "sdpa"
+
+
 def visual_tokens_per_image(config: Any) -> int:
     """Tokens each <image> stands for in the language model, as the model's family counts them
     (M queries for an MQT model, the tower's real output otherwise)."""
@@ -146,6 +160,8 @@ def build_model(
         built = _load_local(cfg.path, dtype, attn, tokens, config_only, cfg.image_size)
     elif cfg.preset in TINY_QWEN_CONFIGS:
         built = _tiny_qwen(cfg, dtype, attn)
+    elif cfg.preset == "tiny-gemma3":
+        built = _tiny_gemma3(cfg, dtype, attn, seed)
     else:
         tokenizer, llava_config, image_processor = tiny_preset(cfg)
         if tokens.mode == "mqt":
@@ -235,6 +251,26 @@ def tiny_preset(cfg: ModelConfig) -> tuple[Any, Any, Any]:
     return tokenizer, config, tiny_image_processor(cfg.tiny.image_size, cfg.tiny.vision_tower)
 
 
+def _tiny_gemma3(cfg: ModelConfig, dtype: torch.dtype, attn: str, seed: int) -> BuiltModel:
+    """The tiny Gemma 3 preset: a Gemma 3 model from `cfg.tiny` whose projector pools the SigLIP patch
+    grid 2x2, a Gemma-shaped tokenizer, Gemma 3's image processor at tiny.image_size."""
+    tokenizer = build_tiny_gemma3_tokenizer()
+    config = tiny_gemma3_config(cfg.tiny, (len(tokenizer) + 63) // 64 * 64, tokenizer)
+    family = family_for(config.model_type)
+    config._attn_implementation = family_attention(family, attn)
+    model = family.model_class()._from_config(config, dtype=dtype)
+    start_projection(model, seed)
+    return BuiltModel(
+        model=model,
+        tokenizer=tokenizer,
+        image_processor=tiny_gemma3_image_processor(cfg.tiny.image_size),
+        visual_tokens=family.visual_tokens(config),
+        image_token_id=family.image_token_id(config),
+        source=f"preset:{cfg.preset}",
+        family=family,
+    )
+
+
 def enable_activation_checkpointing(built: BuiltModel) -> None:
     """Keep only each transformer layer's input in the forward; recompute the rest in the backward.
 
@@ -275,6 +311,7 @@ def _load_local(
     starts_mqt = tokens.mode == "mqt" and config.model_type != MQT_MODEL_TYPE
     model_class, config = _model_class_for(config, tokens, path)
     family = family_for(config.model_type)
+    attn = family_attention(family, attn)
     grid = fixed_grid(config, image_size, path)
     visual = grid[0] * grid[1] if grid else family.visual_tokens(config)
     if config_only:

@@ -35,11 +35,15 @@ class LanguageModelingTask(Task):
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         inputs = {name: batch[name] for name in MODEL_INPUTS if name in batch}
-        inputs["position_ids"] = self.position_ids(batch)
-        if "position_ids" in batch:
+        layout, packed = self.layout(batch)
+        inputs["position_ids"] = self.family.layout_position_ids(
+            self.llava, layout, self.visual_grid, self.image_token_id, packed
+        )
+        if packed:
             # Packed rows: with no 2D mask, transformers derives a block-diagonal causal mask from
             # the position ids (they restart per document), so attention never crosses documents.
             inputs.pop("attention_mask", None)
+        inputs.update(self.family.language_model_inputs(self.llava, layout, self.image_token_id, packed))
         pixel_values, image_sizes = inputs.pop("pixel_values", None), batch.get(IMAGE_SIZES)
         inputs["inputs_embeds"] = self.embed(inputs.pop("input_ids"), pixel_values, image_sizes)
         if self.token_norm is not None:
@@ -54,9 +58,9 @@ class LanguageModelingTask(Task):
         }
         return loss, metrics
 
-    def position_ids(self, batch: dict[str, Any]) -> torch.Tensor:
-        """The family's position ids for the batch: 1-D, restarting per packed document (LLaVA), or Qwen's
-        M-RoPE ids per document (`ModelFamily.layout_position_ids`, every image at full size)."""
+    def layout(self, batch: dict[str, Any]) -> tuple[Layout, bool]:
+        """The batch as a token layout (every image at full size) and whether its rows are packed: what the
+        family's position ids (1-D per document, or Qwen's M-RoPE ids) and extra inputs are made from."""
         input_ids, real = batch["input_ids"], batch["attention_mask"]
         packed = "position_ids" in batch
         flat = batch["position_ids"] if packed else torch.arange(input_ids.shape[1], device=input_ids.device)
@@ -68,7 +72,7 @@ class LanguageModelingTask(Task):
             token_scales=real * self.visual_tokens,  # every image at its full count
             variants=[],
         )
-        return self.family.layout_position_ids(self.llava, layout, self.visual_grid, self.image_token_id, packed)
+        return layout, packed
 
     def learned_tokens(self, batch: dict[str, Any]) -> torch.Tensor:
         """One group: every learned token of the micro-batch."""

@@ -195,13 +195,11 @@ class MatryoshkaTokenTask(Task):
             positions = self.family.layout_position_ids(
                 self.llava, layout, self.visual_grid, self.image_token_id, packed
             )
+            inputs = {"attention_mask": layout.attention_mask, "position_ids": positions}
+            # The family's own attention inputs (Gemma 3's bidirectional image attention), from the pooled layout.
+            inputs.update(self.family.language_model_inputs(self.llava, layout, self.image_token_id, packed))
             # use_cache=False: with a cache, transformers ignores packed position ids and attends across variants.
-            hidden = self.llava.model(
-                inputs_embeds=embeddings,
-                attention_mask=layout.attention_mask,
-                position_ids=positions,
-                use_cache=False,
-            ).last_hidden_state
+            hidden = self.llava.model(inputs_embeds=embeddings, use_cache=False, **inputs).last_hidden_state
             return self.llava.lm_head(hidden), layout
         finally:
             if self.routing is not None:

@@ -22,6 +22,7 @@ To add a family: a module here with one `ModelFamily` subclass, and one entry in
 from __future__ import annotations
 
 from mtrain.model.families.base import ModelFamily, UnsupportedModelError
+from mtrain.model.families.gemma3 import Gemma3Family
 from mtrain.model.families.llava import MQT_MODEL_TYPE, LlavaFamily, MQTLlavaFamily
 from mtrain.model.families.llava_next import LlavaNextFamily
 from mtrain.model.families.llava_onevision import LlavaOnevisionFamily
@@ -38,6 +39,7 @@ FAMILIES: dict[str, ModelFamily] = {
         LlavaNextFamily(),
         Qwen2VLFamily(),
         Qwen2_5_VLFamily(),
+        Gemma3Family(),
     )
 }
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(FAMILIES)

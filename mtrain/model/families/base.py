@@ -27,6 +27,9 @@ class ModelFamily:
     # commands which fail early never import a model's code).
     model_class_path: str = ""
 
+    # Whether the model class runs under flash_attention_2 (Gemma 3 does not: it drops the image mask).
+    flash_attention: bool = True
+
     # The `task.objective`s whose tasks run this family.
     objectives: tuple[str, ...] = ("lm", "contrastive")
 
@@ -106,3 +109,8 @@ class ModelFamily:
         """The language model's position ids for a token layout (`mtrain.task.token_layout.Layout`):
         1-D ids restarting at every document, as the layout made them."""
         return layout.position_ids
+
+    def language_model_inputs(self, model: Any, layout: Any, image_token_id: int, packed: bool) -> dict[str, Any]:
+        """Extra (or replacing) keyword arguments of the language-model call for a layout, such as an
+        attention the layout's `attention_mask` cannot express (Gemma 3's bidirectional image attention)."""
+        return {}

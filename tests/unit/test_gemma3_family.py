@@ -1,0 +1,415 @@
+"""The gemma3 family end to end on the tiny-gemma3 preset, in one process: Gemma 3's own image processor,
+SigLIP tower and pooling projector, M3 pooling of the projected 4x4 grid with the bidirectional image
+attention following the pooled count, the one-pass all-scale loss against separate stock forwards, packed
+against unpacked documents (a sliding-window layer included), the Gemma-shaped chat template against
+`apply_chat_template`, the pre-process-group folder check, and an export that stock transformers reloads
+with equal logits."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from data_pipeline.chat_template import ConversationTemplate
+from data_pipeline.formats import SampleRules, build_conversation, conversation_messages
+from data_pipeline.tokenize import IGNORE_INDEX, TokenSpec, tokenize_sample
+from mtrain.config import load_config
+from mtrain.launch.model_checks import model_problems
+from mtrain.model.build import build_model
+from mtrain.model.families.gemma3 import IMAGE_SOFT_TOKEN, build_tiny_gemma3_tokenizer
+from mtrain.task.registry import build_task
+from mtrain.task.token_layout import shrink_image_runs
+
+SCALES = [1, 4, 16]  # the projector's 4x4 grid of a 32x32 image pooled by 4, 2 and 1 per side
+TWO_TURNS = [
+    {"from": "human", "value": "<image>\nWhat digit is this?"},
+    {"from": "gpt", "value": "seven"},
+    {"from": "human", "value": "And its colour?"},
+    {"from": "gpt", "value": "It is red."},
+]
+
+
+def gemma_config(*overrides: str):
+    return load_config(
+        None,
+        [
+            "model.preset=tiny-gemma3",
+            "matryoshka.tokens.mode=m3",
+            f"matryoshka.tokens.scales=[{','.join(map(str, SCALES))}]",
+            "model.lora.enabled=true",
+            "model.lora.dropout=0.0",
+            "model.freeze.always_train=[lm_head]",
+            *overrides,
+        ],
+    )
+
+
+def make_task(strategy: str = "shared_plus_per_scale", layout: str = "packed"):
+    cfg = gemma_config(f"model.lora.strategy={strategy}", f"matryoshka.tokens.layout={layout}")
+    built = build_model(cfg.model, torch.float32, None, seed=0, tokens=cfg.matryoshka.tokens)
+    task = build_task(cfg, built, rank=0)
+    with torch.no_grad():  # LoRA B starts at zero: give every adapter a distinct delta so routing shows
+        for name, param in task.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    return task, built
+
+
+def text_ids(built, text: str) -> list[int]:
+    return built.tokenizer(text, add_special_tokens=False).input_ids
+
+
+def image_ids(built) -> list[int]:
+    return (
+        text_ids(built, "<start_of_image>")
+        + [built.image_token_id] * built.visual_tokens
+        + text_ids(built, "<end_of_image>")
+    )
+
+
+def documents(built) -> list[tuple[list[int], list[int], int]]:
+    """(input_ids, labels, images) of three documents: one image, two images (longer than the 32-token
+    sliding window), one image and a longer answer."""
+    docs = []
+    for prompt, answer, images in [
+        ("user\n", "a red circle.", 1),
+        ("two\n", "a blue square.", 2),
+        ("", "a green cross shape.", 1),
+    ]:
+        prefix = text_ids(built, "<bos><start_of_turn>" + prompt) + image_ids(built) * images
+        learned = text_ids(built, answer + "<end_of_turn>")
+        docs.append((prefix + learned, [IGNORE_INDEX] * len(prefix) + learned, images))
+    return docs
+
+
+def pixels_for(built, images: int) -> torch.Tensor:
+    """Each image through the preset's processor (Gemma 3's own): (images, 3, 32, 32)."""
+    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
+    shapes = [(50, 40), (32, 32), (20, 64), (64, 48)]  # resized to 32x32 whatever they are
+    return torch.cat(
+        [
+            built.image_processor(images=Image.new("RGB", shapes[i % 4], colours[i % 4]), return_tensors="pt")[
+                "pixel_values"
+            ]
+            for i in range(images)
+        ]
+    )
+
+
+def padded_batch(built, docs) -> dict:
+    width = max(len(ids) for ids, _, _ in docs)
+    pad = built.tokenizer.pad_token_id
+    return {
+        "input_ids": torch.tensor([ids + [pad] * (width - len(ids)) for ids, _, _ in docs]),
+        "labels": torch.tensor([labels + [IGNORE_INDEX] * (width - len(labels)) for _, labels, _ in docs]),
+        "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _, _ in docs]),
+        "pixel_values": pixels_for(built, sum(images for _, _, images in docs)),
+    }
+
+
+def packed_batch(docs, pixel_values) -> dict:
+    row = [token for ids, _, _ in docs for token in ids]
+    return {
+        "input_ids": torch.tensor([row]),
+        # The first label of every document is ignored, as the packer does.
+        "labels": torch.tensor([[label for _, labels, _ in docs for label in [IGNORE_INDEX, *labels[1:]]]]),
+        "attention_mask": torch.ones(1, len(row), dtype=torch.long),
+        "position_ids": torch.tensor([[p for ids, _, _ in docs for p in range(len(ids))]]),
+        "pixel_values": pixel_values,
+    }
+
+
+def reference_scale_output(task, built, batch, scale: int, bidirectional: bool = True):
+    """One scale through the stock model: its own projected features (a 4x4 grid per image) average-pooled
+    to sqrt(scale) per side, the shrunk rows, and stock Gemma 3's mask from `token_type_ids`."""
+    model = task.llava
+    features = model.model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output
+    images, tokens, dim = features.shape
+    side, out = round(tokens**0.5), round(scale**0.5)
+    grid = features.transpose(1, 2).reshape(images, dim, side, side)
+    pooled = F.avg_pool2d(grid, side // out).flatten(2).transpose(1, 2)
+    ids, labels, mask = shrink_image_runs(
+        batch["input_ids"], batch["labels"], batch["attention_mask"], task.image_token_id, tokens, scale, 0
+    )
+    is_image = ids == task.image_token_id
+    embeds = model.get_input_embeddings()(ids).masked_scatter(is_image.unsqueeze(-1), pooled)
+    token_type_ids = is_image.long() if bidirectional else None
+    task.routing.set_rows(torch.full((ids.shape[0],), scale))
+    try:
+        return model(inputs_embeds=embeds, attention_mask=mask, token_type_ids=token_type_ids, labels=labels)
+    finally:
+        task.routing.clear()
+
+
+def assert_one_pass_equals_separate(task, built, batch) -> None:
+    trainable = [p for p in task.parameters() if p.requires_grad]
+    loss, metrics = task(batch)
+    one_pass_grads = torch.autograd.grad(loss, trainable, allow_unused=True)
+    separate = torch.stack([reference_scale_output(task, built, batch, s).loss for s in task.tokens.scales]).mean()
+    separate_grads = torch.autograd.grad(separate, trainable, allow_unused=True)
+
+    torch.testing.assert_close(loss, separate, rtol=1e-5, atol=1e-6)
+    for got, want in zip(one_pass_grads, separate_grads, strict=True):
+        if want is None:
+            assert got is None or not got.any()
+        else:
+            # rtol 5e-4: the projector weight gathers sums over every image token, in another order here
+            torch.testing.assert_close(got, want, rtol=5e-4, atol=1e-6)
+    learned = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    assert int(metrics["scale_label_tokens"].sum()) == len(task.tokens.scales) * learned
+    with torch.no_grad():  # the image attention matters: a plain causal forward gives other logits
+        bidirectional = reference_scale_output(task, built, batch, 4).logits
+        causal = reference_scale_output(task, built, batch, 4, bidirectional=False).logits
+    assert (bidirectional - causal).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_one_pass_equals_mean_of_separate_per_scale_stock_forwards(layout):
+    task, built = make_task(layout=layout)
+    assert type(task.llava).__name__ == "Gemma3ForConditionalGeneration"
+    assert built.visual_tokens == 16 and built.family.visual_grid(task.llava.config) == (4, 4)
+    batch = padded_batch(built, documents(built))
+    assert tuple(batch["pixel_values"].shape) == (4, 3, 32, 32)
+    with torch.no_grad():  # the preset's seeded projection (stock starts it at zero): images differ
+        features = task.image_features(batch["pixel_values"])
+    assert features.shape == (4, 16, 64) and (features[0] - features[1]).abs().min() > 0
+    assert_one_pass_equals_separate(task, built, batch)
+
+
+def test_a_saved_folder_trains_with_m3_scales(tmp_path):
+    """The local-folder path: a tiny Gemma 3 saved to disk (model, tokenizer, Gemma 3's image processor),
+    loaded back by model.path with per-scale LoRA; the one-pass loss still equals the stock forwards."""
+    preset = build_model(load_config(None, ["model.preset=tiny-gemma3"]).model, torch.float32, None, seed=0)
+    folder = tmp_path / "gemma3"
+    preset.model.save_pretrained(folder)
+    preset.tokenizer.save_pretrained(folder)
+    preset.image_processor.save_pretrained(folder)
+    cfg = load_config(
+        None,
+        [
+            "model.preset=none", f"model.path={folder}", "model.lora.enabled=true", "model.lora.strategy=per_scale",
+            "model.lora.dropout=0.0", "matryoshka.tokens.mode=m3", "matryoshka.tokens.scales=[1,4,16]",
+            "matryoshka.tokens.layout=packed",
+        ],
+    )  # fmt: skip
+    assert model_problems(cfg) == []
+    built = build_model(cfg.model, torch.float32, None, seed=0, tokens=cfg.matryoshka.tokens)
+    assert (built.visual_tokens, built.image_token_id) == (16, preset.image_token_id)
+    assert built.tokenizer.image_token == IMAGE_SOFT_TOKEN
+    task = build_task(cfg, built, rank=0)
+    with torch.no_grad():
+        for name, param in task.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    assert_one_pass_equals_separate(task, built, padded_batch(built, documents(built)))
+
+
+def document_losses(task, batch, scale: int) -> list[torch.Tensor]:
+    """Each document's summed next-token loss at `scale`, in input order, whatever its row."""
+    rows = batch["input_ids"].shape[0]
+    logits, layout = task.run(batch, [scale] * rows)
+    losses = F.cross_entropy(
+        logits[:, :-1].transpose(1, 2), layout.labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    starts = layout.position_ids == 0
+    out = []
+    for row in range(layout.input_ids.shape[0]):
+        columns = starts[row].nonzero().flatten().tolist() + [layout.input_ids.shape[1]]
+        for start, end in zip(columns[:-1], columns[1:], strict=True):
+            if layout.token_scales[row, start] > 0:
+                out.append(losses[row, start : end - 1].sum())  # the targets of tokens start+1 .. end-1
+    return out
+
+
+def test_packed_documents_give_each_documents_unpacked_loss_with_image_attention():
+    """Packed rows use mtrain's masks (same document AND (causal OR same image), the sliding window on
+    sliding layers); unpacked rows stock Gemma 3's. Their per-document losses agree at every scale."""
+    task, built = make_task(layout="packed")
+    docs = documents(built)
+    assert len(docs[1][0]) > task.llava.config.text_config.sliding_window  # the sliding layer masks something
+    unpacked = padded_batch(built, docs)
+    packed = packed_batch(docs, unpacked["pixel_values"])
+    padded_task = dataclasses.replace(task.tokens, layout="padded")
+    for scale in SCALES:
+        together = document_losses(task, packed, scale)
+        task.tokens, layout_tokens = padded_task, task.tokens
+        try:
+            alone = document_losses(task, unpacked, scale)
+        finally:
+            task.tokens = layout_tokens
+        assert len(together) == len(alone) == 3
+        for got, want in zip(together, alone, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # The packed masks at scale 4: each image's 4 pooled tokens see each other both ways, nothing crosses documents.
+    _, layout = task.run(packed, [4])
+    masks = task.family.language_model_inputs(task.llava, layout, built.image_token_id, packed=True)["attention_mask"]
+    full = masks["full_attention"][0, 0]
+    image = (layout.input_ids[0] == built.image_token_id).nonzero().flatten()
+    assert len(image) == 4 * 4  # four images of 4 tokens each
+    first = image[:4]
+    assert full[first[0], first[3]] and full[first[3], first[0]]  # bidirectional within the image
+    assert not full[first[0], image[4]]  # not into the next image
+    second = len(docs[0][0]) - sum(16 - 4 for _ in range(1))  # the second document's first column at scale 4
+    assert layout.position_ids[0, second] == 0 and not full[second, second - 1]
+
+
+def conversation(tokenizer, turns):
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(buffer, format="PNG")
+    rules = SampleRules(chat=ConversationTemplate.from_tokenizer(tokenizer))
+    return build_conversation("sample", {"png": buffer.getvalue()}, {"conversations": turns}, rules)
+
+
+def test_the_gemma_template_gives_apply_chat_templates_token_ids_and_assistant_mask():
+    tokenizer = build_tiny_gemma3_tokenizer()
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_SOFT_TOKEN)
+    messages = conversation_messages(TWO_TURNS)
+    assert tokenizer.apply_chat_template(messages, tokenize=False) == (
+        "<bos><start_of_turn>user\n<start_of_image><image_soft_token><end_of_image>\nWhat digit is this?"
+        "<end_of_turn>\n<start_of_turn>model\nseven<end_of_turn>\n"
+        "<start_of_turn>user\nAnd its colour?<end_of_turn>\n<start_of_turn>model\nIt is red.<end_of_turn>\n"
+    )
+    # One visual token per image, so the ids line up with the template's single <image_soft_token>.
+    tokens = tokenize_sample(conversation(tokenizer, TWO_TURNS), TokenSpec(tokenizer, image_token_id, 512), 1)
+    reference = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    assert tokens.input_ids == reference["input_ids"]
+    assert tokens.input_ids[0] == tokenizer.bos_token_id and tokens.input_ids.count(tokenizer.bos_token_id) == 1
+    assert [int(label != IGNORE_INDEX) for label in tokens.labels] == reference["assistant_masks"]
+    learned = [i for i, label in zip(tokens.input_ids, tokens.labels, strict=True) if label != IGNORE_INDEX]
+    assert tokenizer.decode(learned) == "seven<end_of_turn>\nIt is red.<end_of_turn>\n"
+    # Sixteen visual tokens per image: the image's run sits between start_of_image and end_of_image.
+    expanded = tokenize_sample(conversation(tokenizer, TWO_TURNS), TokenSpec(tokenizer, image_token_id, 512), 16)
+    start = expanded.input_ids.index(tokenizer.convert_tokens_to_ids("<start_of_image>"))
+    assert expanded.input_ids[start + 1 : start + 17] == [image_token_id] * 16
+    assert expanded.input_ids[start + 17] == tokenizer.convert_tokens_to_ids("<end_of_image>")
+
+
+def test_a_template_that_drops_the_image_token_is_refused():
+    """Gemma 3's own template writes only <start_of_image> (its processor expands it): images would fall
+    out of the sample silently, so the conversation is refused, naming model.chat_template."""
+    from data_pipeline.chat_template import ChatTemplateError
+
+    tokenizer = build_tiny_gemma3_tokenizer()
+    tokenizer.chat_template = tokenizer.chat_template.replace(
+        "<start_of_image>" + IMAGE_SOFT_TOKEN + "<end_of_image>", "<start_of_image>"
+    )
+    with pytest.raises(ChatTemplateError, match=r"renders 0 '<image_soft_token>' for this conversation's 1 image"):
+        conversation(tokenizer, TWO_TURNS)
+
+
+def test_a_gemma3_folder_passes_the_check_before_any_process_group(tmp_path):
+    built = build_model(gemma_config().model, torch.float32, None, seed=0)
+    folder = tmp_path / "gemma3"
+    built.model.config.save_pretrained(folder)
+    built.tokenizer.save_pretrained(folder)
+    base = ["model.preset=none", f"model.path={folder}"]
+    assert (
+        model_problems(load_config(None, [*base, "matryoshka.tokens.mode=m3", "matryoshka.tokens.scales=[1,4,16]"]))
+        == []
+    )
+    (problem,) = model_problems(load_config(None, [*base, "matryoshka.tokens.mode=m3", "matryoshka.tokens.scales=[9]"]))
+    assert "[9] do not fit this model's 4x4 grid" in problem
+    (problem,) = model_problems(load_config(None, [*base, "model.image_size=[32,32]"]))
+    assert "is for Qwen models" in problem
+
+
+def test_export_reloads_in_stock_transformers_with_equal_logits(tmp_path):
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+    from mtrain.checkpoint.export import _save_hf_folder
+
+    task, built = make_task(strategy="shared")
+    model = task.model.merge_and_unload().eval()
+    _save_hf_folder(model, built, tmp_path / "model")
+    stock = AutoModelForImageTextToText.from_pretrained(tmp_path / "model", local_files_only=True).eval()
+    assert type(stock).__name__ == "Gemma3ForConditionalGeneration"
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model", local_files_only=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    expanded = prompt.replace(IMAGE_SOFT_TOKEN, IMAGE_SOFT_TOKEN * 16)
+    ids = tokenizer(expanded, add_special_tokens=False, return_tensors="pt").input_ids
+    image = Image.new("RGB", (40, 50), (30, 200, 30))
+    inputs = AutoImageProcessor.from_pretrained(tmp_path / "model", local_files_only=True)(
+        images=image, return_tensors="pt"
+    )
+    torch.testing.assert_close(
+        inputs["pixel_values"], built.image_processor(images=image, return_tensors="pt")["pixel_values"]
+    )
+    kwargs = {"input_ids": ids, "token_type_ids": (ids == built.image_token_id).long(), **inputs}
+    with torch.no_grad():
+        want = stock(**kwargs).logits
+        torch.testing.assert_close(want, model(**kwargs).logits)
+        # And the trained path at full scale gives the same logits (task.run: our features, layout and mask).
+        batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids), **inputs}
+        task.model = model
+        for layout in ("padded", "packed"):
+            task.tokens = dataclasses.replace(task.tokens, layout=layout)
+            logits, _ = task.run(batch, [16])
+            torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_text_only_batch_runs_the_vision_path_at_zero_weight():
+    """ZeRO-3 lockstep: a micro-batch without images still runs the SigLIP tower and projector, on a blank image."""
+    task, built = make_task()
+    ids = text_ids(built, "<bos><start_of_turn>a red circle.<end_of_turn>")
+    batch = {"input_ids": torch.tensor([ids]), "labels": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids))}
+    loss, _ = task(batch)
+    loss.backward()
+    projector = [p for name, p in task.named_parameters() if "multi_modal_projector" in name and p.requires_grad]
+    assert projector and all(p.grad is not None and not p.grad.any() for p in projector)  # reached, exactly zero
+    assert torch.isfinite(loss)
+
+
+def test_what_the_gemma3_preset_does_not_run_yet_is_refused_at_config_load():
+    from mtrain.config.core import ConfigError
+
+    with pytest.raises(ConfigError, match="matryoshka.tokens.mode: is 'mqt', which replaces a LLaVA projector"):
+        load_config(None, ["model.preset=tiny-gemma3", "matryoshka.tokens.mode=mqt"])
+    with pytest.raises(ConfigError, match="task.objective: is 'contrastive', which the Gemma 3 tiny preset"):
+        load_config(None, ["model.preset=tiny-gemma3", "task.objective=contrastive"])
+    with pytest.raises(ConfigError, match=r"the side of each scale must divide the 4x4 grid"):
+        load_config(None, ["model.preset=tiny-gemma3", "matryoshka.tokens.mode=m3", "matryoshka.tokens.scales=[1,9]"])
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # packed masks: boolean for SDPA, additive for eager
+def test_language_modeling_without_scales_equals_the_stock_forward_packed_or_not(attention):
+    """matryoshka.tokens.mode=none: the language-modeling task, every image at full size, image attention per document."""
+    cfg = load_config(
+        None,
+        ["model.preset=tiny-gemma3", "model.freeze.language_model=false", f"model.attn_implementation={attention}"],
+    )
+    built = build_model(cfg.model, torch.float32, None, seed=0)
+    task = build_task(cfg, built, rank=0)
+    docs = documents(built)
+    unpacked = padded_batch(built, docs)
+    ids = unpacked["input_ids"]
+    stock = task.llava(
+        input_ids=ids,
+        attention_mask=unpacked["attention_mask"],
+        pixel_values=unpacked["pixel_values"],
+        token_type_ids=(ids == built.image_token_id).long(),
+        labels=unpacked["labels"],
+    ).loss
+    torch.testing.assert_close(task(unpacked)[0], stock, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(task(packed_batch(docs, unpacked["pixel_values"]))[0], stock, rtol=1e-5, atol=1e-6)
+
+
+def test_flash_attention_falls_back_to_sdpa_for_gemma3():
+    """Stock Gemma 3 refuses flash_attention_2 (it would drop the image mask): `auto` on a GPU with
+    flash-attn installed must not pick it for a gemma3 model."""
+    from mtrain.model.build import family_attention
+    from mtrain.model.families import family_for
+
+    assert family_attention(family_for("gemma3"), "flash_attention_2") == "sdpa"
+    assert family_attention(family_for("gemma3"), "eager") == "eager"
+    assert family_attention(family_for("llava"), "flash_attention_2") == "flash_attention_2"
