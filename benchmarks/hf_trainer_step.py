@@ -258,25 +258,30 @@ class EngineTime:
     bookkeeping, its own collectives, logging, LR schedule and callbacks.
     """
 
-    def __init__(self, engine) -> None:
-        self.wall = 0.0
-        self.cpu = 0.0
-        for name in ("forward", "backward", "step"):
-            setattr(engine, name, self.timed(getattr(engine, name)))
+    PHASES = ("forward", "backward", "step")
 
-    def timed(self, method):
+    def __init__(self, engine) -> None:
+        self.phases = {name: [0.0, 0.0] for name in self.PHASES}  # wall, CPU seconds so far
+        for name in self.PHASES:
+            setattr(engine, name, self.timed(getattr(engine, name), self.phases[name]))
+
+    @staticmethod
+    def timed(method, total: list[float]):
         def call(*args, **kwargs):
             wall, cpu = time.perf_counter(), time.process_time()
             try:
                 return method(*args, **kwargs)
             finally:
-                self.wall += time.perf_counter() - wall
-                self.cpu += time.process_time() - cpu
+                total[0] += time.perf_counter() - wall
+                total[1] += time.process_time() - cpu
 
         return call
 
     def now(self) -> tuple[float, float]:
-        return self.wall, self.cpu
+        return sum(wall for wall, _ in self.phases.values()), sum(cpu for _, cpu in self.phases.values())
+
+    def cpu_by_phase(self) -> list[float]:
+        return [self.phases[name][1] for name in self.PHASES]
 
 
 def now() -> tuple[float, float]:
@@ -313,6 +318,7 @@ def run_both(args: argparse.Namespace) -> dict:
     blocks: dict[str, list[tuple[float, float, float, float]]] = {"hf": [], "mtrain": []}
     hf_steps = 0
     resumed, resumed_engine = now(), (0.0, 0.0)
+    warm_cpu: dict[str, list[float]] = {}  # each engine's CPU seconds per phase by the end of warm-up
 
     def mtrain_block() -> tuple[float, float, float, float]:
         started, engine_started = now(), engine_time["mtrain"].now()
@@ -332,6 +338,8 @@ def run_both(args: argparse.Namespace) -> dict:
             return
         ended = (now(), engine_time["hf"].now())
         measured = mtrain_block()
+        if hf_steps == args.block:  # the end of the warm-up blocks
+            warm_cpu.update({side: clock.cpu_by_phase() for side, clock in engine_time.items()})
         if hf_steps > args.block:  # not the warm-up blocks
             blocks["hf"].append((*since(resumed, ended[0]), *since(resumed_engine, ended[1])))
             blocks["mtrain"].append(measured)
@@ -344,11 +352,13 @@ def run_both(args: argparse.Namespace) -> dict:
         wall, cpu, engine_wall, engine_cpu = (
             torch.tensor(column, dtype=torch.float64) for column in zip(*timed, strict=True)
         )
-        for summed in (cpu, engine_wall, engine_cpu):
+        by_phase = torch.tensor(engine_time[side].cpu_by_phase(), dtype=torch.float64) - torch.tensor(warm_cpu[side])
+        for summed in (cpu, engine_wall, engine_cpu, by_phase):
             dist.all_reduce(summed)
         result[side] = {"block_wall_s": wall.tolist(), "block_cpu_s": cpu.tolist(),
                         "engine_wall_s": (engine_wall / world.world_size).tolist(),
-                        "engine_cpu_s": engine_cpu.tolist(), "steps_per_block": args.block}  # fmt: skip
+                        "engine_cpu_s": engine_cpu.tolist(), "steps_per_block": args.block,
+                        "engine_cpu_s_by_phase": dict(zip(EngineTime.PHASES, by_phase.tolist(), strict=True))}  # fmt: skip
     leave_together(trainer_h.deepspeed, trainer_m.engine)
     return result
 
@@ -365,7 +375,8 @@ def with_round_figures(result: dict) -> dict:
             "cpu_s_per_step": sum(result["block_cpu_s"]) / steps,
             "own_ms": own_wall / steps * 1000, "own_cpu_ms": own_cpu / steps * 1000,
             "engine_ms": sum(result["engine_wall_s"]) / steps * 1000,
-            "engine_cpu_ms": sum(result["engine_cpu_s"]) / steps * 1000}  # fmt: skip
+            "engine_cpu_ms": sum(result["engine_cpu_s"]) / steps * 1000,
+            **{f"{phase}_cpu_ms": cpu / steps * 1000 for phase, cpu in result["engine_cpu_s_by_phase"].items()}}  # fmt: skip
 
 
 def min_note(ratios: list[float]) -> str:
@@ -381,7 +392,7 @@ def print_block_figures(results: dict[str, list[dict]]) -> None:
         cpu += [hc / mc for mc, hc in zip(m["block_cpu_s"], h["block_cpu_s"], strict=True)]
     print(ratio_line(f"block pairs mtrain/HF (wall-clock steps/s, {len(wall)} pairs)", wall))
     print(ratio_line(f"block pairs mtrain/HF (CPU-s per step, {len(cpu)} pairs)", cpu))
-    figures = {side: {key: [r[key] for r in rounds] for key in ("own_ms", "own_cpu_ms", "engine_ms", "engine_cpu_ms")}
+    figures = {side: {key: [r[key] for r in rounds] for key in rounds[0] if key.endswith("_ms")}
                for side, rounds in results.items()}  # fmt: skip
     print(
         "Per step, median (min, max) over rounds: outside the DeepSpeed engine's forward, backward and step "
@@ -389,8 +400,12 @@ def print_block_figures(results: dict[str, list[dict]]) -> None:
     )
     for side, label in (("mtrain", "mtrain Trainer"), ("hf", "HF Trainer+DS")):
         f = figures[side]
-        print(f"  {label:14s} outside {spread(f['own_ms'], 1)} ms wall, {spread(f['own_cpu_ms'], 1)} CPU-ms "
-              f"(both ranks); inside the engine {spread(f['engine_ms'], 0)} ms wall, {spread(f['engine_cpu_ms'], 0)} CPU-ms")  # fmt: skip
+        print(
+            f"  {label:14s} outside {spread(f['own_ms'], 1)} ms wall, {spread(f['own_cpu_ms'], 1)} CPU-ms "
+            f"(both ranks); inside the engine {spread(f['engine_ms'], 0)} ms wall, {spread(f['engine_cpu_ms'], 0)} CPU-ms"
+        )
+        print(f"  {'':14s} inside, CPU-ms per step (both ranks): " + ", ".join(
+            f"{phase} {spread(f[f'{phase}_cpu_ms'], 1)}" for phase in EngineTime.PHASES))  # fmt: skip
 
 
 def main() -> None:
