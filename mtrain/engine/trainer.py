@@ -98,6 +98,7 @@ class Trainer:
         self.nonfinite_skipped = 0
         # Model FLOPs per counted token, for the logged TFLOPs and MFU (see mtrain/metrics/flops.py).
         self.flops_per_token = trainer_flops_per_token(cfg, engine.module)
+        self.process = psutil.Process()  # this rank's, for the logged memory
 
     # ── the loop ──────────────────────────────────────────────────────────────────────────────
     def train(self, on_step_end: Callable[[Trainer], None] | None = None) -> list[dict[str, float]]:
@@ -124,8 +125,9 @@ class Trainer:
         """One optimizer step: `grad_accum_steps` micro-batches, then DeepSpeed's step.
 
         Returns this step's metrics, reduced over ranks, when `log`; otherwise None. Steps that are
-        not logged make no collective and no host sync of their own: their token and sample counts
-        wait on the device until the next reduce (see `take_unreduced`).
+        not logged make no collective and no host sync of their own beyond the token count of the
+        loss (`step_token_norm`): their token and sample counts and non-finite flags wait on the
+        device until the next log step reduces them all in one collective (`step_metrics`).
         """
         started = time.perf_counter()
         lr = self.engine.get_lr()[0]  # the lr this step uses, read before the scheduler advances
@@ -135,8 +137,7 @@ class Trainer:
         self.unchecked.append(Unchecked(self.step, self.nonfinite_flag(accumulated), accumulated.keys))
         if not log:
             return None
-        self.check_finite()
-        return self.step_metrics(accumulated, lr, time.perf_counter() - started)
+        return self.step_metrics(accumulated, lr, started)
 
     def nonfinite_flag(self, accumulated: Accumulated) -> torch.Tensor:
         """1 when a micro-batch loss or the step's gradient norm is NaN or infinite; computed on the device, not read."""
@@ -150,13 +151,22 @@ class Trainer:
     def check_finite(self) -> None:
         """Read the flags of the steps since the last check (one read, one collective); every rank calls it.
 
+        Saves call it; log steps reduce the flags with the step's metrics instead (`step_metrics`).
+        """
+        if self.unchecked:
+            self.settle_nonfinite(self.all_reduce_sum(self.take_unchecked()))
+
+    def take_unchecked(self) -> torch.Tensor:
+        """This rank's flags of the unchecked steps, one per step, on the host (the read), to sum over ranks."""
+        return torch.stack([u.nonfinite for u in self.unchecked]).cpu()
+
+    def settle_nonfinite(self, flags: torch.Tensor) -> None:
+        """Act on the unchecked steps' flags summed over ranks, then forget those steps.
+
         `run.nonfinite=stop` raises, naming the first bad step and this rank's samples of it.
         `skip` counts it: under ZeRO-3 DeepSpeed has not applied a step whose gradient norm was
         non-finite, so the weights stay finite.
         """
-        if not self.unchecked:
-            return
-        flags = self.all_reduce_sum(torch.stack([u.nonfinite for u in self.unchecked]).cpu())
         bad = [u for u, flag in zip(self.unchecked, flags.tolist(), strict=True) if flag > 0]
         self.unchecked = []
         if not bad:
@@ -219,15 +229,20 @@ class Trainer:
         self.unreduced["tokens"] += accumulated.totals["tokens"].to(self.unreduced["tokens"].device, torch.float64)
         self.unreduced["samples"] += accumulated.samples
 
-    def step_metrics(self, accumulated: Accumulated, lr: float, elapsed: float) -> dict[str, float]:
-        """The step's loggable metrics: one all-reduce of every sum, then the task's own summary."""
+    def step_metrics(self, accumulated: Accumulated, lr: float, started: float) -> dict[str, float]:
+        """The step's loggable metrics: one all-reduce of every sum and of the non-finite flags of the
+        steps since the last check (acted on first: `stop` raises before anything is logged), then the
+        task's own summary."""
         totals = {name: value.to("cpu", torch.float64) for name, value in accumulated.totals.items()}
         totals["samples"] = torch.tensor(accumulated.samples, dtype=torch.float64)
         totals["loss"] = (sum(accumulated.losses) / len(accumulated.losses)).to("cpu", torch.float64)
         totals["data_wait_s"] = torch.tensor(accumulated.data_wait_s, dtype=torch.float64)
         data_counters = self.data_counters()
-        totals = self.all_reduce_sums(totals | data_counters | self.take_unreduced())  # one collective
+        unchecked = {"nonfinite_flags": self.take_unchecked()}  # this step's at least: never empty here
+        totals = self.all_reduce_sums(totals | data_counters | self.take_unreduced() | unchecked)  # one collective
+        self.settle_nonfinite(totals.pop("nonfinite_flags"))
         self.add_counted(totals)
+        elapsed = time.perf_counter() - started
         grad_norm = self.engine.get_global_grad_norm()
         tokens, samples = float(totals["tokens"]), float(totals["samples"])
         metrics = {name: float(totals[name]) for name in data_counters} | {
@@ -260,7 +275,7 @@ class Trainer:
     @torch.no_grad()
     def resource_metrics(self, tokens: float, elapsed: float) -> dict[str, float]:
         """This process's memory, and model TFLOPs per rank (MFU when `logging.peak_tflops` is set)."""
-        metrics = {"memory/rss_gb": psutil.Process().memory_info().rss / 2**30}
+        metrics = {"memory/rss_gb": self.process.memory_info().rss / 2**30}
         if self.device == "cuda":
             metrics["memory/max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
         tflops = tokens * self.flops_per_token / elapsed / self.world.world_size / 1e12

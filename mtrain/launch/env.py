@@ -37,13 +37,18 @@ class WorldInfo:
         return self.rank == 0
 
     def export(self, environ: dict[str, str] | None = None) -> None:
-        """Write the torch.distributed variables, so env:// rendezvous sees this world."""
+        """Write the torch.distributed variables, so env:// rendezvous sees this world, and DeepSpeed's
+        count of this node's ranks."""
         target = os.environ if environ is None else environ
         target.update(
             RANK=str(self.rank),
             WORLD_SIZE=str(self.world_size),
             LOCAL_RANK=str(self.local_rank),
             LOCAL_WORLD_SIZE=str(self.local_world_size),
+            # Only DeepSpeed's own launcher sets LOCAL_SIZE. Without it, DeepSpeed's CPU accelerator
+            # counts its devices by running `numactl --hardware` in a subprocess, on every ZeRO-3
+            # gradient reduce (several per step: 2-8 ms of fork and exec each).
+            LOCAL_SIZE=str(self.local_world_size),
             MASTER_ADDR=self.master_addr,
             MASTER_PORT=str(self.master_port),
         )

@@ -75,3 +75,15 @@ def test_multi_node_mpi_without_master_is_a_clear_error():
     env = {"PMI_RANK": "0", "PMI_SIZE": "16", "MPI_LOCALRANKID": "0", "MPI_LOCALNRANKS": "8"}
     with pytest.raises(RuntimeError, match="MASTER_ADDR"):
         world_info_from_env(env)
+
+
+def test_export_gives_deepspeeds_cpu_accelerator_its_device_count(monkeypatch):
+    """Under torchrun, mpirun or srun (not DeepSpeed's launcher) LOCAL_SIZE was unset, and DeepSpeed's
+    CPU accelerator counted NUMA nodes with a `numactl --hardware` subprocess on every gradient reduce."""
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+    environ: dict[str, str] = {}
+    world_info_from_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}).export(environ)
+    monkeypatch.setattr("os.environ", environ)
+    assert environ["LOCAL_SIZE"] == "2"
+    assert CPU_Accelerator().device_count() == 2  # a count of this node's ranks, read without a subprocess
