@@ -8,15 +8,13 @@ with equal logits."""
 from __future__ import annotations
 
 import dataclasses
-import io
 
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from data_pipeline.chat_template import ConversationTemplate
-from data_pipeline.formats import SampleRules, build_conversation, conversation_messages
+from data_pipeline.formats import conversation_messages
 from data_pipeline.tokenize import IGNORE_INDEX, TokenSpec, tokenize_sample
 from mtrain.config import load_config
 from mtrain.launch.model_checks import model_problems
@@ -24,104 +22,46 @@ from mtrain.model.build import build_model
 from mtrain.model.families.gemma3 import IMAGE_SOFT_TOKEN, build_tiny_gemma3_tokenizer
 from mtrain.task.registry import build_task
 from mtrain.task.token_layout import shrink_image_runs
+from tests.family_checks import (
+    TWO_TURNS,
+    assert_one_pass_equals_separate_grads,
+    conversation,
+    document_losses,
+    lora_task,
+    m3_lora_config,
+    packed_batch,
+    processed_images,
+    text_ids,
+)
+from tests.family_checks import documents as family_documents
+from tests.family_checks import padded_batch as family_padded_batch
 
 SCALES = [1, 4, 16]  # the projector's 4x4 grid of a 32x32 image pooled by 4, 2 and 1 per side
-TWO_TURNS = [
-    {"from": "human", "value": "<image>\nWhat digit is this?"},
-    {"from": "gpt", "value": "seven"},
-    {"from": "human", "value": "And its colour?"},
-    {"from": "gpt", "value": "It is red."},
-]
 
 
 def gemma_config(*overrides: str):
-    return load_config(
-        None,
-        [
-            "model.preset=tiny-gemma3",
-            "matryoshka.tokens.mode=m3",
-            f"matryoshka.tokens.scales=[{','.join(map(str, SCALES))}]",
-            "model.lora.enabled=true",
-            "model.lora.dropout=0.0",
-            "model.freeze.always_train=[lm_head]",
-            *overrides,
-        ],
-    )
+    return m3_lora_config("tiny-gemma3", SCALES, *overrides)
 
 
 def make_task(strategy: str = "shared_plus_per_scale", layout: str = "packed"):
-    cfg = gemma_config(f"model.lora.strategy={strategy}", f"matryoshka.tokens.layout={layout}")
-    built = build_model(cfg.model, torch.float32, None, seed=0, tokens=cfg.matryoshka.tokens)
-    task = build_task(cfg, built, rank=0)
-    with torch.no_grad():  # LoRA B starts at zero: give every adapter a distinct delta so routing shows
-        for name, param in task.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    return task, built
-
-
-def text_ids(built, text: str) -> list[int]:
-    return built.tokenizer(text, add_special_tokens=False).input_ids
-
-
-def image_ids(built) -> list[int]:
-    return (
-        text_ids(built, "<start_of_image>")
-        + [built.image_token_id] * built.visual_tokens
-        + text_ids(built, "<end_of_image>")
-    )
+    return lora_task(gemma_config(f"model.lora.strategy={strategy}", f"matryoshka.tokens.layout={layout}"))
 
 
 def documents(built) -> list[tuple[list[int], list[int], int]]:
     """(input_ids, labels, images) of three documents: one image, two images (longer than the 32-token
     sliding window), one image and a longer answer."""
-    docs = []
-    for prompt, answer, images in [
-        ("user\n", "a red circle.", 1),
-        ("two\n", "a blue square.", 2),
-        ("", "a green cross shape.", 1),
-    ]:
-        prefix = text_ids(built, "<bos><start_of_turn>" + prompt) + image_ids(built) * images
-        learned = text_ids(built, answer + "<end_of_turn>")
-        docs.append((prefix + learned, [IGNORE_INDEX] * len(prefix) + learned, images))
-    return docs
+    return family_documents(built, "<bos><start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>")
 
 
 def pixels_for(built, images: int) -> torch.Tensor:
     """Each image through the preset's processor (Gemma 3's own): (images, 3, 32, 32)."""
-    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
-    shapes = [(50, 40), (32, 32), (20, 64), (64, 48)]  # resized to 32x32 whatever they are
-    return torch.cat(
-        [
-            built.image_processor(images=Image.new("RGB", shapes[i % 4], colours[i % 4]), return_tensors="pt")[
-                "pixel_values"
-            ]
-            for i in range(images)
-        ]
+    return processed_images(
+        lambda image: built.image_processor(images=image, return_tensors="pt")["pixel_values"], images
     )
 
 
 def padded_batch(built, docs) -> dict:
-    width = max(len(ids) for ids, _, _ in docs)
-    pad = built.tokenizer.pad_token_id
-    return {
-        "input_ids": torch.tensor([ids + [pad] * (width - len(ids)) for ids, _, _ in docs]),
-        "labels": torch.tensor([labels + [IGNORE_INDEX] * (width - len(labels)) for _, labels, _ in docs]),
-        "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _, _ in docs]),
-        "pixel_values": pixels_for(built, sum(images for _, _, images in docs)),
-    }
-
-
-def packed_batch(docs, pixel_values) -> dict:
-    row = [token for ids, _, _ in docs for token in ids]
-    return {
-        "input_ids": torch.tensor([row]),
-        # The first label of every document is ignored, as the packer does.
-        "labels": torch.tensor([[label for _, labels, _ in docs for label in [IGNORE_INDEX, *labels[1:]]]]),
-        "attention_mask": torch.ones(1, len(row), dtype=torch.long),
-        "position_ids": torch.tensor([[p for ids, _, _ in docs for p in range(len(ids))]]),
-        "pixel_values": pixel_values,
-    }
+    return family_padded_batch(built, docs, pixels_for(built, sum(images for _, _, images in docs)))
 
 
 def reference_scale_output(task, built, batch, scale: int, bidirectional: bool = True):
@@ -147,19 +87,14 @@ def reference_scale_output(task, built, batch, scale: int, bidirectional: bool =
 
 
 def assert_one_pass_equals_separate(task, built, batch) -> None:
-    trainable = [p for p in task.parameters() if p.requires_grad]
     loss, metrics = task(batch)
-    one_pass_grads = torch.autograd.grad(loss, trainable, allow_unused=True)
-    separate = torch.stack([reference_scale_output(task, built, batch, s).loss for s in task.tokens.scales]).mean()
-    separate_grads = torch.autograd.grad(separate, trainable, allow_unused=True)
-
-    torch.testing.assert_close(loss, separate, rtol=1e-5, atol=1e-6)
-    for got, want in zip(one_pass_grads, separate_grads, strict=True):
-        if want is None:
-            assert got is None or not got.any()
-        else:
-            # rtol 5e-4: the projector weight gathers sums over every image token, in another order here
-            torch.testing.assert_close(got, want, rtol=5e-4, atol=1e-6)
+    # grad rtol 5e-4: the projector weight gathers sums over every image token, in another order here
+    assert_one_pass_equals_separate_grads(
+        task,
+        loss,
+        lambda: torch.stack([reference_scale_output(task, built, batch, s).loss for s in task.tokens.scales]).mean(),
+        grad_rtol=5e-4,
+    )
     learned = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     assert int(metrics["scale_label_tokens"].sum()) == len(task.tokens.scales) * learned
     with torch.no_grad():  # the image attention matters: a plain causal forward gives other logits
@@ -198,32 +133,10 @@ def test_a_saved_folder_trains_with_m3_scales(tmp_path):
         ],
     )  # fmt: skip
     assert model_problems(cfg) == []
-    built = build_model(cfg.model, torch.float32, None, seed=0, tokens=cfg.matryoshka.tokens)
+    task, built = lora_task(cfg)
     assert (built.visual_tokens, built.image_token_id) == (16, preset.image_token_id)
     assert built.tokenizer.image_token == IMAGE_SOFT_TOKEN
-    task = build_task(cfg, built, rank=0)
-    with torch.no_grad():
-        for name, param in task.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
     assert_one_pass_equals_separate(task, built, padded_batch(built, documents(built)))
-
-
-def document_losses(task, batch, scale: int) -> list[torch.Tensor]:
-    """Each document's summed next-token loss at `scale`, in input order, whatever its row."""
-    rows = batch["input_ids"].shape[0]
-    logits, layout = task.run(batch, [scale] * rows)
-    losses = F.cross_entropy(
-        logits[:, :-1].transpose(1, 2), layout.labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none"
-    )
-    starts = layout.position_ids == 0
-    out = []
-    for row in range(layout.input_ids.shape[0]):
-        columns = starts[row].nonzero().flatten().tolist() + [layout.input_ids.shape[1]]
-        for start, end in zip(columns[:-1], columns[1:], strict=True):
-            if layout.token_scales[row, start] > 0:
-                out.append(losses[row, start : end - 1].sum())  # the targets of tokens start+1 .. end-1
-    return out
 
 
 def test_packed_documents_give_each_documents_unpacked_loss_with_image_attention():
@@ -256,13 +169,6 @@ def test_packed_documents_give_each_documents_unpacked_loss_with_image_attention
     assert not full[first[0], image[4]]  # not into the next image
     second = len(docs[0][0]) - sum(16 - 4 for _ in range(1))  # the second document's first column at scale 4
     assert layout.position_ids[0, second] == 0 and not full[second, second - 1]
-
-
-def conversation(tokenizer, turns):
-    buffer = io.BytesIO()
-    Image.new("RGB", (32, 32), (200, 30, 30)).save(buffer, format="PNG")
-    rules = SampleRules(chat=ConversationTemplate.from_tokenizer(tokenizer))
-    return build_conversation("sample", {"png": buffer.getvalue()}, {"conversations": turns}, rules)
 
 
 def test_the_gemma_template_gives_apply_chat_templates_token_ids_and_assistant_mask():

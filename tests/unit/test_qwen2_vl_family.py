@@ -7,15 +7,12 @@ transformers reloads with equal logits."""
 from __future__ import annotations
 
 import dataclasses
-import io
 
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
-from data_pipeline.chat_template import ConversationTemplate
-from data_pipeline.formats import SampleRules, build_conversation, conversation_messages
+from data_pipeline.formats import conversation_messages
 from data_pipeline.tokenize import IGNORE_INDEX, TokenSpec, tokenize_sample
 from mtrain.config import load_config
 from mtrain.launch.model_checks import model_problems
@@ -29,92 +26,47 @@ from mtrain.model.families.qwen2_vl import (
 )
 from mtrain.task.registry import build_task
 from mtrain.task.token_layout import shrink_image_runs
+from tests.family_checks import (
+    TWO_TURNS,
+    assert_one_pass_equals_separate_grads,
+    conversation,
+    document_losses,
+    lora_task,
+    m3_lora_config,
+    packed_batch,
+    processed_images,
+    text_ids,
+)
+from tests.family_checks import documents as family_documents
+from tests.family_checks import padded_batch as family_padded_batch
 
 SCALES = [1, 4, 16]  # the 4x4 merged grid of a 32x32 image pooled by 4, 2 and 1 per side
-TWO_TURNS = [
-    {"from": "human", "value": "<image>\nWhat digit is this?"},
-    {"from": "gpt", "value": "seven"},
-    {"from": "human", "value": "And its colour?"},
-    {"from": "gpt", "value": "It is red."},
-]
-
 
 PRESETS = {"tiny-qwen2-vl": "Qwen2VLForConditionalGeneration", "tiny-qwen2.5-vl": "Qwen2_5_VLForConditionalGeneration"}
 
 
 def qwen_config(*overrides: str, preset: str = "tiny-qwen2-vl"):
-    return load_config(
-        None,
-        [
-            f"model.preset={preset}",
-            "matryoshka.tokens.mode=m3",
-            f"matryoshka.tokens.scales=[{','.join(map(str, SCALES))}]",
-            "model.lora.enabled=true",
-            "model.lora.dropout=0.0",
-            "model.freeze.always_train=[lm_head]",
-            *overrides,
-        ],
-    )
+    return m3_lora_config(preset, SCALES, *overrides)
 
 
 def make_task(strategy: str = "shared_plus_per_scale", layout: str = "packed", preset: str = "tiny-qwen2-vl"):
-    cfg = qwen_config(f"model.lora.strategy={strategy}", f"matryoshka.tokens.layout={layout}", preset=preset)
-    built = build_model(cfg.model, torch.float32, None, seed=0, tokens=cfg.matryoshka.tokens)
-    task = build_task(cfg, built, rank=0)
-    with torch.no_grad():  # LoRA B starts at zero: give every adapter a distinct delta so routing shows
-        for name, param in task.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    return task, built
-
-
-def text_ids(built, text: str) -> list[int]:
-    return built.tokenizer(text, add_special_tokens=False).input_ids
-
-
-def image_ids(built) -> list[int]:
-    return (
-        text_ids(built, "<|vision_start|>")
-        + [built.image_token_id] * built.visual_tokens
-        + text_ids(built, "<|vision_end|>")
+    return lora_task(
+        qwen_config(f"model.lora.strategy={strategy}", f"matryoshka.tokens.layout={layout}", preset=preset)
     )
 
 
 def documents(built) -> list[tuple[list[int], list[int], int]]:
     """(input_ids, labels, images) of three documents: one image, two images, one image and a longer answer."""
-    docs = []
-    for prompt, answer, images in [
-        ("user\n", "a red circle.", 1),
-        ("two\n", "a blue square.", 2),
-        ("", "a green cross shape.", 1),
-    ]:
-        prefix = text_ids(built, "<|im_start|>" + prompt) + image_ids(built) * images
-        learned = text_ids(built, answer + "<|im_end|>")
-        docs.append((prefix + learned, [IGNORE_INDEX] * len(prefix) + learned, images))
-    return docs
+    return family_documents(built, "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
 
 
 def pixels_for(built, images: int) -> torch.Tensor:
     """Each image through the preset's processor (Qwen's own, after the fixed resize): (images, patches, dim)."""
-    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
-    shapes = [(50, 40), (32, 32), (20, 64), (64, 48)]  # resized to 32x32 whatever they are
-    return torch.cat(
-        [
-            built.image_processor(images=Image.new("RGB", shapes[i % 4], colours[i % 4]))["pixel_values"]
-            for i in range(images)
-        ]
-    )
+    return processed_images(lambda image: built.image_processor(images=image)["pixel_values"], images)
 
 
 def padded_batch(built, docs) -> dict:
-    width = max(len(ids) for ids, _, _ in docs)
-    pad = built.tokenizer.pad_token_id
-    return {
-        "input_ids": torch.tensor([ids + [pad] * (width - len(ids)) for ids, _, _ in docs]),
-        "labels": torch.tensor([labels + [IGNORE_INDEX] * (width - len(labels)) for _, labels, _ in docs]),
-        "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _, _ in docs]),
-        "pixel_values": pixels_for(built, sum(images for _, _, images in docs)),
-    }
+    return family_padded_batch(built, docs, pixels_for(built, sum(images for _, _, images in docs)))
 
 
 def reference_scale_loss(task, built, batch, scale: int) -> torch.Tensor:
@@ -145,18 +97,12 @@ def reference_scale_loss(task, built, batch, scale: int) -> torch.Tensor:
 
 
 def assert_one_pass_equals_separate(task, built, batch) -> None:
-    trainable = [p for p in task.parameters() if p.requires_grad]
     loss, metrics = task(batch)
-    one_pass_grads = torch.autograd.grad(loss, trainable, allow_unused=True)
-    separate = torch.stack([reference_scale_loss(task, built, batch, s) for s in task.tokens.scales]).mean()
-    separate_grads = torch.autograd.grad(separate, trainable, allow_unused=True)
-
-    torch.testing.assert_close(loss, separate, rtol=1e-5, atol=1e-6)
-    for got, want in zip(one_pass_grads, separate_grads, strict=True):
-        if want is None:
-            assert got is None or not got.any()
-        else:
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert_one_pass_equals_separate_grads(
+        task,
+        loss,
+        lambda: torch.stack([reference_scale_loss(task, built, batch, s) for s in task.tokens.scales]).mean(),
+    )
     learned = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     assert int(metrics["scale_label_tokens"].sum()) == len(task.tokens.scales) * learned
 
@@ -193,33 +139,11 @@ def test_a_saved_folder_trains_non_square_images_with_m3_factors(tmp_path):
         ],
     )  # fmt: skip
     assert model_problems(cfg) == []
-    built = build_model(cfg.model, torch.float32, None, seed=0, tokens=cfg.matryoshka.tokens)
+    task, built = lora_task(cfg)
     assert (built.visual_tokens, built.visual_grid) == (32, (4, 8))
-    task = build_task(cfg, built, rank=0)
-    with torch.no_grad():
-        for name, param in task.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
     batch = padded_batch(built, documents(built))
     assert tuple(batch["pixel_values"].shape) == (4, 128, 96)  # 8x16 patches per image
     assert_one_pass_equals_separate(task, built, batch)
-
-
-def document_losses(task, batch, scale: int) -> list[torch.Tensor]:
-    """Each document's summed next-token loss at `scale`, in input order, whatever its row."""
-    rows = batch["input_ids"].shape[0]
-    logits, layout = task.run(batch, [scale] * rows)
-    losses = F.cross_entropy(
-        logits[:, :-1].transpose(1, 2), layout.labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none"
-    )
-    starts = layout.position_ids == 0
-    out = []
-    for row in range(layout.input_ids.shape[0]):
-        columns = starts[row].nonzero().flatten().tolist() + [layout.input_ids.shape[1]]
-        for start, end in zip(columns[:-1], columns[1:], strict=True):
-            if layout.token_scales[row, start] > 0:
-                out.append(losses[row, start : end - 1].sum())  # the targets of tokens start+1 .. end-1
-    return out
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -227,15 +151,8 @@ def test_packed_documents_give_each_documents_unpacked_loss_with_mrope_ids(prese
     task, built = make_task(layout="packed", preset=preset)
     docs = documents(built)
     unpacked = padded_batch(built, docs)
-    row = [token for ids, _, _ in docs for token in ids]
-    packed = {
-        "input_ids": torch.tensor([row]),
-        # The first label of every document is ignored, as the packer does.
-        "labels": torch.tensor([[label for _, labels, _ in docs for label in [IGNORE_INDEX, *labels[1:]]]]),
-        "attention_mask": torch.ones(1, len(row), dtype=torch.long),
-        "position_ids": torch.tensor([[p for ids, _, _ in docs for p in range(len(ids))]]),
-        "pixel_values": unpacked["pixel_values"],
-    }
+    packed = packed_batch(docs, unpacked["pixel_values"])
+    row = packed["input_ids"][0].tolist()
     padded_task = dataclasses.replace(task.tokens, layout="padded")
     for scale in SCALES:
         together = document_losses(task, packed, scale)
@@ -256,13 +173,6 @@ def test_packed_documents_give_each_documents_unpacked_loss_with_mrope_ids(prese
     first = image[0].item()  # a 4x4 grid: heights 0,0,0,0,1,... widths 0,1,2,3,0,... from the image's start
     assert ids[2, 0, image[:16]].tolist() == [first + r for r in range(4) for _ in range(4)]
     assert ids[3, 0, image[:16]].tolist() == [first + c for _ in range(4) for c in range(4)]
-
-
-def conversation(tokenizer, turns):
-    buffer = io.BytesIO()
-    Image.new("RGB", (32, 32), (200, 30, 30)).save(buffer, format="PNG")
-    rules = SampleRules(chat=ConversationTemplate.from_tokenizer(tokenizer))
-    return build_conversation("sample", {"png": buffer.getvalue()}, {"conversations": turns}, rules)
 
 
 def test_the_qwen_template_gives_apply_chat_templates_token_ids_and_assistant_mask():
@@ -374,14 +284,7 @@ def test_language_modeling_without_scales_equals_the_stock_forward_packed_or_not
     task = build_task(cfg, built, rank=0)
     docs = documents(built)
     unpacked = padded_batch(built, docs)
-    row = [token for ids, _, _ in docs for token in ids]
-    packed = {
-        "input_ids": torch.tensor([row]),
-        "labels": torch.tensor([[label for _, labels, _ in docs for label in [IGNORE_INDEX, *labels[1:]]]]),
-        "attention_mask": torch.ones(1, len(row), dtype=torch.long),
-        "position_ids": torch.tensor([[p for ids, _, _ in docs for p in range(len(ids))]]),
-        "pixel_values": unpacked["pixel_values"],
-    }
+    packed = packed_batch(docs, unpacked["pixel_values"])
     ids = unpacked["input_ids"]
     stock = task.llava(
         input_ids=ids,
