@@ -27,6 +27,7 @@ from mtrain.model.tokenizer import build_tiny_tokenizer
 from mtrain.task.registry import build_task
 from mtrain.task.token_layout import shrink_image_runs
 from tests.data_factory import make_loader, write_mixed_shards
+from tests.family_checks import assert_one_pass_equals_separate_grads, lora_task
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -138,13 +139,7 @@ def make_task(preset: str, strategy: str = "shared_plus_per_scale", layout: str 
         "model.lora.dropout=0.0",
         "model.freeze.always_train=[lm_head]",
     )
-    built = build_model(cfg.model, torch.float32, None, seed=0, tokens=cfg.matryoshka.tokens)
-    task = build_task(cfg, built, rank=0)
-    with torch.no_grad():
-        for name, param in task.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    return task, built
+    return lora_task(cfg)
 
 
 def caption_batch(built, size=(20, 32), rows: int = 3) -> dict:
@@ -211,19 +206,12 @@ def test_one_pass_equals_mean_of_separate_scale_forwards(preset, strategy, layou
     task, built = make_task(preset, strategy, layout)
     batch = caption_batch(built)
     task.visual_tokens = 70  # data of one non-square size, (20, 32): the count its images expand to
-    trainable = [p for p in task.parameters() if p.requires_grad]
     adapters = {name.split(".")[-2] for name, p in task.named_parameters() if "lora_A" in name}
     assert adapters == ({"shared", "scale_1", "scale_4", "scale_16"} if strategy != "shared" else {"default"})
     loss, metrics = task(batch)
-    one_pass = torch.autograd.grad(loss, trainable, allow_unused=True)
-    separate = torch.stack([reference_scale_loss(task, built, batch, s) for s in SCALES]).mean()
-    separate_grads = torch.autograd.grad(separate, trainable, allow_unused=True)
-    torch.testing.assert_close(loss, separate, rtol=1e-5, atol=1e-6)
-    for got, want in zip(one_pass, separate_grads, strict=True):
-        if want is None:
-            assert got is None or not got.any()
-        else:
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert_one_pass_equals_separate_grads(
+        task, loss, lambda: torch.stack([reference_scale_loss(task, built, batch, s) for s in SCALES]).mean()
+    )
     assert int(metrics["scale_label_tokens"].sum()) == 3 * int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
