@@ -4,16 +4,18 @@ per-scale gradient check, and a one-image conversation through the tokenizer's t
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from data_pipeline.chat_template import ConversationTemplate
-from data_pipeline.formats import SampleRules, build_conversation
-from data_pipeline.tokenize import IGNORE_INDEX
+from data_pipeline.formats import SampleRules, build_conversation, conversation_messages
+from data_pipeline.tokenize import IGNORE_INDEX, TokenSpec, tokenize_sample
 from mtrain.config import load_config
 from mtrain.model.build import build_model
 from mtrain.task.registry import build_task
@@ -147,3 +149,73 @@ def conversation(tokenizer, turns):
     Image.new("RGB", (32, 32), (200, 30, 30)).save(buffer, format="PNG")
     rules = SampleRules(chat=ConversationTemplate.from_tokenizer(tokenizer))
     return build_conversation("sample", {"png": buffer.getvalue()}, {"conversations": turns}, rules)
+
+
+def assert_packed_equals_unpacked_per_document(task, packed: dict, unpacked: dict, scales: list[int]) -> None:
+    """At every scale, each of the three documents packed in one row has the summed loss it has alone in its
+    padded row."""
+    padded_tokens = dataclasses.replace(task.tokens, layout="padded")
+    for scale in scales:
+        together = document_losses(task, packed, scale)
+        task.tokens, layout_tokens = padded_tokens, task.tokens
+        try:
+            alone = document_losses(task, unpacked, scale)
+        finally:
+            task.tokens = layout_tokens
+        assert len(together) == len(alone) == 3
+        for got, want in zip(together, alone, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def assert_text_only_batch_reaches_vision_at_zero_weight(task, ids: list[int], vision_part: str) -> None:
+    """ZeRO-3 lockstep: a micro-batch without images still runs the vision path (parameters named with
+    `vision_part`), so each trainable one gets a gradient, and it is exactly zero."""
+    batch = {"input_ids": torch.tensor([ids]), "labels": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids))}
+    loss, _ = task(batch)
+    loss.backward()
+    vision = [p for name, p in task.named_parameters() if vision_part in name and p.requires_grad]
+    assert vision and all(p.grad is not None and not p.grad.any() for p in vision)  # reached, exactly zero
+    assert torch.isfinite(loss)
+
+
+def assert_template_equals_apply_chat_template(
+    tokenizer, image_token: str, image_start: str, image_end: str, learned_text: str
+) -> list[int]:
+    """The conversation of TWO_TURNS through the tokenizer's template: with one visual token an image, the ids
+    and assistant mask equal `apply_chat_template`'s and the learned tokens decode to `learned_text`; with
+    sixteen, the image's run sits between `image_start` and `image_end`. Returns the one-token ids."""
+    image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+    messages = conversation_messages(TWO_TURNS)
+    tokens = tokenize_sample(conversation(tokenizer, TWO_TURNS), TokenSpec(tokenizer, image_token_id, 512), 1)
+    reference = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    assert tokens.input_ids == reference["input_ids"]
+    assert [int(label != IGNORE_INDEX) for label in tokens.labels] == reference["assistant_masks"]
+    learned = [i for i, label in zip(tokens.input_ids, tokens.labels, strict=True) if label != IGNORE_INDEX]
+    assert tokenizer.decode(learned) == learned_text
+    expanded = tokenize_sample(conversation(tokenizer, TWO_TURNS), TokenSpec(tokenizer, image_token_id, 512), 16)
+    start = expanded.input_ids.index(tokenizer.convert_tokens_to_ids(image_start))
+    assert expanded.input_ids[start + 1 : start + 17] == [image_token_id] * 16
+    assert expanded.input_ids[start + 17] == tokenizer.convert_tokens_to_ids(image_end)
+    return tokens.input_ids
+
+
+def export_and_reload(task, built, folder: Path):
+    """The task's model merged and saved as a Hugging Face folder, then reloaded by stock transformers:
+    (merged model, stock model, stock tokenizer, stock image processor, a one-image prompt in the saved template)."""
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+    from mtrain.checkpoint.export import _save_hf_folder
+
+    model = task.model.merge_and_unload().eval()
+    _save_hf_folder(model, built, folder)
+    stock = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    return model, stock, tokenizer, processor, prompt

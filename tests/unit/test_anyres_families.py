@@ -8,7 +8,6 @@ export reloads in stock transformers with the training forward's logits."""
 from __future__ import annotations
 
 import functools
-import io
 import types
 
 import numpy as np
@@ -17,8 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from data_pipeline.chat_template import ConversationTemplate
-from data_pipeline.formats import SampleRules, build_conversation, conversation_messages
+from data_pipeline.formats import conversation_messages
 from data_pipeline.tokenize import IGNORE_INDEX, TokenSpec, tokenize_sample
 from mtrain.checkpoint.export import _save_hf_folder
 from mtrain.config import load_config
@@ -27,7 +25,7 @@ from mtrain.model.tokenizer import build_tiny_tokenizer
 from mtrain.task.registry import build_task
 from mtrain.task.token_layout import shrink_image_runs
 from tests.data_factory import make_loader, write_mixed_shards
-from tests.family_checks import assert_one_pass_equals_separate_grads, lora_task
+from tests.family_checks import TWO_TURNS, assert_one_pass_equals_separate_grads, conversation, lora_task
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -269,14 +267,6 @@ def test_packed_loss_equals_unpacked_per_document(tmp_path, plain):
         assert cursor == batch["pixel_values"].shape[0]
 
 
-TWO_TURNS = [
-    {"from": "human", "value": "<image>\nWhat digit is this?"},
-    {"from": "gpt", "value": "seven"},
-    {"from": "human", "value": "And its colour?"},
-    {"from": "gpt", "value": "It is red."},
-]
-
-
 def test_two_turn_chatml_ids_and_assistant_mask_equal_apply_chat_template(onevision):
     plain = onevision
     tokenizer = plain.tokenizer
@@ -285,11 +275,9 @@ def test_two_turn_chatml_ids_and_assistant_mask_equal_apply_chat_template(onevis
         "<|im_start|>user\n<image>\nWhat digit is this?<|im_end|>\n<|im_start|>assistant\nseven<|im_end|>\n"
         "<|im_start|>user\nAnd its colour?<|im_end|>\n<|im_start|>assistant\nIt is red.<|im_end|>\n"
     )
-    png = io.BytesIO()
-    Image.new("RGB", (32, 32), (200, 30, 30)).save(png, format="PNG")
-    rules = SampleRules(chat=ConversationTemplate.from_tokenizer(tokenizer))
-    sample = build_conversation("sample", {"png": png.getvalue()}, {"conversations": TWO_TURNS}, rules)
-    tokens = tokenize_sample(sample, TokenSpec(tokenizer, plain.image_token_id, 512), 1)  # one token per <image>
+    tokens = tokenize_sample(
+        conversation(tokenizer, TWO_TURNS), TokenSpec(tokenizer, plain.image_token_id, 512), 1
+    )  # one token per <image>
     reference = tokenizer.apply_chat_template(
         messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
     )

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from data_pipeline.formats import conversation_messages
-from data_pipeline.tokenize import IGNORE_INDEX, TokenSpec, tokenize_sample
+from data_pipeline.tokenize import IGNORE_INDEX
 from mtrain.config import load_config
 from mtrain.launch.model_checks import model_problems
 from mtrain.model.build import build_model
@@ -25,8 +25,11 @@ from mtrain.task.token_layout import shrink_image_runs
 from tests.family_checks import (
     TWO_TURNS,
     assert_one_pass_equals_separate_grads,
+    assert_packed_equals_unpacked_per_document,
+    assert_template_equals_apply_chat_template,
+    assert_text_only_batch_reaches_vision_at_zero_weight,
     conversation,
-    document_losses,
+    export_and_reload,
     lora_task,
     m3_lora_config,
     packed_batch,
@@ -147,17 +150,7 @@ def test_packed_documents_give_each_documents_unpacked_loss_with_image_attention
     assert len(docs[1][0]) > task.llava.config.text_config.sliding_window  # the sliding layer masks something
     unpacked = padded_batch(built, docs)
     packed = packed_batch(docs, unpacked["pixel_values"])
-    padded_task = dataclasses.replace(task.tokens, layout="padded")
-    for scale in SCALES:
-        together = document_losses(task, packed, scale)
-        task.tokens, layout_tokens = padded_task, task.tokens
-        try:
-            alone = document_losses(task, unpacked, scale)
-        finally:
-            task.tokens = layout_tokens
-        assert len(together) == len(alone) == 3
-        for got, want in zip(together, alone, strict=True):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert_packed_equals_unpacked_per_document(task, packed, unpacked, SCALES)
     # The packed masks at scale 4: each image's 4 pooled tokens see each other both ways, nothing crosses documents.
     _, layout = task.run(packed, [4])
     masks = task.family.language_model_inputs(task.llava, layout, built.image_token_id, packed=True)["attention_mask"]
@@ -173,28 +166,21 @@ def test_packed_documents_give_each_documents_unpacked_loss_with_image_attention
 
 def test_the_gemma_template_gives_apply_chat_templates_token_ids_and_assistant_mask():
     tokenizer = build_tiny_gemma3_tokenizer()
-    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_SOFT_TOKEN)
-    messages = conversation_messages(TWO_TURNS)
-    assert tokenizer.apply_chat_template(messages, tokenize=False) == (
+    assert tokenizer.apply_chat_template(conversation_messages(TWO_TURNS), tokenize=False) == (
         "<bos><start_of_turn>user\n<start_of_image><image_soft_token><end_of_image>\nWhat digit is this?"
         "<end_of_turn>\n<start_of_turn>model\nseven<end_of_turn>\n"
         "<start_of_turn>user\nAnd its colour?<end_of_turn>\n<start_of_turn>model\nIt is red.<end_of_turn>\n"
     )
-    # One visual token per image, so the ids line up with the template's single <image_soft_token>.
-    tokens = tokenize_sample(conversation(tokenizer, TWO_TURNS), TokenSpec(tokenizer, image_token_id, 512), 1)
-    reference = tokenizer.apply_chat_template(
-        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    # One visual token per image lines the ids up with the template's single <image_soft_token>; with sixteen,
+    # the image's run sits between start_of_image and end_of_image.
+    ids = assert_template_equals_apply_chat_template(
+        tokenizer,
+        IMAGE_SOFT_TOKEN,
+        "<start_of_image>",
+        "<end_of_image>",
+        "seven<end_of_turn>\nIt is red.<end_of_turn>\n",
     )
-    assert tokens.input_ids == reference["input_ids"]
-    assert tokens.input_ids[0] == tokenizer.bos_token_id and tokens.input_ids.count(tokenizer.bos_token_id) == 1
-    assert [int(label != IGNORE_INDEX) for label in tokens.labels] == reference["assistant_masks"]
-    learned = [i for i, label in zip(tokens.input_ids, tokens.labels, strict=True) if label != IGNORE_INDEX]
-    assert tokenizer.decode(learned) == "seven<end_of_turn>\nIt is red.<end_of_turn>\n"
-    # Sixteen visual tokens per image: the image's run sits between start_of_image and end_of_image.
-    expanded = tokenize_sample(conversation(tokenizer, TWO_TURNS), TokenSpec(tokenizer, image_token_id, 512), 16)
-    start = expanded.input_ids.index(tokenizer.convert_tokens_to_ids("<start_of_image>"))
-    assert expanded.input_ids[start + 1 : start + 17] == [image_token_id] * 16
-    assert expanded.input_ids[start + 17] == tokenizer.convert_tokens_to_ids("<end_of_image>")
+    assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
 
 
 def test_a_template_that_drops_the_image_token_is_refused():
@@ -227,27 +213,13 @@ def test_a_gemma3_folder_passes_the_check_before_any_process_group(tmp_path):
 
 
 def test_export_reloads_in_stock_transformers_with_equal_logits(tmp_path):
-    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
-
-    from mtrain.checkpoint.export import _save_hf_folder
-
     task, built = make_task(strategy="shared")
-    model = task.model.merge_and_unload().eval()
-    _save_hf_folder(model, built, tmp_path / "model")
-    stock = AutoModelForImageTextToText.from_pretrained(tmp_path / "model", local_files_only=True).eval()
+    model, stock, tokenizer, processor, prompt = export_and_reload(task, built, tmp_path / "model")
     assert type(stock).__name__ == "Gemma3ForConditionalGeneration"
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model", local_files_only=True)
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}],
-        add_generation_prompt=True,
-        tokenize=False,
-    )
     expanded = prompt.replace(IMAGE_SOFT_TOKEN, IMAGE_SOFT_TOKEN * 16)
     ids = tokenizer(expanded, add_special_tokens=False, return_tensors="pt").input_ids
     image = Image.new("RGB", (40, 50), (30, 200, 30))
-    inputs = AutoImageProcessor.from_pretrained(tmp_path / "model", local_files_only=True)(
-        images=image, return_tensors="pt"
-    )
+    inputs = processor(images=image, return_tensors="pt")
     torch.testing.assert_close(
         inputs["pixel_values"], built.image_processor(images=image, return_tensors="pt")["pixel_values"]
     )
@@ -268,12 +240,7 @@ def test_a_text_only_batch_runs_the_vision_path_at_zero_weight():
     """ZeRO-3 lockstep: a micro-batch without images still runs the SigLIP tower and projector, on a blank image."""
     task, built = make_task()
     ids = text_ids(built, "<bos><start_of_turn>a red circle.<end_of_turn>")
-    batch = {"input_ids": torch.tensor([ids]), "labels": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids))}
-    loss, _ = task(batch)
-    loss.backward()
-    projector = [p for name, p in task.named_parameters() if "multi_modal_projector" in name and p.requires_grad]
-    assert projector and all(p.grad is not None and not p.grad.any() for p in projector)  # reached, exactly zero
-    assert torch.isfinite(loss)
+    assert_text_only_batch_reaches_vision_at_zero_weight(task, ids, "multi_modal_projector")
 
 
 def test_what_the_gemma3_preset_does_not_run_yet_is_refused_at_config_load():

@@ -6,14 +6,12 @@ transformers reloads with equal logits."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 from PIL import Image
 
 from data_pipeline.formats import conversation_messages
-from data_pipeline.tokenize import IGNORE_INDEX, TokenSpec, tokenize_sample
+from data_pipeline.tokenize import IGNORE_INDEX
 from mtrain.config import load_config
 from mtrain.launch.model_checks import model_problems
 from mtrain.model.build import build_model
@@ -29,8 +27,10 @@ from mtrain.task.token_layout import shrink_image_runs
 from tests.family_checks import (
     TWO_TURNS,
     assert_one_pass_equals_separate_grads,
-    conversation,
-    document_losses,
+    assert_packed_equals_unpacked_per_document,
+    assert_template_equals_apply_chat_template,
+    assert_text_only_batch_reaches_vision_at_zero_weight,
+    export_and_reload,
     lora_task,
     m3_lora_config,
     packed_batch,
@@ -153,17 +153,7 @@ def test_packed_documents_give_each_documents_unpacked_loss_with_mrope_ids(prese
     unpacked = padded_batch(built, docs)
     packed = packed_batch(docs, unpacked["pixel_values"])
     row = packed["input_ids"][0].tolist()
-    padded_task = dataclasses.replace(task.tokens, layout="padded")
-    for scale in SCALES:
-        together = document_losses(task, packed, scale)
-        task.tokens, layout_tokens = padded_task, task.tokens
-        try:
-            alone = document_losses(task, unpacked, scale)
-        finally:
-            task.tokens = layout_tokens
-        assert len(together) == len(alone) == 3
-        for got, want in zip(together, alone, strict=True):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert_packed_equals_unpacked_per_document(task, packed, unpacked, SCALES)
     # The ids the packed row ran with: 1-D per document first, then M-RoPE's three, each document from 0.
     _, layout = task.run(packed, [16])
     ids = task.family.layout_position_ids(task.llava, layout, built.visual_grid, built.image_token_id, packed=True)
@@ -177,28 +167,17 @@ def test_packed_documents_give_each_documents_unpacked_loss_with_mrope_ids(prese
 
 def test_the_qwen_template_gives_apply_chat_templates_token_ids_and_assistant_mask():
     tokenizer = build_tiny_qwen_tokenizer()
-    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
-    messages = conversation_messages(TWO_TURNS)
-    assert tokenizer.apply_chat_template(messages, tokenize=False) == (
+    assert tokenizer.apply_chat_template(conversation_messages(TWO_TURNS), tokenize=False) == (
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
         "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>\nWhat digit is this?<|im_end|>\n"
         "<|im_start|>assistant\nseven<|im_end|>\n"
         "<|im_start|>user\nAnd its colour?<|im_end|>\n<|im_start|>assistant\nIt is red.<|im_end|>\n"
     )
-    # One visual token per image, so the ids line up with the template's single <|image_pad|>.
-    tokens = tokenize_sample(conversation(tokenizer, TWO_TURNS), TokenSpec(tokenizer, image_token_id, 512), 1)
-    reference = tokenizer.apply_chat_template(
-        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    # One visual token per image lines the ids up with the template's single <|image_pad|>; with sixteen, the
+    # image's run sits between vision_start and vision_end.
+    assert_template_equals_apply_chat_template(
+        tokenizer, IMAGE_PAD, "<|vision_start|>", "<|vision_end|>", "seven<|im_end|>\nIt is red.<|im_end|>\n"
     )
-    assert tokens.input_ids == reference["input_ids"]
-    assert [int(label != IGNORE_INDEX) for label in tokens.labels] == reference["assistant_masks"]
-    learned = [i for i, label in zip(tokens.input_ids, tokens.labels, strict=True) if label != IGNORE_INDEX]
-    assert tokenizer.decode(learned) == "seven<|im_end|>\nIt is red.<|im_end|>\n"
-    # Sixteen visual tokens per image: the image's run sits between vision_start and vision_end.
-    expanded = tokenize_sample(conversation(tokenizer, TWO_TURNS), TokenSpec(tokenizer, image_token_id, 512), 16)
-    start = expanded.input_ids.index(tokenizer.convert_tokens_to_ids("<|vision_start|>"))
-    assert expanded.input_ids[start + 1 : start + 17] == [image_token_id] * 16
-    assert expanded.input_ids[start + 17] == tokenizer.convert_tokens_to_ids("<|vision_end|>")
 
 
 def test_a_qwen2_vl_folder_passes_the_check_before_any_process_group(tmp_path):
@@ -217,26 +196,12 @@ def test_a_qwen2_vl_folder_passes_the_check_before_any_process_group(tmp_path):
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_export_reloads_in_stock_transformers_with_equal_logits(tmp_path, preset):
-    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
-
-    from mtrain.checkpoint.export import _save_hf_folder
-
     task, built = make_task(strategy="shared", preset=preset)
-    model = task.model.merge_and_unload().eval()
-    _save_hf_folder(model, built, tmp_path / "model")
-    stock = AutoModelForImageTextToText.from_pretrained(tmp_path / "model", local_files_only=True).eval()
+    model, stock, tokenizer, processor, prompt = export_and_reload(task, built, tmp_path / "model")
     assert type(stock).__name__ == PRESETS[preset]
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model", local_files_only=True)
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}],
-        add_generation_prompt=True,
-        tokenize=False,
-    )
     ids = tokenizer(prompt.replace(IMAGE_PAD, IMAGE_PAD * 16), add_special_tokens=False, return_tensors="pt").input_ids
     image = Image.new("RGB", (32, 32), (30, 200, 30))
-    inputs = AutoImageProcessor.from_pretrained(tmp_path / "model", local_files_only=True)(
-        images=image, return_tensors="pt"
-    )
+    inputs = processor(images=image, return_tensors="pt")
     assert inputs["image_grid_thw"].tolist() == [[1, 8, 8]]  # the saved processor keeps the trained size
     torch.testing.assert_close(inputs["pixel_values"], built.image_processor(images=image)["pixel_values"][0])
     kwargs = {"input_ids": ids, "mm_token_type_ids": (ids == built.image_token_id).int(), **inputs}
@@ -258,12 +223,7 @@ def test_a_text_only_batch_runs_the_vision_path_at_zero_weight():
     """ZeRO-3 lockstep: a micro-batch without images still runs Qwen's tower and merger, on a blank image."""
     task, built = make_task(preset="tiny-qwen2-vl")
     ids = text_ids(built, "<|im_start|>a red circle.<|im_end|>")
-    batch = {"input_ids": torch.tensor([ids]), "labels": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids))}
-    loss, _ = task(batch)
-    loss.backward()
-    merger = [p for name, p in task.named_parameters() if "visual.merger" in name and p.requires_grad]
-    assert merger and all(p.grad is not None and not p.grad.any() for p in merger)  # reached, exactly zero
-    assert torch.isfinite(loss)
+    assert_text_only_batch_reaches_vision_at_zero_weight(task, ids, "visual.merger")
 
 
 def test_what_the_qwen_families_do_not_run_yet_is_refused_at_config_load():
