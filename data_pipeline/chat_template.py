@@ -35,6 +35,24 @@ from typing import Any
 IMAGE_TEXT = "<image>"  # what a template renders for an image part: formats.IMAGE_PLACEHOLDER
 TINY_SYSTEM_PROMPT = "A chat between a user and an assistant."
 
+
+def message_text_template(image_text: str) -> str:
+    """The jinja every structured template here shares: inside a loop over `message`, sets `text` to its
+    content, the string itself or its parts joined, each image part written as `image_text` (the tokenizer's
+    image token, with any markers around it)."""
+    return (
+        "{%- if message['content'] is string -%}{%- set text = message['content'] -%}"
+        "{%- else -%}{%- set text = namespace(value='') -%}"
+        "{%- for part in message['content'] -%}"
+        "{%- if part['type'] == 'image' -%}{%- set text.value = text.value + '" + image_text + "' -%}"
+        "{%- elif part['type'] == 'text' -%}{%- set text.value = text.value + part['text'] -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- set text = text.value -%}"
+        "{%- endif -%}"
+    )
+
+
 CHAT_TEMPLATE = (
     "{{- bos_token -}}"
     "{%- if messages and messages[0]['role'] == 'system' -%}"
@@ -45,16 +63,8 @@ CHAT_TEMPLATE = (
     "{%- if system is not string -%}{%- set system = system | map(attribute='text') | join('') -%}{%- endif -%}"
     "{{- system + ' ' -}}"
     "{%- for message in turns -%}"
-    "{%- if message['content'] is string -%}{%- set text = message['content'] -%}"
-    "{%- else -%}{%- set text = namespace(value='') -%}"
-    "{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' -%}{%- set text.value = text.value + '<image>' -%}"
-    "{%- elif part['type'] == 'text' -%}{%- set text.value = text.value + part['text'] -%}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- set text = text.value -%}"
-    "{%- endif -%}"
-    "{%- if message['role'] == 'user' -%}{{- 'USER: ' + text + ' ' -}}"
+    + message_text_template(IMAGE_TEXT)
+    + "{%- if message['role'] == 'user' -%}{{- 'USER: ' + text + ' ' -}}"
     "{%- elif message['role'] == 'assistant' -%}{{- 'ASSISTANT:' -}}"
     "{%- generation -%}{{- ' ' + text + eos_token -}}{%- endgeneration -%}"
     "{%- else -%}{{- raise_exception('a system message comes first; got role ' + message['role']) -}}"

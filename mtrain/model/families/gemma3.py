@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from data_pipeline.chat_template import message_text_template
 from mtrain.model.families.base import ModelFamily
 from mtrain.model.families.llava import m3_scale_problems
 
@@ -59,17 +60,8 @@ CHAT_TEMPLATE = (
     "{%- set system = system + '\\n\\n' -%}"
     "{%- else -%}{%- set system = '' -%}{%- set turns = messages -%}{%- endif -%}"
     "{%- for message in turns -%}"
-    "{%- if message['content'] is string -%}{%- set text = message['content'] -%}"
-    "{%- else -%}{%- set text = namespace(value='') -%}"
-    "{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' -%}"
-    "{%- set text.value = text.value + '<start_of_image>" + IMAGE_SOFT_TOKEN + "<end_of_image>' -%}"
-    "{%- elif part['type'] == 'text' -%}{%- set text.value = text.value + part['text'] -%}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- set text = text.value -%}"
-    "{%- endif -%}"
-    "{%- if message['role'] == 'assistant' -%}"
+    + message_text_template("<start_of_image>" + IMAGE_SOFT_TOKEN + "<end_of_image>")
+    + "{%- if message['role'] == 'assistant' -%}"
     "{{- '<start_of_turn>model\\n' -}}"
     "{%- generation -%}{{- text + '<end_of_turn>\\n' -}}{%- endgeneration -%}"
     "{%- else -%}"

@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from data_pipeline.chat_template import message_text_template
 from mtrain.model.families.base import ModelFamily
 from mtrain.model.families.llava import m3_scale_problems
 
@@ -47,16 +48,8 @@ from mtrain.model.families.llava import m3_scale_problems
 ONEVISION_CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{{- '<|im_start|>' + message['role'] + '\n' -}}"
-    "{%- if message['content'] is string -%}{%- set text = message['content'] -%}"
-    "{%- else -%}{%- set text = namespace(value='') -%}"
-    "{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' -%}{%- set text.value = text.value + '<image>' -%}"
-    "{%- elif part['type'] == 'text' -%}{%- set text.value = text.value + part['text'] -%}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- set text = text.value -%}"
-    "{%- endif -%}"
-    "{%- if message['role'] == 'assistant' -%}"
+    + message_text_template("<image>")
+    + "{%- if message['role'] == 'assistant' -%}"
     "{%- generation -%}{{- text + '<|im_end|>\n' -}}{%- endgeneration -%}"
     "{%- else -%}{{- text + '<|im_end|>\n' -}}"
     "{%- endif -%}"

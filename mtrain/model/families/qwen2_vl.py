@@ -45,6 +45,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from data_pipeline.chat_template import message_text_template
 from mtrain.model.families.base import ModelFamily
 from mtrain.model.token_scales import grid_factor
 
@@ -70,17 +71,8 @@ CHAT_TEMPLATE = (
     "{{- '<|im_start|>system\\n" + SYSTEM_PROMPT + "<|im_end|>\\n' -}}"
     "{%- endif -%}"
     "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
-    "{%- if message['content'] is string -%}{%- set text = message['content'] -%}"
-    "{%- else -%}{%- set text = namespace(value='') -%}"
-    "{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' -%}"
-    "{%- set text.value = text.value + '<|vision_start|><|image_pad|><|vision_end|>' -%}"
-    "{%- elif part['type'] == 'text' -%}{%- set text.value = text.value + part['text'] -%}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- set text = text.value -%}"
-    "{%- endif -%}"
-    "{%- if message['role'] == 'assistant' -%}"
+    + message_text_template("<|vision_start|>" + IMAGE_PAD + "<|vision_end|>")
+    + "{%- if message['role'] == 'assistant' -%}"
     "{%- generation -%}{{- text + '<|im_end|>\\n' -}}{%- endgeneration -%}"
     "{%- else -%}{{- text + '<|im_end|>\\n' -}}"
     "{%- endif -%}"
