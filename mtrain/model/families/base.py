@@ -114,3 +114,30 @@ class ModelFamily:
         """Extra (or replacing) keyword arguments of the language-model call for a layout, such as an
         attention the layout's `attention_mask` cannot express (Gemma 3's bidirectional image attention)."""
         return {}
+
+
+def tiny_text_sizes(tiny: Any, vocab_size: int) -> dict[str, Any]:
+    """The language-model sizes every tiny preset shares, from `model.tiny`: a 2x MLP, as many KV heads as
+    heads, 1024 positions."""
+    return {
+        "vocab_size": vocab_size,
+        "hidden_size": tiny.hidden_size,
+        "intermediate_size": tiny.hidden_size * 2,
+        "num_hidden_layers": tiny.num_layers,
+        "num_attention_heads": tiny.num_heads,
+        "num_key_value_heads": tiny.num_heads,
+        "max_position_embeddings": 1024,
+    }
+
+
+def tiny_vision_sizes(tiny: Any) -> dict[str, Any]:
+    """The ViT sizes the tiny presets' CLIP and SigLIP towers share, from `model.tiny`: a 2x MLP, one head
+    per 8 channels."""
+    return {
+        "hidden_size": tiny.vision_hidden_size,
+        "intermediate_size": tiny.vision_hidden_size * 2,
+        "num_hidden_layers": tiny.vision_layers,
+        "num_attention_heads": max(1, tiny.vision_hidden_size // 8),
+        "image_size": tiny.image_size,
+        "patch_size": tiny.patch_size,
+    }

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from data_pipeline.chat_template import message_text_template
-from mtrain.model.families.base import ModelFamily
+from mtrain.model.families.base import ModelFamily, tiny_text_sizes, tiny_vision_sizes
 from mtrain.model.families.llava import m3_scale_problems
 
 IMAGE_SOFT_TOKEN = "<image_soft_token>"  # the image token: one per visual token in the sequence
@@ -96,15 +96,9 @@ def tiny_gemma3_config(tiny: Any, vocab_size: int, tokenizer: Any) -> Any:
 
     head_dim = tiny.hidden_size // tiny.num_heads
     text = {
-        "vocab_size": vocab_size,
-        "hidden_size": tiny.hidden_size,
-        "intermediate_size": tiny.hidden_size * 2,
-        "num_hidden_layers": tiny.num_layers,
-        "num_attention_heads": tiny.num_heads,
-        "num_key_value_heads": tiny.num_heads,
+        **tiny_text_sizes(tiny, vocab_size),
         "head_dim": head_dim,
         "query_pre_attn_scalar": head_dim,
-        "max_position_embeddings": 1024,
         # Short enough that a tiny document crosses it, so the sliding layers' masks are exercised.
         "sliding_window": 32,
         "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(tiny.num_layers)],
@@ -114,12 +108,7 @@ def tiny_gemma3_config(tiny: Any, vocab_size: int, tokenizer: Any) -> Any:
     }
     vision = {
         "model_type": "siglip_vision_model",
-        "hidden_size": tiny.vision_hidden_size,
-        "intermediate_size": tiny.vision_hidden_size * 2,
-        "num_hidden_layers": tiny.vision_layers,
-        "num_attention_heads": max(1, tiny.vision_hidden_size // 8),
-        "image_size": tiny.image_size,
-        "patch_size": tiny.patch_size,
+        **tiny_vision_sizes(tiny),
     }
     side = tiny.image_size // tiny.patch_size // POOL_PER_SIDE
     return Gemma3Config(

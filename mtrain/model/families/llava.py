@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mtrain.model.families.base import ModelFamily, UnsupportedModelError
+from mtrain.model.families.base import ModelFamily, UnsupportedModelError, tiny_text_sizes, tiny_vision_sizes
 
 # Tokens a tower emits before its patch grid, by the vision config's model_type.
 TOWER_PREFIX_TOKENS = {"clip_vision_model": 1, "siglip_vision_model": 0}
@@ -93,24 +93,13 @@ def tiny_llava_config(tiny: Any, vocab_size: int, image_token_id: int, pad_token
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, SiglipVisionConfig  # noqa: PLC0415
 
     text = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=tiny.hidden_size,
-        intermediate_size=tiny.hidden_size * 2,
-        num_hidden_layers=tiny.num_layers,
-        num_attention_heads=tiny.num_heads,
-        num_key_value_heads=tiny.num_heads,
-        max_position_embeddings=1024,
+        **tiny_text_sizes(tiny, vocab_size),
         pad_token_id=pad_token_id,
         tie_word_embeddings=False,
     )
     tower = CLIPVisionConfig if tiny.vision_tower == "clip" else SiglipVisionConfig
     vision = tower(
-        hidden_size=tiny.vision_hidden_size,
-        intermediate_size=tiny.vision_hidden_size * 2,
-        num_hidden_layers=tiny.vision_layers,
-        num_attention_heads=max(1, tiny.vision_hidden_size // 8),
-        image_size=tiny.image_size,
-        patch_size=tiny.patch_size,
+        **tiny_vision_sizes(tiny),
     )
     return LlavaConfig(
         text_config=text,

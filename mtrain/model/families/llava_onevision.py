@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from data_pipeline.chat_template import message_text_template
-from mtrain.model.families.base import ModelFamily
+from mtrain.model.families.base import ModelFamily, tiny_text_sizes, tiny_vision_sizes
 from mtrain.model.families.llava import m3_scale_problems
 
 # ChatML, as LLaVA-OneVision's Qwen2 checkpoints render conversations, with `{% generation %}`
@@ -230,23 +230,12 @@ def tiny_onevision_config(tiny: Any, vocab_size: int, image_token_id: int, pad_t
     from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig  # noqa: PLC0415
 
     text = Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=tiny.hidden_size,
-        intermediate_size=tiny.hidden_size * 2,
-        num_hidden_layers=tiny.num_layers,
-        num_attention_heads=tiny.num_heads,
-        num_key_value_heads=tiny.num_heads,
-        max_position_embeddings=1024,
+        **tiny_text_sizes(tiny, vocab_size),
         pad_token_id=pad_token_id,
         tie_word_embeddings=False,
     )
     vision = SiglipVisionConfig(
-        hidden_size=tiny.vision_hidden_size,
-        intermediate_size=tiny.vision_hidden_size * 2,
-        num_hidden_layers=tiny.vision_layers,
-        num_attention_heads=max(1, tiny.vision_hidden_size // 8),
-        image_size=tiny.image_size,
-        patch_size=tiny.patch_size,
+        **tiny_vision_sizes(tiny),
     )
     pinpoints = [[tiny.image_size * h, tiny.image_size * w] for h, w in ((1, 1), (1, 2), (2, 1), (2, 2))]
     return LlavaOnevisionConfig(

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from data_pipeline.chat_template import message_text_template
-from mtrain.model.families.base import ModelFamily
+from mtrain.model.families.base import ModelFamily, tiny_text_sizes
 from mtrain.model.token_scales import grid_factor
 
 IMAGE_PAD = "<|image_pad|>"  # the image token: one per visual token in the sequence
@@ -140,13 +140,7 @@ def tiny_qwen2_vl_config(tiny: Any, vocab_size: int, tokenizer: Any) -> Any:
     temporal = half // 4
     height = (half - temporal) // 2
     text = {
-        "vocab_size": vocab_size,
-        "hidden_size": tiny.hidden_size,
-        "intermediate_size": tiny.hidden_size * 2,
-        "num_hidden_layers": tiny.num_layers,
-        "num_attention_heads": tiny.num_heads,
-        "num_key_value_heads": tiny.num_heads,
-        "max_position_embeddings": 1024,
+        **tiny_text_sizes(tiny, vocab_size),
         "rope_parameters": {
             "rope_type": "default",
             "rope_theta": 10000.0,
