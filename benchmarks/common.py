@@ -11,13 +11,29 @@ import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 REPO = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
+
+
+def in_turn(items: Iterable[T], round_index: int) -> list[T]:
+    """`items` in order on even rounds, reversed on odd ones (ABBA): a drift in the machine's load favours none."""
+    return list(items) if round_index % 2 == 0 else list(items)[::-1]
+
+
+def scratch_with_shards(prefix: str) -> Path:
+    """A fresh temporary folder holding `shards/`: the sample data, 4 shards of 48 samples."""
+    from data_pipeline.sample_data import write_sample_shards  # noqa: PLC0415
+
+    scratch = Path(tempfile.mkdtemp(prefix=prefix))
+    write_sample_shards(scratch / "shards", num_shards=4, samples_per_shard=48)
+    return scratch
 
 
 def timed_engine_steps(engine: Any, batches: list[dict], warmup: int, profile_to: Path | None = None) -> float:

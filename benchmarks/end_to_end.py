@@ -67,7 +67,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import launch_for_result, leave_together, ratio_line, spread, write_mix  # noqa: E402
+from common import in_turn, launch_for_result, leave_together, ratio_line, spread, write_mix  # noqa: E402
 
 HF_SIDES = ("hf_pad", "hf_flat")
 # What a side counts, summed over its blocks: tokens with a trained label, non-pad tokens, positions
@@ -449,7 +449,7 @@ def main() -> None:
     args.samples_per_rank = max(1, round(rows * per_row))
     results: dict[str, list[dict]] = {hf: [] for hf in HF_SIDES}  # per launch: mtrain and that HF side
     for round_index in range(args.rounds):
-        for hf in HF_SIDES if round_index % 2 == 0 else HF_SIDES[::-1]:
+        for hf in in_turn(HF_SIDES, round_index):
             out = scratch / f"{hf}-{round_index}.json"
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                    str(free_port()), __file__, "--worker", "--hf-side", hf, "--sources", json.dumps(sources),

@@ -25,13 +25,12 @@ import json
 import os
 import resource
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import launch_for_result, ratio_line, spread  # noqa: E402
+from common import in_turn, launch_for_result, ratio_line, scratch_with_shards, spread  # noqa: E402
 
 SETTINGS = ("train", "eval")
 SCALES = "[1,4,16,64]"
@@ -109,13 +108,12 @@ def main() -> None:
 
     from data_pipeline.sample_data import write_sample_shards
 
-    scratch = Path(tempfile.mkdtemp(prefix="mtrain-eval-memory-"))
+    scratch = scratch_with_shards("mtrain-eval-memory-")
     args.shards = str(scratch / "shards")
-    write_sample_shards(args.shards, num_shards=4, samples_per_shard=48)
     write_sample_shards(Path(args.shards) / "heldout", num_shards=2, samples_per_shard=24, seed=7)
     results: dict[str, list[dict]] = {name: [] for name in SETTINGS}
     for round_index in range(args.rounds):
-        for setting in SETTINGS if round_index % 2 == 0 else SETTINGS[::-1]:
+        for setting in in_turn(SETTINGS, round_index):
             result = launch(setting, args, scratch, round_index)
             results[setting].append(result)
             print(f"  round {round_index} {setting:5s} peak RSS per rank "

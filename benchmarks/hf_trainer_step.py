@@ -56,7 +56,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import launch_for_result, leave_together, ratio_line, spread  # noqa: E402
+from common import in_turn, launch_for_result, leave_together, ratio_line, scratch_with_shards, spread  # noqa: E402
 
 # Both loops log their metrics (loss, lr, grad norm, ...) every LOG_EVERY steps; neither shows a progress bar.
 LOG_EVERY = 10
@@ -437,17 +437,14 @@ def main() -> None:
             Path(args.out).write_text(json.dumps(result))
         return
 
-    from data_pipeline.sample_data import write_sample_shards
-
-    scratch = Path(tempfile.mkdtemp(prefix="mtrain-hfbench-"))
+    scratch = scratch_with_shards("mtrain-hfbench-")
     args.shards = str(scratch / "shards")
-    write_sample_shards(args.shards, num_shards=4, samples_per_shard=48)
     results: dict[str, list[dict]] = {"mtrain": [], "hf": []}
     for round_index in range(args.rounds):
         if args.mode == "interleaved":
             launched = launch("both", args, scratch / f"both-{round_index}.json")
         else:  # ABBA order (mtrain, hf, hf, mtrain, ...): a drift in the load favours neither side
-            order = ("mtrain", "hf") if round_index % 2 == 0 else ("hf", "mtrain")
+            order = in_turn(("mtrain", "hf"), round_index)
             launched = {side: launch(side, args, scratch / f"{side}-{round_index}.json") for side in order}
         for side, result in launched.items():
             result = with_round_figures(result)

@@ -49,13 +49,20 @@ import json
 import os
 import resource
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import launch_for_result, leave_together, ratio_line, spread, timed_engine_steps  # noqa: E402
+from common import (  # noqa: E402
+    in_turn,
+    launch_for_result,
+    leave_together,
+    ratio_line,
+    scratch_with_shards,
+    spread,
+    timed_engine_steps,
+)
 
 PERSISTENCE_NOTE = """\
 threshold=0 against the default (1e5) -- see this script's docstring: all 77 parameters of the
@@ -158,14 +165,11 @@ def main() -> None:
         worker(args)
         return
 
-    from data_pipeline.sample_data import write_sample_shards
-
-    scratch = Path(tempfile.mkdtemp(prefix="mtrain-scaling-"))
+    scratch = scratch_with_shards("mtrain-scaling-")
     args.shards = str(scratch / "shards")
-    write_sample_shards(args.shards, num_shards=4, samples_per_shard=48)
     results: dict[str, list[dict]] = {name: [] for name in SETTINGS}
     for round_index in range(args.rounds):
-        for name in SETTINGS if round_index % 2 == 0 else list(SETTINGS)[::-1]:
+        for name in in_turn(SETTINGS, round_index):
             result = launch(name, args, scratch / f"{name}-{round_index}.json")
             results[name].append(result)
             steps = ", ".join(f"{engine} {s * 1000:.1f}" for engine, s in result["step_s"].items())

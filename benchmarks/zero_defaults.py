@@ -41,13 +41,19 @@ import re
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import launch_for_result, leave_together, ratio_line, timed_engine_steps  # noqa: E402
+from common import (  # noqa: E402
+    in_turn,
+    launch_for_result,
+    leave_together,
+    ratio_line,
+    scratch_with_shards,
+    timed_engine_steps,
+)
 
 DEEPSPEED_BUCKETS = ["zero.reduce_bucket_size=50000000", "zero.prefetch_bucket_size=50000000"]
 ENGINES = {
@@ -133,15 +139,13 @@ def main() -> None:
 
     from run_all import llava7b_config
 
-    from data_pipeline.sample_data import write_sample_shards
     from mtrain.launch.distributed import free_port
 
-    scratch = Path(tempfile.mkdtemp(prefix="mtrain-zero-"))
+    scratch = scratch_with_shards("mtrain-zero-")
     shards = scratch / "shards"
-    write_sample_shards(shards, num_shards=4, samples_per_shard=48)
     results: dict[int, list[dict]] = {width: [] for width in args.widths}
     for round_index in range(args.rounds):
-        for width in args.widths if round_index % 2 == 0 else args.widths[::-1]:
+        for width in in_turn(args.widths, round_index):
             out = scratch / f"w{width}-{round_index}.json"
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                    str(free_port()), __file__, "--worker", "--width", str(width), "--shards", str(shards),
