@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.conftest import REPO, read_metrics, run, torchrun
+from tests.conftest import mtrain_train, read_metrics, run
 
 SCALES = (1, 4, 16)
 
@@ -15,14 +15,14 @@ def train_m3_mss_packed(tmp_path: Path, shards_pattern: str, preset: str, steps:
     """Train `preset` for `steps` on 2 ranks; returns the run folder and its metrics, one a step, each with
     every scale's loss."""
     run_dir = tmp_path / "run"
-    cmd = [
-        *torchrun(), "-m", "mtrain",
-        "train", str(REPO / "configs/tiny.yaml"), f"run.dir={run_dir}", f"data.shards={shards_pattern}",
-        f"model.preset={preset}", f"run.max_steps={steps}", "optim.warmup_steps=2", "logging.progress=false",
+    cmd = mtrain_train(
+        run_dir, shards_pattern,
+        f"model.preset={preset}", f"run.max_steps={steps}", "optim.warmup_steps=2",
         "zero.param_persistence_threshold=0", "data.packing=true", "matryoshka.tokens.layout=packed",
         "matryoshka.tokens.mode=m3", "matryoshka.tokens.scales=[1,4,16]", "matryoshka.tokens.policy=all",
         "model.lora.strategy=shared_plus_per_scale",
-    ]  # fmt: skip
+        ranks=2,
+    )  # fmt: skip
     proc = run(cmd, cwd=tmp_path, timeout=240)
     assert proc.returncode == 0
 
