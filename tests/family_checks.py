@@ -4,9 +4,10 @@ per-scale gradient check, and a one-image conversation through the tokenizer's t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -73,6 +74,19 @@ def assert_one_pass_equals_separate_grads(
             assert got is None or not got.any()
         else:
             torch.testing.assert_close(got, want, rtol=grad_rtol, atol=1e-6)
+
+
+@contextlib.contextmanager
+def rows_at_scale(task, rows: int, scale: int) -> Iterator[None]:
+    """Inside: all `rows` rows route to `scale`'s LoRA adapters, as the task routes a scale's rows (a stock
+    forward of the wrapped model sets no routing itself); none without scale adapters."""
+    if task.routing is not None:
+        task.routing.set_rows(torch.full((rows,), scale))
+    try:
+        yield
+    finally:
+        if task.routing is not None:
+            task.routing.clear()
 
 
 def text_ids(built, text: str) -> list[int]:

@@ -25,7 +25,7 @@ from mtrain.model.tokenizer import build_tiny_tokenizer
 from mtrain.task.registry import build_task
 from mtrain.task.token_layout import shrink_image_runs
 from tests.data_factory import make_loader, write_mixed_shards
-from tests.family_checks import TWO_TURNS, assert_one_pass_equals_separate_grads, conversation, lora_task
+from tests.family_checks import TWO_TURNS, assert_one_pass_equals_separate_grads, conversation, lora_task, rows_at_scale
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -165,9 +165,7 @@ def reference_scale_loss(task, built, batch, scale: int) -> torch.Tensor:
     """One scale as a per-scale model trains: the full scale through the stock forward (pixels, image_sizes),
     smaller ones with the family's pooled tokens spliced into the shrunk text."""
     llava, config = task.llava, task.llava.config
-    if task.routing is not None:
-        task.routing.set_rows(torch.full((batch["input_ids"].shape[0],), scale))
-    try:
+    with rows_at_scale(task, batch["input_ids"].shape[0], scale):
         if scale == max(SCALES):
             sizes = torch.tensor(batch["image_sizes"])
             return llava(
@@ -187,9 +185,6 @@ def reference_scale_loss(task, built, batch, scale: int) -> torch.Tensor:
         embeds = llava.get_input_embeddings()(ids)
         embeds = embeds.masked_scatter((ids == task.image_token_id).unsqueeze(-1), features)
         return llava(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
-    finally:
-        if task.routing is not None:
-            task.routing.clear()
 
 
 @pytest.mark.parametrize(

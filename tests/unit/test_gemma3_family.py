@@ -34,6 +34,7 @@ from tests.family_checks import (
     m3_lora_config,
     packed_batch,
     processed_images,
+    rows_at_scale,
     text_ids,
 )
 from tests.family_checks import documents as family_documents
@@ -82,11 +83,8 @@ def reference_scale_output(task, built, batch, scale: int, bidirectional: bool =
     is_image = ids == task.image_token_id
     embeds = model.get_input_embeddings()(ids).masked_scatter(is_image.unsqueeze(-1), pooled)
     token_type_ids = is_image.long() if bidirectional else None
-    task.routing.set_rows(torch.full((ids.shape[0],), scale))
-    try:
+    with rows_at_scale(task, ids.shape[0], scale):
         return model(inputs_embeds=embeds, attention_mask=mask, token_type_ids=token_type_ids, labels=labels)
-    finally:
-        task.routing.clear()
 
 
 def assert_one_pass_equals_separate(task, built, batch) -> None:

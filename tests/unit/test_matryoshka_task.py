@@ -9,7 +9,7 @@ from data_pipeline.tokenize import IGNORE_INDEX
 from mtrain.config import load_config
 from mtrain.model.token_scales import pool_grid
 from mtrain.task.token_layout import shrink_image_runs
-from tests.family_checks import assert_one_pass_equals_separate_grads, lora_task
+from tests.family_checks import assert_one_pass_equals_separate_grads, lora_task, rows_at_scale
 
 SCALES = {"m3": "[1,4,16,64]", "mqt": "[2,8,32,64]"}
 
@@ -58,13 +58,8 @@ def reference_scale_loss(task, batch, scale: int) -> torch.Tensor:
         batch["input_ids"], batch["labels"], batch["attention_mask"], task.image_token_id, task.visual_tokens, scale, 0
     )
     embeds = llava.get_input_embeddings()(ids).masked_scatter((ids == task.image_token_id).unsqueeze(-1), scaled)
-    if task.routing is not None:
-        task.routing.set_rows(torch.full((ids.shape[0],), scale))
-    try:
+    with rows_at_scale(task, ids.shape[0], scale):
         return llava(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
-    finally:
-        if task.routing is not None:
-            task.routing.clear()
 
 
 @pytest.mark.parametrize(

@@ -35,6 +35,7 @@ from tests.family_checks import (
     m3_lora_config,
     packed_batch,
     processed_images,
+    rows_at_scale,
     text_ids,
 )
 from tests.family_checks import documents as family_documents
@@ -89,11 +90,8 @@ def reference_scale_loss(task, built, batch, scale: int) -> torch.Tensor:
         ids, is_image.int(), image_grid_thw=pooled_grid_thw(grid_thw, factor), attention_mask=mask
     )
     embeds = model.get_input_embeddings()(ids).masked_scatter(is_image.unsqueeze(-1), pooled)
-    task.routing.set_rows(torch.full((ids.shape[0],), scale))
-    try:
+    with rows_at_scale(task, ids.shape[0], scale):
         return model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, labels=labels).loss
-    finally:
-        task.routing.clear()
 
 
 def assert_one_pass_equals_separate(task, built, batch) -> None:
