@@ -272,14 +272,14 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         dims = [int(d) for d in args.dims.split(",")] if args.dims else None
         run_retrieval_eval(args.source, args.overrides, args.shards, args.batches, dims, args.out)
-        return 0
+        return _leave(0)
     if args.command == "eval":
         from mtrain.eval.run import run_eval  # noqa: PLC0415
 
         scales = [int(s) for s in args.scales.split(",")] if args.scales else None
         overrides = [*args.overrides, *_generation_overrides(args)]  # checked with the config they change
         run_eval(args.source, overrides, args.shards, args.batches, scales, args.out, args.untrained_budgets)
-        return 0
+        return _leave(0)  # a rank of a multi-rank eval leaves as a finished training rank does
     if args.command == "generate":
         from mtrain.eval.generation import run_generate  # noqa: PLC0415
 
