@@ -10,7 +10,7 @@ venv=${MTRAIN_VENV:-.venv}
 extras=${MTRAIN_EXTRAS:-dev,mpi,wandb}
 
 # Debian packages: Slurm (a real local cluster for the launcher tests), munge, numactl, and g++ for
-# the C++ ops DeepSpeed builds on first use (the CPU shared-memory comm op, CPU Adam for offload).
+# the C++ op DeepSpeed builds for CPU Adam (optimizer offload).
 debs=(slurm-wlm munge numactl g++)
 if ! dpkg -s "${debs[@]}" >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
@@ -37,11 +37,13 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$venv/bin/python" -m pip install -q "${constraint[@]}" -e ".[$extras]"
   echo "$want" > "$stamp"
 fi
-# Build DeepSpeed's CPU Adam (zero.offload_optimizer=cpu) now, once per machine, into the torch
-# extensions cache (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions): about a minute here,
-# then a cached load of a second. Without a compiler the offload runs would fail at engine start.
+# Build DeepSpeed's CPU Adam (zero.offload_optimizer=cpu) now, once per environment, into the
+# folder mtrain's processes load it from (TORCH_EXTENSIONS_DIR, default <venv>/torch_extensions; see
+# mtrain.launch.distributed.use_environment_extension_cache): about a minute here, then a cached
+# load of a second. Without a compiler the offload runs would fail at engine start.
 if command -v g++ >/dev/null; then
-  "$venv/bin/python" -c "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load(verbose=False)" \
+  TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$("$venv/bin/python" -c 'import os, sys; print(os.path.join(sys.prefix, "torch_extensions"))')}" \
+    "$venv/bin/python" -c "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load(verbose=False)" \
     >/dev/null 2>&1 || echo "install: could not build DeepSpeed's CPU Adam op (zero.offload_optimizer=cpu needs it)" >&2
 fi
 echo "install: ready ($("$venv/bin/python" -c 'import torch, deepspeed; print("torch", torch.__version__, "deepspeed", deepspeed.__version__)' 2>/dev/null | tail -1))"

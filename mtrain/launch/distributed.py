@@ -49,6 +49,36 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def use_environment_extension_cache() -> None:
+    """Build and load DeepSpeed's C++ ops (CPU Adam) in this Python environment's own folder.
+
+    torch's default cache, ~/.cache/torch_extensions, is shared by every checkout and venv of a
+    user: each one's DeepSpeed path differs, so each start rebuilt the op of the last one, and a
+    process killed while holding the cache's lock file left every later start of every checkout
+    waiting on it forever. `scripts/install.sh` prebuilds into the same folder. A user's
+    TORCH_EXTENSIONS_DIR wins; an environment that is not writable keeps torch's default.
+    """
+    if os.access(sys.prefix, os.W_OK):
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+
+
+def keep_deepspeed_shm_allreduce_off() -> None:
+    """Stop DeepSpeed's CPU backend from building and starting its shared-memory all-reduce.
+
+    Only DeepSpeed's tensor-parallel inference calls it (ZeRO reduce-scatters and all-gathers). Yet
+    at every process-group start the backend JIT-compiles it, and where LOCAL_SIZE equals the world
+    size it creates a 66 MiB /dev/shm workspace per rank that is never unlinked (RAM lost per job),
+    and where /dev/shm is smaller than the workspaces (Docker's 64 MiB default) every rank spins
+    forever in its set-up. Marking the op incompatible makes the backend use the process group.
+    """
+    import deepspeed.ops  # noqa: PLC0415
+    from deepspeed.accelerator import get_accelerator  # noqa: PLC0415
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
 def init_distributed(
     backend: str,
     timeout_s: int,
@@ -68,6 +98,8 @@ def init_distributed(
 
     # DeepSpeed calls these collectives on every gather; torch warns on each call.
     warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*deprecated")
+    use_environment_extension_cache()
+    keep_deepspeed_shm_allreduce_off()
     world = world_info_from_env(default_port=default_port)
     if world.launcher == "none":
         # A lone process still needs a process group for DeepSpeed; pick a port nobody holds.

@@ -87,3 +87,48 @@ def test_export_gives_deepspeeds_cpu_accelerator_its_device_count(monkeypatch):
     monkeypatch.setattr("os.environ", environ)
     assert environ["LOCAL_SIZE"] == "2"
     assert CPU_Accelerator().device_count() == 2  # a count of this node's ranks, read without a subprocess
+
+
+def test_process_group_start_neither_builds_nor_starts_deepspeeds_shared_memory_allreduce(tmp_path):
+    """DeepSpeed's CPU backend JIT-compiles its shared-memory all-reduce at every start and, when
+    LOCAL_SIZE equals the world size, creates a 66 MiB /dev/shm workspace per rank. ZeRO training
+    never uses it, its files were never unlinked (20 GiB of RAM held on this machine after a day of
+    tests), and where /dev/shm is small (Docker's 64 MiB default) every rank spins forever in its
+    set-up. DeepSpeed's own launcher sets LOCAL_SIZE itself; mtrain exports it (the device count)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import free_port, launch_env
+
+    port = free_port()
+    extensions = tmp_path / "extensions"
+    env = {**launch_env(), "LOCAL_SIZE": "1", "MASTER_PORT": str(port), "TORCH_EXTENSIONS_DIR": str(extensions)}
+    code = (
+        "import os; from mtrain.launch.distributed import init_distributed; "
+        f"init_distributed('gloo', 60, {port}); print('LOCAL_SIZE', os.environ['LOCAL_SIZE'])"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    workspaces = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    for leftover in workspaces:
+        leftover.unlink()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "LOCAL_SIZE 1" in proc.stdout
+    assert workspaces == []
+    assert not (extensions / "deepspeed_shm_comm").exists()  # not even compiled
+
+
+def test_deepspeed_ops_build_in_this_environments_own_folder(monkeypatch):
+    """One ~/.cache/torch_extensions for every checkout: each start rebuilt the previous checkout's
+    op, and a process killed holding its lock file left every later start waiting forever."""
+    import os
+    import sys
+
+    from mtrain.launch.distributed import use_environment_extension_cache
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    use_environment_extension_cache()
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == os.path.join(sys.prefix, "torch_extensions")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/elsewhere")
+    use_environment_extension_cache()
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == "/elsewhere"
