@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from data_pipeline.collate import ROW_IMAGES, ROW_TOKENS, real_token_mask, right_pad
+from data_pipeline.collate import IMAGE_SIZES, ROW_IMAGES, ROW_TOKENS, real_token_mask, right_pad
 from data_pipeline.formats import IMAGE_EXTENSIONS, IMAGE_PLACEHOLDER, ImageSegment, SampleFault, decode_text
 from data_pipeline.images import ImagePreprocessor
 from data_pipeline.sample_data import write_shape_shards
@@ -138,6 +138,7 @@ class PairDoc:
     ref: tuple[int, int, int] | None = None
     label: int | None = None  # the query's class (KEY.label.cls), for an MRL-E classifier
     pixel_values: list[Any] = field(default_factory=list)  # prepared pixels of `images`, in order
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (height, width) of `images`, in order
     location: Any = None
 
     @property
@@ -245,6 +246,8 @@ class PairForm:
             )
             batch.update({f"{side}_{name}": value for name, value in collated.items()})
             batch[f"{side}_texts"] = [doc.sides[side].text for doc in with_side]
+            # Each image's (height, width), which anyres models crop by (LLaVA-NeXT/OneVision).
+            batch[f"{side}_{IMAGE_SIZES}"] = [size for doc in with_side for size in side_image_sizes(doc, side)]
         batch[NEGATIVE_ROWS] = [NEGATIVE in doc.sides for doc in docs]
         if any(doc.label is not None for doc in docs):
             labels = [IGNORE_INDEX if doc.label is None else doc.label for doc in docs]
@@ -261,6 +264,16 @@ def pair_label(key: str, members: dict[str, bytes]) -> int | None:
         return int(raw)
     except ValueError:
         raise SampleFault("malformed_json", f"{key}.label.cls holds {raw!r}, not an integer class") from None
+
+
+def side_image_sizes(doc: PairDoc, side: str) -> list[tuple[int, int]]:
+    """The (height, width) of each image of one side of a materialized pair, as `side_pixels` orders them."""
+    start = 0
+    for name, planned in doc.sides.items():
+        if name == side:
+            return doc.image_sizes[start : start + len(planned.images)]
+        start += len(planned.images)
+    return []
 
 
 def side_pixels(doc: PairDoc, side: str) -> list[Any]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from data_pipeline.formats import IMAGE_PLACEHOLDER
 from mtrain.config.core import Checkable, section, setting
@@ -76,6 +76,25 @@ class LoraConfig(Checkable):
 
 QWEN_PRESETS = ("tiny-qwen2-vl", "tiny-qwen2.5-vl")  # tiny presets with Qwen's 2x2 patch merger
 GEMMA3_PRESET = "tiny-gemma3"  # its projector pools 2x2 patches into one token
+
+
+def mqt_head_problem(tokens: Any, export_at_end: bool, generate_samples: int) -> tuple[str, str] | None:
+    """(dotted key, problem) of MQT after a family's own projector (every family but llava:
+    mtrain/model/mqt_head.py), or None. It trains and `mtrain eval` scores it by loss; the Hugging Face
+    export and generation (mtrain/infer.py) do not carry its query transformer yet."""
+    if tokens.mqt_architecture == "mqt_llava":
+        message = "mqt_llava is MQT-LLaVA's projector, which replaces a llava model's; this model keeps its own: use mtrain"
+        return ("matryoshka.tokens.mqt_architecture", message)
+    if export_at_end:
+        message = (
+            "the Hugging Face export of this model does not hold MQT's query transformer yet (stock transformers "
+            "would drop it); set checkpoint.export_at_end=false and evaluate the checkpoint with mtrain eval"
+        )
+        return ("checkpoint.export_at_end", message)
+    if generate_samples:
+        message = "generation (mtrain.infer) runs MQT on llava models only yet; set 0 (the budget losses still run)"
+        return ("eval.generate_samples", message)
+    return None
 
 
 @dataclass
@@ -691,21 +710,10 @@ class TrainConfig(Checkable):
                 "model.lora.strategy=shared"
             )
             return [("matryoshka.tokens.mqt_stage", message)]
-        if self.model.preset in QWEN_PRESETS and tokens.mode == "mqt":
-            message = "is 'mqt', which replaces a LLaVA projector; the Qwen tiny presets train m3 (or none)"
-            return [("matryoshka.tokens.mode", message)]
-        if self.model.preset in QWEN_PRESETS and self.task.objective == "contrastive":
-            message = "is 'contrastive', which the Qwen tiny presets do not train yet (its task makes no M-RoPE ids)"
-            return [("task.objective", message)]
-        if self.model.preset == GEMMA3_PRESET and tokens.mode == "mqt":
-            message = "is 'mqt', which replaces a LLaVA projector; the Gemma 3 tiny preset trains m3 (or none)"
-            return [("matryoshka.tokens.mode", message)]
-        if self.model.preset == GEMMA3_PRESET and self.task.objective == "contrastive":
-            message = (
-                "is 'contrastive', which the Gemma 3 tiny preset does not train yet "
-                "(its task does not pass Gemma 3's bidirectional image attention)"
-            )
-            return [("task.objective", message)]
+        if tokens.mode == "mqt" and self.model.preset not in ("tiny-llava", "none"):
+            problem = mqt_head_problem(tokens, self.checkpoint.export_at_end, self.eval.generate_samples)
+            if problem:
+                return [problem]
         if tokens.mode == "m3" and self.model.preset != "none":
             # A tiny preset's grid is square; a folder's grid is checked by its family (mtrain/launch/model_checks.py).
             bad = [s for s in tokens.scales if round(s**0.5) ** 2 != s]

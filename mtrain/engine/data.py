@@ -121,7 +121,8 @@ def pair_spec(cfg: TrainConfig, built: Any) -> Any:
         built.image_token_id,
         built.visual_tokens,
         cfg.data.max_len,
-        built.model.config.vision_config.image_size,
+        # Only the shape of a side without images, (0, 3, S, S); a Qwen tower has no one size (its images are patches).
+        getattr(built.model.config.vision_config, "image_size", 0),
         cfg.task.contrastive.query_instruction,
     )
 

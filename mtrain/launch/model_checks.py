@@ -55,7 +55,8 @@ def model_problems(cfg: Any) -> list[str]:
     path = cfg.model.path
     if not path or is_url(path) or not (Path(path) / "config.json").is_file():
         return []  # the preset, or a missing folder, which check_inputs reports
-    from mtrain.model.families import UnsupportedModelError, family_for  # noqa: PLC0415
+    from mtrain.config.schema import mqt_head_problem  # noqa: PLC0415
+    from mtrain.model.families import MQT_MODEL_TYPE, UnsupportedModelError, family_for  # noqa: PLC0415
 
     where = f"model.path={path!r}"
     try:
@@ -68,6 +69,12 @@ def model_problems(cfg: Any) -> list[str]:
 
     config = load_model_config(path)  # an MQT folder's config without running its code
     found = family.problems(config, cfg.matryoshka.tokens, cfg.model.image_size)
+    tokens = cfg.matryoshka.tokens
+    if tokens.mode == "mqt" and family.model_type not in ("llava", MQT_MODEL_TYPE):
+        # The family's problems name the architecture; what the export and generation lack is said here.
+        limit = mqt_head_problem(tokens, cfg.checkpoint.export_at_end, cfg.eval.generate_samples)
+        if limit and not found:
+            found.append(f"{limit[0]}: {limit[1]}")
     if cfg.task.objective not in family.objectives:
         found.append(f"task.objective={cfg.task.objective} does not train a {config.model_type} model yet")
     problems = [f"{where}: {problem}" for problem in found]

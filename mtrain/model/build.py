@@ -42,6 +42,7 @@ from mtrain.model.families.qwen2_vl import (
     tiny_qwen2_vl_config,
     tiny_qwen_image_processor,
 )
+from mtrain.model.mqt_head import MQT_HEAD, attach_mqt_head
 from mtrain.model.scale_lora import ScaleRouting, adapter_names, attach_scale_lora
 from mtrain.model.tokenizer import IMAGE_TOKEN, build_tiny_tokenizer, pad_with_eos_or_unk
 
@@ -144,8 +145,9 @@ def build_model(
 ) -> BuiltModel:
     """Build or load the model described by `cfg`, partitioned under ZeRO-3 when a config is given.
 
-    With `tokens.mode == "mqt"` the model is `MQTLlavaForConditionalGeneration`, LLaVA with the MQT query
-    transformer as projector (its trained weights from an MQT folder, fresh on a LLaVA base); with a
+    With `tokens.mode == "mqt"` a LLaVA model is `MQTLlavaForConditionalGeneration`, LLaVA with the MQT query
+    transformer as projector (its trained weights from an MQT folder, fresh on a LLaVA base); any other
+    family gets a fresh query transformer after its own projector (`mtrain/model/mqt_head.py`); with a
     scale-specific `lora.strategy` one PEFT adapter per scale is attached. `config_only` builds a
     local model from its config.json alone (no weights, tokenizer or image processor read): called
     under `torch.device("meta")` it gives the exact parameter layout of a 7B model in seconds.
@@ -164,7 +166,7 @@ def build_model(
         built = _tiny_gemma3(cfg, dtype, attn, seed)
     else:
         tokenizer, llava_config, image_processor = tiny_preset(cfg)
-        if tokens.mode == "mqt":
+        if tokens.mode == "mqt" and llava_config.model_type == "llava":
             llava_config = mqt_llava_config(llava_config, tokens)  # the mtrain_mqt_llava family
         family = family_for(llava_config.model_type)
         llava_config._attn_implementation = attn
@@ -180,8 +182,14 @@ def build_model(
         )
     if cfg.chat_template and built.tokenizer is not None:
         built.tokenizer.chat_template = cfg.chat_template  # rendered by the loader, saved by the export
+    parts = built.family.part_names
+    if tokens.mode == "mqt" and built.family.model_type != MQT_MODEL_TYPE:
+        # The other families keep their projector; MQT's query transformer reads its output.
+        attach_mqt_head(built.model, tokens, dtype)
+        built.visual_tokens = tokens.mqt_queries  # every <image> stands for M query tokens
+        parts = {**parts, "mqt_head": MQT_HEAD}
     built.constructed_elements = parameter_elements(built.model)
-    built.model, built.scale_routing = attach_training_parts(built.model, cfg, tokens, built.family.part_names)
+    built.model, built.scale_routing = attach_training_parts(built.model, cfg, tokens, parts)
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(built)
     built.zero3_context = zero3_context
@@ -367,16 +375,12 @@ def _model_class_for(config: Any, tokens: TokenScalesConfig, path: str) -> tuple
 
     An MQT folder loads with its trained projector and needs the run's MQT settings to match it. A
     LLaVA folder under `tokens.mode == "mqt"` starts MQT: a fresh query transformer replaces its MLP projector.
+    Another family's folder loads as itself (build_model adds the query transformer after its projector).
     """
     from mtrain.model.mqt_model import MQTLlavaForConditionalGeneration  # noqa: PLC0415
 
     if config.model_type != MQT_MODEL_TYPE:
-        if tokens.mode == "mqt":
-            if config.model_type != "llava":
-                raise ValueError(
-                    f"model.path={path!r}: MQT's query transformer replaces a LLaVA projector, and this is a "
-                    f"{config.model_type!r} model; use matryoshka.tokens.mode=m3 or a llava model"
-                )
+        if tokens.mode == "mqt" and config.model_type == "llava":
             return MQTLlavaForConditionalGeneration, mqt_llava_config(config, tokens)
         return family_for(config.model_type).model_class(), config
     problems = family_for(MQT_MODEL_TYPE).problems(config, tokens)  # the token mode it needs
@@ -417,7 +421,7 @@ def trained_modules(cfg: ModelConfig, parts: dict[str, str] = ModelFamily.part_n
     `part_names`), and always_train."""
     modules = list(cfg.freeze.always_train)
     if not cfg.freeze.projector:
-        modules.append(parts["projector"])
+        modules += [parts[name] for name in ("projector", "mqt_head") if name in parts]
     if not cfg.freeze.vision_tower:
         modules.append(parts["vision_tower"])
     return modules
@@ -445,8 +449,11 @@ def attach_lora(model: nn.Module, cfg: ModelConfig, parts: dict[str, str] = Mode
 
 def model_part(parameter_name: str, parts: dict[str, str] = ModelFamily.part_names) -> str:
     """Which part a parameter belongs to: vision_tower, projector or language_model (the projector
-    first: Qwen2-VL's merger sits inside its tower; anyres families' learned newline token trains with it)."""
-    if f"{parts['projector']}." in parameter_name or "image_newline" in parameter_name:
+    first: Qwen2-VL's merger sits inside its tower; anyres families' learned newline token and MQT's query
+    transformer after another family's projector train with it)."""
+    if any(f"{fragment}." in parameter_name for fragment in (parts["projector"], MQT_HEAD)):
+        return "projector"
+    if "image_newline" in parameter_name:
         return "projector"
     if f"{parts['vision_tower']}." in parameter_name:
         return "vision_tower"

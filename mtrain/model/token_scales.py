@@ -99,7 +99,9 @@ class QueryTransformerProjector(nn.Module):
     """MQT's projector: M learned queries (2D sin-cos positions) cross-attending to vision features.
 
     It replaces LLaVA's `multi_modal_projector`: input (images, patches, vision_dim), output
-    (images, M, text_dim). The caller keeps the first m outputs for budget m.
+    (images, M, text_dim). The caller keeps the first m outputs for budget m. With `num_patches=0` the
+    keys get no positions of their own: for inputs whose features already carry them (another family's
+    projected tokens, `mtrain/model/mqt_head.py`), whose count and layout vary by family.
     """
 
     def __init__(self, vision_dim: int, text_dim: int, num_queries: int, num_heads: int, num_patches: int) -> None:
@@ -107,7 +109,8 @@ class QueryTransformerProjector(nn.Module):
         self.num_queries = num_queries
         self.queries = nn.Parameter(torch.randn(num_queries, text_dim) * 0.02)
         self.register_buffer("query_positions", sincos_2d(num_queries, text_dim), persistent=False)
-        self.register_buffer("patch_positions", sincos_2d(num_patches, text_dim), persistent=False)
+        patch_positions = sincos_2d(num_patches, text_dim) if num_patches else None
+        self.register_buffer("patch_positions", patch_positions, persistent=False)
         self.key_value_in = nn.Linear(vision_dim, text_dim)
         self.norm_kv = nn.LayerNorm(text_dim)
         self.norm_q = nn.LayerNorm(text_dim)
@@ -118,7 +121,7 @@ class QueryTransformerProjector(nn.Module):
     def forward(self, vision_features: torch.Tensor) -> torch.Tensor:
         images = vision_features.shape[0]
         keys = self.norm_kv(self.key_value_in(vision_features))
-        keys_with_positions = keys + self.patch_positions.to(keys.dtype)
+        keys_with_positions = keys if self.patch_positions is None else keys + self.patch_positions.to(keys.dtype)
         queries = self.norm_q(self.queries + self.query_positions.to(self.queries.dtype))
         queries = queries.unsqueeze(0).expand(images, -1, -1)
         attended, _ = self.attention(queries, keys_with_positions, keys, need_weights=False)

@@ -30,13 +30,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from data_pipeline.collate import ROW_IMAGES, ROW_TOKENS
+from data_pipeline.collate import IMAGE_SIZES, ROW_IMAGES, ROW_TOKENS
+from data_pipeline.tokenize import IGNORE_INDEX
 from mtrain.config.schema import ContrastiveConfig, EmbeddingDimsConfig
 from mtrain.model.embedding_head import EmbeddingHead, MatryoshkaClassifier, check_dims
+from mtrain.model.families.base import ModelFamily
 from mtrain.task.base import Task
 from mtrain.task.draws import draw_random, draw_slots, rank_spread
 from mtrain.task.embedding_losses import embedding_kl, info_nce, mrl_e_loss, prefix_scores, score_kl
-from mtrain.task.token_layout import row_counts
+from mtrain.task.token_layout import Layout, row_counts
 
 SIDES = ("query", "positive")
 NEGATIVE = "negative"
@@ -198,9 +200,14 @@ class ContrastiveTask(Task):
         visual_tokens: int,
         pad_token_id: int,
         seed: int,
+        family: ModelFamily | None = None,
+        visual_grid: tuple[int, int] | None = None,
     ) -> None:
         super().__init__(model)
-        text_config = self.llava.config.text_config
+        # How this model's images become tokens and its tokens get positions (None: the registry's).
+        self.given_family = family
+        self.visual_grid = visual_grid  # (rows, columns) of every image's tokens (Qwen's merged grid)
+        text_config = self.llava.config.get_text_config()
         self.head = EmbeddingHead(text_config.hidden_size, contrastive.pooling, contrastive.projection_dim)
         # MRL-E: one classifier for every dim, W sliced W[:, :k] (Kusupati et al.).
         self.classifier = MatryoshkaClassifier(self.head.out_width, dims.classes, dims.dims) if dims.classes else None
@@ -218,7 +225,6 @@ class ContrastiveTask(Task):
         self.image_token_id = image_token_id
         self.pad_token_id = pad_token_id
         self.visual_tokens = visual_tokens
-        self.image_size = self.llava.config.vision_config.image_size
         self.seed = seed
         self.step = 0
         self.micro_batch = 0
@@ -241,26 +247,52 @@ class ContrastiveTask(Task):
 
     # ── embedding ─────────────────────────────────────────────────────────────────────────────
     def encode(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor, layers: list[int]
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor,
+        layers: list[int],
+        image_sizes: list[tuple[int, int]] | None = None,
     ) -> torch.Tensor:
         """Pooled embeddings of every row at each of `layers`: (len(layers), rows, width).
 
         The vision tower runs on every call, on a blank image when the rows hold none, and the
         language model once with all hidden states: the module sequence never depends on the data.
+        Images become tokens, and tokens positions and attention, by the model's family (the hooks
+        the token tasks use): Qwen's merged grid and M-RoPE ids, anyres crops by `image_sizes`,
+        Gemma 3's bidirectional attention within an image.
         """
         embeddings = self.llava.get_input_embeddings()(input_ids)
-        blank = pixel_values.shape[0] == 0
-        images = pixel_values if not blank else embeddings.new_zeros(1, 3, self.image_size, self.image_size)
-        output = self.llava.model.get_image_features(pixel_values=images.to(embeddings.dtype), return_dict=True)
-        features = torch.cat(list(output.pooler_output)).to(embeddings.dtype)
-        if blank:
-            embeddings = embeddings + 0.0 * features.sum()  # keeps the vision path in every backward
+        if pixel_values.shape[0] == 0:
+            embeddings = embeddings + self.vision_stand_in(embeddings.device).to(embeddings.dtype)
         else:
-            embeddings = embeddings.masked_scatter((input_ids == self.image_token_id).unsqueeze(-1), features)
+            features = self.image_features(pixel_values.to(self.input_dtype), image_sizes).flatten(0, 1)
+            is_image = (input_ids == self.image_token_id).unsqueeze(-1)
+            embeddings = embeddings.masked_scatter(is_image, features.to(embeddings.dtype))
         hidden_states = self.llava.model(
-            inputs_embeds=embeddings, attention_mask=attention_mask, output_hidden_states=True, use_cache=False
+            inputs_embeds=embeddings,
+            output_hidden_states=True,
+            use_cache=False,
+            **self.language_model_inputs(input_ids, attention_mask),
         ).hidden_states
         return torch.stack([self.head(hidden_states[layer], attention_mask) for layer in layers])
+
+    def language_model_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
+        """The attention mask, position ids and the family's own inputs of rows embedded whole, every image at
+        full size: the rows as a padded token layout of one document each (positions from the mask)."""
+        real = attention_mask.bool()
+        layout = Layout(
+            input_ids=input_ids,
+            labels=torch.full_like(input_ids, IGNORE_INDEX),  # embeddings learn no tokens
+            position_ids=(attention_mask.long().cumsum(1) - 1).clamp(min=0),
+            attention_mask=attention_mask,
+            token_scales=real.long() * self.visual_tokens,  # every image at its full count
+            variants=[],
+        )
+        family = self.family
+        positions = family.layout_position_ids(self.llava, layout, self.visual_grid, self.image_token_id, False)
+        inputs = {"attention_mask": attention_mask, "position_ids": positions}
+        return inputs | family.language_model_inputs(self.llava, layout, self.image_token_id, False)
 
     def encode_pairs(self, batch: dict[str, Any], layers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Queries and positives embedded in one forward: (layers, rows, width) each."""
@@ -278,8 +310,11 @@ class ContrastiveTask(Task):
 
         input_ids, mask = right_padded("input_ids"), right_padded("attention_mask")
         input_ids = torch.where(mask.bool(), input_ids, self.pad_token_id)  # so no padding id is taken for <image>
-        pixel_values = torch.cat([batch[f"{side}_pixel_values"] for side in sides])
-        embeddings = self.encode(input_ids, mask, pixel_values, layers)
+        # A side without images holds (0, 3, S, S), whatever shape the family's pixels have (Qwen's patches, crops).
+        pixel_parts = [batch[f"{side}_pixel_values"] for side in sides]
+        pixel_values = torch.cat([part for part in pixel_parts if part.shape[0]] or pixel_parts[:1])
+        sizes = [tuple(size) for side in sides for size in batch.get(f"{side}_{IMAGE_SIZES}") or []]
+        embeddings = self.encode(input_ids, mask, pixel_values, layers, sizes or None)
         return list(embeddings.split(rows, dim=1))
 
     # ── the loss ──────────────────────────────────────────────────────────────────────────────
@@ -455,6 +490,8 @@ def slice_pairs(batch: dict[str, Any], start: int, end: int, task: ContrastiveTa
         out[f"{side}_input_ids"] = batch[f"{side}_input_ids"][lo:hi]
         out[f"{side}_attention_mask"] = batch[f"{side}_attention_mask"][lo:hi]
         out[f"{side}_pixel_values"] = batch[f"{side}_pixel_values"][first : first + count]
+        if f"{prefix}{IMAGE_SIZES}" in batch:
+            out[f"{prefix}{IMAGE_SIZES}"] = batch[f"{prefix}{IMAGE_SIZES}"][first : first + count]
         out[f"{prefix}{ROW_TOKENS}"], out[f"{prefix}{ROW_IMAGES}"] = tokens[lo:hi], images[lo:hi]
     return out
 

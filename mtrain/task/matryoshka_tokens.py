@@ -27,6 +27,7 @@ from data_pipeline.collate import IMAGE_SIZES
 from data_pipeline.tokenize import IGNORE_INDEX
 from mtrain.config.schema import TokenScalesConfig
 from mtrain.model.families.base import ModelFamily
+from mtrain.model.mqt_head import mqt_head
 from mtrain.model.scale_lora import ScaleRouting
 from mtrain.model.token_scales import pool_grid
 from mtrain.task.base import Task, learned_per_row
@@ -145,14 +146,23 @@ class MatryoshkaTokenTask(Task):
             )
         return dict(zip(scales, next(iter(by_size.values()))[1:], strict=True))
 
+    def image_features(
+        self, pixel_values: torch.Tensor, image_sizes: list[tuple[int, int]] | None = None
+    ) -> torch.Tensor:
+        """The family's visual tokens, or with MQT after a family's own projector (`mtrain/model/mqt_head.py`)
+        its M query outputs: (images, M, dim)."""
+        features = super().image_features(pixel_values, image_sizes)
+        head = mqt_head(self.llava)
+        return features if head is None else head(features)
+
     def scaled_visual(self, batch: dict[str, Any], scales: list[int]) -> dict[int, torch.Tensor]:
         """Every image of the batch at every scale of `scales`: {scale: (images, tokens, dim)}, one vision pass."""
-        sizes = batch.get(IMAGE_SIZES) or []
+        sizes = [tuple(size) for size in batch.get(IMAGE_SIZES) or []]
         if self.tokens.mode == "m3" and sizes and self.family.counts_by_image_size:
-            scaled = self.family.scaled_features(self.llava, batch["pixel_values"], [tuple(s) for s in sizes], scales)
+            scaled = self.family.scaled_features(self.llava, batch["pixel_values"], sizes, scales)
             if scaled is not None:
                 return scaled
-        features = self.image_features(batch["pixel_values"])
+        features = self.image_features(batch["pixel_values"], sizes or None)  # anyres crops by the sizes
         return {s: self.at_scale(features, s) for s in scales}
 
     # ── the step ──────────────────────────────────────────────────────────────────────────────
@@ -193,7 +203,7 @@ class MatryoshkaTokenTask(Task):
         try:
             # The family's ids for this layout: 1-D per document (LLaVA), or Qwen's 3-D M-RoPE ids.
             positions = self.family.layout_position_ids(
-                self.llava, layout, self.visual_grid, self.image_token_id, packed
+                self.llava, layout, self.visual_grid, self.image_token_id, packed, self.tokens.mode == "mqt"
             )
             inputs = {"attention_mask": layout.attention_mask, "position_ids": positions}
             # The family's own attention inputs (Gemma 3's bidirectional image attention), from the pooled layout.

@@ -64,6 +64,8 @@ def contrastive_task(cfg: TrainConfig, built: BuiltModel, rank: int) -> Task:
         visual_tokens=built.visual_tokens,
         pad_token_id=built.tokenizer.pad_token_id,
         seed=cfg.run.seed,
+        family=built.family,
+        visual_grid=built.visual_grid,
     )
 
 

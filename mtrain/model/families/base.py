@@ -101,14 +101,30 @@ class ModelFamily:
         vision = config.vision_config
         shape = (1, vision.num_channels, vision.image_size, vision.image_size)
         return torch.zeros(shape, dtype=dtype, device=device), None
-        return []
 
     def layout_position_ids(
-        self, model: Any, layout: Any, grid: tuple[int, int] | None, image_token_id: int, packed: bool
+        self,
+        model: Any,
+        layout: Any,
+        grid: tuple[int, int] | None,
+        image_token_id: int,
+        packed: bool,
+        query_tokens: bool = False,
     ) -> torch.Tensor:
         """The language model's position ids for a token layout (`mtrain.task.token_layout.Layout`):
-        1-D ids restarting at every document, as the layout made them."""
+        1-D ids restarting at every document, as the layout made them. `query_tokens`: the image positions
+        hold MQT's query outputs, not a grid of the image (a family with spatial ids gives them text ids)."""
         return layout.position_ids
+
+    def mqt_problems(self, tokens: Any) -> list[str]:
+        """What keeps MQT's query transformer (`mtrain/model/mqt_head.py`) from running after this family's
+        projector; empty when fine or when `tokens` is not MQT."""
+        if tokens.mode == "mqt" and tokens.mqt_architecture == "mqt_llava":
+            return [
+                "matryoshka.tokens.mqt_architecture=mqt_llava is MQT-LLaVA's projector, which replaces a llava "
+                f"model's; a {self.model_type} model keeps its projector and trains mqt_architecture=mtrain after it"
+            ]
+        return []
 
     def language_model_inputs(self, model: Any, layout: Any, image_token_id: int, packed: bool) -> dict[str, Any]:
         """Extra (or replacing) keyword arguments of the language-model call for a layout, such as an

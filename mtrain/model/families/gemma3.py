@@ -179,7 +179,6 @@ class Gemma3Family(ModelFamily):
     model_type = "gemma3"
     model_class_path = "transformers:Gemma3ForConditionalGeneration"
     position_ids = "1-D, from 0 at each document's first token; visual tokens take consecutive positions"
-    objectives = ("lm",)  # the contrastive task does not pass Gemma 3's bidirectional image attention yet
     flash_attention = False  # transformers' Gemma 3 refuses it: flash attention drops the bidirectional mask
 
     def visual_tokens(self, config: Any) -> int:
@@ -197,7 +196,7 @@ class Gemma3Family(ModelFamily):
             side = config.vision_config.image_size
             return [f"model.image_size={image_size} is for Qwen models; a gemma3 tower takes {side}x{side} images"]
         if tokens.mode == "mqt":
-            return ["matryoshka.tokens.mode=mqt replaces a LLaVA projector; a gemma3 model trains m3 or none"]
+            return self.mqt_problems(tokens)
         return m3_scale_problems(self.visual_grid(config), tokens.scales) if tokens.mode == "m3" else []
 
     def language_model_inputs(self, model: Any, layout: Any, image_token_id: int, packed: bool) -> dict[str, Any]:

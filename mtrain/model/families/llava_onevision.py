@@ -186,9 +186,7 @@ class LlavaOnevisionFamily(ModelFamily):
                 "gives no bare patch grid: use 'default' for a CLIP tower (drops its CLS), 'full' for SigLIP"
             ]
         if tokens.mode == "mqt":
-            return [
-                f"matryoshka.tokens.mode=mqt replaces a llava projector; use mode=m3 with a {self.model_type} model"
-            ]
+            return self.mqt_problems(tokens)
         if tokens.mode != "m3":
             return []
         return m3_scale_problems((g, g), tokens.scales)

@@ -258,7 +258,6 @@ class Qwen2VLFamily(ModelFamily):
     model_class_path = "transformers:Qwen2VLForConditionalGeneration"
     position_ids = "3-D M-RoPE from the model's get_rope_index, given each image's pooled grid (t, h / f, w / f)"
     part_names = {"vision_tower": "visual", "projector": "visual.merger"}
-    objectives = ("lm",)  # the contrastive task makes no M-RoPE ids yet
 
     def visual_tokens(self, config: Any) -> int:
         raise NotImplementedError("qwen2_vl images have a token count each: rows * columns of their merged grid")
@@ -271,9 +270,9 @@ class Qwen2VLFamily(ModelFamily):
 
     def problems(self, config: Any, tokens: Any, image_size: list[int] | None = None) -> list[str]:
         if tokens.mode == "mqt":
-            return [
-                f"matryoshka.tokens.mode=mqt replaces a LLaVA projector; a {self.model_type} model trains m3 or none"
-            ]
+            problems = self.mqt_problems(tokens)
+            if problems:
+                return problems
         vision = config.vision_config
         unit = vision.patch_size * vision.spatial_merge_size
         if not image_size:
@@ -323,16 +322,25 @@ class Qwen2VLFamily(ModelFamily):
         return torch.zeros((1, rows * columns * merge * merge, patch), dtype=dtype, device=device), None
 
     def layout_position_ids(
-        self, model: Any, layout: Any, grid: tuple[int, int] | None, image_token_id: int, packed: bool
+        self,
+        model: Any,
+        layout: Any,
+        grid: tuple[int, int] | None,
+        image_token_id: int,
+        packed: bool,
+        query_tokens: bool = False,
     ) -> torch.Tensor:
         """M-RoPE ids of every document of the layout from `get_rope_index`, each from 0 as alone.
 
         `layout.position_ids` restart at 0 at every document (and the padding tail); each document's
         images are pooled to the grid of its scale. Packed: (4, rows, width), the 1-D ids first (the
-        mask boundaries); padded: (3, rows, width) beside the attention mask.
+        mask boundaries); padded: (3, rows, width) beside the attention mask. MQT's query tokens
+        (`query_tokens`) take text ids: all three axes the 1-D id, as `get_rope_index` gives text.
         """
         flat, ids, scales = layout.position_ids, layout.input_ids, layout.token_scales
         mrope = flat[None].repeat(3, 1, 1)
+        if query_tokens:
+            return torch.cat([flat[None], mrope]) if packed else mrope
         starts = [[] for _ in range(ids.shape[0])]
         for row, column in (flat == 0).nonzero().tolist():  # one read of the layout's document starts
             starts[row].append(column)

@@ -1,0 +1,44 @@
+"""MQT on the families whose projector stays their own: a query transformer after the family's projector.
+
+LLaVA trains MQT as MQT-LLaVA does, with the query transformer in place of its MLP projector
+(`mqt_model.py`, the `mtrain_mqt_llava` family). The other families (qwen2_vl, qwen2_5_vl,
+llava_next, llava_onevision, gemma3) keep their own projector, whose output is what their language
+model was trained to read, and gain MQT's query transformer after it:
+
+    image ─► the family's tower + projector (its `image_features`: Qwen's merged patches, anyres's base
+             image and unpadded crops with their newline tokens, Gemma 3's pooled soft tokens)
+          ─► query transformer at the language model's width: M learned queries (2-D sin-cos positions)
+             cross-attend to those tokens ─► (images, M, width); scale m keeps the first m queries
+
+The keys get no positions of their own: the tokens carry them from their tower (Qwen's 2-D rotary ViT,
+SigLIP's and CLIP's learned position embeddings, anyres's newline tokens), and their count and layout
+differ per family. Every `<image>` of the data then stands for M tokens, whatever the image's size.
+
+The head is a submodule of the model's inner model (`model.model.mqt_head`), so every task built over
+the model (training, `mtrain eval`'s budget views) reads the same weights, DeepSpeed checkpoints hold
+it, and the freeze policy and LoRA's `modules_to_save` treat it as part of the projector.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from mtrain.model.token_scales import QueryTransformerProjector
+
+MQT_HEAD = "mqt_head"  # its module name under the model's inner model
+
+
+def attach_mqt_head(model: nn.Module, tokens: Any, dtype: torch.dtype) -> None:
+    """Give `model` a fresh query transformer of `tokens` (mqt_queries, mqt_heads) after its projector."""
+    width = model.config.get_text_config().hidden_size
+    head = QueryTransformerProjector(width, width, tokens.mqt_queries, tokens.mqt_heads, num_patches=0)
+    model.model.add_module(MQT_HEAD, head.to(dtype))
+
+
+def mqt_head(model: nn.Module) -> nn.Module | None:
+    """The query transformer `attach_mqt_head` gave `model` (a Hugging Face model, not PEFT's wrapper); None
+    when it has none."""
+    return getattr(model.model, MQT_HEAD, None)
