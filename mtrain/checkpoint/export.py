@@ -27,6 +27,7 @@ from mtrain import __version__
 from mtrain.checkpoint.save import CONFIG_FILE, TAG_PATTERN
 from mtrain.config import load_config
 from mtrain.config.schema import TrainConfig
+from mtrain.model.families import MQT_MODEL_TYPE
 from mtrain.task.registry import objective_for
 
 EXPORT_METADATA = "mtrain.json"
@@ -124,6 +125,12 @@ def export_full(root: Path, tag: str, cfg: TrainConfig, out: Path) -> tuple[Any,
     # The run's own model config rebuilds the skeleton (every weight then comes from the checkpoint): a run
     # started from `checkpoint.init_from` has the architecture of its own preset or path.
     built = build_model(cfg.model, torch.float32, None, cfg.run.seed, cfg.matryoshka.tokens)
+    if built.family.model_type != MQT_MODEL_TYPE and cfg.matryoshka.tokens.mode == "mqt":
+        raise ValueError(
+            f"{root / tag} trained MQT after a {built.family.model_type} model's own projector (mtrain/model/mqt_head.py), "
+            "which the Hugging Face export does not hold yet (stock transformers would drop the query transformer); "
+            "evaluate the checkpoint with `mtrain eval` instead"
+        )
     built.model.load_state_dict(strip_task_prefix(state), strict=True)
     written = {"model": "model"}
     model = built.model

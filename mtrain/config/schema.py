@@ -83,7 +83,9 @@ def mqt_head_problem(tokens: Any, export_at_end: bool, generate_samples: int) ->
     mtrain/model/mqt_head.py), or None. It trains and `mtrain eval` scores it by loss; the Hugging Face
     export and generation (mtrain/infer.py) do not carry its query transformer yet."""
     if tokens.mqt_architecture == "mqt_llava":
-        message = "mqt_llava is MQT-LLaVA's projector, which replaces a llava model's; this model keeps its own: use mtrain"
+        message = (
+            "mqt_llava is MQT-LLaVA's projector, which replaces a llava model's; this model keeps its own: use mtrain"
+        )
         return ("matryoshka.tokens.mqt_architecture", message)
     if export_at_end:
         message = (

@@ -24,6 +24,7 @@ from mtrain.task.registry import build_task
 from mtrain.task.token_layout import shrink_image_runs
 from tests.family_checks import (
     assert_one_pass_equals_separate_grads,
+    assert_text_only_batch_reaches_vision_at_zero_weight,
     lora_task,
     padded_batch,
     rows_at_scale,
@@ -103,7 +104,9 @@ def reference_mqt_loss(task, built, batch: dict, scale: int) -> torch.Tensor:
     queries spliced into the rows shrunk to them, text positions (on every M-RoPE axis for Qwen), Gemma 3's
     image attention from `token_type_ids`."""
     model = task.llava
-    visual = model.model.get_image_features(**stock_image_inputs(built, batch["pixel_values"], batch.get("image_sizes")))
+    visual = model.model.get_image_features(
+        **stock_image_inputs(built, batch["pixel_values"], batch.get("image_sizes"))
+    )
     queries = model.model.mqt_head(torch.stack(list(visual.pooler_output)))[:, :scale]
     ids, labels, mask = shrink_image_runs(
         batch["input_ids"], batch["labels"], batch["attention_mask"], task.image_token_id, QUERIES, scale, 0
@@ -139,6 +142,8 @@ def test_mqt_one_pass_equals_separate_per_scale_forwards_and_steps_lower_it(pres
     learned = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     assert int(metrics["scale_label_tokens"].sum()) == len(MQT_SCALES) * learned
     assert_steps_lower_the_loss(task, batch)
+    task.zero_grad()  # ZeRO-3 lockstep: a text-only batch runs the query transformer too, times zero
+    assert_text_only_batch_reaches_vision_at_zero_weight(task, text_ids(built, "a red circle."), "mqt_head")
 
 
 def assert_steps_lower_the_loss(task, batch: dict, steps: int = 6, lr: float = 3e-3) -> None:
@@ -233,7 +238,9 @@ def test_the_pair_loaders_batches_train_the_family(tmp_path, preset):
     from mtrain.eval.run import eval_batches
 
     write_pair_shards(tmp_path, num_shards=1, samples_per_shard=4, seed=0)
-    cfg = load_config(None, [*preset_overrides(preset), "task.objective=contrastive", "data.micro_batch_size=4", "data.max_len=192"])
+    cfg = load_config(
+        None, [*preset_overrides(preset), "task.objective=contrastive", "data.micro_batch_size=4", "data.max_len=192"]
+    )
     built = build_model(cfg.model, torch.float32, None, seed=0)
     task = build_task(cfg, built, rank=0)
     stream = eval_batches(cfg, built, str(tmp_path / "pairs-000000.tar"), form=PairForm(pair_spec(cfg, built)))
