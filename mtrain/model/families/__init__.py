@@ -5,7 +5,8 @@ A family answers, for its transformers model class:
   tokens, or None when the tokens are no grid) and how many tokens one `<image>` stands for
   (`visual_tokens`), both from the tower's real output;
 - how the projector maps them: the family's own model class (MQT's query transformer in place of
-  LLaVA's projector is a family of its own, `mtrain_mqt_llava`);
+  LLaVA's projector is a family of its own, `mtrain_mqt_llava`; the other families keep their projector
+  and MQT's query transformer reads its output, `mtrain/model/mqt_head.py`);
 - where they go in the sequence (`image_token_id`: the id whose positions the visual tokens fill);
 - how position ids are made (`position_ids`: a one-line rule the packer and the task follow);
 - for M3, how many tokens an image of a given size keeps at a scale (`scale_tokens`), every image at

@@ -18,8 +18,10 @@
   sliding layers would read the image blocks at the wrong columns; here attention is
   same-document AND (causal OR same-image), AND the sliding window on sliding layers.
 - Position ids: 1-D, from 0 at each document's first token; visual tokens take consecutive positions.
-- Objectives: next-token training with M3 or without scales. MQT replaces a LLaVA projector and the
-  contrastive task does not pass the image attention: both are refused before any process starts.
+- Objectives: next-token training with M3, with MQT (a query transformer after the projector reads its
+  pooled soft tokens, `mtrain/model/mqt_head.py`; the query tokens fill the image's positions and attend to
+  each other both ways, as any image's tokens) or without scales; the contrastive objective, with the same
+  image attention (`language_model_inputs`).
 """
 
 from __future__ import annotations

@@ -29,6 +29,12 @@ refuses a batch that mixes sizes with a clear error), each image treated as a si
 input (the stock model's default when `batch_num_images` is not given). The data expands each
 `<image>` to `visual_tokens`: the count of a square image at least as large as the largest
 pinpoint, which every such square gets (the sample shards' 48-pixel squares, for the tiny preset).
+
+MQT (`mode=mqt`, `mtrain/model/mqt_head.py`): a query transformer after the projector reads one image's
+stock tokens (the base image's, then the unpadded crops' with their newlines) and gives `mqt_queries`
+tokens, at ordinary 1-D positions; every `<image>` then stands for M tokens whatever the image's size
+(stacking one batch's features still wants one size per batch). The contrastive task crops each image
+by its `image_sizes`, which pair batches carry per side.
 """
 
 from __future__ import annotations

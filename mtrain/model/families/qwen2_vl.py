@@ -24,9 +24,11 @@
   packed, the 1-D per-document positions go first as the fourth row transformers reads its
   block-diagonal mask from (`Qwen2VLTextModel.forward`), so attention never crosses documents.
 - Objectives: next-token training with M3 (`matryoshka.tokens.mode=m3`) or without (`none`: the
-  language-modeling task, every image at full size, the same M-RoPE ids). MQT's query transformer
-  replaces a LLaVA projector, and the contrastive task makes no M-RoPE ids yet: both are refused
-  before any process starts (`problems` and `objectives`; the config for the presets).
+  language-modeling task, every image at full size, the same M-RoPE ids). MQT (`mode=mqt`): a query
+  transformer after the merger reads each image's merged tokens (`mtrain/model/mqt_head.py`); its
+  query tokens take text ids, all three axes the 1-D id (`layout_position_ids(query_tokens=True)`):
+  a query is no image location, and text ids keep the first m queries' ids the same at every scale.
+  The contrastive task: every image at full size, M-RoPE ids from `get_rope_index` as here.
 
 `qwen2_5_vl` (`Qwen2_5_VLFamily`) reuses all of this: its tower adds window attention, with the
 same merger, image token and M-RoPE. `qwen3_vl` would need more: its tower feeds DeepStack features
@@ -35,7 +37,7 @@ and its M-RoPE interleaves the three axes (its own `get_rope_index`, which the h
 
 Not yet: per-image grids (each image its own aspect-keeping size and token count; scales would then be
 pooling factors rather than token counts), a saved `Qwen2VLProcessor` in exports (its video processor
-needs torchvision, which the CPU stack leaves out), and the contrastive objective.
+needs torchvision, which the CPU stack leaves out), and an export of MQT's query transformer.
 """
 
 from __future__ import annotations
