@@ -169,10 +169,12 @@ def collate_prepared(
 def collate_side(
     sides: list[dict[str, Any]], pad_token_id: int, image_size: int, image_processor: Any
 ) -> dict[str, Any]:
-    """`encode_side` outputs (PIL images) collated: the `embed` API's batch."""
+    """`encode_side` outputs (PIL images) collated: the `embed` API's batch, with each image's (height, width)."""
     preprocess = ImagePreprocessor(image_processor)
     pixels = [[preprocess.prepare(image) for image in s["images"]] for s in sides]
-    return collate_prepared([s["input_ids"] for s in sides], pixels, pad_token_id, image_size, preprocess.stack)
+    batch = collate_prepared([s["input_ids"] for s in sides], pixels, pad_token_id, image_size, preprocess.stack)
+    batch[IMAGE_SIZES] = [(image.height, image.width) for s in sides for image in s["images"]]
+    return batch
 
 
 def collate_pairs(samples: list[dict[str, Any]], spec: PairSpec, image_processor: Any) -> dict[str, Any]:

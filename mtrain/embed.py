@@ -133,4 +133,5 @@ class Embedder:
             batch = collate_side(sides, self.spec.tokenizer.pad_token_id, self.spec.image_size, self.image_processor)
         device = next(self.task.parameters()).device
         input_ids, mask, pixels = (batch[name].to(device) for name in ("input_ids", "attention_mask", "pixel_values"))
-        return self.task.encode(input_ids, mask, pixels, [layer])[0]
+        # Each image's (height, width): anyres families crop by it.
+        return self.task.encode(input_ids, mask, pixels, [layer], batch["image_sizes"] or None)[0]
