@@ -121,7 +121,6 @@ def export_full(root: Path, tag: str, cfg: TrainConfig, out: Path) -> tuple[Any,
     from mtrain.model.build import build_model  # noqa: PLC0415
     from mtrain.model.embedding_head import check_dims  # noqa: PLC0415
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
     # The run's own model config rebuilds the skeleton (every weight then comes from the checkpoint): a run
     # started from `checkpoint.init_from` has the architecture of its own preset or path.
     built = build_model(cfg.model, torch.float32, None, cfg.run.seed, cfg.matryoshka.tokens)
@@ -131,6 +130,7 @@ def export_full(root: Path, tag: str, cfg: TrainConfig, out: Path) -> tuple[Any,
             "which the Hugging Face export does not hold yet (stock transformers would drop the query transformer); "
             "evaluate the checkpoint with `mtrain eval` instead"
         )
+    state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
     built.model.load_state_dict(strip_task_prefix(state), strict=True)
     written = {"model": "model"}
     model = built.model

@@ -71,10 +71,9 @@ def model_problems(cfg: Any) -> list[str]:
     found = family.problems(config, cfg.matryoshka.tokens, cfg.model.image_size)
     tokens = cfg.matryoshka.tokens
     if tokens.mode == "mqt" and family.model_type not in ("llava", MQT_MODEL_TYPE):
-        # The family's problems name the architecture; what the export and generation lack is said here.
+        # MQT after the family's own projector (mtrain/model/mqt_head.py): what it cannot do yet.
         limit = mqt_head_problem(tokens, cfg.checkpoint.export_at_end, cfg.eval.generate_samples)
-        if limit and not found:
-            found.append(f"{limit[0]}: {limit[1]}")
+        found += [f"{limit[0]}: {limit[1]}"] if limit else []
     if cfg.task.objective not in family.objectives:
         found.append(f"task.objective={cfg.task.objective} does not train a {config.model_type} model yet")
     problems = [f"{where}: {problem}" for problem in found]

@@ -451,9 +451,9 @@ def model_part(parameter_name: str, parts: dict[str, str] = ModelFamily.part_nam
     """Which part a parameter belongs to: vision_tower, projector or language_model (the projector
     first: Qwen2-VL's merger sits inside its tower; anyres families' learned newline token and MQT's query
     transformer after another family's projector train with it)."""
-    if any(f"{fragment}." in parameter_name for fragment in (parts["projector"], MQT_HEAD)):
-        return "projector"
-    if "image_newline" in parameter_name:
+    if "image_newline" in parameter_name or any(
+        f"{part}." in parameter_name for part in (parts["projector"], MQT_HEAD)
+    ):
         return "projector"
     if f"{parts['vision_tower']}." in parameter_name:
         return "vision_tower"

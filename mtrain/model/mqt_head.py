@@ -33,6 +33,11 @@ MQT_HEAD = "mqt_head"  # its module name under the model's inner model
 
 def attach_mqt_head(model: nn.Module, tokens: Any, dtype: torch.dtype) -> None:
     """Give `model` a fresh query transformer of `tokens` (mqt_queries, mqt_heads) after its projector."""
+    if tokens.mqt_architecture != "mtrain":
+        raise ValueError(
+            f"matryoshka.tokens.mqt_architecture={tokens.mqt_architecture!r} replaces a llava projector; after "
+            f"a {model.config.model_type} model's own projector MQT runs mqt_architecture=mtrain"
+        )
     width = model.config.get_text_config().hidden_size
     head = QueryTransformerProjector(width, width, tokens.mqt_queries, tokens.mqt_heads, num_patches=0)
     model.model.add_module(MQT_HEAD, head.to(dtype))

@@ -116,16 +116,6 @@ class ModelFamily:
         hold MQT's query outputs, not a grid of the image (a family with spatial ids gives them text ids)."""
         return layout.position_ids
 
-    def mqt_problems(self, tokens: Any) -> list[str]:
-        """What keeps MQT's query transformer (`mtrain/model/mqt_head.py`) from running after this family's
-        projector; empty when fine or when `tokens` is not MQT."""
-        if tokens.mode == "mqt" and tokens.mqt_architecture == "mqt_llava":
-            return [
-                "matryoshka.tokens.mqt_architecture=mqt_llava is MQT-LLaVA's projector, which replaces a llava "
-                f"model's; a {self.model_type} model keeps its projector and trains mqt_architecture=mtrain after it"
-            ]
-        return []
-
     def language_model_inputs(self, model: Any, layout: Any, image_token_id: int, packed: bool) -> dict[str, Any]:
         """Extra (or replacing) keyword arguments of the language-model call for a layout, such as an
         attention the layout's `attention_mask` cannot express (Gemma 3's bidirectional image attention)."""

@@ -197,8 +197,6 @@ class Gemma3Family(ModelFamily):
         if image_size:
             side = config.vision_config.image_size
             return [f"model.image_size={image_size} is for Qwen models; a gemma3 tower takes {side}x{side} images"]
-        if tokens.mode == "mqt":
-            return self.mqt_problems(tokens)
         return m3_scale_problems(self.visual_grid(config), tokens.scales) if tokens.mode == "m3" else []
 
     def language_model_inputs(self, model: Any, layout: Any, image_token_id: int, packed: bool) -> dict[str, Any]:

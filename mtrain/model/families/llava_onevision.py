@@ -191,8 +191,6 @@ class LlavaOnevisionFamily(ModelFamily):
                 f"a {self.model_type} model whose {tower!r} tower with vision_feature_select_strategy={strategy!r} "
                 "gives no bare patch grid: use 'default' for a CLIP tower (drops its CLS), 'full' for SigLIP"
             ]
-        if tokens.mode == "mqt":
-            return self.mqt_problems(tokens)
         if tokens.mode != "m3":
             return []
         return m3_scale_problems((g, g), tokens.scales)

@@ -271,10 +271,6 @@ class Qwen2VLFamily(ModelFamily):
         return config.image_token_id
 
     def problems(self, config: Any, tokens: Any, image_size: list[int] | None = None) -> list[str]:
-        if tokens.mode == "mqt":
-            problems = self.mqt_problems(tokens)
-            if problems:
-                return problems
         vision = config.vision_config
         unit = vision.patch_size * vision.spatial_merge_size
         if not image_size:
