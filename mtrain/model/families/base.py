@@ -101,7 +101,6 @@ class ModelFamily:
         vision = config.vision_config
         shape = (1, vision.num_channels, vision.image_size, vision.image_size)
         return torch.zeros(shape, dtype=dtype, device=device), None
-        return []
 
     def layout_position_ids(
         self, model: Any, layout: Any, grid: tuple[int, int] | None, image_token_id: int, packed: bool
@@ -114,6 +113,19 @@ class ModelFamily:
         """Extra (or replacing) keyword arguments of the language-model call for a layout, such as an
         attention the layout's `attention_mask` cannot express (Gemma 3's bidirectional image attention)."""
         return {}
+
+    def splice_visual(
+        self, model: Any, embeddings: torch.Tensor, image_positions: torch.Tensor, visual: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """(embeddings, extra language-model keyword arguments): `visual`, every image's tokens of the layout
+        in layout order as `image_features` made them (pooled or not), put at `image_positions` (rows, width),
+        and what else of them the language model takes there (Qwen3-VL's DeepStack sets)."""
+        return embeddings.masked_scatter(image_positions.unsqueeze(-1), visual.to(embeddings.dtype)), {}
+
+    def language_model(self, model: Any) -> nn.Module:
+        """The module the tasks call with the spliced `inputs_embeds` (it returns `last_hidden_state`; the
+        tasks apply `lm_head`): the model's own `model.model`, which builds any family-specific mask."""
+        return model.model
 
 
 def tiny_text_sizes(tiny: Any, vocab_size: int) -> dict[str, Any]:
