@@ -88,7 +88,8 @@ class ModelFamily:
         """Projected visual tokens of every image at full size, (images, tokens, dim), for the loader's
         `pixel_values` (images of merged grid `grid`; None: the family knows its grid). Anyres families
         crop by each image's (height, width), `image_sizes`; the others never see them (LLaVA's forward
-        would read them as Pixtral's sizes)."""
+        would read them as Pixtral's sizes). A family may carry more of each token on the channel axis
+        (Qwen3-VL's DeepStack sets): M3 pools every channel alike, and its `splice_visual` splits them."""
         sizes = {"image_sizes": torch.tensor(image_sizes)} if image_sizes and self.counts_by_image_size else {}
         output = model.model.get_image_features(pixel_values=pixel_values, return_dict=True, **sizes)
         return torch.stack(list(output.pooler_output))
