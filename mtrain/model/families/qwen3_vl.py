@@ -84,6 +84,8 @@ def tiny_qwen3_vl_config(tiny: Any, vocab_size: int, tokenizer: Any) -> Any:
             "mrope_interleaved": True,
         },
         "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,  # generation stops at <|im_end|>
+        "bos_token_id": None,
     }
     patches_per_side = tiny.image_size // tiny.patch_size
     vision = {
