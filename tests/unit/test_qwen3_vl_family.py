@@ -7,6 +7,7 @@ with equal logits."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,12 +16,13 @@ from PIL import Image
 
 from data_pipeline.formats import conversation_messages
 from data_pipeline.tokenize import IGNORE_INDEX
+from mtrain.cli import _data_tokens
 from mtrain.config import load_config
 from mtrain.config.core import ConfigError
 from mtrain.launch.model_checks import model_problems
 from mtrain.model.build import build_model
 from mtrain.model.families.qwen2_vl import IMAGE_PAD, merged_grid, pool_merged, pooled_grid_thw
-from mtrain.model.families.qwen3_vl import Qwen3VLFamily, build_tiny_qwen3_tokenizer
+from mtrain.model.families.qwen3_vl import CHAT_TEMPLATE, Qwen3VLFamily, build_tiny_qwen3_tokenizer
 from mtrain.task.token_layout import shrink_image_runs
 from tests.family_checks import (
     TWO_TURNS,
@@ -185,6 +187,11 @@ def test_the_qwen3_template_gives_apply_chat_templates_token_ids_and_assistant_m
     assert_template_equals_apply_chat_template(
         tokenizer, IMAGE_PAD, "<|vision_start|>", "<|vision_end|>", "seven<|im_end|>\nIt is red.<|im_end|>\n"
     )
+    # `mtrain data validate/inspect --config` tokenize with the preset's own template and counts too.
+    overrides = [f"model.preset={PRESET}", "matryoshka.tokens.mode=m3", "matryoshka.tokens.scales=[1,4,16]"]
+    data = _data_tokens([str(Path(__file__).parents[2] / "configs/tiny.yaml"), *overrides])
+    assert (data.tokenizer.chat_template, data.visual_tokens) == (CHAT_TEMPLATE, 16)
+    assert data.image_token_id == tokenizer.convert_tokens_to_ids(IMAGE_PAD)
 
 
 def test_a_saved_folder_passes_the_check_before_any_process_group_and_trains_non_square_images(tmp_path):
