@@ -373,9 +373,10 @@ def _data_tokens(config: list[str] | None) -> DataTokens:
         visual = grid[0] * grid[1] if grid else family.visual_tokens(model_config)
         image_token_id = family.image_token_id(model_config)
     elif cfg.model.preset in QWEN_PRESETS:
-        from mtrain.model.families.qwen2_vl import IMAGE_PAD, build_tiny_qwen_tokenizer  # noqa: PLC0415
+        from mtrain.model.build import tiny_qwen_tokenizer  # noqa: PLC0415
+        from mtrain.model.families.qwen2_vl import IMAGE_PAD  # noqa: PLC0415
 
-        tokenizer, visual = build_tiny_qwen_tokenizer(), cfg.model.tiny_visual_tokens
+        tokenizer, visual = tiny_qwen_tokenizer(cfg.model.preset), cfg.model.tiny_visual_tokens
         image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
     else:
         tokenizer, visual = build_tiny_tokenizer(), cfg.model.tiny_visual_tokens

@@ -74,7 +74,8 @@ class LoraConfig(Checkable):
         return []
 
 
-QWEN_PRESETS = ("tiny-qwen2-vl", "tiny-qwen2.5-vl")  # tiny presets with Qwen's 2x2 patch merger
+QWEN_PRESETS = ("tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl")  # tiny presets with Qwen's 2x2 patch merger
+QWEN3_PRESET = "tiny-qwen3-vl"  # DeepStack: trains with M3 only
 GEMMA3_PRESET = "tiny-gemma3"  # its projector pools 2x2 patches into one token
 
 
@@ -133,6 +134,7 @@ class ModelConfig(Checkable):
         "tiny-llava-next",
         "tiny-qwen2-vl",
         "tiny-qwen2.5-vl",
+        "tiny-qwen3-vl",
         "tiny-gemma3",
         "none",
     ] = setting(
@@ -140,8 +142,9 @@ class ModelConfig(Checkable):
         "Built-in model with random weights and a local tokenizer, sized by model.tiny (tiny-llava: LLaVA-1.5's "
         "shape; tiny-llava-onevision: anyres crops of a SigLIP tower, a Qwen2 LM, a ChatML template; "
         "tiny-llava-next: anyres crops of a CLIP tower, a Llama LM, LLaVA-1.5's template; tiny-qwen2-vl and "
-        "tiny-qwen2.5-vl: Qwen's tower and 2x2 patch merger, M-RoPE, Qwen's template; tiny-gemma3: a SigLIP "
-        "tower pooled to a square grid, Gemma 3's LM and template); 'none' when path is set.",
+        "tiny-qwen2.5-vl: Qwen's tower and 2x2 patch merger, M-RoPE, Qwen's template; tiny-qwen3-vl: the same "
+        "with DeepStack and interleaved M-RoPE, Qwen3-VL's template; tiny-gemma3: a SigLIP tower pooled to a "
+        "square grid, Gemma 3's LM and template); 'none' when path is set.",
     )
     path: str | None = setting(None, "Local Hugging Face folder of a LLaVA-family checkpoint (never downloaded).")
     chat_template: str = setting(
@@ -158,7 +161,7 @@ class ModelConfig(Checkable):
     )
     image_size: list[int] = setting(
         [],
-        "[height, width] in pixels every image of a qwen2_vl / qwen2_5_vl model.path is resized to (multiples of patch_size * "
+        "[height, width] in pixels every image of a qwen2_vl / qwen2_5_vl / qwen3_vl model.path is resized to (multiples of patch_size * "
         "merge_size * the largest M3 pooling factor); the Qwen tiny presets use tiny.image_size square.",
     )
     tiny: TinyLlavaConfig = section(TinyLlavaConfig, "Shape of the built-in tiny presets.")
@@ -716,6 +719,19 @@ class TrainConfig(Checkable):
             problem = mqt_head_problem(tokens, self.checkpoint.export_at_end, self.eval.generate_samples)
             if problem:
                 return [problem]
+        if self.model.preset == QWEN3_PRESET and self.task.objective == "contrastive":
+            message = "is 'contrastive', which the Qwen3-VL tiny preset does not train yet (its task would drop DeepStack's sets)"
+            return [("task.objective", message)]
+        if self.model.preset == QWEN3_PRESET and tokens.mode == "none":
+            message = (
+                "is 'none', which the Qwen3-VL tiny preset does not train (the language-modeling task cannot pass "
+                f"DeepStack's features); set matryoshka.tokens.mode=m3, with scales=[{self.model.tiny_visual_tokens}] "
+                "for full-size images only"
+            )
+            return [("matryoshka.tokens.mode", message)]
+        if self.model.preset == QWEN3_PRESET and tokens.mode == "mqt":
+            message = "is 'mqt', which the Qwen3-VL tiny preset does not train yet (its query transformer would drop DeepStack's sets)"
+            return [("matryoshka.tokens.mode", message)]
         if tokens.mode == "m3" and self.model.preset != "none":
             # A tiny preset's grid is square; a folder's grid is checked by its family (mtrain/launch/model_checks.py).
             bad = [s for s in tokens.scales if round(s**0.5) ** 2 != s]

@@ -75,7 +75,8 @@ def image_geometry(config: Any, visual_tokens: int) -> ImageGeometry:
     """The tower's, projector's and language model's tokens of one image, as each family counts them
     (`visual_tokens`: the family's own count, used for LLaVA-1.5-style fixed grids and MQT's queries)."""
     vision = config.vision_config
-    if config.model_type in ("qwen2_vl", "qwen2_5_vl"):  # images resized to model.image_size: a fixed merged grid
+    # Qwen's images are resized to model.image_size: a fixed merged grid.
+    if config.model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         patches = visual_tokens * vision.spatial_merge_size**2
         return ImageGeometry(patches, patches, visual_tokens)
     grid = (vision.image_size // vision.patch_size) ** 2

@@ -43,6 +43,7 @@ from mtrain.model.families.qwen2_vl import (
     tiny_qwen_image_processor,
 )
 from mtrain.model.mqt_head import MQT_HEAD, attach_mqt_head
+from mtrain.model.families.qwen3_vl import build_tiny_qwen3_tokenizer, tiny_qwen3_vl_config
 from mtrain.model.scale_lora import ScaleRouting, adapter_names, attach_scale_lora
 from mtrain.model.tokenizer import IMAGE_TOKEN, build_tiny_tokenizer, pad_with_eos_or_unk
 
@@ -213,14 +214,24 @@ def attach_training_parts(
     return attach_lora(model, cfg, parts), None
 
 
-# The Qwen tiny presets and the function that makes each one's config.
-TINY_QWEN_CONFIGS = {"tiny-qwen2-vl": tiny_qwen2_vl_config, "tiny-qwen2.5-vl": tiny_qwen2_5_vl_config}
+# The Qwen tiny presets and the functions that make each one's config and tokenizer (its chat template).
+TINY_QWEN_CONFIGS = {
+    "tiny-qwen2-vl": tiny_qwen2_vl_config,
+    "tiny-qwen2.5-vl": tiny_qwen2_5_vl_config,
+    "tiny-qwen3-vl": tiny_qwen3_vl_config,
+}
+TINY_QWEN_TOKENIZERS = {"tiny-qwen3-vl": build_tiny_qwen3_tokenizer}  # the others: Qwen2-VL's template
+
+
+def tiny_qwen_tokenizer(preset: str) -> Any:
+    """The tokenizer of the Qwen tiny preset `preset`: Qwen's tokens, that model's chat template."""
+    return TINY_QWEN_TOKENIZERS.get(preset, build_tiny_qwen_tokenizer)()
 
 
 def _tiny_qwen(cfg: ModelConfig, dtype: torch.dtype, attn: str) -> BuiltModel:
-    """A tiny Qwen preset: a Qwen2-VL or Qwen2.5-VL model from `cfg.tiny`, a Qwen-shaped tokenizer,
+    """A tiny Qwen preset: a Qwen2-VL, Qwen2.5-VL or Qwen3-VL model from `cfg.tiny`, a Qwen-shaped tokenizer,
     Qwen's image processor at the square tiny.image_size."""
-    tokenizer = build_tiny_qwen_tokenizer()
+    tokenizer = tiny_qwen_tokenizer(cfg.preset)
     config = TINY_QWEN_CONFIGS[cfg.preset](cfg.tiny, (len(tokenizer) + 63) // 64 * 64, tokenizer)
     family = family_for(config.model_type)
     config._attn_implementation = attn

@@ -94,5 +94,13 @@ class LanguageModelingTask(Task):
         embeddings = self.llava.get_input_embeddings()(input_ids)
         if pixel_values is None or pixel_values.numel() == 0:  # a shape: known on the host
             return embeddings + self.vision_stand_in(embeddings.device).to(embeddings.dtype)
-        features = self.image_features(pixel_values, image_sizes).flatten(0, 1).to(embeddings.dtype)
-        return embeddings.masked_scatter((input_ids == self.image_token_id).unsqueeze(-1), features)
+        features = self.image_features(pixel_values, image_sizes).flatten(0, 1)
+        spliced, visual_inputs = self.family.splice_visual(
+            self.llava, embeddings, input_ids == self.image_token_id, features
+        )
+        if visual_inputs:  # refused before any process starts (ModelFamily.problems); never dropped silently
+            raise ValueError(
+                f"a {self.llava.config.model_type} model passes {sorted(visual_inputs)} to its language model, which "
+                "the language-modeling task cannot; train it with matryoshka.tokens.mode=m3"
+            )
+        return spliced

@@ -191,11 +191,12 @@ class MatryoshkaTokenTask(Task):
         variants = place_variants(variant_scales, tokens, images, self.visual_tokens, packed, kept)
         layout = lay_out(batch, variants, packed, self.image_token_id, self.visual_tokens, self.pad_token_id, kept)
         embeddings = self.llava.get_input_embeddings()(layout.input_ids)
+        visual_inputs: dict[str, Any] = {}  # what else of the images the language model takes (DeepStack)
         if sum(images):
             # The vision tower and projector run once per step, at full size, whatever scales were drawn.
             visual = visual_in_layout(self.scaled_visual(batch, scales), variants, images)
-            image_positions = (layout.input_ids == self.image_token_id).unsqueeze(-1)
-            embeddings = embeddings.masked_scatter(image_positions, visual.to(embeddings.dtype))
+            image_positions = layout.input_ids == self.image_token_id
+            embeddings, visual_inputs = self.family.splice_visual(self.llava, embeddings, image_positions, visual)
         else:
             embeddings = embeddings + self.vision_stand_in(embeddings.device).to(embeddings.dtype)
         if self.routing is not None:
@@ -208,8 +209,10 @@ class MatryoshkaTokenTask(Task):
             inputs = {"attention_mask": layout.attention_mask, "position_ids": positions}
             # The family's own attention inputs (Gemma 3's bidirectional image attention), from the pooled layout.
             inputs.update(self.family.language_model_inputs(self.llava, layout, self.image_token_id, packed))
+            inputs.update(visual_inputs)
             # use_cache=False: with a cache, transformers ignores packed position ids and attends across variants.
-            hidden = self.llava.model(inputs_embeds=embeddings, use_cache=False, **inputs).last_hidden_state
+            language_model = self.family.language_model(self.llava)
+            hidden = language_model(inputs_embeds=embeddings, use_cache=False, **inputs).last_hidden_state
             return self.llava.lm_head(hidden), layout
         finally:
             if self.routing is not None:

@@ -84,7 +84,7 @@ def test_an_unknown_model_type_names_the_supported_families():
     with pytest.raises(UnsupportedModelError, match=r"'mllama' model; mtrain supports the model families llava"):
         family_for("mllama")
     assert SUPPORTED_MODEL_TYPES == (
-        "llava", "mtrain_mqt_llava", "llava_onevision", "llava_next", "qwen2_vl", "qwen2_5_vl", "gemma3"
+        "llava", "mtrain_mqt_llava", "llava_onevision", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3"
     )  # fmt: skip
 
 

@@ -7,7 +7,9 @@ A family answers, for its transformers model class:
 - how the projector maps them: the family's own model class (MQT's query transformer in place of
   LLaVA's projector is a family of its own, `mtrain_mqt_llava`; the other families keep their projector
   and MQT's query transformer reads its output, `mtrain/model/mqt_head.py`);
-- where they go in the sequence (`image_token_id`: the id whose positions the visual tokens fill);
+- where they go in the sequence (`image_token_id`: the id whose positions the visual tokens fill;
+  `splice_visual` puts them there and returns what else of them the language model takes, such as
+  Qwen3-VL's DeepStack sets, and `language_model` is the module the tasks call with the result);
 - how position ids are made (`position_ids`: a one-line rule the packer and the task follow);
 - for M3, how many tokens an image of a given size keeps at a scale (`scale_tokens`), every image at
   every scale from one vision pass when the task cannot pool one grid itself (`scaled_features`,
@@ -28,6 +30,7 @@ from mtrain.model.families.llava import MQT_MODEL_TYPE, LlavaFamily, MQTLlavaFam
 from mtrain.model.families.llava_next import LlavaNextFamily
 from mtrain.model.families.llava_onevision import LlavaOnevisionFamily
 from mtrain.model.families.qwen2_vl import Qwen2_5_VLFamily, Qwen2VLFamily
+from mtrain.model.families.qwen3_vl import Qwen3VLFamily
 
 __all__ = ["FAMILIES", "MQT_MODEL_TYPE", "SUPPORTED_MODEL_TYPES", "ModelFamily", "UnsupportedModelError", "family_for"]
 
@@ -40,6 +43,7 @@ FAMILIES: dict[str, ModelFamily] = {
         LlavaNextFamily(),
         Qwen2VLFamily(),
         Qwen2_5_VLFamily(),
+        Qwen3VLFamily(),
         Gemma3Family(),
     )
 }

@@ -88,7 +88,8 @@ class ModelFamily:
         """Projected visual tokens of every image at full size, (images, tokens, dim), for the loader's
         `pixel_values` (images of merged grid `grid`; None: the family knows its grid). Anyres families
         crop by each image's (height, width), `image_sizes`; the others never see them (LLaVA's forward
-        would read them as Pixtral's sizes)."""
+        would read them as Pixtral's sizes). A family may carry more of each token on the channel axis
+        (Qwen3-VL's DeepStack sets): M3 pools every channel alike, and its `splice_visual` splits them."""
         sizes = {"image_sizes": torch.tensor(image_sizes)} if image_sizes and self.counts_by_image_size else {}
         output = model.model.get_image_features(pixel_values=pixel_values, return_dict=True, **sizes)
         return torch.stack(list(output.pooler_output))
@@ -120,6 +121,19 @@ class ModelFamily:
         """Extra (or replacing) keyword arguments of the language-model call for a layout, such as an
         attention the layout's `attention_mask` cannot express (Gemma 3's bidirectional image attention)."""
         return {}
+
+    def splice_visual(
+        self, model: Any, embeddings: torch.Tensor, image_positions: torch.Tensor, visual: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """(embeddings, extra language-model keyword arguments): `visual`, every image's tokens of the layout
+        in layout order as `image_features` made them (pooled or not), put at `image_positions` (rows, width),
+        and what else of them the language model takes there (Qwen3-VL's DeepStack sets)."""
+        return embeddings.masked_scatter(image_positions.unsqueeze(-1), visual.to(embeddings.dtype)), {}
+
+    def language_model(self, model: Any) -> nn.Module:
+        """The module the tasks call with the spliced `inputs_embeds` (it returns `last_hidden_state`; the
+        tasks apply `lm_head`): the model's own `model.model`, which builds any family-specific mask."""
+        return model.model
 
 
 def tiny_text_sizes(tiny: Any, vocab_size: int) -> dict[str, Any]:

@@ -31,9 +31,8 @@
   The contrastive task: every image at full size, M-RoPE ids from `get_rope_index` as here.
 
 `qwen2_5_vl` (`Qwen2_5_VLFamily`) reuses all of this: its tower adds window attention, with the
-same merger, image token and M-RoPE. `qwen3_vl` would need more: its tower feeds DeepStack features
-into several language-model layers (a hook beyond `image_features`, and M3 pooling of each of them)
-and its M-RoPE interleaves the three axes (its own `get_rope_index`, which the hook would call).
+same merger, image token and M-RoPE. `qwen3_vl` (`qwen3_vl.py`) subclasses it and adds DeepStack
+(tower features added in the first language-model layers, pooled as the main tokens are).
 
 Not yet: per-image grids (each image its own aspect-keeping size and token count; scales would then be
 pooling factors rather than token counts), a saved `Qwen2VLProcessor` in exports (its video processor
@@ -115,16 +114,16 @@ def pooled_grid_thw(grid_thw: torch.Tensor, factor: int) -> torch.Tensor:
     return pooled
 
 
-def build_tiny_qwen_tokenizer(vocab_size: int = 512) -> Any:
+def build_tiny_qwen_tokenizer(vocab_size: int = 512, chat_template: str = CHAT_TEMPLATE) -> Any:
     """The tiny preset's tokenizer in Qwen2-VL's shape: its special tokens, no BOS, `<|im_end|>` ending a
-    turn, `<|endoftext|>` padding, and the Qwen2-VL chat template."""
+    turn, `<|endoftext|>` padding, and `chat_template` (default: Qwen2-VL's)."""
     from transformers import PreTrainedTokenizerFast  # noqa: PLC0415
 
     from mtrain.model.tokenizer import train_tiny_bpe  # noqa: PLC0415
 
     return PreTrainedTokenizerFast(
         tokenizer_object=train_tiny_bpe(SPECIAL_TOKENS, vocab_size),
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         extra_special_tokens={"image_token": IMAGE_PAD},
