@@ -42,8 +42,8 @@ from mtrain.model.families.qwen2_vl import (
     tiny_qwen2_vl_config,
     tiny_qwen_image_processor,
 )
-from mtrain.model.mqt_head import MQT_HEAD, attach_mqt_head
 from mtrain.model.families.qwen3_vl import build_tiny_qwen3_tokenizer, tiny_qwen3_vl_config
+from mtrain.model.mqt_head import MQT_HEAD, attach_mqt_head
 from mtrain.model.scale_lora import ScaleRouting, adapter_names, attach_scale_lora
 from mtrain.model.tokenizer import IMAGE_TOKEN, build_tiny_tokenizer, pad_with_eos_or_unk
 
