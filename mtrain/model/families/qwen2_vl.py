@@ -301,13 +301,17 @@ class Qwen2VLFamily(ModelFamily):
         grid: tuple[int, int] | None,
         image_sizes: list[tuple[int, int]] | None = None,
     ) -> torch.Tensor:
+        return torch.stack(list(self.tower_output(model, pixel_values, grid).pooler_output))
+
+    def tower_output(self, model: Any, pixel_values: torch.Tensor, grid: tuple[int, int] | None) -> Any:
+        """The stock `get_image_features` output for images of merged grid `grid` (its `pooler_output`:
+        each image's merged tokens)."""
         if grid is None:
             raise ValueError(f"a {self.model_type} model needs its images' merged grid (BuiltModel.visual_grid)")
         grid_thw = self.patch_grid_thw(model.config, grid, pixel_values.shape[0], pixel_values.device)
-        output = model.model.get_image_features(
+        return model.model.get_image_features(
             pixel_values=pixel_values.flatten(0, 1), image_grid_thw=grid_thw, return_dict=True
         )
-        return torch.stack(list(output.pooler_output))
 
     def stand_in_input(
         self, config: Any, grid: tuple[int, int] | None, dtype: Any, device: Any

@@ -140,12 +140,7 @@ class Qwen3VLFamily(Qwen2VLFamily):
         image_sizes: list[tuple[int, int]] | None = None,
     ) -> torch.Tensor:
         """(images, tokens, dim * (1 + DeepStack sets)): the merged tokens, then each DeepStack set's."""
-        if grid is None:
-            raise ValueError(f"a {self.model_type} model needs its images' merged grid (BuiltModel.visual_grid)")
-        grid_thw = self.patch_grid_thw(model.config, grid, pixel_values.shape[0], pixel_values.device)
-        output = model.model.get_image_features(
-            pixel_values=pixel_values.flatten(0, 1), image_grid_thw=grid_thw, return_dict=True
-        )
+        output = self.tower_output(model, pixel_values, grid)
         levels = [output.pooler_output, *output.deepstack_features]  # each a tuple of (tokens, dim), one per image
         return torch.cat([torch.stack(list(level)) for level in levels], dim=-1)
 
