@@ -21,7 +21,7 @@ SETTINGS = [
 # preset: (stock class, steps)
 PRESETS = {
     "tiny-llava-onevision": ("LlavaOnevisionForConditionalGeneration", 4),
-    "tiny-llava-next": ("LlavaNextForConditionalGeneration", 3),
+    "tiny-llava-next": ("LlavaNextForConditionalGeneration", 2),
 }
 
 
