@@ -4,11 +4,17 @@
 it takes the number of visual tokens for each image of the sample (one int for all, or one per
 image), so a per-sample or per-image scale changes only that argument.
 
-Masking: image tokens, BOS, non-learned text (prompts, user turns) and padding get
+Image markers: a model family may write text right around every image's tokens (Qwen2-VL's
+`<|vision_start|>` ... `<|vision_end|>`, `TokenSpec.image_start_ids` / `image_end_ids`). Captions and
+interleaved documents get them here, as the family's processor writes them; a conversation rendered by
+the model's chat template has them already, from the template.
+
+Masking: image tokens and their markers, BOS, non-learned text (prompts, user turns) and padding get
 IGNORE_INDEX; learned text (captions, document text, assistant turns) and the final EOS are
 learned. A conversation rendered by the model's chat template (`Sample.rendered`) brings its own
-BOS and end-of-turn tokens, learned with its assistant turns; nothing is added to it. A sample longer than `max_len` is cut, but never inside an image's tokens: the cut moves
-to before that image, and the image is dropped with them. A conversation is cut after its last
+BOS and end-of-turn tokens, learned with its assistant turns; nothing is added to it. A sample longer
+than `max_len` is cut, but never inside an image's tokens or between them and their markers: the cut
+moves to before that image (and its start marker), and the image is dropped with them. A conversation is cut after its last
 assistant turn that fits whole (then closed with EOS); only when not even the first one fits is
 it cut inside that turn. A sample left with no learned token raises `SampleFault("nothing_learned")`:
 it would only add a NaN or zero to the loss.
@@ -30,6 +36,16 @@ class TokenSpec:
     tokenizer: Any
     image_token_id: int
     max_len: int
+    # Ids written right before and after every image's visual tokens where no chat template wrote them
+    # (captions, interleaved documents): the model family's image markers; none for LLaVA.
+    image_start_ids: tuple[int, ...] = ()
+    image_end_ids: tuple[int, ...] = ()
+
+    @classmethod
+    def with_markers(cls, tokenizer: Any, image_token_id: int, max_len: int, markers: tuple[str, str]) -> TokenSpec:
+        """A spec whose images get `markers` (start text, end text; "" for none) around their tokens."""
+        start, end = (tuple(encode_text(tokenizer, text)) if text else () for text in markers)
+        return cls(tokenizer, image_token_id, max_len, start, end)
 
 
 @dataclass
@@ -83,10 +99,14 @@ def tokenize_sample(sample: Sample, spec: TokenSpec, visual_tokens_per_image: in
             labels += ids if segment.learned else [IGNORE_INDEX] * len(ids)
             learned_any |= segment.learned and bool(ids)
         else:
+            # A chat template wrote the markers itself; anything else gets them here. Unlearned, as the image.
+            start_ids, end_ids = ((), ()) if sample.rendered else (spec.image_start_ids, spec.image_end_ids)
+            input_ids += start_ids
             start = len(input_ids)
             input_ids += [spec.image_token_id] * counts[image_index]
-            labels += [IGNORE_INDEX] * counts[image_index]
             spans.append((start, len(input_ids)))
+            input_ids += end_ids
+            labels += [IGNORE_INDEX] * (len(start_ids) + counts[image_index] + len(end_ids))
             image_index += 1
         if index + 1 in sample.turn_ends:
             turn_ends.append(len(input_ids))
@@ -95,7 +115,7 @@ def tokenize_sample(sample: Sample, spec: TokenSpec, visual_tokens_per_image: in
         labels.append(eos if learned_any else IGNORE_INDEX)
     tokens = TokenizedSample(sample.key, input_ids, labels, spans, list(images))
     needed = len(tokens)
-    tokens = truncate(tokens, spec.max_len, turn_ends, eos)
+    tokens = truncate(tokens, spec.max_len, turn_ends, eos, (spec.image_start_ids, spec.image_end_ids))
     if all(label == IGNORE_INDEX for label in tokens.labels):
         raise SampleFault(
             "nothing_learned",
@@ -107,30 +127,46 @@ def tokenize_sample(sample: Sample, spec: TokenSpec, visual_tokens_per_image: in
 
 
 def truncate(
-    tokens: TokenizedSample, max_len: int, turn_ends: Sequence[int] = (), eos: int | None = None
+    tokens: TokenizedSample,
+    max_len: int,
+    turn_ends: Sequence[int] = (),
+    eos: int | None = None,
+    markers: tuple[Sequence[int], Sequence[int]] = ((), ()),
 ) -> TokenizedSample:
     """Cut to max_len: after the last whole assistant turn that fits (then EOS), else at max_len
-    moved before any image the cut would split."""
+    moved before any image (with its `markers`: start ids, end ids) the cut would split."""
     if len(tokens) <= max_len:
         return tokens
     room = max_len - (eos is not None)
     whole_turns = [end for end in turn_ends if end <= room]
+    blocks = marked_spans(tokens, *markers)
     if whole_turns:
         cut = whole_turns[-1]
         tail = [eos] if eos is not None else []
         tokens.input_ids = tokens.input_ids[:cut] + tail
         tokens.labels = tokens.labels[:cut] + tail
-        kept = [i for i, (_, end) in enumerate(tokens.image_spans) if end <= cut]
-        tokens.image_spans = [tokens.image_spans[i] for i in kept]
-        tokens.images = [tokens.images[i] for i in kept]
-        return tokens
-    cut = max_len
-    for start, end in tokens.image_spans:
-        if start < cut < end:
-            cut = start
-    kept = [i for i, (_, end) in enumerate(tokens.image_spans) if end <= cut]
-    tokens.input_ids = tokens.input_ids[:cut]
-    tokens.labels = tokens.labels[:cut]
+    else:
+        cut = max_len
+        for start, end in blocks:
+            if start < cut < end:
+                cut = start
+        tokens.input_ids = tokens.input_ids[:cut]
+        tokens.labels = tokens.labels[:cut]
+    kept = [i for i, (_, end) in enumerate(blocks) if end <= cut]
     tokens.image_spans = [tokens.image_spans[i] for i in kept]
     tokens.images = [tokens.images[i] for i in kept]
     return tokens
+
+
+def marked_spans(tokens: TokenizedSample, start_ids: Sequence[int], end_ids: Sequence[int]) -> list[tuple[int, int]]:
+    """Each image's [start, end), widened over the markers right around it (written by tokenization or by a
+    chat template), so that a cut keeps or drops an image together with its markers."""
+    ids, before, after = tokens.input_ids, list(start_ids), list(end_ids)
+    blocks = []
+    for start, end in tokens.image_spans:
+        if before and start >= len(before) and ids[start - len(before) : start] == before:
+            start -= len(before)
+        if after and ids[end : end + len(after)] == after:
+            end += len(after)
+        blocks.append((start, end))
+    return blocks

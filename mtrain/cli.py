@@ -343,6 +343,7 @@ class DataTokens(NamedTuple):
     visual_tokens: int  # tokens each <image> stands for
     max_len: int | None  # data.max_len; None without a config
     data: Any  # the config's DataConfig; None without a config
+    image_markers: tuple[str, str] = ("", "")  # the model family's text around every image (ModelFamily)
 
 
 def _data_tokens(config: list[str] | None) -> DataTokens:
@@ -372,20 +373,23 @@ def _data_tokens(config: list[str] | None) -> DataTokens:
         grid = fixed_grid(model_config, cfg.model.image_size, cfg.model.path)  # Qwen: every image's merged grid
         visual = grid[0] * grid[1] if grid else family.visual_tokens(model_config)
         image_token_id = family.image_token_id(model_config)
+        markers = family.image_markers
     elif cfg.model.preset in QWEN_PRESETS:
         from mtrain.model.build import tiny_qwen_tokenizer  # noqa: PLC0415
         from mtrain.model.families.qwen2_vl import IMAGE_PAD  # noqa: PLC0415
 
         tokenizer, visual = tiny_qwen_tokenizer(cfg.model.preset), cfg.model.tiny_visual_tokens
         image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+        markers = family_for("qwen2_vl").image_markers
     else:
         tokenizer, visual = build_tiny_tokenizer(), cfg.model.tiny_visual_tokens
         image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        markers = ("", "")
     if cfg.model.chat_template:
         tokenizer.chat_template = cfg.model.chat_template
     if tokens.mode == "mqt":
         visual = tokens.mqt_queries
-    return DataTokens(tokenizer, image_token_id, visual, cfg.data.max_len, cfg.data)
+    return DataTokens(tokenizer, image_token_id, visual, cfg.data.max_len, cfg.data, markers)
 
 
 def _data_rules(args: argparse.Namespace, tokens: DataTokens | None) -> Any:
@@ -452,7 +456,7 @@ def _data_command(args: argparse.Namespace) -> int:
 
         tokenize = None
         if tokens is not None:  # samples training would drop when tokenizing them (nothing learned, no image left)
-            spec = TokenSpec(tokens.tokenizer, tokens.image_token_id, tokens.max_len)
+            spec = TokenSpec.with_markers(tokens.tokenizer, tokens.image_token_id, tokens.max_len, tokens.image_markers)
             tokenize = DocumentForm(rules, spec, tokens.visual_tokens, packing=False).tokens
         problems = 0
         for problem in iter_problems(urls, rules, tokenize=tokenize):  # printed as found: nothing kept

@@ -90,19 +90,26 @@ def loader_settings(cfg: TrainConfig, tokenizer: Any) -> Any:
     )
 
 
+def token_spec(cfg: TrainConfig, built: Any) -> Any:
+    """How documents become tokens for this model: its tokenizer and image token, `data.max_len`, and its
+    family's markers around every image (Qwen's <|vision_start|> ... <|vision_end|>)."""
+    from data_pipeline.tokenize import TokenSpec  # noqa: PLC0415
+
+    markers = built.family.image_markers if built.family is not None else ("", "")
+    return TokenSpec.with_markers(built.tokenizer, built.image_token_id, cfg.data.max_len, markers)
+
+
 def build_data_loader(cfg: TrainConfig, built: Any, world: WorldInfo, form: Any = None) -> Any:
     """The StreamingLoader of this rank: tokenizer, image processor and visual-token count from the model.
 
     `form` makes other batches than documents (pairs: `build_pair_loader`)."""
     from data_pipeline.loader import build_loader, torch_distributed_gather, torch_distributed_sync  # noqa: PLC0415
-    from data_pipeline.tokenize import TokenSpec  # noqa: PLC0415
 
-    spec = TokenSpec(built.tokenizer, built.image_token_id, cfg.data.max_len)
     return build_loader(
         loader_settings(cfg, built.tokenizer),
         world.rank,
         world.world_size,
-        spec,
+        token_spec(cfg, built),
         built.image_processor,
         built.visual_tokens,
         sync=torch_distributed_sync(),

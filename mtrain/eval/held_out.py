@@ -29,14 +29,13 @@ def held_out_loader(cfg: TrainConfig, built: Any, world: WorldInfo, shards: str 
     Built apart from the training loader, so taking eval batches moves no training data position.
     Not synced across ranks: each rank reads its own share to the end (see `lockstep`)."""
     from data_pipeline.loader import build_loader, torch_distributed_gather  # noqa: PLC0415
-    from data_pipeline.tokenize import TokenSpec  # noqa: PLC0415
-    from mtrain.engine.data import loader_settings  # noqa: PLC0415
+    from mtrain.engine.data import loader_settings, token_spec  # noqa: PLC0415
 
     data = dataclasses.replace(cfg.data, shuffle=False, num_workers=0, epoch_mode="epoch", packing=False)
     if shards is not None:
         data = dataclasses.replace(data, shards=shards, sources=[])
     settings = loader_settings(dataclasses.replace(cfg, data=data), built.tokenizer)
-    spec = TokenSpec(built.tokenizer, built.image_token_id, cfg.data.max_len)
+    spec = token_spec(cfg, built)
     # Every rank builds its eval loader at the same point, so unindexed shards are scanned once over all ranks.
     gather = torch_distributed_gather() if world.world_size > 1 else None
     return build_loader(

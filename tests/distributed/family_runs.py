@@ -1,10 +1,14 @@
-"""The 2-rank ZeRO-3 run the single-image families share (gemma3, qwen2_vl): M3 at scales [1,4,16] in one
-pass, MSS LoRA (a shared adapter plus one per scale) and packed rows through the real loader, then a look at
-its export."""
+"""The 2-rank ZeRO-3 runs the families share: M3 at scales [1,4,16] in one pass, MSS LoRA (a shared adapter
+plus one per scale) and packed rows through the real loader (`train_m3_mss_packed`, for the single-image
+families gemma3, qwen2_vl and qwen2_5_vl; the anyres ones train configs/tiny_onevision.yaml), then a look at
+the run: each step's loss against its per-scale losses, and the export against the checkpoint's own task."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from tests.conftest import mtrain_train, read_metrics, run
 
@@ -32,6 +36,14 @@ def train_m3_mss_packed(tmp_path: Path, shards_pattern: str, preset: str, steps:
     return run_dir, metrics
 
 
+def assert_loss_is_the_mean_of_the_scale_losses(metrics: list[dict]) -> None:
+    """Every step's loss, over both ranks' tokens, is the mean of its per-scale losses (equal scale weights):
+    the one-pass step trains each scale as its own forward would (one process: the family's unit test)."""
+    for step in metrics:
+        mean = sum(step[f"loss/scale_{s}"] for s in SCALES) / len(SCALES)
+        assert step["loss"] == pytest.approx(mean, rel=1e-4), step
+
+
 def load_export(run_dir: Path, model_class: str):
     """The exported model as stock transformers loads it, of class `model_class`; the export also holds the
     shared and per-scale adapters."""
@@ -42,4 +54,22 @@ def load_export(run_dir: Path, model_class: str):
     assert sorted(p.name for p in (run_dir / "export" / "adapter").iterdir() if p.is_dir()) == [
         "scale_1", "scale_16", "scale_4", "shared",
     ]  # fmt: skip
-    return model
+    return model.eval()
+
+
+def checkpoint_task(run_dir: Path, steps: int) -> tuple[Any, Any]:
+    """(built model, task) of the run's last checkpoint in this process: its config.yaml, and the ZeRO-3
+    shards consolidated into the task's weights."""
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from mtrain.config import load_config
+    from mtrain.model.build import build_model
+    from mtrain.task.registry import build_task
+
+    checkpoint = run_dir / "checkpoints" / f"step_{steps:08d}"
+    cfg = load_config(checkpoint / "config.yaml")
+    built = build_model(cfg.model, torch.float32, None, cfg.run.seed, cfg.matryoshka.tokens)
+    task = build_task(cfg, built, rank=0)
+    task.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name))
+    return built, task.eval()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.distributed.family_runs import load_export, train_m3_mss_packed
+from tests.distributed.family_runs import assert_loss_is_the_mean_of_the_scale_losses, load_export, train_m3_mss_packed
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -16,6 +16,7 @@ def test_two_rank_zero3_gemma3_m3_mss_lora_packed(tmp_path, shards_pattern):
     run_dir, metrics = train_m3_mss_packed(tmp_path, shards_pattern, "tiny-gemma3", steps=8)
     losses = [m["loss"] for m in metrics]  # 6.24 -> 4.73 over the 8 steps when written
     assert losses[-1] < 0.85 * losses[0] and all(a > b for a, b in zip(losses[:-1], losses[1:], strict=True))
+    assert_loss_is_the_mean_of_the_scale_losses(metrics)
 
     import torch
 

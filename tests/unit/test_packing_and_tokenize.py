@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
@@ -50,6 +52,30 @@ def test_truncation_never_splits_an_image():
     tokens = tokenize_sample(conversation(), spec, [9, 36])
     assert len(tokens) == 35 and len(tokens.images) == 1 and tokens.image_spans == [tokens.image_spans[0]]
     assert int((torch.tensor(tokens.input_ids) == IMAGE_ID).sum()) == 9
+
+
+def test_an_image_keeps_its_family_markers_unlearned_and_a_cut_never_separates_them():
+    """Qwen's markers around each image of a document (the family's `image_markers`), written by tokenization:
+    unlearned like the image; a cut that would fall between the image and its end marker drops both markers too."""
+    from mtrain.model.families.qwen2_vl import IMAGE_PAD, VISION_END, VISION_START, build_tiny_qwen_tokenizer
+
+    tokenizer = build_tiny_qwen_tokenizer()
+    image_id, start_id, end_id = tokenizer.convert_tokens_to_ids([IMAGE_PAD, VISION_START, VISION_END])
+    document = Sample(
+        "d", "interleaved", [TextSegment("a page ", True), ImageSegment("jpg"), TextSegment(" more", True)]
+    )
+    spec = TokenSpec.with_markers(tokenizer, image_id, 200, (VISION_START, VISION_END))
+    assert (spec.image_start_ids, spec.image_end_ids) == ((start_id,), (end_id,))
+    whole = tokenize_sample(document, spec, 4)
+    first = whole.input_ids.index(start_id)
+    assert whole.input_ids[first : first + 6] == [start_id, *[image_id] * 4, end_id]
+    assert whole.labels[first : first + 6] == [IGNORE_INDEX] * 6 and whole.image_spans == [(first + 1, first + 5)]
+    for max_len, kept in [(first + 5, 0), (first + 6, 1)]:  # before or after the end marker
+        cut = tokenize_sample(document, dataclasses.replace(spec, max_len=max_len), 4)
+        assert len(cut.images) == kept and len(cut) == (first + 6 if kept else first)
+    # A sample rendered by a chat template has its markers from the template: none are added.
+    rendered = dataclasses.replace(document, rendered=True)
+    assert tokenize_sample(rendered, spec, 4).input_ids.count(start_id) == 0
 
 
 def two_exchanges() -> Sample:

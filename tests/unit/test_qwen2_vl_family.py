@@ -6,13 +6,18 @@ transformers reloads with equal logits."""
 
 from __future__ import annotations
 
+import io
+import json
+
 import pytest
 import torch
 from PIL import Image
+from transformers import Qwen2VLProcessor
 
-from data_pipeline.formats import conversation_messages
-from data_pipeline.tokenize import IGNORE_INDEX
+from data_pipeline.formats import SampleRules, build_sample, conversation_messages
+from data_pipeline.tokenize import IGNORE_INDEX, tokenize_sample
 from mtrain.config import load_config
+from mtrain.engine.data import token_spec
 from mtrain.launch.model_checks import model_problems
 from mtrain.model.build import build_model
 from mtrain.model.families.qwen2_vl import (
@@ -30,6 +35,7 @@ from tests.family_checks import (
     assert_packed_equals_unpacked_per_document,
     assert_template_equals_apply_chat_template,
     assert_text_only_batch_reaches_vision_at_zero_weight,
+    conversation,
     export_and_reload,
     lora_task,
     m3_lora_config,
@@ -176,6 +182,74 @@ def test_the_qwen_template_gives_apply_chat_templates_token_ids_and_assistant_ma
     assert_template_equals_apply_chat_template(
         tokenizer, IMAGE_PAD, "<|vision_start|>", "<|vision_end|>", "seven<|im_end|>\nIt is red.<|im_end|>\n"
     )
+
+
+class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+    """Qwen2-VL's stock processor without its video processor, which needs torchvision (not in the CPU stack):
+    the same expansion of each <|image_pad|> to its image's tokens, tokenizer call and mm_token_type_ids."""
+
+    @classmethod
+    def get_attributes(cls) -> list[str]:
+        return ["image_processor", "tokenizer"]
+
+
+def png(colour: tuple[int, int, int], size: tuple[int, int] = (32, 32)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_captions_and_interleaved_documents_get_qwens_vision_markers_as_its_processor_writes_them():
+    """A caption and an interleaved document (two images side by side) tokenized for training give the ids
+    Qwen's processor gives for the same text with <|vision_start|><|image_pad|><|vision_end|> at each image,
+    the markers unlearned like the image's tokens, and the M-RoPE ids of the packed row are, per document, those
+    of the model's get_rope_index on the processor's ids (adjacent images are two grids, not one run)."""
+    task, built = make_task(preset="tiny-qwen2-vl")
+    cfg = qwen_config()
+    stock = ImageOnlyQwen2VLProcessor(built.image_processor.processor, built.tokenizer)
+    vision, eos = "<|vision_start|>" + IMAGE_PAD + "<|vision_end|>", built.tokenizer.eos_token
+    marker_ids = {built.model.config.vision_start_token_id, built.model.config.vision_end_token_id}
+    red, blue = png((200, 30, 30)), png((30, 30, 200))
+    interleaved = {
+        "texts": ["Shapes: ", None, None, " a red and a blue one."],
+        "images": [None, "0.png", "1.png", None],
+    }
+    samples = [
+        ({"png": red, "txt": b"a red square"}, f"{vision}\na red square{eos}", [red], "a red square" + eos),
+        (
+            {"json": json.dumps(interleaved).encode(), "0.png": red, "1.png": blue},
+            f"Shapes: {vision}{vision} a red and a blue one.{eos}",
+            [red, blue],
+            "Shapes:  a red and a blue one." + eos,
+        ),
+    ]
+    spec = token_spec(cfg, built)
+    docs, pixels, references = [], [], []
+    for members, text, images, learned_text in samples:
+        tokens = tokenize_sample(build_sample("doc", members, SampleRules()), spec, built.visual_tokens)
+        decoded = [Image.open(io.BytesIO(image)).convert("RGB") for image in images]
+        reference = stock(text=[text], images=decoded, return_tensors="pt")
+        assert tokens.input_ids == reference["input_ids"][0].tolist()
+        marker_labels = [label for t, label in zip(tokens.input_ids, tokens.labels, strict=True) if t in marker_ids]
+        assert len(marker_labels) == 2 * len(images) and set(marker_labels) == {IGNORE_INDEX}
+        learned = [t for t, label in zip(tokens.input_ids, tokens.labels, strict=True) if label != IGNORE_INDEX]
+        assert built.tokenizer.decode(learned) == learned_text
+        docs.append((tokens.input_ids, tokens.labels, len(images)))
+        pixels += [built.image_processor(images=image)["pixel_values"] for image in decoded]
+        references.append(reference)
+    _, layout = task.run(packed_batch(docs, torch.cat(pixels)), [16])
+    ids = task.family.layout_position_ids(task.llava, layout, built.visual_grid, built.image_token_id, packed=True)
+    start = 0
+    for (doc_ids, _, _), reference in zip(docs, references, strict=True):
+        want, _ = task.llava.model.get_rope_index(
+            reference["input_ids"], reference["mm_token_type_ids"], image_grid_thw=reference["image_grid_thw"]
+        )
+        assert torch.equal(ids[1:, 0, start : start + len(doc_ids)], want[:, 0])
+        start += len(doc_ids)
+    # A conversation has its markers from the chat template, once: the template's own ids.
+    chat = tokenize_sample(conversation(built.tokenizer, TWO_TURNS), spec, 1)
+    messages = conversation_messages(TWO_TURNS)
+    assert chat.input_ids == built.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
 
 
 def test_a_qwen2_vl_folder_passes_the_check_before_any_process_group(tmp_path):

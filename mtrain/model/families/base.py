@@ -33,6 +33,11 @@ class ModelFamily:
     # The `task.objective`s whose tasks run this family.
     objectives: tuple[str, ...] = ("lm", "contrastive")
 
+    # The text right before and after every image's tokens, as the family's processor writes it around the
+    # image token ("" for none). Captions and interleaved documents get it from tokenization; a chat template
+    # writes it into conversations itself (data_pipeline/tokenize.py).
+    image_markers: tuple[str, str] = ("", "")
+
     # Module-name fragments of the vision tower and the projector (freezing, LoRA's modules_to_save).
     part_names: dict[str, str] = {"vision_tower": "vision_tower", "projector": "multi_modal_projector"}
 

@@ -15,8 +15,10 @@
   grid pools the one before), every rank computes the same counts from the same grid, and f must
   divide both sides of the merged grid (size each side a multiple of patch_size * merge_size * f_max).
 - Sequence: the pooled tokens fill the positions of `image_token_id` (`<|image_pad|>`) between
-  `<|vision_start|>` and `<|vision_end|>` as the chat template writes them, (rows / f) * (columns / f)
-  of them per image.
+  `<|vision_start|>` and `<|vision_end|>`, (rows / f) * (columns / f) of them per image. The chat
+  template writes the markers into conversations; captions and interleaved documents get them from
+  tokenization (`image_markers`), as Qwen's processor has them, unlearned like the image's tokens.
+  They also keep two adjacent images two runs for `get_rope_index`, which groups image tokens by runs.
 - Position ids: 3-D M-RoPE (temporal, height, width), from the model's own `get_rope_index`
   given the pooled grid, (t, h / f, w / f): pooled tokens get the positions of a grid of that
   size, and the text after an image continues from the pooled grid's extent. They are computed per
@@ -51,13 +53,14 @@ from mtrain.model.families.base import ModelFamily, tiny_text_sizes
 from mtrain.model.token_scales import grid_factor
 
 IMAGE_PAD = "<|image_pad|>"  # the image token: one per visual token in the sequence
+VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"  # around every image's run of IMAGE_PAD
 # Qwen2-VL's special tokens, as its tokenizer has them (the tiny preset's tokenizer carries the same).
 SPECIAL_TOKENS = [
     "<|endoftext|>",
     "<|im_start|>",
     "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
+    VISION_START,
+    VISION_END,
     IMAGE_PAD,
     "<|video_pad|>",
 ]
@@ -72,7 +75,7 @@ CHAT_TEMPLATE = (
     "{{- '<|im_start|>system\\n" + SYSTEM_PROMPT + "<|im_end|>\\n' -}}"
     "{%- endif -%}"
     "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
-    + message_text_template("<|vision_start|>" + IMAGE_PAD + "<|vision_end|>")
+    + message_text_template(VISION_START + IMAGE_PAD + VISION_END)
     + "{%- if message['role'] == 'assistant' -%}"
     "{%- generation -%}{{- text + '<|im_end|>\\n' -}}{%- endgeneration -%}"
     "{%- else -%}{{- text + '<|im_end|>\\n' -}}"
@@ -199,8 +202,8 @@ MERGE_SIZE = 2  # Qwen2-VL's patch merger joins 2x2 patches
 TOKEN_IDS = {
     "image_token_id": IMAGE_PAD,
     "video_token_id": "<|video_pad|>",
-    "vision_start_token_id": "<|vision_start|>",
-    "vision_end_token_id": "<|vision_end|>",
+    "vision_start_token_id": VISION_START,
+    "vision_end_token_id": VISION_END,
 }
 
 
@@ -259,6 +262,7 @@ class Qwen2VLFamily(ModelFamily):
     model_class_path = "transformers:Qwen2VLForConditionalGeneration"
     position_ids = "3-D M-RoPE from the model's get_rope_index, given each image's pooled grid (t, h / f, w / f)"
     part_names = {"vision_tower": "visual", "projector": "visual.merger"}
+    image_markers = (VISION_START, VISION_END)  # Qwen's processor expands the pad between them
 
     def visual_tokens(self, config: Any) -> int:
         raise NotImplementedError("qwen2_vl images have a token count each: rows * columns of their merged grid")
