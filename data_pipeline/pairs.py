@@ -56,6 +56,9 @@ class PairSpec:
     max_len: int
     image_size: int
     query_instruction: str = DEFAULT_QUERY_INSTRUCTION
+    # The model family's ids right around every image's tokens (TokenSpec's; Qwen's vision markers).
+    image_start_ids: tuple[int, ...] = ()
+    image_end_ids: tuple[int, ...] = ()
 
 
 # ── writer ────────────────────────────────────────────────────────────────────────────────────
@@ -89,7 +92,8 @@ def side_members(key: str, members: dict[str, bytes], side: str) -> tuple[str | 
 
 # ── tokenize ──────────────────────────────────────────────────────────────────────────────────
 def side_ids(spec: PairSpec, text: str) -> list[int]:
-    """`<s> text </s>` with each `<image>` expanded to the visual tokens (no length check)."""
+    """`<s> text </s>` with each `<image>` expanded to the visual tokens between the family's image markers
+    (no length check)."""
     tokenizer = spec.tokenizer
     ids: list[int] = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     pieces = text.split(IMAGE_PLACEHOLDER)
@@ -97,7 +101,7 @@ def side_ids(spec: PairSpec, text: str) -> list[int]:
         if piece:
             ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
         if i < len(pieces) - 1:
-            ids += [spec.image_token_id] * spec.visual_tokens
+            ids += [*spec.image_start_ids, *[spec.image_token_id] * spec.visual_tokens, *spec.image_end_ids]
     ids.append(tokenizer.eos_token_id)
     return ids
 

@@ -123,6 +123,7 @@ def pair_spec(cfg: TrainConfig, built: Any) -> Any:
     """How pair sides become tokens and pixels for this config and model."""
     from data_pipeline.pairs import PairSpec  # noqa: PLC0415
 
+    tokens = token_spec(cfg, built)
     return PairSpec(
         built.tokenizer,
         built.image_token_id,
@@ -131,6 +132,8 @@ def pair_spec(cfg: TrainConfig, built: Any) -> Any:
         # Only the shape of a side without images, (0, 3, S, S); a Qwen tower has no one size (its images are patches).
         getattr(built.model.config.vision_config, "image_size", 0),
         cfg.task.contrastive.query_instruction,
+        tokens.image_start_ids,
+        tokens.image_end_ids,
     )
 
 

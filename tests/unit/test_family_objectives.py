@@ -247,6 +247,11 @@ def test_the_pair_loaders_batches_train_the_family(tmp_path, preset):
     batch = next(iter(stream))
     assert batch["query_pixel_values"].shape[0] == 4 and batch["positive_pixel_values"].shape[0] == 0
     assert len(batch["query_image_sizes"]) == 4 and batch["positive_image_sizes"] == []
+    ids = batch["query_input_ids"][0].tolist()
+    image = [i for i, token in enumerate(ids) if token == built.image_token_id]
+    markers = tuple(built.tokenizer.convert_tokens_to_ids(m) for m in built.family.image_markers if m)
+    if markers:  # Qwen: a query image sits between its vision markers, as a caption's does
+        assert (ids[image[0] - 1], ids[image[-1] + 1]) == markers
     loss, _ = task(batch)
     loss.backward()
     assert torch.isfinite(loss)
