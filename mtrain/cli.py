@@ -349,7 +349,7 @@ class DataTokens(NamedTuple):
 def _data_tokens(config: list[str] | None) -> DataTokens:
     """The tokenizer, image token, visual tokens per image and data section of a training config,
     without weights; the tiny-llava preset's without one."""
-    from mtrain.config.schema import QWEN_PRESETS, TinyLlavaConfig  # noqa: PLC0415
+    from mtrain.config.schema import TinyLlavaConfig  # noqa: PLC0415
     from mtrain.model.tokenizer import IMAGE_TOKEN, build_tiny_tokenizer  # noqa: PLC0415
 
     if not config:
@@ -374,17 +374,13 @@ def _data_tokens(config: list[str] | None) -> DataTokens:
         visual = grid[0] * grid[1] if grid else family.visual_tokens(model_config)
         image_token_id = family.image_token_id(model_config)
         markers = family.image_markers
-    elif cfg.model.preset in QWEN_PRESETS:
-        from mtrain.model.build import tiny_qwen_tokenizer  # noqa: PLC0415
-        from mtrain.model.families.qwen2_vl import IMAGE_PAD  # noqa: PLC0415
-
-        tokenizer, visual = tiny_qwen_tokenizer(cfg.model.preset), cfg.model.tiny_visual_tokens
-        image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
-        markers = family_for("qwen2_vl").image_markers
     else:
-        tokenizer, visual = build_tiny_tokenizer(), cfg.model.tiny_visual_tokens
-        image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        markers = ("", "")
+        from mtrain.model.build import preset_config  # noqa: PLC0415
+
+        tokenizer, model_config = preset_config(cfg.model)
+        family = family_for(model_config.model_type)
+        visual, image_token_id = cfg.model.tiny_visual_tokens, family.image_token_id(model_config)
+        markers = family.image_markers
     if cfg.model.chat_template:
         tokenizer.chat_template = cfg.model.chat_template
     if tokens.mode == "mqt":

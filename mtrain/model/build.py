@@ -228,11 +228,22 @@ def tiny_qwen_tokenizer(preset: str) -> Any:
     return TINY_QWEN_TOKENIZERS.get(preset, build_tiny_qwen_tokenizer)()
 
 
+def preset_config(cfg: ModelConfig) -> tuple[Any, Any]:
+    """(tokenizer, model config) of the built-in preset `cfg.preset`, shaped by `cfg.tiny`; no weights."""
+    if cfg.preset in TINY_QWEN_CONFIGS:
+        tokenizer = tiny_qwen_tokenizer(cfg.preset)
+        return tokenizer, TINY_QWEN_CONFIGS[cfg.preset](cfg.tiny, (len(tokenizer) + 63) // 64 * 64, tokenizer)
+    if cfg.preset == "tiny-gemma3":
+        tokenizer = build_tiny_gemma3_tokenizer()
+        return tokenizer, tiny_gemma3_config(cfg.tiny, (len(tokenizer) + 63) // 64 * 64, tokenizer)
+    tokenizer, config, _ = tiny_preset(cfg)
+    return tokenizer, config
+
+
 def _tiny_qwen(cfg: ModelConfig, dtype: torch.dtype, attn: str) -> BuiltModel:
     """A tiny Qwen preset: a Qwen2-VL, Qwen2.5-VL or Qwen3-VL model from `cfg.tiny`, a Qwen-shaped tokenizer,
     Qwen's image processor at the square tiny.image_size."""
-    tokenizer = tiny_qwen_tokenizer(cfg.preset)
-    config = TINY_QWEN_CONFIGS[cfg.preset](cfg.tiny, (len(tokenizer) + 63) // 64 * 64, tokenizer)
+    tokenizer, config = preset_config(cfg)
     family = family_for(config.model_type)
     config._attn_implementation = attn
     processor = tiny_qwen_image_processor(cfg.tiny.image_size, cfg.tiny.patch_size)
@@ -273,8 +284,7 @@ def tiny_preset(cfg: ModelConfig) -> tuple[Any, Any, Any]:
 def _tiny_gemma3(cfg: ModelConfig, dtype: torch.dtype, attn: str, seed: int) -> BuiltModel:
     """The tiny Gemma 3 preset: a Gemma 3 model from `cfg.tiny` whose projector pools the SigLIP patch
     grid 2x2, a Gemma-shaped tokenizer, Gemma 3's image processor at tiny.image_size."""
-    tokenizer = build_tiny_gemma3_tokenizer()
-    config = tiny_gemma3_config(cfg.tiny, (len(tokenizer) + 63) // 64 * 64, tokenizer)
+    tokenizer, config = preset_config(cfg)
     family = family_for(config.model_type)
     config._attn_implementation = family_attention(family, attn)
     model = family.model_class()._from_config(config, dtype=dtype)

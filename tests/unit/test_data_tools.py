@@ -9,6 +9,8 @@ import subprocess
 import sys
 import tarfile
 
+import pytest
+import torch
 from PIL import Image
 
 from data_pipeline.check import iter_problems
@@ -136,3 +138,19 @@ def test_validate_with_a_config_renders_conversations_with_its_chat_template():
     custom = "{% for m in messages %}{{ m.role }}: {{ m.content }} {% endfor %}"
     assert _data_rules(args, _data_tokens([tiny, f'model.chat_template="{custom}"'])).chat.template == custom
     assert _data_rules(args, None).chat is None
+
+
+@pytest.mark.parametrize("preset", ["tiny-llava-onevision", "tiny-gemma3", "tiny-qwen2.5-vl"])
+def test_data_tools_tokenize_with_the_presets_own_tokenizer_and_image_token(preset):
+    """`data validate/inspect --config` with a preset: that preset's tokenizer (chat template, image token and
+    markers), as training builds it; the OneVision and Gemma 3 presets got the LLaVA preset's."""
+    from mtrain.cli import _data_tokens
+    from mtrain.config import load_config
+    from mtrain.model.build import build_model
+
+    overrides = [f"model.preset={preset}", "matryoshka.tokens.mode=none"]
+    data = _data_tokens([str(REPO / "configs/tiny.yaml"), *overrides])
+    built = build_model(load_config(str(REPO / "configs/tiny.yaml"), overrides).model, torch.float32, None, seed=0)
+    assert data.tokenizer.chat_template == built.tokenizer.chat_template
+    assert data.tokenizer.get_vocab() == built.tokenizer.get_vocab()
+    assert (data.image_token_id, data.image_markers) == (built.image_token_id, built.family.image_markers)
