@@ -274,19 +274,19 @@ def pair_label(key: str, members: dict[str, bytes]) -> int | None:
 
 def side_image_sizes(doc: PairDoc, side: str) -> list[tuple[int, int]]:
     """The (height, width) of each image of one side of a materialized pair, as `side_pixels` orders them."""
-    start = 0
-    for name, planned in doc.sides.items():
-        if name == side:
-            return doc.image_sizes[start : start + len(planned.images)]
-        start += len(planned.images)
-    return []
+    return side_slice(doc, side, doc.image_sizes)
 
 
 def side_pixels(doc: PairDoc, side: str) -> list[Any]:
     """The prepared pixels of one side of a materialized pair (doc.pixel_values follow doc.images)."""
+    return side_slice(doc, side, doc.pixel_values)
+
+
+def side_slice(doc: PairDoc, side: str, per_image: list[Any]) -> list[Any]:
+    """The entries of `per_image` (one per image of the pair, sides in order) that belong to `side`."""
     start = 0
     for name, planned in doc.sides.items():
         if name == side:
-            return doc.pixel_values[start : start + len(planned.images)]
+            return per_image[start : start + len(planned.images)]
         start += len(planned.images)
     return []

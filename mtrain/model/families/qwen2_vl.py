@@ -168,6 +168,22 @@ def tiny_qwen2_vl_config(tiny: Any, vocab_size: int, tokenizer: Any) -> Any:
     return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **token_ids(tokenizer))
 
 
+def tiny_qwen_tower_sizes(tiny: Any) -> dict[str, Any]:
+    """The vision-config sizes the tiny Qwen2.5-VL and Qwen3-VL towers share (RMSNorm/SwiGLU blocks whose
+    merger projects to the language model's width)."""
+    return {
+        "depth": tiny.vision_layers,
+        "hidden_size": tiny.vision_hidden_size,
+        "intermediate_size": tiny.vision_hidden_size * 2,
+        "num_heads": max(1, tiny.vision_hidden_size // 8),
+        "out_hidden_size": tiny.hidden_size,
+        "patch_size": tiny.patch_size,
+        "spatial_merge_size": MERGE_SIZE,
+        "temporal_patch_size": 2,
+        "in_channels": 3,
+    }
+
+
 def tiny_qwen2_5_vl_config(tiny: Any, vocab_size: int, tokenizer: Any) -> Any:
     """The tiny preset's Qwen2_5_VLConfig: the same language model as `tiny_qwen2_vl_config`, and a
     Qwen2.5-VL tower: RMSNorm and SwiGLU blocks with window attention over 2x2 merged-token windows,
@@ -178,15 +194,7 @@ def tiny_qwen2_5_vl_config(tiny: Any, vocab_size: int, tokenizer: Any) -> Any:
     for name in ("model_type", "architectures", "transformers_version"):
         text.pop(name, None)
     vision = {
-        "depth": tiny.vision_layers,
-        "hidden_size": tiny.vision_hidden_size,
-        "intermediate_size": tiny.vision_hidden_size * 2,
-        "num_heads": max(1, tiny.vision_hidden_size // 8),
-        "out_hidden_size": tiny.hidden_size,
-        "patch_size": tiny.patch_size,
-        "spatial_merge_size": MERGE_SIZE,
-        "temporal_patch_size": 2,
-        "in_channels": 3,
+        **tiny_qwen_tower_sizes(tiny),
         "window_size": tiny.patch_size * MERGE_SIZE * 2,  # windows of 2x2 merged tokens (pixels per side)
         "fullatt_block_indexes": [tiny.vision_layers - 1],
     }

@@ -41,7 +41,13 @@ import torch
 
 from data_pipeline.chat_template import message_text_template
 from mtrain.model.families.base import tiny_text_sizes
-from mtrain.model.families.qwen2_vl import IMAGE_PAD, MERGE_SIZE, Qwen2VLFamily, build_tiny_qwen_tokenizer, token_ids
+from mtrain.model.families.qwen2_vl import (
+    IMAGE_PAD,
+    Qwen2VLFamily,
+    build_tiny_qwen_tokenizer,
+    tiny_qwen_tower_sizes,
+    token_ids,
+)
 
 # Qwen3-VL's chat template shape: ChatML, a system turn only when given, an image part as
 # <|vision_start|><|image_pad|><|vision_end|>; assistant parts marked by {% generation %} so
@@ -89,15 +95,7 @@ def tiny_qwen3_vl_config(tiny: Any, vocab_size: int, tokenizer: Any) -> Any:
     }
     patches_per_side = tiny.image_size // tiny.patch_size
     vision = {
-        "depth": tiny.vision_layers,
-        "hidden_size": tiny.vision_hidden_size,
-        "intermediate_size": tiny.vision_hidden_size * 2,
-        "num_heads": max(1, tiny.vision_hidden_size // 8),
-        "out_hidden_size": tiny.hidden_size,
-        "patch_size": tiny.patch_size,
-        "spatial_merge_size": MERGE_SIZE,
-        "temporal_patch_size": 2,
-        "in_channels": 3,
+        **tiny_qwen_tower_sizes(tiny),
         # The learned position grid the tower resamples to each image's patch grid: the tiny image's own.
         "num_position_embeddings": patches_per_side * patches_per_side,
         "deepstack_visual_indexes": list(range(min(tiny.vision_layers, tiny.num_layers))),
