@@ -128,6 +128,20 @@ class MatryoshkaModel:
             raise ValueError(f"scale={scale} has no adapter: this export trained scale adapters for {spec.scales}")
         return scale  # also an M3 view of a model trained at the full grid only, as `mtrain eval --scales` gives
 
+    def check_generates(self) -> None:
+        """Refuse a model whose family these steps do not run as it was trained (its own image grid, M-RoPE
+        positions, image attention): its answers would be wrong, or transformers would fail deep inside."""
+        from mtrain.model.families import FAMILIES  # noqa: PLC0415
+
+        model_type = self.llava.config.model_type
+        family = FAMILIES.get(model_type)
+        if family is None or not family.generates:
+            generating = sorted(name for name, known in FAMILIES.items() if known.generates)
+            raise ValueError(
+                f"this is a {model_type!r} model; mtrain.infer generates (and scores logits) for the model types "
+                f"{', '.join(generating)} only yet; `mtrain eval` scores it by its held-out losses per scale"
+            )
+
     def use_scale_adapters(self, scale: int) -> None:
         """Make `scale_<scale>` (and `shared`) the active LoRA adapters; trained modules stay active."""
         names = [f"scale_{scale}"] + ([SHARED_ADAPTER] if self.spec.strategy == "shared_plus_per_scale" else [])
@@ -166,6 +180,7 @@ class MatryoshkaModel:
     ) -> dict[str, torch.Tensor]:
         """`inputs_embeds`, `attention_mask` and `position_ids` of a prompt whose images run at `scale`,
         rows left-padded (for generation)."""
+        self.check_generates()
         scale = self.check_scale(scale)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -319,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m mtrain.infer EXPORT --image PICTURE --prompt TEXT [--scale S]`: answer with the trained chat
     template, each image at S visual tokens (default: the export's default scale)."""
     import argparse  # noqa: PLC0415
+    import sys  # noqa: PLC0415
 
     from PIL import Image  # noqa: PLC0415
     from transformers import AutoProcessor  # noqa: PLC0415
@@ -331,6 +347,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     args = parser.parse_args(argv)
     model = MatryoshkaModel.from_export(args.export)
+    try:
+        model.check_generates()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     processor = AutoProcessor.from_pretrained(Path(args.export) / "model")
     print(answer(model, processor, Image.open(args.image).convert("RGB"), args.prompt, args.scale, args.max_new_tokens))
     return 0

@@ -77,6 +77,20 @@ class LoraConfig(Checkable):
 QWEN_PRESETS = ("tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl")  # tiny presets with Qwen's 2x2 patch merger
 QWEN3_PRESET = "tiny-qwen3-vl"  # DeepStack: trains with M3 only
 GEMMA3_PRESET = "tiny-gemma3"  # its projector pools 2x2 patches into one token
+# The tiny presets whose family greedy generation runs (mtrain/infer.py; a folder's family says so itself:
+# `ModelFamily.generates`, checked in mtrain/launch/model_checks.py).
+GENERATING_PRESETS = ("tiny-llava",)
+
+
+def generation_problem(model: str) -> tuple[str, str]:
+    """(dotted key, problem) of `eval.generate_samples` on a model whose family generation cannot run yet:
+    `model` names it (a preset, or a folder's model_type)."""
+    message = (
+        f"greedy generation (mtrain.infer) runs llava models only yet, not {model}: it would splice the visual "
+        "tokens without the family's own grid, positions and attention; set eval.generate_samples=0 (the "
+        "held-out losses per scale still run)"
+    )
+    return ("eval.generate_samples", message)
 
 
 def mqt_head_problem(tokens: Any, export_at_end: bool, generate_samples: int) -> tuple[str, str] | None:
@@ -777,6 +791,8 @@ class TrainConfig(Checkable):
             return ("eval.dims", "are embedding budgets of task.objective=contrastive; evaluate eval.scales instead")
         if budgets.generate_samples and contrastive:
             return ("eval.generate_samples", "needs task.objective=lm: an embedding model answers nothing; set 0")
+        if budgets.generate_samples and self.model.preset not in (*GENERATING_PRESETS, "none"):
+            return generation_problem(f"the {self.model.preset} preset")
         untrained = self.scales_without_adapter(budgets.scales)
         if untrained:
             message = (

@@ -205,7 +205,9 @@ def load_generator(source: str | Path) -> tuple[MatryoshkaModel, Any]:
     if (folder / EXPORT_METADATA).is_file():
         from transformers import AutoProcessor  # noqa: PLC0415
 
-        return MatryoshkaModel.from_export(folder), AutoProcessor.from_pretrained(folder / "model")
+        model = MatryoshkaModel.from_export(folder)
+        model.check_generates()  # before the processor, whose loading may fail first (Qwen's needs torchvision)
+        return model, AutoProcessor.from_pretrained(folder / "model")
     if not folder.is_dir():
         raise FileNotFoundError(
             f"{source} is not a folder: give an export (the folder holding {EXPORT_METADATA}) or a checkpoint "
@@ -214,8 +216,9 @@ def load_generator(source: str | Path) -> tuple[MatryoshkaModel, Any]:
     from mtrain.eval.budget import load_for_eval  # noqa: PLC0415
 
     cfg, built, task = load_for_eval(folder, [], shards=None, data_needed=False)
-    processor = llava_processor(task.llava.config, built, built.tokenizer.chat_template)
-    return generation_model(cfg, task, built.scale_routing), processor
+    model = generation_model(cfg, task, built.scale_routing)
+    model.check_generates()
+    return model, llava_processor(task.llava.config, built, built.tokenizer.chat_template)
 
 
 def check_generation_scale(spec: MatryoshkaSpec, scale: int | None) -> None:

@@ -33,6 +33,10 @@ class ModelFamily:
     # The `task.objective`s whose tasks run this family.
     objectives: tuple[str, ...] = ("lm", "contrastive")
 
+    # Whether greedy generation (mtrain/infer.py's MatryoshkaModel: `eval.generate_samples`, `mtrain generate`)
+    # runs this family as its tasks train it; refused before any process group where it does not.
+    generates: bool = False
+
     # Module-name fragments of the vision tower and the projector (freezing, LoRA's modules_to_save).
     part_names: dict[str, str] = {"vision_tower": "vision_tower", "projector": "multi_modal_projector"}
 
