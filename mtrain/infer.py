@@ -49,6 +49,7 @@ EMBEDDING_FILE = "embedding.json"  # written by mtrain/checkpoint/embedding_expo
 HEAD_WEIGHTS_FILE = "embedding_head.safetensors"
 SCALE_STRATEGIES = ("per_scale", "shared_plus_per_scale")
 SHARED_ADAPTER = "shared"
+PROMPT_INPUTS = ("input_ids", "pixel_values", "attention_mask", "image_grid_thw")  # what a processor gives
 
 
 @dataclass
@@ -100,6 +101,9 @@ class MatryoshkaModel:
         self.routing = routing
         self.llava = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.image_token_id = self.llava.config.image_token_id
+        from mtrain.model.families import FAMILIES  # noqa: PLC0415
+
+        self.family = FAMILIES.get(self.llava.config.model_type)  # its generation hooks (None: unknown)
 
     @classmethod
     def from_export(cls, export_dir: str | Path, dtype: torch.dtype = torch.float32) -> MatryoshkaModel:
@@ -134,8 +138,7 @@ class MatryoshkaModel:
         from mtrain.model.families import FAMILIES  # noqa: PLC0415
 
         model_type = self.llava.config.model_type
-        family = FAMILIES.get(model_type)
-        if family is None or not family.generates:
+        if self.family is None or not self.family.generates:
             generating = sorted(name for name, known in FAMILIES.items() if known.generates)
             raise ValueError(
                 f"this is a {model_type!r} model; mtrain.infer generates (and scores logits) for the model types "
@@ -177,9 +180,11 @@ class MatryoshkaModel:
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         scale: int | None = None,
+        image_grid_thw: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """`inputs_embeds`, `attention_mask` and `position_ids` of a prompt whose images run at `scale`,
-        rows left-padded (for generation)."""
+        """`inputs_embeds`, `attention_mask` and the positions of a prompt whose images run at `scale`, rows
+        left-padded (for generation): 1-D `position_ids`, or what the family's `generate` makes them from
+        (`ModelFamily.generation_inputs`: Qwen's prompt ids and pooled `image_grid_thw` for M-RoPE)."""
         self.check_generates()
         scale = self.check_scale(scale)
         if attention_mask is None:
@@ -188,40 +193,74 @@ class MatryoshkaModel:
             self.use_scale_adapters(scale)
         embed_tokens = self.llava.get_input_embeddings()
         if pixel_values is None or not bool((input_ids == self.image_token_id).any()):
-            ids, mask = input_ids, attention_mask
+            ids, mask, grid_thw = input_ids, attention_mask, None
             embeddings = embed_tokens(ids)
         else:
+            visual, runs, grid_thw = self.visual_at_scale(pixel_values, image_grid_thw, scale)
+            keep = run_keep_mask(input_ids, attention_mask, self.image_token_id, runs)
+            ids, mask = keep_left_padded(input_ids, attention_mask, keep)
+            embeddings, _ = self.family.splice_visual(self.llava, embed_tokens(ids), ids == self.image_token_id, visual)
+        inputs = {"inputs_embeds": embeddings, "attention_mask": mask}
+        positions = self.family.generation_inputs(self.llava.config, ids, grid_thw)
+        return inputs | (positions or {"position_ids": (mask.long().cumsum(1) - 1).clamp(min=0)})
+
+    def visual_at_scale(
+        self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None, scale: int | None
+    ) -> tuple[torch.Tensor, list[tuple[int, int]], torch.Tensor | None]:
+        """(every image's visual tokens at `scale`, in order: (tokens, dim); (full, kept) tokens of each image;
+        the pooled `image_grid_thw`, or None for a family of one fixed grid). M3 pools a native-resolution
+        image (Qwen: `image_grid_thw`) by the factor per side that leaves `scale` tokens of its merged grid."""
+        if image_grid_thw is None:
             features = self.image_features(pixel_values)
-            full = features.shape[1]
-            scale = scale or full
-            ids, mask = keep_left_padded(
-                input_ids, attention_mask, image_keep_mask(input_ids, attention_mask, self.image_token_id, full, scale)
-            )
-            embeddings = embed_tokens(ids)
-            visual = self.at_scale(features, scale).to(embeddings.dtype)
-            embeddings = embeddings.masked_scatter((ids == self.image_token_id).unsqueeze(-1), visual)
-        position_ids = (mask.long().cumsum(1) - 1).clamp(min=0)
-        return {"inputs_embeds": embeddings, "attention_mask": mask, "position_ids": position_ids}
+            images, full = features.shape[:2]
+            visual = self.at_scale(features, scale or full)
+            return visual.flatten(0, 1), [(full, visual.shape[1])] * images, None
+        from mtrain.model.families.qwen2_vl import merged_grid, pool_merged, pooled_grid_thw  # noqa: PLC0415
+        from mtrain.model.token_scales import grid_factor  # noqa: PLC0415
+
+        merge = self.llava.config.vision_config.spatial_merge_size
+        output = self.llava.model.get_image_features(
+            pixel_values=pixel_values.to(self.llava.dtype), image_grid_thw=image_grid_thw, return_dict=True
+        )
+        pooled, runs, grids = [], [], []
+        for features, thw in zip(output.pooler_output, image_grid_thw, strict=True):
+            grid = merged_grid(thw, merge)
+            factor = grid_factor(grid[1:], scale) if scale else 1
+            pooled.append(pool_merged(features, grid, factor))
+            runs.append((features.shape[0], pooled[-1].shape[0]))
+            grids.append(pooled_grid_thw(thw, factor))
+        return torch.cat(pooled), runs, torch.stack(grids)
 
     @torch.no_grad()
     def logits(self, scale: int | None = None, **prompt: torch.Tensor | None) -> torch.Tensor:
         """Next-token logits of every position of the (left-padded) prompt at `scale`; the prompt's
-        `input_ids`, `pixel_values` and `attention_mask` as the processor gives them (`**inputs`)."""
+        `input_ids`, `pixel_values`, `attention_mask` (and `image_grid_thw`) as the processor gives them."""
         inputs = self.scaled_inputs(**prompt, scale=scale)
         with self.routed(inputs["inputs_embeds"], scale):
             return self.model(**inputs, use_cache=False).logits
 
     @torch.no_grad()
     def generate(self, scale: int | None = None, **kwargs: Any) -> torch.Tensor:
-        """The new tokens only (`generate` from embeddings returns no prompt), each image at `scale` tokens.
+        """The new tokens only, each image at `scale` tokens.
 
-        `input_ids`, `pixel_values` and `attention_mask` as the processor gives them (`**inputs`);
-        every other keyword goes to transformers' `generate`."""
-        prompt = {name: kwargs.pop(name) for name in ("input_ids", "pixel_values", "attention_mask") if name in kwargs}
+        `input_ids`, `pixel_values`, `attention_mask` (and Qwen's `image_grid_thw`) as the processor gives
+        them (`**inputs`); every other keyword goes to transformers' `generate`."""
+        prompt = {name: kwargs.pop(name) for name in PROMPT_INPUTS if name in kwargs}
         inputs = self.scaled_inputs(**prompt, scale=scale)
-        inputs.pop("position_ids")  # generate derives them from the left-padded mask
+        inputs.pop("position_ids", None)  # generate derives 1-D ids from the left-padded mask
         with self.routed(inputs["inputs_embeds"], scale):
-            return self.model.generate(**inputs, **kwargs)
+            new = self.model.generate(**inputs, **kwargs)
+        # Given the prompt's ids too (M-RoPE), generate returns them first; from embeddings alone, none.
+        return new[:, inputs["input_ids"].shape[1] :] if "input_ids" in inputs else new
+
+    def blank_image_pass(self, grid: tuple[int, int] | None) -> None:
+        """The vision path on one blank image (of merged grid `grid`, as the loader gives it), its output
+        dropped: a rank whose prompts have no image still gathers the vision tower's parameters when the
+        others do (ZeRO-3 collectives must match)."""
+        config, device = self.llava.config, self.llava.get_input_embeddings().weight.device
+        pixels, _ = self.family.stand_in_input(config, grid, self.llava.dtype, device)
+        images = self.family.prompt_images(config, pixels, grid)
+        self.visual_at_scale(images["pixel_values"], images.get("image_grid_thw"), None)
 
     @contextlib.contextmanager
     def routed(self, embeddings: torch.Tensor, scale: int | None) -> Iterator[None]:
@@ -271,6 +310,24 @@ class MatryoshkaModel:
         if self.head is not None:
             pooled = self.head(pooled)
         return truncate(pooled, dim)
+
+
+def run_keep_mask(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int, runs: list[tuple[int, int]]
+) -> torch.Tensor:
+    """True on the real tokens that survive shrinking each image run, in order over the rows, from its full
+    count to its kept count (`runs`: (full, kept) per image; `image_keep_mask` when every image is alike)."""
+    if len(set(runs)) == 1:
+        return image_keep_mask(input_ids, attention_mask, image_token_id, *runs[0])
+    keep = attention_mask.bool().clone()
+    images, left, position, kept = iter(runs), 0, 0, 0
+    for row, column in (input_ids == image_token_id).nonzero().tolist():  # row-major: image runs in order
+        if column == 0 or input_ids[row, column - 1] != image_token_id or left == 0:
+            full, kept = next(images)
+            left, position = full, 0
+        keep[row, column] &= position < kept
+        left, position = left - 1, position + 1
+    return keep
 
 
 def keep_left_padded(

@@ -44,7 +44,8 @@ class AnswerPrompts:
 
     inputs: dict[str, Any]
     """`input_ids` and `attention_mask` (left-padded, every image at the full grid) and the prompts' `pixel_values`
-    (None without an image): what `MatryoshkaModel.generate` takes."""
+    (None without an image; `prompt_batches` gives them as the family's processor does, with Qwen's
+    `image_grid_thw`): what `MatryoshkaModel.generate` takes."""
     references: list[list[int]]
     """Each row's first answer: its first run of learned tokens (the end-of-text token included)."""
 
@@ -110,14 +111,13 @@ def prompt_batches(batches: Iterator[dict[str, Any]], quota: int, built: Any) ->
             return
         rows = min(left, batch["input_ids"].shape[0])
         left -= rows
-        yield answer_prompts(batch, built.image_token_id, built.visual_tokens, built.tokenizer.pad_token_id, rows)
-
-
-def blank_image_pass(model: MatryoshkaModel, device: torch.device) -> None:
-    """The vision path on one blank image, its output dropped: a rank whose prompts have no image still
-    gathers the vision tower's parameters when the others do (ZeRO-3 collectives must match)."""
-    vision = model.llava.config.vision_config
-    model.image_features(torch.zeros((1, vision.num_channels, vision.image_size, vision.image_size), device=device))
+        prompts = answer_prompts(batch, built.image_token_id, built.visual_tokens, built.tokenizer.pad_token_id, rows)
+        pixels = prompts.inputs.pop("pixel_values")
+        if pixels is not None:  # as the family's processor gives them (Qwen: one patch sequence, image_grid_thw)
+            prompts.inputs |= built.family.prompt_images(built.model.config, pixels, built.visual_grid)
+        else:
+            prompts.inputs["pixel_values"] = None
+        yield prompts
 
 
 def generate_answers(
@@ -128,13 +128,15 @@ def generate_answers(
     tokenizer: Any,
     max_new_tokens: int,
     synced: bool,
+    grid: tuple[int, int] | None = None,
 ) -> dict[int, torch.Tensor]:
-    """This rank's (correct, answers) per scale over its rounds of prompts; `synced`: ranks step together."""
+    """This rank's (correct, answers) per scale over its rounds of prompts; `synced`: ranks step together;
+    `grid`: the loader's merged image grid (`BuiltModel.visual_grid`)."""
     sums = {scale: torch.zeros(len(GENERATION_SUMS), dtype=torch.float64) for scale in scales}
     for prompts, counted in rounds:
         inputs = to_device(prompts.inputs)
         for scale in scales:
-            answers = answer_batch(model, inputs, scale, tokenizer, max_new_tokens, synced)
+            answers = answer_batch(model, inputs, scale, tokenizer, max_new_tokens, synced, grid)
             if counted:
                 eos = tokenizer.eos_token_id
                 right = sum(same_answer(a, r, tokenizer, eos) for a, r in zip(answers, prompts.references, strict=True))
@@ -143,12 +145,12 @@ def generate_answers(
 
 
 def answer_batch(model: MatryoshkaModel, inputs: dict[str, Any], scale: int, tokenizer: Any, max_new_tokens: int,
-                 synced: bool) -> list[list[int]]:  # fmt: skip
+                 synced: bool, grid: tuple[int, int] | None = None) -> list[list[int]]:  # fmt: skip
     """The greedy new tokens of every prompt row at `scale`. `synced` (several ranks, ZeRO-3): this rank keeps
     stepping (its forwards' outputs unused) until every rank's answers have ended, and runs the vision path even
-    when its prompts have no image."""
+    when its prompts have no image (on a blank image of the loader's merged grid `grid`)."""
     if synced and inputs["pixel_values"] is None:
-        blank_image_pass(model, inputs["input_ids"].device)
+        model.blank_image_pass(grid)
     new = model.generate(**inputs, scale=scale, max_new_tokens=max_new_tokens, do_sample=False, synced_gpus=synced,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
     return new.tolist()
@@ -177,7 +179,8 @@ def generated_answer_sums(
     prompts = prompt_batches(one_pass(held_out_loader(cfg, built, world, shards)), quota, built)
     rounds = lockstep(prompts, all_reduce, world.world_size)
     synced = world.world_size > 1
-    sums = generate_answers(model, rounds, to_device, scales, built.tokenizer, cfg.eval.max_new_tokens, synced)
+    sums = generate_answers(model, rounds, to_device, scales, built.tokenizer, cfg.eval.max_new_tokens, synced,
+                            built.visual_grid)  # fmt: skip
     return reduce_sums(sums, all_reduce)
 
 

@@ -14,14 +14,14 @@ from mtrain.config import ConfigError, load_config
 from mtrain.launch.model_checks import model_problems
 from mtrain.model.build import build_model
 from mtrain.model.families import FAMILIES
+from mtrain.model.families.qwen2_vl import IMAGE_PAD
 from tests.conftest import REPO
 from tests.unit.test_model_checks import folder_config, tiny_llava_folder
 
 HELD_OUT = ["eval.shards=h.tar", "eval.generate_samples=2"]
 M3 = ["matryoshka.tokens.mode=m3", "matryoshka.tokens.scales=[4,16]"]  # fits every preset's grid; qwen3 needs m3
-GENERATING = {"llava", "mtrain_mqt_llava"}
-NOT_GENERATING = ["tiny-llava-onevision", "tiny-llava-next", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl",
-                  "tiny-gemma3"]  # fmt: skip
+GENERATING = {"llava", "mtrain_mqt_llava", "qwen2_vl", "qwen2_5_vl"}
+NOT_GENERATING = ["tiny-llava-onevision", "tiny-llava-next", "tiny-qwen3-vl", "tiny-gemma3"]
 
 
 def test_families_say_whether_they_generate():
@@ -36,29 +36,29 @@ def test_a_preset_whose_family_cannot_generate_is_refused_at_config_load(preset)
         load_config(None, [f"model.preset={preset}", *M3, *HELD_OUT])
 
 
-def test_the_qwen_recipe_with_in_loop_generation_is_refused_and_llava_still_generates():
+def test_the_qwen_recipe_and_llava_generate_in_the_loop():
     recipe = REPO / "configs/recipes/tiny/lora_sft_matryoshka_qwen2_5_vl.yaml"
-    with pytest.raises(ConfigError, match="eval.generate_samples: greedy generation"):
-        load_config(recipe, [*HELD_OUT, "eval.every=2", "checkpoint.export_at_end=false"])
+    assert load_config(recipe, [*HELD_OUT, "eval.every=2"]).eval.generate_samples == 2
     assert load_config(None, [*M3, *HELD_OUT]).eval.generate_samples == 2  # tiny-llava
 
 
-def save_qwen_folder(folder):
-    preset = build_model(load_config(None, ["model.preset=tiny-qwen2.5-vl"]).model, torch.float32, None, seed=0)
-    preset.model.save_pretrained(folder)
-    preset.tokenizer.save_pretrained(folder)
-    preset.image_processor.save_pretrained(folder)
-    return folder, preset
+def save_preset_folder(folder, preset: str):
+    built = build_model(load_config(None, [f"model.preset={preset}"]).model, torch.float32, None, seed=0)
+    built.model.save_pretrained(folder)
+    built.tokenizer.save_pretrained(folder)
+    built.image_processor.save_pretrained(folder)
+    return folder, built
 
 
 def test_a_folder_whose_family_cannot_generate_is_refused_before_any_process_group(tmp_path):
-    folder, _ = save_qwen_folder(tmp_path / "qwen")
-    overrides = ["model.image_size=[32,32]", "matryoshka.tokens.mode=m3", "matryoshka.tokens.scales=[1,4]"]
-    assert model_problems(folder_config(folder, *overrides, "eval.shards=h.tar")) == []
-    (problem,) = model_problems(folder_config(folder, *overrides, *HELD_OUT))
+    folder, _ = save_preset_folder(tmp_path / "next", "tiny-llava-next")
+    assert model_problems(folder_config(folder, "eval.shards=h.tar")) == []
+    (problem,) = model_problems(folder_config(folder, *HELD_OUT))
     assert problem.startswith(f"model.path={str(folder)!r}: eval.generate_samples: greedy generation")
-    assert "not a qwen2_5_vl model" in problem and "set eval.generate_samples=0" in problem
+    assert "not a llava_next model" in problem and "set eval.generate_samples=0" in problem
     assert model_problems(folder_config(tiny_llava_folder(tmp_path / "llava"), *HELD_OUT)) == []
+    qwen, _ = save_preset_folder(tmp_path / "qwen", "tiny-qwen2.5-vl")
+    assert model_problems(folder_config(qwen, "model.image_size=[32,32]", *HELD_OUT)) == []
 
 
 def test_generating_from_an_export_of_such_a_family_stops_with_a_clear_error(tmp_path, capsys):
@@ -67,16 +67,67 @@ def test_generating_from_an_export_of_such_a_family_stops_with_a_clear_error(tmp
     from mtrain.infer import main as infer_main
 
     export = tmp_path / "export"
-    _, preset = save_qwen_folder(export / "model")
-    (export / "mtrain.json").write_text(json.dumps({"matryoshka": {"token_mode": "m3", "scales": [1, 4]}}))
+    _, preset = save_preset_folder(export / "model", "tiny-llava-next")
+    (export / "mtrain.json").write_text(json.dumps({"matryoshka": {"token_mode": "m3", "scales": [4, 16]}}))
     picture = tmp_path / "picture.png"
     Image.new("RGB", (32, 32), "red").save(picture)
-    refusal = "this is a 'qwen2_5_vl' model; mtrain.infer generates (and scores logits) for the model types llava"
-    model = MatryoshkaModel(preset.model, MatryoshkaSpec(token_mode="m3", scales=[1, 4]))
-    with pytest.raises(ValueError, match=r"'qwen2_5_vl' model; mtrain.infer generates"):
+    refusal = "this is a 'llava_next' model; mtrain.infer generates (and scores logits) for the model types llava"
+    model = MatryoshkaModel(preset.model, MatryoshkaSpec(token_mode="m3", scales=[4, 16]))
+    with pytest.raises(ValueError, match=r"'llava_next' model; mtrain.infer generates"):
         model.generate(input_ids=torch.tensor([[1, 2, 3]]), max_new_tokens=2)
     args = ["--image", str(picture), "--prompt", "What is drawn?"]
     assert main(["generate", str(export), *args]) == 2
     assert refusal in capsys.readouterr().err
     assert infer_main([str(export), *args]) == 2
     assert refusal in capsys.readouterr().err
+
+
+# ── the families generation runs through their hooks: the stock model's own greedy tokens at the full scale ──
+def qwen_prompts(built, colours: list[str]) -> dict:
+    """Two left-padded prompts (different lengths) about two pictures, as Qwen's processor gives them: each
+    <|image_pad|> expanded to the image's merged tokens, every image's patches in one sequence, image_grid_thw."""
+    tokenizer, processor = built.tokenizer, built.image_processor
+    images = [processor(Image.new("RGB", (48, 40), colour)) for colour in colours]
+    rows = []
+    for n, image in enumerate(images):
+        question = "What is drawn?" + " Say it in a word." * n
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        tokens = int(image["image_grid_thw"].prod()) // 4  # the 2x2 merger
+        rows.append(tokenizer(text.replace(IMAGE_PAD, IMAGE_PAD * tokens))["input_ids"])
+    width = max(map(len, rows))
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows])
+    attention_mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
+    pixel_values = torch.cat([image["pixel_values"][0] for image in images])
+    image_grid_thw = torch.cat([image["image_grid_thw"] for image in images])
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
+            "image_grid_thw": image_grid_thw}  # fmt: skip
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen2-vl", "tiny-qwen2.5-vl"])
+def test_qwen_greedy_tokens_at_the_full_scale_equal_the_stock_generate(preset):
+    from mtrain.infer import MatryoshkaModel, MatryoshkaSpec
+
+    cfg = load_config(None, [f"model.preset={preset}", *M3])
+    built = build_model(cfg.model, torch.float32, None, seed=0)
+    model = built.model.eval()
+    inputs = qwen_prompts(built, ["red", "blue"])
+    width = inputs["input_ids"].shape[1]
+    is_image = (inputs["input_ids"] == built.image_token_id).int()
+    greedy = {"max_new_tokens": 8, "do_sample": False, "min_new_tokens": 8}  # no early end: every step compared
+    with torch.no_grad():
+        stock = model.generate(**inputs, mm_token_type_ids=is_image, **greedy)[:, width:]
+    ours = MatryoshkaModel(model, MatryoshkaSpec(token_mode="m3", scales=[4, 16])).generate(**inputs, **greedy)
+    assert ours.shape == (2, 8) and torch.equal(ours, stock)
+    assert len(set(stock.flatten().tolist())) > 1  # a real sequence, not one token repeated
+
+
+def test_image_runs_of_different_sizes_keep_their_own_pooled_counts():
+    from mtrain.infer import run_keep_mask
+
+    i = 9  # the image token; two rows, three images of 4, 2 and 4 tokens
+    ids = torch.tensor([[0, 1, i, i, i, i, 2, i, i, 3], [0, 0, 0, 1, i, i, i, i, 2, 3]])
+    mask = torch.tensor([[1] * 10, [0, 0] + [1] * 8])
+    keep = run_keep_mask(ids, mask, i, [(4, 1), (2, 2), (4, 2)])
+    assert keep.int().tolist() == [[1, 1, 1, 0, 0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 0, 0, 1, 1]]

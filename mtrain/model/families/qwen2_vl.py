@@ -256,6 +256,7 @@ def tiny_qwen_image_processor(image_size: int, patch_size: int) -> FixedSizeImag
 
 class Qwen2VLFamily(ModelFamily):
     model_type = "qwen2_vl"
+    generates = True
     model_class_path = "transformers:Qwen2VLForConditionalGeneration"
     position_ids = "3-D M-RoPE from the model's get_rope_index, given each image's pooled grid (t, h / f, w / f)"
     part_names = {"vision_tower": "visual", "projector": "visual.merger"}
@@ -308,6 +309,23 @@ class Qwen2VLFamily(ModelFamily):
             pixel_values=pixel_values.flatten(0, 1), image_grid_thw=grid_thw, return_dict=True
         )
         return torch.stack(list(output.pooler_output))
+
+    def prompt_images(self, config: Any, pixel_values: torch.Tensor, grid: tuple[int, int] | None) -> dict[str, Any]:
+        if grid is None:
+            raise ValueError(f"a {self.model_type} model needs its images' merged grid (BuiltModel.visual_grid)")
+        grid_thw = self.patch_grid_thw(config, grid, pixel_values.shape[0], pixel_values.device)
+        return {"pixel_values": pixel_values.flatten(0, 1), "image_grid_thw": grid_thw}
+
+    def generation_inputs(
+        self, config: Any, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None
+    ) -> dict[str, Any]:
+        """The prompt's ids, which image positions they hold and the pooled grids: the stock `generate` makes
+        the prompt's M-RoPE ids from them with `get_rope_index` (the ids `layout_position_ids` trains with)
+        and continues every row from its largest id for each new token (`rope_deltas`)."""
+        if image_grid_thw is None:
+            return {}  # a text-only prompt: M-RoPE's three axes are the 1-D ids generate counts
+        is_image = (input_ids == config.image_token_id).int()
+        return {"input_ids": input_ids, "mm_token_type_ids": is_image, "image_grid_thw": image_grid_thw}
 
     def stand_in_input(
         self, config: Any, grid: tuple[int, int] | None, dtype: Any, device: Any
