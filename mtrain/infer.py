@@ -18,6 +18,11 @@ How a scale runs (the same steps as training, mtrain/task/matryoshka_tokens.py):
                                                   MQT: keep the first `scale` query outputs
       -> splice the features into the text embeddings -> the language model (`generate`)
 
+Qwen2-VL / Qwen2.5-VL (the processor's `image_grid_thw`): each image's merged grid is pooled by the factor per
+side that leaves `scale` tokens, and the stock `generate` makes the prompt's M-RoPE ids from the pooled grids
+(`get_rope_index`, as training does) and continues them for the new tokens. Other model types are refused
+(`GENERATING_MODEL_TYPES`): anyres crops, DeepStack and Gemma 3's image attention do not run here yet.
+
 Scale-specific LoRA (strategy per_scale or shared_plus_per_scale): the base model (export/base, or
 the base each adapter names) with every adapter of export/adapter loaded; a call at scale s makes
 `scale_s` (and `shared`) the active adapters, which is what the token masks of training amount to
@@ -42,7 +47,14 @@ import torch
 from torch import nn
 
 from mtrain.model.embedding_head import pool_last_token, pool_mean, truncate
-from mtrain.model.token_scales import image_keep_mask, pool_grid
+from mtrain.model.token_scales import (
+    grid_factor,
+    image_keep_mask,
+    merged_grid,
+    pool_grid,
+    pool_merged,
+    pooled_grid_thw,
+)
 
 EXPORT_METADATA = "mtrain.json"  # written by mtrain/checkpoint/export.py
 EMBEDDING_FILE = "embedding.json"  # written by mtrain/checkpoint/embedding_export.py
@@ -50,6 +62,8 @@ HEAD_WEIGHTS_FILE = "embedding_head.safetensors"
 SCALE_STRATEGIES = ("per_scale", "shared_plus_per_scale")
 SHARED_ADAPTER = "shared"
 PROMPT_INPUTS = ("input_ids", "pixel_values", "attention_mask", "image_grid_thw")  # what a processor gives
+# The model types whose visual tokens `scaled_inputs` places as training does (their families' `generates`).
+GENERATING_MODEL_TYPES = ("llava", "mtrain_mqt_llava", "qwen2_vl", "qwen2_5_vl")
 
 
 @dataclass
@@ -101,9 +115,6 @@ class MatryoshkaModel:
         self.routing = routing
         self.llava = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.image_token_id = self.llava.config.image_token_id
-        from mtrain.model.families import FAMILIES  # noqa: PLC0415
-
-        self.family = FAMILIES.get(self.llava.config.model_type)  # its generation hooks (None: unknown)
 
     @classmethod
     def from_export(cls, export_dir: str | Path, dtype: torch.dtype = torch.float32) -> MatryoshkaModel:
@@ -135,14 +146,11 @@ class MatryoshkaModel:
     def check_generates(self) -> None:
         """Refuse a model whose family these steps do not run as it was trained (its own image grid, M-RoPE
         positions, image attention): its answers would be wrong, or transformers would fail deep inside."""
-        from mtrain.model.families import FAMILIES  # noqa: PLC0415
-
         model_type = self.llava.config.model_type
-        if self.family is None or not self.family.generates:
-            generating = sorted(name for name, known in FAMILIES.items() if known.generates)
+        if model_type not in GENERATING_MODEL_TYPES:
             raise ValueError(
                 f"this is a {model_type!r} model; mtrain.infer generates (and scores logits) for the model types "
-                f"{', '.join(generating)} only yet; `mtrain eval` scores it by its held-out losses per scale"
+                f"{', '.join(GENERATING_MODEL_TYPES)} only yet; `mtrain eval` scores it by its held-out losses per scale"
             )
 
     def use_scale_adapters(self, scale: int) -> None:
@@ -183,8 +191,8 @@ class MatryoshkaModel:
         image_grid_thw: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """`inputs_embeds`, `attention_mask` and the positions of a prompt whose images run at `scale`, rows
-        left-padded (for generation): 1-D `position_ids`, or what the family's `generate` makes them from
-        (`ModelFamily.generation_inputs`: Qwen's prompt ids and pooled `image_grid_thw` for M-RoPE)."""
+        left-padded (for generation): 1-D `position_ids`, or, for Qwen's native-resolution images
+        (`image_grid_thw`), what the stock model makes its M-RoPE ids from."""
         self.check_generates()
         scale = self.check_scale(scale)
         if attention_mask is None:
@@ -199,10 +207,17 @@ class MatryoshkaModel:
             visual, runs, grid_thw = self.visual_at_scale(pixel_values, image_grid_thw, scale)
             keep = run_keep_mask(input_ids, attention_mask, self.image_token_id, runs)
             ids, mask = keep_left_padded(input_ids, attention_mask, keep)
-            embeddings, _ = self.family.splice_visual(self.llava, embed_tokens(ids), ids == self.image_token_id, visual)
+            embeddings = embed_tokens(ids)
+            is_image = (ids == self.image_token_id).unsqueeze(-1)
+            embeddings = embeddings.masked_scatter(is_image, visual.to(embeddings.dtype))
         inputs = {"inputs_embeds": embeddings, "attention_mask": mask}
-        positions = self.family.generation_inputs(self.llava.config, ids, grid_thw)
-        return inputs | (positions or {"position_ids": (mask.long().cumsum(1) - 1).clamp(min=0)})
+        if grid_thw is None:  # 1-D positions (and a text-only Qwen prompt, whose three M-RoPE axes are them)
+            return inputs | {"position_ids": (mask.long().cumsum(1) - 1).clamp(min=0)}
+        # M-RoPE: the stock model makes the prompt's ids from its tokens, which of them are image positions and
+        # the pooled grids (`get_rope_index`, the ids training's `layout_position_ids` gives), and continues every
+        # row from its largest id for each new token (`rope_deltas`), as its own generate does.
+        is_image = (ids == self.image_token_id).int()
+        return inputs | {"input_ids": ids, "mm_token_type_ids": is_image, "image_grid_thw": grid_thw}
 
     def visual_at_scale(
         self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None, scale: int | None
@@ -215,9 +230,6 @@ class MatryoshkaModel:
             images, full = features.shape[:2]
             visual = self.at_scale(features, scale or full)
             return visual.flatten(0, 1), [(full, visual.shape[1])] * images, None
-        from mtrain.model.families.qwen2_vl import merged_grid, pool_merged, pooled_grid_thw  # noqa: PLC0415
-        from mtrain.model.token_scales import grid_factor  # noqa: PLC0415
-
         merge = self.llava.config.vision_config.spatial_merge_size
         output = self.llava.model.get_image_features(
             pixel_values=pixel_values.to(self.llava.dtype), image_grid_thw=image_grid_thw, return_dict=True
@@ -235,6 +247,7 @@ class MatryoshkaModel:
     def logits(self, scale: int | None = None, **prompt: torch.Tensor | None) -> torch.Tensor:
         """Next-token logits of every position of the (left-padded) prompt at `scale`; the prompt's
         `input_ids`, `pixel_values`, `attention_mask` (and `image_grid_thw`) as the processor gives them."""
+        prompt.pop("mm_token_type_ids", None)  # Qwen's, for the full grid: remade at the scale
         inputs = self.scaled_inputs(**prompt, scale=scale)
         with self.routed(inputs["inputs_embeds"], scale):
             return self.model(**inputs, use_cache=False).logits
@@ -246,21 +259,13 @@ class MatryoshkaModel:
         `input_ids`, `pixel_values`, `attention_mask` (and Qwen's `image_grid_thw`) as the processor gives
         them (`**inputs`); every other keyword goes to transformers' `generate`."""
         prompt = {name: kwargs.pop(name) for name in PROMPT_INPUTS if name in kwargs}
+        kwargs.pop("mm_token_type_ids", None)  # Qwen's processor gives them for the full grid: remade at the scale
         inputs = self.scaled_inputs(**prompt, scale=scale)
         inputs.pop("position_ids", None)  # generate derives 1-D ids from the left-padded mask
         with self.routed(inputs["inputs_embeds"], scale):
             new = self.model.generate(**inputs, **kwargs)
         # Given the prompt's ids too (M-RoPE), generate returns them first; from embeddings alone, none.
         return new[:, inputs["input_ids"].shape[1] :] if "input_ids" in inputs else new
-
-    def blank_image_pass(self, grid: tuple[int, int] | None) -> None:
-        """The vision path on one blank image (of merged grid `grid`, as the loader gives it), its output
-        dropped: a rank whose prompts have no image still gathers the vision tower's parameters when the
-        others do (ZeRO-3 collectives must match)."""
-        config, device = self.llava.config, self.llava.get_input_embeddings().weight.device
-        pixels, _ = self.family.stand_in_input(config, grid, self.llava.dtype, device)
-        images = self.family.prompt_images(config, pixels, grid)
-        self.visual_at_scale(images["pixel_values"], images.get("image_grid_thw"), None)
 
     @contextlib.contextmanager
     def routed(self, embeddings: torch.Tensor, scale: int | None) -> Iterator[None]:
@@ -416,8 +421,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def answer(model: MatryoshkaModel, processor: Any, image: Any, prompt: str, scale: int | None,
            max_new_tokens: int) -> str:  # fmt: skip
-    """The greedy answer to one question about one picture, asked with the trained chat template."""
-    messages = [{"role": "user", "content": f"<image>\n{prompt}"}]
+    """The greedy answer to one question about one picture, asked with the trained chat template: an image part
+    (which the template writes as the family's image token, `<image>` or Qwen's `<|image_pad|>` in its markers)
+    and the question on the next line."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"\n{prompt}"}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(images=image, text=text, return_tensors="pt")
     new_tokens = model.generate(**inputs, scale=scale, max_new_tokens=max_new_tokens, do_sample=False)

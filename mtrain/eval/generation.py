@@ -120,6 +120,20 @@ def prompt_batches(batches: Iterator[dict[str, Any]], quota: int, built: Any) ->
         yield prompts
 
 
+def blank_image_pass(model: MatryoshkaModel, grid: tuple[int, int] | None) -> None:
+    """The vision path on one blank image (of merged grid `grid`, as the loader gives it), its output dropped:
+    a rank whose prompts have no image still gathers the vision tower's parameters when the others do (ZeRO-3
+    collectives must match)."""
+    from mtrain.model.families import family_for  # noqa: PLC0415
+
+    config = model.llava.config
+    family = family_for(config.model_type)
+    device = model.llava.get_input_embeddings().weight.device
+    pixels, _ = family.stand_in_input(config, grid, model.llava.dtype, device)
+    images = family.prompt_images(config, pixels, grid)
+    model.visual_at_scale(images["pixel_values"], images.get("image_grid_thw"), None)
+
+
 def generate_answers(
     model: MatryoshkaModel,
     rounds: Iterator[tuple[AnswerPrompts, bool]],
@@ -150,7 +164,7 @@ def answer_batch(model: MatryoshkaModel, inputs: dict[str, Any], scale: int, tok
     stepping (its forwards' outputs unused) until every rank's answers have ended, and runs the vision path even
     when its prompts have no image (on a blank image of the loader's merged grid `grid`)."""
     if synced and inputs["pixel_values"] is None:
-        model.blank_image_pass(grid)
+        blank_image_pass(model, grid)
     new = model.generate(**inputs, scale=scale, max_new_tokens=max_new_tokens, do_sample=False, synced_gpus=synced,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
     return new.tolist()
@@ -221,7 +235,13 @@ def load_generator(source: str | Path) -> tuple[MatryoshkaModel, Any]:
     cfg, built, task = load_for_eval(folder, [], shards=None, data_needed=False)
     model = generation_model(cfg, task, built.scale_routing)
     model.check_generates()
-    return model, llava_processor(task.llava.config, built, built.tokenizer.chat_template)
+    processor = llava_processor(task.llava.config, built, built.tokenizer.chat_template)
+    if processor is None:  # Qwen's processor class cannot be built without torchvision; its export holds its own
+        raise ValueError(
+            f"{source}: mtrain builds no processor for a {task.llava.config.model_type} checkpoint; export it "
+            "(mtrain export) and run mtrain generate on the export, which holds the model's own processor"
+        )
+    return model, processor
 
 
 def check_generation_scale(spec: MatryoshkaSpec, scale: int | None) -> None:

@@ -25,7 +25,10 @@ NOT_GENERATING = ["tiny-llava-onevision", "tiny-llava-next", "tiny-qwen3-vl", "t
 
 
 def test_families_say_whether_they_generate():
+    from mtrain.infer import GENERATING_MODEL_TYPES  # mtrain.infer imports no family code: its own list
+
     assert {name for name, family in FAMILIES.items() if family.generates} == GENERATING
+    assert set(GENERATING_MODEL_TYPES) == GENERATING
 
 
 @pytest.mark.parametrize("preset", NOT_GENERATING)
@@ -131,3 +134,26 @@ def test_image_runs_of_different_sizes_keep_their_own_pooled_counts():
     mask = torch.tensor([[1] * 10, [0, 0] + [1] * 8])
     keep = run_keep_mask(ids, mask, i, [(4, 1), (2, 2), (4, 2)])
     assert keep.int().tolist() == [[1, 1, 1, 0, 0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 0, 0, 1, 1]]
+
+
+def test_qwen_in_loop_generation_answers_at_every_pooled_scale(tmp_path):
+    """The in-loop evaluation's path on tiny-qwen2.5-vl with per-scale LoRA: the loader's prompts become Qwen's
+    patch sequence and image_grid_thw, and every trained scale (pooling factors 4, 2, 1) answers each sample."""
+    from data_pipeline.sample_data import write_conversation_shards
+    from mtrain.eval.generation import prompt_batches
+    from mtrain.eval.held_out import held_out_loader, one_pass
+    from tests.unit.test_in_loop_eval import SINGLE, build, evaluate_untouched
+
+    write_conversation_shards(tmp_path, num_shards=1, samples_per_shard=4, seed=2)
+    held_out = str(tmp_path / "chat-000000.tar")
+    cfg, built, task = build("tiny.yaml", ["model.preset=tiny-qwen2.5-vl", "matryoshka.tokens.mode=m3",
+                                           "matryoshka.tokens.scales=[1,4,16]", "model.lora.enabled=true",
+                                           "model.lora.strategy=per_scale", f"eval.shards={held_out}",
+                                           "eval.generate_samples=3", "eval.max_new_tokens=3",
+                                           "data.micro_batch_size=2", "data.max_len=128"])  # fmt: skip
+    (first, second) = prompt_batches(one_pass(held_out_loader(cfg, built, SINGLE, held_out)), 3, built)
+    assert first.inputs["image_grid_thw"].tolist() == [[1, 8, 8]] * 2  # 32x32 px in 4-px patches, merged 2x2
+    assert tuple(first.inputs["pixel_values"].shape) == (2 * 64, 3 * 2 * 4 * 4)
+    assert len(second.references) == 1
+    metrics = evaluate_untouched(cfg, built, task)
+    assert [metrics[f"eval/generated_answers/scale_{scale}"] for scale in (1, 4, 16)] == [3.0, 3.0, 3.0]

@@ -34,7 +34,8 @@ class ModelFamily:
     objectives: tuple[str, ...] = ("lm", "contrastive")
 
     # Whether greedy generation (mtrain/infer.py's MatryoshkaModel: `eval.generate_samples`, `mtrain generate`)
-    # runs this family as its tasks train it; refused before any process group where it does not.
+    # runs this family as its tasks train it; refused before any process group where it does not. mtrain.infer
+    # imports no family code: its GENERATING_MODEL_TYPES lists the same types (a test keeps them equal).
     generates: bool = False
 
     # Module-name fragments of the vision tower and the projector (freezing, LoRA's modules_to_save).
@@ -134,19 +135,11 @@ class ModelFamily:
         and what else of them the language model takes there (Qwen3-VL's DeepStack sets)."""
         return embeddings.masked_scatter(image_positions.unsqueeze(-1), visual.to(embeddings.dtype)), {}
 
-    # ── Generation's family hooks (mtrain/infer.py, mtrain/eval/generation.py); LLaVA's are the defaults. ──
+    # ── Generation's family hook (mtrain/eval/generation.py); LLaVA's is the default. ──────────────────
     def prompt_images(self, config: Any, pixel_values: torch.Tensor, grid: tuple[int, int] | None) -> dict[str, Any]:
         """A prompt's images, the loader's `pixel_values` of merged grid `grid`, as the family's processor
         gives them to `generate` (Qwen: every image's patches in one sequence, and `image_grid_thw`)."""
         return {"pixel_values": pixel_values}
-
-    def generation_inputs(
-        self, config: Any, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None
-    ) -> dict[str, Any]:
-        """What `generate` takes besides the spliced `inputs_embeds` and the left-padded `attention_mask` to
-        place the prompt (`input_ids`: its tokens, images at their scale; `image_grid_thw`: the pooled grids)
-        and its new tokens as training does: nothing for 1-D positions, which generate counts from the mask."""
-        return {}
 
     def language_model(self, model: Any) -> nn.Module:
         """The module the tasks call with the spliced `inputs_embeds` (it returns `last_hidden_state`; the
