@@ -21,7 +21,8 @@ How a scale runs (the same steps as training, mtrain/task/matryoshka_tokens.py):
 Qwen2-VL / Qwen2.5-VL (the processor's `image_grid_thw`): each image's merged grid is pooled by the factor per
 side that leaves `scale` tokens, and the stock `generate` makes the prompt's M-RoPE ids from the pooled grids
 (`get_rope_index`, as training does) and continues them for the new tokens. Other model types are refused
-(`GENERATING_MODEL_TYPES`): anyres crops, DeepStack and Gemma 3's image attention do not run here yet.
+(`GENERATING_MODEL_TYPES`): anyres crops and DeepStack do not run here yet. Gemma 3: `token_type_ids` mark the
+image tokens at the scale, so the prefill attends within each (pooled) image both ways, as training does.
 
 Scale-specific LoRA (strategy per_scale or shared_plus_per_scale): the base model (export/base, or
 the base each adapter names) with every adapter of export/adapter loaded; a call at scale s makes
@@ -62,8 +63,12 @@ HEAD_WEIGHTS_FILE = "embedding_head.safetensors"
 SCALE_STRATEGIES = ("per_scale", "shared_plus_per_scale")
 SHARED_ADAPTER = "shared"
 PROMPT_INPUTS = ("input_ids", "pixel_values", "attention_mask", "image_grid_thw")  # what a processor gives
+# What Qwen's and Gemma 3's processors give for the full grid's image positions: remade at the scale.
+FULL_GRID_INPUTS = ("mm_token_type_ids", "token_type_ids")
 # The model types whose visual tokens `scaled_inputs` places as training does (their families' `generates`).
-GENERATING_MODEL_TYPES = ("llava", "mtrain_mqt_llava", "qwen2_vl", "qwen2_5_vl")
+GENERATING_MODEL_TYPES = ("llava", "mtrain_mqt_llava", "qwen2_vl", "qwen2_5_vl", "gemma3")
+# The model types whose image tokens attend to each other both ways (`token_type_ids` marks them), as trained.
+IMAGE_ATTENTION_MODEL_TYPES = ("gemma3",)
 
 
 @dataclass
@@ -190,34 +195,43 @@ class MatryoshkaModel:
         scale: int | None = None,
         image_grid_thw: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """`inputs_embeds`, `attention_mask` and the positions of a prompt whose images run at `scale`, rows
-        left-padded (for generation): 1-D `position_ids`, or, for Qwen's native-resolution images
-        (`image_grid_thw`), what the stock model makes its M-RoPE ids from."""
+        """The spliced `inputs_embeds` (Gemma 3: the ids and the pre-encoded visual tokens), `attention_mask` and
+        the positions of a prompt whose images run at `scale`, rows left-padded (for generation): 1-D
+        `position_ids`, or, for Qwen's native-resolution images (`image_grid_thw`), what the stock model makes
+        its M-RoPE ids from."""
         self.check_generates()
         scale = self.check_scale(scale)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if self.spec.strategy in SCALE_STRATEGIES and self.routing is None:
             self.use_scale_adapters(scale)
-        embed_tokens = self.llava.get_input_embeddings()
-        if pixel_values is None or not bool((input_ids == self.image_token_id).any()):
-            ids, mask, grid_thw = input_ids, attention_mask, None
-            embeddings = embed_tokens(ids)
-        else:
+        visual, grid_thw = None, None
+        ids, mask = input_ids, attention_mask
+        if pixel_values is not None and bool((input_ids == self.image_token_id).any()):
             visual, runs, grid_thw = self.visual_at_scale(pixel_values, image_grid_thw, scale)
             keep = run_keep_mask(input_ids, attention_mask, self.image_token_id, runs)
             ids, mask = keep_left_padded(input_ids, attention_mask, keep)
-            embeddings = embed_tokens(ids)
-            is_image = (ids == self.image_token_id).unsqueeze(-1)
-            embeddings = embeddings.masked_scatter(is_image, visual.to(embeddings.dtype))
+        is_image = ids == self.image_token_id
+        if self.llava.config.model_type in IMAGE_ATTENTION_MODEL_TYPES:
+            # Gemma 3 generates from no embeddings: its prompt's ids and the visual tokens at the scale, given as
+            # pre-encoded image outputs, which its forward splices; `token_type_ids` make the prefill attend within
+            # each (pooled) image both ways, as training does (new tokens are causal).
+            inputs = {"input_ids": ids, "attention_mask": mask, "token_type_ids": is_image.long()}
+            if visual is not None:
+                from transformers.modeling_outputs import BaseModelOutputWithPooling  # noqa: PLC0415
+
+                inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=visual)}
+            return inputs | {"position_ids": (mask.long().cumsum(1) - 1).clamp(min=0)}
+        embeddings = self.llava.get_input_embeddings()(ids)
+        if visual is not None:
+            embeddings = embeddings.masked_scatter(is_image.unsqueeze(-1), visual.to(embeddings.dtype))
         inputs = {"inputs_embeds": embeddings, "attention_mask": mask}
         if grid_thw is None:  # 1-D positions (and a text-only Qwen prompt, whose three M-RoPE axes are them)
             return inputs | {"position_ids": (mask.long().cumsum(1) - 1).clamp(min=0)}
         # M-RoPE: the stock model makes the prompt's ids from its tokens, which of them are image positions and
         # the pooled grids (`get_rope_index`, the ids training's `layout_position_ids` gives), and continues every
         # row from its largest id for each new token (`rope_deltas`), as its own generate does.
-        is_image = (ids == self.image_token_id).int()
-        return inputs | {"input_ids": ids, "mm_token_type_ids": is_image, "image_grid_thw": grid_thw}
+        return inputs | {"input_ids": ids, "mm_token_type_ids": is_image.int(), "image_grid_thw": grid_thw}
 
     def visual_at_scale(
         self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None, scale: int | None
@@ -247,9 +261,10 @@ class MatryoshkaModel:
     def logits(self, scale: int | None = None, **prompt: torch.Tensor | None) -> torch.Tensor:
         """Next-token logits of every position of the (left-padded) prompt at `scale`; the prompt's
         `input_ids`, `pixel_values`, `attention_mask` (and `image_grid_thw`) as the processor gives them."""
-        prompt.pop("mm_token_type_ids", None)  # Qwen's, for the full grid: remade at the scale
+        for name in FULL_GRID_INPUTS:
+            prompt.pop(name, None)
         inputs = self.scaled_inputs(**prompt, scale=scale)
-        with self.routed(inputs["inputs_embeds"], scale):
+        with self.routed(inputs["attention_mask"], scale):
             return self.model(**inputs, use_cache=False).logits
 
     @torch.no_grad()
@@ -259,17 +274,18 @@ class MatryoshkaModel:
         `input_ids`, `pixel_values`, `attention_mask` (and Qwen's `image_grid_thw`) as the processor gives
         them (`**inputs`); every other keyword goes to transformers' `generate`."""
         prompt = {name: kwargs.pop(name) for name in PROMPT_INPUTS if name in kwargs}
-        kwargs.pop("mm_token_type_ids", None)  # Qwen's processor gives them for the full grid: remade at the scale
+        for name in FULL_GRID_INPUTS:
+            kwargs.pop(name, None)
         inputs = self.scaled_inputs(**prompt, scale=scale)
         inputs.pop("position_ids", None)  # generate derives 1-D ids from the left-padded mask
-        with self.routed(inputs["inputs_embeds"], scale):
+        with self.routed(inputs["attention_mask"], scale):
             new = self.model.generate(**inputs, **kwargs)
-        # Given the prompt's ids too (M-RoPE), generate returns them first; from embeddings alone, none.
+        # Given the prompt's ids too (Qwen's M-RoPE, Gemma 3), generate returns them first; from embeddings alone, none.
         return new[:, inputs["input_ids"].shape[1] :] if "input_ids" in inputs else new
 
     @contextlib.contextmanager
-    def routed(self, embeddings: torch.Tensor, scale: int | None) -> Iterator[None]:
-        """Every token of the language model's forwards on the prompt `embeddings` (rows, tokens, dim) routed
+    def routed(self, prompt_mask: torch.Tensor, scale: int | None) -> Iterator[None]:
+        """Every token of the language model's forwards on the prompt of `prompt_mask` (rows, tokens) routed
         to `scale`'s adapters (a training model's routing; nothing to do for an export, whose adapters
         `scaled_inputs` switched). One scale per row broadcasts over the prompt and each new token."""
         if self.routing is None or self.spec.strategy not in SCALE_STRATEGIES:
@@ -278,7 +294,7 @@ class MatryoshkaModel:
         scale = self.check_scale(scale)
         if scale is None:
             raise ValueError(f"give a scale: this model's LoRA adapters are per scale ({self.spec.scales})")
-        self.routing.set_rows(torch.full((embeddings.shape[0], 1), scale, device=embeddings.device))
+        self.routing.set_rows(torch.full((prompt_mask.shape[0], 1), scale, device=prompt_mask.device))
         try:
             yield
         finally:

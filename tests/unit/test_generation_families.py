@@ -20,8 +20,8 @@ from tests.unit.test_model_checks import folder_config, tiny_llava_folder
 
 HELD_OUT = ["eval.shards=h.tar", "eval.generate_samples=2"]
 M3 = ["matryoshka.tokens.mode=m3", "matryoshka.tokens.scales=[4,16]"]  # fits every preset's grid; qwen3 needs m3
-GENERATING = {"llava", "mtrain_mqt_llava", "qwen2_vl", "qwen2_5_vl"}
-NOT_GENERATING = ["tiny-llava-onevision", "tiny-llava-next", "tiny-qwen3-vl", "tiny-gemma3"]
+GENERATING = {"llava", "mtrain_mqt_llava", "qwen2_vl", "qwen2_5_vl", "gemma3"}
+NOT_GENERATING = ["tiny-llava-onevision", "tiny-llava-next", "tiny-qwen3-vl"]
 
 
 def test_families_say_whether_they_generate():
@@ -155,5 +155,48 @@ def test_qwen_in_loop_generation_answers_at_every_pooled_scale(tmp_path):
     assert first.inputs["image_grid_thw"].tolist() == [[1, 8, 8]] * 2  # 32x32 px in 4-px patches, merged 2x2
     assert tuple(first.inputs["pixel_values"].shape) == (2 * 64, 3 * 2 * 4 * 4)
     assert len(second.references) == 1
+    metrics = evaluate_untouched(cfg, built, task)
+    assert [metrics[f"eval/generated_answers/scale_{scale}"] for scale in (1, 4, 16)] == [3.0, 3.0, 3.0]
+
+
+def test_gemma3_greedy_tokens_at_the_full_scale_equal_the_stock_generate():
+    """Gemma 3's image tokens attend to each other both ways in the prefill (token_type_ids), as in the stock
+    generate; two left-padded prompts of different lengths."""
+    from mtrain.infer import MatryoshkaModel, MatryoshkaSpec
+    from mtrain.model.families.gemma3 import IMAGE_SOFT_TOKEN
+
+    cfg = load_config(None, ["model.preset=tiny-gemma3", *M3])
+    built = build_model(cfg.model, torch.float32, None, seed=0)
+    model, tokenizer = built.model.eval(), built.tokenizer
+    rows = []
+    for n in range(2):
+        question = "What is drawn?" + " Say it in a word." * n
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        rows.append(tokenizer(text.replace(IMAGE_SOFT_TOKEN, IMAGE_SOFT_TOKEN * built.visual_tokens))["input_ids"])
+    width, pad = max(map(len, rows)), tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows])
+    attention_mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
+    pixel_values = torch.cat([built.image_processor(Image.new("RGB", (40, 32), c), return_tensors="pt")["pixel_values"]
+                              for c in ("red", "blue")])  # fmt: skip
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+    image = (input_ids == built.image_token_id).long()
+    assert int(image.sum()) == 2 * 16
+    greedy = {"max_new_tokens": 8, "do_sample": False, "min_new_tokens": 8}
+    with torch.no_grad():
+        stock = model.generate(**inputs, token_type_ids=image, **greedy)[:, width:]
+    ours = MatryoshkaModel(model, MatryoshkaSpec(token_mode="m3", scales=[4, 16])).generate(**inputs, **greedy)
+    assert ours.shape == (2, 8) and torch.equal(ours, stock)
+
+
+def test_gemma3_in_loop_generation_answers_at_every_pooled_scale(tmp_path):
+    from data_pipeline.sample_data import write_conversation_shards
+    from tests.unit.test_in_loop_eval import build, evaluate_untouched
+
+    write_conversation_shards(tmp_path, num_shards=1, samples_per_shard=3, seed=2)
+    cfg, built, task = build("tiny.yaml", ["model.preset=tiny-gemma3", "matryoshka.tokens.mode=m3",
+                                           "matryoshka.tokens.scales=[1,4,16]", f"eval.shards={tmp_path}/chat-000000.tar",
+                                           "eval.generate_samples=3", "eval.max_new_tokens=3",
+                                           "data.micro_batch_size=2", "data.max_len=128"])  # fmt: skip
     metrics = evaluate_untouched(cfg, built, task)
     assert [metrics[f"eval/generated_answers/scale_{scale}"] for scale in (1, 4, 16)] == [3.0, 3.0, 3.0]
