@@ -200,3 +200,34 @@ def test_gemma3_in_loop_generation_answers_at_every_pooled_scale(tmp_path):
                                            "data.micro_batch_size=2", "data.max_len=128"])  # fmt: skip
     metrics = evaluate_untouched(cfg, built, task)
     assert [metrics[f"eval/generated_answers/scale_{scale}"] for scale in (1, 4, 16)] == [3.0, 3.0, 3.0]
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-gemma3"])
+def test_logits_at_every_pooled_scale_equal_the_tasks(tmp_path, preset):
+    """What generation's prefill runs at a pooled scale is what training runs there: the training model through
+    MatryoshkaModel (per-scale LoRA routed) gives the task's own per-scale logits, Qwen's M-RoPE ids from the
+    pooled grid and Gemma 3's image attention included; its first greedy token is their argmax."""
+    from data_pipeline.sample_data import write_conversation_shards
+    from mtrain.eval.generation import generation_model
+    from mtrain.eval.held_out import held_out_loader, one_pass
+    from tests.unit.test_in_loop_eval import SINGLE, build
+    from tests.unit.test_infer import assert_rows_equal, per_scale_logits
+
+    write_conversation_shards(tmp_path, num_shards=1, samples_per_shard=2, seed=3)
+    held_out = str(tmp_path / "chat-000000.tar")
+    cfg, built, task = build("tiny.yaml", [f"model.preset={preset}", "matryoshka.tokens.mode=m3",
+                                           "matryoshka.tokens.scales=[1,4,16]", "model.lora.enabled=true",
+                                           "model.lora.strategy=per_scale", "model.lora.dropout=0.0",
+                                           f"eval.shards={held_out}", "data.micro_batch_size=2",
+                                           "data.max_len=128"])  # fmt: skip
+    task.eval()
+    (batch,) = list(one_pass(held_out_loader(cfg, built, SINGLE, held_out)))
+    assert int((batch["input_ids"] == built.image_token_id).sum()) == 2 * built.visual_tokens  # an image a row
+    reference = per_scale_logits(task, batch, [1, 4, 16])
+    model = generation_model(cfg, task, built.scale_routing)
+    images = built.family.prompt_images(built.model.config, batch["pixel_values"], built.visual_grid)
+    prompt = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], **images}
+    for scale in (1, 4, 16):
+        inputs = model.scaled_inputs(**prompt, scale=scale)
+        logits = model.logits(**prompt, scale=scale)
+        assert_rows_equal(logits, inputs["attention_mask"], reference[scale])
