@@ -21,8 +21,9 @@ How a scale runs (the same steps as training, mtrain/task/matryoshka_tokens.py):
 Qwen2-VL / Qwen2.5-VL (the processor's `image_grid_thw`): each image's merged grid is pooled by the factor per
 side that leaves `scale` tokens, and the stock `generate` makes the prompt's M-RoPE ids from the pooled grids
 (`get_rope_index`, as training does) and continues them for the new tokens. Other model types are refused
-(`GENERATING_MODEL_TYPES`): anyres crops and DeepStack do not run here yet. Gemma 3: `token_type_ids` mark the
-image tokens at the scale, so the prefill attends within each (pooled) image both ways, as training does.
+(`GENERATING_MODEL_TYPES`): anyres crops do not run here yet. Qwen3-VL: its DeepStack sets are pooled with the
+merged tokens and given, with them, as pre-encoded image outputs. Gemma 3: `token_type_ids` mark the image
+tokens at the scale, so the prefill attends within each (pooled) image both ways, as training does.
 
 Scale-specific LoRA (strategy per_scale or shared_plus_per_scale): the base model (export/base, or
 the base each adapter names) with every adapter of export/adapter loaded; a call at scale s makes
@@ -66,7 +67,7 @@ PROMPT_INPUTS = ("input_ids", "pixel_values", "attention_mask", "image_grid_thw"
 # What Qwen's and Gemma 3's processors give for the full grid's image positions: remade at the scale.
 FULL_GRID_INPUTS = ("mm_token_type_ids", "token_type_ids")
 # The model types whose visual tokens `scaled_inputs` places as training does (their families' `generates`).
-GENERATING_MODEL_TYPES = ("llava", "mtrain_mqt_llava", "qwen2_vl", "qwen2_5_vl", "gemma3")
+GENERATING_MODEL_TYPES = ("llava", "mtrain_mqt_llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3")
 # The model types whose image tokens attend to each other both ways (`token_type_ids` marks them), as trained.
 IMAGE_ATTENTION_MODEL_TYPES = ("gemma3",)
 
@@ -205,7 +206,7 @@ class MatryoshkaModel:
             attention_mask = torch.ones_like(input_ids)
         if self.spec.strategy in SCALE_STRATEGIES and self.routing is None:
             self.use_scale_adapters(scale)
-        visual, grid_thw = None, None
+        visual, runs, grid_thw = None, [], None
         ids, mask = input_ids, attention_mask
         if pixel_values is not None and bool((input_ids == self.image_token_id).any()):
             visual, runs, grid_thw = self.visual_at_scale(pixel_values, image_grid_thw, scale)
@@ -222,7 +223,10 @@ class MatryoshkaModel:
 
                 inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=visual)}
             return inputs | {"position_ids": (mask.long().cumsum(1) - 1).clamp(min=0)}
-        embeddings = self.llava.get_input_embeddings()(ids)
+        embed_tokens = self.llava.get_input_embeddings()
+        if visual is not None and visual.shape[-1] > embed_tokens.embedding_dim:
+            return deepstack_inputs(ids, mask, is_image, visual, runs, grid_thw, embed_tokens.embedding_dim)
+        embeddings = embed_tokens(ids)
         if visual is not None:
             embeddings = embeddings.masked_scatter(is_image.unsqueeze(-1), visual.to(embeddings.dtype))
         inputs = {"inputs_embeds": embeddings, "attention_mask": mask}
@@ -236,8 +240,9 @@ class MatryoshkaModel:
     def visual_at_scale(
         self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None, scale: int | None
     ) -> tuple[torch.Tensor, list[tuple[int, int]], torch.Tensor | None]:
-        """(every image's visual tokens at `scale`, in order: (tokens, dim); (full, kept) tokens of each image;
-        the pooled `image_grid_thw`, or None for a family of one fixed grid). M3 pools a native-resolution
+        """(every image's visual tokens at `scale`, in order: (tokens, dim), Qwen3-VL's DeepStack sets after the
+        width on the channel axis; (full, kept) tokens of each image; the pooled `image_grid_thw`, or None for a
+        family of one fixed grid). M3 pools a native-resolution
         image (Qwen: `image_grid_thw`) by the factor per side that leaves `scale` tokens of its merged grid."""
         if image_grid_thw is None:
             features = self.image_features(pixel_values)
@@ -248,8 +253,11 @@ class MatryoshkaModel:
         output = self.llava.model.get_image_features(
             pixel_values=pixel_values.to(self.llava.dtype), image_grid_thw=image_grid_thw, return_dict=True
         )
+        # Qwen3-VL's DeepStack sets ride beside the merged tokens on the channel axis, pooled alike (as training).
+        levels = [output.pooler_output, *(getattr(output, "deepstack_features", None) or [])]
         pooled, runs, grids = [], [], []
-        for features, thw in zip(output.pooler_output, image_grid_thw, strict=True):
+        for image, thw in enumerate(image_grid_thw):
+            features = torch.cat([level[image] for level in levels], dim=-1)
             grid = merged_grid(thw, merge)
             factor = grid_factor(grid[1:], scale) if scale else 1
             pooled.append(pool_merged(features, grid, factor))
@@ -331,6 +339,20 @@ class MatryoshkaModel:
         if self.head is not None:
             pooled = self.head(pooled)
         return truncate(pooled, dim)
+
+
+def deepstack_inputs(ids: torch.Tensor, mask: torch.Tensor, is_image: torch.Tensor, visual: torch.Tensor,
+                     runs: list[tuple[int, int]], grid_thw: torch.Tensor, width: int) -> dict[str, Any]:  # fmt: skip
+    """Qwen3-VL's prompt: its ids with the pooled merged tokens and DeepStack sets as pre-encoded image outputs,
+    which its forward splices (the sets at the image positions of their decoder layers), and what it makes
+    the M-RoPE ids from; the stock model takes no DeepStack sets beside embeddings."""
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures  # noqa: PLC0415
+
+    sizes = [kept for _, kept in runs]
+    levels = [tuple(level.split(sizes)) for level in visual.split(width, dim=-1)]
+    encoded = BaseModelOutputWithDeepstackFeatures(pooler_output=levels[0], deepstack_features=levels[1:])
+    return {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": is_image.int(), "image_grid_thw": grid_thw,
+            "mm_encoder_outputs": {"image": encoded}}  # fmt: skip
 
 
 def run_keep_mask(

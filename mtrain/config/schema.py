@@ -79,14 +79,14 @@ QWEN3_PRESET = "tiny-qwen3-vl"  # DeepStack: trains with M3 only
 GEMMA3_PRESET = "tiny-gemma3"  # its projector pools 2x2 patches into one token
 # The tiny presets whose family greedy generation runs (mtrain/infer.py; a folder's family says so itself:
 # `ModelFamily.generates`, checked in mtrain/launch/model_checks.py).
-GENERATING_PRESETS = ("tiny-llava", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-gemma3")
+GENERATING_PRESETS = ("tiny-llava", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-gemma3")
 
 
 def generation_problem(model: str) -> tuple[str, str]:
     """(dotted key, problem) of `eval.generate_samples` on a model whose family generation cannot run yet:
     `model` names it (a preset, or a folder's model_type)."""
     message = (
-        f"greedy generation (mtrain.infer) runs llava, qwen2_vl, qwen2_5_vl and gemma3 models only yet, not {model}: it "
+        f"greedy generation (mtrain.infer) runs llava, qwen2_vl, qwen2_5_vl, qwen3_vl and gemma3 models only yet, not {model}: it "
         "would splice the visual tokens without the family's own grid, positions or attention; set "
         "eval.generate_samples=0 (the held-out losses per scale still run)"
     )

@@ -20,8 +20,8 @@ from tests.unit.test_model_checks import folder_config, tiny_llava_folder
 
 HELD_OUT = ["eval.shards=h.tar", "eval.generate_samples=2"]
 M3 = ["matryoshka.tokens.mode=m3", "matryoshka.tokens.scales=[4,16]"]  # fits every preset's grid; qwen3 needs m3
-GENERATING = {"llava", "mtrain_mqt_llava", "qwen2_vl", "qwen2_5_vl", "gemma3"}
-NOT_GENERATING = ["tiny-llava-onevision", "tiny-llava-next", "tiny-qwen3-vl"]
+GENERATING = {"llava", "mtrain_mqt_llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3"}
+NOT_GENERATING = ["tiny-llava-onevision", "tiny-llava-next"]
 
 
 def test_families_say_whether_they_generate():
@@ -108,7 +108,7 @@ def qwen_prompts(built, colours: list[str]) -> dict:
             "image_grid_thw": image_grid_thw}  # fmt: skip
 
 
-@pytest.mark.parametrize("preset", ["tiny-qwen2-vl", "tiny-qwen2.5-vl"])
+@pytest.mark.parametrize("preset", ["tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl"])
 def test_qwen_greedy_tokens_at_the_full_scale_equal_the_stock_generate(preset):
     from mtrain.infer import MatryoshkaModel, MatryoshkaSpec
 
@@ -202,7 +202,7 @@ def test_gemma3_in_loop_generation_answers_at_every_pooled_scale(tmp_path):
     assert [metrics[f"eval/generated_answers/scale_{scale}"] for scale in (1, 4, 16)] == [3.0, 3.0, 3.0]
 
 
-@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-gemma3"])
+@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-gemma3"])
 def test_logits_at_every_pooled_scale_equal_the_tasks(tmp_path, preset):
     """What generation's prefill runs at a pooled scale is what training runs there: the training model through
     MatryoshkaModel (per-scale LoRA routed) gives the task's own per-scale logits, Qwen's M-RoPE ids from the
