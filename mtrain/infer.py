@@ -63,11 +63,15 @@ EMBEDDING_FILE = "embedding.json"  # written by mtrain/checkpoint/embedding_expo
 HEAD_WEIGHTS_FILE = "embedding_head.safetensors"
 SCALE_STRATEGIES = ("per_scale", "shared_plus_per_scale")
 SHARED_ADAPTER = "shared"
-PROMPT_INPUTS = ("input_ids", "pixel_values", "attention_mask", "image_grid_thw")  # what a processor gives
+PROMPT_INPUTS = ("input_ids", "pixel_values", "attention_mask", "image_grid_thw", "image_sizes")  # a processor's
 # What Qwen's and Gemma 3's processors give for the full grid's image positions: remade at the scale.
 FULL_GRID_INPUTS = ("mm_token_type_ids", "token_type_ids")
 # The model types whose visual tokens `scaled_inputs` places as training does (their families' `generates`).
-GENERATING_MODEL_TYPES = ("llava", "mtrain_mqt_llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3")
+GENERATING_MODEL_TYPES = (
+    "llava", "mtrain_mqt_llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3"
+)  # fmt: skip
+# Anyres crops (`image_sizes`): each image's crops pooled at the scale before the merge, by its family's rule.
+ANYRES_MODEL_TYPES = ("llava_next", "llava_onevision")
 # The model types whose image tokens attend to each other both ways (`token_type_ids` marks them), as trained.
 IMAGE_ATTENTION_MODEL_TYPES = ("gemma3",)
 
@@ -195,6 +199,7 @@ class MatryoshkaModel:
         attention_mask: torch.Tensor | None = None,
         scale: int | None = None,
         image_grid_thw: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """The spliced `inputs_embeds` (Gemma 3: the ids and the pre-encoded visual tokens), `attention_mask` and
         the positions of a prompt whose images run at `scale`, rows left-padded (for generation): 1-D
@@ -209,7 +214,7 @@ class MatryoshkaModel:
         visual, runs, grid_thw = None, [], None
         ids, mask = input_ids, attention_mask
         if pixel_values is not None and bool((input_ids == self.image_token_id).any()):
-            visual, runs, grid_thw = self.visual_at_scale(pixel_values, image_grid_thw, scale)
+            visual, runs, grid_thw = self.visual_at_scale(pixel_values, image_grid_thw, scale, image_sizes)
             keep = run_keep_mask(input_ids, attention_mask, self.image_token_id, runs)
             ids, mask = keep_left_padded(input_ids, attention_mask, keep)
         is_image = ids == self.image_token_id
@@ -238,12 +243,18 @@ class MatryoshkaModel:
         return inputs | {"input_ids": ids, "mm_token_type_ids": is_image.int(), "image_grid_thw": grid_thw}
 
     def visual_at_scale(
-        self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None, scale: int | None
+        self,
+        pixel_values: torch.Tensor,
+        image_grid_thw: torch.Tensor | None,
+        scale: int | None,
+        image_sizes: torch.Tensor | list[tuple[int, int]] | None = None,
     ) -> tuple[torch.Tensor, list[tuple[int, int]], torch.Tensor | None]:
         """(every image's visual tokens at `scale`, in order: (tokens, dim), Qwen3-VL's DeepStack sets after the
         width on the channel axis; (full, kept) tokens of each image; the pooled `image_grid_thw`, or None for a
         family of one fixed grid). M3 pools a native-resolution
         image (Qwen: `image_grid_thw`) by the factor per side that leaves `scale` tokens of its merged grid."""
+        if self.llava.config.model_type in ANYRES_MODEL_TYPES:
+            return self.anyres_at_scale(pixel_values, image_sizes, scale)
         if image_grid_thw is None:
             features = self.image_features(pixel_values)
             images, full = features.shape[:2]
@@ -264,6 +275,26 @@ class MatryoshkaModel:
             runs.append((features.shape[0], pooled[-1].shape[0]))
             grids.append(pooled_grid_thw(thw, factor))
         return torch.cat(pooled), runs, torch.stack(grids)
+
+    def anyres_at_scale(
+        self, pixel_values: torch.Tensor, image_sizes: Any, scale: int | None
+    ) -> tuple[torch.Tensor, list[tuple[int, int]], None]:
+        """LLaVA-NeXT / OneVision: every crop (the base image's too) pooled to the scale's k x k before the crops
+        are merged, unpadded for the image's size, newlines after each row (`LlavaOnevisionFamily`'s M3 rule, the
+        stock tokens at k = g). The family's own code: an anyres model is never run without it here."""
+        from mtrain.model.families import family_for  # noqa: PLC0415
+
+        if image_sizes is None:
+            raise ValueError("an anyres model needs each image's (height, width): give the processor's image_sizes")
+        config = self.llava.config
+        family = family_for(config.model_type)
+        listed = image_sizes.tolist() if torch.is_tensor(image_sizes) else image_sizes
+        sizes = [(int(height), int(width)) for height, width in listed]
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        scale = scale or side * side  # the full scale: each crop's whole g x g grid
+        features = family.scaled_features(self.llava, pixel_values.to(self.llava.dtype), sizes, [scale])[scale]
+        runs = [(family.scale_tokens(config, None, size), family.scale_tokens(config, scale, size)) for size in sizes]
+        return features.flatten(0, 1), runs, None
 
     @torch.no_grad()
     def logits(self, scale: int | None = None, **prompt: torch.Tensor | None) -> torch.Tensor:

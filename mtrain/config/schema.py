@@ -77,16 +77,14 @@ class LoraConfig(Checkable):
 QWEN_PRESETS = ("tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl")  # tiny presets with Qwen's 2x2 patch merger
 QWEN3_PRESET = "tiny-qwen3-vl"  # DeepStack: trains with M3 only
 GEMMA3_PRESET = "tiny-gemma3"  # its projector pools 2x2 patches into one token
-# The tiny presets whose family greedy generation runs (mtrain/infer.py; a folder's family says so itself:
-# `ModelFamily.generates`, checked in mtrain/launch/model_checks.py).
-GENERATING_PRESETS = ("tiny-llava", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-gemma3")
 
 
 def generation_problem(model: str) -> tuple[str, str]:
-    """(dotted key, problem) of `eval.generate_samples` on a model whose family generation cannot run yet:
-    `model` names it (a preset, or a folder's model_type)."""
+    """(dotted key, problem) of `eval.generate_samples` on a model whose family generation cannot run yet
+    (`ModelFamily.generates`, checked for folders in mtrain/launch/model_checks.py; every tiny preset's family
+    generates): `model` names it."""
     message = (
-        f"greedy generation (mtrain.infer) runs llava, qwen2_vl, qwen2_5_vl, qwen3_vl and gemma3 models only yet, not {model}: it "
+        f"greedy generation (mtrain.infer) does not run {model} yet: it "
         "would splice the visual tokens without the family's own grid, positions or attention; set "
         "eval.generate_samples=0 (the held-out losses per scale still run)"
     )
@@ -791,8 +789,6 @@ class TrainConfig(Checkable):
             return ("eval.dims", "are embedding budgets of task.objective=contrastive; evaluate eval.scales instead")
         if budgets.generate_samples and contrastive:
             return ("eval.generate_samples", "needs task.objective=lm: an embedding model answers nothing; set 0")
-        if budgets.generate_samples and self.model.preset not in (*GENERATING_PRESETS, "none"):
-            return generation_problem(f"the {self.model.preset} preset")
         untrained = self.scales_without_adapter(budgets.scales)
         if untrained:
             message = (

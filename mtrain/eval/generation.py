@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from data_pipeline.collate import IMAGE_SIZES
 from data_pipeline.tokenize import IGNORE_INDEX
 from mtrain.config.schema import TrainConfig
 from mtrain.eval.held_out import AllReduce, held_out_loader, lockstep, one_pass
@@ -45,7 +46,8 @@ class AnswerPrompts:
     inputs: dict[str, Any]
     """`input_ids` and `attention_mask` (left-padded, every image at the full grid) and the prompts' `pixel_values`
     (None without an image; `prompt_batches` gives them as the family's processor does, with Qwen's
-    `image_grid_thw`): what `MatryoshkaModel.generate` takes."""
+    `image_grid_thw`), with their `image_sizes` when the batch has them (anyres crops by them): what
+    `MatryoshkaModel.generate` takes."""
     references: list[list[int]]
     """Each row's first answer: its first run of learned tokens (the end-of-text token included)."""
 
@@ -55,7 +57,8 @@ def answer_prompts(batch: dict[str, Any], image_token_id: int, visual_tokens: in
     """The first `rows` rows of a loader batch cut before their first answer, with the answers they hold."""
     tokens, images = row_counts(batch, image_token_id, visual_tokens, pad_token_id)
     ids, labels = batch["input_ids"][:rows].tolist(), batch["labels"][:rows].tolist()
-    prompts, references, pixels = [], [], []
+    prompts, references, pixels, sizes = [], [], [], []
+    batch_sizes = batch.get(IMAGE_SIZES) or []  # each image's (height, width): anyres crops by it
     for row in range(rows):
         learned = [i for i in range(tokens[row]) if labels[row][i] != IGNORE_INDEX]
         if not learned:
@@ -68,6 +71,7 @@ def answer_prompts(batch: dict[str, Any], image_token_id: int, visual_tokens: in
         first = sum(images[:row])
         shown = prompts[-1].count(image_token_id) // visual_tokens
         pixels += [batch["pixel_values"][first + i] for i in range(shown)]
+        sizes += [batch_sizes[first + i] for i in range(shown) if batch_sizes]
     width = max(len(p) for p in prompts)
     input_ids = torch.full((rows, width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((rows, width), dtype=torch.long)
@@ -76,6 +80,8 @@ def answer_prompts(batch: dict[str, Any], image_token_id: int, visual_tokens: in
         attention_mask[row, width - len(prompt) :] = 1
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
               "pixel_values": torch.stack(pixels) if pixels else None}  # fmt: skip
+    if sizes:
+        inputs[IMAGE_SIZES] = torch.tensor(sizes, dtype=torch.long)
     return AnswerPrompts(inputs, references)
 
 
@@ -129,9 +135,9 @@ def blank_image_pass(model: MatryoshkaModel, grid: tuple[int, int] | None) -> No
     config = model.llava.config
     family = family_for(config.model_type)
     device = model.llava.get_input_embeddings().weight.device
-    pixels, _ = family.stand_in_input(config, grid, model.llava.dtype, device)
+    pixels, sizes = family.stand_in_input(config, grid, model.llava.dtype, device)
     images = family.prompt_images(config, pixels, grid)
-    model.visual_at_scale(images["pixel_values"], images.get("image_grid_thw"), None)
+    model.visual_at_scale(images["pixel_values"], images.get("image_grid_thw"), None, sizes)
 
 
 def generate_answers(
