@@ -18,12 +18,15 @@ How a scale runs (the same steps as training, mtrain/task/matryoshka_tokens.py):
                                                   MQT: keep the first `scale` query outputs
       -> splice the features into the text embeddings -> the language model (`generate`)
 
-Qwen2-VL / Qwen2.5-VL (the processor's `image_grid_thw`): each image's merged grid is pooled by the factor per
-side that leaves `scale` tokens, and the stock `generate` makes the prompt's M-RoPE ids from the pooled grids
-(`get_rope_index`, as training does) and continues them for the new tokens. Other model types are refused
-(`GENERATING_MODEL_TYPES`): anyres crops do not run here yet. Qwen3-VL: its DeepStack sets are pooled with the
-merged tokens and given, with them, as pre-encoded image outputs. Gemma 3: `token_type_ids` mark the image
-tokens at the scale, so the prefill attends within each (pooled) image both ways, as training does.
+Per family (`GENERATING_MODEL_TYPES`; any other model type is refused with the reason):
+- Qwen2-VL / Qwen2.5-VL / Qwen3-VL (the processor's `image_grid_thw`): each image's merged grid is pooled by
+  the factor per side that leaves `scale` tokens, and the stock `generate` makes the prompt's M-RoPE ids from
+  the pooled grids (`get_rope_index`, as training does) and continues them for the new tokens. Qwen3-VL's
+  DeepStack sets are pooled alike and given, with the merged tokens, as pre-encoded image outputs.
+- LLaVA-NeXT / OneVision (the processor's `image_sizes`): every crop pooled before the merge, by the family's
+  own rule (the one place this module imports mtrain/model/families, on that path only).
+- Gemma 3: `token_type_ids` mark the image tokens at the scale, so the prefill attends within each (pooled)
+  image both ways, as training does; its visual tokens go in as pre-encoded image outputs.
 
 Scale-specific LoRA (strategy per_scale or shared_plus_per_scale): the base model (export/base, or
 the base each adapter names) with every adapter of export/adapter loaded; a call at scale s makes
@@ -251,8 +254,8 @@ class MatryoshkaModel:
     ) -> tuple[torch.Tensor, list[tuple[int, int]], torch.Tensor | None]:
         """(every image's visual tokens at `scale`, in order: (tokens, dim), Qwen3-VL's DeepStack sets after the
         width on the channel axis; (full, kept) tokens of each image; the pooled `image_grid_thw`, or None for a
-        family of one fixed grid). M3 pools a native-resolution
-        image (Qwen: `image_grid_thw`) by the factor per side that leaves `scale` tokens of its merged grid."""
+        family of one fixed grid). M3 pools a native-resolution image (Qwen: `image_grid_thw`) by the factor per
+        side that leaves `scale` tokens of its merged grid."""
         if self.llava.config.model_type in ANYRES_MODEL_TYPES:
             return self.anyres_at_scale(pixel_values, image_sizes, scale)
         if image_grid_thw is None:
