@@ -18,6 +18,16 @@ How a scale runs (the same steps as training, mtrain/task/matryoshka_tokens.py):
                                                   MQT: keep the first `scale` query outputs
       -> splice the features into the text embeddings -> the language model (`generate`)
 
+Per family (`GENERATING_MODEL_TYPES`; any other model type is refused with the reason):
+- Qwen2-VL / Qwen2.5-VL / Qwen3-VL (the processor's `image_grid_thw`): each image's merged grid is pooled by
+  the factor per side that leaves `scale` tokens, and the stock `generate` makes the prompt's M-RoPE ids from
+  the pooled grids (`get_rope_index`, as training does) and continues them for the new tokens. Qwen3-VL's
+  DeepStack sets are pooled alike and given, with the merged tokens, as pre-encoded image outputs.
+- LLaVA-NeXT / OneVision (the processor's `image_sizes`): every crop pooled before the merge, by the family's
+  own rule (the one place this module imports mtrain/model/families, on that path only).
+- Gemma 3: `token_type_ids` mark the image tokens at the scale, so the prefill attends within each (pooled)
+  image both ways, as training does; its visual tokens go in as pre-encoded image outputs.
+
 Scale-specific LoRA (strategy per_scale or shared_plus_per_scale): the base model (export/base, or
 the base each adapter names) with every adapter of export/adapter loaded; a call at scale s makes
 `scale_s` (and `shared`) the active adapters, which is what the token masks of training amount to
@@ -42,13 +52,31 @@ import torch
 from torch import nn
 
 from mtrain.model.embedding_head import pool_last_token, pool_mean, truncate
-from mtrain.model.token_scales import image_keep_mask, pool_grid
+from mtrain.model.token_scales import (
+    grid_factor,
+    image_keep_mask,
+    merged_grid,
+    pool_grid,
+    pool_merged,
+    pooled_grid_thw,
+)
 
 EXPORT_METADATA = "mtrain.json"  # written by mtrain/checkpoint/export.py
 EMBEDDING_FILE = "embedding.json"  # written by mtrain/checkpoint/embedding_export.py
 HEAD_WEIGHTS_FILE = "embedding_head.safetensors"
 SCALE_STRATEGIES = ("per_scale", "shared_plus_per_scale")
 SHARED_ADAPTER = "shared"
+PROMPT_INPUTS = ("input_ids", "pixel_values", "attention_mask", "image_grid_thw", "image_sizes")  # a processor's
+# What Qwen's and Gemma 3's processors give for the full grid's image positions: remade at the scale.
+FULL_GRID_INPUTS = ("mm_token_type_ids", "token_type_ids")
+# The model types whose visual tokens `scaled_inputs` places as training does (their families' `generates`).
+GENERATING_MODEL_TYPES = (
+    "llava", "mtrain_mqt_llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3"
+)  # fmt: skip
+# Anyres crops (`image_sizes`): each image's crops pooled at the scale before the merge, by its family's rule.
+ANYRES_MODEL_TYPES = ("llava_next", "llava_onevision")
+# The model types whose image tokens attend to each other both ways (`token_type_ids` marks them), as trained.
+IMAGE_ATTENTION_MODEL_TYPES = ("gemma3",)
 
 
 @dataclass
@@ -128,6 +156,16 @@ class MatryoshkaModel:
             raise ValueError(f"scale={scale} has no adapter: this export trained scale adapters for {spec.scales}")
         return scale  # also an M3 view of a model trained at the full grid only, as `mtrain eval --scales` gives
 
+    def check_generates(self) -> None:
+        """Refuse a model whose family these steps do not run as it was trained (its own image grid, M-RoPE
+        positions, image attention): its answers would be wrong, or transformers would fail deep inside."""
+        model_type = self.llava.config.model_type
+        if model_type not in GENERATING_MODEL_TYPES:
+            raise ValueError(
+                f"this is a {model_type!r} model; mtrain.infer generates (and scores logits) for the model types "
+                f"{', '.join(GENERATING_MODEL_TYPES)} only yet; `mtrain eval` scores it by its held-out losses per scale"
+            )
+
     def use_scale_adapters(self, scale: int) -> None:
         """Make `scale_<scale>` (and `shared`) the active LoRA adapters; trained modules stay active."""
         names = [f"scale_{scale}"] + ([SHARED_ADAPTER] if self.spec.strategy == "shared_plus_per_scale" else [])
@@ -163,54 +201,134 @@ class MatryoshkaModel:
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         scale: int | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """`inputs_embeds`, `attention_mask` and `position_ids` of a prompt whose images run at `scale`,
-        rows left-padded (for generation)."""
+        """The spliced `inputs_embeds` (Gemma 3: the ids and the pre-encoded visual tokens), `attention_mask` and
+        the positions of a prompt whose images run at `scale`, rows left-padded (for generation): 1-D
+        `position_ids`, or, for Qwen's native-resolution images (`image_grid_thw`), what the stock model makes
+        its M-RoPE ids from."""
+        self.check_generates()
         scale = self.check_scale(scale)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if self.spec.strategy in SCALE_STRATEGIES and self.routing is None:
             self.use_scale_adapters(scale)
+        visual, runs, grid_thw = None, [], None
+        ids, mask = input_ids, attention_mask
+        if pixel_values is not None and bool((input_ids == self.image_token_id).any()):
+            visual, runs, grid_thw = self.visual_at_scale(pixel_values, image_grid_thw, scale, image_sizes)
+            keep = run_keep_mask(input_ids, attention_mask, self.image_token_id, runs)
+            ids, mask = keep_left_padded(input_ids, attention_mask, keep)
+        is_image = ids == self.image_token_id
+        if self.llava.config.model_type in IMAGE_ATTENTION_MODEL_TYPES:
+            # Gemma 3 generates from no embeddings: its prompt's ids and the visual tokens at the scale, given as
+            # pre-encoded image outputs, which its forward splices; `token_type_ids` make the prefill attend within
+            # each (pooled) image both ways, as training does (new tokens are causal).
+            inputs = {"input_ids": ids, "attention_mask": mask, "token_type_ids": is_image.long()}
+            if visual is not None:
+                from transformers.modeling_outputs import BaseModelOutputWithPooling  # noqa: PLC0415
+
+                inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=visual)}
+            return inputs | {"position_ids": (mask.long().cumsum(1) - 1).clamp(min=0)}
         embed_tokens = self.llava.get_input_embeddings()
-        if pixel_values is None or not bool((input_ids == self.image_token_id).any()):
-            ids, mask = input_ids, attention_mask
-            embeddings = embed_tokens(ids)
-        else:
+        if visual is not None and visual.shape[-1] > embed_tokens.embedding_dim:
+            return deepstack_inputs(ids, mask, is_image, visual, runs, grid_thw, embed_tokens.embedding_dim)
+        embeddings = embed_tokens(ids)
+        if visual is not None:
+            embeddings = embeddings.masked_scatter(is_image.unsqueeze(-1), visual.to(embeddings.dtype))
+        inputs = {"inputs_embeds": embeddings, "attention_mask": mask}
+        if grid_thw is None:  # 1-D positions (and a text-only Qwen prompt, whose three M-RoPE axes are them)
+            return inputs | {"position_ids": (mask.long().cumsum(1) - 1).clamp(min=0)}
+        # M-RoPE: the stock model makes the prompt's ids from its tokens, which of them are image positions and
+        # the pooled grids (`get_rope_index`, the ids training's `layout_position_ids` gives), and continues every
+        # row from its largest id for each new token (`rope_deltas`), as its own generate does.
+        return inputs | {"input_ids": ids, "mm_token_type_ids": is_image.int(), "image_grid_thw": grid_thw}
+
+    def visual_at_scale(
+        self,
+        pixel_values: torch.Tensor,
+        image_grid_thw: torch.Tensor | None,
+        scale: int | None,
+        image_sizes: torch.Tensor | list[tuple[int, int]] | None = None,
+    ) -> tuple[torch.Tensor, list[tuple[int, int]], torch.Tensor | None]:
+        """(every image's visual tokens at `scale`, in order: (tokens, dim), Qwen3-VL's DeepStack sets after the
+        width on the channel axis; (full, kept) tokens of each image; the pooled `image_grid_thw`, or None for a
+        family of one fixed grid). M3 pools a native-resolution image (Qwen: `image_grid_thw`) by the factor per
+        side that leaves `scale` tokens of its merged grid."""
+        if self.llava.config.model_type in ANYRES_MODEL_TYPES:
+            return self.anyres_at_scale(pixel_values, image_sizes, scale)
+        if image_grid_thw is None:
             features = self.image_features(pixel_values)
-            full = features.shape[1]
-            scale = scale or full
-            ids, mask = keep_left_padded(
-                input_ids, attention_mask, image_keep_mask(input_ids, attention_mask, self.image_token_id, full, scale)
-            )
-            embeddings = embed_tokens(ids)
-            visual = self.at_scale(features, scale).to(embeddings.dtype)
-            embeddings = embeddings.masked_scatter((ids == self.image_token_id).unsqueeze(-1), visual)
-        position_ids = (mask.long().cumsum(1) - 1).clamp(min=0)
-        return {"inputs_embeds": embeddings, "attention_mask": mask, "position_ids": position_ids}
+            images, full = features.shape[:2]
+            visual = self.at_scale(features, scale or full)
+            return visual.flatten(0, 1), [(full, visual.shape[1])] * images, None
+        merge = self.llava.config.vision_config.spatial_merge_size
+        output = self.llava.model.get_image_features(
+            pixel_values=pixel_values.to(self.llava.dtype), image_grid_thw=image_grid_thw, return_dict=True
+        )
+        # Qwen3-VL's DeepStack sets ride beside the merged tokens on the channel axis, pooled alike (as training).
+        levels = [output.pooler_output, *(getattr(output, "deepstack_features", None) or [])]
+        pooled, runs, grids = [], [], []
+        for image, thw in enumerate(image_grid_thw):
+            features = torch.cat([level[image] for level in levels], dim=-1)
+            grid = merged_grid(thw, merge)
+            factor = grid_factor(grid[1:], scale) if scale else 1
+            pooled.append(pool_merged(features, grid, factor))
+            runs.append((features.shape[0], pooled[-1].shape[0]))
+            grids.append(pooled_grid_thw(thw, factor))
+        return torch.cat(pooled), runs, torch.stack(grids)
+
+    def anyres_at_scale(
+        self, pixel_values: torch.Tensor, image_sizes: Any, scale: int | None
+    ) -> tuple[torch.Tensor, list[tuple[int, int]], None]:
+        """LLaVA-NeXT / OneVision: every crop (the base image's too) pooled to the scale's k x k before the crops
+        are merged, unpadded for the image's size, newlines after each row (`LlavaOnevisionFamily`'s M3 rule, the
+        stock tokens at k = g). The family's own code: an anyres model is never run without it here."""
+        from mtrain.model.families import family_for  # noqa: PLC0415
+
+        if image_sizes is None:
+            raise ValueError("an anyres model needs each image's (height, width): give the processor's image_sizes")
+        config = self.llava.config
+        family = family_for(config.model_type)
+        listed = image_sizes.tolist() if torch.is_tensor(image_sizes) else image_sizes
+        sizes = [(int(height), int(width)) for height, width in listed]
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        scale = scale or side * side  # the full scale: each crop's whole g x g grid
+        with gathered(self.llava.model.image_newline):
+            features = family.scaled_features(self.llava, pixel_values.to(self.llava.dtype), sizes, [scale])[scale]
+        runs = [(family.scale_tokens(config, None, size), family.scale_tokens(config, scale, size)) for size in sizes]
+        return features.flatten(0, 1), runs, None
 
     @torch.no_grad()
     def logits(self, scale: int | None = None, **prompt: torch.Tensor | None) -> torch.Tensor:
         """Next-token logits of every position of the (left-padded) prompt at `scale`; the prompt's
-        `input_ids`, `pixel_values` and `attention_mask` as the processor gives them (`**inputs`)."""
+        `input_ids`, `pixel_values`, `attention_mask` (and `image_grid_thw`) as the processor gives them."""
+        for name in FULL_GRID_INPUTS:
+            prompt.pop(name, None)
         inputs = self.scaled_inputs(**prompt, scale=scale)
-        with self.routed(inputs["inputs_embeds"], scale):
+        with self.routed(inputs["attention_mask"], scale):
             return self.model(**inputs, use_cache=False).logits
 
     @torch.no_grad()
     def generate(self, scale: int | None = None, **kwargs: Any) -> torch.Tensor:
-        """The new tokens only (`generate` from embeddings returns no prompt), each image at `scale` tokens.
+        """The new tokens only, each image at `scale` tokens.
 
-        `input_ids`, `pixel_values` and `attention_mask` as the processor gives them (`**inputs`);
-        every other keyword goes to transformers' `generate`."""
-        prompt = {name: kwargs.pop(name) for name in ("input_ids", "pixel_values", "attention_mask") if name in kwargs}
+        `input_ids`, `pixel_values`, `attention_mask` (and Qwen's `image_grid_thw`) as the processor gives
+        them (`**inputs`); every other keyword goes to transformers' `generate`."""
+        prompt = {name: kwargs.pop(name) for name in PROMPT_INPUTS if name in kwargs}
+        for name in FULL_GRID_INPUTS:
+            kwargs.pop(name, None)
         inputs = self.scaled_inputs(**prompt, scale=scale)
-        inputs.pop("position_ids")  # generate derives them from the left-padded mask
-        with self.routed(inputs["inputs_embeds"], scale):
-            return self.model.generate(**inputs, **kwargs)
+        inputs.pop("position_ids", None)  # generate derives 1-D ids from the left-padded mask
+        with self.routed(inputs["attention_mask"], scale):
+            new = self.model.generate(**inputs, **kwargs)
+        # Given the prompt's ids too (Qwen's M-RoPE, Gemma 3), generate returns them first; from embeddings alone, none.
+        return new[:, inputs["input_ids"].shape[1] :] if "input_ids" in inputs else new
 
     @contextlib.contextmanager
-    def routed(self, embeddings: torch.Tensor, scale: int | None) -> Iterator[None]:
-        """Every token of the language model's forwards on the prompt `embeddings` (rows, tokens, dim) routed
+    def routed(self, prompt_mask: torch.Tensor, scale: int | None) -> Iterator[None]:
+        """Every token of the language model's forwards on the prompt of `prompt_mask` (rows, tokens) routed
         to `scale`'s adapters (a training model's routing; nothing to do for an export, whose adapters
         `scaled_inputs` switched). One scale per row broadcasts over the prompt and each new token."""
         if self.routing is None or self.spec.strategy not in SCALE_STRATEGIES:
@@ -219,7 +337,7 @@ class MatryoshkaModel:
         scale = self.check_scale(scale)
         if scale is None:
             raise ValueError(f"give a scale: this model's LoRA adapters are per scale ({self.spec.scales})")
-        self.routing.set_rows(torch.full((embeddings.shape[0], 1), scale, device=embeddings.device))
+        self.routing.set_rows(torch.full((prompt_mask.shape[0], 1), scale, device=prompt_mask.device))
         try:
             yield
         finally:
@@ -256,6 +374,49 @@ class MatryoshkaModel:
         if self.head is not None:
             pooled = self.head(pooled)
         return truncate(pooled, dim)
+
+
+def gathered(parameter: nn.Parameter) -> contextlib.AbstractContextManager:
+    """`parameter` whole for the block when ZeRO-3 partitions it (every rank enters together: the in-loop
+    generation's ranks run each vision pass in step), else nothing: a parameter read outside its module's
+    forward (the anyres newline token) is not gathered by ZeRO-3's hooks."""
+    if not hasattr(parameter, "ds_id"):
+        return contextlib.nullcontext()
+    import deepspeed  # noqa: PLC0415
+
+    return deepspeed.zero.GatheredParameters([parameter], modifier_rank=None)
+
+
+def deepstack_inputs(ids: torch.Tensor, mask: torch.Tensor, is_image: torch.Tensor, visual: torch.Tensor,
+                     runs: list[tuple[int, int]], grid_thw: torch.Tensor, width: int) -> dict[str, Any]:  # fmt: skip
+    """Qwen3-VL's prompt: its ids with the pooled merged tokens and DeepStack sets as pre-encoded image outputs,
+    which its forward splices (the sets at the image positions of their decoder layers), and what it makes
+    the M-RoPE ids from; the stock model takes no DeepStack sets beside embeddings."""
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures  # noqa: PLC0415
+
+    sizes = [kept for _, kept in runs]
+    levels = [tuple(level.split(sizes)) for level in visual.split(width, dim=-1)]
+    encoded = BaseModelOutputWithDeepstackFeatures(pooler_output=levels[0], deepstack_features=levels[1:])
+    return {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": is_image.int(), "image_grid_thw": grid_thw,
+            "mm_encoder_outputs": {"image": encoded}}  # fmt: skip
+
+
+def run_keep_mask(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int, runs: list[tuple[int, int]]
+) -> torch.Tensor:
+    """True on the real tokens that survive shrinking each image run, in order over the rows, from its full
+    count to its kept count (`runs`: (full, kept) per image; `image_keep_mask` when every image is alike)."""
+    if len(set(runs)) == 1:
+        return image_keep_mask(input_ids, attention_mask, image_token_id, *runs[0])
+    keep = attention_mask.bool().clone()
+    images, left, position, kept = iter(runs), 0, 0, 0
+    for row, column in (input_ids == image_token_id).nonzero().tolist():  # row-major: image runs in order
+        if column == 0 or input_ids[row, column - 1] != image_token_id or left == 0:
+            full, kept = next(images)
+            left, position = full, 0
+        keep[row, column] &= position < kept
+        left, position = left - 1, position + 1
+    return keep
 
 
 def keep_left_padded(
@@ -319,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m mtrain.infer EXPORT --image PICTURE --prompt TEXT [--scale S]`: answer with the trained chat
     template, each image at S visual tokens (default: the export's default scale)."""
     import argparse  # noqa: PLC0415
+    import sys  # noqa: PLC0415
 
     from PIL import Image  # noqa: PLC0415
     from transformers import AutoProcessor  # noqa: PLC0415
@@ -331,6 +493,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     args = parser.parse_args(argv)
     model = MatryoshkaModel.from_export(args.export)
+    try:
+        model.check_generates()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     processor = AutoProcessor.from_pretrained(Path(args.export) / "model")
     print(answer(model, processor, Image.open(args.image).convert("RGB"), args.prompt, args.scale, args.max_new_tokens))
     return 0
@@ -338,8 +505,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def answer(model: MatryoshkaModel, processor: Any, image: Any, prompt: str, scale: int | None,
            max_new_tokens: int) -> str:  # fmt: skip
-    """The greedy answer to one question about one picture, asked with the trained chat template."""
-    messages = [{"role": "user", "content": f"<image>\n{prompt}"}]
+    """The greedy answer to one question about one picture, asked with the trained chat template: an image part
+    (which the template writes as the family's image token, `<image>` or Qwen's `<|image_pad|>` in its markers)
+    and the question on the next line."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"\n{prompt}"}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(images=image, text=text, return_tensors="pt")
     new_tokens = model.generate(**inputs, scale=scale, max_new_tokens=max_new_tokens, do_sample=False)

@@ -79,6 +79,18 @@ QWEN3_PRESET = "tiny-qwen3-vl"  # DeepStack: trains with M3 only
 GEMMA3_PRESET = "tiny-gemma3"  # its projector pools 2x2 patches into one token
 
 
+def generation_problem(model: str) -> tuple[str, str]:
+    """(dotted key, problem) of `eval.generate_samples` on a model whose family generation cannot run yet
+    (`ModelFamily.generates`, checked for folders in mtrain/launch/model_checks.py; every tiny preset's family
+    generates): `model` names it."""
+    message = (
+        f"greedy generation (mtrain.infer) does not run {model} yet: it "
+        "would splice the visual tokens without the family's own grid, positions or attention; set "
+        "eval.generate_samples=0 (the held-out losses per scale still run)"
+    )
+    return ("eval.generate_samples", message)
+
+
 def mqt_head_problem(tokens: Any, export_at_end: bool, generate_samples: int) -> tuple[str, str] | None:
     """(dotted key, problem) of MQT after a family's own projector (every family but llava:
     mtrain/model/mqt_head.py), or None. It trains and `mtrain eval` scores it by loss; the Hugging Face

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from data_pipeline.collate import IMAGE_SIZES
 from data_pipeline.tokenize import IGNORE_INDEX
 from mtrain.config.schema import TrainConfig
 from mtrain.eval.held_out import AllReduce, held_out_loader, lockstep, one_pass
@@ -44,7 +45,9 @@ class AnswerPrompts:
 
     inputs: dict[str, Any]
     """`input_ids` and `attention_mask` (left-padded, every image at the full grid) and the prompts' `pixel_values`
-    (None without an image): what `MatryoshkaModel.generate` takes."""
+    (None without an image; `prompt_batches` gives them as the family's processor does, with Qwen's
+    `image_grid_thw`), with their `image_sizes` when the batch has them (anyres crops by them): what
+    `MatryoshkaModel.generate` takes."""
     references: list[list[int]]
     """Each row's first answer: its first run of learned tokens (the end-of-text token included)."""
 
@@ -54,7 +57,8 @@ def answer_prompts(batch: dict[str, Any], image_token_id: int, visual_tokens: in
     """The first `rows` rows of a loader batch cut before their first answer, with the answers they hold."""
     tokens, images = row_counts(batch, image_token_id, visual_tokens, pad_token_id)
     ids, labels = batch["input_ids"][:rows].tolist(), batch["labels"][:rows].tolist()
-    prompts, references, pixels = [], [], []
+    prompts, references, pixels, sizes = [], [], [], []
+    batch_sizes = batch.get(IMAGE_SIZES) or []  # each image's (height, width): anyres crops by it
     for row in range(rows):
         learned = [i for i in range(tokens[row]) if labels[row][i] != IGNORE_INDEX]
         if not learned:
@@ -67,6 +71,7 @@ def answer_prompts(batch: dict[str, Any], image_token_id: int, visual_tokens: in
         first = sum(images[:row])
         shown = prompts[-1].count(image_token_id) // visual_tokens
         pixels += [batch["pixel_values"][first + i] for i in range(shown)]
+        sizes += [batch_sizes[first + i] for i in range(shown) if batch_sizes]
     width = max(len(p) for p in prompts)
     input_ids = torch.full((rows, width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((rows, width), dtype=torch.long)
@@ -75,6 +80,8 @@ def answer_prompts(batch: dict[str, Any], image_token_id: int, visual_tokens: in
         attention_mask[row, width - len(prompt) :] = 1
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
               "pixel_values": torch.stack(pixels) if pixels else None}  # fmt: skip
+    if sizes:
+        inputs[IMAGE_SIZES] = torch.tensor(sizes, dtype=torch.long)
     return AnswerPrompts(inputs, references)
 
 
@@ -110,14 +117,27 @@ def prompt_batches(batches: Iterator[dict[str, Any]], quota: int, built: Any) ->
             return
         rows = min(left, batch["input_ids"].shape[0])
         left -= rows
-        yield answer_prompts(batch, built.image_token_id, built.visual_tokens, built.tokenizer.pad_token_id, rows)
+        prompts = answer_prompts(batch, built.image_token_id, built.visual_tokens, built.tokenizer.pad_token_id, rows)
+        pixels = prompts.inputs.pop("pixel_values")
+        if pixels is not None:  # as the family's processor gives them (Qwen: one patch sequence, image_grid_thw)
+            prompts.inputs |= built.family.prompt_images(built.model.config, pixels, built.visual_grid)
+        else:
+            prompts.inputs["pixel_values"] = None
+        yield prompts
 
 
-def blank_image_pass(model: MatryoshkaModel, device: torch.device) -> None:
-    """The vision path on one blank image, its output dropped: a rank whose prompts have no image still
-    gathers the vision tower's parameters when the others do (ZeRO-3 collectives must match)."""
-    vision = model.llava.config.vision_config
-    model.image_features(torch.zeros((1, vision.num_channels, vision.image_size, vision.image_size), device=device))
+def blank_image_pass(model: MatryoshkaModel, grid: tuple[int, int] | None) -> None:
+    """The vision path on one blank image (of merged grid `grid`, as the loader gives it), its output dropped:
+    a rank whose prompts have no image still gathers the vision tower's parameters when the others do (ZeRO-3
+    collectives must match)."""
+    from mtrain.model.families import family_for  # noqa: PLC0415
+
+    config = model.llava.config
+    family = family_for(config.model_type)
+    device = model.llava.get_input_embeddings().weight.device
+    pixels, sizes = family.stand_in_input(config, grid, model.llava.dtype, device)
+    images = family.prompt_images(config, pixels, grid)
+    model.visual_at_scale(images["pixel_values"], images.get("image_grid_thw"), None, sizes)
 
 
 def generate_answers(
@@ -128,13 +148,15 @@ def generate_answers(
     tokenizer: Any,
     max_new_tokens: int,
     synced: bool,
+    grid: tuple[int, int] | None = None,
 ) -> dict[int, torch.Tensor]:
-    """This rank's (correct, answers) per scale over its rounds of prompts; `synced`: ranks step together."""
+    """This rank's (correct, answers) per scale over its rounds of prompts; `synced`: ranks step together;
+    `grid`: the loader's merged image grid (`BuiltModel.visual_grid`)."""
     sums = {scale: torch.zeros(len(GENERATION_SUMS), dtype=torch.float64) for scale in scales}
     for prompts, counted in rounds:
         inputs = to_device(prompts.inputs)
         for scale in scales:
-            answers = answer_batch(model, inputs, scale, tokenizer, max_new_tokens, synced)
+            answers = answer_batch(model, inputs, scale, tokenizer, max_new_tokens, synced, grid)
             if counted:
                 eos = tokenizer.eos_token_id
                 right = sum(same_answer(a, r, tokenizer, eos) for a, r in zip(answers, prompts.references, strict=True))
@@ -143,12 +165,12 @@ def generate_answers(
 
 
 def answer_batch(model: MatryoshkaModel, inputs: dict[str, Any], scale: int, tokenizer: Any, max_new_tokens: int,
-                 synced: bool) -> list[list[int]]:  # fmt: skip
+                 synced: bool, grid: tuple[int, int] | None = None) -> list[list[int]]:  # fmt: skip
     """The greedy new tokens of every prompt row at `scale`. `synced` (several ranks, ZeRO-3): this rank keeps
     stepping (its forwards' outputs unused) until every rank's answers have ended, and runs the vision path even
-    when its prompts have no image."""
+    when its prompts have no image (on a blank image of the loader's merged grid `grid`)."""
     if synced and inputs["pixel_values"] is None:
-        blank_image_pass(model, inputs["input_ids"].device)
+        blank_image_pass(model, grid)
     new = model.generate(**inputs, scale=scale, max_new_tokens=max_new_tokens, do_sample=False, synced_gpus=synced,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
     return new.tolist()
@@ -177,7 +199,8 @@ def generated_answer_sums(
     prompts = prompt_batches(one_pass(held_out_loader(cfg, built, world, shards)), quota, built)
     rounds = lockstep(prompts, all_reduce, world.world_size)
     synced = world.world_size > 1
-    sums = generate_answers(model, rounds, to_device, scales, built.tokenizer, cfg.eval.max_new_tokens, synced)
+    sums = generate_answers(model, rounds, to_device, scales, built.tokenizer, cfg.eval.max_new_tokens, synced,
+                            built.visual_grid)  # fmt: skip
     return reduce_sums(sums, all_reduce)
 
 
@@ -205,7 +228,9 @@ def load_generator(source: str | Path) -> tuple[MatryoshkaModel, Any]:
     if (folder / EXPORT_METADATA).is_file():
         from transformers import AutoProcessor  # noqa: PLC0415
 
-        return MatryoshkaModel.from_export(folder), AutoProcessor.from_pretrained(folder / "model")
+        model = MatryoshkaModel.from_export(folder)
+        model.check_generates()  # before the processor, whose loading may fail first (Qwen's needs torchvision)
+        return model, AutoProcessor.from_pretrained(folder / "model")
     if not folder.is_dir():
         raise FileNotFoundError(
             f"{source} is not a folder: give an export (the folder holding {EXPORT_METADATA}) or a checkpoint "
@@ -214,8 +239,15 @@ def load_generator(source: str | Path) -> tuple[MatryoshkaModel, Any]:
     from mtrain.eval.budget import load_for_eval  # noqa: PLC0415
 
     cfg, built, task = load_for_eval(folder, [], shards=None, data_needed=False)
+    model = generation_model(cfg, task, built.scale_routing)
+    model.check_generates()
     processor = llava_processor(task.llava.config, built, built.tokenizer.chat_template)
-    return generation_model(cfg, task, built.scale_routing), processor
+    if processor is None:  # Qwen's processor class cannot be built without torchvision; its export holds its own
+        raise ValueError(
+            f"{source}: mtrain builds no processor for a {task.llava.config.model_type} checkpoint; export it "
+            "(mtrain export) and run mtrain generate on the export, which holds the model's own processor"
+        )
+    return model, processor
 
 
 def check_generation_scale(spec: MatryoshkaSpec, scale: int | None) -> None:

@@ -4,7 +4,8 @@
 `init_distributed` call `check_model(cfg)`. It reads the folder's small files only (config.json,
 the tokenizer), never weights:
 - the folder's `model_type` has a family (mtrain/model/families); the error names those that do;
-- the family trains the config's `task.objective` (`ModelFamily.objectives`);
+- the family trains the config's `task.objective` (`ModelFamily.objectives`), and generates when
+  `eval.generate_samples` asks for it (`ModelFamily.generates`);
 - the config's Matryoshka scales fit that model's visual-token grid (`ModelFamily.problems`; a
   qwen2_vl folder's grid comes from `model.image_size`);
 - the tokenizer has a pad token, or an eos/unk token that `build_model` puts in its place (with a
@@ -55,7 +56,7 @@ def model_problems(cfg: Any) -> list[str]:
     path = cfg.model.path
     if not path or is_url(path) or not (Path(path) / "config.json").is_file():
         return []  # the preset, or a missing folder, which check_inputs reports
-    from mtrain.config.schema import mqt_head_problem  # noqa: PLC0415
+    from mtrain.config.schema import generation_problem, mqt_head_problem  # noqa: PLC0415
     from mtrain.model.families import MQT_MODEL_TYPE, UnsupportedModelError, family_for  # noqa: PLC0415
 
     where = f"model.path={path!r}"
@@ -74,6 +75,9 @@ def model_problems(cfg: Any) -> list[str]:
         # MQT after the family's own projector (mtrain/model/mqt_head.py): what it cannot do yet.
         limit = mqt_head_problem(tokens, cfg.checkpoint.export_at_end, cfg.eval.generate_samples)
         found += [f"{limit[0]}: {limit[1]}"] if limit else []
+    if cfg.eval.generate_samples and not family.generates and not any("eval.generate_samples" in p for p in found):
+        key, problem = generation_problem(f"a {config.model_type} model")
+        found.append(f"{key}: {problem}")
     if cfg.task.objective not in family.objectives:
         found.append(f"task.objective={cfg.task.objective} does not train a {config.model_type} model yet")
     problems = [f"{where}: {problem}" for problem in found]

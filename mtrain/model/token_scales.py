@@ -59,6 +59,32 @@ def pool_grid(features: torch.Tensor, scale: int, grid: tuple[int, int] | None =
     return pooled.reshape(images, dim, scale).transpose(1, 2)
 
 
+def merged_grid(grid_thw: torch.Tensor, merge_size: int) -> tuple[int, int, int]:
+    """(t, rows, columns) of merged tokens for one image's `image_grid_thw` row (t, h, w) in patches."""
+    t, h, w = (int(v) for v in grid_thw)
+    return t, h // merge_size, w // merge_size
+
+
+def pool_merged(features: torch.Tensor, grid: tuple[int, int, int], factor: int) -> torch.Tensor:
+    """One image's merged tokens (t * rows * columns, dim), row-major, average-pooled by `factor` per side."""
+    if factor == 1:
+        return features
+    t, rows, columns = grid
+    if rows % factor or columns % factor:
+        raise ValueError(f"pooling factor {factor} does not divide the {rows}x{columns} merged grid")
+    dim = features.shape[-1]
+    frames = features.reshape(t, rows, columns, dim).permute(0, 3, 1, 2)
+    pooled = F.avg_pool2d(frames, kernel_size=factor, stride=factor)
+    return pooled.permute(0, 2, 3, 1).reshape(-1, dim)
+
+
+def pooled_grid_thw(grid_thw: torch.Tensor, factor: int) -> torch.Tensor:
+    """`image_grid_thw` rows (t, h, w) for the pooled grids: (t, h / f, w / f), what get_rope_index reads."""
+    pooled = grid_thw.clone()
+    pooled[..., 1:] = grid_thw[..., 1:] // factor
+    return pooled
+
+
 def image_keep_mask(
     input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int, visual_tokens: int, keep: int
 ) -> torch.Tensor:

@@ -38,6 +38,11 @@ class ModelFamily:
     # writes it into conversations itself (data_pipeline/tokenize.py).
     image_markers: tuple[str, str] = ("", "")
 
+    # Whether greedy generation (mtrain/infer.py's MatryoshkaModel: `eval.generate_samples`, `mtrain generate`)
+    # runs this family as its tasks train it; refused before any process group where it does not. mtrain.infer
+    # imports no family code: its GENERATING_MODEL_TYPES lists the same types (a test keeps them equal).
+    generates: bool = False
+
     # Module-name fragments of the vision tower and the projector (freezing, LoRA's modules_to_save).
     part_names: dict[str, str] = {"vision_tower": "vision_tower", "projector": "multi_modal_projector"}
 
@@ -134,6 +139,12 @@ class ModelFamily:
         in layout order as `image_features` made them (pooled or not), put at `image_positions` (rows, width),
         and what else of them the language model takes there (Qwen3-VL's DeepStack sets)."""
         return embeddings.masked_scatter(image_positions.unsqueeze(-1), visual.to(embeddings.dtype)), {}
+
+    # ── Generation's family hook (mtrain/eval/generation.py); LLaVA's is the default. ──────────────────
+    def prompt_images(self, config: Any, pixel_values: torch.Tensor, grid: tuple[int, int] | None) -> dict[str, Any]:
+        """A prompt's images, the loader's `pixel_values` of merged grid `grid`, as the family's processor
+        gives them to `generate` (Qwen: every image's patches in one sequence, and `image_grid_thw`)."""
+        return {"pixel_values": pixel_values}
 
     def language_model(self, model: Any) -> nn.Module:
         """The module the tasks call with the spliced `inputs_embeds` (it returns `last_hidden_state`; the

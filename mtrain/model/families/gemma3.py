@@ -179,6 +179,7 @@ def packed_masks(config: Any, layout: Any, image_token_id: int, dtype: torch.dty
 
 class Gemma3Family(ModelFamily):
     model_type = "gemma3"
+    generates = True
     model_class_path = "transformers:Gemma3ForConditionalGeneration"
     position_ids = "1-D, from 0 at each document's first token; visual tokens take consecutive positions"
     flash_attention = False  # transformers' Gemma 3 refuses it: flash attention drops the bidirectional mask

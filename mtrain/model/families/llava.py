@@ -36,6 +36,7 @@ def tower_tokens(vision_config: Any) -> int:
 
 class LlavaFamily(ModelFamily):
     model_type = "llava"
+    generates = True
     model_class_path = "transformers:LlavaForConditionalGeneration"
     position_ids = "1-D, from 0 at each document's first token; visual tokens take consecutive positions"
 

@@ -150,6 +150,7 @@ def pack_at_scale(
 
 class LlavaOnevisionFamily(ModelFamily):
     model_type = "llava_onevision"
+    generates = True
     model_class_path = "transformers:LlavaOnevisionForConditionalGeneration"
     position_ids = "1-D, from 0 at each document's first token; visual tokens take consecutive positions"
     counts_by_image_size = True

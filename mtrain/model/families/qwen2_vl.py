@@ -46,11 +46,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from data_pipeline.chat_template import message_text_template
 from mtrain.model.families.base import ModelFamily, tiny_text_sizes
-from mtrain.model.token_scales import grid_factor
+
+# merged_grid and pool_merged (Qwen's M3 pooling, mtrain/model/token_scales.py) are imported from here too.
+from mtrain.model.token_scales import grid_factor, merged_grid, pool_merged, pooled_grid_thw  # noqa: F401
 
 IMAGE_PAD = "<|image_pad|>"  # the image token: one per visual token in the sequence
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"  # around every image's run of IMAGE_PAD
@@ -85,36 +86,10 @@ CHAT_TEMPLATE = (
 )
 
 
-def merged_grid(grid_thw: torch.Tensor, merge_size: int) -> tuple[int, int, int]:
-    """(t, rows, columns) of merged tokens for one image's `image_grid_thw` row (t, h, w) in patches."""
-    t, h, w = (int(v) for v in grid_thw)
-    return t, h // merge_size, w // merge_size
-
-
 def factor_problems(grids: list[tuple[int, int, int]], factors: list[int]) -> list[str]:
     """Each pooling factor must divide both sides of every image's merged grid."""
     bad = sorted({(f, rows, columns) for f in factors for _, rows, columns in grids if rows % f or columns % f})
     return [f"pooling factor {f} does not divide a {rows}x{columns} merged grid" for f, rows, columns in bad]
-
-
-def pool_merged(features: torch.Tensor, grid: tuple[int, int, int], factor: int) -> torch.Tensor:
-    """One image's merged tokens (t * rows * columns, dim), row-major, average-pooled by `factor` per side."""
-    if factor == 1:
-        return features
-    t, rows, columns = grid
-    if rows % factor or columns % factor:
-        raise ValueError(f"pooling factor {factor} does not divide the {rows}x{columns} merged grid")
-    dim = features.shape[-1]
-    frames = features.reshape(t, rows, columns, dim).permute(0, 3, 1, 2)
-    pooled = F.avg_pool2d(frames, kernel_size=factor, stride=factor)
-    return pooled.permute(0, 2, 3, 1).reshape(-1, dim)
-
-
-def pooled_grid_thw(grid_thw: torch.Tensor, factor: int) -> torch.Tensor:
-    """`image_grid_thw` rows (t, h, w) for the pooled grids: (t, h / f, w / f), what get_rope_index reads."""
-    pooled = grid_thw.clone()
-    pooled[..., 1:] = grid_thw[..., 1:] // factor
-    return pooled
 
 
 def build_tiny_qwen_tokenizer(vocab_size: int = 512, chat_template: str = CHAT_TEMPLATE) -> Any:
@@ -267,6 +242,7 @@ def tiny_qwen_image_processor(image_size: int, patch_size: int) -> FixedSizeImag
 
 class Qwen2VLFamily(ModelFamily):
     model_type = "qwen2_vl"
+    generates = True
     model_class_path = "transformers:Qwen2VLForConditionalGeneration"
     position_ids = "3-D M-RoPE from the model's get_rope_index, given each image's pooled grid (t, h / f, w / f)"
     part_names = {"vision_tower": "visual", "projector": "visual.merger"}
@@ -324,6 +300,12 @@ class Qwen2VLFamily(ModelFamily):
         return model.model.get_image_features(
             pixel_values=pixel_values.flatten(0, 1), image_grid_thw=grid_thw, return_dict=True
         )
+
+    def prompt_images(self, config: Any, pixel_values: torch.Tensor, grid: tuple[int, int] | None) -> dict[str, Any]:
+        if grid is None:
+            raise ValueError(f"a {self.model_type} model needs its images' merged grid (BuiltModel.visual_grid)")
+        grid_thw = self.patch_grid_thw(config, grid, pixel_values.shape[0], pixel_values.device)
+        return {"pixel_values": pixel_values.flatten(0, 1), "image_grid_thw": grid_thw}
 
     def stand_in_input(
         self, config: Any, grid: tuple[int, int] | None, dtype: Any, device: Any

@@ -108,6 +108,7 @@ class Qwen3VLFamily(Qwen2VLFamily):
     carried beside the merged tokens (see the module docstring)."""
 
     model_type = "qwen3_vl"
+    generates = True  # its DeepStack sets go to the stock generate as pre-encoded image outputs (mtrain/infer.py)
     model_class_path = "transformers:Qwen3VLForConditionalGeneration"
     position_ids = (
         "3-D M-RoPE (interleaved frequencies) from the model's get_rope_index, given each image's pooled grid "
