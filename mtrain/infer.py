@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mtrain.model.anyres import anyres_scaled_features, image_tokens
 from mtrain.model.embedding_head import pool_last_token, pool_mean, truncate
 from mtrain.model.token_scales import (
     grid_factor,
@@ -285,19 +287,16 @@ class MatryoshkaModel:
         """LLaVA-NeXT / OneVision: every crop (the base image's too) pooled to the scale's k x k before the crops
         are merged, unpadded for the image's size, newlines after each row (`LlavaOnevisionFamily`'s M3 rule, the
         stock tokens at k = g). The family's own code: an anyres model is never run without it here."""
-        from mtrain.model.families import family_for  # noqa: PLC0415
-
         if image_sizes is None:
             raise ValueError("an anyres model needs each image's (height, width): give the processor's image_sizes")
         config = self.llava.config
-        family = family_for(config.model_type)
         listed = image_sizes.tolist() if torch.is_tensor(image_sizes) else image_sizes
         sizes = [(int(height), int(width)) for height, width in listed]
         side = config.vision_config.image_size // config.vision_config.patch_size
         scale = scale or side * side  # the full scale: each crop's whole g x g grid
         with gathered(self.llava.model.image_newline):
-            features = family.scaled_features(self.llava, pixel_values.to(self.llava.dtype), sizes, [scale])[scale]
-        runs = [(family.scale_tokens(config, None, size), family.scale_tokens(config, scale, size)) for size in sizes]
+            features = anyres_scaled_features(self.llava, pixel_values.to(self.llava.dtype), sizes, [scale])[scale]
+        runs = [(image_tokens(config, size), image_tokens(config, size, math.isqrt(scale))) for size in sizes]
         return features.flatten(0, 1), runs, None
 
     @torch.no_grad()
