@@ -294,8 +294,7 @@ class MatryoshkaModel:
         sizes = [(int(height), int(width)) for height, width in listed]
         side = config.vision_config.image_size // config.vision_config.patch_size
         scale = scale or side * side  # the full scale: each crop's whole g x g grid
-        with gathered(self.llava.model.image_newline):
-            features = anyres_scaled_features(self.llava, pixel_values.to(self.llava.dtype), sizes, [scale])[scale]
+        features = anyres_scaled_features(self.llava, pixel_values.to(self.llava.dtype), sizes, [scale])[scale]
         runs = [(image_tokens(config, size), image_tokens(config, size, math.isqrt(scale))) for size in sizes]
         return features.flatten(0, 1), runs, None
 
@@ -373,17 +372,6 @@ class MatryoshkaModel:
         if self.head is not None:
             pooled = self.head(pooled)
         return truncate(pooled, dim)
-
-
-def gathered(parameter: nn.Parameter) -> contextlib.AbstractContextManager:
-    """`parameter` whole for the block when ZeRO-3 partitions it (every rank enters together: the in-loop
-    generation's ranks run each vision pass in step), else nothing: a parameter read outside its module's
-    forward (the anyres newline token) is not gathered by ZeRO-3's hooks."""
-    if not hasattr(parameter, "ds_id"):
-        return contextlib.nullcontext()
-    import deepspeed  # noqa: PLC0415
-
-    return deepspeed.zero.GatheredParameters([parameter], modifier_rank=None)
 
 
 def deepstack_inputs(ids: torch.Tensor, mask: torch.Tensor, is_image: torch.Tensor, visual: torch.Tensor,

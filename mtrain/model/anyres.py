@@ -6,6 +6,7 @@ that inference on an export needs as well (`mtrain.infer` imports no training or
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -115,12 +116,29 @@ def anyres_scaled_features(
     projected = model.model.multi_modal_projector(selected)
     per_image = projected.view(len(image_sizes), crops_per_image, *projected.shape[1:])
     newline = model.model.image_newline
-    return {
-        scale: torch.stack(
-            [
-                pack_at_scale(crops, size, config, newline, math.isqrt(scale))
-                for crops, size in zip(per_image, image_sizes, strict=True)
-            ]
-        )
-        for scale in scales
-    }
+    with whole_if_partitioned(newline):
+        return {
+            scale: torch.stack(
+                [
+                    pack_at_scale(crops, size, config, newline, math.isqrt(scale))
+                    for crops, size in zip(per_image, image_sizes, strict=True)
+                ]
+            )
+            for scale in scales
+        }
+
+
+def whole_if_partitioned(parameter: torch.nn.Parameter) -> contextlib.AbstractContextManager:
+    """`parameter` whole for the block when ZeRO-3 holds only this rank's partition of it, else nothing.
+
+    ZeRO-3 gathers a module's parameters as its forward runs; the newline token is read outside any
+    forward of its module. The engine's training step finds it whole; an evaluation or a generation
+    outside the engine's forward (in-loop, `mtrain eval`, `mtrain.infer`) does not. Every rank runs
+    the vision path in step there, so every rank enters together.
+    """
+    from_zero3 = getattr(parameter, "ds_status", None)
+    if from_zero3 is None or from_zero3.name != "NOT_AVAILABLE":
+        return contextlib.nullcontext()
+    import deepspeed  # noqa: PLC0415
+
+    return deepspeed.zero.GatheredParameters([parameter], modifier_rank=None)

@@ -36,16 +36,22 @@ def test_two_rank_zero3_trains_m3_per_crop_with_scale_lora_and_packing_then_expo
         "train", str(REPO / "configs/tiny_onevision.yaml"), f"run.dir={run_dir}", f"data.shards={shards_pattern}",
         f"model.preset={preset}", f"run.max_steps={steps}", "optim.warmup_steps=1", "logging.progress=false",
         "zero.param_persistence_threshold=0", "data.micro_batch_size=2",
+        # The in-loop evaluation after the last step runs outside the engine's forward: every parameter the
+        # family reads there (the learned image newline) must be whole, not this rank's empty partition.
+        f"eval.shards={shards_pattern}", f"eval.every={steps}", "eval.batches=1", "eval.at_end=false",
     ]  # fmt: skip
     # configs/tiny_onevision.yaml: M3 at scales [1,4,16] (policy all), shared+per-scale LoRA, packed rows of 200.
     proc = run(cmd, cwd=tmp_path, timeout=360)
     assert proc.returncode == 0
 
-    metrics = read_metrics(run_dir)
+    logged = read_metrics(run_dir)
+    metrics = [m for m in logged if "loss" in m]
+    evaluated = [m for m in logged if "eval/loss/scale_16" in m]
     assert len(metrics) == steps
     assert all(f"loss/scale_{s}" in m for m in metrics for s in (1, 4, 16))
     assert metrics[-1]["loss"] < metrics[0]["loss"]
     assert_loss_is_the_mean_of_the_scale_losses(metrics)
+    assert len(evaluated) == 1 and all(f"eval/loss/scale_{s}" in evaluated[0] for s in (1, 4, 16)), logged
     saved = (run_dir / "checkpoints" / f"step_{steps:08d}" / "config.yaml").read_text()
     assert all(f"{key}: {value}" in saved for key, value in [("preset", preset), *SETTINGS]), saved
 
