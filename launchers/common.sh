@@ -98,7 +98,10 @@ run_attempts() {
       rm -f "$MTRAIN_NO_RETRY_FILE" "$MTRAIN_SUMMARY_FILE"
       exit 0
     fi
-    if [ "$interrupted" = 1 ]; then
+    # The ranks' own summary says so too: a non-interactive bash does not always run its INT trap when
+    # the foreground command then exits normally (torchrun turns the signal into status 1), and a signal
+    # sent to the ranks alone (by a scheduler) never reaches this shell; either way no restart.
+    if [ "$interrupted" = 1 ] || grep -q "^mtrain: interrupted" "$MTRAIN_SUMMARY_FILE" 2>/dev/null; then
       if [ -s "$MTRAIN_SUMMARY_FILE" ]; then cat "$MTRAIN_SUMMARY_FILE" >&2; else echo "mtrain: interrupted" >&2; fi
       rm -f "$MTRAIN_NO_RETRY_FILE" "$MTRAIN_SUMMARY_FILE"
       exit 130

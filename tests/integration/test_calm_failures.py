@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -48,7 +49,23 @@ def test_bad_data_under_torchrun_restarts_is_not_retried(tmp_path):
     assert f"{REPO / 'mtrain'}/" not in frames  # no frame of mtrain's own code (the clone may sit in a folder "mtrain")
 
 
-def test_sigint_ends_a_torchrun_job_with_one_summary_line(tmp_path, shards_pattern):
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid`, read from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.parametrize("target", ["job", "ranks"])
+def test_sigint_ends_a_torchrun_job_with_one_summary_line(tmp_path, shards_pattern, target):
+    """Ctrl-C on the job's process group, or SIGINT to torchrun alone (a scheduler signalling the ranks; also
+    what the script sees when bash skips its INT trap because torchrun then exits normally): no restart."""
     run_dir = tmp_path / "run"
     env = script_env(MAX_RESTARTS="2", MASTER_PORT=str(free_port()))
     cmd = ["bash", str(REPO / "launchers/torchrun.sh"), CONFIG]
@@ -61,7 +78,11 @@ def test_sigint_ends_a_torchrun_job_with_one_summary_line(tmp_path, shards_patte
         while time.time() < deadline and job.poll() is None and not (run_dir / "checkpoints" / "latest").exists():
             time.sleep(0.2)
         assert job.poll() is None, log.read_text()[-5000:]
-        os.killpg(job.pid, signal.SIGINT)
+        if target == "job":
+            os.killpg(job.pid, signal.SIGINT)
+        else:
+            for agent in children(job.pid):
+                os.kill(agent, signal.SIGINT)
         status = job.wait(120)
     output = log.read_text()
     assert status == 130, output[-5000:]

@@ -132,6 +132,7 @@ def check_infer_equals_mtrain_at_every_scale(run_dir, export, scales: list[int])
         "mtrain",
         "mtrain.infer",
         "mtrain.model",
+        "mtrain.model.anyres",
         "mtrain.model.embedding_head",
         "mtrain.model.token_scales",
     ]
