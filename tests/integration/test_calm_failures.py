@@ -83,7 +83,11 @@ def test_sigint_ends_a_torchrun_job_with_one_summary_line(tmp_path, shards_patte
         else:
             for agent in children(job.pid):
                 os.kill(agent, signal.SIGINT)
-        status = job.wait(120)
+        try:
+            status = job.wait(120)
+        finally:
+            if job.poll() is None:  # a restarted job would run on beside the rest of the suite
+                os.killpg(job.pid, signal.SIGKILL)
     output = log.read_text()
     assert status == 130, output[-5000:]
     assert output.count("mtrain: attempt ") == 1
