@@ -24,7 +24,7 @@ Per family (`GENERATING_MODEL_TYPES`; any other model type is refused with the r
   the pooled grids (`get_rope_index`, as training does) and continues them for the new tokens. Qwen3-VL's
   DeepStack sets are pooled alike and given, with the merged tokens, as pre-encoded image outputs.
 - LLaVA-NeXT / OneVision (the processor's `image_sizes`): every crop pooled before the merge, by the family's
-  own rule (the one place this module imports mtrain/model/families, on that path only).
+  own rule (`mtrain/model/anyres.py`, the pure tensor code the family uses too).
 - Gemma 3: `token_type_ids` mark the image tokens at the scale, so the prefill attends within each (pooled)
   image both ways, as training does; its visual tokens go in as pre-encoded image outputs.
 
@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mtrain.model.anyres import anyres_scaled_features, image_tokens
+from mtrain.model.anyres import anyres_scaled_features, image_tokens, tower_grid_side
 from mtrain.model.embedding_head import pool_last_token, pool_mean, truncate
 from mtrain.model.token_scales import (
     grid_factor,
@@ -286,13 +286,13 @@ class MatryoshkaModel:
     ) -> tuple[torch.Tensor, list[tuple[int, int]], None]:
         """LLaVA-NeXT / OneVision: every crop (the base image's too) pooled to the scale's k x k before the crops
         are merged, unpadded for the image's size, newlines after each row (`LlavaOnevisionFamily`'s M3 rule, the
-        stock tokens at k = g). The family's own code: an anyres model is never run without it here."""
+        stock tokens at k = g)."""
         if image_sizes is None:
             raise ValueError("an anyres model needs each image's (height, width): give the processor's image_sizes")
         config = self.llava.config
         listed = image_sizes.tolist() if torch.is_tensor(image_sizes) else image_sizes
         sizes = [(int(height), int(width)) for height, width in listed]
-        side = config.vision_config.image_size // config.vision_config.patch_size
+        side = tower_grid_side(config)
         scale = scale or side * side  # the full scale: each crop's whole g x g grid
         features = anyres_scaled_features(self.llava, pixel_values.to(self.llava.dtype), sizes, [scale])[scale]
         runs = [(image_tokens(config, size), image_tokens(config, size, math.isqrt(scale))) for size in sizes]
