@@ -1,9 +1,10 @@
 """Right-padding rows of token ids into a batch: the one collate every batch form uses.
 
-Besides the padded tensors a batch carries, per row, how many real tokens and how many images it
-holds (`ROW_TOKENS`, `ROW_IMAGES`, plain lists). They are known on the host when the batch is
-made, so the Matryoshka layout (mtrain/task/token_layout.py) and GradCache's chunking size their
-tensors from them without reading anything back from the device.
+Besides the padded tensors a batch carries, per row, how many real tokens and images it holds and
+how many targets it learns (`ROW_TOKENS`, `ROW_IMAGES`, `ROW_LEARNED`, plain lists). They are known
+on the host when the batch is made, so the Matryoshka layout (mtrain/task/token_layout.py),
+GradCache's chunking and the learned-position logits (mtrain/task/next_token.py) size their tensors
+from them without reading anything back from the device.
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ import torch
 
 ROW_TOKENS = "row_tokens"  # real (non-padding) tokens of each row
 ROW_IMAGES = "row_images"  # images of each row, in the order of the batch's pixel values
+# Learned targets of each row: labels after the next-token shift (from the second column on) that are
+# not IGNORE. The tasks size their logits' selection from it (mtrain/task/next_token.py); a batch whose
+# labels change after collate must drop it.
+ROW_LEARNED = "row_learned"
 # (height, width) of every image as decoded, in pixel-value order (host list): anyres families pick
 # their crops from it (`image_sizes` of LLaVA-NeXT/OneVision).
 IMAGE_SIZES = "image_sizes"

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from data_pipeline.collate import IMAGE_SIZES, ROW_IMAGES, ROW_TOKENS, real_token_mask, right_pad
+from data_pipeline.collate import IMAGE_SIZES, ROW_IMAGES, ROW_LEARNED, ROW_TOKENS, real_token_mask, right_pad
 from data_pipeline.tokenize import IGNORE_INDEX, TokenizedSample
 
 Row = list[TokenizedSample]
@@ -60,14 +60,16 @@ def collate_rows(
     width = max(lengths)
     # The padding tail of a row is a segment of its own: its positions restart at 0.
     row_positions = [positions + list(range(width - len(positions))) for positions in row_positions]
+    labels = right_pad(row_labels, IGNORE_INDEX, width)
     batch: dict[str, Any] = {
         "input_ids": right_pad(row_ids, pad_token_id, width),
-        "labels": right_pad(row_labels, IGNORE_INDEX, width),
+        "labels": labels,
         "attention_mask": real_token_mask(lengths, width),
         "pixel_values": stack_pixels(pixel_values) if pixel_values else torch.zeros(0),
         "keys": keys,
         ROW_TOKENS: lengths,
         ROW_IMAGES: [sum(len(doc.image_spans) for doc in row) for row in rows],
+        ROW_LEARNED: (labels[:, 1:] != IGNORE_INDEX).sum(1).tolist(),
         IMAGE_SIZES: image_sizes,
     }
     if packed:

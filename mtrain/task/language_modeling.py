@@ -10,9 +10,8 @@ from data_pipeline.collate import IMAGE_SIZES
 from data_pipeline.tokenize import IGNORE_INDEX
 from mtrain.model.families.base import ModelFamily
 from mtrain.task.base import Task, learned_per_row
+from mtrain.task.next_token import learned_count, learned_logits, learned_positions, next_token_losses
 from mtrain.task.token_layout import Layout
-
-MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "position_ids")
 
 
 class LanguageModelingTask(Task):
@@ -34,24 +33,31 @@ class LanguageModelingTask(Task):
         self.visual_tokens = visual_tokens  # tokens per <image> in the batch
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        inputs = {name: batch[name] for name in MODEL_INPUTS if name in batch}
+        """The model's next-token loss, with `lm_head` applied only where a target is learned (next_token.py)."""
         layout, packed = self.layout(batch)
-        inputs["position_ids"] = self.family.layout_position_ids(
-            self.llava, layout, self.visual_grid, self.image_token_id, packed
-        )
-        if packed:
-            # Packed rows: with no 2D mask, transformers derives a block-diagonal causal mask from
-            # the position ids (they restart per document), so attention never crosses documents.
-            inputs.pop("attention_mask", None)
+        inputs = {
+            "position_ids": self.family.layout_position_ids(
+                self.llava, layout, self.visual_grid, self.image_token_id, packed
+            )
+        }
+        if not packed:
+            # Packed rows go without a 2D mask: transformers then derives a block-diagonal causal mask
+            # from the position ids (they restart per document), so attention never crosses documents.
+            inputs["attention_mask"] = batch["attention_mask"]
         inputs.update(self.family.language_model_inputs(self.llava, layout, self.image_token_id, packed))
-        pixel_values, image_sizes = inputs.pop("pixel_values", None), batch.get(IMAGE_SIZES)
-        inputs["inputs_embeds"] = self.embed(inputs.pop("input_ids"), pixel_values, image_sizes)
-        if self.token_norm is not None:
-            # The model's own loss, summed over tokens and divided by the step's global count.
-            inputs["num_items_in_batch"] = self.token_norm.counts[0]
-        # No KV cache in training; with one, transformers skips the packed-sequence mask (5.x).
-        output = self.model(**inputs, use_cache=False)
-        loss = output.loss if self.token_norm is None else output.loss * self.token_norm.divisor
+        embeddings = self.embed(batch["input_ids"], batch.get("pixel_values"), batch.get(IMAGE_SIZES))
+        # The model's own forward less its head: no KV cache in training (with one, transformers skips
+        # the packed-sequence mask, 5.x).
+        language_model = self.family.language_model(self.llava)
+        hidden = language_model(inputs_embeds=embeddings, use_cache=False, **inputs).last_hidden_state
+        positions = learned_positions(batch["labels"], learned_count(batch))
+        losses = next_token_losses(learned_logits(hidden, self.llava.lm_head, positions), positions)
+        if self.token_norm is None:
+            # The model's own mean over the learned targets (0, not its NaN, when there are none).
+            loss = losses.sum() / (positions.targets != IGNORE_INDEX).sum().clamp(min=1)
+        else:
+            # Summed over tokens and divided by the step's global count, as the model's num_items_in_batch.
+            loss = losses.sum() / self.token_norm.counts[0] * self.token_norm.divisor
         metrics = {
             "tokens": batch["attention_mask"].sum().detach(),
             "label_tokens": (batch["labels"] != IGNORE_INDEX).sum().detach(),

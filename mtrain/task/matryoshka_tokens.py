@@ -6,7 +6,8 @@ One step:
     for each scale the step uses:  M3 pool / MQT prefix ─► (images, scale, dim)
                                    shrink every <image> run of the text to `scale` tokens
                                    splice the features into the text embeddings
-    concatenate all (sample, scale) rows ─► language model + lm_head, once ─► per-row token losses
+    concatenate all (sample, scale) rows ─► language model, once ─► lm_head at the learned positions
+                                            only (mtrain/task/next_token.py) ─► token losses
     loss = weighted mean over scales of each scale's token-mean loss (the means over the step's
            global learned tokens per scale, under `task.token_normalisation: global`)
 
@@ -20,7 +21,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from data_pipeline.collate import IMAGE_SIZES
@@ -32,6 +32,13 @@ from mtrain.model.scale_lora import ScaleRouting
 from mtrain.model.token_scales import pool_grid
 from mtrain.task.base import Task, learned_per_row
 from mtrain.task.draws import ScaleSampler, draw_slots, rank_spread
+from mtrain.task.next_token import (
+    LearnedPositions,
+    learned_count,
+    learned_logits,
+    learned_positions,
+    next_token_losses,
+)
 from mtrain.task.token_layout import Layout, lay_out, place_variants, row_counts, visual_in_layout
 
 
@@ -170,16 +177,31 @@ class MatryoshkaTokenTask(Task):
         """Loss over the step's scales (or the given `scales`, each applied to every row)."""
         rows = batch["input_ids"].shape[0]
         variant_scales = [s for s in scales for _ in range(rows)] if scales is not None else self.variant_scales(rows)
-        logits, layout = self.run(batch, variant_scales)
-        token_losses = F.cross_entropy(
-            logits[:, :-1].transpose(1, 2).float(), layout.labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none"
-        )
-        return self.combine(token_losses, layout)
+        logits, layout, positions = self.run_learned(batch, variant_scales)
+        return self.combine(next_token_losses(logits, positions), layout, positions)
 
     def run(self, batch: dict[str, Any], variant_scales: list[int]) -> tuple[torch.Tensor, Layout]:
-        """Logits of every (sample, scale) variant, from one vision pass and one LM pass.
+        """Logits at every position of every (sample, scale) variant, from one vision pass and one LM pass.
 
-        Variant i is row i % rows at scale `variant_scales[i]`.
+        Variant i is row i % rows at scale `variant_scales[i]`. The losses take only the learned
+        positions' logits (`run_learned`); these are every position's, as the stock model gives them.
+        """
+        logits, layout, _ = self.language_model_pass(batch, variant_scales, learned_only=False)
+        return logits, layout
+
+    def run_learned(
+        self, batch: dict[str, Any], variant_scales: list[int]
+    ) -> tuple[torch.Tensor, Layout, LearnedPositions]:
+        """As `run`, with `lm_head` applied only at the layout's learned positions: logits (N, vocab)."""
+        logits, layout, positions = self.language_model_pass(batch, variant_scales, learned_only=True)
+        assert positions is not None
+        return logits, layout, positions
+
+    def language_model_pass(
+        self, batch: dict[str, Any], variant_scales: list[int], learned_only: bool
+    ) -> tuple[torch.Tensor, Layout, LearnedPositions | None]:
+        """The layout of the variants, and `lm_head` over its last hidden state (at its learned positions
+        only when `learned_only`).
 
         Every module runs exactly once, whatever scales this rank's rows drew: ZeRO-3 needs the
         same module sequence on every rank.
@@ -213,7 +235,13 @@ class MatryoshkaTokenTask(Task):
             # use_cache=False: with a cache, transformers ignores packed position ids and attends across variants.
             language_model = self.family.language_model(self.llava)
             hidden = language_model(inputs_embeds=embeddings, use_cache=False, **inputs).last_hidden_state
-            return self.llava.lm_head(hidden), layout
+            if not learned_only:
+                return self.llava.lm_head(hidden), layout, None
+            # A variant learns exactly its row's shifted labels (`learned_tokens`): counted on the host.
+            learned = learned_positions(layout.labels, learned_count(batch, [v.row for v in layout.variants]))
+            if self.routing is not None:  # scale adapters on lm_head, if any, see the selected tokens' scales
+                self.routing.set_rows(learned.gather(layout.token_scales))
+            return learned_logits(hidden, self.llava.lm_head, learned), layout, learned
         finally:
             if self.routing is not None:
                 self.routing.clear()
@@ -222,28 +250,33 @@ class MatryoshkaTokenTask(Task):
     def evaluate_scale(self, batch: dict[str, Any], scale: int) -> dict[str, float]:
         """Summed loss, token accuracy and answer accuracy (every learned token right) at one scale."""
         rows = batch["input_ids"].shape[0]
-        logits, layout = self.run(batch, [scale] * rows)  # one variant per row at a single scale
-        targets = layout.labels[:, 1:]
-        learned = targets != IGNORE_INDEX
-        losses = F.cross_entropy(
-            logits[:, :-1].transpose(1, 2).float(), targets, ignore_index=IGNORE_INDEX, reduction="none"
+        logits, layout, positions = self.run_learned(batch, [scale] * rows)  # one variant per row at one scale
+        learned = positions.targets != IGNORE_INDEX
+        right = (logits.argmax(-1) == positions.targets) & learned
+        # Per layout row (one per input row at a single scale): its learned tokens predicted wrong.
+        wrong = torch.zeros(layout.labels.shape[0], device=logits.device).index_add_(
+            0, positions.rows, (learned & ~right).float()
         )
-        right = (logits[:, :-1].argmax(-1) == targets) & learned
         return {
-            "loss_sum": float(losses.sum()),
+            "loss_sum": float(next_token_losses(logits, positions).sum()),
             "tokens": float(learned.sum()),
             "correct_tokens": float(right.sum()),
-            "answers_correct": float((right.sum(1) == learned.sum(1)).sum()),
+            "answers_correct": float((wrong == 0).sum()),
             "answers": float(rows),
         }
 
-    def combine(self, token_losses: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, dict[str, Any]]:
+    def combine(
+        self, token_losses: torch.Tensor, layout: Layout, positions: LearnedPositions
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The step's loss from the learned positions' token losses (N,), and its metrics."""
         device = token_losses.device
         learned = layout.labels[:, 1:] != IGNORE_INDEX
         target_scales = torch.where(learned, layout.token_scales[:, 1:], 0)
+        # A position and its target lie in one variant: the position's scale is the target's.
+        learned_scales = positions.gather(layout.token_scales)
         scales = self.reported_scales
         # Masked sums, not boolean indexing: indexing by a mask waits for the device to size its result.
-        loss_sums = torch.stack([torch.where(target_scales == s, token_losses, 0).sum() for s in scales])
+        loss_sums = torch.stack([torch.where(learned_scales == s, token_losses, 0).sum() for s in scales])
         token_counts = torch.stack([(target_scales == s).sum() for s in scales]).to(loss_sums.dtype)
         # Divide by this micro-batch's counts, or by the step's global ones (`TokenNorm`): summed over
         # micro-batches and ranks, the latter give each scale's mean over every learned token of the step.
