@@ -5,6 +5,8 @@
 split (2 ranks): rank 0 reads only the text-only shard, rank 1 only the image shard.
 joined (1 rank, optim.grad_accum_steps=2): the same two micro-batches per step, one after the other,
 the same global batch the split run makes. Both write the logged losses to OUT.json.
+Every second text-only batch learns nothing (labels all IGNORE): split, the text rank then applies
+lm_head to an empty selection of learned positions while the image rank's selection is not empty.
 
 After training, each loader's next prompts are answered greedily with the engine's own module
 (`mtrain.eval.generation`): split, both ranks generate at once, the text rank's answers ending after
@@ -27,20 +29,33 @@ from tests.data_factory import make_loader
 REPO = Path(__file__).resolve().parents[2]
 
 
+def nothing_learned(batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch with every label IGNORE, and collate's host count of learned targets to match."""
+    from data_pipeline.collate import ROW_LEARNED
+    from data_pipeline.tokenize import IGNORE_INDEX
+
+    rows = batch["labels"].shape[0]
+    return {**batch, "labels": batch["labels"].clone().fill_(IGNORE_INDEX), ROW_LEARNED: [0] * rows}
+
+
 class TakeTurns:
     """Batches from each loader in turn: a `Batches` for the trainer (no counters, no checkpoint state)."""
 
-    def __init__(self, loaders: list[Any]) -> None:
+    def __init__(self, loaders: list[Any], names: list[str]) -> None:
         self.loaders = loaders
+        self.names = names
         self.turn = 0
+        self.taken = dict.fromkeys(names, 0)
 
     def __iter__(self) -> TakeTurns:
         return self
 
     def __next__(self) -> dict[str, Any]:
-        loader = self.loaders[self.turn % len(self.loaders)]
+        name = self.names[self.turn % len(self.loaders)]
+        batch = next(self.loaders[self.turn % len(self.loaders)])
         self.turn += 1
-        return next(loader)
+        self.taken[name] += 1
+        return nothing_learned(batch) if name == "text" and self.taken[name] % 2 == 0 else batch
 
     def metrics(self) -> dict[str, float]:
         return {}
@@ -58,7 +73,7 @@ def main() -> None:
     run = set_up(cfg)
     loader = {"text": lambda: make_loader(text_shard), "image": lambda: make_loader(image_shard)}
     order = ["text", "image"] if role == "joined" else [["text", "image"][run.world.rank]]
-    run.trainer.batches = TakeTurns([loader[name]() for name in order])
+    run.trainer.batches = TakeTurns([loader[name]() for name in order], order)
     history = train(run)
     started = time.perf_counter()
     answers = answer_next_prompts(run, order, run.trainer.batches.loaders)
