@@ -39,6 +39,21 @@ def grid_factor(grid: tuple[int, int], scale: int) -> int:
     return factor
 
 
+def reference_factor(reference_tokens: int, scale: int) -> int:
+    """M3's pooling factor f per side for `scale` written as a token count on a reference grid of
+    `reference_tokens` tokens: scale = reference_tokens / f^2. Images of their own (native) sizes are
+    all pooled by that same f, so the scales nest on every image whatever its grid."""
+    factor = math.isqrt(reference_tokens // max(scale, 1))
+    if factor < 1 or factor * factor * scale != reference_tokens:
+        root = math.isqrt(reference_tokens)
+        fitting = [reference_tokens // (f * f) for f in range(root, 0, -1) if not reference_tokens % (f * f)]
+        raise ValueError(
+            f"scale {scale} is no pooling factor of the {reference_tokens}-token reference grid: a scale is "
+            f"{reference_tokens} / f^2 for a whole factor f ({fitting} here)"
+        )
+    return factor
+
+
 def pool_grid(features: torch.Tensor, scale: int, grid: tuple[int, int] | None = None) -> torch.Tensor:
     """M3: (images, tokens, dim) -> (images, scale, dim) by 2D average pooling of the token grid.
 
@@ -83,6 +98,27 @@ def pooled_grid_thw(grid_thw: torch.Tensor, factor: int) -> torch.Tensor:
     pooled = grid_thw.clone()
     pooled[..., 1:] = grid_thw[..., 1:] // factor
     return pooled
+
+
+def per_image_keep_mask(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    image_token_id: int,
+    full: list[list[int]],
+    kept: list[list[int]],
+) -> torch.Tensor:
+    """`image_keep_mask` for images of their own token counts: row r's i-th image has `full[r][i]` tokens
+    in `input_ids` and keeps its first `kept[r][i]`. The per-token decision is a host-made table read by
+    each image token's ordinal in its row, so nothing waits for the device."""
+    width = max([1, *(sum(row) for row in full)])
+    rows = [
+        [j < keep for count, keep in zip(counts, keeps, strict=True) for j in range(count)]
+        for counts, keeps in zip(full, kept, strict=True)
+    ]
+    table = torch.tensor([row + [False] * (width - len(row)) for row in rows], device=input_ids.device)
+    is_image = input_ids == image_token_id
+    ordinal = (torch.cumsum(is_image.long(), dim=1) - 1).clamp(0, width - 1)
+    return (~is_image | table.gather(1, ordinal)) & attention_mask.bool()
 
 
 def image_keep_mask(

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from data_pipeline.collate import IMAGE_SIZES
+from data_pipeline.collate import IMAGE_GRID_THW, IMAGE_SIZES
 from data_pipeline.tokenize import IGNORE_INDEX
 from mtrain.model.families.base import ModelFamily
 from mtrain.task.base import Task, learned_per_row
@@ -45,7 +45,9 @@ class LanguageModelingTask(Task):
             inputs.pop("attention_mask", None)
         inputs.update(self.family.language_model_inputs(self.llava, layout, self.image_token_id, packed))
         pixel_values, image_sizes = inputs.pop("pixel_values", None), batch.get(IMAGE_SIZES)
-        inputs["inputs_embeds"] = self.embed(inputs.pop("input_ids"), pixel_values, image_sizes)
+        inputs["inputs_embeds"] = self.embed(
+            inputs.pop("input_ids"), pixel_values, image_sizes, batch.get(IMAGE_GRID_THW)
+        )
         if self.token_norm is not None:
             # The model's own loss, summed over tokens and divided by the step's global count.
             inputs["num_items_in_batch"] = self.token_norm.counts[0]
@@ -71,6 +73,7 @@ class LanguageModelingTask(Task):
             attention_mask=None if packed else real,
             token_scales=real * self.visual_tokens,  # every image at its full count
             variants=[],
+            image_grids=batch.get(IMAGE_GRID_THW),  # images of their own grids (native resolution), unpooled
         )
         return layout, packed
 
@@ -83,8 +86,10 @@ class LanguageModelingTask(Task):
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None,
         image_sizes: list[tuple[int, int]] | None = None,
+        image_grid_thw: list[list[int]] | None = None,
     ) -> torch.Tensor:
-        """Token embeddings with every image's visual tokens spliced in, as the model's own forward does.
+        """Token embeddings with every image's visual tokens spliced in, as the model's own forward does
+        (images of their own grids, `image_grid_thw`: each image's tokens in order).
 
         Done here, before the model is called, so the modules run in one order whatever the batch
         holds (embeddings, vision tower, projector, language model): under ZeRO-3 every rank must
@@ -94,7 +99,10 @@ class LanguageModelingTask(Task):
         embeddings = self.llava.get_input_embeddings()(input_ids)
         if pixel_values is None or pixel_values.numel() == 0:  # a shape: known on the host
             return embeddings + self.vision_stand_in(embeddings.device).to(embeddings.dtype)
-        features = self.image_features(pixel_values, image_sizes).flatten(0, 1)
+        if image_grid_thw is not None:
+            features = torch.cat(self.grid_features(pixel_values, image_grid_thw))
+        else:
+            features = self.image_features(pixel_values, image_sizes).flatten(0, 1)
         spliced, visual_inputs = self.family.splice_visual(
             self.llava, embeddings, input_ids == self.image_token_id, features
         )

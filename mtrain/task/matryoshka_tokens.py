@@ -23,16 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_pipeline.collate import IMAGE_SIZES
+from data_pipeline.collate import IMAGE_GRID_THW, IMAGE_SIZES
 from data_pipeline.tokenize import IGNORE_INDEX
 from mtrain.config.schema import TokenScalesConfig
 from mtrain.model.families.base import ModelFamily
 from mtrain.model.mqt_head import mqt_head
 from mtrain.model.scale_lora import ScaleRouting
-from mtrain.model.token_scales import pool_grid
+from mtrain.model.token_scales import pool_grid, pool_merged, reference_factor
 from mtrain.task.base import Task, learned_per_row
 from mtrain.task.draws import ScaleSampler, draw_slots, rank_spread
-from mtrain.task.token_layout import Layout, lay_out, place_variants, row_counts, visual_in_layout
+from mtrain.task.token_layout import ImageGrids, Layout, lay_out, place_variants, row_counts, visual_in_layout
 
 
 class MatryoshkaTokenTask(Task):
@@ -147,16 +147,43 @@ class MatryoshkaTokenTask(Task):
         return dict(zip(scales, next(iter(by_size.values()))[1:], strict=True))
 
     def image_features(
-        self, pixel_values: torch.Tensor, image_sizes: list[tuple[int, int]] | None = None
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: list[tuple[int, int]] | None = None,
+        grid: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """The family's visual tokens, or with MQT after a family's own projector (`mtrain/model/mqt_head.py`)
         its M query outputs: (images, M, dim)."""
-        features = super().image_features(pixel_values, image_sizes)
+        features = super().image_features(pixel_values, image_sizes, grid)
         head = mqt_head(self.llava)
         return features if head is None else head(features)
 
-    def scaled_visual(self, batch: dict[str, Any], scales: list[int]) -> dict[int, torch.Tensor]:
-        """Every image of the batch at every scale of `scales`: {scale: (images, tokens, dim)}, one vision pass."""
+    def image_grids(self, batch: dict[str, Any], scales: list[int]) -> ImageGrids | None:
+        """Each image's token counts at full size and at every scale, when the batch's images have their own
+        grids (Qwen's native resolution, `image_grid_thw`); None otherwise.
+
+        A scale is a token count on the reference grid of `visual_tokens` tokens (the largest image's budget):
+        its factor f = sqrt(visual_tokens / scale) pools every image by f per side, (t, h / f, w / f)."""
+        grid_thw = batch.get(IMAGE_GRID_THW)
+        if grid_thw is None:
+            return None
+        merge = self.llava.config.vision_config.spatial_merge_size
+        factors = {s: reference_factor(self.visual_tokens, s) for s in scales}
+        pooled = {s: [[t, h // f, w // f] for t, h, w in grid_thw] for s, f in factors.items()}
+        tokens = {s: [t * (h // merge) * (w // merge) for t, h, w in rows] for s, rows in pooled.items()}
+        full = [t * (h // merge) * (w // merge) for t, h, w in grid_thw]
+        return ImageGrids(full=full, kept=tokens, pooled_thw=pooled)
+
+    def scaled_visual(self, batch: dict[str, Any], scales: list[int]) -> dict[int, Any]:
+        """Every image of the batch at every scale of `scales`: {scale: (images, tokens, dim)}, one vision pass
+        (with images of their own grids, {scale: [(tokens, dim) of each image]})."""
+        grid_thw = batch.get(IMAGE_GRID_THW)
+        if grid_thw is not None:
+            merge = self.llava.config.vision_config.spatial_merge_size
+            features = self.grid_features(batch["pixel_values"], grid_thw)
+            grids = [(t, h // merge, w // merge) for t, h, w in grid_thw]
+            factors = {s: reference_factor(self.visual_tokens, s) for s in scales}
+            return {s: [pool_merged(f, g, factors[s]) for f, g in zip(features, grids, strict=True)] for s in scales}
         sizes = [tuple(size) for size in batch.get(IMAGE_SIZES) or []]
         if self.tokens.mode == "m3" and sizes and self.family.counts_by_image_size:
             scaled = self.family.scaled_features(self.llava, batch["pixel_values"], sizes, scales)
@@ -188,8 +215,11 @@ class MatryoshkaTokenTask(Task):
         packed = self.tokens.layout == "packed"
         scales = sorted(set(variant_scales))
         kept = self.kept_tokens(batch, scales)
-        variants = place_variants(variant_scales, tokens, images, self.visual_tokens, packed, kept)
-        layout = lay_out(batch, variants, packed, self.image_token_id, self.visual_tokens, self.pad_token_id, kept)
+        grids = self.image_grids(batch, scales)  # images of their own grids: counts per image
+        variants = place_variants(variant_scales, tokens, images, self.visual_tokens, packed, kept, grids)
+        layout = lay_out(
+            batch, variants, packed, self.image_token_id, self.visual_tokens, self.pad_token_id, kept, grids, images
+        )
         embeddings = self.llava.get_input_embeddings()(layout.input_ids)
         visual_inputs: dict[str, Any] = {}  # what else of the images the language model takes (DeepStack)
         if sum(images):

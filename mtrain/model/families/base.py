@@ -43,6 +43,10 @@ class ModelFamily:
     # imports no family code: its GENERATING_MODEL_TYPES lists the same types (a test keeps them equal).
     generates: bool = False
 
+    # The merged grid of a text-only batch's blank image where images have no one grid (Qwen's native
+    # resolution); None: the model's own grid.
+    stand_in_grid: tuple[int, int] | None = None
+
     # Module-name fragments of the vision tower and the projector (freezing, LoRA's modules_to_save).
     part_names: dict[str, str] = {"vision_tower": "vision_tower", "projector": "multi_modal_projector"}
 
@@ -88,6 +92,11 @@ class ModelFamily:
         return None
 
     # ── The forward's family hooks (mtrain/task/*); LLaVA's are the defaults. ─────────────────────
+    def grid_features(self, model: Any, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
+        """Each image's projected tokens when every image has its own grid (`image_grid_thw` rows), a list of
+        (tokens, dim); only Qwen's families have such images (native resolution)."""
+        raise NotImplementedError(f"a {self.model_type} model's images have no grid of their own (image_grid_thw)")
+
     def image_features(
         self,
         model: Any,

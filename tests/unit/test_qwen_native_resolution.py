@@ -1,0 +1,184 @@
+"""Qwen's native resolution (`model.image_pixels`), in one process on the tiny presets: two images of other
+aspect ratios and sizes, each its own merged grid and token count. At full scale the logits equal the stock
+model's forward on the stock processor's output; the one-pass all-scale loss equals separate per-scale stock
+forwards, each image pooled by the scale's factor with M-RoPE ids from its pooled grid; packed documents give
+their unpacked losses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from transformers import Qwen2VLImageProcessorPil
+
+from data_pipeline.collate import IMAGE_GRID_THW, ROW_IMAGES, ROW_TOKENS
+from data_pipeline.tokenize import IGNORE_INDEX
+from mtrain.model.families.qwen2_vl import merged_grid, pool_merged, pooled_grid_thw
+from tests.family_checks import (
+    assert_one_pass_equals_separate_grads,
+    assert_packed_equals_unpacked_per_document,
+    lora_task,
+    m3_lora_config,
+    rows_at_scale,
+    text_ids,
+)
+
+# max_pixels 2048 in 8-px merged tokens: a 32-token reference grid; scales 8 and 32 pool by 2 and 1 per side,
+# so every image is resized to sides that are multiples of 16 px.
+PIXELS, SCALES, FACTORS = "model.image_pixels=[256,2048]", [8, 32], {8: 2, 32: 1}
+# (width, height) in PIL's order: a tall 6x4 merged grid (24 tokens) and a wide 2x8 one (16 tokens).
+SIZES = [(32, 48), (64, 16)]
+COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
+
+
+def native_task(preset: str = "tiny-qwen2-vl", layout: str = "packed"):
+    return lora_task(m3_lora_config(preset, SCALES, PIXELS, f"matryoshka.tokens.layout={layout}"))
+
+
+def images(count: int) -> list[Image.Image]:
+    return [Image.new("RGB", SIZES[i % 2], COLOURS[i % 4]) for i in range(count)]
+
+
+def documents(built, pictures: list[Image.Image]):
+    """(input_ids, labels, images) of three documents over `pictures` in order: one image, two, one."""
+    grids = [built.image_processor(images=p)["image_grid_thw"][0].tolist() for p in pictures]
+    counts = iter(built.image_processor.visual_tokens(g) for g in grids)
+    docs = []
+    for prompt, answer, n in [("user\n", "a red circle.", 1), ("two\n", "a blue square.", 2), ("", "a cross.", 1)]:
+        prefix = text_ids(built, "<|im_start|>" + prompt)
+        for _ in range(n):
+            vision = [built.image_token_id] * next(counts)
+            prefix += text_ids(built, "<|vision_start|>") + vision + text_ids(built, "<|vision_end|>")
+        learned = text_ids(built, answer + "<|im_end|>")
+        docs.append((prefix + learned, [IGNORE_INDEX] * len(prefix) + learned, n))
+    return docs
+
+
+def batches(built, pictures):
+    """(unpacked, packed) batches of the three documents, as the loader gives native images: every image's
+    patches in one sequence and its `image_grid_thw` row in a host list."""
+    outputs = [built.image_processor(images=p) for p in pictures]
+    pixel_values = torch.cat([o["pixel_values"][0] for o in outputs])
+    grid_thw = [o["image_grid_thw"][0].tolist() for o in outputs]
+    docs = documents(built, pictures)
+    width, pad = max(len(ids) for ids, _, _ in docs), built.tokenizer.pad_token_id
+    unpacked = {
+        "input_ids": torch.tensor([ids + [pad] * (width - len(ids)) for ids, _, _ in docs]),
+        "labels": torch.tensor([labels + [IGNORE_INDEX] * (width - len(labels)) for _, labels, _ in docs]),
+        "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _, _ in docs]),
+        "pixel_values": pixel_values,
+        IMAGE_GRID_THW: grid_thw,
+        # Rows' real tokens and images, as collate counts them: an image's token count is its own.
+        ROW_TOKENS: [len(ids) for ids, _, _ in docs],
+        ROW_IMAGES: [n for _, _, n in docs],
+    }
+    row = [token for ids, _, _ in docs for token in ids]
+    packed = {
+        "input_ids": torch.tensor([row]),
+        "labels": torch.tensor([[label for _, labels, _ in docs for label in [IGNORE_INDEX, *labels[1:]]]]),
+        "attention_mask": torch.ones(1, len(row), dtype=torch.long),
+        "position_ids": torch.tensor([[p for ids, _, _ in docs for p in range(len(ids))]]),
+        "pixel_values": pixel_values,
+        IMAGE_GRID_THW: grid_thw,
+        ROW_TOKENS: [len(row)],
+        ROW_IMAGES: [len(pictures)],
+    }
+    return unpacked, packed
+
+
+def shrink(batch: dict, image_token_id: int, full: list[int], kept: list[int]):
+    """Each image's run cut to its first `kept` tokens, re-padded right: the rows a separate forward runs."""
+    counts = iter(zip(full, kept, strict=True))
+    rows = []
+    for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"], strict=True):
+        out, seen, keep = [], 0, 0
+        for token, label, real in zip(ids.tolist(), labels.tolist(), mask.tolist(), strict=True):
+            if real and token == image_token_id:
+                if seen == 0:
+                    total, keep = next(counts)
+                    seen = total
+                seen -= 1
+                if keep == 0:
+                    continue
+                keep -= 1
+            if real:
+                out.append((token, label))
+        rows.append(out)
+    width = max(map(len, rows))
+    ids = torch.tensor([[t for t, _ in r] + [0] * (width - len(r)) for r in rows])
+    labels = torch.tensor([[x for _, x in r] + [IGNORE_INDEX] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    return ids, labels, mask
+
+
+def reference_scale_loss(task, batch, scale: int) -> torch.Tensor:
+    """One scale through the stock model: its own per-image features, each pooled by the scale's factor,
+    M-RoPE ids from `get_rope_index` on every image's pooled grid."""
+    model, factor = task.llava, FACTORS[scale]
+    grid_thw = torch.tensor(batch[IMAGE_GRID_THW])
+    features = model.model.get_image_features(pixel_values=batch["pixel_values"], image_grid_thw=grid_thw)
+    grids = [merged_grid(g, 2) for g in grid_thw]
+    pooled = torch.cat([pool_merged(f, g, factor) for f, g in zip(features.pooler_output, grids, strict=True)])
+    full = [t * r * c for t, r, c in grids]
+    kept = [t * (r // factor) * (c // factor) for t, r, c in grids]
+    ids, labels, mask = shrink(batch, task.image_token_id, full, kept)
+    is_image = ids == task.image_token_id
+    positions, _ = model.model.get_rope_index(
+        ids, is_image.int(), image_grid_thw=pooled_grid_thw(grid_thw, factor), attention_mask=mask
+    )
+    embeds = model.get_input_embeddings()(ids).masked_scatter(is_image.unsqueeze(-1), pooled)
+    with rows_at_scale(task, ids.shape[0], scale):
+        return model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, labels=labels).loss
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen2-vl", "tiny-qwen3-vl"])
+def test_full_scale_logits_equal_the_stock_forward_on_the_stock_processors_output(preset):
+    task, built = native_task(preset, layout="padded")
+    pictures = images(4)
+    unpacked, _ = batches(built, pictures)
+    assert unpacked[IMAGE_GRID_THW] == [[1, 12, 8], [1, 4, 16]] * 2  # each image its own grid, in patches
+    stock_processor = Qwen2VLImageProcessorPil(
+        patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=256, max_pixels=2048
+    )
+    stock_inputs = stock_processor(images=pictures, return_tensors="pt")
+    torch.testing.assert_close(stock_inputs["pixel_values"], unpacked["pixel_values"])
+    assert stock_inputs["image_grid_thw"].tolist() == unpacked[IMAGE_GRID_THW]
+    ids = unpacked["input_ids"]
+    with torch.no_grad():
+        logits, layout = task.run(unpacked, [32] * ids.shape[0])
+        with rows_at_scale(task, ids.shape[0], 32):
+            stock = task.llava(
+                input_ids=ids,
+                attention_mask=unpacked["attention_mask"],
+                mm_token_type_ids=(ids == built.image_token_id).int(),
+                **stock_inputs,
+            ).logits
+    assert torch.equal(layout.input_ids, ids)
+    real = unpacked["attention_mask"].bool()
+    torch.testing.assert_close(logits[real], stock[real], rtol=1e-4, atol=1e-5)
+
+
+def test_one_pass_all_scale_loss_equals_separate_per_scale_stock_forwards():
+    task, built = native_task()
+    unpacked, _ = batches(built, images(4))
+    loss, metrics = task(unpacked)
+    assert_one_pass_equals_separate_grads(
+        task, loss, lambda: torch.stack([reference_scale_loss(task, unpacked, s) for s in SCALES]).mean()
+    )
+    learned = int((unpacked["labels"][:, 1:] != IGNORE_INDEX).sum())
+    assert int(metrics["scale_label_tokens"].sum()) == len(SCALES) * learned
+
+
+def test_packed_documents_give_their_unpacked_losses_with_per_image_mrope_ids():
+    task, built = native_task()
+    unpacked, packed = batches(built, images(4))
+    assert_packed_equals_unpacked_per_document(task, packed, unpacked, SCALES)
+    # The packed row's ids at scale 8: the second document's tall image (6x4 merged) pooled to 3x2 from its start.
+    _, layout = task.run(packed, [8])
+    ids = task.family.layout_position_ids(task.llava, layout, None, built.image_token_id, packed=True)
+    assert layout.image_grids == [[1, 6, 4], [1, 2, 8], [1, 6, 4], [1, 2, 8]]  # pooled, in patches
+    image = (layout.input_ids[0] == built.image_token_id).nonzero().flatten()
+    second = image[6:10]  # after the first image's 6 pooled tokens: the second's 1x4
+    first = second[0].item()
+    assert ids[2, 0, second].tolist() == [ids[2, 0, first].item()] * 4  # one row
+    assert ids[3, 0, second].tolist() == [ids[3, 0, first].item() + c for c in range(4)]
