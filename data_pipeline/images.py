@@ -80,8 +80,21 @@ class ImagePreprocessor:
         """Decode JPEGs at the smallest DCT scale whose short side still covers this."""
         return self.steps.shortest_edge if self.steps else None
 
+    @property
+    def variable_patches(self) -> bool:
+        """Whether images differ in patch count (Qwen's native resolution): a batch joins every image's
+        patches into one sequence, and each image carries its `image_grid_thw` row."""
+        return bool(getattr(self.processor, "variable_patches", False))
+
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return self.stack([self.prepare(image)])[0]
+
+    def prepare_with_grid(self, image: Image.Image) -> tuple[np.ndarray | torch.Tensor, list[int] | None]:
+        """`prepare`, and the image's (t, h, w) in patches where images differ in patch count (else None)."""
+        if not self.variable_patches:
+            return self.prepare(image), None
+        out = self.processor(images=image, return_tensors="pt")
+        return out["pixel_values"][0], out["image_grid_thw"][0].tolist()
 
     def prepare(self, image: Image.Image) -> np.ndarray | torch.Tensor:
         if self.steps is None:
@@ -100,6 +113,8 @@ class ImagePreprocessor:
         return np.asarray(cropped)
 
     def stack(self, prepared: list[np.ndarray | torch.Tensor]) -> torch.Tensor:
+        if self.variable_patches:
+            return torch.cat(prepared)  # (patches of every image, dim), as Qwen's processor joins them
         if self.steps is None:
             return torch.stack(prepared)
         crop_h, crop_w = self.steps.crop

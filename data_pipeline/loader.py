@@ -14,7 +14,8 @@
                          `visual_tokens` is an int, or a function sample -> count per image
      8 mask labels       image tokens, BOS, prompts, user turns, padding
      9 pack              whole documents into rows of max_len (packing.py)
-    10 preprocess image  through the model's image processor (images.py)
+    10 preprocess image  through the model's image processor (images.py); at Qwen's native resolution
+                         each image's run (expanded to the most an image has) is cut to its own count
     11 collate           right-padded tensors; position ids restart per document; the form's `collate`
 
     planner (every worker, cheap: text only) ── stages 1-9 ──► batch plan i
@@ -73,7 +74,7 @@ from data_pipeline.formats import (
 from data_pipeline.images import ImagePreprocessor
 from data_pipeline.packing import Row, collate_rows, take_row
 from data_pipeline.shards import ShardCache, ShardReader, expand_shards, shard_counts
-from data_pipeline.tokenize import IGNORE_INDEX, TokenizedSample, TokenSpec, tokenize_sample
+from data_pipeline.tokenize import IGNORE_INDEX, TokenizedSample, TokenSpec, fit_image_runs, tokenize_sample
 
 __all__ = ["IGNORE_INDEX", "IMAGE_EXTENSIONS", "DataQualityError", "LoaderSettings", "SampleStream", "StreamingLoader"]
 
@@ -363,7 +364,7 @@ class SampleStream(IterableDataset):
         url, group = doc.location
         members = reader.read(url, group, [image.member for image in doc.images])
         pixels = []
-        doc.image_sizes = []
+        doc.image_sizes, doc.image_grid_thw = [], []
         for image in doc.images:
             decoded = decode_image(
                 members[image.member],
@@ -372,8 +373,13 @@ class SampleStream(IterableDataset):
                 self.settings.rules.max_image_pixels,
                 self.preprocess.draft_size,
             )
-            pixels.append(self.preprocess.prepare(decoded))
+            prepared, grid_thw = self.preprocess.prepare_with_grid(decoded)
+            pixels.append(prepared)
             doc.image_sizes.append((decoded.height, decoded.width))
+            if grid_thw is not None:
+                doc.image_grid_thw.append(grid_thw)
+        if doc.image_grid_thw:  # native resolution: each image's run fitted to its own token count
+            fit_image_runs(doc, [self.preprocess.processor.visual_tokens(grid) for grid in doc.image_grid_thw])
         return pixels
 
 

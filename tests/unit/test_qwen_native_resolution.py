@@ -182,3 +182,38 @@ def test_packed_documents_give_their_unpacked_losses_with_per_image_mrope_ids():
     first = second[0].item()
     assert ids[2, 0, second].tolist() == [ids[2, 0, first].item()] * 4  # one row
     assert ids[3, 0, second].tolist() == [ids[3, 0, first].item() + c for c in range(4)]
+
+
+def test_the_loader_gives_every_image_its_own_grid_and_token_count(tmp_path):
+    """Real shards through the real loader, packed: each <image> is expanded to the reference grid's 32 tokens
+    (an upper bound, so packing never overflows), then cut to its image's own count once decoded; the batch
+    carries every image's patches in one sequence and its `image_grid_thw`, and trains."""
+    import io
+
+    import webdataset as wds
+
+    from data_pipeline.loader import LoaderSettings, build_loader
+    from mtrain.engine.data import token_spec
+    from mtrain.model.build import build_model
+
+    cfg = m3_lora_config("tiny-qwen2-vl", SCALES, PIXELS, "data.packing=true", "data.max_len=128")
+    built = build_model(cfg.model, torch.float32, None, seed=0, tokens=cfg.matryoshka.tokens)
+    sizes = [(32, 48), (64, 16), (50, 40), (64, 16)]  # (50, 40) is resized: smart_resize to 48 x 32 (w x h)
+    with wds.TarWriter(str(tmp_path / "shard-000000.tar")) as sink:
+        for index, size in enumerate(sizes):
+            buffer = io.BytesIO()
+            Image.new("RGB", size, COLOURS[index]).save(buffer, format="PNG")
+            sink.write({"__key__": f"s{index}", "png": buffer.getvalue(), "txt": f"shape number {index}".encode()})
+    settings = LoaderSettings(sources=((str(tmp_path / "shard-000000.tar"), 1.0),), batch_size=2, seed=0, packing=True)
+    loader = build_loader(settings, 0, 1, token_spec(cfg, built), built.image_processor, built.visual_tokens)
+    batch = next(loader)
+    grids = batch[IMAGE_GRID_THW]
+    counts = [t * h * w // 4 for t, h, w in grids]
+    # Merged grids 6x4, 2x8, 4x6 and 2x8, whatever order packing gave the documents.
+    assert sorted(map(tuple, grids)) == sorted([(1, 12, 8), (1, 4, 16), (1, 8, 12), (1, 4, 16)])
+    assert batch["pixel_values"].shape == (sum(t * h * w for t, h, w in grids), 3 * 2 * 4 * 4)
+    image = batch["input_ids"] == built.image_token_id
+    assert int(image.sum()) == sum(counts) and batch[ROW_TOKENS] == batch["attention_mask"].sum(1).tolist()
+    task = lora_task(cfg)[0]
+    loss, metrics = task(batch)
+    assert torch.isfinite(loss) and int(metrics["scale_label_tokens"].sum()) > 0
