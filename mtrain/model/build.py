@@ -370,12 +370,7 @@ def _load_local(
     model_class, config = _model_class_for(config, tokens, path)
     family = family_for(config.model_type)
     attn = family_attention(family, attn)
-    grid = None if image_pixels else fixed_grid(config, image_size, path)
-    if image_pixels:  # native resolution: the reference grid's count, the most an image has
-        unit = config.vision_config.patch_size * config.vision_config.spatial_merge_size
-        visual = image_pixels[1] // (unit * unit)
-    else:
-        visual = grid[0] * grid[1] if grid else family.visual_tokens(config)
+    visual, grid = folder_image_tokens(config, image_size, image_pixels, path)
     if config_only:
         config._attn_implementation = attn
         model = model_class._from_config(config, dtype=dtype)
@@ -410,6 +405,19 @@ def _load_local(
         family=family,
         visual_grid=grid,
     )
+
+
+def folder_image_tokens(
+    config: Any, image_size: list[int] | None, image_pixels: list[int] | None, path: str
+) -> tuple[int, tuple[int, int] | None]:
+    """(tokens each `<image>` expands to in the data, the merged grid every image has) for a folder's model:
+    Qwen's at `model.image_size`; at native resolution (`model.image_pixels`) the reference grid's count, the
+    most an image has, and no one grid; the family's own count otherwise."""
+    if image_pixels:
+        unit = config.vision_config.patch_size * config.vision_config.spatial_merge_size
+        return image_pixels[1] // (unit * unit), None
+    grid = fixed_grid(config, image_size, path)
+    return (grid[0] * grid[1], grid) if grid else (family_for(config.model_type).visual_tokens(config), None)
 
 
 def fixed_grid(config: Any, image_size: list[int] | None, path: str) -> tuple[int, int] | None:

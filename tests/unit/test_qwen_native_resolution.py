@@ -17,6 +17,7 @@ from mtrain.model.families.qwen2_vl import merged_grid, pool_merged, pooled_grid
 from tests.family_checks import (
     assert_one_pass_equals_separate_grads,
     assert_packed_equals_unpacked_per_document,
+    assert_text_only_batch_reaches_vision_at_zero_weight,
     lora_task,
     m3_lora_config,
     rows_at_scale,
@@ -217,3 +218,46 @@ def test_the_loader_gives_every_image_its_own_grid_and_token_count(tmp_path):
     task = lora_task(cfg)[0]
     loss, metrics = task(batch)
     assert torch.isfinite(loss) and int(metrics["scale_label_tokens"].sum()) > 0
+
+
+def test_a_text_only_batch_runs_the_vision_path_on_a_one_token_stand_in():
+    """ZeRO-3 lockstep without one grid per image: the blank stand-in image is one merged token."""
+    task, built = native_task()
+    assert task.visual_grid is None and task.stand_in_grid == (1, 1)
+    assert_text_only_batch_reaches_vision_at_zero_weight(
+        task, text_ids(built, "<|im_start|>a cross.<|im_end|>"), "visual.merger"
+    )
+
+
+def test_native_resolution_is_checked_before_any_process_group(tmp_path):
+    from mtrain.config import load_config
+    from mtrain.config.core import ConfigError
+    from mtrain.launch.model_checks import model_problems
+    from mtrain.model.build import build_model
+
+    preset = ["model.preset=tiny-qwen2-vl", "matryoshka.tokens.mode=m3"]
+    assert load_config(None, [*preset, PIXELS, "matryoshka.tokens.scales=[2,8,32]"]).model.tiny_visual_tokens == 32
+    with pytest.raises(
+        ConfigError, match=r"\[4\] are no pooling factor f of the 32-token reference grid.*\[2, 8, 32\]"
+    ):
+        load_config(None, [*preset, PIXELS, "matryoshka.tokens.scales=[4,32]"])
+    with pytest.raises(ConfigError, match="model.image_pixels: and model.image_size are both set"):
+        load_config(None, [*preset, PIXELS, "model.image_size=[32,32]", "matryoshka.tokens.scales=[32]"])
+    with pytest.raises(ConfigError, match="model.image_pixels: is Qwen's native resolution; the tiny-llava preset"):
+        load_config(None, ["model.preset=tiny-llava", PIXELS])
+    with pytest.raises(ConfigError, match="model.image_pixels: is \\[2048, 256\\]; give \\[min_pixels, max_pixels\\]"):
+        load_config(None, [*preset, "model.image_pixels=[2048,256]", "matryoshka.tokens.scales=[32]"])
+    with pytest.raises(ConfigError, match="matryoshka.tokens.mode: is 'mqt', which model.image_pixels"):
+        load_config(
+            None, ["model.preset=tiny-qwen2-vl", "matryoshka.tokens.mode=mqt", "checkpoint.export_at_end=false", PIXELS]
+        )
+    # A saved Qwen folder: its scales are checked against max_pixels' reference grid, before any process group.
+    tiny = load_config(None, [*preset, "matryoshka.tokens.scales=[1]"])
+    built = build_model(tiny.model, torch.float32, None, seed=0, config_only=False)
+    folder = tmp_path / "qwen"
+    built.model.config.save_pretrained(folder)
+    built.tokenizer.save_pretrained(folder)
+    base = ["model.preset=none", f"model.path={folder}", "matryoshka.tokens.mode=m3", PIXELS]
+    assert model_problems(load_config(None, [*base, "matryoshka.tokens.scales=[2,8,32]"])) == []
+    (problem,) = model_problems(load_config(None, [*base, "matryoshka.tokens.scales=[4,32]"]))
+    assert "scale 4 is no pooling factor of the 32-token reference grid" in problem and "[2, 8, 32]" in problem
