@@ -5,15 +5,22 @@
   rows ordered so that every merge_size x merge_size block is consecutive; the tower's patch
   merger (the projector, `model.visual.merger`) joins each block into one token. So one image is a
   (t, rows, columns) grid of merged tokens, rows = h / merge_size and columns = w / merge_size for
-  `image_grid_thw` (t, h, w), row-major. This first cut resizes every image to one configured
-  (height, width) (`FixedSizeImageProcessor`: Qwen's own processor after the resize; the tiny preset
-  uses tiny.image_size square), so every image has the same known merged grid `BuiltModel.visual_grid`
-  and every `<image>` the same number of tokens; non-square sizes are allowed.
+  `image_grid_thw` (t, h, w), row-major. Either every image is resized to one configured (height,
+  width) (`FixedSizeImageProcessor`: Qwen's own processor after the resize; the tiny preset uses
+  tiny.image_size square), so every image has the same known merged grid `BuiltModel.visual_grid` and
+  every `<image>` the same number of tokens (non-square sizes are allowed); or, at native resolution
+  (`model.image_pixels`, `NativeSizeImageProcessor`), each image keeps its aspect ratio within
+  [min_pixels, max_pixels], its sides multiples of patch_size * merge_size * every M3 factor, and the
+  batch carries its own `image_grid_thw` row (`data_pipeline.collate.IMAGE_GRID_THW`).
 - M3 on such grids: a scale is a pooling factor f per side, the same for both sides; the image
   gives (rows / f) x (columns / f) tokens. Scales are written as those token counts (s =
   rows * columns / f^2, `mtrain.model.token_scales.grid_factor`). Factors nest (f = 1, 2, 4: each
   grid pools the one before), every rank computes the same counts from the same grid, and f must
   divide both sides of the merged grid (size each side a multiple of patch_size * merge_size * f_max).
+  At native resolution a scale is a count on the reference grid of R = max_pixels / (patch_size *
+  merge_size)^2 tokens (`token_scales.reference_factor`: f = sqrt(R / s)), and every image is pooled by
+  that f to its own (t, h / f, w / f) grid; the layout keeps each image's count (`token_layout.ImageGrids`)
+  and the M-RoPE ids come from each image's pooled grid in layout order (`per_image_position_ids`).
 - Sequence: the pooled tokens fill the positions of `image_token_id` (`<|image_pad|>`) between
   `<|vision_start|>` and `<|vision_end|>`, (rows / f) * (columns / f) of them per image. The chat
   template writes the markers into conversations; captions and interleaved documents get them from
@@ -36,9 +43,9 @@
 same merger, image token and M-RoPE. `qwen3_vl` (`qwen3_vl.py`) subclasses it and adds DeepStack
 (tower features added in the first language-model layers, pooled as the main tokens are).
 
-Not yet: per-image grids (each image its own aspect-keeping size and token count; scales would then be
-pooling factors rather than token counts), a saved `Qwen2VLProcessor` in exports (its video processor
-needs torchvision, which the CPU stack leaves out), and an export of MQT's query transformer.
+Not yet: MQT, the contrastive objective and generation at native resolution (refused at config load), a
+saved `Qwen2VLProcessor` in exports (its video processor needs torchvision, which the CPU stack leaves
+out), and an export of MQT's query transformer.
 """
 
 from __future__ import annotations
