@@ -89,7 +89,7 @@ class LanguageModelingTask(Task):
         image_grid_thw: list[list[int]] | None = None,
     ) -> torch.Tensor:
         """Token embeddings with every image's visual tokens spliced in, as the model's own forward does
-        (images of their own grids, `image_grid_thw`: each image's tokens in order).
+        (images of their own grids, `image_grid_thw`, or anyres sizes: each image's tokens in order).
 
         Done here, before the model is called, so the modules run in one order whatever the batch
         holds (embeddings, vision tower, projector, language model): under ZeRO-3 every rank must
@@ -101,6 +101,8 @@ class LanguageModelingTask(Task):
             return embeddings + self.vision_stand_in(embeddings.device).to(embeddings.dtype)
         if image_grid_thw is not None:
             features = torch.cat(self.grid_features(pixel_values, image_grid_thw))
+        elif image_sizes and self.family.counts_by_image_size:  # anyres: each image its count, by its size
+            features = torch.cat(self.family.image_feature_list(self.llava, pixel_values, image_sizes))
         else:
             features = self.image_features(pixel_values, image_sizes).flatten(0, 1)
         spliced, visual_inputs = self.family.splice_visual(

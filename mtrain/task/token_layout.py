@@ -70,8 +70,9 @@ class ImageGrids:
 
     full: list[int]  # tokens each image has in the batch's input_ids
     kept: dict[int, list[int]]  # scale -> tokens each image keeps at it
-    # scale -> each image's pooled `image_grid_thw` row (t, h / f, w / f) in patches, what get_rope_index reads
-    pooled_thw: dict[int, list[list[int]]]
+    # scale -> each image's pooled `image_grid_thw` row (t, h / f, w / f) in patches, what get_rope_index reads;
+    # None for images without a grid of their own (anyres sizes: 1-D positions)
+    pooled_thw: dict[int, list[list[int]]] | None = None
 
     def of_row(self, images: list[int], row: int) -> range:
         """The batch's image indices of input row `row` (`images`: images per row)."""
@@ -220,7 +221,7 @@ def lay_out(
     token_scales = out_scales[:, :width]
     attention_mask = None if packed else (token_scales > 0).long()
     image_grids = None
-    if grids is not None:
+    if grids is not None and grids.pooled_thw is not None:
         image_grids = [grids.pooled_thw[v.scale][i] for v in variants for i in grids.of_row(images, v.row)]
     return Layout(
         out_ids[:, :width], out_labels[:, :width], positions, attention_mask, token_scales, variants, image_grids

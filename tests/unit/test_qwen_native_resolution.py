@@ -21,6 +21,7 @@ from tests.family_checks import (
     lora_task,
     m3_lora_config,
     rows_at_scale,
+    shrink_runs_per_image,
     text_ids,
 )
 
@@ -87,31 +88,6 @@ def batches(built, pictures):
     return unpacked, packed
 
 
-def shrink(batch: dict, image_token_id: int, full: list[int], kept: list[int]):
-    """Each image's run cut to its first `kept` tokens, re-padded right: the rows a separate forward runs."""
-    counts = iter(zip(full, kept, strict=True))
-    rows = []
-    for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"], strict=True):
-        out, seen, keep = [], 0, 0
-        for token, label, real in zip(ids.tolist(), labels.tolist(), mask.tolist(), strict=True):
-            if real and token == image_token_id:
-                if seen == 0:
-                    total, keep = next(counts)
-                    seen = total
-                seen -= 1
-                if keep == 0:
-                    continue
-                keep -= 1
-            if real:
-                out.append((token, label))
-        rows.append(out)
-    width = max(map(len, rows))
-    ids = torch.tensor([[t for t, _ in r] + [0] * (width - len(r)) for r in rows])
-    labels = torch.tensor([[x for _, x in r] + [IGNORE_INDEX] * (width - len(r)) for r in rows])
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-    return ids, labels, mask
-
-
 def reference_scale_loss(task, batch, scale: int) -> torch.Tensor:
     """One scale through the stock model: its own per-image features, each pooled by the scale's factor,
     M-RoPE ids from `get_rope_index` on every image's pooled grid."""
@@ -122,7 +98,7 @@ def reference_scale_loss(task, batch, scale: int) -> torch.Tensor:
     pooled = torch.cat([pool_merged(f, g, factor) for f, g in zip(features.pooler_output, grids, strict=True)])
     full = [t * r * c for t, r, c in grids]
     kept = [t * (r // factor) * (c // factor) for t, r, c in grids]
-    ids, labels, mask = shrink(batch, task.image_token_id, full, kept)
+    ids, labels, mask = shrink_runs_per_image(batch, task.image_token_id, full, kept)
     is_image = ids == task.image_token_id
     positions, _ = model.model.get_rope_index(
         ids, is_image.int(), image_grid_thw=pooled_grid_thw(grid_thw, factor), attention_mask=mask
@@ -194,7 +170,7 @@ def test_the_loader_gives_every_image_its_own_grid_and_token_count(tmp_path):
     import webdataset as wds
 
     from data_pipeline.loader import LoaderSettings, build_loader
-    from mtrain.engine.data import token_spec
+    from mtrain.engine.data import image_token_counter, token_spec
     from mtrain.model.build import build_model
 
     cfg = m3_lora_config("tiny-qwen2-vl", SCALES, PIXELS, "data.packing=true", "data.max_len=128")
@@ -206,7 +182,8 @@ def test_the_loader_gives_every_image_its_own_grid_and_token_count(tmp_path):
             Image.new("RGB", size, COLOURS[index]).save(buffer, format="PNG")
             sink.write({"__key__": f"s{index}", "png": buffer.getvalue(), "txt": f"shape number {index}".encode()})
     settings = LoaderSettings(sources=((str(tmp_path / "shard-000000.tar"), 1.0),), batch_size=2, seed=0, packing=True)
-    loader = build_loader(settings, 0, 1, token_spec(cfg, built), built.image_processor, built.visual_tokens)
+    spec, counter = token_spec(cfg, built), image_token_counter(cfg, built)
+    loader = build_loader(settings, 0, 1, spec, built.image_processor, built.visual_tokens, image_tokens=counter)
     batch = next(loader)
     grids = batch[IMAGE_GRID_THW]
     counts = [t * h * w // 4 for t, h, w in grids]

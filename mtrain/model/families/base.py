@@ -91,6 +91,23 @@ class ModelFamily:
         when the family's visual tokens are one grid per image, which the task pools itself."""
         return None
 
+    def scaled_image_features(
+        self, model: nn.Module, pixel_values: Any, image_sizes: list[tuple[int, int]], scales: list[int]
+    ) -> dict[int, list[torch.Tensor]]:
+        """`scaled_features` for images whose counts differ (anyres images of other sizes in one batch):
+        {scale: [each image's (scale_tokens, dim)]}."""
+        raise NotImplementedError(f"a {self.model_type} model's images do not differ in count by size")
+
+    def image_feature_list(
+        self, model: nn.Module, pixel_values: torch.Tensor, image_sizes: list[tuple[int, int]]
+    ) -> list[torch.Tensor]:
+        """Each image's projected tokens at full size, (tokens, dim), for images whose counts differ by size
+        (anyres): the stock `get_image_features` with `image_sizes`, which reads each image's real crops."""
+        output = model.model.get_image_features(
+            pixel_values=pixel_values, image_sizes=torch.tensor(image_sizes), return_dict=True
+        )
+        return list(output.pooler_output)
+
     # ── The forward's family hooks (mtrain/task/*); LLaVA's are the defaults. ─────────────────────
     def grid_features(self, model: Any, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
         """Each image's projected tokens when every image has its own grid (`image_grid_thw` rows), a list of

@@ -46,6 +46,7 @@ import torch
 
 from data_pipeline.chat_template import message_text_template
 from mtrain.model.anyres import (  # noqa: F401  (re-exported: the family's arithmetic)
+    anyres_image_features,
     anyres_scaled_features,
     crop_layout,
     image_tokens,
@@ -128,6 +129,12 @@ class LlavaOnevisionFamily(ModelFamily):
     ) -> dict[int, torch.Tensor]:
         """Every image at every scale, (images, tokens at that scale, dim): one tower pass, then M3 per crop."""
         return anyres_scaled_features(model, pixel_values, image_sizes, scales)
+
+    def scaled_image_features(
+        self, model: Any, pixel_values: torch.Tensor, image_sizes: list[tuple[int, int]], scales: list[int]
+    ) -> dict[int, list[torch.Tensor]]:
+        """Every image at every scale, each its own (tokens at that scale, dim): images of other sizes."""
+        return anyres_image_features(model, pixel_values, image_sizes, scales)
 
 
 def tiny_onevision_config(tiny: Any, vocab_size: int, image_token_id: int, pad_token_id: int) -> Any:
