@@ -128,7 +128,14 @@ class ModelFamily:
         (Qwen3-VL's DeepStack sets): M3 pools every channel alike, and its `splice_visual` splits them."""
         sizes = {"image_sizes": torch.tensor(image_sizes)} if image_sizes and self.counts_by_image_size else {}
         output = model.model.get_image_features(pixel_values=pixel_values, return_dict=True, **sizes)
-        return torch.stack(list(output.pooler_output))
+        features = list(output.pooler_output)
+        counts = [image.shape[0] for image in features]
+        if len(set(counts)) > 1:  # anyres images of other sizes: what stacks them needs one count
+            raise ValueError(
+                f"images of sizes {image_sizes} give {counts} visual tokens each, and this path (MQT's query "
+                "transformer, the contrastive task) takes one count per batch; give its images one size"
+            )
+        return torch.stack(features)
 
     def stand_in_input(
         self, config: Any, grid: tuple[int, int] | None, dtype: Any, device: Any
