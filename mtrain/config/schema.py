@@ -808,16 +808,22 @@ class TrainConfig(Checkable):
         if self.eval.generate_samples:
             return ("eval.generate_samples", "does not run with model.image_pixels (native resolution) yet; set 0")
         reference = self.model.tiny_visual_tokens
-        if self.model.preset == "none" or tokens.mode != "m3":
+        if self.model.preset == "none":
             return None
-        bad = [s for s in tokens.scales if reference % s or math.isqrt(reference // s) ** 2 != reference // s]
-        if bad:
-            fitting = [reference // (f * f) for f in range(math.isqrt(reference), 0, -1) if not reference % (f * f)]
-            message = (
-                f"{bad} are no pooling factor f of the {reference}-token reference grid of model.image_pixels "
-                f"(a scale is {reference} / f^2: {fitting})"
-            )
-            return ("matryoshka.tokens.scales", message)
+        checked = {
+            "matryoshka.tokens.scales": tokens.scales if tokens.mode == "m3" else [],
+            "eval.scales": self.eval.scales,
+        }
+        for key, scales in checked.items():
+            bad = [s for s in scales if reference % s or math.isqrt(reference // s) ** 2 != reference // s]
+            if bad:
+                root = math.isqrt(reference)
+                fitting = [reference // (f * f) for f in range(root, 0, -1) if not reference % (f * f)]
+                message = (
+                    f"{bad} are no pooling factor f of the {reference}-token reference grid of model.image_pixels "
+                    f"(a scale is {reference} / f^2: {fitting})"
+                )
+                return (key, message)
         return None
 
     def scales_without_adapter(self, scales: list[int]) -> list[int]:

@@ -6,6 +6,7 @@
       ─► packed: a row's variants side by side in one output row (attention block-diagonal)
          padded: one output row per variant, right-padded
       ─► per scale, on the data's device: keep-mask ─► scatter the kept tokens to their columns
+         (images of their own counts, `ImageGrids`: each image keeps its own first tokens)
 
 Every size is computed on the host from the row counts, and every tensor is made on the device
 of the batch, so a step neither mixes devices nor waits for the device. The kept tokens go to
@@ -65,8 +66,9 @@ class Variant:
 
 @dataclass(frozen=True)
 class ImageGrids:
-    """Token counts of a batch whose images each have their own grid (Qwen's native resolution), every
-    list in the batch's image (pixel-value) order; every other batch has one count per scale."""
+    """Token counts of a batch whose images each have their own count (Qwen's native resolution: their own
+    grids; anyres: their own sizes), every list in the batch's image (pixel-value) order; every other batch
+    has one count per scale."""
 
     full: list[int]  # tokens each image has in the batch's input_ids
     kept: dict[int, list[int]]  # scale -> tokens each image keeps at it
@@ -129,7 +131,7 @@ def place_variants(
     Scales are visited in increasing order (a fixed order on every rank); packed, a row's
     variants follow each other in that order. `kept[scale]`: tokens an image keeps at that scale
     (default: the scale itself; anyres families count crops and newlines, `ModelFamily.scale_tokens`);
-    `grids`: each image's own counts instead (Qwen's native resolution).
+    `grids`: each image's own counts instead (Qwen's native resolution, anyres images of other sizes).
     """
     rows = len(tokens)
     ordered = [

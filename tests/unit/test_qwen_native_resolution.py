@@ -218,6 +218,10 @@ def test_native_resolution_is_checked_before_any_process_group(tmp_path):
         ConfigError, match=r"\[4\] are no pooling factor f of the 32-token reference grid.*\[2, 8, 32\]"
     ):
         load_config(None, [*preset, PIXELS, "matryoshka.tokens.scales=[4,32]"])
+    with pytest.raises(ConfigError, match=r"eval.scales: \[16\] are no pooling factor f of the 32-token"):
+        load_config(
+            None, [*preset, PIXELS, "matryoshka.tokens.scales=[8,32]", "eval.scales=[8,16]", "eval.shards=x.tar"]
+        )
     with pytest.raises(ConfigError, match="model.image_pixels: and model.image_size are both set"):
         load_config(None, [*preset, PIXELS, "model.image_size=[32,32]", "matryoshka.tokens.scales=[32]"])
     with pytest.raises(ConfigError, match="model.image_pixels: is Qwen's native resolution; the tiny-llava preset"):
