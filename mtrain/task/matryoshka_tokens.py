@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_pipeline.collate import IMAGE_GRID_THW, IMAGE_SIZES
+from data_pipeline.collate import IMAGE_GRID_THW, IMAGE_SIZES, ROW_TOKENS
 from data_pipeline.tokenize import IGNORE_INDEX
 from mtrain.config.schema import TokenScalesConfig
 from mtrain.model.families.base import ModelFamily
@@ -180,8 +180,9 @@ class MatryoshkaTokenTask(Task):
         if counts is None or self.kept_tokens(batch, scales) is not None:
             return None
         full = [c[0] for c in counts]
-        # One host read: a batch whose runs are not its images' own counts would misplace every token after.
-        held = int((batch["input_ids"] == self.image_token_id).sum())
+        # The loader cuts every run to its image's count (collate's ROW_TOKENS mark its batches); a batch made by
+        # hand is read once (a host sync): runs other than its images' counts would misplace every token after.
+        held = sum(full) if ROW_TOKENS in batch else int((batch["input_ids"] == self.image_token_id).sum())
         if held != sum(full):
             by_size = dict(sorted((tuple(size), c[0]) for size, c in zip(batch[IMAGE_SIZES], counts, strict=True)))
             raise ValueError(
