@@ -242,3 +242,18 @@ def test_native_resolution_is_checked_before_any_process_group(tmp_path):
     assert model_problems(load_config(None, [*base, "matryoshka.tokens.scales=[2,8,32]"])) == []
     (problem,) = model_problems(load_config(None, [*base, "matryoshka.tokens.scales=[4,32]"]))
     assert "scale 4 is no pooling factor of the 32-token reference grid" in problem and "[2, 8, 32]" in problem
+
+
+def test_fitting_runs_and_stacking_pixels_fail_with_errors_that_name_the_fix():
+    from data_pipeline.images import stack_crops
+    from data_pipeline.tokenize import TokenizedSample, fit_image_runs
+
+    doc = TokenizedSample("k", [1, 9, 9, 9, 2, 9, 9, 9, 3], [-100] * 8 + [3], [(1, 4), (5, 8)], [])
+    fit_image_runs(doc, [2, 1])
+    assert (doc.input_ids, doc.image_spans, len(doc.labels)) == ([1, 9, 9, 2, 9, 3], [(1, 3), (4, 5)], 6)
+    with pytest.raises(ValueError, match="an image has 3 visual tokens but its <image> was expanded to 2"):
+        fit_image_runs(doc, [3, 1])
+    padded = stack_crops([torch.ones(5, 3, 4, 4), torch.ones(3, 3, 4, 4)])  # anyres crops: zero-padded to the most
+    assert padded.shape == (2, 5, 3, 4, 4) and not padded[1, 3:].any()
+    with pytest.raises(ValueError, match=r"shapes \[\(3, 4, 4\), \(3, 8, 8\)\], which no batch stacks"):
+        stack_crops([torch.ones(3, 4, 4), torch.ones(3, 8, 8)])
