@@ -2,7 +2,7 @@
 aspect ratios and sizes, each its own merged grid and token count. At full scale the logits equal the stock
 model's forward on the stock processor's output; the one-pass all-scale loss equals separate per-scale stock
 forwards, each image pooled by the scale's factor with M-RoPE ids from its pooled grid; packed documents give
-their unpacked losses."""
+their unpacked losses; Qwen3-VL's DeepStack sets alike; the loader fits each image's run to its own count."""
 
 from __future__ import annotations
 
@@ -89,13 +89,16 @@ def batches(built, pictures):
 
 
 def reference_scale_loss(task, batch, scale: int) -> torch.Tensor:
-    """One scale through the stock model: its own per-image features, each pooled by the scale's factor,
-    M-RoPE ids from `get_rope_index` on every image's pooled grid."""
+    """One scale through the stock model: its own per-image features (Qwen3-VL: and every DeepStack set), each
+    pooled by the scale's factor, M-RoPE ids from `get_rope_index` on every image's pooled grid."""
     model, factor = task.llava, FACTORS[scale]
     grid_thw = torch.tensor(batch[IMAGE_GRID_THW])
-    features = model.model.get_image_features(pixel_values=batch["pixel_values"], image_grid_thw=grid_thw)
+    output = model.model.get_image_features(pixel_values=batch["pixel_values"], image_grid_thw=grid_thw)
     grids = [merged_grid(g, 2) for g in grid_thw]
-    pooled = torch.cat([pool_merged(f, g, factor) for f, g in zip(features.pooler_output, grids, strict=True)])
+
+    def pooled(level) -> list[torch.Tensor]:
+        return [pool_merged(f, g, factor) for f, g in zip(level, grids, strict=True)]
+
     full = [t * r * c for t, r, c in grids]
     kept = [t * (r // factor) * (c // factor) for t, r, c in grids]
     ids, labels, mask = shrink_runs_per_image(batch, task.image_token_id, full, kept)
@@ -103,9 +106,21 @@ def reference_scale_loss(task, batch, scale: int) -> torch.Tensor:
     positions, _ = model.model.get_rope_index(
         ids, is_image.int(), image_grid_thw=pooled_grid_thw(grid_thw, factor), attention_mask=mask
     )
-    embeds = model.get_input_embeddings()(ids).masked_scatter(is_image.unsqueeze(-1), pooled)
+    inputs = {"attention_mask": mask, "position_ids": positions, "labels": labels}
+    if getattr(output, "deepstack_features", None) is not None:  # Qwen3-VL: its sets as pre-encoded outputs
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
+
+        encoded = BaseModelOutputWithDeepstackFeatures(
+            pooler_output=pooled(output.pooler_output),
+            deepstack_features=[pooled(level) for level in output.deepstack_features],
+        )
+        inputs.update(input_ids=ids, mm_encoder_outputs={"image": encoded})
+    else:
+        inputs["inputs_embeds"] = model.get_input_embeddings()(ids).masked_scatter(
+            is_image.unsqueeze(-1), torch.cat(pooled(output.pooler_output))
+        )
     with rows_at_scale(task, ids.shape[0], scale):
-        return model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, labels=labels).loss
+        return model(**inputs).loss
 
 
 @pytest.mark.parametrize("preset", ["tiny-qwen2-vl", "tiny-qwen3-vl"])
@@ -135,8 +150,9 @@ def test_full_scale_logits_equal_the_stock_forward_on_the_stock_processors_outpu
     torch.testing.assert_close(logits[real], stock[real], rtol=1e-4, atol=1e-5)
 
 
-def test_one_pass_all_scale_loss_equals_separate_per_scale_stock_forwards():
-    task, built = native_task()
+@pytest.mark.parametrize("preset", ["tiny-qwen2-vl", "tiny-qwen3-vl"])
+def test_one_pass_all_scale_loss_equals_separate_per_scale_stock_forwards(preset):
+    task, built = native_task(preset)
     unpacked, _ = batches(built, images(4))
     loss, metrics = task(unpacked)
     assert_one_pass_equals_separate_grads(
@@ -146,8 +162,9 @@ def test_one_pass_all_scale_loss_equals_separate_per_scale_stock_forwards():
     assert int(metrics["scale_label_tokens"].sum()) == len(SCALES) * learned
 
 
-def test_packed_documents_give_their_unpacked_losses_with_per_image_mrope_ids():
-    task, built = native_task()
+@pytest.mark.parametrize("preset", ["tiny-qwen2-vl", "tiny-qwen3-vl"])
+def test_packed_documents_give_their_unpacked_losses_with_per_image_mrope_ids(preset):
+    task, built = native_task(preset)
     unpacked, packed = batches(built, images(4))
     assert_packed_equals_unpacked_per_document(task, packed, unpacked, SCALES)
     # The packed row's ids at scale 8: the second document's tall image (6x4 merged) pooled to 3x2 from its start.
