@@ -25,6 +25,22 @@ def m3_scales(grid_tokens: int) -> list[int]:
     return [k * k for k in range(1, side + 1) if side % k == 0]
 
 
+def grid_scales(grid: tuple[int, int]) -> list[int]:
+    """Every M3 scale of a (rows, columns) grid, increasing: (rows / f) * (columns / f) for each factor f
+    dividing both sides (on a square grid, `m3_scales`)."""
+    rows, columns = grid
+    return sorted(
+        {(rows // f) * (columns // f) for f in range(1, min(rows, columns) + 1) if not rows % f + columns % f}
+    )
+
+
+def reference_scales(reference_tokens: int) -> list[int]:
+    """Every M3 scale of a reference grid of `reference_tokens` tokens (native resolution), increasing:
+    reference_tokens / f^2 for each whole factor f."""
+    root = math.isqrt(reference_tokens)
+    return sorted(reference_tokens // (f * f) for f in range(1, root + 1) if not reference_tokens % (f * f))
+
+
 def grid_factor(grid: tuple[int, int], scale: int) -> int:
     """M3's pooling factor f per side that leaves `scale` tokens of a (rows, columns) grid: scale =
     (rows / f) * (columns / f), f dividing both sides (the rule for non-square grids, e.g. Qwen2-VL's)."""
@@ -45,8 +61,7 @@ def reference_factor(reference_tokens: int, scale: int) -> int:
     all pooled by that same f, so the scales nest on every image whatever its grid."""
     factor = math.isqrt(reference_tokens // max(scale, 1))
     if factor < 1 or factor * factor * scale != reference_tokens:
-        root = math.isqrt(reference_tokens)
-        fitting = [reference_tokens // (f * f) for f in range(root, 0, -1) if not reference_tokens % (f * f)]
+        fitting = reference_scales(reference_tokens)
         raise ValueError(
             f"scale {scale} is no pooling factor of the {reference_tokens}-token reference grid: a scale is "
             f"{reference_tokens} / f^2 for a whole factor f ({fitting} here)"

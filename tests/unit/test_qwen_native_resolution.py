@@ -216,8 +216,13 @@ def test_the_loader_gives_every_image_its_own_grid_and_token_count(tmp_path):
 
 def test_a_text_only_batch_runs_the_vision_path_on_a_one_token_stand_in():
     """ZeRO-3 lockstep without one grid per image: the blank stand-in image is one merged token."""
+    from mtrain.model.token_scales import grid_scales
+    from mtrain.task.registry import default_m3_budgets
+
     task, built = native_task()
     assert task.visual_grid is None and task.stand_in_grid == (1, 1)
+    # `mtrain eval`'s default budgets: the reference grid's scales (a fixed 4x8 grid has the same ones).
+    assert default_m3_budgets(built) == [2, 8, 32] == grid_scales((4, 8))
     assert_text_only_batch_reaches_vision_at_zero_weight(
         task, text_ids(built, "<|im_start|>a cross.<|im_end|>"), "visual.merger"
     )
