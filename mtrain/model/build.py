@@ -426,8 +426,9 @@ def fixed_grid(config: Any, image_size: list[int] | None, path: str) -> tuple[in
         return None
     if not image_size:
         raise ValueError(
-            f"model.path={path!r} is a {config.model_type} model, whose images are resized to one size here; "
-            "set model.image_size=[height,width] (multiples of patch_size * merge_size * the largest M3 factor)"
+            f"model.path={path!r} is a {config.model_type} model, whose images need a size rule; "
+            "set model.image_size=[height,width] (multiples of patch_size * merge_size * the largest M3 factor) for "
+            "one size, or model.image_pixels=[min_pixels,max_pixels] for Qwen's native resolution"
         )
     vision = config.vision_config
     unit = vision.patch_size * vision.spatial_merge_size

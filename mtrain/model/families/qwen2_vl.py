@@ -323,8 +323,9 @@ class Qwen2VLFamily(ModelFamily):
         unit = vision.patch_size * vision.spatial_merge_size
         if not image_size:
             return [
-                f"a {self.model_type} model's images are resized to one size here; set model.image_size=[height,width] "
-                f"(multiples of patch_size * merge_size = {unit} times the largest M3 pooling factor)"
+                f"a {self.model_type} model's images need a size rule; set model.image_size=[height,width] "
+                f"(multiples of patch_size * merge_size = {unit} times the largest M3 pooling factor) for one size, "
+                "or model.image_pixels=[min_pixels,max_pixels] for Qwen's native resolution"
             ]
         if image_size[0] % unit or image_size[1] % unit:
             return [f"model.image_size={image_size}: each side must be a multiple of patch_size * merge_size = {unit}"]
