@@ -22,6 +22,10 @@ ROW_LEARNED = "row_learned"
 # (height, width) of every image as decoded, in pixel-value order (host list): anyres families pick
 # their crops from it (`image_sizes` of LLaVA-NeXT/OneVision).
 IMAGE_SIZES = "image_sizes"
+# (t, h, w) in patches of every image, in pixel-value order (host list), when images have their own
+# grids (Qwen's native resolution): the batch's `pixel_values` are then every image's patches in one
+# sequence, as Qwen's processor gives them, and each image's tokens count t * h * w / merge^2.
+IMAGE_GRID_THW = "image_grid_thw"
 
 
 def right_pad(rows: Sequence[Sequence[int]], pad_value: int, width: int | None = None) -> torch.Tensor:

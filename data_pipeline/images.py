@@ -80,8 +80,21 @@ class ImagePreprocessor:
         """Decode JPEGs at the smallest DCT scale whose short side still covers this."""
         return self.steps.shortest_edge if self.steps else None
 
+    @property
+    def variable_patches(self) -> bool:
+        """Whether images differ in patch count (Qwen's native resolution): a batch joins every image's
+        patches into one sequence, and each image carries its `image_grid_thw` row."""
+        return bool(getattr(self.processor, "variable_patches", False))
+
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return self.stack([self.prepare(image)])[0]
+
+    def prepare_with_grid(self, image: Image.Image) -> tuple[np.ndarray | torch.Tensor, list[int] | None]:
+        """`prepare`, and the image's (t, h, w) in patches where images differ in patch count (else None)."""
+        if not self.variable_patches:
+            return self.prepare(image), None
+        out = self.processor(images=image, return_tensors="pt")
+        return out["pixel_values"][0], out["image_grid_thw"][0].tolist()
 
     def prepare(self, image: Image.Image) -> np.ndarray | torch.Tensor:
         if self.steps is None:
@@ -100,11 +113,30 @@ class ImagePreprocessor:
         return np.asarray(cropped)
 
     def stack(self, prepared: list[np.ndarray | torch.Tensor]) -> torch.Tensor:
+        if self.variable_patches:
+            return torch.cat(prepared)  # (patches of every image, dim), as Qwen's processor joins them
         if self.steps is None:
-            return torch.stack(prepared)
+            return stack_crops(prepared)
         crop_h, crop_w = self.steps.crop
         batch = np.empty((len(prepared), 3, crop_h, crop_w), dtype=np.float32)
         for slot, pixels in zip(batch, prepared, strict=True):
             for channel in range(3):
                 np.take(self.lookup[channel], pixels[:, :, channel], out=slot[channel])
         return torch.from_numpy(batch)
+
+
+def stack_crops(prepared: list[torch.Tensor]) -> torch.Tensor:
+    """One tensor of every image's pixels. Anyres images (crops, 3, H, W) with different crop counts are
+    zero-padded to the most crops, as LLaVA-NeXT's processor pads a batch (the model reads each image's real
+    crops from its `image_sizes`)."""
+    shapes = {tuple(pixels.shape) for pixels in prepared}
+    if len(shapes) == 1:
+        return torch.stack(prepared)
+    if len({shape[1:] for shape in shapes}) == 1 and all(len(shape) == 4 for shape in shapes):
+        most = max(shape[0] for shape in shapes)
+        padded = [torch.cat([p, p.new_zeros((most - p.shape[0], *p.shape[1:]))]) for p in prepared]
+        return torch.stack(padded)
+    raise ValueError(
+        f"the image processor gave images of shapes {sorted(shapes)}, which no batch stacks; give the processor "
+        "one output size (or crops of one size, for anyres)"
+    )

@@ -14,7 +14,9 @@
                          `visual_tokens` is an int, or a function sample -> count per image
      8 mask labels       image tokens, BOS, prompts, user turns, padding
      9 pack              whole documents into rows of max_len (packing.py)
-    10 preprocess image  through the model's image processor (images.py)
+    10 preprocess image  through the model's image processor (images.py); where images differ in count
+                         (Qwen's native resolution, anyres sizes: `image_tokens`), each image's run,
+                         expanded to the most an image has, is cut to its own count
     11 collate           right-padded tensors; position ids restart per document; the form's `collate`
 
     planner (every worker, cheap: text only) ── stages 1-9 ──► batch plan i
@@ -73,7 +75,7 @@ from data_pipeline.formats import (
 from data_pipeline.images import ImagePreprocessor
 from data_pipeline.packing import Row, collate_rows, take_row
 from data_pipeline.shards import ShardCache, ShardReader, expand_shards, shard_counts
-from data_pipeline.tokenize import IGNORE_INDEX, TokenizedSample, TokenSpec, tokenize_sample
+from data_pipeline.tokenize import IGNORE_INDEX, TokenizedSample, TokenSpec, fit_image_runs, tokenize_sample
 
 __all__ = ["IGNORE_INDEX", "IMAGE_EXTENSIONS", "DataQualityError", "LoaderSettings", "SampleStream", "StreamingLoader"]
 
@@ -81,6 +83,9 @@ EPOCH_MODES = ("epoch", "resampled")
 # Samples seen before "most samples keep nothing within max_len" may stop the job.
 NOTHING_LEARNED_MIN_SAMPLES = 16
 VisualTokens = int | Callable[[Sample], list[int]]
+# A decoded image's own visual-token count from its (height, width) and, where the processor gives one, its
+# `image_grid_thw` row: for models whose images differ in count (Qwen's native resolution, anyres crops).
+ImageTokens = Callable[[tuple[int, int], list[int] | None], int]
 
 
 class DataQualityError(RuntimeError):
@@ -298,8 +303,12 @@ class SampleStream(IterableDataset):
         visual_tokens: VisualTokens,
         gather: Callable[[Any], list[Any]] | None = None,
         form: SampleForm | None = None,
+        image_tokens: ImageTokens | None = None,
     ) -> None:
         super().__init__()
+        # Each decoded image's own count: its run, expanded to `visual_tokens` (the most an image has), is cut
+        # to it (`fit_image_runs`); None: every image has the expansion's count.
+        self.image_tokens = image_tokens
         if form is not None and settings.packing and not form.packable:
             raise ValueError(f"data.packing=true: {type(form).__name__} batches cannot be packed; set it to false")
         self.settings, self.rank, self.world_size = settings, rank, world_size
@@ -363,7 +372,7 @@ class SampleStream(IterableDataset):
         url, group = doc.location
         members = reader.read(url, group, [image.member for image in doc.images])
         pixels = []
-        doc.image_sizes = []
+        doc.image_sizes, doc.image_grid_thw = [], []
         for image in doc.images:
             decoded = decode_image(
                 members[image.member],
@@ -372,8 +381,16 @@ class SampleStream(IterableDataset):
                 self.settings.rules.max_image_pixels,
                 self.preprocess.draft_size,
             )
-            pixels.append(self.preprocess.prepare(decoded))
+            prepared, grid_thw = self.preprocess.prepare_with_grid(decoded)
+            pixels.append(prepared)
             doc.image_sizes.append((decoded.height, decoded.width))
+            if grid_thw is not None:
+                doc.image_grid_thw.append(grid_thw)
+        if self.image_tokens is not None:  # each image's run fitted to its own token count
+            grids = doc.image_grid_thw or [None] * len(doc.image_sizes)
+            fit_image_runs(
+                doc, [self.image_tokens(size, grid) for size, grid in zip(doc.image_sizes, grids, strict=True)]
+            )
         return pixels
 
 
@@ -625,11 +642,12 @@ def build_loader(
     sync: Callable[[bool], bool] | None = None,
     gather: Callable[[Any], list[Any]] | None = None,
     form: SampleForm | None = None,
+    image_tokens: ImageTokens | None = None,
 ) -> StreamingLoader:
     """The loader for one rank: shard lists and counts (in SampleStream), then the stages wired.
 
     `gather` (every rank's value, from an all-gather; see `torch_distributed_gather`) lets the ranks
     share the scans of shards that no index.json counts; every rank must then build its loader.
     `form` makes other batches than documents (pairs.PairForm); the default is DocumentForm."""
-    stream = SampleStream(settings, rank, world_size, spec, image_processor, visual_tokens, gather, form)
+    stream = SampleStream(settings, rank, world_size, spec, image_processor, visual_tokens, gather, form, image_tokens)
     return StreamingLoader(stream, sync)

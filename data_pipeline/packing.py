@@ -18,7 +18,15 @@ from typing import Any
 
 import torch
 
-from data_pipeline.collate import IMAGE_SIZES, ROW_IMAGES, ROW_LEARNED, ROW_TOKENS, real_token_mask, right_pad
+from data_pipeline.collate import (
+    IMAGE_GRID_THW,
+    IMAGE_SIZES,
+    ROW_IMAGES,
+    ROW_LEARNED,
+    ROW_TOKENS,
+    real_token_mask,
+    right_pad,
+)
 from data_pipeline.tokenize import IGNORE_INDEX, TokenizedSample
 
 Row = list[TokenizedSample]
@@ -46,6 +54,7 @@ def collate_rows(
     row_ids, row_labels, row_positions = [], [], []
     pixel_values: list[Any] = []
     image_sizes: list[tuple[int, int]] = []
+    image_grid_thw: list[list[int]] = []
     keys: list[str] = []
     for row in rows:
         row_ids.append([token for doc in row for token in doc.input_ids])
@@ -55,6 +64,7 @@ def collate_rows(
         for doc in row:
             pixel_values += doc.pixel_values
             image_sizes += doc.image_sizes
+            image_grid_thw += doc.image_grid_thw
             keys.append(doc.key)
     lengths = [len(ids) for ids in row_ids]
     width = max(lengths)
@@ -72,6 +82,8 @@ def collate_rows(
         ROW_LEARNED: (labels[:, 1:] != IGNORE_INDEX).sum(1).tolist(),
         IMAGE_SIZES: image_sizes,
     }
+    if image_grid_thw:  # images of their own grids (Qwen's native resolution): the task pools each by its grid
+        batch[IMAGE_GRID_THW] = image_grid_thw
     if packed:
         batch["position_ids"] = right_pad(row_positions, 0, width)
     return batch

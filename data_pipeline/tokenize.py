@@ -59,6 +59,9 @@ class TokenizedSample:
     pixel_values: list[Any] = field(default_factory=list)
     image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (height, width) of each decoded image
     location: Any = None  # (shard url, tar group): where the loader reads the image bytes from
+    # (t, h, w) in patches of each decoded image whose processor gives images their own grids (Qwen's native
+    # resolution); empty otherwise.
+    image_grid_thw: list[list[int]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -124,6 +127,30 @@ def tokenize_sample(sample: Sample, spec: TokenSpec, visual_tokens_per_image: in
             needed=needed,
         )
     return tokens
+
+
+def fit_image_runs(tokens: TokenizedSample, counts: Sequence[int]) -> None:
+    """Cut each image's run of tokens to its own count, once the image is decoded (native resolution).
+
+    Before decoding, an image's size is unknown: tokenization expands it to the most tokens an image can have
+    (the reference grid of `model.image_pixels`), so packing and `max_len` see an upper bound and a row never
+    overflows; each run keeps its first `counts[i]` tokens here, before collation."""
+    ids, labels, spans, last = [], [], [], 0
+    for (start, end), count in zip(tokens.image_spans, counts, strict=True):
+        if count > end - start:
+            raise ValueError(
+                f"{tokens.key}: an image has {count} visual tokens but its <image> was expanded to {end - start}; "
+                "the processor's max_pixels and the data's expansion (model.image_pixels) must agree"
+            )
+        ids += tokens.input_ids[last:start]
+        labels += tokens.labels[last:start]
+        spans.append((len(ids), len(ids) + count))
+        ids += tokens.input_ids[start : start + count]
+        labels += tokens.labels[start : start + count]
+        last = end
+    tokens.input_ids = ids + tokens.input_ids[last:]
+    tokens.labels = labels + tokens.labels[last:]
+    tokens.image_spans = spans
 
 
 def truncate(

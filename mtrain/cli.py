@@ -367,11 +367,11 @@ def _data_tokens(config: list[str] | None) -> DataTokens:
 
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, local_files_only=True)
         model_config = load_model_config(cfg.model.path)
-        from mtrain.model.build import fixed_grid  # noqa: PLC0415
+        from mtrain.model.build import folder_image_tokens  # noqa: PLC0415
 
         family = family_for(model_config.model_type, f"model.path={cfg.model.path!r}")
-        grid = fixed_grid(model_config, cfg.model.image_size, cfg.model.path)  # Qwen: every image's merged grid
-        visual = grid[0] * grid[1] if grid else family.visual_tokens(model_config)
+        # Qwen: every image's merged grid, or (native resolution) the most an image has
+        visual, _ = folder_image_tokens(model_config, cfg.model.image_size, cfg.model.image_pixels, cfg.model.path)
         image_token_id = family.image_token_id(model_config)
         markers = family.image_markers
     else:

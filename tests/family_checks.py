@@ -140,6 +140,32 @@ def packed_batch(docs: list[Document], pixel_values: torch.Tensor) -> dict:
     }
 
 
+def shrink_runs_per_image(batch: dict, image_token_id: int, full: list[int], kept: list[int], pad: int = 0):
+    """(input_ids, labels, attention_mask) with each image's run of `full[i]` tokens cut to its first `kept[i]`
+    (images in row-major order), re-padded right: the rows a separate per-scale forward runs when every image
+    has its own count."""
+    counts = iter(zip(full, kept, strict=True))
+    rows = []
+    for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"], strict=True):
+        out, left, keep = [], 0, 0
+        for token, label, real in zip(ids.tolist(), labels.tolist(), mask.tolist(), strict=True):
+            if not real:
+                continue
+            if token == image_token_id:
+                if left == 0:
+                    left, keep = next(counts)
+                left, keep = left - 1, keep - 1
+                if keep < 0:
+                    continue
+            out.append((token, label))
+        rows.append(out)
+    width = max(map(len, rows))
+    ids = torch.tensor([[t for t, _ in r] + [pad] * (width - len(r)) for r in rows])
+    labels = torch.tensor([[x for _, x in r] + [IGNORE_INDEX] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    return ids, labels, mask
+
+
 def document_losses(task, batch, scale: int) -> list[torch.Tensor]:
     """Each document's summed next-token loss at `scale`, in input order, whatever its row."""
     rows = batch["input_ids"].shape[0]

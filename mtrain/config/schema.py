@@ -176,6 +176,13 @@ class ModelConfig(Checkable):
         "[height, width] in pixels every image of a qwen2_vl / qwen2_5_vl / qwen3_vl model.path is resized to (multiples of patch_size * "
         "merge_size * the largest M3 pooling factor); the Qwen tiny presets use tiny.image_size square.",
     )
+    image_pixels: list[int] = setting(
+        [],
+        "[min_pixels, max_pixels]: Qwen's native resolution (qwen2_vl / qwen2_5_vl / qwen3_vl, instead of image_size): "
+        "each image keeps its aspect ratio and about its size, resized as Qwen's smart_resize does to sides that are "
+        "multiples of patch_size * merge_size * every M3 pooling factor, within these pixel counts; M3 scales are "
+        "token counts on the reference grid of max_pixels / (patch_size * merge_size)^2 tokens. []: one fixed size.",
+    )
     tiny: TinyLlavaConfig = section(TinyLlavaConfig, "Shape of the built-in tiny presets.")
     freeze: FreezeConfig = section(FreezeConfig, "Which parts keep their weights fixed.")
     lora: LoraConfig = section(LoraConfig, "PEFT LoRA on the language model.")
@@ -189,12 +196,23 @@ class ModelConfig(Checkable):
 
     @property
     def tiny_visual_tokens(self) -> int:
-        """Visual tokens per image of a tiny preset."""
+        """Visual tokens per image of a tiny preset (native resolution: the reference grid's, the most an
+        image has)."""
+        if self.image_pixels:
+            return self.image_pixels[1] // (self.tiny.patch_size * 2) ** 2
         return self.tiny_grid_side**2
 
     def check(self) -> list[tuple[str, str]]:
         if self.image_size and (len(self.image_size) != 2 or min(self.image_size) < 1):
             return [("image_size", f"is {self.image_size}; give [height, width] in pixels, or [] for none")]
+        if self.image_pixels and (len(self.image_pixels) != 2 or not 1 <= self.image_pixels[0] <= self.image_pixels[1]):
+            message = f"is {self.image_pixels}; give [min_pixels, max_pixels] with 1 <= min_pixels <= max_pixels"
+            return [("image_pixels", message)]
+        if self.image_pixels and self.image_size:
+            message = "and model.image_size are both set: native resolution keeps each image's size; drop one"
+            return [("image_pixels", message)]
+        if self.image_pixels and self.preset not in (*QWEN_PRESETS, "none"):
+            return [("image_pixels", f"is Qwen's native resolution; the {self.preset} preset has one image size")]
         if self.preset in (*QWEN_PRESETS, GEMMA3_PRESET) and self.tiny.image_size % (self.tiny.patch_size * 2):
             message = f"{self.tiny.image_size} is not a multiple of patch_size * 2 (the preset's 2x2 merger or pooling)"
             return [("tiny.image_size", message)]
@@ -744,7 +762,10 @@ class TrainConfig(Checkable):
         if self.model.preset == QWEN3_PRESET and tokens.mode == "mqt":
             message = "is 'mqt', which the Qwen3-VL tiny preset does not train yet (its query transformer would drop DeepStack's sets)"
             return [("matryoshka.tokens.mode", message)]
-        if tokens.mode == "m3" and self.model.preset != "none":
+        problem = self.native_resolution_problem()
+        if problem:
+            return [problem]
+        if tokens.mode == "m3" and self.model.preset != "none" and not self.model.image_pixels:
             # A tiny preset's grid is square; a folder's grid is checked by its family (mtrain/launch/model_checks.py).
             bad = [s for s in tokens.scales if round(s**0.5) ** 2 != s]
             if bad:
@@ -770,6 +791,40 @@ class TrainConfig(Checkable):
             message = f"{self.data.max_len} leaves no room for text after {visual_tokens} visual tokens; raise it"
             return [("data.max_len", message)]
         return []
+
+    def native_resolution_problem(self) -> tuple[str, str] | None:
+        """What Qwen's native resolution (`model.image_pixels`) does not train yet, and (tiny presets) scales that
+        are no pooling factor of its reference grid; a folder's scales are checked by its family."""
+        if not self.model.image_pixels:
+            return None
+        tokens = self.matryoshka.tokens
+        if tokens.mode == "mqt":
+            return (
+                "matryoshka.tokens.mode",
+                "is 'mqt', which model.image_pixels (native resolution) does not train yet",
+            )
+        if self.task.objective != "lm":
+            return ("task.objective", "must be lm with model.image_pixels (native resolution) for now")
+        if self.eval.generate_samples:
+            return ("eval.generate_samples", "does not run with model.image_pixels (native resolution) yet; set 0")
+        reference = self.model.tiny_visual_tokens
+        if self.model.preset == "none":
+            return None
+        checked = {
+            "matryoshka.tokens.scales": tokens.scales if tokens.mode == "m3" else [],
+            "eval.scales": self.eval.scales,
+        }
+        for key, scales in checked.items():
+            bad = [s for s in scales if reference % s or math.isqrt(reference // s) ** 2 != reference // s]
+            if bad:
+                root = math.isqrt(reference)
+                fitting = [reference // (f * f) for f in range(root, 0, -1) if not reference % (f * f)]
+                message = (
+                    f"{bad} are no pooling factor f of the {reference}-token reference grid of model.image_pixels "
+                    f"(a scale is {reference} / f^2: {fitting})"
+                )
+                return (key, message)
+        return None
 
     def scales_without_adapter(self, scales: list[int]) -> list[int]:
         """The visual-token scales a model with per-scale LoRA has no adapter for: evaluated there, it would
@@ -801,8 +856,10 @@ class TrainConfig(Checkable):
         limit = tokens.mqt_queries if tokens.mode == "mqt" else visual_tokens
         if budgets.scales and budgets.scales[-1] > limit:
             return ("eval.scales", f"{budgets.scales[-1]} exceeds the {limit} visual tokens an image has")
-        if tokens.mode != "mqt" and any(
-            side % max(math.isqrt(s), 1) or math.isqrt(s) ** 2 != s for s in budgets.scales
+        if (
+            tokens.mode != "mqt"
+            and not self.model.image_pixels
+            and any(side % max(math.isqrt(s), 1) or math.isqrt(s) ** 2 != s for s in budgets.scales)
         ):
             return ("eval.scales", f"{budgets.scales}: each must be a square whose side divides the grid side {side}")
         if budgets.layers and budgets.layers[-1] > self.model.tiny.num_layers:

@@ -6,6 +6,7 @@ per-rank state for checkpoints and counters to log.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -99,6 +100,26 @@ def token_spec(cfg: TrainConfig, built: Any) -> Any:
     return TokenSpec.with_markers(built.tokenizer, built.image_token_id, cfg.data.max_len, markers)
 
 
+def image_token_counter(cfg: TrainConfig, built: Any) -> Any:
+    """Each decoded image's own visual-token count, for models whose images differ in count: Qwen at native
+    resolution (its `image_grid_thw`), anyres families by the image's size (without MQT, whose images are M
+    queries each); None where every image has the data's expansion (`built.visual_tokens`)."""
+    if getattr(built.image_processor, "variable_patches", False):
+        return functools.partial(_grid_tokens, built.image_processor)
+    family = built.family
+    if family is not None and family.counts_by_image_size and cfg.matryoshka.tokens.mode != "mqt":
+        return functools.partial(_size_tokens, family, built.model.config)
+    return None
+
+
+def _grid_tokens(processor: Any, size: tuple[int, int], grid_thw: list[int] | None) -> int:
+    return processor.visual_tokens(grid_thw)
+
+
+def _size_tokens(family: Any, config: Any, size: tuple[int, int], grid_thw: list[int] | None) -> int:
+    return family.scale_tokens(config, None, size)
+
+
 def build_data_loader(cfg: TrainConfig, built: Any, world: WorldInfo, form: Any = None) -> Any:
     """The StreamingLoader of this rank: tokenizer, image processor and visual-token count from the model.
 
@@ -116,6 +137,7 @@ def build_data_loader(cfg: TrainConfig, built: Any, world: WorldInfo, form: Any 
         # Shards without an index entry are scanned once over all ranks (every rank builds a loader here).
         gather=torch_distributed_gather() if world.world_size > 1 else None,
         form=form,
+        image_tokens=image_token_counter(cfg, built) if form is None else None,
     )
 
 

@@ -7,7 +7,8 @@ the tokenizer), never weights:
 - the family trains the config's `task.objective` (`ModelFamily.objectives`), and generates when
   `eval.generate_samples` asks for it (`ModelFamily.generates`);
 - the config's Matryoshka scales fit that model's visual-token grid (`ModelFamily.problems`; a
-  qwen2_vl folder's grid comes from `model.image_size`);
+  qwen2_vl folder's grid comes from `model.image_size`; at native resolution, `model.image_pixels`, the
+  scales are pooling factors of its reference grid and the family must have per-image grids);
 - the tokenizer has a pad token, or an eos/unk token that `build_model` puts in its place (with a
   logged note): collating right-pads every row, so a tokenizer with none of them cannot train.
 The built-in tiny preset is checked by the config itself (mtrain/config/schema.py).
@@ -15,6 +16,7 @@ The built-in tiny preset is checked by the config itself (mtrain/config/schema.p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -69,7 +71,10 @@ def model_problems(cfg: Any) -> list[str]:
     from mtrain.model.build import load_model_config  # noqa: PLC0415
 
     config = load_model_config(path)  # an MQT folder's config without running its code
-    found = family.problems(config, cfg.matryoshka.tokens, cfg.model.image_size)
+    if cfg.model.image_pixels:
+        found = native_resolution_problems(family, config, cfg.matryoshka.tokens, cfg.model.image_pixels)
+    else:
+        found = family.problems(config, cfg.matryoshka.tokens, cfg.model.image_size)
     tokens = cfg.matryoshka.tokens
     if tokens.mode == "mqt" and family.model_type not in ("llava", MQT_MODEL_TYPE):
         # MQT after the family's own projector (mtrain/model/mqt_head.py): what it cannot do yet.
@@ -83,6 +88,30 @@ def model_problems(cfg: Any) -> list[str]:
     problems = [f"{where}: {problem}" for problem in found]
     pad = pad_token_problem(AutoTokenizer.from_pretrained(path, local_files_only=True), where)
     return problems + ([pad] if pad else [])
+
+
+def native_resolution_problems(family: Any, config: Any, tokens: Any, image_pixels: list[int]) -> list[str]:
+    """What makes `model.image_pixels` (Qwen's native resolution) unusable with a folder's model: a family
+    without per-image grids, M3 scales that are no pooling factor of the reference grid, and what the family
+    refuses whatever its images' sizes (its problems with one fitting size and no scales)."""
+    from mtrain.model.families.qwen2_vl import Qwen2VLFamily  # noqa: PLC0415
+    from mtrain.model.token_scales import reference_factor  # noqa: PLC0415
+
+    if not isinstance(family, Qwen2VLFamily):
+        return [
+            f"model.image_pixels={image_pixels} is Qwen's native resolution; a {config.model_type} model has one "
+            "image size, drop it"
+        ]
+    vision = config.vision_config
+    unit = vision.patch_size * vision.spatial_merge_size
+    reference = image_pixels[1] // (unit * unit)
+    found = family.problems(config, dataclasses.replace(tokens, scales=[]), [unit, unit])
+    for scale in tokens.scales if tokens.mode == "m3" else []:
+        try:
+            reference_factor(reference, scale)
+        except ValueError as exc:
+            found.append(f"matryoshka.tokens.scales: {exc} (model.image_pixels={image_pixels})")
+    return found
 
 
 def check_model(cfg: Any) -> None:

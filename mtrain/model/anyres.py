@@ -98,13 +98,32 @@ def pack_at_scale(
 def anyres_scaled_features(
     model: Any, pixel_values: torch.Tensor, image_sizes: list[tuple[int, int]], scales: list[int]
 ) -> dict[int, torch.Tensor]:
-    """Every image at every scale, (images, tokens at that scale, dim): one tower pass, then M3 per crop."""
+    """Every image at every scale, (images, tokens at that scale, dim): one tower pass, then M3 per crop.
+    The images' counts must agree (one size); `anyres_image_features` gives each its own."""
+    per_image = anyres_image_features(model, pixel_values, image_sizes, scales)
+    return {scale: torch.stack(images) for scale, images in per_image.items()}
+
+
+def anyres_image_features(
+    model: Any, pixel_values: torch.Tensor, image_sizes: list[tuple[int, int]], scales: list[int]
+) -> dict[int, list[torch.Tensor]]:
+    """Every image at every scale, each its own (tokens at that scale, dim): one tower pass over every image's
+    real crops (a batch of images with fewer crops than others comes zero-padded to the most, as the stock
+    processor pads it: the padding never reaches the tower), then M3 per crop."""
     config = model.config
     if pixel_values.dim() == 5:
-        crops_per_image = pixel_values.shape[1]
-        pixel_values = pixel_values.flatten(0, 1)
+        crops = [1 + rows * columns for rows, columns in (crop_layout(config, size) for size in image_sizes)]
+        if max(crops) > pixel_values.shape[1]:
+            raise ValueError(
+                f"images of sizes {image_sizes} need up to {max(crops)} crops each, but their pixel values hold "
+                f"{pixel_values.shape[1]}: the pixel values and image_sizes do not belong together"
+            )
+        if min(crops) == pixel_values.shape[1]:
+            pixel_values = pixel_values.flatten(0, 1)
+        else:
+            pixel_values = torch.cat([image[:count] for image, count in zip(pixel_values, crops, strict=True)])
     else:
-        crops_per_image = pixel_values.shape[0] // len(image_sizes)
+        crops = [pixel_values.shape[0] // len(image_sizes)] * len(image_sizes)
     output = model.model.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
     layers = config.vision_feature_layer
     if isinstance(layers, int):
@@ -114,16 +133,14 @@ def anyres_scaled_features(
     if config.vision_feature_select_strategy == "default":
         selected = selected[:, 1:]
     projected = model.model.multi_modal_projector(selected)
-    per_image = projected.view(len(image_sizes), crops_per_image, *projected.shape[1:])
+    per_image = projected.split(crops)
     newline = model.model.image_newline
     with whole_if_partitioned(newline):
         return {
-            scale: torch.stack(
-                [
-                    pack_at_scale(crops, size, config, newline, math.isqrt(scale))
-                    for crops, size in zip(per_image, image_sizes, strict=True)
-                ]
-            )
+            scale: [
+                pack_at_scale(image, size, config, newline, math.isqrt(scale))
+                for image, size in zip(per_image, image_sizes, strict=True)
+            ]
             for scale in scales
         }
 

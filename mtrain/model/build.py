@@ -36,8 +36,10 @@ from mtrain.model.families.llava_onevision import (
 )
 from mtrain.model.families.qwen2_vl import (
     FixedSizeImageProcessor,
+    NativeSizeImageProcessor,
     Qwen2VLFamily,
     build_tiny_qwen_tokenizer,
+    pooling_multiple,
     tiny_qwen2_5_vl_config,
     tiny_qwen2_vl_config,
     tiny_qwen_image_processor,
@@ -45,6 +47,7 @@ from mtrain.model.families.qwen2_vl import (
 from mtrain.model.families.qwen3_vl import build_tiny_qwen3_tokenizer, tiny_qwen3_vl_config
 from mtrain.model.mqt_head import MQT_HEAD, attach_mqt_head
 from mtrain.model.scale_lora import ScaleRouting, adapter_names, attach_scale_lora
+from mtrain.model.token_scales import reference_factor
 from mtrain.model.tokenizer import IMAGE_TOKEN, build_tiny_tokenizer, pad_with_eos_or_unk
 
 # Loading code never reaches a hub: everything comes from the preset or a local folder.
@@ -160,9 +163,9 @@ def build_model(
     attn = attention_implementation(cfg.attn_implementation)
     torch.manual_seed(seed)  # identical initial weights (and LoRA init) on every rank
     if cfg.path:
-        built = _load_local(cfg.path, dtype, attn, tokens, config_only, cfg.image_size)
+        built = _load_local(cfg.path, dtype, attn, tokens, config_only, cfg.image_size, cfg.image_pixels)
     elif cfg.preset in TINY_QWEN_CONFIGS:
-        built = _tiny_qwen(cfg, dtype, attn)
+        built = _tiny_qwen(cfg, dtype, attn, tokens)
     elif cfg.preset == "tiny-gemma3":
         built = _tiny_gemma3(cfg, dtype, attn, seed)
     else:
@@ -240,16 +243,28 @@ def preset_config(cfg: ModelConfig) -> tuple[Any, Any]:
     return tokenizer, config
 
 
-def _tiny_qwen(cfg: ModelConfig, dtype: torch.dtype, attn: str) -> BuiltModel:
+def _tiny_qwen(cfg: ModelConfig, dtype: torch.dtype, attn: str, tokens: TokenScalesConfig) -> BuiltModel:
     """A tiny Qwen preset: a Qwen2-VL, Qwen2.5-VL or Qwen3-VL model from `cfg.tiny`, a Qwen-shaped tokenizer,
-    Qwen's image processor at the square tiny.image_size."""
+    Qwen's image processor at the square tiny.image_size (or at native resolution, `model.image_pixels`)."""
     tokenizer, config = preset_config(cfg)
     family = family_for(config.model_type)
     config._attn_implementation = attn
+    model = family.model_class()._from_config(config, dtype=dtype)
+    if cfg.image_pixels:
+        from transformers import Qwen2VLImageProcessorPil  # noqa: PLC0415
+
+        stock = Qwen2VLImageProcessorPil(
+            patch_size=cfg.tiny.patch_size, merge_size=2, temporal_patch_size=2,
+            min_pixels=cfg.image_pixels[0], max_pixels=cfg.image_pixels[1],
+        )  # fmt: skip
+        processor, reference = native_processor(stock, cfg.image_pixels, tokens)
+        return BuiltModel(
+            model, tokenizer, processor, reference, family.image_token_id(config), f"preset:{cfg.preset}", family
+        )
     processor = tiny_qwen_image_processor(cfg.tiny.image_size, cfg.tiny.patch_size)
     rows, columns = processor.merged_grid
     return BuiltModel(
-        model=family.model_class()._from_config(config, dtype=dtype),
+        model=model,
         tokenizer=tokenizer,
         image_processor=processor,
         visual_tokens=rows * columns,
@@ -258,6 +273,19 @@ def _tiny_qwen(cfg: ModelConfig, dtype: torch.dtype, attn: str) -> BuiltModel:
         family=family,
         visual_grid=(rows, columns),
     )
+
+
+def native_processor(
+    stock: Any, image_pixels: list[int], tokens: TokenScalesConfig
+) -> tuple[NativeSizeImageProcessor, int]:
+    """Qwen's `stock` image processor at native resolution within `image_pixels` [min, max], its sides multiples
+    of every M3 pooling factor, and the reference grid's token count (max_pixels / (patch * merge)^2) that M3
+    scales are written on: every image has at most that many tokens, so each `<image>` is expanded to it before
+    its size is known (the loader then fits each run to its image)."""
+    reference = image_pixels[1] // (stock.patch_size * stock.merge_size) ** 2
+    scales = tokens.scales if tokens.mode == "m3" else []
+    pooling = pooling_multiple([reference_factor(reference, s) for s in scales])
+    return NativeSizeImageProcessor(stock, image_pixels[0], image_pixels[1], pooling), reference
 
 
 def tiny_preset(cfg: ModelConfig) -> tuple[Any, Any, Any]:
@@ -326,6 +354,7 @@ def _load_local(
     tokens: TokenScalesConfig,
     config_only: bool = False,
     image_size: list[int] | None = None,
+    image_pixels: list[int] | None = None,
 ) -> BuiltModel:
     from transformers import AutoImageProcessor, AutoTokenizer  # noqa: PLC0415
 
@@ -341,8 +370,7 @@ def _load_local(
     model_class, config = _model_class_for(config, tokens, path)
     family = family_for(config.model_type)
     attn = family_attention(family, attn)
-    grid = fixed_grid(config, image_size, path)
-    visual = grid[0] * grid[1] if grid else family.visual_tokens(config)
+    visual, grid = folder_image_tokens(config, image_size, image_pixels, path)
     if config_only:
         config._attn_implementation = attn
         model = model_class._from_config(config, dtype=dtype)
@@ -363,7 +391,9 @@ def _load_local(
     if note:
         print0(f"model.path={path!r}: {note}")
     image_processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
-    if grid is not None:
+    if image_pixels:
+        image_processor, _ = native_processor(image_processor, image_pixels, tokens)
+    elif grid is not None:
         image_processor = FixedSizeImageProcessor(image_processor, *image_size)
     return BuiltModel(
         model=model,
@@ -377,14 +407,28 @@ def _load_local(
     )
 
 
+def folder_image_tokens(
+    config: Any, image_size: list[int] | None, image_pixels: list[int] | None, path: str
+) -> tuple[int, tuple[int, int] | None]:
+    """(tokens each `<image>` expands to in the data, the merged grid every image has) for a folder's model:
+    Qwen's at `model.image_size`; at native resolution (`model.image_pixels`) the reference grid's count, the
+    most an image has, and no one grid; the family's own count otherwise."""
+    if image_pixels:
+        unit = config.vision_config.patch_size * config.vision_config.spatial_merge_size
+        return image_pixels[1] // (unit * unit), None
+    grid = fixed_grid(config, image_size, path)
+    return (grid[0] * grid[1], grid) if grid else (family_for(config.model_type).visual_tokens(config), None)
+
+
 def fixed_grid(config: Any, image_size: list[int] | None, path: str) -> tuple[int, int] | None:
     """The merged grid every image of a Qwen folder gets at `model.image_size` (None for other families)."""
     if not isinstance(family_for(config.model_type), Qwen2VLFamily):
         return None
     if not image_size:
         raise ValueError(
-            f"model.path={path!r} is a {config.model_type} model, whose images are resized to one size here; "
-            "set model.image_size=[height,width] (multiples of patch_size * merge_size * the largest M3 factor)"
+            f"model.path={path!r} is a {config.model_type} model, whose images need a size rule; "
+            "set model.image_size=[height,width] (multiples of patch_size * merge_size * the largest M3 factor) for "
+            "one size, or model.image_pixels=[min_pixels,max_pixels] for Qwen's native resolution"
         )
     vision = config.vision_config
     unit = vision.patch_size * vision.spatial_merge_size

@@ -25,6 +25,22 @@ def m3_scales(grid_tokens: int) -> list[int]:
     return [k * k for k in range(1, side + 1) if side % k == 0]
 
 
+def grid_scales(grid: tuple[int, int]) -> list[int]:
+    """Every M3 scale of a (rows, columns) grid, increasing: (rows / f) * (columns / f) for each factor f
+    dividing both sides (on a square grid, `m3_scales`)."""
+    rows, columns = grid
+    return sorted(
+        {(rows // f) * (columns // f) for f in range(1, min(rows, columns) + 1) if not rows % f + columns % f}
+    )
+
+
+def reference_scales(reference_tokens: int) -> list[int]:
+    """Every M3 scale of a reference grid of `reference_tokens` tokens (native resolution), increasing:
+    reference_tokens / f^2 for each whole factor f."""
+    root = math.isqrt(reference_tokens)
+    return sorted(reference_tokens // (f * f) for f in range(1, root + 1) if not reference_tokens % (f * f))
+
+
 def grid_factor(grid: tuple[int, int], scale: int) -> int:
     """M3's pooling factor f per side that leaves `scale` tokens of a (rows, columns) grid: scale =
     (rows / f) * (columns / f), f dividing both sides (the rule for non-square grids, e.g. Qwen2-VL's)."""
@@ -35,6 +51,20 @@ def grid_factor(grid: tuple[int, int], scale: int) -> int:
         raise ValueError(
             f"scale {scale} does not pool a {rows}x{columns} grid: a scale is (rows / f) * (columns / f) for a "
             f"factor f dividing both sides ({fitting} here)"
+        )
+    return factor
+
+
+def reference_factor(reference_tokens: int, scale: int) -> int:
+    """M3's pooling factor f per side for `scale` written as a token count on a reference grid of
+    `reference_tokens` tokens: scale = reference_tokens / f^2. Images of their own (native) sizes are
+    all pooled by that same f, so the scales nest on every image whatever its grid."""
+    factor = math.isqrt(reference_tokens // max(scale, 1))
+    if factor < 1 or factor * factor * scale != reference_tokens:
+        fitting = reference_scales(reference_tokens)
+        raise ValueError(
+            f"scale {scale} is no pooling factor of the {reference_tokens}-token reference grid: a scale is "
+            f"{reference_tokens} / f^2 for a whole factor f ({fitting} here)"
         )
     return factor
 
@@ -83,6 +113,27 @@ def pooled_grid_thw(grid_thw: torch.Tensor, factor: int) -> torch.Tensor:
     pooled = grid_thw.clone()
     pooled[..., 1:] = grid_thw[..., 1:] // factor
     return pooled
+
+
+def per_image_keep_mask(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    image_token_id: int,
+    full: list[list[int]],
+    kept: list[list[int]],
+) -> torch.Tensor:
+    """`image_keep_mask` for images of their own token counts: row r's i-th image has `full[r][i]` tokens
+    in `input_ids` and keeps its first `kept[r][i]`. The per-token decision is a host-made table read by
+    each image token's ordinal in its row, so nothing waits for the device."""
+    width = max([1, *(sum(row) for row in full)])
+    rows = [
+        [j < keep for count, keep in zip(counts, keeps, strict=True) for j in range(count)]
+        for counts, keeps in zip(full, kept, strict=True)
+    ]
+    table = torch.tensor([row + [False] * (width - len(row)) for row in rows], device=input_ids.device)
+    is_image = input_ids == image_token_id
+    ordinal = (torch.cumsum(is_image.long(), dim=1) - 1).clamp(0, width - 1)
+    return (~is_image | table.gather(1, ordinal)) & attention_mask.bool()
 
 
 def image_keep_mask(

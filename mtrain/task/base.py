@@ -81,15 +81,30 @@ class Task(nn.Module):
         return self.given_family or family_for(self.llava.config.model_type)
 
     def image_features(
-        self, pixel_values: torch.Tensor, image_sizes: list[tuple[int, int]] | None = None
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: list[tuple[int, int]] | None = None,
+        grid: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """Projected visual tokens of every image at full size: (images, tokens, dim), by the family's rule
-        (anyres families crop by the batch's `image_sizes`, Qwen's by its merged grid)."""
-        return self.family.image_features(self.llava, pixel_values, self.visual_grid, image_sizes)
+        (anyres families crop by the batch's `image_sizes`, Qwen's by its merged grid: `grid`, else the
+        task's)."""
+        return self.family.image_features(self.llava, pixel_values, grid or self.visual_grid, image_sizes)
+
+    def grid_features(self, pixel_values: torch.Tensor, image_grid_thw: list[list[int]]) -> list[torch.Tensor]:
+        """Each image's projected tokens, (tokens, dim), for images of their own grids (Qwen's native
+        resolution: `pixel_values` every image's patches in one sequence, `image_grid_thw` a host list)."""
+        grid_thw = torch.tensor(image_grid_thw, device=pixel_values.device)
+        return self.family.grid_features(self.llava, pixel_values.to(self.input_dtype), grid_thw)
+
+    @property
+    def stand_in_grid(self) -> tuple[int, int] | None:
+        """The merged grid of the blank image a text-only batch runs: the task's, else the family's own."""
+        return self.visual_grid or self.family.stand_in_grid
 
     def stand_in_pixels(self, device: torch.device) -> tuple[torch.Tensor, list[tuple[int, int]] | None]:
         """One blank image the vision path accepts (and its image_sizes, for anyres), on `device` in the input dtype."""
-        return self.family.stand_in_input(self.llava.config, self.visual_grid, self.input_dtype, device)
+        return self.family.stand_in_input(self.llava.config, self.stand_in_grid, self.input_dtype, device)
 
     def vision_stand_in(self, device: torch.device) -> torch.Tensor:
         """Zero, computed through the whole vision path on a blank image: add it to a text-only batch's embeddings.
@@ -98,7 +113,7 @@ class Task(nn.Module):
         the same order every step; a rank that skipped the vision path while another ran it would
         hang both. Multiplying by zero keeps the loss and every gradient exactly the text's own.
         """
-        features = self.image_features(*self.stand_in_pixels(device))
+        features = self.image_features(*self.stand_in_pixels(device), grid=self.stand_in_grid)
         return features.sum() * 0
 
     def begin_step(self, step: int, micro_batch: int = 0) -> None:

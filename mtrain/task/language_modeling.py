@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from data_pipeline.collate import IMAGE_SIZES
+from data_pipeline.collate import IMAGE_GRID_THW, IMAGE_SIZES
 from data_pipeline.tokenize import IGNORE_INDEX
 from mtrain.model.families.base import ModelFamily
 from mtrain.task.base import Task, learned_per_row
@@ -45,7 +45,9 @@ class LanguageModelingTask(Task):
             # from the position ids (they restart per document), so attention never crosses documents.
             inputs["attention_mask"] = batch["attention_mask"]
         inputs.update(self.family.language_model_inputs(self.llava, layout, self.image_token_id, packed))
-        embeddings = self.embed(batch["input_ids"], batch.get("pixel_values"), batch.get(IMAGE_SIZES))
+        embeddings = self.embed(
+            batch["input_ids"], batch.get("pixel_values"), batch.get(IMAGE_SIZES), batch.get(IMAGE_GRID_THW)
+        )
         # The model's own forward less its head: no KV cache in training (with one, transformers skips
         # the packed-sequence mask, 5.x).
         language_model = self.family.language_model(self.llava)
@@ -77,6 +79,7 @@ class LanguageModelingTask(Task):
             attention_mask=None if packed else real,
             token_scales=real * self.visual_tokens,  # every image at its full count
             variants=[],
+            image_grids=batch.get(IMAGE_GRID_THW),  # images of their own grids (native resolution), unpooled
         )
         return layout, packed
 
@@ -89,8 +92,10 @@ class LanguageModelingTask(Task):
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None,
         image_sizes: list[tuple[int, int]] | None = None,
+        image_grid_thw: list[list[int]] | None = None,
     ) -> torch.Tensor:
-        """Token embeddings with every image's visual tokens spliced in, as the model's own forward does.
+        """Token embeddings with every image's visual tokens spliced in, as the model's own forward does
+        (images of their own grids, `image_grid_thw`, or anyres sizes: each image's tokens in order).
 
         Done here, before the model is called, so the modules run in one order whatever the batch
         holds (embeddings, vision tower, projector, language model): under ZeRO-3 every rank must
@@ -100,7 +105,12 @@ class LanguageModelingTask(Task):
         embeddings = self.llava.get_input_embeddings()(input_ids)
         if pixel_values is None or pixel_values.numel() == 0:  # a shape: known on the host
             return embeddings + self.vision_stand_in(embeddings.device).to(embeddings.dtype)
-        features = self.image_features(pixel_values, image_sizes).flatten(0, 1)
+        if image_grid_thw is not None:
+            features = torch.cat(self.grid_features(pixel_values, image_grid_thw))
+        elif image_sizes and self.family.counts_by_image_size:  # anyres: each image its count, by its size
+            features = torch.cat(self.family.image_feature_list(self.llava, pixel_values, image_sizes))
+        else:
+            features = self.image_features(pixel_values, image_sizes).flatten(0, 1)
         spliced, visual_inputs = self.family.splice_visual(
             self.llava, embeddings, input_ids == self.image_token_id, features
         )

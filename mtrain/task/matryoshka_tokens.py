@@ -23,13 +23,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from data_pipeline.collate import IMAGE_SIZES
+from data_pipeline.collate import IMAGE_GRID_THW, IMAGE_SIZES, ROW_TOKENS
 from data_pipeline.tokenize import IGNORE_INDEX
 from mtrain.config.schema import TokenScalesConfig
 from mtrain.model.families.base import ModelFamily
 from mtrain.model.mqt_head import mqt_head
 from mtrain.model.scale_lora import ScaleRouting
-from mtrain.model.token_scales import pool_grid
+from mtrain.model.token_scales import pool_grid, pool_merged, reference_factor
 from mtrain.task.base import Task, learned_per_row
 from mtrain.task.draws import ScaleSampler, draw_slots, rank_spread
 from mtrain.task.next_token import (
@@ -39,7 +39,7 @@ from mtrain.task.next_token import (
     learned_positions,
     next_token_losses,
 )
-from mtrain.task.token_layout import Layout, lay_out, place_variants, row_counts, visual_in_layout
+from mtrain.task.token_layout import ImageGrids, Layout, lay_out, place_variants, row_counts, visual_in_layout
 
 
 class MatryoshkaTokenTask(Task):
@@ -133,38 +133,86 @@ class MatryoshkaTokenTask(Task):
         return pool_grid(features, scale, self.visual_grid)
 
     def kept_tokens(self, batch: dict[str, Any], scales: list[int]) -> dict[int, int] | None:
-        """Tokens every image of the batch keeps at each scale, by the family's rule for the images' sizes;
-        None when that is the scale itself (one grid per image, or MQT's query prefix).
+        """Tokens every image of the batch keeps at each scale, by the family's rule for the images' sizes, when
+        every image gives the data's count (one size per batch); None when that is the scale itself (one grid
+        per image, or MQT's query prefix) or when images differ (each its own count: `image_grids`)."""
+        counts = self.counts_by_size(batch, scales)
+        if counts is None or len({tuple(c) for c in counts}) > 1 or counts[0][0] != self.visual_tokens:
+            return None
+        return dict(zip(scales, counts[0][1:], strict=True))
 
-        First cut: every image of a batch must give the same counts (one size per batch)."""
+    def counts_by_size(self, batch: dict[str, Any], scales: list[int]) -> list[list[int]] | None:
+        """Each image's [full, *at each scale] token counts by the family's rule for its size (anyres), in
+        pixel-value order; None for families whose count is the scale itself."""
         sizes = batch.get(IMAGE_SIZES) or []
         config, family = self.llava.config, self.family
         if self.tokens.mode != "m3" or not sizes or not family.counts_by_image_size:
             return None
         by_size = {size: [family.scale_tokens(config, s, size) for s in [None, *scales]] for size in map(tuple, sizes)}
-        if len({tuple(counts) for counts in by_size.values()}) > 1 or any(
-            counts[0] != self.visual_tokens for counts in by_size.values()
-        ):
-            full = {size: counts[0] for size, counts in sorted(by_size.items())}
-            raise ValueError(
-                f"{config.model_type} counts each image's visual tokens from its size (height, width): {full}, but the "
-                f"data expanded every <image> to {self.visual_tokens} and one batch needs one count per scale; for now "
-                "give every image one size (a square at least as large as the largest image_grid_pinpoints entry)"
-            )
-        return dict(zip(scales, next(iter(by_size.values()))[1:], strict=True))
+        return [by_size[tuple(size)] for size in sizes]
 
     def image_features(
-        self, pixel_values: torch.Tensor, image_sizes: list[tuple[int, int]] | None = None
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: list[tuple[int, int]] | None = None,
+        grid: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """The family's visual tokens, or with MQT after a family's own projector (`mtrain/model/mqt_head.py`)
         its M query outputs: (images, M, dim)."""
-        features = super().image_features(pixel_values, image_sizes)
+        features = super().image_features(pixel_values, image_sizes, grid)
         head = mqt_head(self.llava)
         return features if head is None else head(features)
 
-    def scaled_visual(self, batch: dict[str, Any], scales: list[int]) -> dict[int, torch.Tensor]:
-        """Every image of the batch at every scale of `scales`: {scale: (images, tokens, dim)}, one vision pass."""
+    def image_grids(self, batch: dict[str, Any], scales: list[int]) -> ImageGrids | None:
+        """Each image's token counts at full size and at every scale, when the batch's images have their own
+        grids (Qwen's native resolution, `image_grid_thw`) or anyres counts that differ (`size_grids`); None
+        otherwise.
+
+        A scale is a token count on the reference grid of `visual_tokens` tokens (the largest image's budget):
+        its factor f = sqrt(visual_tokens / scale) pools every image by f per side, (t, h / f, w / f)."""
+        grid_thw = batch.get(IMAGE_GRID_THW)
+        if grid_thw is None:
+            return self.size_grids(batch, scales)
+        merge = self.llava.config.vision_config.spatial_merge_size
+        factors = {s: reference_factor(self.visual_tokens, s) for s in scales}
+        pooled = {s: [[t, h // f, w // f] for t, h, w in grid_thw] for s, f in factors.items()}
+        tokens = {s: [t * (h // merge) * (w // merge) for t, h, w in rows] for s, rows in pooled.items()}
+        full = [t * (h // merge) * (w // merge) for t, h, w in grid_thw]
+        return ImageGrids(full=full, kept=tokens, pooled_thw=pooled)
+
+    def size_grids(self, batch: dict[str, Any], scales: list[int]) -> ImageGrids | None:
+        """Each image's counts by its size (anyres images of other sizes in one batch, each run cut to its own
+        count by the loader); None when every image has the data's count (`kept_tokens`) or no size rule."""
+        counts = self.counts_by_size(batch, scales)
+        if counts is None or self.kept_tokens(batch, scales) is not None:
+            return None
+        full = [c[0] for c in counts]
+        # The loader cuts every run to its image's count (collate's ROW_TOKENS mark its batches); a batch made by
+        # hand is read once (a host sync): runs other than its images' counts would misplace every token after.
+        held = sum(full) if ROW_TOKENS in batch else int((batch["input_ids"] == self.image_token_id).sum())
+        if held != sum(full):
+            by_size = dict(sorted((tuple(size), c[0]) for size, c in zip(batch[IMAGE_SIZES], counts, strict=True)))
+            raise ValueError(
+                f"{self.llava.config.model_type} counts each image's visual tokens from its size (height, width): "
+                f"{by_size}, {sum(full)} in this batch, but its <image> runs hold {held}; the loader cuts each run "
+                "to its image's own count (data_pipeline.tokenize.fit_image_runs, given the family's count)"
+            )
+        kept = {s: [c[i] for c in counts] for i, s in enumerate(scales, start=1)}
+        return ImageGrids(full=full, kept=kept)
+
+    def scaled_visual(self, batch: dict[str, Any], scales: list[int], per_image: bool = False) -> dict[int, Any]:
+        """Every image of the batch at every scale of `scales`: {scale: (images, tokens, dim)}, one vision pass
+        (with images of their own grids or counts, `per_image`, {scale: [(tokens, dim) of each image]})."""
+        grid_thw = batch.get(IMAGE_GRID_THW)
+        if grid_thw is not None:
+            merge = self.llava.config.vision_config.spatial_merge_size
+            features = self.grid_features(batch["pixel_values"], grid_thw)
+            grids = [(t, h // merge, w // merge) for t, h, w in grid_thw]
+            factors = {s: reference_factor(self.visual_tokens, s) for s in scales}
+            return {s: [pool_merged(f, g, factors[s]) for f, g in zip(features, grids, strict=True)] for s in scales}
         sizes = [tuple(size) for size in batch.get(IMAGE_SIZES) or []]
+        if per_image:  # anyres images of other sizes: each its own count
+            return self.family.scaled_image_features(self.llava, batch["pixel_values"], sizes, scales)
         if self.tokens.mode == "m3" and sizes and self.family.counts_by_image_size:
             scaled = self.family.scaled_features(self.llava, batch["pixel_values"], sizes, scales)
             if scaled is not None:
@@ -209,14 +257,17 @@ class MatryoshkaTokenTask(Task):
         tokens, images = row_counts(batch, self.image_token_id, self.visual_tokens, self.pad_token_id)
         packed = self.tokens.layout == "packed"
         scales = sorted(set(variant_scales))
-        kept = self.kept_tokens(batch, scales)
-        variants = place_variants(variant_scales, tokens, images, self.visual_tokens, packed, kept)
-        layout = lay_out(batch, variants, packed, self.image_token_id, self.visual_tokens, self.pad_token_id, kept)
+        grids = self.image_grids(batch, scales)  # images of their own grids or sizes: counts per image
+        kept = None if grids is not None else self.kept_tokens(batch, scales)
+        variants = place_variants(variant_scales, tokens, images, self.visual_tokens, packed, kept, grids)
+        layout = lay_out(
+            batch, variants, packed, self.image_token_id, self.visual_tokens, self.pad_token_id, kept, grids, images
+        )
         embeddings = self.llava.get_input_embeddings()(layout.input_ids)
         visual_inputs: dict[str, Any] = {}  # what else of the images the language model takes (DeepStack)
         if sum(images):
             # The vision tower and projector run once per step, at full size, whatever scales were drawn.
-            visual = visual_in_layout(self.scaled_visual(batch, scales), variants, images)
+            visual = visual_in_layout(self.scaled_visual(batch, scales, grids is not None), variants, images)
             image_positions = layout.input_ids == self.image_token_id
             embeddings, visual_inputs = self.family.splice_visual(self.llava, embeddings, image_positions, visual)
         else:

@@ -20,7 +20,7 @@ from typing import Any
 from mtrain.config.schema import TokenScalesConfig, TrainConfig
 from mtrain.launch.env import WorldInfo
 from mtrain.model.build import BuiltModel
-from mtrain.model.token_scales import m3_scales
+from mtrain.model.token_scales import grid_scales, m3_scales, reference_scales
 from mtrain.task.base import Task
 from mtrain.task.contrastive import ContrastiveTask
 from mtrain.task.language_modeling import LanguageModelingTask
@@ -92,11 +92,20 @@ def embedding_head_export(task: Task, export_dir: Path, write: bool) -> None:
 def m3_budget_view(cfg: TrainConfig, built: BuiltModel, task: Task, scales: list[int] | None) -> Task:
     """A model trained without visual-token scales, scored at M3's pooled budgets (default: every one its
     grid has): the baseline the M3 paper beats."""
-    grid = built.family.m3_grid(built.model.config) if built.family is not None else None
-    tokens = TokenScalesConfig(
-        mode="m3", scales=scales or m3_scales(grid[0] * grid[1] if grid else built.visual_tokens)
-    )
+    tokens = TokenScalesConfig(mode="m3", scales=scales or default_m3_budgets(built))
     return token_scales_task(cfg, built, tokens, rank=0).eval()
+
+
+def default_m3_budgets(built: BuiltModel) -> list[int]:
+    """Every M3 budget of the model's images: its grid's (the family's M3 grid, or Qwen's merged grid at one
+    image size), the reference grid's at Qwen's native resolution, else those of a square grid."""
+    grid = built.family.m3_grid(built.model.config) if built.family is not None else None
+    grid = grid or built.visual_grid
+    if grid:
+        return grid_scales(grid)
+    if getattr(built.image_processor, "variable_patches", False):
+        return reference_scales(built.visual_tokens)
+    return m3_scales(built.visual_tokens)
 
 
 def trained_budget_view(cfg: TrainConfig, built: BuiltModel, task: Task, scales: list[int] | None) -> Task:

@@ -6,6 +6,7 @@
       ─► packed: a row's variants side by side in one output row (attention block-diagonal)
          padded: one output row per variant, right-padded
       ─► per scale, on the data's device: keep-mask ─► scatter the kept tokens to their columns
+         (images of their own counts, `ImageGrids`: each image keeps its own first tokens)
 
 Every size is computed on the host from the row counts, and every tensor is made on the device
 of the batch, so a step neither mixes devices nor waits for the device. The kept tokens go to
@@ -22,7 +23,7 @@ import torch
 
 from data_pipeline.collate import ROW_IMAGES, ROW_TOKENS
 from data_pipeline.tokenize import IGNORE_INDEX
-from mtrain.model.token_scales import image_keep_mask
+from mtrain.model.token_scales import image_keep_mask, per_image_keep_mask
 
 
 def shrink_image_runs(
@@ -63,6 +64,24 @@ class Variant:
     offset: int  # its first column there
 
 
+@dataclass(frozen=True)
+class ImageGrids:
+    """Token counts of a batch whose images each have their own count (Qwen's native resolution: their own
+    grids; anyres: their own sizes), every list in the batch's image (pixel-value) order; every other batch
+    has one count per scale."""
+
+    full: list[int]  # tokens each image has in the batch's input_ids
+    kept: dict[int, list[int]]  # scale -> tokens each image keeps at it
+    # scale -> each image's pooled `image_grid_thw` row (t, h / f, w / f) in patches, what get_rope_index reads;
+    # None for images without a grid of their own (anyres sizes: 1-D positions)
+    pooled_thw: dict[int, list[list[int]]] | None = None
+
+    def of_row(self, images: list[int], row: int) -> range:
+        """The batch's image indices of input row `row` (`images`: images per row)."""
+        first = sum(images[:row])
+        return range(first, first + images[row])
+
+
 @dataclass
 class Layout:
     """Variants arranged into the language model's batch."""
@@ -73,6 +92,9 @@ class Layout:
     attention_mask: torch.Tensor | None  # None when packed: transformers derives the mask from position ids
     token_scales: torch.Tensor  # scale of each token's variant; 0 on padding
     variants: list[Variant]  # in layout order: row-major over the output
+    # Per-image grids (Qwen's native resolution): every image's pooled `image_grid_thw` row in layout order
+    # (the order its tokens appear, row-major); None when every image has the model's one grid.
+    image_grids: list[list[int]] | None = None
 
 
 def real_tokens(batch: dict[str, Any], pad_token_id: int) -> torch.Tensor:
@@ -102,12 +124,14 @@ def place_variants(
     visual_tokens: int,
     packed: bool,
     kept: Mapping[int, int] | None = None,
+    grids: ImageGrids | None = None,
 ) -> list[Variant]:
     """Each variant (i: row i % rows at `variant_scales[i]`) with its length and place, in layout order.
 
     Scales are visited in increasing order (a fixed order on every rank); packed, a row's
     variants follow each other in that order. `kept[scale]`: tokens an image keeps at that scale
-    (default: the scale itself; anyres families count crops and newlines, `ModelFamily.scale_tokens`).
+    (default: the scale itself; anyres families count crops and newlines, `ModelFamily.scale_tokens`);
+    `grids`: each image's own counts instead (Qwen's native resolution, anyres images of other sizes).
     """
     rows = len(tokens)
     ordered = [
@@ -117,7 +141,10 @@ def place_variants(
         ordered.sort(key=lambda pair: pair[0])  # stable: scales stay increasing within a row
     variants, filled = [], {}
     for index, (row, scale) in enumerate(ordered):
-        length = tokens[row] - images[row] * (visual_tokens - (kept[scale] if kept else scale))
+        if grids is not None:
+            length = tokens[row] - sum(grids.full[i] - grids.kept[scale][i] for i in grids.of_row(images, row))
+        else:
+            length = tokens[row] - images[row] * (visual_tokens - (kept[scale] if kept else scale))
         out_row = row if packed else index
         offset = filled.get(out_row, 0)
         filled[out_row] = offset + length
@@ -142,9 +169,11 @@ def lay_out(
     visual_tokens: int,
     pad_token_id: int,
     kept: Mapping[int, int] | None = None,
+    grids: ImageGrids | None = None,
+    images: list[int] | None = None,
 ) -> Layout:
-    """The layout of `variants`, built on the batch's device with one scatter per scale (`kept`: as
-    `place_variants`)."""
+    """The layout of `variants`, built on the batch's device with one scatter per scale (`kept`, `grids`:
+    as `place_variants`; with `grids`, `images` are the images of each input row)."""
     input_ids, device = batch["input_ids"], batch["input_ids"].device
     out_rows = max(v.out_row for v in variants) + 1
     lengths = [0] * out_rows
@@ -161,9 +190,15 @@ def lay_out(
     for scale in sorted({v.scale for v in variants}):
         group = [v for v in variants if v.scale == scale]
         rows = torch.tensor([v.row for v in group], device=device)
-        keep = image_keep_mask(
-            input_ids[rows], real[rows], image_token_id, visual_tokens, kept[scale] if kept else scale
-        )
+        if grids is not None:
+            indices = [grids.of_row(images, v.row) for v in group]
+            full = [[grids.full[i] for i in row_images] for row_images in indices]
+            keeps = [[grids.kept[scale][i] for i in row_images] for row_images in indices]
+            keep = per_image_keep_mask(input_ids[rows], real[rows], image_token_id, full, keeps)
+        else:
+            keep = image_keep_mask(
+                input_ids[rows], real[rows], image_token_id, visual_tokens, kept[scale] if kept else scale
+            )
         kept_so_far = torch.cumsum(keep.long(), dim=1)  # kept tokens up to and including each one
         # Positions restart at each document: subtract the kept tokens before the document's start.
         before_document = torch.where(starts[rows] & keep, kept_so_far - 1, 0).cummax(dim=1).values
@@ -187,14 +222,25 @@ def lay_out(
     positions = torch.where(columns < row_ends, out_positions[:, :width], columns - row_ends)
     token_scales = out_scales[:, :width]
     attention_mask = None if packed else (token_scales > 0).long()
-    return Layout(out_ids[:, :width], out_labels[:, :width], positions, attention_mask, token_scales, variants)
+    image_grids = None
+    if grids is not None and grids.pooled_thw is not None:
+        image_grids = [grids.pooled_thw[v.scale][i] for v in variants for i in grids.of_row(images, v.row)]
+    return Layout(
+        out_ids[:, :width], out_labels[:, :width], positions, attention_mask, token_scales, variants, image_grids
+    )
 
 
-def visual_in_layout(scaled: dict[int, torch.Tensor], variants: list[Variant], images: list[int]) -> torch.Tensor:
+def visual_in_layout(
+    scaled: Mapping[int, torch.Tensor | list[torch.Tensor]], variants: list[Variant], images: list[int]
+) -> torch.Tensor:
     """Every variant's visual tokens, in the order their image tokens appear in the layout: (tokens, dim).
 
-    `scaled[s]` holds every image of the batch at scale s: (images, s, dim).
+    `scaled[s]` holds every image of the batch at scale s: (images, s, dim), or a list of each image's
+    (tokens, dim) when images have their own grids.
     """
     first_image = [sum(images[:row]) for row in range(len(images))]
-    pieces = [scaled[v.scale][first_image[v.row] : first_image[v.row] + images[v.row]].flatten(0, 1) for v in variants]
+    pieces = []
+    for v in variants:
+        at_scale = scaled[v.scale][first_image[v.row] : first_image[v.row] + images[v.row]]
+        pieces += list(at_scale) if isinstance(at_scale, list) else [at_scale.flatten(0, 1)]
     return torch.cat(pieces)

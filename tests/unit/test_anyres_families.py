@@ -422,3 +422,73 @@ def test_image_sizes_in_a_llava_batch_stay_out_of_its_forward():
     }
     loss, _ = task({**inputs, "image_sizes": [(48, 48)]})
     torch.testing.assert_close(loss, built.model(**inputs).loss)
+
+
+def mixed_size_batch(tmp_path, cfg, built) -> dict:
+    """One loader batch of four captions whose images have the four SIZES (other crop counts and tokens)."""
+    import io
+
+    import webdataset as wds
+
+    from data_pipeline.loader import LoaderSettings, build_loader
+    from mtrain.engine.data import image_token_counter, token_spec
+
+    with wds.TarWriter(str(tmp_path / "shard-000000.tar")) as sink:
+        for index, (height, width) in enumerate(SIZES):
+            buffer = io.BytesIO()
+            picture((height, width)).save(buffer, format="PNG")
+            sink.write({"__key__": f"s{index}", "png": buffer.getvalue(), "txt": f"shape number {index}.".encode()})
+    settings = LoaderSettings(sources=((str(tmp_path / "shard-000000.tar"), 1.0),), batch_size=4, seed=0, shuffle=False)
+    spec, counter = token_spec(cfg, built), image_token_counter(cfg, built)
+    return next(build_loader(settings, 0, 1, spec, built.image_processor, built.visual_tokens, image_tokens=counter))
+
+
+def test_next_token_training_on_images_of_other_sizes_equals_the_stock_forward(tmp_path):
+    cfg = load_config(None, ["model.preset=tiny-llava-next", *TINY, "data.max_len=160"])  # no token scales
+    built = build_model(cfg.model, torch.float32, None, seed=0)
+    task = build_task(cfg, built, rank=0)
+    batch = mixed_size_batch(tmp_path, cfg, built)
+    assert len(set((batch["input_ids"] == built.image_token_id).sum(1).tolist())) > 1
+    stock = task.llava(
+        input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], image_sizes=torch.tensor(batch["image_sizes"]),
+        attention_mask=batch["attention_mask"], labels=batch["labels"],
+    ).loss  # fmt: skip
+    torch.testing.assert_close(task(batch)[0], stock, rtol=1e-5, atol=1e-6)
+
+
+def test_a_loader_batch_mixing_image_sizes_gives_each_image_its_own_count(tmp_path):
+    """Images of other sizes and crop counts in one batch, from the real loader: the crops are zero-padded to the
+    most (as the stock processor pads them), each <image> run is cut to its image's own count, and the one-pass
+    all-scale loss equals separate per-scale forwards (the full scale the stock forward with image_sizes, each
+    smaller one every image's own pooled tokens in its own shrunk run)."""
+    from tests.family_checks import shrink_runs_per_image
+
+    cfg = anyres_cfg(
+        "tiny-llava-onevision", "model.lora.enabled=true", "model.lora.dropout=0.0",
+        "model.freeze.always_train=[lm_head]", "data.max_len=160",
+    )  # fmt: skip
+    task, built = lora_task(cfg)
+    batch = mixed_size_batch(tmp_path, cfg, built)
+    config, family = built.model.config, built.family
+    sizes = [tuple(size) for size in batch["image_sizes"]]
+    assert sorted(sizes) == sorted(SIZES) and batch["pixel_values"].shape[:2] == (4, 5)  # padded to 2x2 crops + base
+    full = [family.scale_tokens(config, None, size) for size in sizes]
+    assert len(set(full)) > 1 and full == [stock_processor_count(config, built.image_processor, s) for s in sizes]
+    assert (batch["input_ids"] == built.image_token_id).sum(1).tolist() == full  # one image a row, its own count
+    loss, _ = task(batch)
+
+    def reference(scale: int) -> torch.Tensor:
+        with rows_at_scale(task, 4, scale):
+            if scale == max(SCALES):
+                return task.llava(
+                    input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], image_sizes=torch.tensor(sizes),
+                    attention_mask=batch["attention_mask"], labels=batch["labels"],
+                ).loss  # fmt: skip
+            features = torch.cat(family.scaled_image_features(task.llava, batch["pixel_values"], sizes, [scale])[scale])
+            kept = [family.scale_tokens(config, scale, size) for size in sizes]
+            ids, labels, mask = shrink_runs_per_image(batch, task.image_token_id, full, kept)
+            embeds = task.llava.get_input_embeddings()(ids)
+            embeds = embeds.masked_scatter((ids == task.image_token_id).unsqueeze(-1), features)
+            return task.llava(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+
+    assert_one_pass_equals_separate_grads(task, loss, lambda: torch.stack([reference(s) for s in SCALES]).mean())

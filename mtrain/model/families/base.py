@@ -43,6 +43,10 @@ class ModelFamily:
     # imports no family code: its GENERATING_MODEL_TYPES lists the same types (a test keeps them equal).
     generates: bool = False
 
+    # The merged grid of a text-only batch's blank image where images have no one grid (Qwen's native
+    # resolution); None: the model's own grid.
+    stand_in_grid: tuple[int, int] | None = None
+
     # Module-name fragments of the vision tower and the projector (freezing, LoRA's modules_to_save).
     part_names: dict[str, str] = {"vision_tower": "vision_tower", "projector": "multi_modal_projector"}
 
@@ -87,7 +91,29 @@ class ModelFamily:
         when the family's visual tokens are one grid per image, which the task pools itself."""
         return None
 
+    def scaled_image_features(
+        self, model: nn.Module, pixel_values: Any, image_sizes: list[tuple[int, int]], scales: list[int]
+    ) -> dict[int, list[torch.Tensor]]:
+        """`scaled_features` for images whose counts differ (anyres images of other sizes in one batch):
+        {scale: [each image's (scale_tokens, dim)]}."""
+        raise NotImplementedError(f"a {self.model_type} model's images do not differ in count by size")
+
+    def image_feature_list(
+        self, model: nn.Module, pixel_values: torch.Tensor, image_sizes: list[tuple[int, int]]
+    ) -> list[torch.Tensor]:
+        """Each image's projected tokens at full size, (tokens, dim), for images whose counts differ by size
+        (anyres): the stock `get_image_features` with `image_sizes`, which reads each image's real crops."""
+        output = model.model.get_image_features(
+            pixel_values=pixel_values, image_sizes=torch.tensor(image_sizes), return_dict=True
+        )
+        return list(output.pooler_output)
+
     # ── The forward's family hooks (mtrain/task/*); LLaVA's are the defaults. ─────────────────────
+    def grid_features(self, model: Any, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
+        """Each image's projected tokens when every image has its own grid (`image_grid_thw` rows), a list of
+        (tokens, dim); only Qwen's families have such images (native resolution)."""
+        raise NotImplementedError(f"a {self.model_type} model's images have no grid of their own (image_grid_thw)")
+
     def image_features(
         self,
         model: Any,
@@ -102,7 +128,14 @@ class ModelFamily:
         (Qwen3-VL's DeepStack sets): M3 pools every channel alike, and its `splice_visual` splits them."""
         sizes = {"image_sizes": torch.tensor(image_sizes)} if image_sizes and self.counts_by_image_size else {}
         output = model.model.get_image_features(pixel_values=pixel_values, return_dict=True, **sizes)
-        return torch.stack(list(output.pooler_output))
+        features = list(output.pooler_output)
+        counts = [image.shape[0] for image in features]
+        if len(set(counts)) > 1:  # anyres images of other sizes: what stacks them needs one count
+            raise ValueError(
+                f"images of sizes {image_sizes} give {counts} visual tokens each, and this path (MQT's query "
+                "transformer, the contrastive task) takes one count per batch; give its images one size"
+            )
+        return torch.stack(features)
 
     def stand_in_input(
         self, config: Any, grid: tuple[int, int] | None, dtype: Any, device: Any

@@ -24,16 +24,19 @@ whose sides divide each other nest (1, 2, 4 on a 4x4 grid): each pooled crop is 
 next larger one. The unpadding is recomputed at each pooled size with the stock rounding, so the
 kept rows nest up to that rounding. Every rank computes the same counts from the same `image_sizes`.
 
-First cut (what is tested): one image size per batch (so one count per scale per batch; the task
-refuses a batch that mixes sizes with a clear error), each image treated as a single-image anyres
-input (the stock model's default when `batch_num_images` is not given). The data expands each
-`<image>` to `visual_tokens`: the count of a square image at least as large as the largest
-pinpoint, which every such square gets (the sample shards' 48-pixel squares, for the tiny preset).
+Images of other sizes in one batch: each image is treated as a single-image anyres input (the stock
+model's default when `batch_num_images` is not given). The data expands each `<image>` to
+`visual_tokens`, the count of a square image at least as large as the largest pinpoint (the most an
+image has), and the loader cuts each run to its image's own count once decoded (`image_tokens`,
+`mtrain.engine.data.image_token_counter`); a batch's crops are zero-padded to the most crops, as the stock
+processor pads them. The task then keeps one count per scale when every image gives the data's count, and
+each image's own counts otherwise (`token_layout.ImageGrids`, `scaled_image_features`); a batch whose runs
+disagree with its images' sizes is refused, naming the sizes.
 
 MQT (`mode=mqt`, `mtrain/model/mqt_head.py`): a query transformer after the projector reads one image's
 stock tokens (the base image's, then the unpadded crops' with their newlines) and gives `mqt_queries`
 tokens, at ordinary 1-D positions; every `<image>` then stands for M tokens whatever the image's size
-(stacking one batch's features still wants one size per batch). The contrastive task crops each image
+(stacking one batch's features still wants one crop count per batch under MQT). The contrastive task crops each image
 by its `image_sizes`, which pair batches carry per side.
 """
 
@@ -46,6 +49,7 @@ import torch
 
 from data_pipeline.chat_template import message_text_template
 from mtrain.model.anyres import (  # noqa: F401  (re-exported: the family's arithmetic)
+    anyres_image_features,
     anyres_scaled_features,
     crop_layout,
     image_tokens,
@@ -128,6 +132,12 @@ class LlavaOnevisionFamily(ModelFamily):
     ) -> dict[int, torch.Tensor]:
         """Every image at every scale, (images, tokens at that scale, dim): one tower pass, then M3 per crop."""
         return anyres_scaled_features(model, pixel_values, image_sizes, scales)
+
+    def scaled_image_features(
+        self, model: Any, pixel_values: torch.Tensor, image_sizes: list[tuple[int, int]], scales: list[int]
+    ) -> dict[int, list[torch.Tensor]]:
+        """Every image at every scale, each its own (tokens at that scale, dim): images of other sizes."""
+        return anyres_image_features(model, pixel_values, image_sizes, scales)
 
 
 def tiny_onevision_config(tiny: Any, vocab_size: int, image_token_id: int, pad_token_id: int) -> Any:

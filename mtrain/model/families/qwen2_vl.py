@@ -5,15 +5,22 @@
   rows ordered so that every merge_size x merge_size block is consecutive; the tower's patch
   merger (the projector, `model.visual.merger`) joins each block into one token. So one image is a
   (t, rows, columns) grid of merged tokens, rows = h / merge_size and columns = w / merge_size for
-  `image_grid_thw` (t, h, w), row-major. This first cut resizes every image to one configured
-  (height, width) (`FixedSizeImageProcessor`: Qwen's own processor after the resize; the tiny preset
-  uses tiny.image_size square), so every image has the same known merged grid `BuiltModel.visual_grid`
-  and every `<image>` the same number of tokens; non-square sizes are allowed.
+  `image_grid_thw` (t, h, w), row-major. Either every image is resized to one configured (height,
+  width) (`FixedSizeImageProcessor`: Qwen's own processor after the resize; the tiny preset uses
+  tiny.image_size square), so every image has the same known merged grid `BuiltModel.visual_grid` and
+  every `<image>` the same number of tokens (non-square sizes are allowed); or, at native resolution
+  (`model.image_pixels`, `NativeSizeImageProcessor`), each image keeps its aspect ratio within
+  [min_pixels, max_pixels], its sides multiples of patch_size * merge_size * every M3 factor, and the
+  batch carries its own `image_grid_thw` row (`data_pipeline.collate.IMAGE_GRID_THW`).
 - M3 on such grids: a scale is a pooling factor f per side, the same for both sides; the image
   gives (rows / f) x (columns / f) tokens. Scales are written as those token counts (s =
   rows * columns / f^2, `mtrain.model.token_scales.grid_factor`). Factors nest (f = 1, 2, 4: each
   grid pools the one before), every rank computes the same counts from the same grid, and f must
   divide both sides of the merged grid (size each side a multiple of patch_size * merge_size * f_max).
+  At native resolution a scale is a count on the reference grid of R = max_pixels / (patch_size *
+  merge_size)^2 tokens (`token_scales.reference_factor`: f = sqrt(R / s)), and every image is pooled by
+  that f to its own (t, h / f, w / f) grid; the layout keeps each image's count (`token_layout.ImageGrids`)
+  and the M-RoPE ids come from each image's pooled grid in layout order (`per_image_position_ids`).
 - Sequence: the pooled tokens fill the positions of `image_token_id` (`<|image_pad|>`) between
   `<|vision_start|>` and `<|vision_end|>`, (rows / f) * (columns / f) of them per image. The chat
   template writes the markers into conversations; captions and interleaved documents get them from
@@ -36,13 +43,14 @@
 same merger, image token and M-RoPE. `qwen3_vl` (`qwen3_vl.py`) subclasses it and adds DeepStack
 (tower features added in the first language-model layers, pooled as the main tokens are).
 
-Not yet: per-image grids (each image its own aspect-keeping size and token count; scales would then be
-pooling factors rather than token counts), a saved `Qwen2VLProcessor` in exports (its video processor
-needs torchvision, which the CPU stack leaves out), and an export of MQT's query transformer.
+Not yet: MQT, the contrastive objective and generation at native resolution (refused at config load), a
+saved `Qwen2VLProcessor` in exports (its video processor needs torchvision, which the CPU stack leaves
+out), and an export of MQT's query transformer.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -228,6 +236,57 @@ class FixedSizeImageProcessor:
         return self.processor.save_pretrained(folder, **kwargs)
 
 
+class NativeSizeImageProcessor:
+    """Qwen2-VL's own image processor at native resolution: each image keeps its aspect ratio and about its size.
+
+    The resize is Qwen's `smart_resize` (sides rounded to a multiple of a factor, the pixel count brought within
+    [min_pixels, max_pixels]), with the factor patch_size * merge_size * `pooling`, the least common multiple of
+    the M3 pooling factors: every factor then divides both sides of every image's merged grid. With `pooling` 1
+    it is the stock processor's own resize. Called on one image it returns that image's flattened patches,
+    (patches, 3 * temporal_patch_size * patch_size^2), and its `image_grid_thw` row; the loader joins a batch's
+    images into one sequence of patches (`variable_patches`). Saving saves the stock processor."""
+
+    variable_patches = True  # images differ in patch count: the loader concatenates them (data_pipeline/images.py)
+
+    def __init__(self, processor: Any, min_pixels: int, max_pixels: int, pooling: int = 1) -> None:
+        self.processor = processor
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.factor = processor.patch_size * processor.merge_size * pooling
+        if max_pixels < self.factor * self.factor:
+            raise ValueError(
+                f"model.image_pixels max_pixels={max_pixels} is below one {self.factor}x{self.factor} image, the "
+                "smallest whose merged grid every M3 pooling factor divides; raise it"
+            )
+
+    def size_for(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) an image of this size is resized to."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize  # noqa: PLC0415
+
+        return smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
+
+    def visual_tokens(self, grid_thw: list[int]) -> int:
+        """Merged tokens of an image of `image_grid_thw` row (t, h, w) in patches."""
+        t, h, w = grid_thw
+        return t * h * w // self.processor.merge_size**2
+
+    def __call__(self, images: Any, return_tensors: str = "pt") -> dict[str, torch.Tensor]:
+        from PIL import Image  # noqa: PLC0415
+
+        image = images.convert("RGB")
+        height, width = self.size_for(image.height, image.width)
+        resized = image.resize((width, height), resample=Image.BICUBIC)
+        out = self.processor(images=resized, do_resize=False, return_tensors="pt")
+        return {"pixel_values": out["pixel_values"][None], "image_grid_thw": out["image_grid_thw"]}
+
+    def save_pretrained(self, folder: Any, **kwargs: Any) -> Any:
+        return self.processor.save_pretrained(folder, **kwargs)
+
+
+def pooling_multiple(factors: list[int]) -> int:
+    """The least common multiple of M3's pooling factors: what every image side is a multiple of (in merged tokens)."""
+    return math.lcm(1, *factors)
+
+
 def tiny_qwen_image_processor(image_size: int, patch_size: int) -> FixedSizeImageProcessor:
     """Qwen2-VL's image processor (the PIL one: the default wants torchvision) at the tiny size: a square
     image of `image_size` pixels keeps that size under its own resize too (what inference gets)."""
@@ -247,6 +306,8 @@ class Qwen2VLFamily(ModelFamily):
     position_ids = "3-D M-RoPE from the model's get_rope_index, given each image's pooled grid (t, h / f, w / f)"
     part_names = {"vision_tower": "visual", "projector": "visual.merger"}
     image_markers = (VISION_START, VISION_END)  # Qwen's processor expands the pad between them
+    # A text-only batch's blank image when images have no one grid (native resolution): one merged token.
+    stand_in_grid = (1, 1)
 
     def visual_tokens(self, config: Any) -> int:
         raise NotImplementedError("qwen2_vl images have a token count each: rows * columns of their merged grid")
@@ -262,8 +323,9 @@ class Qwen2VLFamily(ModelFamily):
         unit = vision.patch_size * vision.spatial_merge_size
         if not image_size:
             return [
-                f"a {self.model_type} model's images are resized to one size here; set model.image_size=[height,width] "
-                f"(multiples of patch_size * merge_size = {unit} times the largest M3 pooling factor)"
+                f"a {self.model_type} model's images need a size rule; set model.image_size=[height,width] "
+                f"(multiples of patch_size * merge_size = {unit} times the largest M3 pooling factor) for one size, "
+                "or model.image_pixels=[min_pixels,max_pixels] for Qwen's native resolution"
             ]
         if image_size[0] % unit or image_size[1] % unit:
             return [f"model.image_size={image_size}: each side must be a multiple of patch_size * merge_size = {unit}"]
@@ -289,17 +351,17 @@ class Qwen2VLFamily(ModelFamily):
         grid: tuple[int, int] | None,
         image_sizes: list[tuple[int, int]] | None = None,
     ) -> torch.Tensor:
-        return torch.stack(list(self.tower_output(model, pixel_values, grid).pooler_output))
-
-    def tower_output(self, model: Any, pixel_values: torch.Tensor, grid: tuple[int, int] | None) -> Any:
-        """The stock `get_image_features` output for images of merged grid `grid` (its `pooler_output`:
-        each image's merged tokens)."""
         if grid is None:
             raise ValueError(f"a {self.model_type} model needs its images' merged grid (BuiltModel.visual_grid)")
         grid_thw = self.patch_grid_thw(model.config, grid, pixel_values.shape[0], pixel_values.device)
-        return model.model.get_image_features(
-            pixel_values=pixel_values.flatten(0, 1), image_grid_thw=grid_thw, return_dict=True
-        )
+        return torch.stack(self.grid_features(model, pixel_values.flatten(0, 1), grid_thw))
+
+    def grid_features(self, model: Any, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
+        """Each image's merged tokens, (t * rows * columns, dim) row-major, for Qwen's flattened patches of
+        every image in one sequence and their `image_grid_thw` rows (t, h, w) in patches: what native
+        resolution gives (every image its own grid). Qwen3-VL adds its DeepStack sets as channels."""
+        output = model.model.get_image_features(pixel_values=pixel_values, image_grid_thw=grid_thw, return_dict=True)
+        return list(output.pooler_output)
 
     def prompt_images(self, config: Any, pixel_values: torch.Tensor, grid: tuple[int, int] | None) -> dict[str, Any]:
         if grid is None:
@@ -336,6 +398,9 @@ class Qwen2VLFamily(ModelFamily):
         mrope = flat[None].repeat(3, 1, 1)
         if query_tokens:
             return torch.cat([flat[None], mrope]) if packed else mrope
+        if layout.image_grids is not None:
+            self.per_image_position_ids(model, layout, mrope)
+            return torch.cat([flat[None], mrope]) if packed else mrope
         starts = [[] for _ in range(ids.shape[0])]
         for row, column in (flat == 0).nonzero().tolist():  # one read of the layout's document starts
             starts[row].append(column)
@@ -353,6 +418,38 @@ class Qwen2VLFamily(ModelFamily):
                 positions, _ = model.model.get_rope_index(document[None], is_image[None].int(), image_grid_thw=grid_thw)
                 mrope[:, row, start:end] = positions[:, 0]
         return torch.cat([flat[None], mrope]) if packed else mrope
+
+    def per_image_position_ids(self, model: Any, layout: Any, mrope: torch.Tensor) -> None:
+        """Fill `mrope` (3, rows, width) with every document's M-RoPE ids, each document from 0, when each image
+        has its own pooled grid (`layout.image_grids`, in layout order): a document takes the next grids until
+        their tokens make up its image tokens."""
+        merge = model.config.vision_config.spatial_merge_size
+        flat, ids = layout.position_ids, layout.input_ids
+        is_image = ids == self.image_token_id(model.config)
+        image_tokens = torch.cumsum(is_image.long(), dim=1)  # one host read below for every document's count
+        starts = [[] for _ in range(ids.shape[0])]
+        for row, column in (flat == 0).nonzero().tolist():
+            starts[row].append(column)
+        tokens_so_far = image_tokens.tolist()
+        grids = iter(layout.image_grids)
+        for row, row_starts in enumerate(starts):
+            for start, end in zip(row_starts, [*row_starts[1:], ids.shape[1]], strict=True):
+                count = tokens_so_far[row][end - 1] - (tokens_so_far[row][start - 1] if start else 0)
+                document_grids = []
+                while count > 0:
+                    t, h, w = next(grids)
+                    document_grids.append([t, h, w])
+                    count -= t * (h // merge) * (w // merge)
+                if count < 0:
+                    raise ValueError(f"row {row}: a document's image tokens do not match its images' pooled grids")
+                if not document_grids:
+                    continue  # text only (or the padding tail): the 1-D ids are M-RoPE's too
+                grid_thw = torch.tensor(document_grids, device=ids.device)
+                document = ids[row, start:end]
+                positions, _ = model.model.get_rope_index(
+                    document[None], is_image[row, start:end][None].int(), image_grid_thw=grid_thw
+                )
+                mrope[:, row, start:end] = positions[:, 0]
 
 
 class Qwen2_5_VLFamily(Qwen2VLFamily):

@@ -131,17 +131,11 @@ class Qwen3VLFamily(Qwen2VLFamily):
             ]
         return super().problems(config, tokens, image_size)
 
-    def image_features(
-        self,
-        model: Any,
-        pixel_values: torch.Tensor,
-        grid: tuple[int, int] | None,
-        image_sizes: list[tuple[int, int]] | None = None,
-    ) -> torch.Tensor:
-        """(images, tokens, dim * (1 + DeepStack sets)): the merged tokens, then each DeepStack set's."""
-        output = self.tower_output(model, pixel_values, grid)
+    def grid_features(self, model: Any, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
+        """Each image's (tokens, dim * (1 + DeepStack sets)): the merged tokens, then each DeepStack set's."""
+        output = model.model.get_image_features(pixel_values=pixel_values, image_grid_thw=grid_thw, return_dict=True)
         levels = [output.pooler_output, *output.deepstack_features]  # each a tuple of (tokens, dim), one per image
-        return torch.cat([torch.stack(list(level)) for level in levels], dim=-1)
+        return [torch.cat(image, dim=-1) for image in zip(*levels, strict=True)]
 
     def splice_visual(
         self, model: Any, embeddings: torch.Tensor, image_positions: torch.Tensor, visual: torch.Tensor
