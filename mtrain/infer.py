@@ -1,11 +1,10 @@
 """Inference on an mtrain export with stock transformers + PEFT: generate at a visual-token scale,
 embed at a Matryoshka dim and layer. Nothing of mtrain's training code is imported.
 
-    from mtrain.infer import MatryoshkaModel
-    from transformers import AutoProcessor
+    from mtrain.infer import MatryoshkaModel, load_processor
 
     model = MatryoshkaModel.from_export("runs/m3/export")           # reads export/mtrain.json
-    processor = AutoProcessor.from_pretrained("runs/m3/export/model")
+    processor = load_processor("runs/m3/export/model", model.llava.config)  # AutoProcessor, Qwen's without torchvision
     inputs = processor(images=image, text=prompt, return_tensors="pt")  # <image> -> the full grid
     answer = model.generate(**inputs, scale=16, max_new_tokens=32)     # 16 visual tokens per image
     vectors = MatryoshkaModel.from_export("runs/embed/export").embed(**inputs, dim=64, layer=12)
@@ -79,6 +78,9 @@ GENERATING_MODEL_TYPES = (
 ANYRES_MODEL_TYPES = ("llava_next", "llava_onevision")
 # The model types whose image tokens attend to each other both ways (`token_type_ids` marks them), as trained.
 IMAGE_ATTENTION_MODEL_TYPES = ("gemma3",)
+# Native-resolution images (`image_grid_thw`): their stock processor classes cannot be built without torchvision
+# (their video processor needs it), so prompts come from the tokenizer and image processor (`ImagePromptProcessor`).
+NATIVE_RESOLUTION_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 @dataclass
@@ -463,6 +465,53 @@ def load_projection(folder: Path, spec: MatryoshkaSpec, dtype: torch.dtype) -> n
     return projection.eval()
 
 
+class ImagePromptProcessor:
+    """A Qwen-VL processor's prompt side (`apply_chat_template`, a call on images and text, `decode`) from the
+    tokenizer and the image processor alone, which load without torchvision where Qwen2-VL's, Qwen2.5-VL's and
+    Qwen3-VL's processor classes do not. As they do, it expands each image token of the text to the image's
+    merged tokens, t*h*w / merge_size^2 of its `image_grid_thw`, and gives the patches and `image_grid_thw`."""
+
+    def __init__(self, tokenizer: Any, image_processor: Any, image_token: str) -> None:
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.image_token = image_token
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
+        """The conversation as text, by the tokenizer's chat template (the one the model trained with)."""
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+
+    def __call__(self, images: Any = None, text: str = "", return_tensors: str = "pt") -> dict[str, torch.Tensor]:
+        images = [] if images is None else images if isinstance(images, list) else [images]
+        pieces = text.split(self.image_token)
+        if len(pieces) - 1 != len(images):
+            raise ValueError(f"the text has {len(pieces) - 1} {self.image_token} for {len(images)} images")
+        pixels: dict[str, torch.Tensor] = {}
+        if images:
+            pixels = dict(self.image_processor(images=images, return_tensors=return_tensors))
+            merge = self.image_processor.merge_size
+            counts = (pixels["image_grid_thw"].prod(-1) // (merge * merge)).tolist()
+            text = pieces[0] + "".join(self.image_token * count + piece for count, piece in zip(counts, pieces[1:]))
+        return {**self.tokenizer(text, return_tensors=return_tensors), **pixels}
+
+    def decode(self, token_ids: Any, **kwargs: Any) -> str:
+        return self.tokenizer.decode(token_ids, **kwargs)
+
+
+def prompt_processor(tokenizer: Any, image_processor: Any, config: Any) -> ImagePromptProcessor:
+    """The `ImagePromptProcessor` of a native-resolution model's `tokenizer` and stock `image_processor`."""
+    return ImagePromptProcessor(tokenizer, image_processor, tokenizer.convert_ids_to_tokens(config.image_token_id))
+
+
+def load_processor(folder: str | Path, config: Any) -> Any:
+    """The processor of an export's `model/` folder for a model of `config`: `AutoProcessor`, or for Qwen-VL
+    (`NATIVE_RESOLUTION_MODEL_TYPES`) its tokenizer and image processor as an `ImagePromptProcessor`."""
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer  # noqa: PLC0415
+
+    if config.model_type in NATIVE_RESOLUTION_MODEL_TYPES:
+        return prompt_processor(AutoTokenizer.from_pretrained(folder), AutoImageProcessor.from_pretrained(folder), config)
+    return AutoProcessor.from_pretrained(folder)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m mtrain.infer EXPORT --image PICTURE --prompt TEXT [--scale S]`: answer with the trained chat
     template, each image at S visual tokens (default: the export's default scale)."""
@@ -470,7 +519,6 @@ def main(argv: list[str] | None = None) -> int:
     import sys  # noqa: PLC0415
 
     from PIL import Image  # noqa: PLC0415
-    from transformers import AutoProcessor  # noqa: PLC0415
 
     parser = argparse.ArgumentParser(prog="python -m mtrain.infer", description=main.__doc__)
     parser.add_argument("export", help="the folder `mtrain export` (or the end of training) wrote")
@@ -485,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    processor = AutoProcessor.from_pretrained(Path(args.export) / "model")
+    processor = load_processor(Path(args.export) / "model", model.llava.config)
     print(answer(model, processor, Image.open(args.image).convert("RGB"), args.prompt, args.scale, args.max_new_tokens))
     return 0
 

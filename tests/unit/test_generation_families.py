@@ -276,3 +276,37 @@ def test_anyres_greedy_tokens_at_the_full_scale_equal_the_stock_generate(preset)
         stock = model.generate(**inputs, **greedy)[:, width:]
     ours = MatryoshkaModel(model, MatryoshkaSpec(token_mode="m3", scales=[4, 16])).generate(**inputs, **greedy)
     assert ours.shape == (2, 8) and torch.equal(ours, stock)
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl"])
+def test_mtrain_generate_answers_alike_from_a_qwen_export_and_its_checkpoint(tmp_path, preset):
+    """`mtrain generate` on Qwen without torchvision: the export's tokenizer and image processor build the prompt
+    (`mtrain.infer.ImagePromptProcessor`: each <|image_pad|> expanded to the image's merged tokens, as Qwen's
+    processor does), and the checkpoint's own (`checkpoint_generator`, what `load_generator` runs after loading
+    it) give the same prompt and the same greedy answer at a pooled scale, on a picture the processor resizes."""
+    from mtrain.checkpoint.export import EXPORT_METADATA, _save_hf_folder, matryoshka_metadata
+    from mtrain.eval.generation import checkpoint_generator, load_generator
+    from mtrain.infer import answer
+    from mtrain.task.registry import build_task
+
+    cfg = load_config(None, [f"model.preset={preset}", *M3])
+    built = build_model(cfg.model, torch.float32, None, seed=0)
+    task = build_task(cfg, built, rank=0)
+    export = tmp_path / "export"
+    _save_hf_folder(built.model, built, export / "model")
+    (export / EXPORT_METADATA).write_text(json.dumps({"matryoshka": matryoshka_metadata(cfg)}))
+    picture = Image.new("RGB", (40, 40), (200, 30, 30))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nWhat is drawn?"}]}]
+    prompts, answers = [], []
+    for model, processor in (load_generator(export), checkpoint_generator(cfg, built, task, "checkpoint")):
+        inputs = processor(images=picture, text=processor.apply_chat_template(messages, add_generation_prompt=True))
+        prompts.append(inputs)
+        answers.append(answer(model, processor, picture, "What is drawn?", 4, max_new_tokens=4))
+        with torch.no_grad():
+            new = model.generate(**inputs, scale=4, max_new_tokens=4, do_sample=False, min_new_tokens=4)
+        answers.append(new.tolist())
+    assert prompts[0]["image_grid_thw"].tolist() == [[1, 8, 8]]  # resized to 32x32 px: 4-px patches, 4x4 merged
+    assert int((prompts[0]["input_ids"] == built.image_token_id).sum()) == 16
+    for name in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw"):
+        torch.testing.assert_close(prompts[0][name], prompts[1][name], rtol=0, atol=0)
+    assert answers[0] == answers[2] and answers[1] == answers[3] and len(answers[1][0]) == 4
