@@ -352,9 +352,17 @@ class MatryoshkaModel:
         attention_mask: torch.Tensor | None = None,
         dim: int | None = None,
         layer: int | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        **image_marks: torch.Tensor,
     ) -> torch.Tensor:
         """(rows, dim) unit vectors: the first `dim` coordinates (default: the largest trained) of the
-        embedding at hidden layer `layer` (default: the last), re-normalised."""
+        embedding at hidden layer `layer` (default: the last), re-normalised. The prompt as the processor gives
+        it, every image at its full grid (Qwen's `image_grid_thw`, anyres `image_sizes`); the image positions it
+        marks (`FULL_GRID_INPUTS`) are remade from the ids."""
+        unknown = set(image_marks) - set(FULL_GRID_INPUTS)
+        if unknown:
+            raise TypeError(f"embed() got unexpected keyword arguments {sorted(unknown)}")
         meta = self.spec.embedding
         if meta is None:
             raise ValueError(f"this export has no {EMBEDDING_FILE}: it is not an embedding model (task.objective)")
@@ -363,17 +371,36 @@ class MatryoshkaModel:
             raise ValueError(f"layer={layer} is outside 1..{meta['last_layer']}; trained layers: {meta['layers']}")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        embeddings = self.llava.get_input_embeddings()(input_ids)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if pixel_values is not None and pixel_values.shape[0]:
-            features = self.image_features(pixel_values).flatten(0, 1).to(embeddings.dtype)
-            embeddings = embeddings.masked_scatter((input_ids == self.image_token_id).unsqueeze(-1), features)
-        hidden = self.llava.model(
-            inputs_embeds=embeddings, attention_mask=attention_mask, output_hidden_states=True, use_cache=False
-        ).hidden_states[layer]
+            inputs |= self.image_inputs(input_ids, pixel_values, image_grid_thw, image_sizes)
+        # The stock forward places the images as the family's training task does (mtrain/task/contrastive.py):
+        # Qwen's merged tokens with M-RoPE ids from their grids, Gemma 3's attention within each image.
+        hidden = self.llava.model(**inputs, output_hidden_states=True, use_cache=False).hidden_states[layer]
         pooled = (pool_last_token if meta["pooling"] == "last" else pool_mean)(hidden, attention_mask)
         if self.head is not None:
             pooled = self.head(pooled)
         return truncate(pooled, dim)
+
+    def image_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None,
+                     image_sizes: torch.Tensor | None) -> dict[str, torch.Tensor]:  # fmt: skip
+        """The stock forward's image arguments for a prompt whose images are at their full grid: the pixels, and
+        what the family needs to place them (Qwen: `image_grid_thw` and the image positions it makes M-RoPE ids
+        from; anyres: each image's size; Gemma 3: the image positions that attend both ways)."""
+        model_type = self.llava.config.model_type
+        is_image = input_ids == self.image_token_id
+        inputs = {"pixel_values": pixel_values.to(self.llava.dtype)}
+        if model_type in NATIVE_RESOLUTION_MODEL_TYPES:
+            if image_grid_thw is None:
+                raise ValueError(f"a {model_type} model needs each image's image_grid_thw, as its processor gives it")
+            inputs |= {"image_grid_thw": image_grid_thw, "mm_token_type_ids": is_image.int()}
+        if model_type in ANYRES_MODEL_TYPES:
+            if image_sizes is None:
+                raise ValueError("an anyres model needs each image's (height, width): give the processor's image_sizes")
+            inputs["image_sizes"] = image_sizes
+        if model_type in IMAGE_ATTENTION_MODEL_TYPES:
+            inputs["token_type_ids"] = is_image.long()
+        return inputs
 
 
 def deepstack_inputs(ids: torch.Tensor, mask: torch.Tensor, is_image: torch.Tensor, visual: torch.Tensor,
