@@ -310,3 +310,38 @@ def test_mtrain_generate_answers_alike_from_a_qwen_export_and_its_checkpoint(tmp
     for name in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw"):
         torch.testing.assert_close(prompts[0][name], prompts[1][name], rtol=0, atol=0)
     assert answers[0] == answers[2] and answers[1] == answers[3] and len(answers[1][0]) == 4
+
+
+@pytest.mark.parametrize("preset", ["tiny-llava-onevision", "tiny-qwen2.5-vl"])
+def test_an_export_names_the_processor_it_cannot_build_without_torchvision(tmp_path, preset):
+    """OneVision's and Qwen's processor classes need torchvision (their video processors): the export writes their
+    processor_config.json by hand (class, and OneVision's token count, which its default leaves unset), beside the
+    tokenizer's chat_template.jinja and the image processor, so that AutoProcessor builds the right processor where
+    torchvision is installed. Here, without it, AutoProcessor gets as far as the video processor."""
+    from transformers import AutoProcessor, AutoTokenizer
+    from transformers.utils import is_torchvision_available
+
+    from mtrain.checkpoint.export import _save_hf_folder
+
+    built = build_model(load_config(None, [f"model.preset={preset}"]).model, torch.float32, None, seed=0)
+    folder = tmp_path / "model"
+    _save_hf_folder(built.model, built, folder)
+    written = json.loads((folder / "processor_config.json").read_text())
+    if preset == "tiny-llava-onevision":  # each crop's tower grid
+        config = built.model.config
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        assert written == {"processor_class": "LlavaOnevisionProcessor", "num_image_tokens": side * side,
+                           "vision_feature_select_strategy": config.vision_feature_select_strategy,
+                           "vision_aspect_ratio": config.vision_aspect_ratio}  # fmt: skip
+    else:
+        assert written == {"processor_class": "Qwen2_5_VLProcessor"}
+    processor_class = getattr(__import__("transformers"), written["processor_class"])
+    arguments, _ = processor_class.get_processor_dict(folder)
+    assert arguments["chat_template"] == AutoTokenizer.from_pretrained(folder).chat_template == built.tokenizer.chat_template
+    if is_torchvision_available():
+        processor = AutoProcessor.from_pretrained(folder)
+        assert type(processor).__name__ == written["processor_class"]
+        assert all(getattr(processor, name) == value for name, value in written.items() if name != "processor_class")
+    else:
+        with pytest.raises(ImportError, match="VideoProcessor requires the Torchvision library"):
+            AutoProcessor.from_pretrained(folder)
