@@ -517,7 +517,9 @@ class ImagePromptProcessor:
             pixels = dict(self.image_processor(images=images, return_tensors=return_tensors))
             merge = self.image_processor.merge_size
             counts = (pixels["image_grid_thw"].prod(-1) // (merge * merge)).tolist()
-            text = pieces[0] + "".join(self.image_token * count + piece for count, piece in zip(counts, pieces[1:]))
+            text = pieces[0] + "".join(
+                self.image_token * count + piece for count, piece in zip(counts, pieces[1:], strict=True)
+            )
         return {**self.tokenizer(text, return_tensors=return_tensors), **pixels}
 
     def decode(self, token_ids: Any, **kwargs: Any) -> str:
@@ -535,7 +537,9 @@ def load_processor(folder: str | Path, config: Any) -> Any:
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer  # noqa: PLC0415
 
     if config.model_type in NATIVE_RESOLUTION_MODEL_TYPES:
-        return prompt_processor(AutoTokenizer.from_pretrained(folder), AutoImageProcessor.from_pretrained(folder), config)
+        return prompt_processor(
+            AutoTokenizer.from_pretrained(folder), AutoImageProcessor.from_pretrained(folder), config
+        )
     return AutoProcessor.from_pretrained(folder)
 
 

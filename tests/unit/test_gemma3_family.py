@@ -286,7 +286,13 @@ def test_flash_attention_falls_back_to_sdpa_for_gemma3():
 
 
 # ── captions and interleaved documents: Gemma3Processor's text around every image ──────────────────────────
-MARKER_CORPUS = ["Look at this:\n\n", "\n\nthen this one:\n\n", "\n\na red circle.", "\n\n\n\nthe end.", "a red circle."]
+MARKER_CORPUS = [
+    "Look at this:\n\n",
+    "\n\nthen this one:\n\n",
+    "\n\na red circle.",
+    "\n\n\n\nthe end.",
+    "a red circle.",
+]
 
 
 def gemma_shaped_tokenizer():
@@ -354,7 +360,8 @@ def test_captions_and_documents_get_gemma3_processors_exact_ids_around_every_ima
         assert all(tokenizer.decode([i]).strip("\n") for i in ids[labels != IGNORE_INDEX].tolist()[:-1])
     # The blank lines merged with the text: tokenized apart, they would give other ids.
     assert len(tokenizer("\n\na red circle.", add_special_tokens=False)["input_ids"]) < len(
-        tokenizer("\n\n", add_special_tokens=False)["input_ids"] + tokenizer("a red circle.", add_special_tokens=False)["input_ids"]
+        tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+        + tokenizer("a red circle.", add_special_tokens=False)["input_ids"]
     )
     # A pair side (the contrastive objective's query) the same way.
     pair = PairSpec(tokenizer, soft, 4, 200, 32, "", spec.image_start_ids, spec.image_end_ids, "\n\n", "\n\n")

@@ -337,7 +337,11 @@ def test_an_export_names_the_processor_it_cannot_build_without_torchvision(tmp_p
         assert written == {"processor_class": "Qwen2_5_VLProcessor"}
     processor_class = getattr(__import__("transformers"), written["processor_class"])
     arguments, _ = processor_class.get_processor_dict(folder)
-    assert arguments["chat_template"] == AutoTokenizer.from_pretrained(folder).chat_template == built.tokenizer.chat_template
+    assert (
+        arguments["chat_template"]
+        == AutoTokenizer.from_pretrained(folder).chat_template
+        == built.tokenizer.chat_template
+    )
     if is_torchvision_available():
         processor = AutoProcessor.from_pretrained(folder)
         assert type(processor).__name__ == written["processor_class"]
