@@ -2,8 +2,8 @@
 SigLIP tower and pooling projector, M3 pooling of the projected 4x4 grid with the bidirectional image
 attention following the pooled count, the one-pass all-scale loss against separate stock forwards, packed
 against unpacked documents (a sliding-window layer included), the Gemma-shaped chat template against
-`apply_chat_template`, the pre-process-group folder check, and an export that stock transformers reloads
-with equal logits."""
+`apply_chat_template`, captions and interleaved documents against the stock Gemma3Processor's ids, the
+pre-process-group folder check, and an export that stock transformers reloads with equal logits."""
 
 from __future__ import annotations
 
