@@ -81,10 +81,10 @@ IMAGE_ATTENTION_MODEL_TYPES = ("gemma3",)
 # Native-resolution images (`image_grid_thw`): their stock processor classes cannot be built without torchvision
 # (their video processor needs it), so prompts come from the tokenizer and image processor (`ImagePromptProcessor`).
 NATIVE_RESOLUTION_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-# The model types whose generation prompts `ImagePromptProcessor` builds: Qwen's, and Gemma 3's, whose stock
-# processor writes its own text around each <start_of_image> (256 soft tokens unless configured), where the chat
-# template mtrain trains with writes the image's <start_of_image><image_soft_token><end_of_image> itself.
-PROMPT_BUILT_MODEL_TYPES = (*NATIVE_RESOLUTION_MODEL_TYPES, "gemma3")
+# The model types whose generation prompts `ImagePromptProcessor` builds: Qwen's and OneVision's, whose processor
+# classes need torchvision, and Gemma 3's, whose stock processor writes its own text around each <start_of_image>
+# (256 soft tokens unless configured), where the template mtrain trains with writes the image's markers itself.
+PROMPT_BUILT_MODEL_TYPES = (*NATIVE_RESOLUTION_MODEL_TYPES, "llava_onevision", "gemma3")
 
 
 @dataclass
@@ -498,17 +498,17 @@ def load_projection(folder: Path, spec: MatryoshkaSpec, dtype: torch.dtype) -> n
 
 class ImagePromptProcessor:
     """A processor's prompt side (`apply_chat_template`, a call on images and text, `decode`) from the tokenizer
-    and the image processor alone. Qwen-VL: they load without torchvision where Qwen2-VL's, Qwen2.5-VL's and
-    Qwen3-VL's processor classes do not; as those do, it expands each image token of the text to the image's
-    merged tokens, t*h*w / merge_size^2 of its `image_grid_thw`, and gives the patches and `image_grid_thw`.
-    Gemma 3 (`tokens_per_image`): each image token of the text, which the trained chat template writes between
-    the image's markers, becomes `mm_tokens_per_image` of them, as training expands it."""
+    and the image processor alone, for `PROMPT_BUILT_MODEL_TYPES`. It expands each image token of the text (where
+    the trained chat template puts an image) to the image's tokens, as the stock processor or training does: Qwen's
+    merged tokens, t*h*w / merge_size^2 of its `image_grid_thw`; OneVision's anyres count for the picture's size
+    (`mtrain.model.anyres.image_tokens`); Gemma 3's `mm_tokens_per_image`. It gives the image processor's pixels
+    (with Qwen's `image_grid_thw`, OneVision's `image_sizes`)."""
 
-    def __init__(self, tokenizer: Any, image_processor: Any, image_token: str, tokens_per_image: int | None = None):
+    def __init__(self, tokenizer: Any, image_processor: Any, config: Any) -> None:
         self.tokenizer = tokenizer
         self.image_processor = image_processor
-        self.image_token = image_token
-        self.tokens_per_image = tokens_per_image  # None: from each image's grid (Qwen)
+        self.config = config
+        self.image_token = tokenizer.convert_ids_to_tokens(config.image_token_id)
 
     def apply_chat_template(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
         """The conversation as text, by the tokenizer's chat template (the one the model trained with)."""
@@ -522,37 +522,35 @@ class ImagePromptProcessor:
         pixels: dict[str, torch.Tensor] = {}
         if images:
             processed = self.image_processor(images=images, return_tensors=return_tensors)
-            pixels = {name: processed[name] for name in ("pixel_values", "image_grid_thw") if name in processed}
-            counts = self.image_tokens(pixels, len(images))
+            pixels = {name: processed[name] for name in PROMPT_INPUTS if name in processed}
+            counts = self.token_counts(pixels, images)
             text = pieces[0] + "".join(
                 self.image_token * count + piece for count, piece in zip(counts, pieces[1:], strict=True)
             )
         return {**self.tokenizer(text, return_tensors=return_tensors), **pixels}
 
-    def image_tokens(self, pixels: dict[str, torch.Tensor], images: int) -> list[int]:
+    def token_counts(self, pixels: dict[str, torch.Tensor], images: list[Any]) -> list[int]:
         """Each image's token count in the prompt."""
-        if self.tokens_per_image is not None:
-            return [self.tokens_per_image] * images
-        merge = self.image_processor.merge_size
-        return (pixels["image_grid_thw"].prod(-1) // (merge * merge)).tolist()
+        model_type = self.config.model_type
+        if model_type in NATIVE_RESOLUTION_MODEL_TYPES:
+            merge = self.image_processor.merge_size
+            return (pixels["image_grid_thw"].prod(-1) // (merge * merge)).tolist()
+        if model_type in ANYRES_MODEL_TYPES:
+            return [image_tokens(self.config, (image.height, image.width)) for image in images]
+        return [self.config.mm_tokens_per_image] * len(images)
 
     def decode(self, token_ids: Any, **kwargs: Any) -> str:
         return self.tokenizer.decode(token_ids, **kwargs)
 
 
-def prompt_processor(tokenizer: Any, image_processor: Any, config: Any) -> ImagePromptProcessor:
-    """The `ImagePromptProcessor` of a `PROMPT_BUILT_MODEL_TYPES` model's `tokenizer` and stock `image_processor`."""
-    image_token = tokenizer.convert_ids_to_tokens(config.image_token_id)
-    return ImagePromptProcessor(tokenizer, image_processor, image_token, getattr(config, "mm_tokens_per_image", None))
-
-
 def load_processor(folder: str | Path, config: Any) -> Any:
-    """The processor of an export's `model/` folder for a model of `config`: `AutoProcessor`, or for Qwen-VL and
-    Gemma 3 (`PROMPT_BUILT_MODEL_TYPES`) its tokenizer and image processor as an `ImagePromptProcessor`."""
+    """The processor of an export's `model/` folder for a model of `config`: `AutoProcessor`, or for Qwen-VL,
+    OneVision and Gemma 3 (`PROMPT_BUILT_MODEL_TYPES`) its tokenizer and image processor as an
+    `ImagePromptProcessor`."""
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer  # noqa: PLC0415
 
     if config.model_type in PROMPT_BUILT_MODEL_TYPES:
-        return prompt_processor(
+        return ImagePromptProcessor(
             AutoTokenizer.from_pretrained(folder), AutoImageProcessor.from_pretrained(folder), config
         )
     return AutoProcessor.from_pretrained(folder)

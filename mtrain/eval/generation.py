@@ -243,18 +243,18 @@ def load_generator(source: str | Path) -> tuple[MatryoshkaModel, Any]:
 
 def checkpoint_generator(cfg: TrainConfig, built: Any, task: Any, source: str | Path) -> tuple[MatryoshkaModel, Any]:
     """(model, processor) of a loaded checkpoint's task: the processor its export writes (LLaVA's), or for
-    Qwen-VL and Gemma 3 its tokenizer and image processor as `mtrain.infer.load_processor` reads them from the
-    export."""
+    Qwen-VL, OneVision and Gemma 3 its tokenizer and image processor as `mtrain.infer.load_processor` reads them
+    from the export."""
     from mtrain.checkpoint.export import llava_processor  # noqa: PLC0415
-    from mtrain.infer import PROMPT_BUILT_MODEL_TYPES, prompt_processor  # noqa: PLC0415
+    from mtrain.infer import PROMPT_BUILT_MODEL_TYPES, ImagePromptProcessor  # noqa: PLC0415
 
     model = generation_model(cfg, task, built.scale_routing)
     model.check_generates()
     config = task.llava.config
     if config.model_type in PROMPT_BUILT_MODEL_TYPES:
-        return model, prompt_processor(built.tokenizer, exported_image_processor(built.image_processor), config)
+        return model, ImagePromptProcessor(built.tokenizer, exported_image_processor(built.image_processor), config)
     processor = llava_processor(config, built, built.tokenizer.chat_template)
-    if processor is None:  # OneVision's processor is not built without torchvision (mtrain/checkpoint/export.py)
+    if processor is None:
         raise ValueError(
             f"{source}: mtrain builds no processor for a {config.model_type} checkpoint; export it "
             "(mtrain export) and run mtrain generate on the export, which holds the model's own processor"

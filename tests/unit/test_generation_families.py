@@ -278,19 +278,21 @@ def test_anyres_greedy_tokens_at_the_full_scale_equal_the_stock_generate(preset)
     assert ours.shape == (2, 8) and torch.equal(ours, stock)
 
 
-@pytest.mark.parametrize("preset", ["tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-gemma3"])
+@pytest.mark.parametrize(
+    "preset", ["tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-gemma3", "tiny-llava-onevision"]
+)
 def test_mtrain_generate_answers_alike_from_an_export_and_its_checkpoint(tmp_path, preset):
-    """`mtrain generate` on Qwen (without torchvision) and Gemma 3: the export's tokenizer and image processor
-    build the prompt (`mtrain.infer.ImagePromptProcessor`: each image token expanded to the image's merged tokens,
-    as Qwen's processor does, or to Gemma 3's 16 soft tokens between the markers the trained template writes), and
-    the checkpoint's own (`checkpoint_generator`, what `load_generator` runs after loading it) give the same prompt
+    """`mtrain generate` on Qwen and OneVision (without torchvision) and Gemma 3: the export's tokenizer and image
+    processor build the prompt (`mtrain.infer.ImagePromptProcessor`: each image token expanded to the image's
+    merged tokens, as Qwen's processor does, to OneVision's anyres count, or to Gemma 3's 16 soft tokens between
+    the markers the trained template writes), and the checkpoint's own (`checkpoint_generator`, what `load_generator` runs after loading it) give the same prompt
     and the same greedy answer at a pooled scale, on a picture the processor resizes."""
     from mtrain.checkpoint.export import EXPORT_METADATA, _save_hf_folder, matryoshka_metadata
     from mtrain.eval.generation import checkpoint_generator, load_generator
     from mtrain.infer import answer
     from mtrain.task.registry import build_task
 
-    cfg = load_config(None, [f"model.preset={preset}", *M3])
+    cfg = load_config(None, [f"model.preset={preset}", *M3, *small_anyres(preset)])
     built = build_model(cfg.model, torch.float32, None, seed=0)
     task = build_task(cfg, built, rank=0)
     export = tmp_path / "export"
@@ -306,23 +308,18 @@ def test_mtrain_generate_answers_alike_from_an_export_and_its_checkpoint(tmp_pat
         with torch.no_grad():
             new = model.generate(**inputs, scale=4, max_new_tokens=4, do_sample=False, min_new_tokens=4)
         answers.append(new.tolist())
-    # Resized to 32x32 px: Qwen's 4-px patches merged 2x2 (a 4x4 grid), Gemma 3's projector pooling to 4x4.
-    assert int((prompts[0]["input_ids"] == built.image_token_id).sum()) == 16
-    assert tuple(prompts[0]) == (
-        "input_ids",
-        "attention_mask",
-        "pixel_values",
-        *(("image_grid_thw",) * is_qwen(preset)),
-    )
-    if is_qwen(preset):
+    # Qwen and Gemma 3 resize to 32x32 px: Qwen's 4-px patches merged 2x2 (a 4x4 grid), Gemma 3's projector pooling
+    # to 4x4; OneVision's anyres crops of the 40x40 picture count as training counts them.
+    anyres = preset == "tiny-llava-onevision"
+    tokens = built.family.scale_tokens(built.model.config, None, (40, 40)) if anyres else 16
+    assert int((prompts[0]["input_ids"] == built.image_token_id).sum()) == tokens
+    extra = {"tiny-gemma3": (), "tiny-llava-onevision": ("image_sizes",)}.get(preset, ("image_grid_thw",))
+    assert tuple(prompts[0]) == ("input_ids", "attention_mask", "pixel_values", *extra)
+    if "image_grid_thw" in extra:
         assert prompts[0]["image_grid_thw"].tolist() == [[1, 8, 8]]
     for name, value in prompts[0].items():
         torch.testing.assert_close(value, prompts[1][name], rtol=0, atol=0)
     assert answers[0] == answers[2] and answers[1] == answers[3] and len(answers[1][0]) == 4
-
-
-def is_qwen(preset: str) -> bool:
-    return preset.startswith("tiny-qwen")
 
 
 @pytest.mark.parametrize("preset", ["tiny-llava-onevision", "tiny-qwen2.5-vl"])
