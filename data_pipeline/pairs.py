@@ -59,6 +59,9 @@ class PairSpec:
     # The model family's ids right around every image's tokens (TokenSpec's; Qwen's vision markers).
     image_start_ids: tuple[int, ...] = ()
     image_end_ids: tuple[int, ...] = ()
+    # Their plain text outside those ids (TokenSpec's; Gemma 3's "\n\n"), tokenized with the text beside it.
+    image_start_text: str = ""
+    image_end_text: str = ""
 
 
 # ── writer ────────────────────────────────────────────────────────────────────────────────────
@@ -98,8 +101,11 @@ def side_ids(spec: PairSpec, text: str) -> list[int]:
     ids: list[int] = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     pieces = text.split(IMAGE_PLACEHOLDER)
     for i, piece in enumerate(pieces):
-        if piece:
-            ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
+        # The markers' plain text joins the text between the images, as the family's processor tokenizes it.
+        before = spec.image_end_text if i > 0 else ""
+        after = spec.image_start_text if i < len(pieces) - 1 else ""
+        if before or piece or after:
+            ids += tokenizer(before + piece + after, add_special_tokens=False)["input_ids"]
         if i < len(pieces) - 1:
             ids += [*spec.image_start_ids, *[spec.image_token_id] * spec.visual_tokens, *spec.image_end_ids]
     ids.append(tokenizer.eos_token_id)

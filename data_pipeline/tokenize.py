@@ -5,9 +5,13 @@ it takes the number of visual tokens for each image of the sample (one int for a
 image), so a per-sample or per-image scale changes only that argument.
 
 Image markers: a model family may write text right around every image's tokens (Qwen2-VL's
-`<|vision_start|>` ... `<|vision_end|>`, `TokenSpec.image_start_ids` / `image_end_ids`). Captions and
-interleaved documents get them here, as the family's processor writes them; a conversation rendered by
-the model's chat template has them already, from the template.
+`<|vision_start|>` ... `<|vision_end|>`, `TokenSpec.image_start_ids` / `image_end_ids`; Gemma 3's
+`\n\n<start_of_image>` ... `<end_of_image>\n\n`). Captions and interleaved documents get them here, as
+the family's processor writes them; a conversation rendered by the model's chat template has them
+already, from the template. A processor tokenizes its whole prompt at once, so a marker's plain text
+(Gemma 3's `\n\n`, `TokenSpec.image_start_text` / `image_end_text`) is tokenized together with the text
+next to it, which can merge with it into other tokens than either alone; its special tokens split the
+text, so they are ids of their own. A token is learned when it holds any character of learned text.
 
 Masking: image tokens and their markers, BOS, non-learned text (prompts, user turns) and padding get
 IGNORE_INDEX; learned text (captions, document text, assistant turns) and the final EOS are
@@ -22,6 +26,7 @@ it would only add a NaN or zero to the loss.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,12 +45,36 @@ class TokenSpec:
     # (captions, interleaved documents): the model family's image markers; none for LLaVA.
     image_start_ids: tuple[int, ...] = ()
     image_end_ids: tuple[int, ...] = ()
+    # Plain text before `image_start_ids` and after `image_end_ids` (Gemma 3's "\n\n"), tokenized together
+    # with the neighbouring text, as the family's processor tokenizes its prompt.
+    image_start_text: str = ""
+    image_end_text: str = ""
 
     @classmethod
     def with_markers(cls, tokenizer: Any, image_token_id: int, max_len: int, markers: tuple[str, str]) -> TokenSpec:
-        """A spec whose images get `markers` (start text, end text; "" for none) around their tokens."""
-        start, end = (tuple(encode_text(tokenizer, text)) if text else () for text in markers)
-        return cls(tokenizer, image_token_id, max_len, start, end)
+        """A spec whose images get `markers` (start text, end text; "" for none) around their tokens: each
+        marker's special tokens as ids, its plain text outside them (`split_marker`) left to join the text."""
+        start_text, start = split_marker(tokenizer, markers[0], before=True)
+        end_text, end = split_marker(tokenizer, markers[1], before=False)
+        return cls(tokenizer, image_token_id, max_len, start, end, start_text, end_text)
+
+    @property
+    def loose_markers(self) -> bool:
+        """Whether a marker has plain text that joins the neighbouring text."""
+        return bool(self.image_start_text or self.image_end_text)
+
+
+def split_marker(tokenizer: Any, marker: str, before: bool) -> tuple[str, tuple[int, ...]]:
+    """(plain text, ids) of an image marker: the ids of its span of the tokenizer's added (special) tokens, and
+    the plain text outside that span, before it (`before`: a start marker) or after it (an end marker); all of
+    a marker without added tokens is plain text."""
+    added = getattr(tokenizer, "get_added_vocab", dict)()
+    found = [(match.start(), match.end()) for token in added for match in re.finditer(re.escape(token), marker)]
+    if not marker or not found:
+        return marker, ()
+    start, end = min(found)[0], max(end for _, end in found)
+    ids = tuple(encode_text(tokenizer, marker[start:end]))
+    return (marker[:start], ids) if before else (marker[end:], ids)
 
 
 @dataclass
@@ -75,6 +104,21 @@ def encode_text(tokenizer: Any, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def encode_joined(tokenizer: Any, before: str, text: str, after: str) -> tuple[list[int], list[bool]]:
+    """Ids of `before + text + after` tokenized as one string, and whether each token holds any character of
+    `text` (the others hold only marker text)."""
+    whole = before + text + after
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        encoding = backend.encode(whole, add_special_tokens=False)
+        ids, offsets = encoding.ids, encoding.offsets
+    else:
+        encoding = tokenizer(whole, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
+    first, last = len(before), len(before) + len(text)
+    return list(ids), [start < last and end > first for start, end in offsets]
+
+
 def tokenize_sample(sample: Sample, spec: TokenSpec, visual_tokens_per_image: int | Sequence[int]) -> TokenizedSample:
     """input_ids and labels of one sample, each image expanded to its number of visual tokens."""
     images = sample.images
@@ -95,15 +139,33 @@ def tokenize_sample(sample: Sample, spec: TokenSpec, visual_tokens_per_image: in
     image_index = 0
     learned_any = False
     turn_ends: list[int] = []  # token counts at which an assistant turn ends
-    for index, segment in enumerate(sample.segments):
+    # A chat template wrote the markers itself; anything else gets them here. Unlearned, as the image.
+    marked = not sample.rendered
+    loose = marked and spec.loose_markers
+    segments = sample.segments
+    owed = ""  # the last image's end-marker text, not yet tokenized with the text after it
+    for index, segment in enumerate(segments):
+        image_next = index + 1 < len(segments) and isinstance(segments[index + 1], ImageSegment)
         if isinstance(segment, TextSegment):
-            ids = encode_text(tokenizer, segment.text)
+            after = spec.image_start_text if loose and image_next else ""
+            if owed or after:
+                ids, holds_text = encode_joined(tokenizer, owed, segment.text, after)
+                learned = [segment.learned and holds for holds in holds_text]
+                labels += [i if keep else IGNORE_INDEX for i, keep in zip(ids, learned, strict=True)]
+                learned_any |= any(learned)
+                owed = ""
+            else:
+                ids = encode_text(tokenizer, segment.text)
+                labels += ids if segment.learned else [IGNORE_INDEX] * len(ids)
+                learned_any |= segment.learned and bool(ids)
             input_ids += ids
-            labels += ids if segment.learned else [IGNORE_INDEX] * len(ids)
-            learned_any |= segment.learned and bool(ids)
         else:
-            # A chat template wrote the markers itself; anything else gets them here. Unlearned, as the image.
-            start_ids, end_ids = ((), ()) if sample.rendered else (spec.image_start_ids, spec.image_end_ids)
+            if loose and (index == 0 or isinstance(segments[index - 1], ImageSegment)):
+                ids = encode_text(tokenizer, owed + spec.image_start_text)  # no text before: the markers' own
+                input_ids += ids
+                labels += [IGNORE_INDEX] * len(ids)
+            owed = spec.image_end_text if loose else ""
+            start_ids, end_ids = (spec.image_start_ids, spec.image_end_ids) if marked else ((), ())
             input_ids += start_ids
             start = len(input_ids)
             input_ids += [spec.image_token_id] * counts[image_index]
@@ -113,6 +175,10 @@ def tokenize_sample(sample: Sample, spec: TokenSpec, visual_tokens_per_image: in
             image_index += 1
         if index + 1 in sample.turn_ends:
             turn_ends.append(len(input_ids))
+    if owed:  # the document ends with an image
+        ids = encode_text(tokenizer, owed)
+        input_ids += ids
+        labels += [IGNORE_INDEX] * len(ids)
     if eos is not None:
         input_ids.append(eos)
         labels.append(eos if learned_any else IGNORE_INDEX)

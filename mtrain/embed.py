@@ -53,8 +53,9 @@ class Embedder:
         return cls(retrieval_view(cfg, built, task), pair_spec(cfg, built), built.image_processor)
 
     @classmethod
-    def from_export(cls, export_dir: str | Path) -> Embedder:
-        """From an export folder: `model/` (Hugging Face) plus `embedding.json` from `save_embedding_head`."""
+    def from_export(cls, export_dir: str | Path, overrides: Sequence[str] = ()) -> Embedder:
+        """From an export folder: `model/` (Hugging Face) plus `embedding.json` from `save_embedding_head`;
+        `overrides` of the model's config, such as a Qwen model's `model.image_size=[H,W]`."""
         from safetensors.torch import load_file  # noqa: PLC0415
 
         from mtrain.config import load_config  # noqa: PLC0415
@@ -80,6 +81,7 @@ class Embedder:
                 f"matryoshka.dims.dims={meta['dims']}",
                 f"matryoshka.dims.classes={meta.get('classes', 0)}",
                 "checkpoint.export_at_end=false",  # this config only rebuilds the model
+                *overrides,
             ],
         )
         built = build_model(cfg.model, torch.float32, None, cfg.run.seed)

@@ -1,11 +1,10 @@
 """Inference on an mtrain export with stock transformers + PEFT: generate at a visual-token scale,
 embed at a Matryoshka dim and layer. Nothing of mtrain's training code is imported.
 
-    from mtrain.infer import MatryoshkaModel
-    from transformers import AutoProcessor
+    from mtrain.infer import MatryoshkaModel, load_processor
 
     model = MatryoshkaModel.from_export("runs/m3/export")           # reads export/mtrain.json
-    processor = AutoProcessor.from_pretrained("runs/m3/export/model")
+    processor = load_processor("runs/m3/export/model", model.llava.config)  # AutoProcessor, Qwen's without torchvision
     inputs = processor(images=image, text=prompt, return_tensors="pt")  # <image> -> the full grid
     answer = model.generate(**inputs, scale=16, max_new_tokens=32)     # 16 visual tokens per image
     vectors = MatryoshkaModel.from_export("runs/embed/export").embed(**inputs, dim=64, layer=12)
@@ -79,6 +78,13 @@ GENERATING_MODEL_TYPES = (
 ANYRES_MODEL_TYPES = ("llava_next", "llava_onevision")
 # The model types whose image tokens attend to each other both ways (`token_type_ids` marks them), as trained.
 IMAGE_ATTENTION_MODEL_TYPES = ("gemma3",)
+# Native-resolution images (`image_grid_thw`): their stock processor classes cannot be built without torchvision
+# (their video processor needs it), so prompts come from the tokenizer and image processor (`ImagePromptProcessor`).
+NATIVE_RESOLUTION_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+# The model types whose generation prompts `ImagePromptProcessor` builds: Qwen's and OneVision's, whose processor
+# classes need torchvision, and Gemma 3's, whose stock processor writes its own text around each <start_of_image>
+# (256 soft tokens unless configured), where the template mtrain trains with writes the image's markers itself.
+PROMPT_BUILT_MODEL_TYPES = (*NATIVE_RESOLUTION_MODEL_TYPES, "llava_onevision", "gemma3")
 
 
 @dataclass
@@ -350,9 +356,17 @@ class MatryoshkaModel:
         attention_mask: torch.Tensor | None = None,
         dim: int | None = None,
         layer: int | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        **image_marks: torch.Tensor,
     ) -> torch.Tensor:
         """(rows, dim) unit vectors: the first `dim` coordinates (default: the largest trained) of the
-        embedding at hidden layer `layer` (default: the last), re-normalised."""
+        embedding at hidden layer `layer` (default: the last), re-normalised. The prompt as the processor gives
+        it, every image at its full grid (Qwen's `image_grid_thw`, anyres `image_sizes`); the image positions it
+        marks (`FULL_GRID_INPUTS`) are remade from the ids."""
+        unknown = set(image_marks) - set(FULL_GRID_INPUTS)
+        if unknown:
+            raise TypeError(f"embed() got unexpected keyword arguments {sorted(unknown)}")
         meta = self.spec.embedding
         if meta is None:
             raise ValueError(f"this export has no {EMBEDDING_FILE}: it is not an embedding model (task.objective)")
@@ -361,17 +375,36 @@ class MatryoshkaModel:
             raise ValueError(f"layer={layer} is outside 1..{meta['last_layer']}; trained layers: {meta['layers']}")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        embeddings = self.llava.get_input_embeddings()(input_ids)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if pixel_values is not None and pixel_values.shape[0]:
-            features = self.image_features(pixel_values).flatten(0, 1).to(embeddings.dtype)
-            embeddings = embeddings.masked_scatter((input_ids == self.image_token_id).unsqueeze(-1), features)
-        hidden = self.llava.model(
-            inputs_embeds=embeddings, attention_mask=attention_mask, output_hidden_states=True, use_cache=False
-        ).hidden_states[layer]
+            inputs |= self.image_inputs(input_ids, pixel_values, image_grid_thw, image_sizes)
+        # The stock forward places the images as the family's training task does (mtrain/task/contrastive.py):
+        # Qwen's merged tokens with M-RoPE ids from their grids, Gemma 3's attention within each image.
+        hidden = self.llava.model(**inputs, output_hidden_states=True, use_cache=False).hidden_states[layer]
         pooled = (pool_last_token if meta["pooling"] == "last" else pool_mean)(hidden, attention_mask)
         if self.head is not None:
             pooled = self.head(pooled)
         return truncate(pooled, dim)
+
+    def image_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None,
+                     image_sizes: torch.Tensor | None) -> dict[str, torch.Tensor]:  # fmt: skip
+        """The stock forward's image arguments for a prompt whose images are at their full grid: the pixels, and
+        what the family needs to place them (Qwen: `image_grid_thw` and the image positions it makes M-RoPE ids
+        from; anyres: each image's size; Gemma 3: the image positions that attend both ways)."""
+        model_type = self.llava.config.model_type
+        is_image = input_ids == self.image_token_id
+        inputs = {"pixel_values": pixel_values.to(self.llava.dtype)}
+        if model_type in NATIVE_RESOLUTION_MODEL_TYPES:
+            if image_grid_thw is None:
+                raise ValueError(f"a {model_type} model needs each image's image_grid_thw, as its processor gives it")
+            inputs |= {"image_grid_thw": image_grid_thw, "mm_token_type_ids": is_image.int()}
+        if model_type in ANYRES_MODEL_TYPES:
+            if image_sizes is None:
+                raise ValueError("an anyres model needs each image's (height, width): give the processor's image_sizes")
+            inputs["image_sizes"] = image_sizes
+        if model_type in IMAGE_ATTENTION_MODEL_TYPES:
+            inputs["token_type_ids"] = is_image.long()
+        return inputs
 
 
 def deepstack_inputs(ids: torch.Tensor, mask: torch.Tensor, is_image: torch.Tensor, visual: torch.Tensor,
@@ -463,6 +496,66 @@ def load_projection(folder: Path, spec: MatryoshkaSpec, dtype: torch.dtype) -> n
     return projection.eval()
 
 
+class ImagePromptProcessor:
+    """A processor's prompt side (`apply_chat_template`, a call on images and text, `decode`) from the tokenizer
+    and the image processor alone, for `PROMPT_BUILT_MODEL_TYPES`. It expands each image token of the text (where
+    the trained chat template puts an image) to the image's tokens, as the stock processor or training does: Qwen's
+    merged tokens, t*h*w / merge_size^2 of its `image_grid_thw`; OneVision's anyres count for the picture's size
+    (`mtrain.model.anyres.image_tokens`); Gemma 3's `mm_tokens_per_image`. It gives the image processor's pixels
+    (with Qwen's `image_grid_thw`, OneVision's `image_sizes`)."""
+
+    def __init__(self, tokenizer: Any, image_processor: Any, config: Any) -> None:
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.config = config
+        self.image_token = tokenizer.convert_ids_to_tokens(config.image_token_id)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
+        """The conversation as text, by the tokenizer's chat template (the one the model trained with)."""
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+
+    def __call__(self, images: Any = None, text: str = "", return_tensors: str = "pt") -> dict[str, torch.Tensor]:
+        images = [] if images is None else images if isinstance(images, list) else [images]
+        pieces = text.split(self.image_token)
+        if len(pieces) - 1 != len(images):
+            raise ValueError(f"the text has {len(pieces) - 1} {self.image_token} for {len(images)} images")
+        pixels: dict[str, torch.Tensor] = {}
+        if images:
+            processed = self.image_processor(images=images, return_tensors=return_tensors)
+            pixels = {name: processed[name] for name in PROMPT_INPUTS if name in processed}
+            counts = self.token_counts(pixels, images)
+            text = pieces[0] + "".join(
+                self.image_token * count + piece for count, piece in zip(counts, pieces[1:], strict=True)
+            )
+        return {**self.tokenizer(text, return_tensors=return_tensors), **pixels}
+
+    def token_counts(self, pixels: dict[str, torch.Tensor], images: list[Any]) -> list[int]:
+        """Each image's token count in the prompt."""
+        model_type = self.config.model_type
+        if model_type in NATIVE_RESOLUTION_MODEL_TYPES:
+            merge = self.image_processor.merge_size
+            return (pixels["image_grid_thw"].prod(-1) // (merge * merge)).tolist()
+        if model_type in ANYRES_MODEL_TYPES:
+            return [image_tokens(self.config, (image.height, image.width)) for image in images]
+        return [self.config.mm_tokens_per_image] * len(images)
+
+    def decode(self, token_ids: Any, **kwargs: Any) -> str:
+        return self.tokenizer.decode(token_ids, **kwargs)
+
+
+def load_processor(folder: str | Path, config: Any) -> Any:
+    """The processor of an export's `model/` folder for a model of `config`: `AutoProcessor`, or for Qwen-VL,
+    OneVision and Gemma 3 (`PROMPT_BUILT_MODEL_TYPES`) its tokenizer and image processor as an
+    `ImagePromptProcessor`."""
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer  # noqa: PLC0415
+
+    if config.model_type in PROMPT_BUILT_MODEL_TYPES:
+        return ImagePromptProcessor(
+            AutoTokenizer.from_pretrained(folder), AutoImageProcessor.from_pretrained(folder), config
+        )
+    return AutoProcessor.from_pretrained(folder)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m mtrain.infer EXPORT --image PICTURE --prompt TEXT [--scale S]`: answer with the trained chat
     template, each image at S visual tokens (default: the export's default scale)."""
@@ -470,7 +563,6 @@ def main(argv: list[str] | None = None) -> int:
     import sys  # noqa: PLC0415
 
     from PIL import Image  # noqa: PLC0415
-    from transformers import AutoProcessor  # noqa: PLC0415
 
     parser = argparse.ArgumentParser(prog="python -m mtrain.infer", description=main.__doc__)
     parser.add_argument("export", help="the folder `mtrain export` (or the end of training) wrote")
@@ -485,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    processor = AutoProcessor.from_pretrained(Path(args.export) / "model")
+    processor = load_processor(Path(args.export) / "model", model.llava.config)
     print(answer(model, processor, Image.open(args.image).convert("RGB"), args.prompt, args.scale, args.max_new_tokens))
     return 0
 

@@ -2,7 +2,8 @@
 
     OUT/model/     the merged model: safetensors, config, tokenizer, image processor, and for LLaVA a
                    processor with the chat template the model was trained with
-                   (`AutoModelForImageTextToText` / `AutoProcessor.from_pretrained`)
+                   (`AutoModelForImageTextToText` / `AutoProcessor.from_pretrained`); for the
+                   processors that need torchvision (Qwen-VL, OneVision) their processor_config.json
     OUT/adapter/   the PEFT adapter with its `modules_to_save` (`PeftModel.from_pretrained`)
     OUT/base/      the base the adapter applies to, when it exists nowhere else on disk
                    (the built-in preset, or a base that came from `checkpoint.init_from`)
@@ -168,6 +169,8 @@ def _save_hf_folder(model: torch.nn.Module, built: Any, folder: Path) -> None:
     processor = llava_processor(model.config, built, built.tokenizer.chat_template)
     if processor is not None:
         processor.save_pretrained(folder)
+    elif (arguments := unbuilt_processor_config(model.config)) is not None:
+        (folder / PROCESSOR_CONFIG).write_text(json.dumps(arguments, indent=2, sort_keys=True) + "\n")
 
 
 def llava_processor(config: Any, built: Any, chat_template: str) -> Any:
@@ -208,6 +211,34 @@ def llava_processor(config: Any, built: Any, chat_template: str) -> Any:
     )
 
 
+PROCESSOR_CONFIG = "processor_config.json"  # transformers' ProcessorMixin file: class and arguments
+# The processors that cannot be built without torchvision (their video processors need it), by model type.
+UNBUILT_PROCESSORS = {"llava_onevision": "LlavaOnevisionProcessor", "qwen2_vl": "Qwen2VLProcessor",
+                      "qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor"}  # fmt: skip
+
+
+def unbuilt_processor_config(config: Any) -> dict[str, Any] | None:
+    """processor_config.json of a processor this process cannot build (no torchvision): its class and the
+    arguments that fit the model, which `AutoProcessor.from_pretrained` passes it where torchvision is installed
+    (the tokenizer, with chat_template.jinja, and the image processor are saved beside it; the video processor
+    takes the image processor's settings). None for a processor that is built and saved whole."""
+    name = UNBUILT_PROCESSORS.get(getattr(config, "model_type", None))
+    if name is None:
+        return None
+    arguments = onevision_arguments(config) if config.model_type == "llava_onevision" else {}
+    return {"processor_class": name, **arguments}
+
+
+def onevision_arguments(config: Any) -> dict[str, Any]:
+    """LlavaOnevisionProcessor's arguments that count each image's tokens as the model packs them."""
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    return {
+        "num_image_tokens": side * side,
+        "vision_feature_select_strategy": config.vision_feature_select_strategy,
+        "vision_aspect_ratio": config.vision_aspect_ratio,
+    }
+
+
 def onevision_processor(config: Any, built: Any, chat_template: str) -> Any:
     """A `LlavaOnevisionProcessor` counting each image's anyres tokens as the model packs them: g*g base
     tokens per crop grid, the unpadded crops with their newlines.
@@ -221,14 +252,11 @@ def onevision_processor(config: Any, built: Any, chat_template: str) -> Any:
 
     if importlib.util.find_spec("torchvision") is None:
         return None
-    side = config.vision_config.image_size // config.vision_config.patch_size
     return LlavaOnevisionProcessor(
         image_processor=built.image_processor,
         tokenizer=built.tokenizer,
-        num_image_tokens=side * side,
-        vision_feature_select_strategy=config.vision_feature_select_strategy,
-        vision_aspect_ratio=config.vision_aspect_ratio,
         chat_template=chat_template,
+        **onevision_arguments(config),
     )
 
 

@@ -93,7 +93,8 @@ def loader_settings(cfg: TrainConfig, tokenizer: Any) -> Any:
 
 def token_spec(cfg: TrainConfig, built: Any) -> Any:
     """How documents become tokens for this model: its tokenizer and image token, `data.max_len`, and its
-    family's markers around every image (Qwen's <|vision_start|> ... <|vision_end|>)."""
+    family's markers around every image (Qwen's <|vision_start|> ... <|vision_end|>, Gemma 3's
+    \n\n<start_of_image> ... <end_of_image>\n\n)."""
     from data_pipeline.tokenize import TokenSpec  # noqa: PLC0415
 
     markers = built.family.image_markers if built.family is not None else ("", "")
@@ -156,6 +157,8 @@ def pair_spec(cfg: TrainConfig, built: Any) -> Any:
         cfg.task.contrastive.query_instruction,
         tokens.image_start_ids,
         tokens.image_end_ids,
+        tokens.image_start_text,
+        tokens.image_end_text,
     )
 
 

@@ -222,15 +222,14 @@ def generated_metrics(sums: dict[int, torch.Tensor]) -> dict[str, float]:
 def load_generator(source: str | Path) -> tuple[MatryoshkaModel, Any]:
     """(model, processor) of an export folder (through `MatryoshkaModel.from_export`, as users load it) or of a
     checkpoint (its weights consolidated as `mtrain eval` loads them, its processor as the export writes it)."""
-    from mtrain.checkpoint.export import EXPORT_METADATA, llava_processor  # noqa: PLC0415
+    from mtrain.checkpoint.export import EXPORT_METADATA  # noqa: PLC0415
+    from mtrain.infer import load_processor  # noqa: PLC0415
 
     folder = Path(source)
     if (folder / EXPORT_METADATA).is_file():
-        from transformers import AutoProcessor  # noqa: PLC0415
-
         model = MatryoshkaModel.from_export(folder)
-        model.check_generates()  # before the processor, whose loading may fail first (Qwen's needs torchvision)
-        return model, AutoProcessor.from_pretrained(folder / "model")
+        model.check_generates()  # before the processor, whose loading may fail first
+        return model, load_processor(folder / "model", model.llava.config)
     if not folder.is_dir():
         raise FileNotFoundError(
             f"{source} is not a folder: give an export (the folder holding {EXPORT_METADATA}) or a checkpoint "
@@ -239,15 +238,40 @@ def load_generator(source: str | Path) -> tuple[MatryoshkaModel, Any]:
     from mtrain.eval.budget import load_for_eval  # noqa: PLC0415
 
     cfg, built, task = load_for_eval(folder, [], shards=None, data_needed=False)
+    return checkpoint_generator(cfg, built, task, source)
+
+
+def checkpoint_generator(cfg: TrainConfig, built: Any, task: Any, source: str | Path) -> tuple[MatryoshkaModel, Any]:
+    """(model, processor) of a loaded checkpoint's task: the processor its export writes (LLaVA's), or for
+    Qwen-VL, OneVision and Gemma 3 its tokenizer and image processor as `mtrain.infer.load_processor` reads them
+    from the export."""
+    from mtrain.checkpoint.export import llava_processor  # noqa: PLC0415
+    from mtrain.infer import PROMPT_BUILT_MODEL_TYPES, ImagePromptProcessor  # noqa: PLC0415
+
     model = generation_model(cfg, task, built.scale_routing)
     model.check_generates()
-    processor = llava_processor(task.llava.config, built, built.tokenizer.chat_template)
-    if processor is None:  # Qwen's processor class cannot be built without torchvision; its export holds its own
+    config = task.llava.config
+    if config.model_type in PROMPT_BUILT_MODEL_TYPES:
+        return model, ImagePromptProcessor(built.tokenizer, exported_image_processor(built.image_processor), config)
+    processor = llava_processor(config, built, built.tokenizer.chat_template)
+    if processor is None:
         raise ValueError(
-            f"{source}: mtrain builds no processor for a {task.llava.config.model_type} checkpoint; export it "
+            f"{source}: mtrain builds no processor for a {config.model_type} checkpoint; export it "
             "(mtrain export) and run mtrain generate on the export, which holds the model's own processor"
         )
     return model, processor
+
+
+def exported_image_processor(image_processor: Any) -> Any:
+    """The image processor as an export holds it, saved and loaded back (training's fixed-size wrapper of Qwen's
+    saves the stock one: an export's users resize as it does)."""
+    import tempfile  # noqa: PLC0415
+
+    from transformers import AutoImageProcessor  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory() as folder:
+        image_processor.save_pretrained(folder)
+        return AutoImageProcessor.from_pretrained(folder)
 
 
 def check_generation_scale(spec: MatryoshkaSpec, scale: int | None) -> None:

@@ -1,7 +1,8 @@
 """The 2-rank ZeRO-3 runs the families share: M3 at scales [1,4,16] in one pass, MSS LoRA (a shared adapter
 plus one per scale) and packed rows through the real loader (`train_m3_mss_packed`, for the single-image
 families gemma3, qwen2_vl and qwen2_5_vl; the anyres ones train configs/tiny_onevision.yaml), then a look at
-the run: each step's loss against its per-scale losses, and the export against the checkpoint's own task."""
+the run: each step's loss against its per-scale losses, the export against the checkpoint's own task, and
+`mtrain generate`'s answers from both (`generated_answers`)."""
 
 from __future__ import annotations
 
@@ -73,3 +74,19 @@ def checkpoint_task(run_dir: Path, steps: int) -> tuple[Any, Any]:
     task = build_task(cfg, built, rank=0)
     task.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name))
     return built, task.eval()
+
+
+def generated_answers(run_dir: Path) -> list[str]:
+    """`mtrain generate`'s answers (`run_generate`) about one picture at scale 4 from the run's export (stock
+    loading through `MatryoshkaModel.from_export`) and from its checkpoints (loaded as `mtrain eval` loads
+    them, the scale adapters routed as in training)."""
+    from PIL import Image
+
+    from mtrain.eval.generation import run_generate
+
+    picture = run_dir / "picture.png"
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(picture)
+    return [
+        run_generate(str(source), str(picture), "What is drawn?", scale=4, max_new_tokens=4)
+        for source in (run_dir / "export", run_dir / "checkpoints")
+    ]

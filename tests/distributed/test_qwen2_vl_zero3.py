@@ -12,6 +12,7 @@ from PIL import Image
 from tests.distributed.family_runs import (
     assert_loss_is_the_mean_of_the_scale_losses,
     checkpoint_task,
+    generated_answers,
     load_export,
     train_m3_mss_packed,
 )
@@ -52,3 +53,7 @@ def test_two_rank_zero3_qwen_m3_mss_lora_packed_then_exports(tmp_path, shards_pa
         exported = stock(input_ids=ids, mm_token_type_ids=(ids == built.image_token_id).int(), **pixels).logits
         trained, _ = task.run({**batch, "pixel_values": pixels["pixel_values"][None]}, [16])
     torch.testing.assert_close(trained, exported, rtol=1e-4, atol=1e-4)
+    # `mtrain generate` without torchvision (the prompt from Qwen's tokenizer and image processor): the export and
+    # the checkpoint give the same answer.
+    from_export, from_checkpoint = generated_answers(run_dir)
+    assert from_export == from_checkpoint

@@ -2,8 +2,8 @@
 SigLIP tower and pooling projector, M3 pooling of the projected 4x4 grid with the bidirectional image
 attention following the pooled count, the one-pass all-scale loss against separate stock forwards, packed
 against unpacked documents (a sliding-window layer included), the Gemma-shaped chat template against
-`apply_chat_template`, the pre-process-group folder check, and an export that stock transformers reloads
-with equal logits."""
+`apply_chat_template`, captions and interleaved documents against the stock Gemma3Processor's ids, the
+pre-process-group folder check, and an export that stock transformers reloads with equal logits."""
 
 from __future__ import annotations
 
@@ -283,3 +283,87 @@ def test_flash_attention_falls_back_to_sdpa_for_gemma3():
     assert family_attention(family_for("gemma3"), "flash_attention_2") == "sdpa"
     assert family_attention(family_for("gemma3"), "eager") == "eager"
     assert family_attention(family_for("llava"), "flash_attention_2") == "flash_attention_2"
+
+
+# ── captions and interleaved documents: Gemma3Processor's text around every image ──────────────────────────
+MARKER_CORPUS = [
+    "Look at this:\n\n",
+    "\n\nthen this one:\n\n",
+    "\n\na red circle.",
+    "\n\n\n\nthe end.",
+    "a red circle.",
+]
+
+
+def gemma_shaped_tokenizer():
+    """The Gemma 3 preset's special tokens and template over a BPE that, like Gemma's own, does not split text at
+    whitespace before merging (so "\\n\\n" merges with the letters beside it) and writes <bos> first."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from mtrain.model.families.gemma3 import CHAT_TEMPLATE, SPECIAL_TOKENS
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    bpe.train_from_iterator(MARKER_CORPUS * 8, trainer=trainer)
+    bpe.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, chat_template=CHAT_TEMPLATE, bos_token="<bos>", eos_token="<end_of_turn>",
+        pad_token="<pad>", extra_special_tokens={"image_token": IMAGE_SOFT_TOKEN, "boi_token": "<start_of_image>",
+                                                 "eoi_token": "<end_of_image>"},
+    )  # fmt: skip
+
+
+def test_captions_and_documents_get_gemma3_processors_exact_ids_around_every_image():
+    """The stock Gemma3Processor writes `\\n\\n<start_of_image>` + soft tokens + `<end_of_image>\\n\\n` for each
+    image and tokenizes the whole prompt at once: the blank lines merge with the text beside them. Tokenization
+    with the family's markers gives its ids exactly (the EOS mtrain adds aside), the markers unlearned."""
+    from transformers import Gemma3Processor
+
+    from data_pipeline.formats import ImageSegment, Sample, TextSegment
+    from data_pipeline.pairs import PairSpec, side_ids
+    from data_pipeline.tokenize import TokenSpec, tokenize_sample
+    from mtrain.model.families import family_for
+    from mtrain.model.families.gemma3 import tiny_gemma3_image_processor
+
+    tokenizer = gemma_shaped_tokenizer()
+    soft, start, end = tokenizer.convert_tokens_to_ids([IMAGE_SOFT_TOKEN, "<start_of_image>", "<end_of_image>"])
+    processor = Gemma3Processor(image_processor=tiny_gemma3_image_processor(32), tokenizer=tokenizer,
+                                image_seq_length=4)  # fmt: skip
+    spec = TokenSpec.with_markers(tokenizer, soft, 200, family_for("gemma3").image_markers)
+    assert (spec.image_start_ids, spec.image_end_ids, spec.image_start_text) == ((start,), (end,), "\n\n")
+    image = Image.new("RGB", (32, 32), "red")
+    samples = {  # (segments, the processor's text: <start_of_image> where each image goes)
+        "caption": ([ImageSegment("jpg"), TextSegment("a red circle.", True)], "<start_of_image>a red circle."),
+        "interleaved": (
+            [TextSegment("Look at this:", True), ImageSegment("0.jpg"), TextSegment("then this one:", True),
+             ImageSegment("1.jpg"), TextSegment("the end.", True)],
+            "Look at this:<start_of_image>then this one:<start_of_image>the end.",
+        ),
+        "adjacent images": (  # no text between, before or after them: the blank lines on their own
+            [ImageSegment("0.jpg"), ImageSegment("1.jpg"), TextSegment("the end.", True), ImageSegment("2.jpg")],
+            "<start_of_image><start_of_image>the end.<start_of_image>",
+        ),
+    }  # fmt: skip
+    for form, (segments, text) in samples.items():
+        tokens = tokenize_sample(Sample(form, "interleaved", segments), spec, 4)
+        images = [image] * len(tokens.images)
+        stock = processor(text=text, images=images)["input_ids"][0]
+        assert tokens.input_ids == [*stock, tokenizer.eos_token_id], form
+        ids, labels = torch.tensor(tokens.input_ids), torch.tensor(tokens.labels)
+        assert (labels[(ids == soft) | (ids == start) | (ids == end)] == IGNORE_INDEX).all()
+        learned = tokenizer.decode(ids[labels != IGNORE_INDEX], skip_special_tokens=True)
+        assert learned.strip("\n").replace("\n\n", "") == "".join(s.text for s in segments if hasattr(s, "text"))
+        assert all(tokenizer.decode([i]).strip("\n") for i in ids[labels != IGNORE_INDEX].tolist()[:-1])
+    # The blank lines merged with the text: tokenized apart, they would give other ids.
+    assert len(tokenizer("\n\na red circle.", add_special_tokens=False)["input_ids"]) < len(
+        tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+        + tokenizer("a red circle.", add_special_tokens=False)["input_ids"]
+    )
+    # A pair side (the contrastive objective's query) the same way.
+    pair = PairSpec(tokenizer, soft, 4, 200, 32, "", spec.image_start_ids, spec.image_end_ids, "\n\n", "\n\n")
+    stock = processor(text="Look at this:<start_of_image>a red circle.", images=[image])["input_ids"][0]
+    assert side_ids(pair, "Look at this:<image>a red circle.") == [*stock, tokenizer.eos_token_id]

@@ -276,3 +276,86 @@ def test_anyres_greedy_tokens_at_the_full_scale_equal_the_stock_generate(preset)
         stock = model.generate(**inputs, **greedy)[:, width:]
     ours = MatryoshkaModel(model, MatryoshkaSpec(token_mode="m3", scales=[4, 16])).generate(**inputs, **greedy)
     assert ours.shape == (2, 8) and torch.equal(ours, stock)
+
+
+@pytest.mark.parametrize(
+    "preset", ["tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-gemma3", "tiny-llava-onevision"]
+)
+def test_mtrain_generate_answers_alike_from_an_export_and_its_checkpoint(tmp_path, preset):
+    """`mtrain generate` on Qwen and OneVision (without torchvision) and Gemma 3: the export's tokenizer and image
+    processor build the prompt (`mtrain.infer.ImagePromptProcessor`: each image token expanded to the image's
+    merged tokens, as Qwen's processor does, to OneVision's anyres count, or to Gemma 3's 16 soft tokens between
+    the markers the trained template writes), and the checkpoint's own (`checkpoint_generator`, what `load_generator` runs after loading it) give the same prompt
+    and the same greedy answer at a pooled scale, on a picture the processor resizes."""
+    from mtrain.checkpoint.export import EXPORT_METADATA, _save_hf_folder, matryoshka_metadata
+    from mtrain.eval.generation import checkpoint_generator, load_generator
+    from mtrain.infer import answer
+    from mtrain.task.registry import build_task
+
+    cfg = load_config(None, [f"model.preset={preset}", *M3, *small_anyres(preset)])
+    built = build_model(cfg.model, torch.float32, None, seed=0)
+    task = build_task(cfg, built, rank=0)
+    export = tmp_path / "export"
+    _save_hf_folder(built.model, built, export / "model")
+    (export / EXPORT_METADATA).write_text(json.dumps({"matryoshka": matryoshka_metadata(cfg)}))
+    picture = Image.new("RGB", (40, 40), (200, 30, 30))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nWhat is drawn?"}]}]
+    prompts, answers = [], []
+    for model, processor in (load_generator(export), checkpoint_generator(cfg, built, task, "checkpoint")):
+        inputs = processor(images=picture, text=processor.apply_chat_template(messages, add_generation_prompt=True))
+        prompts.append(inputs)
+        answers.append(answer(model, processor, picture, "What is drawn?", 4, max_new_tokens=4))
+        with torch.no_grad():
+            new = model.generate(**inputs, scale=4, max_new_tokens=4, do_sample=False, min_new_tokens=4)
+        answers.append(new.tolist())
+    # Qwen and Gemma 3 resize to 32x32 px: Qwen's 4-px patches merged 2x2 (a 4x4 grid), Gemma 3's projector pooling
+    # to 4x4; OneVision's anyres crops of the 40x40 picture count as training counts them.
+    anyres = preset == "tiny-llava-onevision"
+    tokens = built.family.scale_tokens(built.model.config, None, (40, 40)) if anyres else 16
+    assert int((prompts[0]["input_ids"] == built.image_token_id).sum()) == tokens
+    extra = {"tiny-gemma3": (), "tiny-llava-onevision": ("image_sizes",)}.get(preset, ("image_grid_thw",))
+    assert tuple(prompts[0]) == ("input_ids", "attention_mask", "pixel_values", *extra)
+    if "image_grid_thw" in extra:
+        assert prompts[0]["image_grid_thw"].tolist() == [[1, 8, 8]]
+    for name, value in prompts[0].items():
+        torch.testing.assert_close(value, prompts[1][name], rtol=0, atol=0)
+    assert answers[0] == answers[2] and answers[1] == answers[3] and len(answers[1][0]) == 4
+
+
+@pytest.mark.parametrize("preset", ["tiny-llava-onevision", "tiny-qwen2.5-vl"])
+def test_an_export_names_the_processor_it_cannot_build_without_torchvision(tmp_path, preset):
+    """OneVision's and Qwen's processor classes need torchvision (their video processors): the export writes their
+    processor_config.json by hand (class, and OneVision's token count, which its default leaves unset), beside the
+    tokenizer's chat_template.jinja and the image processor, so that AutoProcessor builds the right processor where
+    torchvision is installed. Here, without it, AutoProcessor gets as far as the video processor."""
+    from transformers import AutoProcessor, AutoTokenizer
+    from transformers.utils import is_torchvision_available
+
+    from mtrain.checkpoint.export import _save_hf_folder
+
+    built = build_model(load_config(None, [f"model.preset={preset}"]).model, torch.float32, None, seed=0)
+    folder = tmp_path / "model"
+    _save_hf_folder(built.model, built, folder)
+    written = json.loads((folder / "processor_config.json").read_text())
+    if preset == "tiny-llava-onevision":  # each crop's tower grid
+        config = built.model.config
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        assert written == {"processor_class": "LlavaOnevisionProcessor", "num_image_tokens": side * side,
+                           "vision_feature_select_strategy": config.vision_feature_select_strategy,
+                           "vision_aspect_ratio": config.vision_aspect_ratio}  # fmt: skip
+    else:
+        assert written == {"processor_class": "Qwen2_5_VLProcessor"}
+    processor_class = getattr(__import__("transformers"), written["processor_class"])
+    arguments, _ = processor_class.get_processor_dict(folder)
+    assert (
+        arguments["chat_template"]
+        == AutoTokenizer.from_pretrained(folder).chat_template
+        == built.tokenizer.chat_template
+    )
+    if is_torchvision_available():
+        processor = AutoProcessor.from_pretrained(folder)
+        assert type(processor).__name__ == written["processor_class"]
+        assert all(getattr(processor, name) == value for name, value in written.items() if name != "processor_class")
+    else:
+        with pytest.raises(ImportError, match="VideoProcessor requires the Torchvision library"):
+            AutoProcessor.from_pretrained(folder)

@@ -81,3 +81,47 @@ def test_mqt_keeps_the_first_queries_as_the_task_does():
     wrong = MatryoshkaModel(task.model, MatryoshkaSpec("mqt", scales, default_scale=64, mqt_queries=128))
     with pytest.raises(ValueError, match="gives 64 tokens per image, not the 128 MQT queries"):
         wrong.logits(**prompt_of(batch), scale=8)
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-gemma3", "tiny-llava-onevision"])
+def test_embed_on_a_family_export_equals_the_training_tasks_embedding_at_every_dim(tmp_path, preset):
+    """`MatryoshkaModel.embed` on an embedding export runs the stock forward with the family's image arguments
+    (Qwen's image_grid_thw and M-RoPE ids, Gemma 3's image attention, anyres image sizes): image queries and
+    text-only positives give the contrastive task's own embeddings at every trained dim."""
+    from mtrain.checkpoint.export import _save_hf_folder
+    from mtrain.config import load_config
+    from mtrain.embed import save_embedding_head
+    from mtrain.model.build import build_model
+    from mtrain.model.embedding_head import truncate
+    from mtrain.task.registry import build_task
+    from tests.unit.test_family_objectives import pair_batch, preset_overrides, stock_image_inputs
+
+    dims = [16, 32, 64]
+    cfg = load_config(None, [*preset_overrides(preset), "task.objective=contrastive", f"matryoshka.dims.dims={dims}",
+                             "checkpoint.export_at_end=false"])  # fmt: skip
+    built = build_model(cfg.model, torch.float32, None, seed=0)
+    task = build_task(cfg, built, rank=0).eval()
+    batch = pair_batch(built, preset)
+    with torch.no_grad():
+        queries, positives = (side[0] for side in task.encode_pairs(batch, [task.depth]))
+    _save_hf_folder(built.model, built, tmp_path / "model")
+    save_embedding_head(task, tmp_path)
+    (tmp_path / EXPORT_METADATA).write_text(json.dumps({"matryoshka": matryoshka_metadata(cfg)}))
+    model = MatryoshkaModel.from_export(tmp_path)
+    images = stock_image_inputs(built, batch["query_pixel_values"], batch.get("query_image_sizes"))
+    for dim in dims:
+        got = model.embed(batch["query_input_ids"], attention_mask=batch["query_attention_mask"], dim=dim, **images)
+        torch.testing.assert_close(got, truncate(queries, dim), rtol=1e-5, atol=1e-5)
+        text = model.embed(batch["positive_input_ids"], attention_mask=batch["positive_attention_mask"], dim=dim)
+        torch.testing.assert_close(text, truncate(positives, dim), rtol=1e-5, atol=1e-5)
+    # mtrain.embed's Embedder on the same export (a Qwen export is resized to the size it trained at) as on the task.
+    from PIL import Image
+
+    from mtrain.embed import Embedder
+    from mtrain.engine.data import pair_spec
+
+    picture = Image.new("RGB", (40, 40), (200, 20, 20))
+    inputs = [picture, "a red circle."]
+    want = Embedder(task, pair_spec(cfg, built), built.image_processor).embed(inputs, dim=16)
+    overrides = ["model.image_size=[32,32]"] if built.family.model_type.startswith("qwen") else []
+    torch.testing.assert_close(Embedder.from_export(tmp_path, overrides).embed(inputs, dim=16), want)

@@ -9,7 +9,10 @@
   projected grid by side / k per side (`mtrain.model.token_scales.pool_grid`, as for LLaVA), so the
   scales nest (16 -> 4 -> 1 on a 4x4 grid) and every rank computes the same counts.
 - Sequence: the tokens fill the positions of `image_token_id` (`<image_soft_token>`) between
-  `<start_of_image>` and `<end_of_image>`, k*k of them at scale k*k.
+  `<start_of_image>` and `<end_of_image>`, k*k of them at scale k*k. Captions and interleaved documents get
+  Gemma3Processor's text around each image, `\n\n<start_of_image>` + soft tokens + `<end_of_image>\n\n`
+  (`image_markers`), the blank lines tokenized with the text beside them as the processor's prompt is
+  (data_pipeline/tokenize.py), unlearned like the image's tokens.
 - Attention: causal, except that the tokens of one image attend to each other both ways, as stock
   Gemma 3 does from `token_type_ids` (1 on image tokens). The image runs are read from the pooled
   layout, so the bidirectional block always has the pooled count. Padded rows pass `token_type_ids`
@@ -47,6 +50,7 @@ SPECIAL_TOKENS = [
     "<end_of_image>",
     IMAGE_SOFT_TOKEN,
 ]
+IMAGE_MARKER_GAP = "\n\n"  # Gemma3Processor's blank line before <start_of_image> and after <end_of_image>
 POOL_PER_SIDE = 2  # the tiny preset's projector pools 2x2 patches into one token
 
 # Gemma 3's chat template shape: BOS, turns `<start_of_turn>{user|model}\n...<end_of_turn>\n`, a system
@@ -87,7 +91,11 @@ def build_tiny_gemma3_tokenizer(vocab_size: int = 512) -> Any:
         bos_token="<bos>",
         eos_token="<end_of_turn>",
         pad_token="<pad>",
-        extra_special_tokens={"image_token": IMAGE_SOFT_TOKEN, "boi_token": "<start_of_image>"},
+        extra_special_tokens={
+            "image_token": IMAGE_SOFT_TOKEN,
+            "boi_token": "<start_of_image>",
+            "eoi_token": "<end_of_image>",
+        },
     )
 
 
@@ -183,6 +191,8 @@ class Gemma3Family(ModelFamily):
     model_class_path = "transformers:Gemma3ForConditionalGeneration"
     position_ids = "1-D, from 0 at each document's first token; visual tokens take consecutive positions"
     flash_attention = False  # transformers' Gemma 3 refuses it: flash attention drops the bidirectional mask
+    # Gemma3Processor's `full_image_sequence` around the soft tokens it expands each image to.
+    image_markers = (f"{IMAGE_MARKER_GAP}<start_of_image>", f"<end_of_image>{IMAGE_MARKER_GAP}")
 
     def visual_tokens(self, config: Any) -> int:
         return config.mm_tokens_per_image
