@@ -75,7 +75,6 @@ class LoraConfig(Checkable):
 
 
 QWEN_PRESETS = ("tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl")  # tiny presets with Qwen's 2x2 patch merger
-QWEN3_PRESET = "tiny-qwen3-vl"  # DeepStack: trains with M3 only
 GEMMA3_PRESET = "tiny-gemma3"  # its projector pools 2x2 patches into one token
 
 
@@ -731,19 +730,6 @@ class TrainConfig(Checkable):
             problem = mqt_head_problem(tokens, self.checkpoint.export_at_end, self.eval.generate_samples)
             if problem:
                 return [problem]
-        if self.model.preset == QWEN3_PRESET and self.task.objective == "contrastive":
-            message = "is 'contrastive', which the Qwen3-VL tiny preset does not train yet (its task would drop DeepStack's sets)"
-            return [("task.objective", message)]
-        if self.model.preset == QWEN3_PRESET and tokens.mode == "none":
-            message = (
-                "is 'none', which the Qwen3-VL tiny preset does not train (the language-modeling task cannot pass "
-                f"DeepStack's features); set matryoshka.tokens.mode=m3, with scales=[{self.model.tiny_visual_tokens}] "
-                "for full-size images only"
-            )
-            return [("matryoshka.tokens.mode", message)]
-        if self.model.preset == QWEN3_PRESET and tokens.mode == "mqt":
-            message = "is 'mqt', which the Qwen3-VL tiny preset does not train yet (its query transformer would drop DeepStack's sets)"
-            return [("matryoshka.tokens.mode", message)]
         if tokens.mode == "m3" and self.model.preset != "none":
             # A tiny preset's grid is square; a folder's grid is checked by its family (mtrain/launch/model_checks.py).
             bad = [s for s in tokens.scales if round(s**0.5) ** 2 != s]

@@ -154,6 +154,17 @@ class QueryTransformerProjector(nn.Module):
         hidden = queries + attended
         return hidden + self.mlp(self.norm_out(hidden))
 
+    def read_levels(self, features: torch.Tensor) -> torch.Tensor:
+        """(images, M, width * levels) from (images, tokens, width * levels): every block of `width` channels
+        (Qwen3-VL's merged tokens, then each DeepStack set: the family's `image_features`) read by the same
+        queries, as its own image, in one call; a single block is the plain forward."""
+        width = self.query_positions.shape[-1]  # a buffer: under ZeRO-3 a parameter's shape is (0,) here
+        levels = features.shape[-1] // width
+        if levels == 1:
+            return self(features)
+        read = self(torch.cat(features.split(width, dim=-1)))  # (levels * images, M, width)
+        return torch.cat(read.chunk(levels), dim=-1)
+
 
 def sincos_2d_column_first(side: int, dim: int) -> torch.Tensor:
     """MQT-LLaVA's query positions (MAE `get_2d_sincos_pos_embed`): per grid cell, in row-major order,

@@ -45,13 +45,16 @@ class LanguageModelingTask(Task):
             inputs.pop("attention_mask", None)
         inputs.update(self.family.language_model_inputs(self.llava, layout, self.image_token_id, packed))
         pixel_values, image_sizes = inputs.pop("pixel_values", None), batch.get(IMAGE_SIZES)
-        inputs["inputs_embeds"] = self.embed(inputs.pop("input_ids"), pixel_values, image_sizes)
+        inputs["inputs_embeds"], visual_inputs = self.embed(inputs.pop("input_ids"), pixel_values, image_sizes)
         if self.token_norm is not None:
             # The model's own loss, summed over tokens and divided by the step's global count.
             inputs["num_items_in_batch"] = self.token_norm.counts[0]
         # No KV cache in training; with one, transformers skips the packed-sequence mask (5.x).
-        output = self.model(**inputs, use_cache=False)
-        loss = output.loss if self.token_norm is None else output.loss * self.token_norm.divisor
+        if visual_inputs:
+            loss = self.language_model_loss(inputs, visual_inputs)
+        else:
+            loss = self.model(**inputs, use_cache=False).loss
+        loss = loss if self.token_norm is None else loss * self.token_norm.divisor
         metrics = {
             "tokens": batch["attention_mask"].sum().detach(),
             "label_tokens": (batch["labels"] != IGNORE_INDEX).sum().detach(),
@@ -78,13 +81,28 @@ class LanguageModelingTask(Task):
         """One group: every learned token of the micro-batch."""
         return learned_per_row(batch["labels"]).sum().reshape(1)
 
+    def language_model_loss(self, inputs: dict[str, Any], visual_inputs: dict[str, Any]) -> torch.Tensor:
+        """The model's own loss, through the module its forward ends in, for images whose family hands the
+        language model more than their tokens (Qwen3-VL's DeepStack sets at the image positions), which the
+        stock forward takes from its own vision pass only. What the stock forward computes from here on:
+        language model, `lm_head`, its `loss_function`."""
+        model = self.llava
+        labels, num_items = inputs.pop("labels"), inputs.pop("num_items_in_batch", None)
+        hidden = self.family.language_model(model)(**inputs, **visual_inputs, use_cache=False).last_hidden_state
+        vocab_size = model.config.get_text_config().vocab_size
+        return model.loss_function(
+            logits=model.lm_head(hidden), labels=labels, vocab_size=vocab_size, num_items_in_batch=num_items
+        )
+
     def embed(
         self,
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None,
         image_sizes: list[tuple[int, int]] | None = None,
-    ) -> torch.Tensor:
-        """Token embeddings with every image's visual tokens spliced in, as the model's own forward does.
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Token embeddings with every image's visual tokens spliced in, as the model's own forward does, and
+        what else of the images the language model takes (the family's `splice_visual`: Qwen3-VL's DeepStack
+        sets at the image positions; empty for the others).
 
         Done here, before the model is called, so the modules run in one order whatever the batch
         holds (embeddings, vision tower, projector, language model): under ZeRO-3 every rank must
@@ -93,14 +111,6 @@ class LanguageModelingTask(Task):
         """
         embeddings = self.llava.get_input_embeddings()(input_ids)
         if pixel_values is None or pixel_values.numel() == 0:  # a shape: known on the host
-            return embeddings + self.vision_stand_in(embeddings.device).to(embeddings.dtype)
+            return embeddings + self.vision_stand_in(embeddings.device).to(embeddings.dtype), {}
         features = self.image_features(pixel_values, image_sizes).flatten(0, 1)
-        spliced, visual_inputs = self.family.splice_visual(
-            self.llava, embeddings, input_ids == self.image_token_id, features
-        )
-        if visual_inputs:  # refused before any process starts (ModelFamily.problems); never dropped silently
-            raise ValueError(
-                f"a {self.llava.config.model_type} model passes {sorted(visual_inputs)} to its language model, which "
-                "the language-modeling task cannot; train it with matryoshka.tokens.mode=m3"
-            )
-        return spliced
+        return self.family.splice_visual(self.llava, embeddings, input_ids == self.image_token_id, features)

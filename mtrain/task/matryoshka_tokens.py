@@ -150,10 +150,10 @@ class MatryoshkaTokenTask(Task):
         self, pixel_values: torch.Tensor, image_sizes: list[tuple[int, int]] | None = None
     ) -> torch.Tensor:
         """The family's visual tokens, or with MQT after a family's own projector (`mtrain/model/mqt_head.py`)
-        its M query outputs: (images, M, dim)."""
+        its M query outputs: (images, M, dim), with Qwen3-VL's DeepStack sets each read by the same queries."""
         features = super().image_features(pixel_values, image_sizes)
         head = mqt_head(self.llava)
-        return features if head is None else head(features)
+        return features if head is None else head.read_levels(features)
 
     def scaled_visual(self, batch: dict[str, Any], scales: list[int]) -> dict[int, torch.Tensor]:
         """Every image of the batch at every scale of `scales`: {scale: (images, tokens, dim)}, one vision pass."""

@@ -23,6 +23,7 @@ from mtrain.model.build import build_model
 from mtrain.task.registry import build_task
 from mtrain.task.token_layout import shrink_image_runs
 from tests.family_checks import (
+    WithoutDeepStack,
     assert_one_pass_equals_separate_grads,
     assert_text_only_batch_reaches_vision_at_zero_weight,
     lora_task,
@@ -39,6 +40,7 @@ QWEN_MARKERS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|
 MARKERS = {
     "tiny-qwen2-vl": QWEN_MARKERS,
     "tiny-qwen2.5-vl": QWEN_MARKERS,
+    "tiny-qwen3-vl": QWEN_MARKERS,
     "tiny-llava-onevision": ("<|im_start|>", "<|im_end|>", "", ""),
     "tiny-llava-next": ("USER: ", "</s>", "", ""),
     "tiny-gemma3": ("<bos><start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>"),
@@ -107,16 +109,27 @@ def reference_mqt_loss(task, built, batch: dict, scale: int) -> torch.Tensor:
     visual = model.model.get_image_features(
         **stock_image_inputs(built, batch["pixel_values"], batch.get("image_sizes"))
     )
-    queries = model.model.mqt_head(torch.stack(list(visual.pooler_output)))[:, :scale]
+    head = model.model.mqt_head
+    queries = head(torch.stack(list(visual.pooler_output)))[:, :scale]
     ids, labels, mask = shrink_image_runs(
         batch["input_ids"], batch["labels"], batch["attention_mask"], task.image_token_id, QUERIES, scale, 0
     )
     is_image = ids == task.image_token_id
-    embeds = model.get_input_embeddings()(ids).masked_scatter(is_image.unsqueeze(-1), queries)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     extra = {"position_ids": positions[None].expand(3, -1, -1) if is_qwen(built) else positions}
     if built.family.model_type == "gemma3":
         extra["token_type_ids"] = is_image.long()
+    if built.family.model_type == "qwen3_vl":
+        # The same queries read every DeepStack set; the stock forward splices them and the merged tokens itself.
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
+
+        sets = [list(head(torch.stack(list(level)))[:, :scale]) for level in visual.deepstack_features]
+        encoded = BaseModelOutputWithDeepstackFeatures(pooler_output=list(queries), deepstack_features=sets)
+        with rows_at_scale(task, ids.shape[0], scale):
+            return model(
+                input_ids=ids, attention_mask=mask, labels=labels, mm_encoder_outputs={"image": encoded}, **extra
+            ).loss
+    embeds = model.get_input_embeddings()(ids).masked_scatter(is_image.unsqueeze(-1), queries)
     with rows_at_scale(task, ids.shape[0], scale):
         return model(inputs_embeds=embeds, attention_mask=mask, labels=labels, **extra).loss
 
@@ -139,11 +152,27 @@ def test_mqt_one_pass_equals_separate_per_scale_forwards_and_steps_lower_it(pres
         lambda: torch.stack([reference_mqt_loss(task, built, batch, s) for s in MQT_SCALES]).mean(),
         grad_rtol=5e-4,
     )
+    if built.family.model_type == "qwen3_vl":
+        rows = batch["input_ids"].shape[0]
+        with torch.no_grad():
+            logits = task.run(batch, [QUERIES] * rows)[0]
+        assert_dropping_deepstack_moves(task, lambda: task.run(batch, [QUERIES] * rows)[0], logits)
     learned = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     assert int(metrics["scale_label_tokens"].sum()) == len(MQT_SCALES) * learned
     assert_steps_lower_the_loss(task, batch)
     task.zero_grad()  # ZeRO-3 lockstep: a text-only batch runs the query transformer too, times zero
     assert_text_only_batch_reaches_vision_at_zero_weight(task, text_ids(built, "a red circle."), "mqt_head")
+
+
+def assert_dropping_deepstack_moves(task, output, want: torch.Tensor) -> None:
+    """Qwen3-VL: the same task wired without its DeepStack sets (the mutation) gives another `output()`."""
+    task.given_family = WithoutDeepStack()
+    try:
+        with torch.no_grad():
+            moved = float((output() - want).abs().max())
+    finally:
+        task.given_family = None
+    assert moved > 1e-2, moved
 
 
 def assert_steps_lower_the_loss(task, batch: dict, steps: int = 6, lr: float = 3e-3) -> None:
@@ -227,6 +256,8 @@ def test_contrastive_pools_the_stock_forwards_last_token_and_steps_lower_the_los
         queries, _ = task.encode_pairs(batch, [task.depth])
         want = stock_last_token_states(built, task.llava, batch)
     torch.testing.assert_close(queries[0], want, rtol=1e-5, atol=1e-5)
+    if built.family.model_type == "qwen3_vl":
+        assert_dropping_deepstack_moves(task, lambda: task.encode_pairs(batch, [task.depth])[0][0], want)
     assert_steps_lower_the_loss(task, batch, lr=3e-4)  # InfoNCE at temperature 0.02 takes small steps
 
 
