@@ -90,21 +90,16 @@ def generation_problem(model: str) -> tuple[str, str]:
     return ("eval.generate_samples", message)
 
 
-def mqt_head_problem(tokens: Any, export_at_end: bool, generate_samples: int) -> tuple[str, str] | None:
+def mqt_head_problem(tokens: Any, generate_samples: int) -> tuple[str, str] | None:
     """(dotted key, problem) of MQT after a family's own projector (every family but llava:
-    mtrain/model/mqt_head.py), or None. It trains and `mtrain eval` scores it by loss; the Hugging Face
-    export and generation (mtrain/infer.py) do not carry its query transformer yet."""
+    mtrain/model/mqt_head.py), or None. It trains, `mtrain eval` scores it by loss, and the Hugging Face
+    export holds its query transformer (mtrain/model/mqt_families.py, every such family); generation
+    (mtrain/infer.py) does not carry it yet."""
     if tokens.mqt_architecture == "mqt_llava":
         message = (
             "mqt_llava is MQT-LLaVA's projector, which replaces a llava model's; this model keeps its own: use mtrain"
         )
         return ("matryoshka.tokens.mqt_architecture", message)
-    if export_at_end:
-        message = (
-            "the Hugging Face export of this model does not hold MQT's query transformer yet (stock transformers "
-            "would drop it); set checkpoint.export_at_end=false and evaluate the checkpoint with mtrain eval"
-        )
-        return ("checkpoint.export_at_end", message)
     if generate_samples:
         message = "generation (mtrain.infer) runs MQT on llava models only yet; set 0 (the budget losses still run)"
         return ("eval.generate_samples", message)
@@ -727,7 +722,7 @@ class TrainConfig(Checkable):
             )
             return [("matryoshka.tokens.mqt_stage", message)]
         if tokens.mode == "mqt" and self.model.preset not in ("tiny-llava", "none"):
-            problem = mqt_head_problem(tokens, self.checkpoint.export_at_end, self.eval.generate_samples)
+            problem = mqt_head_problem(tokens, self.eval.generate_samples)
             if problem:
                 return [problem]
         if tokens.mode == "m3" and self.model.preset != "none":

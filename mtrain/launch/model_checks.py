@@ -58,6 +58,7 @@ def model_problems(cfg: Any) -> list[str]:
         return []  # the preset, or a missing folder, which check_inputs reports
     from mtrain.config.schema import generation_problem, mqt_head_problem  # noqa: PLC0415
     from mtrain.model.families import MQT_MODEL_TYPE, UnsupportedModelError, family_for  # noqa: PLC0415
+    from mtrain.model.mqt_head import mqt_export_types  # noqa: PLC0415
 
     where = f"model.path={path!r}"
     try:
@@ -73,8 +74,14 @@ def model_problems(cfg: Any) -> list[str]:
     tokens = cfg.matryoshka.tokens
     if tokens.mode == "mqt" and family.model_type not in ("llava", MQT_MODEL_TYPE):
         # MQT after the family's own projector (mtrain/model/mqt_head.py): what it cannot do yet.
-        limit = mqt_head_problem(tokens, cfg.checkpoint.export_at_end, cfg.eval.generate_samples)
+        limit = mqt_head_problem(tokens, cfg.eval.generate_samples)
         found += [f"{limit[0]}: {limit[1]}"] if limit else []
+        if cfg.checkpoint.export_at_end and family.model_type not in mqt_export_types():
+            found.append(
+                f"checkpoint.export_at_end: the Hugging Face export does not hold MQT's query transformer after a "
+                f"{family.model_type} model's projector yet (mtrain/model/mqt_families.py covers "
+                f"{', '.join(mqt_export_types())}); set checkpoint.export_at_end=false and evaluate with mtrain eval"
+            )
     if cfg.eval.generate_samples and not family.generates and not any("eval.generate_samples" in p for p in found):
         key, problem = generation_problem(f"a {config.model_type} model")
         found.append(f"{key}: {problem}")

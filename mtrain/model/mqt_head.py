@@ -47,3 +47,36 @@ def mqt_head(model: nn.Module) -> nn.Module | None:
     """The query transformer `attach_mqt_head` gave `model` (a Hugging Face model, not PEFT's wrapper); None
     when it has none."""
     return getattr(model.model, MQT_HEAD, None)
+
+
+def as_mqt_export(model: nn.Module, scale: int) -> nn.Module:
+    """`model` (a family's stock class with `attach_mqt_head`'s head) as its registered MQT class
+    (`mqt_families.py`), sharing every tensor, each image served as the first `scale` queries: what the export
+    saves, loadable with `trust_remote_code=True` and no mtrain."""
+    from mtrain.model.mqt_families import MQT_EXPORT_CLASSES  # noqa: PLC0415
+
+    head = mqt_head(model)
+    if model.config.model_type not in MQT_EXPORT_CLASSES:
+        raise ValueError(
+            f"MQT after a {model.config.model_type} model's projector has no export class yet (mtrain/model/"
+            f"mqt_families.py covers {', '.join(MQT_EXPORT_CLASSES)}); evaluate the checkpoint with mtrain eval"
+        )
+    config_class, model_class = MQT_EXPORT_CLASSES[model.config.model_type]
+    stock = {k: v for k, v in model.config.to_dict().items() if k not in ("model_type", "architectures")}
+    config = config_class(
+        **stock, mqt_queries=head.num_queries, mqt_heads=head.attention.num_heads, mqt_scale=scale
+    )
+    with torch.device("meta"):  # the skeleton only: every tensor is the trained model's own
+        exported = model_class(config)
+    exported.load_state_dict(model.state_dict(), strict=True, assign=True)
+    for name, buffer in model.named_buffers():  # the non-persistent ones (rotary frequencies, query positions) too
+        owner, _, leaf = name.rpartition(".")
+        setattr(exported.get_submodule(owner), leaf, buffer)
+    return exported.eval()
+
+
+def mqt_export_types() -> tuple[str, ...]:
+    """The `model_type`s whose MQT head the Hugging Face export holds (`mqt_families.py`)."""
+    from mtrain.model.mqt_families import MQT_EXPORT_CLASSES  # noqa: PLC0415
+
+    return tuple(MQT_EXPORT_CLASSES)

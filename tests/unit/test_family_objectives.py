@@ -11,6 +11,8 @@ and a few optimizer steps lower the InfoNCE loss.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -83,7 +85,7 @@ def stock_image_inputs(built, pixels: torch.Tensor, sizes) -> dict:
 
 
 # ── MQT ───────────────────────────────────────────────────────────────────────────────────────
-def mqt_config(preset: str):
+def mqt_config(preset: str, strategy: str = "shared_plus_per_scale"):
     return load_config(
         None,
         [
@@ -94,7 +96,7 @@ def mqt_config(preset: str):
             "matryoshka.tokens.layout=packed",
             "checkpoint.export_at_end=false",
             "model.lora.enabled=true",
-            "model.lora.strategy=shared_plus_per_scale",
+            f"model.lora.strategy={strategy}",
             "model.lora.dropout=0.0",
             "model.freeze.always_train=[lm_head]",
         ],
@@ -188,10 +190,50 @@ def assert_steps_lower_the_loss(task, batch: dict, steps: int = 6, lr: float = 3
     assert losses[-1] < 0.9 * losses[0], losses
 
 
+@pytest.mark.parametrize("preset", PRESETS)
+def test_mqt_export_reloads_without_mtrain_with_the_tasks_logits_at_its_scale(tmp_path, preset):
+    """The export of MQT after a family's own projector: the stock family class plus the query transformer,
+    registered code beside the weights (mtrain/model/mqt_families.py), loaded by transformers' Auto class with
+    trust_remote_code in a process without mtrain's modules; at the served scale its stock forward (the family's
+    own image inputs and position rule) gives the trained task's logits."""
+    from transformers import AutoModelForImageTextToText
+
+    from mtrain.checkpoint.export import _save_hf_folder
+
+    task, built = lora_task(mqt_config(preset, strategy="shared"))
+    scale = MQT_SCALES[1]  # a prefix of the queries: the export serves the default scale
+    docs = family_documents(built, *MARKERS[preset])
+    pixels, sizes = family_pixels(built, sum(images for _, _, images in docs))
+    batch = padded_batch(built, docs, pixels)
+    if sizes:
+        batch["image_sizes"] = sizes
+    task.model = task.model.merge_and_unload().eval()
+    _save_hf_folder(task.model, built, tmp_path / "model", mqt_scale=scale)
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["model_type"] == f"mtrain_mqt_{built.family.model_type}" and config["mqt_scale"] == scale
+    assert not any("mtrain" in line for line in (tmp_path / "model" / "mqt_families.py").read_text().splitlines()
+                   if line.startswith(("import", "from")))  # fmt: skip
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        AutoModelForImageTextToText.from_pretrained(tmp_path / "model", local_files_only=True)
+    stock = AutoModelForImageTextToText.from_pretrained(tmp_path / "model", trust_remote_code=True).eval()
+    assert type(stock).__name__.startswith("MQT") and "mtrain" not in type(stock).__module__
+    rows = batch["input_ids"].shape[0]
+    with torch.no_grad():
+        want, layout = task.run(batch, [scale] * rows)
+        ids, mask = layout.input_ids, (layout.token_scales > 0).long()  # one variant per row: padded rows
+        is_image = ids == built.image_token_id
+        extra = {"mm_token_type_ids": is_image.int()} if is_qwen(built) else {}
+        if built.family.model_type == "gemma3":
+            extra["token_type_ids"] = is_image.long()
+        inputs = stock_image_inputs(built, batch["pixel_values"], sizes)
+        got = stock(input_ids=ids, attention_mask=mask, **inputs, **extra).logits
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-5)
+
+
 def test_what_mqt_after_a_familys_projector_cannot_do_yet_is_refused_at_config_load():
     base = ["model.preset=tiny-qwen2-vl", "matryoshka.tokens.mode=mqt", "matryoshka.tokens.mqt_queries=16"]
-    with pytest.raises(ConfigError, match="checkpoint.export_at_end: the Hugging Face export of this model does not"):
-        load_config(None, base)
+    load_config(None, base)  # the export holds the query transformer (mtrain/model/mqt_families.py)
     with pytest.raises(ConfigError, match="eval.generate_samples: generation .* runs MQT on llava models only"):
         load_config(None, [*base, "checkpoint.export_at_end=false", "eval.generate_samples=2"])
     with pytest.raises(ConfigError, match="mqt_architecture: mqt_llava is MQT-LLaVA's projector"):
