@@ -2,7 +2,7 @@
 
 LLaVA trains MQT as MQT-LLaVA does, with the query transformer in place of its MLP projector
 (`mqt_model.py`, the `mtrain_mqt_llava` family). The other families (qwen2_vl, qwen2_5_vl,
-llava_next, llava_onevision, gemma3) keep their own projector, whose output is what their language
+qwen3_vl, llava_next, llava_onevision, gemma3) keep their own projector, whose output is what their language
 model was trained to read, and gain MQT's query transformer after it:
 
     image ─► the family's tower + projector (its `image_features`: Qwen's merged patches, anyres's base
@@ -16,7 +16,12 @@ differ per family. Every `<image>` of the data then stands for M tokens, whateve
 
 The head is a submodule of the model's inner model (`model.model.mqt_head`), so every task built over
 the model (training, `mtrain eval`'s budget views) reads the same weights, DeepSpeed checkpoints hold
-it, and the freeze policy and LoRA's `modules_to_save` treat it as part of the projector.
+it, and the freeze policy and LoRA's `modules_to_save` treat it as part of the projector. Qwen3-VL's
+DeepStack sets ride beside the merged tokens on the channel axis; the head reads each set as its own image
+with the same queries (`QueryTransformerProjector.read_levels`; why: `families/qwen3_vl.py`).
+
+The export saves the model as its family's class plus the head, registered remote code that stock
+transformers loads with `trust_remote_code=True` and no mtrain (`as_mqt_export`, `mqt_families.py`).
 """
 
 from __future__ import annotations
@@ -63,9 +68,7 @@ def as_mqt_export(model: nn.Module, scale: int) -> nn.Module:
         )
     config_class, model_class = MQT_EXPORT_CLASSES[model.config.model_type]
     stock = {k: v for k, v in model.config.to_dict().items() if k not in ("model_type", "architectures")}
-    config = config_class(
-        **stock, mqt_queries=head.num_queries, mqt_heads=head.attention.num_heads, mqt_scale=scale
-    )
+    config = config_class(**stock, mqt_queries=head.num_queries, mqt_heads=head.attention.num_heads, mqt_scale=scale)
     with torch.device("meta"):  # the skeleton only: every tensor is the trained model's own
         exported = model_class(config)
     exported.load_state_dict(model.state_dict(), strict=True, assign=True)

@@ -1,12 +1,14 @@
 """MQT and the contrastive objective on every family beyond llava, in one process on each tiny preset.
 
-MQT: the query transformer after the family's own projector (mtrain/model/mqt_head.py) gives the all-scale
+MQT: the query transformer after the family's own projector (mtrain/model/mqt_head.py; on Qwen3-VL it reads each
+DeepStack set too, and dropping the sets must change the logits) gives the all-scale
 one-pass loss the mean of separate per-scale forwards through the stock model (its own visual tokens, the
 query prefix spliced into the shrunk rows, the query tokens at text positions: on every M-RoPE axis for Qwen,
 inside Gemma 3's bidirectional image block), with every gradient; a few optimizer steps lower it.
 Contrastive: the pooled embedding equals the last real token's hidden state of the stock model's own forward
 (its own image handling and position ids: Qwen's get_rope_index, anyres crops, Gemma 3's image attention),
-and a few optimizer steps lower the InfoNCE loss.
+and a few optimizer steps lower the InfoNCE loss (Qwen3-VL: with its DeepStack sets, which must matter).
+MQT export: every family's export reloads with trust_remote_code and gives the task's logits at its scale.
 """
 
 from __future__ import annotations
@@ -193,9 +195,10 @@ def assert_steps_lower_the_loss(task, batch: dict, steps: int = 6, lr: float = 3
 @pytest.mark.parametrize("preset", PRESETS)
 def test_mqt_export_reloads_without_mtrain_with_the_tasks_logits_at_its_scale(tmp_path, preset):
     """The export of MQT after a family's own projector: the stock family class plus the query transformer,
-    registered code beside the weights (mtrain/model/mqt_families.py), loaded by transformers' Auto class with
-    trust_remote_code in a process without mtrain's modules; at the served scale its stock forward (the family's
-    own image inputs and position rule) gives the trained task's logits."""
+    registered code beside the weights (mtrain/model/mqt_families.py, importing nothing of mtrain), loaded by
+    transformers' Auto class with trust_remote_code from the folder's own copy of that code (refused without it);
+    at the served scale its stock forward (the family's own image inputs and position rule) gives the trained
+    task's logits. Qwen3-VL: its DeepStack sets read by the queries too."""
     from transformers import AutoModelForImageTextToText
 
     from mtrain.checkpoint.export import _save_hf_folder

@@ -8,6 +8,7 @@ with equal logits."""
 from __future__ import annotations
 
 from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image

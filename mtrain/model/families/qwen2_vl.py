@@ -38,7 +38,7 @@ same merger, image token and M-RoPE. `qwen3_vl` (`qwen3_vl.py`) subclasses it an
 
 Not yet: per-image grids (each image its own aspect-keeping size and token count; scales would then be
 pooling factors rather than token counts), a saved `Qwen2VLProcessor` in exports (its video processor
-needs torchvision, which the CPU stack leaves out), and an export of MQT's query transformer.
+needs torchvision, which the CPU stack leaves out).
 """
 
 from __future__ import annotations
