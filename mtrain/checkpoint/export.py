@@ -116,17 +116,25 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, adapter_only:
 def export_full(root: Path, tag: str, cfg: TrainConfig, out: Path) -> tuple[Any, dict[str, str]]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: PLC0415
 
-    from mtrain.checkpoint.embedding_export import embedding_width, write_matryoshka_dimensions  # noqa: PLC0415
     from mtrain.model.build import build_model  # noqa: PLC0415
-    from mtrain.model.embedding_head import check_dims  # noqa: PLC0415
 
     # The run's own model config rebuilds the skeleton (every weight then comes from the checkpoint): a run
     # started from `checkpoint.init_from` has the architecture of its own preset or path.
     built = build_model(cfg.model, torch.float32, None, cfg.run.seed, cfg.matryoshka.tokens)
-    tokens = cfg.matryoshka.tokens
-    mqt_scale = (tokens.default_scale or tokens.scales[-1]) if tokens.mode == "mqt" else None
     state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
     built.model.load_state_dict(strip_task_prefix(state), strict=True)
+    return built, write_model_folders(built, cfg, out)
+
+
+def write_model_folders(built: Any, cfg: TrainConfig, out: Path) -> dict[str, str]:
+    """OUT/model (with LoRA: merged at the default scale, which consumes the built model's adapters), and with
+    LoRA OUT/adapter and, when the base exists nowhere else, OUT/base, from a built model holding the trained
+    weights; returns the folders written, by role."""
+    from mtrain.checkpoint.embedding_export import embedding_width, write_matryoshka_dimensions  # noqa: PLC0415
+    from mtrain.model.embedding_head import check_dims  # noqa: PLC0415
+
+    tokens = cfg.matryoshka.tokens
+    mqt_scale = (tokens.default_scale or tokens.scales[-1]) if tokens.mode == "mqt" else None
     written = {"model": "model"}
     model = built.model
     if cfg.model.lora.enabled:
@@ -145,7 +153,7 @@ def export_full(root: Path, tag: str, cfg: TrainConfig, out: Path) -> tuple[Any,
     _save_hf_folder(model, built, out / "model", mqt_scale)
     if objective_for(cfg).embeds:
         write_matryoshka_dimensions(out / "model", check_dims(cfg.matryoshka.dims.dims, embedding_width(cfg, built)))
-    return built, written
+    return written
 
 
 def _copy_model(model: torch.nn.Module) -> torch.nn.Module:

@@ -234,6 +234,38 @@ def test_mqt_export_reloads_without_mtrain_with_the_tasks_logits_at_its_scale(tm
     torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-5)
 
 
+def test_mqt_exports_scale_adapters_that_stock_peft_stacks_on_the_remote_code_base(tmp_path):
+    """What `mtrain export` writes for MQT after a family's projector with MSS LoRA (`write_model_folders`, on
+    tiny-qwen3-vl): export/model, merged at the default scale, and export/base load with trust_remote_code, and
+    the base with the shared and default-scale adapters stacked by stock PEFT gives the merged model's logits."""
+    from peft import PeftModel
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+    from mtrain.checkpoint.export import write_model_folders
+    from mtrain.model.families.qwen2_vl import IMAGE_PAD, VISION_END, VISION_START
+
+    cfg = mqt_config("tiny-qwen3-vl")
+    _, built = lora_task(cfg)
+    assert write_model_folders(built, cfg, tmp_path) == {"model": "model", "base": "base", "adapter": "adapter"}
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["mqt_scale"] == MQT_SCALES[-1]
+    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "model", trust_remote_code=True).eval()
+    base = AutoModelForImageTextToText.from_pretrained(tmp_path / "base", trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
+    pixels = AutoImageProcessor.from_pretrained(tmp_path / "model")(images=picture(0), return_tensors="pt")
+    text = f"{VISION_START}{IMAGE_PAD * MQT_SCALES[-1]}{VISION_END}\na red circle."
+    inputs = {"input_ids": tokenizer(text, return_tensors="pt")["input_ids"], **pixels}
+    inputs["mm_token_type_ids"] = (inputs["input_ids"] == built.image_token_id).int()
+    with torch.no_grad():
+        want = merged(**inputs).logits
+        untrained = base(**inputs).logits  # before PEFT wraps it: the adapters must matter
+        stacked = PeftModel.from_pretrained(base, tmp_path / "adapter" / "shared")
+        stacked.load_adapter(tmp_path / "adapter" / f"scale_{MQT_SCALES[-1]}", adapter_name="scale")
+        stacked.base_model.set_adapter(["default", "scale"])
+        got = stacked.eval()(**inputs).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert (want - untrained).abs().max() > 1e-3
+
+
 def test_what_mqt_after_a_familys_projector_cannot_do_yet_is_refused_at_config_load():
     base = ["model.preset=tiny-qwen2-vl", "matryoshka.tokens.mode=mqt", "matryoshka.tokens.mqt_queries=16"]
     load_config(None, base)  # the export holds the query transformer (mtrain/model/mqt_families.py)
