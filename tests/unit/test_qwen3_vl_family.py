@@ -3,7 +3,8 @@ the stock Qwen3VLForConditionalGeneration's logits (DeepStack included); M3 pool
 tokens, the one-pass all-scale loss equals the mean of separate stock forwards given those pooled sets; packed
 documents give their unpacked losses; the Qwen3-VL-shaped chat template against `apply_chat_template`; a saved
 folder passes the pre-process-group check and trains non-square images; an export reloads in stock transformers
-with equal logits."""
+with equal logits; plain language modeling (mode=none) gives the stock loss, padded or packed. Dropping the DeepStack
+sets changes each result (MQT and contrastive: tests/unit/test_family_objectives.py)."""
 
 from __future__ import annotations
 
