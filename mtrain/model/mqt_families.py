@@ -113,9 +113,9 @@ def mqt_classes(family: str, config_class: type, model_class: type, generation_c
     class Config(config_class):
         model_type = MQT_MODEL_TYPE_PREFIX + family
 
-        mqt_queries: int = 64
-        mqt_heads: int = 4
-        mqt_scale: int = 64
+        mqt_queries: int = 64  # M, the head's learned queries (`matryoshka.tokens.mqt_queries` of the run)
+        mqt_heads: int = 4  # the head's attention heads (`matryoshka.tokens.mqt_heads`)
+        mqt_scale: int = 64  # image tokens per image: the first mqt_scale query outputs (the export's default scale)
 
     mixins = (MQTHeadMixin, TextIdsForQueries) if family in QWEN_TYPES else (MQTHeadMixin,)
 
