@@ -90,19 +90,15 @@ def generation_problem(model: str) -> tuple[str, str]:
     return ("eval.generate_samples", message)
 
 
-def mqt_head_problem(tokens: Any, generate_samples: int) -> tuple[str, str] | None:
+def mqt_head_problem(tokens: Any) -> tuple[str, str] | None:
     """(dotted key, problem) of MQT after a family's own projector (every family but llava:
-    mtrain/model/mqt_head.py), or None. It trains, `mtrain eval` scores it by loss, and the Hugging Face
-    export holds its query transformer (mtrain/model/mqt_families.py, every such family); generation
-    (mtrain/infer.py) does not carry it yet."""
+    mtrain/model/mqt_head.py), or None. It trains, `mtrain eval` scores it by loss and by greedy answers
+    (mtrain/infer.py), and the Hugging Face export holds its query transformer (mtrain/model/mqt_families.py)."""
     if tokens.mqt_architecture == "mqt_llava":
         message = (
             "mqt_llava is MQT-LLaVA's projector, which replaces a llava model's; this model keeps its own: use mtrain"
         )
         return ("matryoshka.tokens.mqt_architecture", message)
-    if generate_samples:
-        message = "generation (mtrain.infer) runs MQT on llava models only yet; set 0 (the budget losses still run)"
-        return ("eval.generate_samples", message)
     return None
 
 
@@ -722,7 +718,7 @@ class TrainConfig(Checkable):
             )
             return [("matryoshka.tokens.mqt_stage", message)]
         if tokens.mode == "mqt" and self.model.preset not in ("tiny-llava", "none"):
-            problem = mqt_head_problem(tokens, self.eval.generate_samples)
+            problem = mqt_head_problem(tokens)
             if problem:
                 return [problem]
         if tokens.mode == "m3" and self.model.preset != "none":

@@ -79,8 +79,13 @@ class MQTHeadMixin:
             width, width, self.config.mqt_queries, self.config.mqt_heads, num_patches=0
         )
 
+    def family_image_features(self, *args: Any, **kwargs: Any) -> Any:
+        """The family's own visual tokens of each image (its stock `get_image_features`), which the head reads:
+        what `mtrain.infer` reads with the head itself, at any query count."""
+        return super().get_image_features(*args, **kwargs)
+
     def get_image_features(self, *args: Any, **kwargs: Any) -> Any:
-        output = super().get_image_features(*args, **{**kwargs, "return_dict": True})
+        output = self.family_image_features(*args, **{**kwargs, "return_dict": True})
         scale = self.config.mqt_scale
         output.pooler_output = read_by_queries(self.mqt_head, output.pooler_output, scale)
         if getattr(output, "deepstack_features", None) is not None:  # Qwen3-VL: each set read by the same queries

@@ -26,6 +26,7 @@ transformers loads with `trust_remote_code=True` and no mtrain (`as_mqt_export`,
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -76,6 +77,47 @@ def as_mqt_export(model: nn.Module, scale: int) -> nn.Module:
         owner, _, leaf = name.rpartition(".")
         setattr(exported.get_submodule(owner), leaf, buffer)
     return exported.eval()
+
+
+def mqt_export_config(model_type: str) -> type:
+    """The config class of the MQT export type `model_type` (`mtrain_mqt_<family>`, mqt_families.py)."""
+    from mtrain.model.mqt_families import MQT_EXPORT_CLASSES, MQT_MODEL_TYPE_PREFIX  # noqa: PLC0415
+
+    return MQT_EXPORT_CLASSES[model_type.removeprefix(MQT_MODEL_TYPE_PREFIX)][0]
+
+
+def stock_config(config: Any) -> Any:
+    """An MQT export's config as its family's stock config (`as_mqt_export`'s, undone): what mtrain builds the
+    model from, before it attaches the head."""
+    from transformers import AutoConfig  # noqa: PLC0415
+
+    from mtrain.model.mqt_families import MQT_MODEL_TYPE_PREFIX  # noqa: PLC0415
+
+    dropped = ("model_type", "architectures", "auto_map", "transformers_version", "mqt_queries", "mqt_heads", "mqt_scale")
+    fields = {name: value for name, value in config.to_dict().items() if name not in dropped}
+    return AutoConfig.for_model(config.model_type.removeprefix(MQT_MODEL_TYPE_PREFIX), **fields)
+
+
+def load_exported_head(model: nn.Module, folder: Path, tokens: Any, dtype: torch.dtype, path: str) -> None:
+    """Attach to `model` (the family's stock model, loaded from the MQT export `folder`) the query transformer of
+    `tokens` with the folder's trained weights (`model.mqt_head.*` in its safetensors files); refuses a folder
+    without them, whose head would start random."""
+    from safetensors import safe_open  # noqa: PLC0415
+
+    prefix = f"model.{MQT_HEAD}."
+    state = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as weights:
+            state |= {key.removeprefix(prefix): weights.get_tensor(key) for key in weights.keys() if key.startswith(prefix)}
+    attach_mqt_head(model, tokens, dtype)
+    head = mqt_head(model)
+    missing = sorted(set(head.state_dict()) - set(state))
+    if missing:
+        raise ValueError(
+            f"model.path={path!r} is an MQT export whose query transformer lacks {len(missing)} weight(s) ({missing[0]}, "
+            "...), which would start random; re-export the checkpoint (mtrain export)"
+        )
+    head.load_state_dict(state, strict=True)
 
 
 def mqt_export_types() -> tuple[str, ...]:

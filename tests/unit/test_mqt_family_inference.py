@@ -1,0 +1,117 @@
+"""MQT after a family's own projector, read back and generated from (tiny presets, one process).
+
+mtrain.infer on the `mtrain_mqt_<family>` export (loaded with trust_remote_code, as users load it) and on the
+training model (what the in-loop evaluation and `mtrain generate` on a checkpoint run) gives the training
+task's logits at every trained query count, its greedy tokens are the step-by-step argmax of those logits, and
+the export answers as the training model does. The query tokens' positions matter: read as an image grid
+(Qwen's M-RoPE) or causal among themselves (Gemma 3), the logits move. The export folder is also a `model.path`
+that passes the checks before any process group and continues training from the same logits.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from data_pipeline.tokenize import IGNORE_INDEX
+from mtrain.checkpoint.export import _save_hf_folder, matryoshka_metadata
+from mtrain.config import load_config
+from mtrain.infer import MatryoshkaModel, MatryoshkaSpec
+from tests.family_checks import lora_task
+from tests.family_checks import documents as family_documents
+from tests.unit.test_family_objectives import MARKERS, MQT_SCALES, QUERIES, family_pixels, mqt_config
+
+pytestmark = pytest.mark.timeout(300)
+
+NEW_TOKENS = 3
+
+
+def left_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows])
+    return ids, torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
+
+
+def prompts_of(built, preset: str) -> tuple[dict, dict]:
+    """(the documents as a right-padded training batch, their prompts up to the first learned token, left-padded,
+    as mtrain.infer takes them: every image M query tokens, the family's own image inputs)."""
+    docs = family_documents(built, *MARKERS[preset])[:2]  # one image, then two
+    pixels, sizes = family_pixels(built, sum(images for _, _, images in docs))
+    width, pad = max(len(ids) for ids, _, _ in docs), built.tokenizer.pad_token_id
+    batch = {
+        "input_ids": torch.tensor([ids + [pad] * (width - len(ids)) for ids, _, _ in docs]),
+        "labels": torch.tensor([labels + [IGNORE_INDEX] * (width - len(labels)) for _, labels, _ in docs]),
+        "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _, _ in docs]),
+        "pixel_values": pixels,
+    }
+    if sizes:
+        batch["image_sizes"] = sizes
+    asked = [ids[: next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)] for ids, labels, _ in docs]
+    input_ids, attention_mask = left_padded(asked, pad)
+    prompt = {"input_ids": input_ids, "attention_mask": attention_mask}
+    prompt |= built.family.prompt_images(built.model.config, pixels, built.visual_grid)
+    if sizes:
+        prompt["image_sizes"] = torch.tensor(sizes)
+    return batch, prompt
+
+
+def full_rows(batch: dict, built) -> dict:
+    """The whole documents as mtrain.infer's prompt (right-padding read by the mask)."""
+    prompt = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    prompt |= built.family.prompt_images(built.model.config, batch["pixel_values"], built.visual_grid)
+    if "image_sizes" in batch:
+        prompt["image_sizes"] = torch.tensor(batch["image_sizes"])
+    return prompt
+
+
+def export(tmp_path, task, built, cfg) -> MatryoshkaModel:
+    """The merged model's export folder (model/ and mtrain.json), loaded as users load it."""
+    _save_hf_folder(task.model, built, tmp_path / "model", mqt_scale=MQT_SCALES[-1])
+    (tmp_path / "mtrain.json").write_text(json.dumps({"matryoshka": matryoshka_metadata(cfg)}))
+    loaded = MatryoshkaModel.from_export(tmp_path)
+    assert loaded.llava.config.model_type == f"mtrain_mqt_{built.family.model_type}"
+    assert "mtrain" not in type(loaded.llava).__module__  # the folder's own copy of the remote code
+    return loaded
+
+
+def assert_logits_equal_the_tasks(model: MatryoshkaModel, task, batch: dict, prompt: dict, scale: int) -> None:
+    """Every real token's logits of mtrain.infer (its rows left-padded) equal the task's at `scale`."""
+    rows = batch["input_ids"].shape[0]
+    with torch.no_grad():
+        want, layout = task.run(batch, [scale] * rows)
+    got = model.logits(**prompt, scale=scale)
+    mask = model.scaled_inputs(**prompt, scale=scale)["attention_mask"].bool()
+    real = layout.token_scales > 0
+    for row in range(rows):
+        torch.testing.assert_close(got[row][mask[row]], want[row][real[row]], rtol=1e-4, atol=1e-5)
+
+
+def greedy_by_argmax(model: MatryoshkaModel, prompt: dict, scale: int) -> torch.Tensor:
+    """NEW_TOKENS greedy tokens, each the argmax of the whole growing prompt's last logits (no cache)."""
+    prompt = dict(prompt)
+    picked = []
+    for _ in range(NEW_TOKENS):
+        token = model.logits(**prompt, scale=scale)[:, -1].argmax(-1, keepdim=True)
+        picked.append(token)
+        prompt["input_ids"] = torch.cat([prompt["input_ids"], token], dim=1)
+        prompt["attention_mask"] = torch.cat([prompt["attention_mask"], torch.ones_like(token)], dim=1)
+    return torch.cat(picked, dim=1)
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen2-vl", "tiny-qwen3-vl", "tiny-llava-onevision", "tiny-gemma3"])
+def test_export_and_training_model_generate_at_every_query_count_as_the_task(tmp_path, preset):
+    cfg = mqt_config(preset, strategy="shared")
+    task, built = lora_task(cfg)
+    task.model = task.model.merge_and_unload().eval()
+    batch, prompt = prompts_of(built, preset)
+    trained = MatryoshkaModel(task.model, MatryoshkaSpec.from_block(matryoshka_metadata(cfg)))
+    exported = export(tmp_path, task, built, cfg)
+    greedy = {"max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS, "do_sample": False}
+    for scale in MQT_SCALES:
+        for model in (trained, exported):
+            assert_logits_equal_the_tasks(model, task, batch, full_rows(batch, built), scale)
+        answer = exported.generate(**prompt, scale=scale, **greedy)
+        assert torch.equal(answer, greedy_by_argmax(trained, prompt, scale)), scale
+        assert torch.equal(answer, trained.generate(**prompt, scale=scale, **greedy)), scale
