@@ -94,7 +94,7 @@ def model_problems(cfg: Any) -> list[str]:
     if cfg.task.objective not in family.objectives:
         found.append(f"task.objective={cfg.task.objective} does not train a {config.model_type} model yet")
     problems = [f"{where}: {problem}" for problem in found]
-    pad = pad_token_problem(AutoTokenizer.from_pretrained(path, local_files_only=True), where)
+    pad = pad_token_problem(AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False), where)
     return problems + ([pad] if pad else [])
 
 

@@ -371,11 +371,12 @@ def _load_local(
     )
     if exported_head:
         load_exported_head(model, folder, tokens, dtype, path)
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    # An MQT folder's config names remote code (auto_map); its tokenizer and image processor run none: no prompt.
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     note = pad_with_eos_or_unk(tokenizer)
     if note:
         print0(f"model.path={path!r}: {note}")
-    image_processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+    image_processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     if grid is not None:
         image_processor = FixedSizeImageProcessor(image_processor, *image_size)
     return BuiltModel(

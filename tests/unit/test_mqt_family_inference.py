@@ -115,3 +115,73 @@ def test_export_and_training_model_generate_at_every_query_count_as_the_task(tmp
         answer = exported.generate(**prompt, scale=scale, **greedy)
         assert torch.equal(answer, greedy_by_argmax(trained, prompt, scale)), scale
         assert torch.equal(answer, trained.generate(**prompt, scale=scale, **greedy)), scale
+
+
+class QueriesAsAGrid(MatryoshkaModel):
+    """The mutation for Qwen: each image's query tokens given the M-RoPE ids of a 1 x m image grid (the rule of an
+    image's own tokens), not text ids."""
+
+    def queries_at_scale(self, pixel_values, image_grid_thw, scale, image_sizes):
+        visual, runs, _ = super().queries_at_scale(pixel_values, image_grid_thw, scale, image_sizes)
+        merge = self.llava.config.vision_config.spatial_merge_size
+        return visual, runs, torch.tensor([[1, merge, merge * kept] for _, kept in runs])
+
+
+class CausalQueries(MatryoshkaModel):
+    """The mutation for Gemma 3: its query tokens causal among themselves (no image block)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.family_type = "gemma3 read as a causal text model"
+
+
+@pytest.mark.parametrize(("preset", "mutation"), [("tiny-qwen2-vl", QueriesAsAGrid), ("tiny-qwen3-vl", QueriesAsAGrid),
+                                                  ("tiny-gemma3", CausalQueries)])  # fmt: skip
+def test_wrong_query_positions_move_the_logits(preset, mutation):
+    cfg = mqt_config(preset, strategy="shared")
+    task, built = lora_task(cfg)
+    task.model = task.model.merge_and_unload().eval()
+    batch, _ = prompts_of(built, preset)
+    scale = MQT_SCALES[1]
+    model = mutation(task.model, MatryoshkaSpec.from_block(matryoshka_metadata(cfg)))
+    with pytest.raises(AssertionError, match="Tensor-likes are not close"):
+        assert_logits_equal_the_tasks(model, task, batch, full_rows(batch, built), scale)
+
+
+def test_an_mqt_export_folder_is_a_model_path_that_continues_from_its_logits(tmp_path):
+    """`model.path` (and `checkpoint.init_from`, which resolves an export to its model folder) at a
+    `mtrain_mqt_qwen2_vl` export: checked before any process group (MQT with the folder's head shape), then built
+    as the stock family with the folder's trained head, whose task gives the exported task's logits at every
+    query count."""
+    from mtrain.checkpoint.init_from import init_from_start
+    from mtrain.launch.model_checks import model_problems
+    from mtrain.model.build import build_model
+    from mtrain.model.mqt_head import mqt_head
+    from mtrain.task.registry import build_task
+    from tests.unit.test_model_checks import folder_config
+
+    preset = "tiny-qwen2-vl"
+    cfg = mqt_config(preset, strategy="shared")
+    task, built = lora_task(cfg)
+    task.model = task.model.merge_and_unload().eval()
+    _save_hf_folder(task.model, built, tmp_path / "model", mqt_scale=MQT_SCALES[-1])
+    assert init_from_start(tmp_path, "train").model == tmp_path / "model"
+    scales, size = f"matryoshka.tokens.scales=[{','.join(map(str, MQT_SCALES))}]", "model.image_size=[32,32]"
+    mqt = ["matryoshka.tokens.mode=mqt", f"matryoshka.tokens.mqt_queries={QUERIES}", scales, size]
+    folder = tmp_path / "model"
+    assert model_problems(folder_config(folder, *mqt)) == []
+    (refused,) = model_problems(folder_config(folder, size))
+    assert "this is an MQT model" in refused and "set matryoshka.tokens.mode=mqt" in refused
+    (refused,) = model_problems(folder_config(folder, "matryoshka.tokens.mode=mqt", "matryoshka.tokens.mqt_queries=16",
+                                              scales, size))  # fmt: skip
+    assert f"set matryoshka.tokens.mqt_queries={QUERIES} (the config has 16)" in refused
+    again = folder_config(folder, *mqt, "matryoshka.tokens.layout=packed")
+    reloaded = build_model(again.model, torch.float32, None, seed=1, tokens=again.matryoshka.tokens)
+    assert reloaded.family.model_type == "qwen2_vl" and reloaded.visual_tokens == QUERIES
+    torch.testing.assert_close(mqt_head(reloaded.model).queries, mqt_head(task.model).queries, rtol=0, atol=0)
+    continued = build_task(again, reloaded, rank=0).eval()
+    batch, _ = prompts_of(built, preset)
+    rows = batch["input_ids"].shape[0]
+    with torch.no_grad():
+        for scale in MQT_SCALES:
+            torch.testing.assert_close(continued.run(batch, [scale] * rows)[0], task.run(batch, [scale] * rows)[0])
