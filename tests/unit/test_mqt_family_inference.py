@@ -185,3 +185,25 @@ def test_an_mqt_export_folder_is_a_model_path_that_continues_from_its_logits(tmp
     with torch.no_grad():
         for scale in MQT_SCALES:
             torch.testing.assert_close(continued.run(batch, [scale] * rows)[0], task.run(batch, [scale] * rows)[0])
+
+
+def test_in_loop_generation_answers_at_every_query_count(tmp_path):
+    """`eval.generate_samples` with MQT after Qwen3-VL's projector and per-scale LoRA: the loader's prompts (every
+    image M query tokens, Qwen's patch sequence) answer each sample at every trained query count."""
+    from data_pipeline.sample_data import write_conversation_shards
+    from mtrain.eval.generation import prompt_batches
+    from mtrain.eval.held_out import held_out_loader, one_pass
+    from tests.unit.test_in_loop_eval import SINGLE, build, evaluate_untouched
+
+    write_conversation_shards(tmp_path, num_shards=1, samples_per_shard=4, seed=2)
+    held_out = str(tmp_path / "chat-000000.tar")
+    cfg, built, task = build("tiny.yaml", ["model.preset=tiny-qwen3-vl", "matryoshka.tokens.mode=mqt",
+                                           f"matryoshka.tokens.mqt_queries={QUERIES}", "matryoshka.tokens.scales=[2,8]",
+                                           "model.lora.enabled=true", "model.lora.strategy=per_scale",
+                                           f"eval.shards={held_out}", "eval.generate_samples=3",
+                                           "eval.max_new_tokens=3", "data.micro_batch_size=2"])  # fmt: skip
+    (first, _) = prompt_batches(one_pass(held_out_loader(cfg, built, SINGLE, held_out)), 3, built)
+    images = first.inputs["image_grid_thw"].shape[0]
+    assert int((first.inputs["input_ids"] == built.image_token_id).sum()) == images * QUERIES
+    metrics = evaluate_untouched(cfg, built, task)
+    assert [metrics[f"eval/generated_answers/scale_{scale}"] for scale in (2, 8)] == [3.0, 3.0]
