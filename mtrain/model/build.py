@@ -45,7 +45,14 @@ from mtrain.model.families.qwen2_vl import (
     tiny_qwen_image_processor,
 )
 from mtrain.model.families.qwen3_vl import build_tiny_qwen3_tokenizer, tiny_qwen3_vl_config
-from mtrain.model.mqt_head import MQT_HEAD, attach_mqt_head, load_exported_head, mqt_export_config, mqt_head, stock_config
+from mtrain.model.mqt_head import (
+    MQT_HEAD,
+    attach_mqt_head,
+    load_exported_head,
+    mqt_export_config,
+    mqt_head,
+    stock_config,
+)
 from mtrain.model.scale_lora import ScaleRouting, adapter_names, attach_scale_lora
 from mtrain.model.tokenizer import IMAGE_TOKEN, build_tiny_tokenizer, pad_with_eos_or_unk
 

@@ -35,6 +35,7 @@ from torch import nn
 from mtrain.model.token_scales import QueryTransformerProjector
 
 MQT_HEAD = "mqt_head"  # its module name under the model's inner model
+MQT_FIELDS = ("mqt_queries", "mqt_heads", "mqt_scale")  # what an MQT export's config adds to its family's
 
 
 def attach_mqt_head(model: nn.Module, tokens: Any, dtype: torch.dtype) -> None:
@@ -93,7 +94,7 @@ def stock_config(config: Any) -> Any:
 
     from mtrain.model.mqt_families import MQT_MODEL_TYPE_PREFIX  # noqa: PLC0415
 
-    dropped = ("model_type", "architectures", "auto_map", "transformers_version", "mqt_queries", "mqt_heads", "mqt_scale")
+    dropped = ("model_type", "architectures", "auto_map", "transformers_version", *MQT_FIELDS)
     fields = {name: value for name, value in config.to_dict().items() if name not in dropped}
     return AutoConfig.for_model(config.model_type.removeprefix(MQT_MODEL_TYPE_PREFIX), **fields)
 
@@ -108,7 +109,8 @@ def load_exported_head(model: nn.Module, folder: Path, tokens: Any, dtype: torch
     state = {}
     for file in sorted(folder.glob("*.safetensors")):
         with safe_open(str(file), "pt") as weights:
-            state |= {key.removeprefix(prefix): weights.get_tensor(key) for key in weights.keys() if key.startswith(prefix)}
+            names = [key for key in weights.keys() if key.startswith(prefix)]
+            state |= {key.removeprefix(prefix): weights.get_tensor(key) for key in names}
     attach_mqt_head(model, tokens, dtype)
     head = mqt_head(model)
     missing = sorted(set(head.state_dict()) - set(state))

@@ -17,10 +17,9 @@ import torch
 
 from data_pipeline.tokenize import IGNORE_INDEX
 from mtrain.checkpoint.export import _save_hf_folder, matryoshka_metadata
-from mtrain.config import load_config
 from mtrain.infer import MatryoshkaModel, MatryoshkaSpec
-from tests.family_checks import lora_task
 from tests.family_checks import documents as family_documents
+from tests.family_checks import lora_task
 from tests.unit.test_family_objectives import MARKERS, MQT_SCALES, QUERIES, family_pixels, mqt_config
 
 pytestmark = pytest.mark.timeout(300)
