@@ -206,3 +206,41 @@ def test_in_loop_generation_answers_at_every_query_count(tmp_path):
     assert int((first.inputs["input_ids"] == built.image_token_id).sum()) == images * QUERIES
     metrics = evaluate_untouched(cfg, built, task)
     assert [metrics[f"eval/generated_answers/scale_{scale}"] for scale in (2, 8)] == [3.0, 3.0]
+
+
+def test_init_from_an_mqt_export_keeps_its_scale_adapters_and_head(tmp_path):
+    """`checkpoint.init_from` at the export of MQT after Qwen2-VL's projector with MSS LoRA (`init_from_adapters:
+    train`): the run loads export/base (an `mtrain_mqt_qwen2_vl` folder: the stock model with the trained head) and
+    every adapter into its own, and its task gives the source task's logits at every query count."""
+    from mtrain.checkpoint.export import write_model_folders
+    from mtrain.checkpoint.init_from import init_from_start, load_kept_adapters
+    from mtrain.model.build import build_model
+    from mtrain.task.registry import build_task
+    from tests.unit.test_model_checks import folder_config
+
+    preset = "tiny-qwen2-vl"
+    cfg = mqt_config(preset)
+    task, built = lora_task(cfg)
+    batch, _ = prompts_of(built, preset)
+    rows = batch["input_ids"].shape[0]
+    with torch.no_grad():
+        want = {scale: task.eval().run(batch, [scale] * rows)[0] for scale in MQT_SCALES}
+    write_model_folders(built, cfg, tmp_path)  # merges (consumes) the built model's adapters: after the logits
+    start = init_from_start(tmp_path, "train")
+    assert (start.model, start.adapters) == (tmp_path / "base", tmp_path / "adapter")
+    again = folder_config(start.model, *mqt_overrides(cfg), "model.image_size=[32,32]")
+    reloaded = build_model(again.model, torch.float32, None, seed=1, tokens=again.matryoshka.tokens)
+    load_kept_adapters(reloaded.model, start.adapters, frozen=False)
+    continued = build_task(again, reloaded, rank=0).eval()
+    with torch.no_grad():
+        for scale in MQT_SCALES:
+            torch.testing.assert_close(continued.run(batch, [scale] * rows)[0], want[scale])
+
+
+def mqt_overrides(cfg) -> list[str]:
+    """The token and LoRA settings of `cfg` (`mqt_config`'s) as overrides for another model source."""
+    tokens, lora = cfg.matryoshka.tokens, cfg.model.lora
+    return ["matryoshka.tokens.mode=mqt", f"matryoshka.tokens.mqt_queries={tokens.mqt_queries}",
+            f"matryoshka.tokens.scales=[{','.join(map(str, tokens.scales))}]", "matryoshka.tokens.layout=packed",
+            "model.lora.enabled=true", f"model.lora.strategy={lora.strategy}", "model.lora.dropout=0.0",
+            "model.freeze.always_train=[lm_head]"]  # fmt: skip
