@@ -75,16 +75,24 @@ def export(tmp_path, task, built, cfg) -> MatryoshkaModel:
     return loaded
 
 
-def assert_logits_equal_the_tasks(model: MatryoshkaModel, task, batch: dict, prompt: dict, scale: int) -> None:
-    """Every real token's logits of mtrain.infer (its rows left-padded) equal the task's at `scale`."""
-    rows = batch["input_ids"].shape[0]
+def task_logits(task, batch: dict, scale: int) -> list[torch.Tensor]:
+    """Each row's logits over its real tokens at `scale`, from the task's own forward."""
     with torch.no_grad():
-        want, layout = task.run(batch, [scale] * rows)
+        logits, layout = task.run(batch, [scale] * batch["input_ids"].shape[0])
+    real = layout.token_scales > 0
+    return [logits[row][real[row]] for row in range(logits.shape[0])]
+
+
+def assert_logits_equal(model: MatryoshkaModel, prompt: dict, scale: int, want: list[torch.Tensor]) -> None:
+    """Every real token's logits of mtrain.infer (its rows left-padded) equal `want` (`task_logits`)."""
     got = model.logits(**prompt, scale=scale)
     mask = model.scaled_inputs(**prompt, scale=scale)["attention_mask"].bool()
-    real = layout.token_scales > 0
-    for row in range(rows):
-        torch.testing.assert_close(got[row][mask[row]], want[row][real[row]], rtol=1e-4, atol=1e-5)
+    for row, wanted in enumerate(want):
+        torch.testing.assert_close(got[row][mask[row]], wanted, rtol=1e-4, atol=1e-5)
+
+
+def assert_logits_equal_the_tasks(model: MatryoshkaModel, task, batch: dict, prompt: dict, scale: int) -> None:
+    assert_logits_equal(model, prompt, scale, task_logits(task, batch, scale))
 
 
 def greedy_by_argmax(model: MatryoshkaModel, prompt: dict, scale: int) -> torch.Tensor:
@@ -211,7 +219,8 @@ def test_in_loop_generation_answers_at_every_query_count(tmp_path):
 def test_init_from_an_mqt_export_keeps_its_scale_adapters_and_head(tmp_path):
     """`checkpoint.init_from` at the export of MQT after Qwen2-VL's projector with MSS LoRA (`init_from_adapters:
     train`): the run loads export/base (an `mtrain_mqt_qwen2_vl` folder: the stock model with the trained head) and
-    every adapter into its own, and its task gives the source task's logits at every query count."""
+    every adapter into its own, and its task gives the source task's logits at every query count; so does
+    mtrain.infer on the export, its scale adapters stacked on the remote-code base by stock PEFT."""
     from mtrain.checkpoint.export import write_model_folders
     from mtrain.checkpoint.init_from import init_from_start, load_kept_adapters
     from mtrain.model.build import build_model
@@ -225,7 +234,12 @@ def test_init_from_an_mqt_export_keeps_its_scale_adapters_and_head(tmp_path):
     rows = batch["input_ids"].shape[0]
     with torch.no_grad():
         want = {scale: task.eval().run(batch, [scale] * rows)[0] for scale in MQT_SCALES}
+    rows_want = {scale: task_logits(task, batch, scale) for scale in MQT_SCALES}
     write_model_folders(built, cfg, tmp_path)  # merges (consumes) the built model's adapters: after the logits
+    (tmp_path / "mtrain.json").write_text(json.dumps({"matryoshka": matryoshka_metadata(cfg)}))
+    exported = MatryoshkaModel.from_export(tmp_path)
+    for scale in MQT_SCALES:
+        assert_logits_equal(exported, full_rows(batch, built), scale, rows_want[scale])
     start = init_from_start(tmp_path, "train")
     assert (start.model, start.adapters) == (tmp_path / "base", tmp_path / "adapter")
     again = folder_config(start.model, *mqt_overrides(cfg), "model.image_size=[32,32]")
