@@ -21,7 +21,9 @@ DeepStack sets ride beside the merged tokens on the channel axis; the head reads
 with the same queries (`QueryTransformerProjector.read_levels`; why: `families/qwen3_vl.py`).
 
 The export saves the model as its family's class plus the head, registered remote code that stock
-transformers loads with `trust_remote_code=True` and no mtrain (`as_mqt_export`, `mqt_families.py`).
+transformers loads with `trust_remote_code=True` and no mtrain (`as_mqt_export`, `mqt_families.py`). mtrain reads
+such a folder back (`model.path`, `checkpoint.init_from`) as the family's stock model (`stock_config`) with the
+folder's trained head attached (`load_exported_head`): the model this module builds, so training goes on as it was.
 """
 
 from __future__ import annotations
