@@ -365,7 +365,7 @@ def _data_tokens(config: list[str] | None) -> DataTokens:
     if cfg.model.path:
         from transformers import AutoTokenizer  # noqa: PLC0415
 
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, local_files_only=True, trust_remote_code=False)
         model_config = load_model_config(cfg.model.path)
         from mtrain.model.build import folder_image_tokens  # noqa: PLC0415
 

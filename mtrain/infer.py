@@ -26,6 +26,12 @@ Per family (`GENERATING_MODEL_TYPES`; any other model type is refused with the r
   own rule (`mtrain/model/anyres.py`, the pure tensor code the family uses too).
 - Gemma 3: `token_type_ids` mark the image tokens at the scale, so the prefill attends within each (pooled)
   image both ways, as training does; its visual tokens go in as pre-encoded image outputs.
+- MQT after a family's own projector (every family but llava: the training model's `mqt_head`, or an export's
+  `mtrain_mqt_<family>` class): each image's stock visual tokens (Qwen's merged patches with Qwen3-VL's DeepStack
+  sets, anyres's base image and crops, Gemma 3's soft tokens) read by the query transformer, the first `scale`
+  of its M outputs kept, as training's `image_features`; a prompt's image stands for the M query tokens (as the
+  data expands it). The query tokens take text positions (Qwen: every M-RoPE axis the 1-D id), and on Gemma 3
+  attend to each other both ways, as training gives them.
 
 Scale-specific LoRA (strategy per_scale or shared_plus_per_scale): the base model (export/base, or
 the base each adapter names) with every adapter of export/adapter loaded; a call at scale s makes
@@ -72,8 +78,12 @@ PROMPT_INPUTS = ("input_ids", "pixel_values", "attention_mask", "image_grid_thw"
 FULL_GRID_INPUTS = ("mm_token_type_ids", "token_type_ids")
 # The model types whose visual tokens `scaled_inputs` places as training does (their families' `generates`).
 GENERATING_MODEL_TYPES = (
-    "llava", "mtrain_mqt_llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3"
+    "llava", "mtrain_mqt_llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3",
+    "mtrain_mqt_llava_next", "mtrain_mqt_llava_onevision", "mtrain_mqt_qwen2_vl", "mtrain_mqt_qwen2_5_vl",
+    "mtrain_mqt_qwen3_vl", "mtrain_mqt_gemma3",
 )  # fmt: skip
+# An MQT export's model type (mtrain/model/mqt_families.py): this prefix, then its family's.
+MQT_EXPORT_PREFIX = "mtrain_mqt_"
 # Anyres crops (`image_sizes`): each image's crops pooled at the scale before the merge, by its family's rule.
 ANYRES_MODEL_TYPES = ("llava_next", "llava_onevision")
 # The model types whose image tokens attend to each other both ways (`token_type_ids` marks them), as trained.
@@ -136,6 +146,8 @@ class MatryoshkaModel:
         self.routing = routing
         self.llava = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.image_token_id = self.llava.config.image_token_id
+        # The model's family, an MQT export's (`mtrain_mqt_<family>`) without the prefix.
+        self.family_type = self.llava.config.model_type.removeprefix(MQT_EXPORT_PREFIX)
 
     @classmethod
     def from_export(cls, export_dir: str | Path, dtype: torch.dtype = torch.float32) -> MatryoshkaModel:
@@ -173,6 +185,12 @@ class MatryoshkaModel:
                 f"this is a {model_type!r} model; mtrain.infer generates (and scores logits) for the model types "
                 f"{', '.join(GENERATING_MODEL_TYPES)} only yet; `mtrain eval` scores it by its held-out losses per scale"
             )
+
+    @property
+    def query_head(self) -> nn.Module | None:
+        """MQT's query transformer after the family's own projector (the training model's `mqt_head`, an export's
+        too); None without MQT, and for LLaVA's MQT, whose projector is the query transformer."""
+        return getattr(self.llava.model, "mqt_head", None) if self.spec.token_mode == "mqt" else None
 
     def use_scale_adapters(self, scale: int) -> None:
         """Make `scale_<scale>` (and `shared`) the active LoRA adapters; trained modules stay active."""
@@ -226,10 +244,11 @@ class MatryoshkaModel:
         ids, mask = input_ids, attention_mask
         if pixel_values is not None and bool((input_ids == self.image_token_id).any()):
             visual, runs, grid_thw = self.visual_at_scale(pixel_values, image_grid_thw, scale, image_sizes)
+            check_image_runs(input_ids, self.image_token_id, runs)
             keep = run_keep_mask(input_ids, attention_mask, self.image_token_id, runs)
             ids, mask = keep_left_padded(input_ids, attention_mask, keep)
         is_image = ids == self.image_token_id
-        if self.llava.config.model_type in IMAGE_ATTENTION_MODEL_TYPES:
+        if self.family_type in IMAGE_ATTENTION_MODEL_TYPES:
             # Gemma 3 generates from no embeddings: its prompt's ids and the visual tokens at the scale, given as
             # pre-encoded image outputs, which its forward splices; `token_type_ids` make the prefill attend within
             # each (pooled) image both ways, as training does (new tokens are causal).
@@ -263,8 +282,10 @@ class MatryoshkaModel:
         """(every image's visual tokens at `scale`, in order: (tokens, dim), Qwen3-VL's DeepStack sets after the
         width on the channel axis; (full, kept) tokens of each image; the pooled `image_grid_thw`, or None for a
         family of one fixed grid). M3 pools a native-resolution image (Qwen: `image_grid_thw`) by the factor per
-        side that leaves `scale` tokens of its merged grid."""
-        if self.llava.config.model_type in ANYRES_MODEL_TYPES:
+        side that leaves `scale` tokens of its merged grid; MQT keeps the first `scale` queries (`queries_at_scale`)."""
+        if self.query_head is not None:
+            return self.queries_at_scale(pixel_values, image_grid_thw, scale, image_sizes)
+        if self.family_type in ANYRES_MODEL_TYPES:
             return self.anyres_at_scale(pixel_values, image_sizes, scale)
         if image_grid_thw is None:
             features = self.image_features(pixel_values)
@@ -286,6 +307,37 @@ class MatryoshkaModel:
             runs.append((features.shape[0], pooled[-1].shape[0]))
             grids.append(pooled_grid_thw(thw, factor))
         return torch.cat(pooled), runs, torch.stack(grids)
+
+    def queries_at_scale(
+        self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None, scale: int | None, image_sizes: Any
+    ) -> tuple[torch.Tensor, list[tuple[int, int]], None]:
+        """MQT after the family's own projector: each image's stock visual tokens, with Qwen3-VL's DeepStack sets on
+        the channel axis, read by the query transformer (each set as its own image: `read_levels`), as training's
+        `image_features`; the first `scale` of the M outputs kept. No grid: the query tokens take text positions."""
+        inputs = {"pixel_values": pixel_values.to(self.llava.dtype)}
+        if image_grid_thw is not None:
+            inputs["image_grid_thw"] = image_grid_thw
+        if self.family_type in ANYRES_MODEL_TYPES:
+            if image_sizes is None:
+                raise ValueError("an anyres model needs each image's (height, width): give the processor's image_sizes")
+            inputs["image_sizes"] = torch.as_tensor(image_sizes)
+        inner = self.llava.model
+        # An export's class reads its images with the head inside get_image_features: its family's tokens come first.
+        family_features = getattr(inner, "family_image_features", inner.get_image_features)
+        output = family_features(**inputs, return_dict=True)
+        levels = [output.pooler_output, *(getattr(output, "deepstack_features", None) or [])]
+        images = [torch.cat([level[i] for level in levels], dim=-1) for i in range(len(levels[0]))]
+        head = self.query_head
+        if len({tuple(image.shape) for image in images}) == 1:  # one call, as training reads a batch
+            queries = head.read_levels(torch.stack(images))
+        else:
+            queries = torch.cat([head.read_levels(image[None]) for image in images])
+        full = queries.shape[1]
+        if self.spec.mqt_queries and full != self.spec.mqt_queries:
+            raise ValueError(f"this model's query transformer gives {full} queries, not the {self.spec.mqt_queries} "
+                             "MQT queries it was trained with: the export's head did not load")  # fmt: skip
+        kept = queries[:, : scale or full]
+        return kept.flatten(0, 1), [(full, kept.shape[1])] * len(images), None
 
     def anyres_at_scale(
         self, pixel_values: torch.Tensor, image_sizes: Any, scale: int | None
@@ -408,17 +460,32 @@ class MatryoshkaModel:
 
 
 def deepstack_inputs(ids: torch.Tensor, mask: torch.Tensor, is_image: torch.Tensor, visual: torch.Tensor,
-                     runs: list[tuple[int, int]], grid_thw: torch.Tensor, width: int) -> dict[str, Any]:  # fmt: skip
+                     runs: list[tuple[int, int]], grid_thw: torch.Tensor | None, width: int) -> dict[str, Any]:  # fmt: skip
     """Qwen3-VL's prompt: its ids with the pooled merged tokens and DeepStack sets as pre-encoded image outputs,
     which its forward splices (the sets at the image positions of their decoder layers), and what it makes
-    the M-RoPE ids from; the stock model takes no DeepStack sets beside embeddings."""
+    the M-RoPE ids from (no `grid_thw`, MQT's queries: text ids); the stock model takes no DeepStack sets beside
+    embeddings."""
     from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures  # noqa: PLC0415
 
     sizes = [kept for _, kept in runs]
     levels = [tuple(level.split(sizes)) for level in visual.split(width, dim=-1)]
     encoded = BaseModelOutputWithDeepstackFeatures(pooler_output=levels[0], deepstack_features=levels[1:])
-    return {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": is_image.int(), "image_grid_thw": grid_thw,
-            "mm_encoder_outputs": {"image": encoded}}  # fmt: skip
+    inputs = {"input_ids": ids, "attention_mask": mask, "mm_encoder_outputs": {"image": encoded}}
+    if grid_thw is None:  # MQT's query tokens: text ids on every M-RoPE axis, as training gives them
+        return inputs | {"position_ids": (mask.long().cumsum(1) - 1).clamp(min=0)}
+    return inputs | {"mm_token_type_ids": is_image.int(), "image_grid_thw": grid_thw}
+
+
+def check_image_runs(input_ids: torch.Tensor, image_token_id: int, runs: list[tuple[int, int]]) -> None:
+    """Refuse a prompt whose image tokens are not the (full) count of its images (`runs`), which the shrinking to
+    the scale would cut in the wrong places."""
+    held, wanted = int((input_ids == image_token_id).sum()), sum(full for full, _ in runs)
+    if held != wanted:
+        raise ValueError(
+            f"the prompt holds {held} image tokens for {len(runs)} image(s) that stand for {wanted} in all "
+            f"({[full for full, _ in runs]} each): expand every image to its full count (an MQT model's image to its "
+            "M query tokens, as training's data does), or give the pixels of exactly the prompt's images"
+        )
 
 
 def run_keep_mask(

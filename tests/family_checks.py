@@ -19,6 +19,7 @@ from data_pipeline.formats import SampleRules, build_conversation, conversation_
 from data_pipeline.tokenize import IGNORE_INDEX, TokenSpec, tokenize_sample
 from mtrain.config import load_config
 from mtrain.model.build import build_model
+from mtrain.model.families.qwen3_vl import Qwen3VLFamily
 from mtrain.task.registry import build_task
 
 TWO_TURNS = [
@@ -29,6 +30,15 @@ TWO_TURNS = [
 ]
 
 Document = tuple[list[int], list[int], int]  # (input_ids, labels, images)
+
+
+class WithoutDeepStack(Qwen3VLFamily):
+    """Qwen3-VL with its DeepStack sets dropped: what a Qwen2-VL-style wiring would run (the mutation the
+    qwen3_vl tests must catch)."""
+
+    def splice_visual(self, model, embeddings, image_positions, visual) -> tuple[torch.Tensor, dict]:
+        spliced, _ = super().splice_visual(model, embeddings, image_positions, visual)
+        return spliced, {}
 
 
 def m3_lora_config(preset: str, scales: list[int], *overrides: str):

@@ -28,7 +28,6 @@ from mtrain import __version__
 from mtrain.checkpoint.save import CONFIG_FILE, TAG_PATTERN
 from mtrain.config import load_config
 from mtrain.config.schema import TrainConfig
-from mtrain.model.families import MQT_MODEL_TYPE
 from mtrain.task.registry import objective_for
 
 EXPORT_METADATA = "mtrain.json"
@@ -118,21 +117,25 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, adapter_only:
 def export_full(root: Path, tag: str, cfg: TrainConfig, out: Path) -> tuple[Any, dict[str, str]]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: PLC0415
 
-    from mtrain.checkpoint.embedding_export import embedding_width, write_matryoshka_dimensions  # noqa: PLC0415
     from mtrain.model.build import build_model  # noqa: PLC0415
-    from mtrain.model.embedding_head import check_dims  # noqa: PLC0415
 
     # The run's own model config rebuilds the skeleton (every weight then comes from the checkpoint): a run
     # started from `checkpoint.init_from` has the architecture of its own preset or path.
     built = build_model(cfg.model, torch.float32, None, cfg.run.seed, cfg.matryoshka.tokens)
-    if built.family.model_type != MQT_MODEL_TYPE and cfg.matryoshka.tokens.mode == "mqt":
-        raise ValueError(
-            f"{root / tag} trained MQT after a {built.family.model_type} model's own projector (mtrain/model/mqt_head.py), "
-            "which the Hugging Face export does not hold yet (stock transformers would drop the query transformer); "
-            "evaluate the checkpoint with `mtrain eval` instead"
-        )
     state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
     built.model.load_state_dict(strip_task_prefix(state), strict=True)
+    return built, write_model_folders(built, cfg, out)
+
+
+def write_model_folders(built: Any, cfg: TrainConfig, out: Path) -> dict[str, str]:
+    """OUT/model (with LoRA: merged at the default scale, which consumes the built model's adapters), and with
+    LoRA OUT/adapter and, when the base exists nowhere else, OUT/base, from a built model holding the trained
+    weights; returns the folders written, by role."""
+    from mtrain.checkpoint.embedding_export import embedding_width, write_matryoshka_dimensions  # noqa: PLC0415
+    from mtrain.model.embedding_head import check_dims  # noqa: PLC0415
+
+    tokens = cfg.matryoshka.tokens
+    mqt_scale = (tokens.default_scale or tokens.scales[-1]) if tokens.mode == "mqt" else None
     written = {"model": "model"}
     model = built.model
     if cfg.model.lora.enabled:
@@ -142,16 +145,16 @@ def export_full(root: Path, tag: str, cfg: TrainConfig, out: Path) -> tuple[Any,
             written["base"] = "base"
         if "base" in written:
             # `unload()` drops the adapters without merging: exactly the frozen base the adapter was trained on.
-            _save_hf_folder(_copy_model(model).unload(), built, out / "base")
+            _save_hf_folder(_copy_model(model).unload(), built, out / "base", mqt_scale)
         for adapter in model.peft_config.values():
             adapter.base_model_name_or_path = base_path
         model.save_pretrained(out / "adapter", safe_serialization=True, selected_adapters=list(model.peft_config))
         written["adapter"] = "adapter"
         model = model.merge_and_unload(adapter_names=merged_adapters(cfg))
-    _save_hf_folder(model, built, out / "model")
+    _save_hf_folder(model, built, out / "model", mqt_scale)
     if objective_for(cfg).embeds:
         write_matryoshka_dimensions(out / "model", check_dims(cfg.matryoshka.dims.dims, embedding_width(cfg, built)))
-    return built, written
+    return written
 
 
 def _copy_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -160,9 +163,18 @@ def _copy_model(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model)
 
 
-def _save_hf_folder(model: torch.nn.Module, built: Any, folder: Path) -> None:
+def _save_hf_folder(model: torch.nn.Module, built: Any, folder: Path, mqt_scale: int | None = None) -> None:
     """Model, tokenizer and image processor, plus (LLaVA) a processor; both carry the chat template
-    conversations were rendered with in training (the tokenizer's, see data_pipeline/chat_template.py)."""
+    conversations were rendered with in training (the tokenizer's, see data_pipeline/chat_template.py).
+
+    A model with MQT after its family's own projector is saved as its registered MQT class
+    (`mtrain/model/mqt_families.py`: loads with `trust_remote_code=True`), each image served as the first
+    `mqt_scale` queries (the default scale, whose adapters export/model merges; None: all of them)."""
+    from mtrain.model.mqt_head import as_mqt_export, mqt_head  # noqa: PLC0415
+
+    head = mqt_head(model)
+    if head is not None:
+        model = as_mqt_export(model, mqt_scale or head.num_queries)
     model.save_pretrained(folder, safe_serialization=True)
     built.tokenizer.save_pretrained(folder)
     built.image_processor.save_pretrained(folder)

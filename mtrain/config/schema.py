@@ -75,7 +75,6 @@ class LoraConfig(Checkable):
 
 
 QWEN_PRESETS = ("tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl")  # tiny presets with Qwen's 2x2 patch merger
-QWEN3_PRESET = "tiny-qwen3-vl"  # DeepStack: trains with M3 only
 GEMMA3_PRESET = "tiny-gemma3"  # its projector pools 2x2 patches into one token
 
 
@@ -91,24 +90,15 @@ def generation_problem(model: str) -> tuple[str, str]:
     return ("eval.generate_samples", message)
 
 
-def mqt_head_problem(tokens: Any, export_at_end: bool, generate_samples: int) -> tuple[str, str] | None:
+def mqt_head_problem(tokens: Any) -> tuple[str, str] | None:
     """(dotted key, problem) of MQT after a family's own projector (every family but llava:
-    mtrain/model/mqt_head.py), or None. It trains and `mtrain eval` scores it by loss; the Hugging Face
-    export and generation (mtrain/infer.py) do not carry its query transformer yet."""
+    mtrain/model/mqt_head.py), or None. It trains, `mtrain eval` scores it by loss and by greedy answers
+    (mtrain/infer.py), and the Hugging Face export holds its query transformer (mtrain/model/mqt_families.py)."""
     if tokens.mqt_architecture == "mqt_llava":
         message = (
             "mqt_llava is MQT-LLaVA's projector, which replaces a llava model's; this model keeps its own: use mtrain"
         )
         return ("matryoshka.tokens.mqt_architecture", message)
-    if export_at_end:
-        message = (
-            "the Hugging Face export of this model does not hold MQT's query transformer yet (stock transformers "
-            "would drop it); set checkpoint.export_at_end=false and evaluate the checkpoint with mtrain eval"
-        )
-        return ("checkpoint.export_at_end", message)
-    if generate_samples:
-        message = "generation (mtrain.infer) runs MQT on llava models only yet; set 0 (the budget losses still run)"
-        return ("eval.generate_samples", message)
     return None
 
 
@@ -746,22 +736,9 @@ class TrainConfig(Checkable):
             )
             return [("matryoshka.tokens.mqt_stage", message)]
         if tokens.mode == "mqt" and self.model.preset not in ("tiny-llava", "none"):
-            problem = mqt_head_problem(tokens, self.checkpoint.export_at_end, self.eval.generate_samples)
+            problem = mqt_head_problem(tokens)
             if problem:
                 return [problem]
-        if self.model.preset == QWEN3_PRESET and self.task.objective == "contrastive":
-            message = "is 'contrastive', which the Qwen3-VL tiny preset does not train yet (its task would drop DeepStack's sets)"
-            return [("task.objective", message)]
-        if self.model.preset == QWEN3_PRESET and tokens.mode == "none":
-            message = (
-                "is 'none', which the Qwen3-VL tiny preset does not train (the language-modeling task cannot pass "
-                f"DeepStack's features); set matryoshka.tokens.mode=m3, with scales=[{self.model.tiny_visual_tokens}] "
-                "for full-size images only"
-            )
-            return [("matryoshka.tokens.mode", message)]
-        if self.model.preset == QWEN3_PRESET and tokens.mode == "mqt":
-            message = "is 'mqt', which the Qwen3-VL tiny preset does not train yet (its query transformer would drop DeepStack's sets)"
-            return [("matryoshka.tokens.mode", message)]
         problem = self.native_resolution_problem()
         if problem:
             return [problem]

@@ -59,7 +59,13 @@ def model_problems(cfg: Any) -> list[str]:
     if not path or is_url(path) or not (Path(path) / "config.json").is_file():
         return []  # the preset, or a missing folder, which check_inputs reports
     from mtrain.config.schema import generation_problem, mqt_head_problem  # noqa: PLC0415
-    from mtrain.model.families import MQT_MODEL_TYPE, UnsupportedModelError, family_for  # noqa: PLC0415
+    from mtrain.model.families import (  # noqa: PLC0415
+        MQT_EXPORT_PREFIX,
+        MQT_MODEL_TYPE,
+        UnsupportedModelError,
+        family_for,
+    )
+    from mtrain.model.mqt_head import mqt_export_types  # noqa: PLC0415
 
     where = f"model.path={path!r}"
     try:
@@ -77,16 +83,23 @@ def model_problems(cfg: Any) -> list[str]:
         found = family.problems(config, cfg.matryoshka.tokens, cfg.model.image_size)
     tokens = cfg.matryoshka.tokens
     if tokens.mode == "mqt" and family.model_type not in ("llava", MQT_MODEL_TYPE):
-        # MQT after the family's own projector (mtrain/model/mqt_head.py): what it cannot do yet.
-        limit = mqt_head_problem(tokens, cfg.checkpoint.export_at_end, cfg.eval.generate_samples)
+        # MQT after the family's own projector (mtrain/model/mqt_head.py; an MQT export of it): what it cannot do.
+        limit = mqt_head_problem(tokens)
         found += [f"{limit[0]}: {limit[1]}"] if limit else []
+        stock_type = family.model_type.removeprefix(MQT_EXPORT_PREFIX)
+        if cfg.checkpoint.export_at_end and stock_type not in mqt_export_types():
+            found.append(
+                f"checkpoint.export_at_end: the Hugging Face export does not hold MQT's query transformer after a "
+                f"{family.model_type} model's projector yet (mtrain/model/mqt_families.py covers "
+                f"{', '.join(mqt_export_types())}); set checkpoint.export_at_end=false and evaluate with mtrain eval"
+            )
     if cfg.eval.generate_samples and not family.generates and not any("eval.generate_samples" in p for p in found):
         key, problem = generation_problem(f"a {config.model_type} model")
         found.append(f"{key}: {problem}")
     if cfg.task.objective not in family.objectives:
         found.append(f"task.objective={cfg.task.objective} does not train a {config.model_type} model yet")
     problems = [f"{where}: {problem}" for problem in found]
-    pad = pad_token_problem(AutoTokenizer.from_pretrained(path, local_files_only=True), where)
+    pad = pad_token_problem(AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False), where)
     return problems + ([pad] if pad else [])
 
 

@@ -7,9 +7,11 @@ partitioned, so no rank ever holds the whole model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from torch import nn
 
 from mtrain.config.schema import ModelConfig, TokenScalesConfig
 from mtrain.launch.distributed import print0
-from mtrain.model.families import MQT_MODEL_TYPE, SUPPORTED_MODEL_TYPES, ModelFamily, family_for
+from mtrain.model.families import MQT_MODEL_TYPE, SUPPORTED_MODEL_TYPES, ModelFamily, family_for, is_mqt_export
 from mtrain.model.families.gemma3 import (
     build_tiny_gemma3_tokenizer,
     start_projection,
@@ -45,7 +47,14 @@ from mtrain.model.families.qwen2_vl import (
     tiny_qwen_image_processor,
 )
 from mtrain.model.families.qwen3_vl import build_tiny_qwen3_tokenizer, tiny_qwen3_vl_config
-from mtrain.model.mqt_head import MQT_HEAD, attach_mqt_head
+from mtrain.model.mqt_head import (
+    MQT_HEAD,
+    attach_mqt_head,
+    load_exported_head,
+    mqt_export_config,
+    mqt_head,
+    stock_config,
+)
 from mtrain.model.scale_lora import ScaleRouting, adapter_names, attach_scale_lora
 from mtrain.model.token_scales import reference_factor
 from mtrain.model.tokenizer import IMAGE_TOKEN, build_tiny_tokenizer, pad_with_eos_or_unk
@@ -127,7 +136,8 @@ def mqt_llava_config(llava_config: Any, tokens: TokenScalesConfig) -> Any:
 
 
 def load_model_config(path: str | Path) -> Any:
-    """The config of a local model folder: its family's, or mtrain's MQT LLaVA (no remote code run)."""
+    """The config of a local model folder: its family's, or mtrain's MQT LLaVA or MQT export of a family (with
+    mtrain's own classes: no remote code run)."""
     from transformers import AutoConfig  # noqa: PLC0415
 
     from mtrain.model.mqt_model import MQTLlavaConfig  # noqa: PLC0415
@@ -136,6 +146,8 @@ def load_model_config(path: str | Path) -> Any:
     model_type = json.loads((folder / "config.json").read_text()).get("model_type")
     if model_type == MQT_MODEL_TYPE:
         return MQTLlavaConfig.from_pretrained(folder, local_files_only=True)
+    if is_mqt_export(model_type):
+        return mqt_export_config(model_type).from_pretrained(folder, local_files_only=True)
     return AutoConfig.from_pretrained(folder, local_files_only=True)
 
 
@@ -188,8 +200,10 @@ def build_model(
         built.tokenizer.chat_template = cfg.chat_template  # rendered by the loader, saved by the export
     parts = built.family.part_names
     if tokens.mode == "mqt" and built.family.model_type != MQT_MODEL_TYPE:
-        # The other families keep their projector; MQT's query transformer reads its output.
-        attach_mqt_head(built.model, tokens, dtype)
+        # The other families keep their projector; MQT's query transformer reads its output (an MQT export's
+        # folder brought its trained one).
+        if mqt_head(built.model) is None:
+            attach_mqt_head(built.model, tokens, dtype)
         built.visual_tokens = tokens.mqt_queries  # every <image> stands for M query tokens
         parts = {**parts, "mqt_head": MQT_HEAD}
     built.constructed_elements = parameter_elements(built.model)
@@ -367,6 +381,7 @@ def _load_local(
     config = load_model_config(folder)
     family_for(config.model_type, f"model.path={path!r}")  # a supported family, or the error naming them
     starts_mqt = tokens.mode == "mqt" and config.model_type != MQT_MODEL_TYPE
+    exported_head = is_mqt_export(config.model_type)  # loads as its family's stock model, then its head
     model_class, config = _model_class_for(config, tokens, path)
     family = family_for(config.model_type)
     attn = family_attention(family, attn)
@@ -376,21 +391,27 @@ def _load_local(
         model = model_class._from_config(config, dtype=dtype)
         image_token_id = family.image_token_id(config)
         return BuiltModel(model, None, None, visual, image_token_id, str(folder), family=family, visual_grid=grid)
-    model, loading = model_class.from_pretrained(
-        folder,
-        config=config,
-        key_mapping=LLAVA_TO_MQT_KEYS if starts_mqt else None,
-        local_files_only=True,
-        dtype=dtype,
-        attn_implementation=attn,
-        output_loading_info=True,
+    with quiet_loading_report(exported_head):  # the head's weights, which the stock class has no place for
+        model, loading = model_class.from_pretrained(
+            folder,
+            config=config,
+            key_mapping=LLAVA_TO_MQT_KEYS if starts_mqt and not exported_head else None,
+            local_files_only=True,
+            dtype=dtype,
+            attn_implementation=attn,
+            output_loading_info=True,
+        )
+    _check_nothing_missing(
+        loading["missing_keys"], config.model_type, path, fresh_projector=starts_mqt and not exported_head
     )
-    _check_nothing_missing(loading["missing_keys"], config.model_type, path, fresh_projector=starts_mqt)
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    if exported_head:
+        load_exported_head(model, folder, tokens, dtype, path)
+    # An MQT folder's config names remote code (auto_map); its tokenizer and image processor run none: no prompt.
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     note = pad_with_eos_or_unk(tokenizer)
     if note:
         print0(f"model.path={path!r}: {note}")
-    image_processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+    image_processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     if image_pixels:
         image_processor, _ = native_processor(image_processor, image_pixels, tokens)
     elif grid is not None:
@@ -420,6 +441,22 @@ def folder_image_tokens(
     return (grid[0] * grid[1], grid) if grid else (family_for(config.model_type).visual_tokens(config), None)
 
 
+@contextlib.contextmanager
+def quiet_loading_report(quiet: bool) -> Iterator[None]:
+    """Inside (when `quiet`): transformers' load report, a warning, is not printed; missing weights are refused by
+    `_check_nothing_missing` all the same."""
+    from transformers.utils import logging  # noqa: PLC0415
+
+    logger = logging.get_logger("transformers.modeling_utils")
+    level = logger.level
+    if quiet:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def fixed_grid(config: Any, image_size: list[int] | None, path: str) -> tuple[int, int] | None:
     """The merged grid every image of a Qwen folder gets at `model.image_size` (None for other families)."""
     if not isinstance(family_for(config.model_type), Qwen2VLFamily):
@@ -440,10 +477,17 @@ def _model_class_for(config: Any, tokens: TokenScalesConfig, path: str) -> tuple
 
     An MQT folder loads with its trained projector and needs the run's MQT settings to match it. A
     LLaVA folder under `tokens.mode == "mqt"` starts MQT: a fresh query transformer replaces its MLP projector.
-    Another family's folder loads as itself (build_model adds the query transformer after its projector).
+    Another family's folder loads as itself (build_model adds the query transformer after its projector); its MQT
+    export (`mtrain_mqt_<family>`) as the family's stock model, whose query transformer `load_exported_head` adds.
     """
     from mtrain.model.mqt_model import MQTLlavaForConditionalGeneration  # noqa: PLC0415
 
+    if is_mqt_export(config.model_type):
+        problems = family_for(config.model_type).head_problems(config, tokens)  # the token mode and head it needs
+        if problems:
+            raise ValueError(f"model.path={path!r} holds an MQT model: {problems[0]}")
+        stock = stock_config(config)
+        return family_for(stock.model_type).model_class(), stock
     if config.model_type != MQT_MODEL_TYPE:
         if tokens.mode == "mqt" and config.model_type == "llava":
             return MQTLlavaForConditionalGeneration, mqt_llava_config(config, tokens)

@@ -26,7 +26,12 @@ from transformers import initialization as init
 from transformers.models.llava.modeling_llava import LlavaPreTrainedModel
 
 # Relative, not `mtrain.model.token_scales`: the export folder holds both files and no mtrain.
-from .token_scales import MQTLlavaResampler, QueryTransformerProjector, sincos_2d, sincos_2d_column_first
+from .token_scales import (
+    MQTLlavaResampler,
+    QueryTransformerProjector,
+    init_query_transformer,
+    sincos_2d_column_first,
+)
 
 MQT_MODEL_TYPE = "mtrain_mqt_llava"
 
@@ -75,11 +80,7 @@ class MQTLlavaModel(LlavaModel):
         (meta device) when a folder lacks them. `init.*` skips whatever a checkpoint loaded."""
         super()._init_weights(module)
         if isinstance(module, QueryTransformerProjector):
-            # Widths from the buffers: under ZeRO-3 a parameter's shape is (0,) outside a gather.
-            queries, text_dim = module.query_positions.shape
-            init.normal_(module.queries, std=0.02)
-            init.copy_(module.query_positions, sincos_2d(queries, text_dim))
-            init.copy_(module.patch_positions, sincos_2d(module.patch_positions.shape[0], text_dim))
+            init_query_transformer(module)
         elif isinstance(module, MQTLlavaResampler):
             side, vision_dim = math.isqrt(module.num_queries), module.pos_embed.shape[-1]
             init.trunc_normal_(module.query, std=0.02)

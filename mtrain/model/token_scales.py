@@ -205,6 +205,30 @@ class QueryTransformerProjector(nn.Module):
         hidden = queries + attended
         return hidden + self.mlp(self.norm_out(hidden))
 
+    def read_levels(self, features: torch.Tensor) -> torch.Tensor:
+        """(images, M, width * levels) from (images, tokens, width * levels): every block of `width` channels
+        (Qwen3-VL's merged tokens, then each DeepStack set: the family's `image_features`) read by the same
+        queries, as its own image, in one call; a single block is the plain forward."""
+        width = self.query_positions.shape[-1]  # a buffer: under ZeRO-3 a parameter's shape is (0,) here
+        levels = features.shape[-1] // width
+        if levels == 1:
+            return self(features)
+        read = self(torch.cat(features.split(width, dim=-1)))  # (levels * images, M, width)
+        return torch.cat(read.chunk(levels), dim=-1)
+
+
+def init_query_transformer(module: QueryTransformerProjector) -> None:
+    """Start `module`'s queries and fixed position buffers, which transformers builds empty (meta device) when
+    loading a folder; transformers' `init.*` skips whatever a checkpoint loaded (a model's `_init_weights`)."""
+    from transformers import initialization as init  # noqa: PLC0415
+
+    # Widths from the buffers: under ZeRO-3 a parameter's shape is (0,) outside a gather.
+    queries, text_dim = module.query_positions.shape
+    init.normal_(module.queries, std=0.02)
+    init.copy_(module.query_positions, sincos_2d(queries, text_dim))
+    if module.patch_positions is not None:
+        init.copy_(module.patch_positions, sincos_2d(module.patch_positions.shape[0], text_dim))
+
 
 def sincos_2d_column_first(side: int, dim: int) -> torch.Tensor:
     """MQT-LLaVA's query positions (MAE `get_2d_sincos_pos_embed`): per grid cell, in row-major order,

@@ -263,17 +263,19 @@ class ContrastiveTask(Task):
         Gemma 3's bidirectional attention within an image.
         """
         embeddings = self.llava.get_input_embeddings()(input_ids)
+        visual_inputs: dict[str, Any] = {}  # what else of the images the language model takes (DeepStack)
         if pixel_values.shape[0] == 0:
             embeddings = embeddings + self.vision_stand_in(embeddings.device).to(embeddings.dtype)
         else:
             features = self.image_features(pixel_values.to(self.input_dtype), image_sizes).flatten(0, 1)
-            is_image = (input_ids == self.image_token_id).unsqueeze(-1)
-            embeddings = embeddings.masked_scatter(is_image, features.to(embeddings.dtype))
-        hidden_states = self.llava.model(
+            is_image = input_ids == self.image_token_id
+            embeddings, visual_inputs = self.family.splice_visual(self.llava, embeddings, is_image, features)
+        hidden_states = self.family.language_model(self.llava)(
             inputs_embeds=embeddings,
             output_hidden_states=True,
             use_cache=False,
             **self.language_model_inputs(input_ids, attention_mask),
+            **visual_inputs,
         ).hidden_states
         return torch.stack([self.head(hidden_states[layer], attention_mask) for layer in layers])
 

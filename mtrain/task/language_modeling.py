@@ -45,13 +45,14 @@ class LanguageModelingTask(Task):
             # from the position ids (they restart per document), so attention never crosses documents.
             inputs["attention_mask"] = batch["attention_mask"]
         inputs.update(self.family.language_model_inputs(self.llava, layout, self.image_token_id, packed))
-        embeddings = self.embed(
+        embeddings, visual_inputs = self.embed(
             batch["input_ids"], batch.get("pixel_values"), batch.get(IMAGE_SIZES), batch.get(IMAGE_GRID_THW)
         )
         # The model's own forward less its head: no KV cache in training (with one, transformers skips
         # the packed-sequence mask, 5.x).
         language_model = self.family.language_model(self.llava)
-        hidden = language_model(inputs_embeds=embeddings, use_cache=False, **inputs).last_hidden_state
+        # Qwen3-VL's DeepStack sets (`visual_inputs`) reach the language model at the image positions.
+        hidden = language_model(inputs_embeds=embeddings, use_cache=False, **inputs, **visual_inputs).last_hidden_state
         positions = learned_positions(batch["labels"], learned_count(batch))
         losses = next_token_losses(learned_logits(hidden, self.llava.lm_head, positions), positions)
         if self.token_norm is None:
@@ -93,9 +94,11 @@ class LanguageModelingTask(Task):
         pixel_values: torch.Tensor | None,
         image_sizes: list[tuple[int, int]] | None = None,
         image_grid_thw: list[list[int]] | None = None,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         """Token embeddings with every image's visual tokens spliced in, as the model's own forward does
-        (images of their own grids, `image_grid_thw`, or anyres sizes: each image's tokens in order).
+        (images of their own grids, `image_grid_thw`, or anyres sizes: each image's tokens in order), and
+        what else of the images the language model takes (the family's `splice_visual`: Qwen3-VL's DeepStack
+        sets at the image positions; empty for the others).
 
         Done here, before the model is called, so the modules run in one order whatever the batch
         holds (embeddings, vision tower, projector, language model): under ZeRO-3 every rank must
@@ -104,19 +107,11 @@ class LanguageModelingTask(Task):
         """
         embeddings = self.llava.get_input_embeddings()(input_ids)
         if pixel_values is None or pixel_values.numel() == 0:  # a shape: known on the host
-            return embeddings + self.vision_stand_in(embeddings.device).to(embeddings.dtype)
+            return embeddings + self.vision_stand_in(embeddings.device).to(embeddings.dtype), {}
         if image_grid_thw is not None:
             features = torch.cat(self.grid_features(pixel_values, image_grid_thw))
         elif image_sizes and self.family.counts_by_image_size:  # anyres: each image its count, by its size
             features = torch.cat(self.family.image_feature_list(self.llava, pixel_values, image_sizes))
         else:
             features = self.image_features(pixel_values, image_sizes).flatten(0, 1)
-        spliced, visual_inputs = self.family.splice_visual(
-            self.llava, embeddings, input_ids == self.image_token_id, features
-        )
-        if visual_inputs:  # refused before any process starts (ModelFamily.problems); never dropped silently
-            raise ValueError(
-                f"a {self.llava.config.model_type} model passes {sorted(visual_inputs)} to its language model, which "
-                "the language-modeling task cannot; train it with matryoshka.tokens.mode=m3"
-            )
-        return spliced
+        return self.family.splice_visual(self.llava, embeddings, input_ids == self.image_token_id, features)

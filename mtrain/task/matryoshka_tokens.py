@@ -158,10 +158,10 @@ class MatryoshkaTokenTask(Task):
         grid: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """The family's visual tokens, or with MQT after a family's own projector (`mtrain/model/mqt_head.py`)
-        its M query outputs: (images, M, dim)."""
+        its M query outputs: (images, M, dim), with Qwen3-VL's DeepStack sets each read by the same queries."""
         features = super().image_features(pixel_values, image_sizes, grid)
         head = mqt_head(self.llava)
-        return features if head is None else head(features)
+        return features if head is None else head.read_levels(features)
 
     def image_grids(self, batch: dict[str, Any], scales: list[int]) -> ImageGrids | None:
         """Each image's token counts at full size and at every scale, when the batch's images have their own

@@ -348,8 +348,8 @@ def test_a_saved_onevision_folder_loads_and_its_scales_are_checked_before_any_pr
             "matryoshka.tokens.mqt_queries=16",
         ],
     )
-    # MQT trains after the folder's own projector (tests/unit/test_family_objectives.py); its export does not yet.
-    assert "checkpoint.export_at_end: the Hugging Face export of this model" in model_problems(mqt)[0]
+    # MQT trains after the folder's own projector and exports (tests/unit/test_family_objectives.py).
+    assert model_problems(mqt) == []
     mqt_llava = load_config(
         None, [*folder_cfg, "matryoshka.tokens.mode=mqt", "matryoshka.tokens.mqt_architecture=mqt_llava"]
     )

@@ -83,9 +83,9 @@ def test_m3_scales_are_checked_against_the_models_grid():
 def test_an_unknown_model_type_names_the_supported_families():
     with pytest.raises(UnsupportedModelError, match=r"'mllama' model; mtrain supports the model families llava"):
         family_for("mllama")
-    assert SUPPORTED_MODEL_TYPES == (
-        "llava", "mtrain_mqt_llava", "llava_onevision", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3"
-    )  # fmt: skip
+    own_projector = ("llava_onevision", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3")
+    mqt_exports = tuple(f"mtrain_mqt_{family}" for family in own_projector)  # mtrain/model/families/mqt_export.py
+    assert SUPPORTED_MODEL_TYPES == ("llava", "mtrain_mqt_llava", *own_projector, *mqt_exports)
 
 
 def test_a_siglip_tower_tiny_llava_trains_with_m3_scales(shards_pattern):

@@ -3,12 +3,12 @@ the stock Qwen3VLForConditionalGeneration's logits (DeepStack included); M3 pool
 tokens, the one-pass all-scale loss equals the mean of separate stock forwards given those pooled sets; packed
 documents give their unpacked losses; the Qwen3-VL-shaped chat template against `apply_chat_template`; a saved
 folder passes the pre-process-group check and trains non-square images; an export reloads in stock transformers
-with equal logits."""
+with equal logits; plain language modeling (mode=none) gives the stock loss, padded or packed. Dropping the DeepStack
+sets changes each result (MQT and contrastive: tests/unit/test_family_objectives.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -18,7 +18,6 @@ from data_pipeline.formats import conversation_messages
 from data_pipeline.tokenize import IGNORE_INDEX
 from mtrain.cli import _data_tokens
 from mtrain.config import load_config
-from mtrain.config.core import ConfigError
 from mtrain.launch.model_checks import model_problems
 from mtrain.model.build import build_model
 from mtrain.model.families.qwen2_vl import IMAGE_PAD, merged_grid, pool_merged, pooled_grid_thw
@@ -26,6 +25,7 @@ from mtrain.model.families.qwen3_vl import CHAT_TEMPLATE, Qwen3VLFamily, build_t
 from mtrain.task.token_layout import shrink_image_runs
 from tests.family_checks import (
     TWO_TURNS,
+    WithoutDeepStack,
     assert_one_pass_equals_separate_grads,
     assert_packed_equals_unpacked_per_document,
     assert_template_equals_apply_chat_template,
@@ -77,14 +77,6 @@ def stock_logits(task, built, batch) -> torch.Tensor:
             image_grid_thw=patch_grid_thw(built, batch["pixel_values"].shape[0]),
             mm_token_type_ids=(ids == built.image_token_id).int(),
         ).logits
-
-
-class WithoutDeepStack(Qwen3VLFamily):
-    """Qwen3-VL with its DeepStack sets dropped: what a Qwen2-VL-style wiring would run."""
-
-    def splice_visual(self, model: Any, embeddings, image_positions, visual) -> tuple[torch.Tensor, dict]:
-        spliced, _ = super().splice_visual(model, embeddings, image_positions, visual)
-        return spliced, {}
 
 
 def test_full_scale_forward_equals_the_stock_forward_with_deepstack():
@@ -203,9 +195,9 @@ def test_a_saved_folder_passes_the_check_before_any_process_group_and_trains_non
     for part in (preset.model, preset.tokenizer, preset.image_processor):
         part.save_pretrained(folder)
     base = ["model.preset=none", f"model.path={folder}", "model.image_size=[32,64]"]
-    none = load_config(None, [*base, "matryoshka.tokens.mode=none"])
-    (problem,) = model_problems(none)
-    assert "a qwen3_vl model trains with mode=m3" in problem
+    for mode in ("none", "mqt"):  # the plain language-modeling task and MQT carry DeepStack's sets too
+        extra = ["checkpoint.export_at_end=false"] if mode == "mqt" else []
+        assert model_problems(load_config(None, [*base, f"matryoshka.tokens.mode={mode}", *extra])) == []
     (problem,) = model_problems(load_config(None, [*base, "matryoshka.tokens.mode=m3", "matryoshka.tokens.scales=[4]"]))
     assert "scale 4 does not pool a 4x8 grid" in problem
     cfg = load_config(
@@ -249,10 +241,29 @@ def test_a_text_only_batch_runs_the_deepstack_mergers_at_zero_weight():
     assert_text_only_batch_reaches_vision_at_zero_weight(task, ids, "deepstack_merger_list")
 
 
-def test_what_the_qwen3_preset_does_not_run_is_refused_at_config_load():
-    with pytest.raises(ConfigError, match=r"matryoshka.tokens.mode: is 'none'.*scales=\[16\]"):
-        load_config(None, [f"model.preset={PRESET}"])
-    with pytest.raises(ConfigError, match="matryoshka.tokens.mode: is 'mqt'.*would drop DeepStack's sets"):
-        load_config(None, [f"model.preset={PRESET}", "matryoshka.tokens.mode=mqt", "checkpoint.export_at_end=false"])
-    with pytest.raises(ConfigError, match="task.objective: is 'contrastive'.*would drop DeepStack's sets"):
-        load_config(None, [f"model.preset={PRESET}", "task.objective=contrastive", "matryoshka.tokens.scales=[16]"])
+def test_plain_language_modeling_loss_equals_the_stock_forward_with_deepstack_packed_or_not():
+    """`matryoshka.tokens.mode=none` (the preset's default): the language-modeling task's loss is the stock
+    forward's (its own vision, DeepStack, M-RoPE ids), padded; packed rows give the same token mean; dropping the
+    DeepStack sets moves it."""
+    cfg = load_config(None, [f"model.preset={PRESET}", "model.lora.enabled=true", "model.lora.dropout=0.0"])
+    task, built = lora_task(cfg)
+    assert type(task).__name__ == "LanguageModelingTask"
+    docs = documents(built)
+    batch = padded_batch(built, docs)
+    with torch.no_grad():
+        loss, _ = task(batch)
+        ids = batch["input_ids"]
+        want = task.model(
+            input_ids=ids,
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"].flatten(0, 1),
+            image_grid_thw=patch_grid_thw(built, batch["pixel_values"].shape[0]),
+            mm_token_type_ids=(ids == built.image_token_id).int(),
+            labels=batch["labels"],
+        ).loss
+        torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+        packed, _ = task(packed_batch(docs, batch["pixel_values"]))  # the packer ignores each document's first label
+        torch.testing.assert_close(packed, want, rtol=1e-5, atol=1e-6)
+        task.given_family = WithoutDeepStack()
+        without, _ = task(batch)
+        assert abs(float(without - want)) > 1e-3

@@ -6,7 +6,8 @@ A family answers, for its transformers model class:
   (`visual_tokens`), both from the tower's real output;
 - how the projector maps them: the family's own model class (MQT's query transformer in place of
   LLaVA's projector is a family of its own, `mtrain_mqt_llava`; the other families keep their projector
-  and MQT's query transformer reads its output, `mtrain/model/mqt_head.py`);
+  and MQT's query transformer reads its output, `mtrain/model/mqt_head.py`; their MQT exports,
+  `mtrain_mqt_<family>`, are families too, read back as the family with the head: `mqt_export.py`);
 - where they go in the sequence (`image_token_id`: the id whose positions the visual tokens fill;
   `splice_visual` puts them there and returns what else of them the language model takes, such as
   Qwen3-VL's DeepStack sets, and `language_model` is the module the tasks call with the result);
@@ -29,22 +30,37 @@ from mtrain.model.families.gemma3 import Gemma3Family
 from mtrain.model.families.llava import MQT_MODEL_TYPE, LlavaFamily, MQTLlavaFamily
 from mtrain.model.families.llava_next import LlavaNextFamily
 from mtrain.model.families.llava_onevision import LlavaOnevisionFamily
+from mtrain.model.families.mqt_export import MQT_EXPORT_PREFIX, mqt_export_family
 from mtrain.model.families.qwen2_vl import Qwen2_5_VLFamily, Qwen2VLFamily
 from mtrain.model.families.qwen3_vl import Qwen3VLFamily
 
-__all__ = ["FAMILIES", "MQT_MODEL_TYPE", "SUPPORTED_MODEL_TYPES", "ModelFamily", "UnsupportedModelError", "family_for"]
+__all__ = [
+    "FAMILIES",
+    "MQT_EXPORT_PREFIX",
+    "MQT_MODEL_TYPE",
+    "SUPPORTED_MODEL_TYPES",
+    "ModelFamily",
+    "UnsupportedModelError",
+    "family_for",
+    "is_mqt_export",
+]
 
+# The families that keep their own projector, and the registered class of their MQT exports (mqt_families.py).
+OWN_PROJECTOR_FAMILIES: dict[ModelFamily, str] = {
+    LlavaOnevisionFamily(): "MQTLlavaOnevisionForConditionalGeneration",
+    LlavaNextFamily(): "MQTLlavaNextForConditionalGeneration",
+    Qwen2VLFamily(): "MQTQwen2VLForConditionalGeneration",
+    Qwen2_5_VLFamily(): "MQTQwen2_5_VLForConditionalGeneration",
+    Qwen3VLFamily(): "MQTQwen3VLForConditionalGeneration",
+    Gemma3Family(): "MQTGemma3ForConditionalGeneration",
+}
 FAMILIES: dict[str, ModelFamily] = {
     family.model_type: family
     for family in (
         LlavaFamily(),
         MQTLlavaFamily(),
-        LlavaOnevisionFamily(),
-        LlavaNextFamily(),
-        Qwen2VLFamily(),
-        Qwen2_5_VLFamily(),
-        Qwen3VLFamily(),
-        Gemma3Family(),
+        *OWN_PROJECTOR_FAMILIES,
+        *(mqt_export_family(family, export) for family, export in OWN_PROJECTOR_FAMILIES.items()),
     )
 }
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(FAMILIES)
@@ -59,3 +75,8 @@ def family_for(model_type: str, where: str = "the model") -> ModelFamily:
             f"{', '.join(SUPPORTED_MODEL_TYPES)}. Convert it to one of them or choose a model of a supported family"
         )
     return family
+
+
+def is_mqt_export(model_type: str) -> bool:
+    """Whether `model_type` is an MQT export of a family that keeps its own projector (`mqt_export.py`)."""
+    return model_type.startswith(MQT_EXPORT_PREFIX) and model_type != MQT_MODEL_TYPE

@@ -43,9 +43,9 @@
 same merger, image token and M-RoPE. `qwen3_vl` (`qwen3_vl.py`) subclasses it and adds DeepStack
 (tower features added in the first language-model layers, pooled as the main tokens are).
 
-Not yet: MQT, the contrastive objective and generation at native resolution (refused at config load), a
-saved `Qwen2VLProcessor` in exports (its video processor needs torchvision, which the CPU stack leaves
-out), and an export of MQT's query transformer.
+Not yet: MQT, the contrastive objective and generation at native resolution (refused at config load), and
+a saved `Qwen2VLProcessor` in exports (its video processor needs torchvision, which the CPU stack leaves
+out).
 """
 
 from __future__ import annotations

@@ -28,9 +28,21 @@ What differs from Qwen2-VL, read from transformers' `modeling_qwen3_vl.py`:
   LLaMA-Factory registers qwen3_vl); they train with `model.freeze.vision_tower=false`.
 - Chat template: ChatML like Qwen2-VL's, without a default system prompt (Qwen3-VL's own template
   writes a system turn only when the conversation has one).
-- Objectives: next-token training with M3 only (`matryoshka.tokens.mode=m3`; its full scale is the
-  unpooled model). The plain language-modeling task calls the stock forward, which takes no DeepStack
-  features from outside: `mode=none` is refused before any process starts.
+- Objectives: every one, each through `splice_visual` and `language_model`, so the DeepStack sets reach
+  the language model at the image positions of each task's rows: M3 (above); the plain language-modeling
+  task (`mode=none`: the stock forward takes no DeepStack features from outside, so the task calls the
+  module it ends in, then `lm_head` and the model's own loss function); the contrastive task (its hidden
+  states from the same call).
+- MQT (`mode=mqt`, `mtrain/model/mqt_head.py`): the query transformer reads the merged tokens and, as
+  its own image, each DeepStack set (`QueryTransformerProjector.read_levels`), with the same weights;
+  query i's DeepStack set j is then what query i reads from the tower block j feeds. Why: DeepStack
+  adds, at each visual position, earlier-block features of the same image content; M3 keeps that by
+  pooling every set with the merged tokens' windows, and under MQT the positions are queries, so each
+  set is read by the same queries (no new parameters, and the first m outputs of every set are still
+  those of an m-query pass, so scale m stays a prefix of scale M). Dropping the sets instead would feed
+  a language model trained with DeepStack something it never saw; one head per set would add
+  parameters that the stock checkpoint has no start for. The query tokens take text M-RoPE ids, as on
+  Qwen2-VL.
 """
 
 from __future__ import annotations
@@ -114,22 +126,6 @@ class Qwen3VLFamily(Qwen2VLFamily):
         "3-D M-RoPE (interleaved frequencies) from the model's get_rope_index, given each image's pooled grid "
         "(t, h / f, w / f)"
     )
-
-    # The contrastive task splices only the merged tokens (no DeepStack sets): not trained yet.
-    objectives = ("lm",)
-
-    def problems(self, config: Any, tokens: Any, image_size: list[int] | None = None) -> list[str]:
-        if tokens.mode == "none":
-            return [
-                "matryoshka.tokens.mode=none: a qwen3_vl model trains with mode=m3 here (the plain language-modeling "
-                "task cannot pass DeepStack's features); for full-size images only, set the one scale of the full grid"
-            ]
-        if tokens.mode == "mqt":
-            return [
-                "matryoshka.tokens.mode=mqt: a qwen3_vl model trains with mode=m3 here (MQT's query transformer "
-                "reads the merged tokens only and would drop DeepStack's sets)"
-            ]
-        return super().problems(config, tokens, image_size)
 
     def grid_features(self, model: Any, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
         """Each image's (tokens, dim * (1 + DeepStack sets)): the merged tokens, then each DeepStack set's."""
