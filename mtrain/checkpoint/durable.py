@@ -92,14 +92,19 @@ class HashingFile:
         self._pushed = 0  # bytes whose writeback has been started
 
     def write(self, data: Any) -> int:
-        count = self._handle.write(data)
-        self._digest.update(data)  # the caller's buffer, while it is still valid: no copy
-        self._written += count
-        if self._written - self._pushed >= STEP_BYTES:
-            self._handle.flush()  # the buffered tail must reach the kernel before its writeback can start
-            start_writeback(self._fd, self._pushed, self._written - self._pushed)
-            self._pushed = self._written
-        return count
+        # torch.save hands over each tensor in one write: cut it into steps, or a 1 GB tensor's
+        # writeback would only start once all of it sat in the page cache.
+        view = memoryview(data).cast("B")
+        for start in range(0, len(view), STEP_BYTES):
+            step = view[start : start + STEP_BYTES]
+            self._handle.write(step)
+            self._digest.update(step)  # the caller's buffer, while it is still valid: no copy
+            self._written += len(step)
+            if self._written - self._pushed >= STEP_BYTES:
+                self._handle.flush()  # the buffered tail must reach the kernel before its writeback can start
+                start_writeback(self._fd, self._pushed, self._written - self._pushed)
+                self._pushed = self._written
+        return len(view)
 
     def flush(self) -> None:
         self._handle.flush()

@@ -132,3 +132,21 @@ def test_a_manifest_of_sha256_checksums_still_verifies(tmp_path):
     assert manifest_problems(folder, checksums=True) == [
         "config.yaml has no checksum this mtrain knows (expected one of xxh3_128, sha256)"
     ]
+
+
+def test_written_files_are_pushed_to_disk_in_steps_and_never_read_back(tmp_path, small_steps, monkeypatch):
+    pushed: list[tuple[int, int]] = []
+    start_writeback = durable.start_writeback
+    monkeypatch.setattr(
+        durable, "start_writeback", lambda fd, at, size: (pushed.append((at, size)), start_writeback(fd, at, size))
+    )
+    files = DurableFiles(tmp_path)
+    files.torch_save(state(), tmp_path / OPTIM_FILE)
+    monkeypatch.setattr(durable, "describe_files", lambda *args: pytest.fail("a recorded file was read back"))
+
+    entry = files.entries([OPTIM_FILE])[OPTIM_FILE]
+    assert entry == {"bytes": (tmp_path / OPTIM_FILE).stat().st_size, CHECKSUM: file_checksum(tmp_path / OPTIM_FILE)}
+    # Consecutive steps of at least STEP_BYTES from the start: the disk writes while torch.save serialises.
+    assert len(pushed) >= 16 and pushed[0][0] == 0
+    assert all(at + size == following for (at, size), (following, _) in zip(pushed, pushed[1:], strict=False))
+    assert all(size >= durable.STEP_BYTES for _, size in pushed)
