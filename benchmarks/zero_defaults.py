@@ -61,7 +61,7 @@ def hf_auto(width: int) -> list[str]:
             f"zero.prefetch_bucket_size={int(0.9 * width * width)}"]  # fmt: skip
 
 
-def engines(width: int) -> dict[str, list[str]]:
+def engine_overrides(width: int) -> dict[str, list[str]]:
     """Each engine's zero.* overrides at `width`."""
     return {
         "sized": [],
@@ -94,7 +94,7 @@ def worker(args: argparse.Namespace) -> None:
         return cfg, built, initialize_engine(cfg, built, ds, world.rank), ds["zero_optimization"]
 
     engines, zero = {}, {}
-    settings = list(engines(args.width).items())
+    settings = list(engine_overrides(args.width).items())
     # Odd rounds build (and first time) the engines in reverse: where an engine sits in the process
     # (built first or last) must not decide its speed.
     for name, extra in settings[::-1] if args.round % 2 else settings:
