@@ -3,16 +3,17 @@
     python benchmarks/zero_defaults.py [--rounds 2] [--blocks 4] [--steps 5] [--widths 64 512]
 
 mtrain fills the ZeRO-3 sizes the config leaves null from the language model's hidden size h
-(mtrain/config/deepspeed_json.py `zero_sizes`). Four engines on the same model, data and moment:
+(mtrain/config/deepspeed_json.py `zero_sizes`). Five engines on the same model, data and moment:
 
   sized       mtrain's default: every zero.* size null: persistence threshold 0 (every parameter
               sharded), reduce bucket max(h^2, 1e7), prefetch bucket max(0.9h^2, 1e7) elements;
+  sized_copy  the same engine built again: sized_copy / sized shows how far noise alone moves a ratio;
   hf_auto     Hugging Face's "auto" (mtrain's default before): threshold 10h, buckets h^2 and 0.9h^2;
   deepspeed   DeepSpeed's own defaults: persistence threshold 1e5, reduce and prefetch buckets 5e7;
   threshold0  threshold 0 (every parameter sharded) with DeepSpeed's 5e7 buckets.
 
 Per width (the tiny LLaVA + LoRA of configs/tiny.yaml at model.tiny.hidden_size=64, and 8x wider),
-one torchrun launch per round on 2 ranks (gloo, fp32, one thread per rank) builds the four engines
+one torchrun launch per round on 2 ranks (gloo, fp32, one thread per rank) builds the five engines
 (in reverse order on odd rounds) and times them in alternating blocks of --steps optimizer steps on
 the same batches (ABBA order), as scaling.py does for the threshold alone. Printed: step times per
 engine, per width the ratio of the better of deepspeed and threshold0 (by median) / sized step
@@ -20,7 +21,9 @@ time (>= 1.0: the sized default is at least as fast as the best other), and hf_a
 
 Both tiny widths (218k and 6.6M parameters) are smaller than the 1e7 bucket floor, so there the
 sized default and threshold0 gather the whole model in one prefetch and differ only in the size
-of the reduce buffer DeepSpeed allocates; the ratio between them measures the noise.
+of the reduce buffer DeepSpeed allocates: their ratio moves with noise as sized_copy's does. Seen
+loaded (load 2-6), width 512, 2 launches x 4 blocks: medians sized 438.6, sized_copy 435.3,
+threshold0 433.8 ms, while the block-ratio medians read 0.97x (copy) and 0.93x (threshold0).
 
 Then the memory side at 7B: `mtrain plan` for the LLaVA-1.5-7B config run_all.py uses, with the
 sized default, HF's auto and DeepSpeed's defaults, per-GPU GiB of each (its `replicated` line counts
@@ -65,6 +68,7 @@ def engine_overrides(width: int) -> dict[str, list[str]]:
     """Each engine's zero.* overrides at `width`."""
     return {
         "sized": [],
+        "sized_copy": [],  # the same engine again: the ratio of two identical engines is the noise floor
         "hf_auto": hf_auto(width),
         "deepspeed": DEEPSPEED,
         "threshold0": [*DEEPSPEED_BUCKETS, "zero.param_persistence_threshold=0"],
@@ -180,6 +184,8 @@ def main() -> None:
         best = min(("deepspeed", "threshold0"), key=lambda name: statistics.median(blocks[name]))
         ratios = [b / s for s, b in zip(blocks["sized"], blocks[best], strict=True)]
         print(ratio_line(f"RATIO best other ({best}) / sized default, step time, width {width}", ratios, ">= 1.0"))
+        copy = [c / s for s, c in zip(blocks["sized"], blocks["sized_copy"], strict=True)]
+        print(ratio_line(f"RATIO sized copy / sized default (identical engines: the noise), width {width}", copy))
         before = [h / s for s, h in zip(blocks["sized"], blocks["hf_auto"], strict=True)]
         print(ratio_line(f"RATIO HF auto (the default before) / sized default, step time, width {width}", before))
 
