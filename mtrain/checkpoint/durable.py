@@ -9,8 +9,10 @@ bandwidth). Now every file a rank writes, DeepSpeed's included, goes through a `
 - each write is hashed on the spot, from the writer's own buffer (no copy, no read back), with
   the manifest's checksum, XXH3-128 (about 7 GB/s on one core: 14 ms per 100 MB);
 - every `STEP_BYTES` the writer starts the disk's writeback of what it wrote (`sync_file_range`,
-  Linux; it does not wait for the disk), so the disk writes while torch.save still serialises and
-  the closing fsync has only the tail left;
+  Linux; it does not wait for the write to finish, only for room in the disk's queue), so the disk
+  writes while torch.save still serialises and the closing fsync has only the tail left. Without
+  it the kernel held the dirty pages until the fsync: serialisation, then the disk, one after the
+  other, where the fsync write anchor of checkpoint_io.py pays only the disk;
 - closing the file queues its fsync on a thread of its own and returns at once: the files of a
   rank are fsynced in parallel (fsync releases the GIL), and the writer never waits for the disk.
 
@@ -38,7 +40,7 @@ from torch.serialization import get_crc32_options, set_crc32_options
 
 from mtrain.checkpoint.manifest import CHECKSUM, describe_files, new_digest
 
-STEP_BYTES = 4 << 20  # the writer starts the writeback of every step of this size (4 MiB measured best of 4/16)
+STEP_BYTES = 4 << 20  # writeback starts every step of this size: early for the disk, few syscalls for the writer
 _SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of dirty pages, do not wait
 _PARALLEL_FSYNCS = 8  # threads for the files that were not written through a HashingFile
 
