@@ -12,7 +12,7 @@ bandwidth). Now every file a rank writes, DeepSpeed's included, goes through a `
   Linux; it does not wait for the write to finish, only for room in the disk's queue), so the disk
   writes while torch.save still serialises and the closing fsync has only the tail left. Without
   it the kernel held the dirty pages until the fsync: serialisation, then the disk, one after the
-  other, where the fsync write anchor of checkpoint_io.py pays only the disk;
+  other;
 - closing the file queues its fsync on a thread of its own and returns at once: the files of a
   rank are fsynced in parallel (fsync releases the GIL), and the writer never waits for the disk.
 
