@@ -7,7 +7,7 @@ order that rotates from round to round, on the same disk (all under --dir) and f
   1. the anchor: a write + fsync of one file as large as mtrain's checkpoint (random bytes, 8 MiB
      blocks): the disk's durable write bandwidth;
   2. DeepSpeed's own `save_checkpoint` alone (no fsync, no manifest: not crash-safe);
-  3. mtrain's crash-safe save (DeepSpeed + per-rank state + SHA-256 manifest + fsyncs + renames);
+  3. mtrain's crash-safe save (DeepSpeed + per-rank state + checksummed manifest + fsyncs + renames);
   4. mtrain's resume load (`engine.load_checkpoint` of that save).
 Before each timed side the page cache is flushed (`os.sync`, untimed), so no side pays for the dirty
 pages of the one before; a first save of each kind is an untimed warm-up. Each side's bandwidth is

@@ -36,9 +36,12 @@ engines in one ws2 launch, cProfile-inflated times): at the default `_post_step`
 `release_and_reset_all` 4 ms, of a 246 ms step. Timed in alternating blocks inside one launch, the
 ratio is steady (about 0.8x); timed as separate launches, as this script once did, launch-to-launch
 noise on the shared machine swung it from 0.76x to 1.20x between two runs. On a real model the
-persistent set is only norms and biases (a small share of the bytes), and with NCCL a small
-collective's latency is microseconds, so the default threshold's per-parameter gathers matter
-little there; the small-parameter latency is what this CPU/gloo setting magnifies.
+persistent set is only norms and biases (a small share of the bytes) but not few of them: about
+310 for LLaVA-1.5-7B at 1e5 or at HF's 10h, so 310 collectives after every step that nothing
+overlaps. On NCCL each costs tens of microseconds (launch, DeepSpeed's per-parameter Python and
+the latency of a small all-gather): an estimated 5-20 ms of a step near one second, where this
+CPU/gloo setting magnifies it to tens of percent. mtrain's sized default is threshold 0
+(mtrain/config/deepspeed_json.py `zero_sizes`).
 """
 
 from __future__ import annotations

@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect = commands.add_parser("inspect", help="summarise a checkpoint or a checkpoints folder (reads no pickle)")
     inspect.add_argument("checkpoint", help="checkpoint folder (step_XXXXXXXX) or a checkpoints folder")
-    inspect.add_argument("--checksums", action="store_true", help="verify every file's SHA-256 against the manifest")
+    inspect.add_argument("--checksums", action="store_true", help="verify every file's checksum against the manifest")
     inspect.add_argument(
         "--config",
         nargs="+",

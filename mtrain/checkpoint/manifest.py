@@ -1,9 +1,14 @@
 """Durable files and the manifest that marks a checkpoint folder complete.
 
 A checkpoint folder counts as complete only when its `manifest.json` exists and every file it
-lists has the recorded size (and, when asked, the recorded SHA-256). The manifest is written
+lists has the recorded size (and, when asked, the recorded checksum). The manifest is written
 last, after every rank has fsynced its files, so a crash at any earlier point leaves a folder
 without one.
+
+Each file's entry names its checksum's algorithm as the key of its digest: `{"bytes": N,
+"xxh3_128": HEX}`. New saves record XXH3-128 (about 7 GB/s on one core, where SHA-256 runs at
+1.1 GB/s and would pace the save); it guards against torn and rotten files, not against tampering.
+Manifests written before hold `sha256` and still verify.
 """
 
 from __future__ import annotations
@@ -11,10 +16,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import xxhash
+
 MANIFEST_FILE = "manifest.json"
+CHECKSUM = "xxh3_128"  # the algorithm new manifests record for every file
+CHECKSUMS: dict[str, tuple[str, Callable[[], Any]]] = {  # algorithm -> (name in messages, new digest)
+    "xxh3_128": ("XXH3-128", xxhash.xxh3_128),
+    "sha256": ("SHA-256", hashlib.sha256),  # manifests written before XXH3-128
+}
 _CHUNK = 8 << 20
 
 
@@ -32,12 +45,23 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
+def new_digest(algorithm: str = CHECKSUM) -> Any:
+    """A fresh hash object of `algorithm` (`update(bytes)`, `hexdigest()`)."""
+    return CHECKSUMS[algorithm][1]()
+
+
+def file_checksum(path: Path, algorithm: str = CHECKSUM) -> str:
+    """The hex digest of a file's content, read from disk."""
+    digest = new_digest(algorithm)
     with open(path, "rb") as handle:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def recorded_checksum(entry: dict[str, Any]) -> tuple[str, str] | None:
+    """(algorithm, hex digest) a manifest entry records; None when it holds none mtrain knows."""
+    return next(((algorithm, entry[algorithm]) for algorithm in CHECKSUMS if algorithm in entry), None)
 
 
 def write_text_durably(path: Path, text: str) -> None:
@@ -59,12 +83,13 @@ def relative_files(folder: Path) -> list[str]:
 
 
 def describe_files(folder: Path, names: list[str]) -> dict[str, dict[str, Any]]:
-    """fsync each file, then record its size and SHA-256 (each rank does this for the files it wrote)."""
+    """fsync each file, then record its size and checksum, read back from disk (for files that were not
+    written through `durable.HashingFile`)."""
     entries = {}
     for name in names:
         path = folder / name
         fsync_file(path)
-        entries[name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        entries[name] = {"bytes": path.stat().st_size, CHECKSUM: file_checksum(path)}
     return entries
 
 
@@ -98,6 +123,17 @@ def manifest_problems(folder: Path, checksums: bool = False) -> list[str]:
             problems.append(f"{name} is missing")
         elif path.stat().st_size != entry["bytes"]:
             problems.append(f"{name} has {path.stat().st_size} bytes, the manifest says {entry['bytes']}")
-        elif checksums and sha256_file(path) != entry["sha256"]:
-            problems.append(f"{name} does not match its SHA-256")
+        elif checksums:
+            problems.extend(checksum_problems(name, path, entry))
     return problems
+
+
+def checksum_problems(name: str, path: Path, entry: dict[str, Any]) -> list[str]:
+    """Why the file at `path` does not match its manifest entry's checksum; empty when it does."""
+    recorded = recorded_checksum(entry)
+    if recorded is None:
+        return [f"{name} has no checksum this mtrain knows (expected one of {', '.join(CHECKSUMS)})"]
+    algorithm, digest = recorded
+    if file_checksum(path, algorithm) != digest:
+        return [f"{name} does not match its {CHECKSUMS[algorithm][0]}"]
+    return []

@@ -330,14 +330,14 @@ class ZeroConfig(Checkable):
     stage: int = setting(3, "ZeRO stage; mtrain is built for 3 (parameters, gradients and optimizer sharded).")
     param_persistence_threshold: int | None = setting(
         None,
-        "Parameters with fewer elements stay replicated; 0 shards all; null: 10 x the language model's hidden size.",
+        "Parameters with at most this many elements stay replicated; null: 0, every parameter sharded.",
     )
     overlap_comm: bool = setting(True, "Overlap gradient reduction with the backward pass.")
     reduce_bucket_size: int | None = setting(
-        None, "Elements per gradient-reduction bucket; null: the hidden size squared."
+        None, "Elements per gradient-reduction bucket; null: the hidden size squared, at least 1e7."
     )
     prefetch_bucket_size: int | None = setting(
-        None, "Elements of parameters prefetched ahead of use; null: 0.9 x the hidden size squared."
+        None, "Elements of parameters prefetched ahead of use; null: 0.9 x the hidden size squared, at least 1e7."
     )
     offload_optimizer: Literal["none", "cpu"] = setting(
         "none",
@@ -412,7 +412,7 @@ class CheckpointConfig(Checkable):
         "trains them on, freeze keeps them fixed (both need this run's lora settings to match), merge folds the "
         "default scale's into the weights and starts fresh adapters.",
     )
-    verify_checksums: bool = setting(False, "On resume, check every file's SHA-256 against the manifest.")
+    verify_checksums: bool = setting(False, "On resume, check every file's checksum against the manifest.")
     start_over: bool = setting(
         False, "With resume=never: move an existing run in run.dir to run.dir/previous/<time>/ and start fresh."
     )

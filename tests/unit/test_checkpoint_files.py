@@ -45,7 +45,7 @@ def test_only_complete_checkpoints_count_and_partials_are_named(tmp_path):
     assert "no manifest.json" in reasons["step_00000006"]
     assert "has 1 bytes, the manifest says 10" in reasons["step_00000010"]
     assert manifest_problems(corrupt, checksums=True) == [
-        "zero_pp_rank_0_mp_rank_00_model_states.pt does not match its SHA-256"
+        "zero_pp_rank_0_mp_rank_00_model_states.pt does not match its XXH3-128"
     ]
 
     assert find_resume_checkpoint("auto", tmp_path, remove_partials=True).step == 12
@@ -111,5 +111,5 @@ def test_manifest_lists_sizes_and_checksums(tmp_path):
     folder = fake_checkpoint(tmp_path, 3)
     manifest = json.loads((folder / "manifest.json").read_text())
     entry = manifest["files"]["zero_pp_rank_0_mp_rank_00_model_states.pt"]
-    assert entry["bytes"] == 3 and len(entry["sha256"]) == 64
+    assert entry["bytes"] == 3 and len(entry["xxh3_128"]) == 32
     assert "config.yaml" in manifest["files"] and manifest["meta"]["trainer"] == {"step": 3}

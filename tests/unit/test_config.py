@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from mtrain.config import ConfigError, field_docs, load_config
-from mtrain.config.deepspeed_json import deepspeed_config
+from mtrain.config.deepspeed_json import BUCKET_FLOOR, deepspeed_config
 from mtrain.config.schema import TrainConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -101,7 +101,8 @@ def test_deepspeed_json_follows_config(tmp_path):
 
 
 def test_zero3_sizes_follow_the_hidden_size_unless_set(tmp_path):
-    """HF's DeepSpeed "auto": threshold 10h, reduce bucket h^2, prefetch bucket 0.9h^2; a set value wins."""
+    """Threshold 0 (every parameter sharded), buckets as HF's "auto" (h^2, 0.9h^2) but at least
+    BUCKET_FLOOR elements; a set value wins."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     def zero(*overrides: str) -> dict:
@@ -111,15 +112,18 @@ def test_zero3_sizes_follow_the_hidden_size_unless_set(tmp_path):
         keys = ("stage3_param_persistence_threshold", "reduce_bucket_size", "stage3_prefetch_bucket_size")
         return tuple(section[key] for key in keys)
 
-    assert sizes(zero()) == (640, 4096, 3686)  # the tiny preset: h = 64
-    assert sizes(zero("model.tiny.hidden_size=128", "model.tiny.num_heads=4")) == (1280, 16384, 14745)
+    floor = BUCKET_FLOOR
+    assert floor == 10_000_000
+    assert sizes(zero()) == (0, floor, floor)  # the tiny preset: h = 64, h^2 far under the floor
+    assert sizes(zero("model.tiny.hidden_size=128", "model.tiny.num_heads=4")) == (0, floor, floor)
     # A local model folder: the language model's width, read from its config before any weight loads.
-    text = LlamaConfig(hidden_size=96, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128)
+    # At LLaVA-1.5-7B's h = 4096 the buckets are HF's h^2 and 0.9h^2, above the floor.
+    text = LlamaConfig(hidden_size=4096, num_hidden_layers=1, num_attention_heads=32, intermediate_size=128)
     vision = CLIPVisionConfig(hidden_size=32, num_attention_heads=4)
     LlavaConfig(text_config=text, vision_config=vision).save_pretrained(tmp_path)
-    assert sizes(zero("model.preset=none", f"model.path={tmp_path}")) == (960, 9216, 8294)
-    assert sizes(zero("zero.param_persistence_threshold=0")) == (0, 4096, 3686)
-    assert sizes(zero("zero.reduce_bucket_size=500", "zero.prefetch_bucket_size=700")) == (640, 500, 700)
+    assert sizes(zero("model.preset=none", f"model.path={tmp_path}")) == (0, 4096**2, int(0.9 * 4096**2))
+    assert sizes(zero("zero.param_persistence_threshold=640")) == (640, floor, floor)
+    assert sizes(zero("zero.reduce_bucket_size=500", "zero.prefetch_bucket_size=700")) == (0, 500, 700)
     assert "reduce_bucket_size" in zero("zero.stage=2") and "stage3_prefetch_bucket_size" not in zero("zero.stage=2")
     with pytest.raises(ConfigError, match="zero.prefetch_bucket_size: must be at least 1 or null"):
         load_config(None, ["zero.prefetch_bucket_size=0"])

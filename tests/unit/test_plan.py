@@ -9,6 +9,7 @@ import pytest
 
 from mtrain.cli import main
 from mtrain.config import load_config
+from mtrain.config.deepspeed_json import BUCKET_FLOOR
 from mtrain.metrics.flops import lm_flops_per_token, sample_flops
 from mtrain.metrics.plan import (
     GIB,
@@ -56,7 +57,7 @@ def test_tiny_preset_plan_matches_hand_computation():
     assert memory.gradients == 4 * 43_136 / 2
     assert memory.optimizer == 12 * 43_136 / 2
     assert memory.gathered_layer == 4 * 512 * 64
-    assert memory.buffers == 2 * (64 * 64 + int(0.9 * 64 * 64))  # reduce and prefetch buckets sized to h = 64
+    assert memory.buffers == 2 * (2 * BUCKET_FLOOR)  # reduce and prefetch buckets: h = 64 puts both at the floor
     # Text fills max_len 96 after the 64-token grid: 32 tokens, repeated at each of the 4 scales (packed row).
     row = 4 * 32 + (1 + 4 + 16 + 64)
     per_token = 2 * (6 * 64 + 2 * 64 + 4 * 128) * 2 + 2 * 2 * 64 + 10 * 512
@@ -150,14 +151,24 @@ def test_llava_7b_plan_matches_hand_computation(llava7b_dir):
 
     memory = plan.memory
     trained = total - vision
-    # Kept whole at the sized threshold 10 x 4096: the LM's 65 norms; per CLIP layer 2 layer norms and the
+    assert (memory.persistence_threshold, memory.replicated_elements, memory.replicated) == (0, 0, 0)  # all sharded
+    assert memory.buffers == 2 * (4096**2 + int(0.9 * 4096**2))  # HF's h^2 and 0.9h^2: above the floor
+    assert memory.model_states == 2 * total / 8 + 16 * trained / 8 + 4 * 32064 * 4096
+    assert 14.7 < memory.model_states / GIB < 14.8
+    # Kept whole at HF's "auto" threshold 10 x 4096: the LM's 65 norms; per CLIP layer 2 layer norms and the
     # q/k/v/o, fc1 and fc2 biases; CLIP's pre/post norms and class embedding; the projector's 2 biases.
     whole = 65 * 4096 + 24 * (2 * 2048 + 4 * 1024 + 4096 + 1024) + 2 * 2048 + 1024 + 2 * 4096
     assert whole == 599_040
-    assert (memory.persistence_threshold, memory.replicated_elements) == (40960, whole)
-    assert memory.replicated == 2 * whole * 7 / 8  # 1 MB: nothing at this size
-    assert memory.model_states == 2 * total / 8 + 2 * whole * 7 / 8 + 16 * trained / 8 + 4 * 32064 * 4096
-    assert 14.7 < memory.model_states / GIB < 14.8
+    hf_auto = make_plan(
+        load_config(
+            REPO / "configs/tiny.yaml", [*full_finetune_7b(llava7b_dir), "zero.param_persistence_threshold=40960"]
+        ),
+        cluster,
+        text_tokens=300,
+    ).memory
+    assert (hf_auto.persistence_threshold, hf_auto.replicated_elements) == (40960, whole)
+    assert hf_auto.replicated == 2 * whole * 7 / 8  # 1 MB: nothing at this size
+    assert hf_auto.model_states == memory.model_states + 2 * whole * 7 / 8
     # Cross-check against DeepSpeed's own estimator where it applies (every parameter trained; it counts
     # no replicated parameters).
     all_trained = dataclasses.replace(shape, trainable_params=total)
@@ -368,6 +379,5 @@ def test_plan_counts_parameters_the_persistence_threshold_keeps_whole():
     assert every.replicated_elements == total
     assert every.parameters + every.replicated == 2 * total  # the whole bf16 model on each of the 2 GPUs
     assert every.model_states - none.model_states == 2 * total / 2
-    # Sized to h = 64: the threshold is 640, so norms and biases stay whole, the 64 x 64 matrices do not.
-    assert sized.persistence_threshold == 640
-    assert 0 < sized.replicated_elements < total // 10
+    # The sized default shards every parameter (threshold 0).
+    assert (sized.persistence_threshold, sized.replicated_elements) == (0, 0)
