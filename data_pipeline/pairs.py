@@ -203,8 +203,9 @@ class PairForm:
     def __init__(self, spec: PairSpec) -> None:
         self.spec = spec
 
-    def tokenize(self, key: str, members: dict[str, bytes]) -> PairDoc:
-        """The sides of one tar group (text members read, images present as b""); raises SampleFault."""
+    def tokenize(self, key: str, members: dict[str, bytes], image_size: Any = None) -> PairDoc:
+        """The sides of one tar group (text members read, images present as b""); raises SampleFault. Every image
+        has `spec.visual_tokens` (`image_size` unused)."""
         instruction = (
             decode_text(members["instruction.txt"], key, "instruction.txt").strip()
             if "instruction.txt" in members

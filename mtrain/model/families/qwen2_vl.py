@@ -264,6 +264,13 @@ class NativeSizeImageProcessor:
 
         return smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
 
+    def size_tokens(self, size: tuple[int, int]) -> int:
+        """Merged tokens of an image of (height, width) pixels before the resize: what `visual_tokens` gives for
+        its `image_grid_thw`, known from the size alone (the loader reads it from the image's header)."""
+        height, width = self.size_for(*size)
+        unit = self.processor.patch_size * self.processor.merge_size
+        return (height // unit) * (width // unit)
+
     def visual_tokens(self, grid_thw: list[int]) -> int:
         """Merged tokens of an image of `image_grid_thw` row (t, h, w) in patches."""
         t, h, w = grid_thw
