@@ -313,7 +313,9 @@ def test_packing_plans_rows_at_each_images_own_count_from_its_header(tmp_path):
 
     def rows(image_tokens) -> list[list[str]]:
         settings = LoaderSettings(sources=((str(shard), 1.0),), batch_size=1, seed=0, packing=True)
-        loader = build_loader(settings, 0, 1, spec, built.image_processor, built.visual_tokens, image_tokens=image_tokens)
+        loader = build_loader(
+            settings, 0, 1, spec, built.image_processor, built.visual_tokens, image_tokens=image_tokens
+        )
         taken: list[list[str]] = []
         while sum(map(len, taken)) < len(sizes):
             batch = next(loader)
