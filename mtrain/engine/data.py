@@ -153,6 +153,8 @@ def pair_spec(cfg: TrainConfig, built: Any) -> Any:
         cfg.task.contrastive.query_instruction,
         tokens.image_start_ids,
         tokens.image_end_ids,
+        # Qwen's native resolution: each image its own count, from its header's size.
+        built.image_processor.size_tokens if getattr(built.image_processor, "variable_patches", False) else None,
     )
 
 

@@ -344,3 +344,61 @@ def test_checking_runs_and_stacking_pixels_fail_with_errors_that_name_the_fix():
     assert padded.shape == (2, 5, 3, 4, 4) and not padded[1, 3:].any()
     with pytest.raises(ValueError, match=r"shapes \[\(3, 4, 4\), \(3, 8, 8\)\], which no batch stacks"):
         stack_crops([torch.ones(3, 4, 4), torch.ones(3, 8, 8)])
+
+
+def test_contrastive_at_native_resolution_pools_the_stock_forwards_last_token(tmp_path):
+    """Pairs from the real pair loader whose query images have two sizes: each image is planned at its own count
+    (from its header), its grid the stock processor's; the embedding is the last real token's final hidden state
+    of the stock forward on the stock processor's output, whole or in GradCache chunks (patches sliced per image),
+    and the InfoNCE loss trains."""
+    import io
+
+    import webdataset as wds
+
+    from data_pipeline.loader import LoaderSettings, build_loader
+    from data_pipeline.pairs import PairForm
+    from mtrain.config import load_config
+    from mtrain.engine.data import pair_spec
+    from mtrain.model.build import build_model
+    from mtrain.task.contrastive import slice_pairs
+    from mtrain.task.registry import build_task
+
+    cfg = load_config(None, ["model.preset=tiny-qwen2-vl", PIXELS, "task.objective=contrastive", "data.max_len=96"])
+    built = build_model(cfg.model, torch.float32, None, seed=0)
+    task = build_task(cfg, built, rank=0)
+    pictures = images(2)  # 32x48 and 64x16 (width x height): merged grids 6x4 and 2x8
+    with wds.TarWriter(str(tmp_path / "pairs-000000.tar")) as sink:
+        for index, picture in enumerate(pictures):
+            buffer = io.BytesIO()
+            picture.save(buffer, format="PNG")
+            sink.write(
+                {"__key__": f"p{index}", "query.png": buffer.getvalue(), "positive.txt": f"shape {index}".encode()}
+            )
+    settings = LoaderSettings(sources=((str(tmp_path / "pairs-000000.tar"), 1.0),), batch_size=2, seed=0, shuffle=False)
+    loader = build_loader(
+        settings, 0, 1, None, built.image_processor, built.visual_tokens, form=PairForm(pair_spec(cfg, built))
+    )
+    batch = next(loader)
+    stock = [built.image_processor.processor(images=p, return_tensors="pt") for p in pictures]  # Qwen's own resize
+    grid_thw = torch.cat([out["image_grid_thw"] for out in stock])
+    assert batch["query_image_grid_thw"] == grid_thw.tolist() == [[1, 12, 8], [1, 4, 16]]
+    ids, mask = batch["query_input_ids"], batch["query_attention_mask"]
+    is_image = ids == built.image_token_id
+    assert is_image.sum(1).tolist() == [24, 16]  # each run its image's own count
+    with torch.no_grad():
+        queries, _ = task.encode_pairs(batch, [task.depth])
+        hidden = task.llava.model(
+            input_ids=ids,
+            attention_mask=mask,
+            pixel_values=torch.cat([out["pixel_values"] for out in stock]),
+            image_grid_thw=grid_thw,
+            mm_token_type_ids=is_image.int(),
+            output_hidden_states=True,
+        ).hidden_states[-1]
+        chunks = [task(slice_pairs(batch, row, row + 1, task), embed_layers=[task.depth])[0] for row in range(2)]
+    want = hidden[torch.arange(2), mask.sum(1) - 1]
+    torch.testing.assert_close(queries[0], want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat(chunks, dim=1)[0], want, rtol=1e-5, atol=1e-5)
+    loss, _ = task(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and task.llava.model.visual.merger.mlp[0].weight.grad.abs().sum() > 0

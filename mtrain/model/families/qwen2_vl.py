@@ -37,13 +37,14 @@
   transformer after the merger reads each image's merged tokens (`mtrain/model/mqt_head.py`); its
   query tokens take text ids, all three axes the 1-D id (`layout_position_ids(query_tokens=True)`):
   a query is no image location, and text ids keep the first m queries' ids the same at every scale.
-  The contrastive task: every image at full size, M-RoPE ids from `get_rope_index` as here.
+  The contrastive task: every image at full size, M-RoPE ids from `get_rope_index` as here (at native
+  resolution from each image's own grid, the pair batch's `{side}_image_grid_thw`).
 
 `qwen2_5_vl` (`Qwen2_5_VLFamily`) reuses all of this: its tower adds window attention, with the
 same merger, image token and M-RoPE. `qwen3_vl` (`qwen3_vl.py`) subclasses it and adds DeepStack
 (tower features added in the first language-model layers, pooled as the main tokens are).
 
-Not yet: MQT, the contrastive objective and generation at native resolution (refused at config load), a
+Not yet: MQT and generation at native resolution (refused at config load), a
 saved `Qwen2VLProcessor` in exports (its video processor needs torchvision, which the CPU stack leaves
 out), and an export of MQT's query transformer.
 """
