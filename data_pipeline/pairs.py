@@ -110,9 +110,9 @@ def side_ids(spec: PairSpec, text: str, counts: list[int] | None = None) -> list
     return ids
 
 
-def tokenize_side(spec: PairSpec, text: str) -> list[int]:
-    """`<s> text </s>` with each `<image>` expanded; fails if it exceeds max_len."""
-    ids = side_ids(spec, text)
+def tokenize_side(spec: PairSpec, text: str, counts: list[int] | None = None) -> list[int]:
+    """`<s> text </s>` with each `<image>` expanded (to `counts` as `side_ids`); fails if it exceeds max_len."""
+    ids = side_ids(spec, text, counts)
     if len(ids) > spec.max_len:
         raise ValueError(
             f"a pair side takes {len(ids)} tokens (visual tokens included), over data.max_len={spec.max_len}"
@@ -123,8 +123,11 @@ def tokenize_side(spec: PairSpec, text: str) -> list[int]:
 def encode_side(spec: PairSpec, image: Image.Image | None, text: str, instruction: str = "") -> dict[str, Any]:
     """Token ids and pixels of one side (also the input form of the `embed` API)."""
     full_text = side_text(image, text, instruction)
+    counts = None
+    if image is not None and spec.image_tokens is not None:  # native resolution: the image's own count
+        counts = [spec.image_tokens((image.height, image.width))]
     return {
-        "input_ids": tokenize_side(spec, full_text),
+        "input_ids": tokenize_side(spec, full_text, counts),
         "images": [image] if image is not None else [],
         "text": full_text,
     }
@@ -181,9 +184,12 @@ def collate_side(
 ) -> dict[str, Any]:
     """`encode_side` outputs (PIL images) collated: the `embed` API's batch, with each image's (height, width)."""
     preprocess = ImagePreprocessor(image_processor)
-    pixels = [[preprocess.prepare(image) for image in s["images"]] for s in sides]
+    prepared = [[preprocess.prepare_with_grid(image) for image in s["images"]] for s in sides]
+    pixels = [[pixel for pixel, _ in row] for row in prepared]
     batch = collate_prepared([s["input_ids"] for s in sides], pixels, pad_token_id, image_size, preprocess.stack)
     batch[IMAGE_SIZES] = [(image.height, image.width) for s in sides for image in s["images"]]
+    if preprocess.variable_patches:  # each image's own grid (Qwen's native resolution)
+        batch[IMAGE_GRID_THW] = [grid for row in prepared for _, grid in row]
     return batch
 
 

@@ -349,8 +349,8 @@ def test_checking_runs_and_stacking_pixels_fail_with_errors_that_name_the_fix():
 def test_contrastive_at_native_resolution_pools_the_stock_forwards_last_token(tmp_path):
     """Pairs from the real pair loader whose query images have two sizes: each image is planned at its own count
     (from its header), its grid the stock processor's; the embedding is the last real token's final hidden state
-    of the stock forward on the stock processor's output, whole or in GradCache chunks (patches sliced per image),
-    and the InfoNCE loss trains."""
+    of the stock forward on the stock processor's output, whole or in GradCache chunks (patches sliced per image)
+    or through the embed API, and the InfoNCE loss trains."""
     import io
 
     import webdataset as wds
@@ -358,6 +358,7 @@ def test_contrastive_at_native_resolution_pools_the_stock_forwards_last_token(tm
     from data_pipeline.loader import LoaderSettings, build_loader
     from data_pipeline.pairs import PairForm
     from mtrain.config import load_config
+    from mtrain.embed import Embedder
     from mtrain.engine.data import pair_spec
     from mtrain.model.build import build_model
     from mtrain.task.contrastive import slice_pairs
@@ -402,3 +403,8 @@ def test_contrastive_at_native_resolution_pools_the_stock_forwards_last_token(tm
     loss, _ = task(batch)
     loss.backward()
     assert torch.isfinite(loss) and task.llava.model.visual.merger.mlp[0].weight.grad.abs().sum() > 0
+    # The embed API (retrieval, `mtrain embed`): in-memory images, each its own count and grid, the same vectors.
+    embedder = Embedder(task, pair_spec(cfg, built), built.image_processor)
+    instruction = cfg.task.contrastive.query_instruction
+    embedded = embedder.raw_embeddings([(p, "") for p in pictures], task.depth, instruction)
+    torch.testing.assert_close(embedded, want, rtol=1e-5, atol=1e-5)
