@@ -22,6 +22,7 @@ from data_pipeline.formats import (
     decode_text,
     is_image_member,
     load_images,
+    open_image,
     with_source,
 )
 from data_pipeline.shards import ShardCache, ShardReader
@@ -76,12 +77,13 @@ def iter_samples(
     rules: SampleRules,
     decode_images: bool = True,
     cache: ShardCache | None = None,
-    tokenize: Callable[[Sample], object] | None = None,
+    tokenize: Callable[[Sample, dict[str, tuple[int, int]]], object] | None = None,
 ) -> Iterator[tuple[str, Sample | None, Problem | None]]:
     """(shard, sample, None) or (shard, None, problem) for every group of every shard, in order.
     One shard's reader at a time; decoded images are dropped once checked. `tokenize` (a training
     config's tokenizing, which raises SampleFault: nothing learned within max_len, no image left)
-    is applied to every sample that is not a pair."""
+    is applied to every sample that is not a pair, with its images' (height, width) from their headers
+    (what training counts images of their own sizes by)."""
     for url in urls:
         reader = ShardReader(max_open=1, cache=cache)
         for group in reader.scan(url).groups:
@@ -98,7 +100,7 @@ def iter_samples(
                 else:
                     sample = build_sample(group.key, members, rules)
                     if tokenize is not None:
-                        tokenize(sample)
+                        tokenize(sample, header_sizes(sample, members, rules))
                     if decode_images:
                         load_images(sample, members, rules)
             except SampleFault as fault:
@@ -111,11 +113,20 @@ def iter_samples(
         reader.close()
 
 
+def header_sizes(sample: Sample, members: dict[str, bytes], rules: SampleRules) -> dict[str, tuple[int, int]]:
+    """(height, width) of each image of a sample, from its header (no pixel decoded), by member."""
+    sizes = {}
+    for image in sample.images:
+        opened = open_image(members[image.member], sample.key, image.member, rules.max_image_pixels)
+        sizes[image.member] = (opened.height, opened.width)
+    return sizes
+
+
 def iter_problems(
     urls: list[str],
     rules: SampleRules,
     cache: ShardCache | None = None,
-    tokenize: Callable[[Sample], object] | None = None,
+    tokenize: Callable[[Sample, dict[str, tuple[int, int]]], object] | None = None,
 ) -> Iterator[Problem]:
     """Every bad member or sample, by shard, key and reason (images fully decoded), as found;
     with `tokenize`, also every sample that training would drop when tokenizing it."""

@@ -120,8 +120,8 @@ def decode_text(raw: bytes, key: str, extension: str) -> str:
         raise SampleFault("no_text", f"{key}.{extension} is not UTF-8: {exc}") from None
 
 
-def decode_image(raw: bytes, key: str, member: str, max_pixels: int, draft_size: int | None = None) -> Image.Image:
-    """PIL decode with a size check before the pixels are read; JPEGs may downscale on decode."""
+def open_image(raw: bytes, key: str, member: str, max_pixels: int) -> Image.Image:
+    """PIL's lazy open: the header only (size, format), no pixel decoded; checked against `max_pixels`."""
     try:
         image = Image.open(io.BytesIO(raw))
         width, height = image.size
@@ -129,6 +129,12 @@ def decode_image(raw: bytes, key: str, member: str, max_pixels: int, draft_size:
         raise SampleFault("corrupt_image", f"{key}.{member}: {exc}") from None
     if width * height > max_pixels:
         raise SampleFault("oversize_image", f"{key}.{member} is {width}x{height}, over {max_pixels} pixels")
+    return image
+
+
+def decode_image(raw: bytes, key: str, member: str, max_pixels: int, draft_size: int | None = None) -> Image.Image:
+    """PIL decode with a size check before the pixels are read; JPEGs may downscale on decode."""
+    image = open_image(raw, key, member, max_pixels)
     try:
         if draft_size and image.format == "JPEG":
             # DCT scaling: decode straight to the smallest scale still >= draft_size on each side.

@@ -11,15 +11,16 @@
      6 build sample      interleaved document / caption pair / conversation (formats.py); or a
                          (query, positive, negative) pair (pairs.py): the form's `tokenize`
      7 tokenize          every <image> -> that image's number of visual tokens (tokenize.py);
-                         `visual_tokens` is an int, or a function sample -> count per image
+                         `visual_tokens` is an int, or a function sample -> count per image; where
+                         images differ in count (Qwen's native resolution, anyres sizes:
+                         `image_tokens`), each image's own, from its size read in its header
      8 mask labels       image tokens, BOS, prompts, user turns, padding
      9 pack              whole documents into rows of max_len (packing.py)
-    10 preprocess image  through the model's image processor (images.py); where images differ in count
-                         (Qwen's native resolution, anyres sizes: `image_tokens`), each image's run,
-                         expanded to the most an image has, is cut to its own count
+    10 preprocess image  through the model's image processor (images.py); where images differ in count,
+                         each decoded image is checked to have its header's size and its run's count
     11 collate           right-padded tensors; position ids restart per document; the form's `collate`
 
-    planner (every worker, cheap: text only) ── stages 1-9 ──► batch plan i
+    planner (every worker, cheap: text, and image headers where counts differ) ── stages 1-9 ──► plan i
     worker i % N (images only for its own plans) ── stages 5, 10, 11 ──► batch i
     main process ── StreamingLoader: epoch sync across ranks, fault counts, state_dict()
 
@@ -71,11 +72,12 @@ from data_pipeline.formats import (
     build_sample,
     decode_image,
     is_image_member,
+    open_image,
 )
 from data_pipeline.images import ImagePreprocessor
 from data_pipeline.packing import Row, collate_rows, take_row
 from data_pipeline.shards import ShardCache, ShardReader, expand_shards, shard_counts
-from data_pipeline.tokenize import IGNORE_INDEX, TokenizedSample, TokenSpec, fit_image_runs, tokenize_sample
+from data_pipeline.tokenize import IGNORE_INDEX, TokenizedSample, TokenSpec, check_image_runs, tokenize_sample
 
 __all__ = ["IGNORE_INDEX", "IMAGE_EXTENSIONS", "DataQualityError", "LoaderSettings", "SampleStream", "StreamingLoader"]
 
@@ -83,9 +85,14 @@ EPOCH_MODES = ("epoch", "resampled")
 # Samples seen before "most samples keep nothing within max_len" may stop the job.
 NOTHING_LEARNED_MIN_SAMPLES = 16
 VisualTokens = int | Callable[[Sample], list[int]]
-# A decoded image's own visual-token count from its (height, width) and, where the processor gives one, its
-# `image_grid_thw` row: for models whose images differ in count (Qwen's native resolution, anyres crops).
-ImageTokens = Callable[[tuple[int, int], list[int] | None], int]
+# An image's own visual-token count from its (height, width), for models whose images differ in count (Qwen's
+# native resolution, anyres crops): the planner reads the size from the image's header, no pixel decoded.
+ImageTokens = Callable[[tuple[int, int]], int]
+# (height, width) of a tar group's image member, from its header: what a form is given to count by size.
+ImageSize = Callable[[str], tuple[int, int]]
+# An image's header (its size) lies in its first bytes. JPEG's EXIF and ICC segments can push it further: a
+# header PIL cannot parse from this many bytes is read again whole.
+HEADER_BYTES = 64 * 1024
 
 
 class DataQualityError(RuntimeError):
@@ -95,13 +102,14 @@ class DataQualityError(RuntimeError):
 class SampleForm(Protocol):
     """Stages 6-8 and 11 of one kind of batch; every other stage is the loader's.
 
-    `tokenize` gets a tar group's text members (image members present as b"") and returns a document
-    with `key`, `images` (ImageSegments, decoded later by the worker that owns the batch),
+    `tokenize` gets a tar group's text members (image members present as b"") and `image_size` (an image
+    member's (height, width), read from its header on call: for forms that count tokens by image size), and
+    returns a document with `key`, `images` (ImageSegments, decoded later by the worker that owns the batch),
     `pixel_values`, `ref`, `location` and a length; it raises SampleFault for a bad sample."""
 
     packable: bool  # whether documents may share a row (data.packing)
 
-    def tokenize(self, key: str, members: dict[str, bytes]) -> Any: ...
+    def tokenize(self, key: str, members: dict[str, bytes], image_size: ImageSize) -> Any: ...
 
     def collate(self, rows: list[list[Any]], stack: Callable[[list], torch.Tensor]) -> dict[str, Any]: ...
 
@@ -111,16 +119,37 @@ class DocumentForm:
 
     packable = True
 
-    def __init__(self, rules: SampleRules, spec: TokenSpec, visual_tokens: VisualTokens, packing: bool) -> None:
+    def __init__(
+        self,
+        rules: SampleRules,
+        spec: TokenSpec,
+        visual_tokens: VisualTokens,
+        packing: bool,
+        image_tokens: ImageTokens | None = None,
+    ) -> None:
         self.rules, self.spec, self.visual_tokens, self.packing = rules, spec, visual_tokens, packing
+        # Each image's own count from its header's size; None: every image has `visual_tokens`.
+        self.image_tokens = image_tokens
 
-    def tokenize(self, key: str, members: dict[str, bytes]) -> TokenizedSample:
-        return self.tokens(build_sample(key, members, self.rules))
+    def tokenize(self, key: str, members: dict[str, bytes], image_size: ImageSize | None = None) -> TokenizedSample:
+        sample = build_sample(key, members, self.rules)
+        if self.image_tokens is None or image_size is None:
+            return self.tokens(sample)
+        return self.tokens(sample, {image.member: image_size(image.member) for image in sample.images})
 
-    def tokens(self, sample: Sample) -> TokenizedSample:
-        """Stages 7-8 of a built sample, as training does them (`mtrain data validate --config` too)."""
-        counts = self.visual_tokens if isinstance(self.visual_tokens, int) else self.visual_tokens(sample)
+    def tokens(self, sample: Sample, image_sizes: dict[str, tuple[int, int]] | None = None) -> TokenizedSample:
+        """Stages 7-8 of a built sample, as training does them (`mtrain data validate --config` too).
+
+        With `image_sizes` (member -> (height, width), from the headers) and `image_tokens`, each <image> is
+        expanded to its own count, so packing and the max_len cut see every image's real length; without them,
+        to `visual_tokens` (at native resolution the reference grid's count: an upper bound)."""
+        if self.image_tokens is not None and image_sizes is not None:
+            counts: VisualTokens | list[int] = [self.image_tokens(image_sizes[image.member]) for image in sample.images]
+        else:
+            counts = self.visual_tokens if isinstance(self.visual_tokens, int) else self.visual_tokens(sample)
         tokens = tokenize_sample(sample, self.spec, counts)
+        if image_sizes is not None:  # the kept images' sizes, which decoding must confirm (SampleStream.load_pixels)
+            tokens.image_sizes = [image_sizes[image.member] for image in tokens.images]
         if self.rules.require_image and not tokens.images:
             # Under ZeRO-3 a batch without images would skip the vision tower on one rank only.
             raise SampleFault("no_image", f"{sample.key}: every image lies past max_len={self.spec.max_len}")
@@ -226,12 +255,25 @@ class Planner:
             text_members = [ext for ext in group.members if not is_image_member(ext)]
             members = self.reader.read(url, group, text_members)
             members.update({ext: b"" for ext in group.members if is_image_member(ext)})  # presence only
-            tokens = self.form.tokenize(group.key, members)
+            tokens = self.form.tokenize(group.key, members, lambda member: self.image_size(url, group, member))
         except SampleFault as fault:
             fault.location = (url, group.key if group_index < len(scan.groups) else f"<missing:{group_index}>")
             raise
         tokens.ref, tokens.location = ref, (url, group)
         return tokens
+
+    def image_size(self, url: str, group: Any, member: str) -> tuple[int, int]:
+        """(height, width) of an image member from its header, no pixel decoded; raises SampleFault for a corrupt
+        or oversize image, as decoding would."""
+        max_pixels = self.settings.rules.max_image_pixels
+        head = self.reader.read(url, group, [member], limit=HEADER_BYTES)[member]
+        try:
+            image = open_image(head, group.key, member, max_pixels)
+        except SampleFault as fault:
+            if fault.reason != "corrupt_image" or len(head) < HEADER_BYTES:
+                raise
+            image = open_image(self.reader.read(url, group, [member])[member], group.key, member, max_pixels)
+        return image.height, image.width
 
     def plans(self) -> Iterator[dict[str, Any]]:
         """Batch plans forever: {"rows", "epoch", "state" (after this plan), "faults"}."""
@@ -306,14 +348,16 @@ class SampleStream(IterableDataset):
         image_tokens: ImageTokens | None = None,
     ) -> None:
         super().__init__()
-        # Each decoded image's own count: its run, expanded to `visual_tokens` (the most an image has), is cut
-        # to it (`fit_image_runs`); None: every image has the expansion's count.
+        # Each image's own count from its size (read from its header when planning); None: every image has
+        # `visual_tokens`.
         self.image_tokens = image_tokens
         if form is not None and settings.packing and not form.packable:
             raise ValueError(f"data.packing=true: {type(form).__name__} batches cannot be packed; set it to false")
         self.settings, self.rank, self.world_size = settings, rank, world_size
         self.spec, self.visual_tokens = spec, visual_tokens
-        self.form = form if form is not None else DocumentForm(settings.rules, spec, visual_tokens, settings.packing)
+        if form is None:
+            form = DocumentForm(settings.rules, spec, visual_tokens, settings.packing, image_tokens)
+        self.form = form
         self.preprocess = ImagePreprocessor(image_processor)
         self.start_state: dict[str, Any] | None = None
         # Samples per shard, resolved once per rank here (index.json, else a scan) and handed to the
@@ -372,7 +416,7 @@ class SampleStream(IterableDataset):
         url, group = doc.location
         members = reader.read(url, group, [image.member for image in doc.images])
         pixels = []
-        doc.image_sizes, doc.image_grid_thw = [], []
+        planned, doc.image_sizes, doc.image_grid_thw = doc.image_sizes, [], []
         for image in doc.images:
             decoded = decode_image(
                 members[image.member],
@@ -386,12 +430,16 @@ class SampleStream(IterableDataset):
             doc.image_sizes.append((decoded.height, decoded.width))
             if grid_thw is not None:
                 doc.image_grid_thw.append(grid_thw)
-        if self.image_tokens is not None:  # each image's run fitted to its own token count
-            grids = doc.image_grid_thw or [None] * len(doc.image_sizes)
-            fit_image_runs(
-                doc, [self.image_tokens(size, grid) for size, grid in zip(doc.image_sizes, grids, strict=True)]
-            )
+        if self.image_tokens is not None:  # the runs were planned from the headers: decoding must agree
+            check_image_runs(doc, planned, self.decoded_counts(doc))
         return pixels
+
+    def decoded_counts(self, doc: TokenizedSample) -> list[int]:
+        """Each decoded image's visual tokens: from its `image_grid_thw` where the processor gives one (Qwen's
+        native resolution), else from its size."""
+        if doc.image_grid_thw:
+            return [self.preprocess.processor.visual_tokens(grid) for grid in doc.image_grid_thw]
+        return [self.image_tokens(size) for size in doc.image_sizes]
 
 
 # ── the main-process loader: ranks in step, faults, state ─────────────────────────────────────

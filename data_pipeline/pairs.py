@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from data_pipeline.collate import IMAGE_SIZES, ROW_IMAGES, ROW_TOKENS, real_token_mask, right_pad
+from data_pipeline.collate import IMAGE_GRID_THW, IMAGE_SIZES, ROW_IMAGES, ROW_TOKENS, real_token_mask, right_pad
 from data_pipeline.formats import IMAGE_EXTENSIONS, IMAGE_PLACEHOLDER, ImageSegment, SampleFault, decode_text
 from data_pipeline.images import ImagePreprocessor
 from data_pipeline.sample_data import write_shape_shards
@@ -62,6 +62,9 @@ class PairSpec:
     # Their plain text outside those ids (TokenSpec's; Gemma 3's "\n\n"), tokenized with the text beside it.
     image_start_text: str = ""
     image_end_text: str = ""
+    # An image's own visual-token count from its (height, width), read from its header when planning (Qwen's
+    # native resolution); None: every image has `visual_tokens`.
+    image_tokens: Callable[[tuple[int, int]], int] | None = None
 
 
 # ── writer ────────────────────────────────────────────────────────────────────────────────────
@@ -94,9 +97,9 @@ def side_members(key: str, members: dict[str, bytes], side: str) -> tuple[str | 
 
 
 # ── tokenize ──────────────────────────────────────────────────────────────────────────────────
-def side_ids(spec: PairSpec, text: str) -> list[int]:
-    """`<s> text </s>` with each `<image>` expanded to the visual tokens between the family's image markers
-    (no length check)."""
+def side_ids(spec: PairSpec, text: str, counts: list[int] | None = None) -> list[int]:
+    """`<s> text </s>` with each `<image>` expanded to the visual tokens between the family's image markers:
+    `counts[i]` for the i-th (images of their own counts), else `spec.visual_tokens` (no length check)."""
     tokenizer = spec.tokenizer
     ids: list[int] = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     pieces = text.split(IMAGE_PLACEHOLDER)
@@ -107,14 +110,15 @@ def side_ids(spec: PairSpec, text: str) -> list[int]:
         if before or piece or after:
             ids += tokenizer(before + piece + after, add_special_tokens=False)["input_ids"]
         if i < len(pieces) - 1:
-            ids += [*spec.image_start_ids, *[spec.image_token_id] * spec.visual_tokens, *spec.image_end_ids]
+            count = counts[i] if counts is not None else spec.visual_tokens
+            ids += [*spec.image_start_ids, *[spec.image_token_id] * count, *spec.image_end_ids]
     ids.append(tokenizer.eos_token_id)
     return ids
 
 
-def tokenize_side(spec: PairSpec, text: str) -> list[int]:
-    """`<s> text </s>` with each `<image>` expanded; fails if it exceeds max_len."""
-    ids = side_ids(spec, text)
+def tokenize_side(spec: PairSpec, text: str, counts: list[int] | None = None) -> list[int]:
+    """`<s> text </s>` with each `<image>` expanded (to `counts` as `side_ids`); fails if it exceeds max_len."""
+    ids = side_ids(spec, text, counts)
     if len(ids) > spec.max_len:
         raise ValueError(
             f"a pair side takes {len(ids)} tokens (visual tokens included), over data.max_len={spec.max_len}"
@@ -125,8 +129,11 @@ def tokenize_side(spec: PairSpec, text: str) -> list[int]:
 def encode_side(spec: PairSpec, image: Image.Image | None, text: str, instruction: str = "") -> dict[str, Any]:
     """Token ids and pixels of one side (also the input form of the `embed` API)."""
     full_text = side_text(image, text, instruction)
+    counts = None
+    if image is not None and spec.image_tokens is not None:  # native resolution: the image's own count
+        counts = [spec.image_tokens((image.height, image.width))]
     return {
-        "input_ids": tokenize_side(spec, full_text),
+        "input_ids": tokenize_side(spec, full_text, counts),
         "images": [image] if image is not None else [],
         "text": full_text,
     }
@@ -150,6 +157,8 @@ class PairDoc:
     pixel_values: list[Any] = field(default_factory=list)  # prepared pixels of `images`, in order
     image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (height, width) of `images`, in order
     location: Any = None
+    # (t, h, w) in patches of `images`, in order, where images have their own grids (Qwen's native resolution)
+    image_grid_thw: list[list[int]] = field(default_factory=list)
 
     @property
     def images(self) -> list[ImageSegment]:
@@ -181,9 +190,12 @@ def collate_side(
 ) -> dict[str, Any]:
     """`encode_side` outputs (PIL images) collated: the `embed` API's batch, with each image's (height, width)."""
     preprocess = ImagePreprocessor(image_processor)
-    pixels = [[preprocess.prepare(image) for image in s["images"]] for s in sides]
+    prepared = [[preprocess.prepare_with_grid(image) for image in s["images"]] for s in sides]
+    pixels = [[pixel for pixel, _ in row] for row in prepared]
     batch = collate_prepared([s["input_ids"] for s in sides], pixels, pad_token_id, image_size, preprocess.stack)
     batch[IMAGE_SIZES] = [(image.height, image.width) for s in sides for image in s["images"]]
+    if preprocess.variable_patches:  # each image's own grid (Qwen's native resolution)
+        batch[IMAGE_GRID_THW] = [grid for row in prepared for _, grid in row]
     return batch
 
 
@@ -209,8 +221,12 @@ class PairForm:
     def __init__(self, spec: PairSpec) -> None:
         self.spec = spec
 
-    def tokenize(self, key: str, members: dict[str, bytes]) -> PairDoc:
-        """The sides of one tar group (text members read, images present as b""); raises SampleFault."""
+    def tokenize(
+        self, key: str, members: dict[str, bytes], image_size: Callable[[str], tuple[int, int]] | None = None
+    ) -> PairDoc:
+        """The sides of one tar group (text members read, images present as b""); raises SampleFault. Each image
+        has its own count from its header's size (`image_size`) where the spec counts by size, else
+        `spec.visual_tokens`."""
         instruction = (
             decode_text(members["instruction.txt"], key, "instruction.txt").strip()
             if "instruction.txt" in members
@@ -231,7 +247,10 @@ class PairForm:
             if side == "query":  # the sample's own instruction, else the default one for image queries
                 side_instruction = instruction or (self.spec.query_instruction if image is not None else "")
             full_text = side_text(image, text, side_instruction)
-            ids = side_ids(self.spec, full_text)
+            counts = None
+            if image is not None and self.spec.image_tokens is not None and image_size is not None:
+                counts = [self.spec.image_tokens(image_size(image))]
+            ids = side_ids(self.spec, full_text, counts)
             if len(ids) > self.spec.max_len:  # its </s>, where pooling reads, would be cut off
                 raise SampleFault(
                     "nothing_learned",
@@ -260,6 +279,9 @@ class PairForm:
             batch[f"{side}_texts"] = [doc.sides[side].text for doc in with_side]
             # Each image's (height, width), which anyres models crop by (LLaVA-NeXT/OneVision).
             batch[f"{side}_{IMAGE_SIZES}"] = [size for doc in with_side for size in side_image_sizes(doc, side)]
+            if any(doc.image_grid_thw for doc in docs):  # images of their own grids (Qwen's native resolution)
+                grids = [side_slice(doc, side, doc.image_grid_thw) for doc in with_side]
+                batch[f"{side}_{IMAGE_GRID_THW}"] = [grid for doc_grids in grids for grid in doc_grids]
         batch[NEGATIVE_ROWS] = [NEGATIVE in doc.sides for doc in docs]
         if any(doc.label is not None for doc in docs):
             labels = [IGNORE_INDEX if doc.label is None else doc.label for doc in docs]

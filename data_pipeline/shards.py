@@ -354,13 +354,16 @@ def size_or_none(path: str) -> int | None:
         return None
 
 
-def read_members(handle, group: TarGroup, extensions: Collection[str] | None = None) -> dict[str, bytes]:
-    """The raw bytes of members of a group (all, or those named), read by seek from an open shard file."""
+def read_members(
+    handle, group: TarGroup, extensions: Collection[str] | None = None, limit: int | None = None
+) -> dict[str, bytes]:
+    """The raw bytes of members of a group (all, or those named), read by seek from an open shard file; at most
+    the first `limit` bytes of each (an image's header) when given."""
     members = {}
     for extension, (offset, size) in group.members.items():
         if extensions is None or extension in extensions:
             handle.seek(offset)
-            members[extension] = handle.read(size)
+            members[extension] = handle.read(size if limit is None else min(size, limit))
     return members
 
 
@@ -381,7 +384,9 @@ class ShardReader:
             self.scans[url] = scan_shard(url, path, error)
         return self.scans[url]
 
-    def read(self, url: str, group: TarGroup, extensions: Collection[str] | None = None) -> dict[str, bytes]:
+    def read(
+        self, url: str, group: TarGroup, extensions: Collection[str] | None = None, limit: int | None = None
+    ) -> dict[str, bytes]:
         self.scan(url)  # makes the local copy when there is none yet
         handle = self.handles.pop(url, None)
         if handle is None:
@@ -397,7 +402,7 @@ class ShardReader:
         if len(self.handles) > self.max_open:
             oldest = next(iter(self.handles))
             self.handles.pop(oldest).close()
-        return read_members(handle, group, extensions)
+        return read_members(handle, group, extensions, limit)
 
     def close(self) -> None:
         while self.handles:

@@ -86,7 +86,8 @@ class TokenizedSample:
     images: list[ImageSegment]  # the kept images, in order
     ref: tuple[int, int, int] | None = None  # (source, epoch, position) for the loader's state
     pixel_values: list[Any] = field(default_factory=list)
-    image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (height, width) of each decoded image
+    # (height, width) of each kept image: from its header when planned (images of their own counts), then as decoded
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)
     location: Any = None  # (shard url, tar group): where the loader reads the image bytes from
     # (t, h, w) in patches of each decoded image whose processor gives images their own grids (Qwen's native
     # resolution); empty otherwise.
@@ -195,28 +196,17 @@ def tokenize_sample(sample: Sample, spec: TokenSpec, visual_tokens_per_image: in
     return tokens
 
 
-def fit_image_runs(tokens: TokenizedSample, counts: Sequence[int]) -> None:
-    """Cut each image's run of tokens to its own count, once the image is decoded (native resolution).
-
-    Before decoding, an image's size is unknown: tokenization expands it to the most tokens an image can have
-    (the reference grid of `model.image_pixels`), so packing and `max_len` see an upper bound and a row never
-    overflows; each run keeps its first `counts[i]` tokens here, before collation."""
-    ids, labels, spans, last = [], [], [], 0
-    for (start, end), count in zip(tokens.image_spans, counts, strict=True):
-        if count > end - start:
-            raise ValueError(
-                f"{tokens.key}: an image has {count} visual tokens but its <image> was expanded to {end - start}; "
-                "the processor's max_pixels and the data's expansion (model.image_pixels) must agree"
-            )
-        ids += tokens.input_ids[last:start]
-        labels += tokens.labels[last:start]
-        spans.append((len(ids), len(ids) + count))
-        ids += tokens.input_ids[start : start + count]
-        labels += tokens.labels[start : start + count]
-        last = end
-    tokens.input_ids = ids + tokens.input_ids[last:]
-    tokens.labels = labels + tokens.labels[last:]
-    tokens.image_spans = spans
+def check_image_runs(tokens: TokenizedSample, planned_sizes: Sequence[tuple[int, int]], counts: Sequence[int]) -> None:
+    """Check, once the images are decoded, what tokenization planned from their headers (images of their own
+    counts: Qwen's native resolution, anyres sizes): each image has its header's (height, width), and each run of
+    image tokens the decoded image's count. Both hold unless a processor resizes otherwise than the count rule."""
+    runs = [end - start for start, end in tokens.image_spans]
+    if list(planned_sizes) != tokens.image_sizes or runs != list(counts):
+        raise ValueError(
+            f"{tokens.key}: its images were planned at sizes {list(planned_sizes)} with {runs} visual tokens, and "
+            f"decode to sizes {tokens.image_sizes} with {list(counts)}; the image processor and the data's count rule "
+            "(mtrain.engine.data.image_token_counter) must resize alike"
+        )
 
 
 def truncate(

@@ -344,6 +344,8 @@ class DataTokens(NamedTuple):
     max_len: int | None  # data.max_len; None without a config
     data: Any  # the config's DataConfig; None without a config
     image_markers: tuple[str, str] = ("", "")  # the model family's text around every image (ModelFamily)
+    # Each image's own count from its (height, width) at Qwen's native resolution; None: `visual_tokens` each.
+    image_tokens: Any = None
 
 
 def _data_tokens(config: list[str] | None) -> DataTokens:
@@ -385,7 +387,20 @@ def _data_tokens(config: list[str] | None) -> DataTokens:
         tokenizer.chat_template = cfg.model.chat_template
     if tokens.mode == "mqt":
         visual = tokens.mqt_queries
-    return DataTokens(tokenizer, image_token_id, visual, cfg.data.max_len, cfg.data, markers)
+    image_tokens = native_size_tokens(model_config, cfg.model.image_pixels, tokens) if cfg.model.image_pixels else None
+    return DataTokens(tokenizer, image_token_id, visual, cfg.data.max_len, cfg.data, markers, image_tokens)
+
+
+def native_size_tokens(model_config: Any, image_pixels: list[int], tokens: Any) -> Any:
+    """Training's count of an image from its (height, width) at Qwen's native resolution (the loader's
+    `image_tokens`), from the model config's patch and merge sizes: no weights, no processor files."""
+    from transformers import Qwen2VLImageProcessorPil  # noqa: PLC0415
+
+    from mtrain.model.build import native_processor  # noqa: PLC0415
+
+    vision = model_config.vision_config
+    stock = Qwen2VLImageProcessorPil(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size)
+    return native_processor(stock, image_pixels, tokens)[0].size_tokens
 
 
 def _data_rules(args: argparse.Namespace, tokens: DataTokens | None) -> Any:
@@ -453,7 +468,7 @@ def _data_command(args: argparse.Namespace) -> int:
         tokenize = None
         if tokens is not None:  # samples training would drop when tokenizing them (nothing learned, no image left)
             spec = TokenSpec.with_markers(tokens.tokenizer, tokens.image_token_id, tokens.max_len, tokens.image_markers)
-            tokenize = DocumentForm(rules, spec, tokens.visual_tokens, packing=False).tokens
+            tokenize = DocumentForm(rules, spec, tokens.visual_tokens, False, tokens.image_tokens).tokens
         problems = 0
         for problem in iter_problems(urls, rules, tokenize=tokenize):  # printed as found: nothing kept
             print(problem, flush=True)

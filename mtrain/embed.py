@@ -123,6 +123,7 @@ class Embedder:
 
     def raw_embeddings(self, inputs: Sequence[EmbedInput], layer: int, instruction: str) -> torch.Tensor:
         """(len(inputs), width) pooled (and projected) embeddings at `layer`, before any truncation."""
+        from data_pipeline.collate import IMAGE_GRID_THW  # noqa: PLC0415
         from data_pipeline.pairs import collate_side, encode_side  # noqa: PLC0415
 
         sides = []
@@ -135,5 +136,6 @@ class Embedder:
             batch = collate_side(sides, self.spec.tokenizer.pad_token_id, self.spec.image_size, self.image_processor)
         device = next(self.task.parameters()).device
         input_ids, mask, pixels = (batch[name].to(device) for name in ("input_ids", "attention_mask", "pixel_values"))
-        # Each image's (height, width): anyres families crop by it.
-        return self.task.encode(input_ids, mask, pixels, [layer], batch["image_sizes"] or None)[0]
+        # Each image's (height, width): anyres families crop by it; at native resolution each its own grid.
+        sizes, grids = batch["image_sizes"] or None, batch.get(IMAGE_GRID_THW)
+        return self.task.encode(input_ids, mask, pixels, [layer], sizes, grids)[0]

@@ -780,8 +780,6 @@ class TrainConfig(Checkable):
                 "matryoshka.tokens.mode",
                 "is 'mqt', which model.image_pixels (native resolution) does not train yet",
             )
-        if self.task.objective != "lm":
-            return ("task.objective", "must be lm with model.image_pixels (native resolution) for now")
         if self.eval.generate_samples:
             return ("eval.generate_samples", "does not run with model.image_pixels (native resolution) yet; set 0")
         reference = self.model.tiny_visual_tokens

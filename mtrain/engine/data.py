@@ -102,22 +102,19 @@ def token_spec(cfg: TrainConfig, built: Any) -> Any:
 
 
 def image_token_counter(cfg: TrainConfig, built: Any) -> Any:
-    """Each decoded image's own visual-token count, for models whose images differ in count: Qwen at native
-    resolution (its `image_grid_thw`), anyres families by the image's size (without MQT, whose images are M
-    queries each); None where every image has the data's expansion (`built.visual_tokens`)."""
+    """Each image's own visual-token count from its (height, width), for models whose images differ in count:
+    Qwen at native resolution (the processor's resize rule), anyres families by the image's size (without MQT,
+    whose images are M queries each); None where every image has the data's expansion (`built.visual_tokens`).
+    The loader reads each image's size from its header when planning, so rows are packed at the real counts."""
     if getattr(built.image_processor, "variable_patches", False):
-        return functools.partial(_grid_tokens, built.image_processor)
+        return built.image_processor.size_tokens
     family = built.family
     if family is not None and family.counts_by_image_size and cfg.matryoshka.tokens.mode != "mqt":
         return functools.partial(_size_tokens, family, built.model.config)
     return None
 
 
-def _grid_tokens(processor: Any, size: tuple[int, int], grid_thw: list[int] | None) -> int:
-    return processor.visual_tokens(grid_thw)
-
-
-def _size_tokens(family: Any, config: Any, size: tuple[int, int], grid_thw: list[int] | None) -> int:
+def _size_tokens(family: Any, config: Any, size: tuple[int, int]) -> int:
     return family.scale_tokens(config, None, size)
 
 
@@ -159,6 +156,8 @@ def pair_spec(cfg: TrainConfig, built: Any) -> Any:
         tokens.image_end_ids,
         tokens.image_start_text,
         tokens.image_end_text,
+        # Qwen's native resolution: each image its own count, from its header's size.
+        built.image_processor.size_tokens if getattr(built.image_processor, "variable_patches", False) else None,
     )
 
 

@@ -294,8 +294,8 @@ def native_processor(
 ) -> tuple[NativeSizeImageProcessor, int]:
     """Qwen's `stock` image processor at native resolution within `image_pixels` [min, max], its sides multiples
     of every M3 pooling factor, and the reference grid's token count (max_pixels / (patch * merge)^2) that M3
-    scales are written on: every image has at most that many tokens, so each `<image>` is expanded to it before
-    its size is known (the loader then fits each run to its image)."""
+    scales are written on (each image's own count, `NativeSizeImageProcessor.size_tokens`, is what the loader
+    expands its `<image>` to; this reference count is every image's only where no size is known)."""
     reference = image_pixels[1] // (stock.patch_size * stock.merge_size) ** 2
     scales = tokens.scales if tokens.mode == "m3" else []
     pooling = pooling_multiple([reference_factor(reference, s) for s in scales])

@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from data_pipeline.collate import IMAGE_SIZES, ROW_IMAGES, ROW_TOKENS
+from data_pipeline.collate import IMAGE_GRID_THW, IMAGE_SIZES, ROW_IMAGES, ROW_TOKENS
 from data_pipeline.tokenize import IGNORE_INDEX
 from mtrain.config.schema import ContrastiveConfig, EmbeddingDimsConfig
 from mtrain.model.embedding_head import EmbeddingHead, MatryoshkaClassifier, check_dims
@@ -253,6 +253,7 @@ class ContrastiveTask(Task):
         pixel_values: torch.Tensor,
         layers: list[int],
         image_sizes: list[tuple[int, int]] | None = None,
+        image_grid_thw: list[list[int]] | None = None,
     ) -> torch.Tensor:
         """Pooled embeddings of every row at each of `layers`: (len(layers), rows, width).
 
@@ -260,28 +261,35 @@ class ContrastiveTask(Task):
         language model once with all hidden states: the module sequence never depends on the data.
         Images become tokens, and tokens positions and attention, by the model's family (the hooks
         the token tasks use): Qwen's merged grid and M-RoPE ids, anyres crops by `image_sizes`,
-        Gemma 3's bidirectional attention within an image.
+        Gemma 3's bidirectional attention within an image; at Qwen's native resolution (`image_grid_thw`, every
+        image's patches in one sequence) each image its own grid, its M-RoPE ids from that grid.
         """
         embeddings = self.llava.get_input_embeddings()(input_ids)
         visual_inputs: dict[str, Any] = {}  # what else of the images the language model takes (DeepStack)
         if pixel_values.shape[0] == 0:
             embeddings = embeddings + self.vision_stand_in(embeddings.device).to(embeddings.dtype)
         else:
-            features = self.image_features(pixel_values.to(self.input_dtype), image_sizes).flatten(0, 1)
+            if image_grid_thw:
+                features = torch.cat(self.grid_features(pixel_values, image_grid_thw))
+            else:
+                features = self.image_features(pixel_values.to(self.input_dtype), image_sizes).flatten(0, 1)
             is_image = input_ids == self.image_token_id
             embeddings, visual_inputs = self.family.splice_visual(self.llava, embeddings, is_image, features)
         hidden_states = self.family.language_model(self.llava)(
             inputs_embeds=embeddings,
             output_hidden_states=True,
             use_cache=False,
-            **self.language_model_inputs(input_ids, attention_mask),
+            **self.language_model_inputs(input_ids, attention_mask, image_grid_thw),
             **visual_inputs,
         ).hidden_states
         return torch.stack([self.head(hidden_states[layer], attention_mask) for layer in layers])
 
-    def language_model_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
+    def language_model_inputs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_grid_thw: list[list[int]] | None = None
+    ) -> dict[str, Any]:
         """The attention mask, position ids and the family's own inputs of rows embedded whole, every image at
-        full size: the rows as a padded token layout of one document each (positions from the mask)."""
+        full size: the rows as a padded token layout of one document each (positions from the mask; each image's
+        own grid in `image_grid_thw` at native resolution)."""
         real = attention_mask.bool()
         layout = Layout(
             input_ids=input_ids,
@@ -290,6 +298,7 @@ class ContrastiveTask(Task):
             attention_mask=attention_mask,
             token_scales=real.long() * self.visual_tokens,  # every image at its full count
             variants=[],
+            image_grids=image_grid_thw or None,  # images of their own grids (native resolution), unpooled
         )
         family = self.family
         positions = family.layout_position_ids(self.llava, layout, self.visual_grid, self.image_token_id, False)
@@ -316,7 +325,8 @@ class ContrastiveTask(Task):
         pixel_parts = [batch[f"{side}_pixel_values"] for side in sides]
         pixel_values = torch.cat([part for part in pixel_parts if part.shape[0]] or pixel_parts[:1])
         sizes = [tuple(size) for side in sides for size in batch.get(f"{side}_{IMAGE_SIZES}") or []]
-        embeddings = self.encode(input_ids, mask, pixel_values, layers, sizes or None)
+        grids = [grid for side in sides for grid in batch.get(f"{side}_{IMAGE_GRID_THW}") or []]
+        embeddings = self.encode(input_ids, mask, pixel_values, layers, sizes or None, grids or None)
         return list(embeddings.split(rows, dim=1))
 
     # ── the loss ──────────────────────────────────────────────────────────────────────────────
@@ -491,7 +501,13 @@ def slice_pairs(batch: dict[str, Any], start: int, end: int, task: ContrastiveTa
         first, count = sum(images[:lo]), sum(images[lo:hi])
         out[f"{side}_input_ids"] = batch[f"{side}_input_ids"][lo:hi]
         out[f"{side}_attention_mask"] = batch[f"{side}_attention_mask"][lo:hi]
-        out[f"{side}_pixel_values"] = batch[f"{side}_pixel_values"][first : first + count]
+        pixel_rows = (first, first + count)
+        if f"{prefix}{IMAGE_GRID_THW}" in batch:  # native resolution: pixel rows are every image's patches
+            grids = batch[f"{prefix}{IMAGE_GRID_THW}"]
+            out[f"{prefix}{IMAGE_GRID_THW}"] = grids[first : first + count]
+            patches = [t * h * w for t, h, w in grids]
+            pixel_rows = (sum(patches[:first]), sum(patches[: first + count]))
+        out[f"{side}_pixel_values"] = batch[f"{side}_pixel_values"][pixel_rows[0] : pixel_rows[1]]
         if f"{prefix}{IMAGE_SIZES}" in batch:
             out[f"{prefix}{IMAGE_SIZES}"] = batch[f"{prefix}{IMAGE_SIZES}"][first : first + count]
         out[f"{prefix}{ROW_TOKENS}"], out[f"{prefix}{ROW_IMAGES}"] = tokens[lo:hi], images[lo:hi]

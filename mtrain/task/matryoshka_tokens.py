@@ -181,13 +181,13 @@ class MatryoshkaTokenTask(Task):
         return ImageGrids(full=full, kept=tokens, pooled_thw=pooled)
 
     def size_grids(self, batch: dict[str, Any], scales: list[int]) -> ImageGrids | None:
-        """Each image's counts by its size (anyres images of other sizes in one batch, each run cut to its own
+        """Each image's counts by its size (anyres images of other sizes in one batch, each run expanded to its own
         count by the loader); None when every image has the data's count (`kept_tokens`) or no size rule."""
         counts = self.counts_by_size(batch, scales)
         if counts is None or self.kept_tokens(batch, scales) is not None:
             return None
         full = [c[0] for c in counts]
-        # The loader cuts every run to its image's count (collate's ROW_TOKENS mark its batches); a batch made by
+        # The loader expands every run to its image's count (collate's ROW_TOKENS mark its batches); a batch made by
         # hand is read once (a host sync): runs other than its images' counts would misplace every token after.
         held = sum(full) if ROW_TOKENS in batch else int((batch["input_ids"] == self.image_token_id).sum())
         if held != sum(full):
@@ -195,7 +195,7 @@ class MatryoshkaTokenTask(Task):
             raise ValueError(
                 f"{self.llava.config.model_type} counts each image's visual tokens from its size (height, width): "
                 f"{by_size}, {sum(full)} in this batch, but its <image> runs hold {held}; the loader cuts each run "
-                "to its image's own count (data_pipeline.tokenize.fit_image_runs, given the family's count)"
+                "to its image's own count from its size (data_pipeline.loader's image_tokens, given the family's count)"
             )
         kept = {s: [c[i] for c in counts] for i, s in enumerate(scales, start=1)}
         return ImageGrids(full=full, kept=kept)

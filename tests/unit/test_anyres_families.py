@@ -458,9 +458,9 @@ def test_next_token_training_on_images_of_other_sizes_equals_the_stock_forward(t
 
 def test_a_loader_batch_mixing_image_sizes_gives_each_image_its_own_count(tmp_path):
     """Images of other sizes and crop counts in one batch, from the real loader: the crops are zero-padded to the
-    most (as the stock processor pads them), each <image> run is cut to its image's own count, and the one-pass
-    all-scale loss equals separate per-scale forwards (the full scale the stock forward with image_sizes, each
-    smaller one every image's own pooled tokens in its own shrunk run)."""
+    most (as the stock processor pads them), each <image> run is its image's own count (from its header's size),
+    and the one-pass all-scale loss equals separate per-scale forwards (the full scale the stock forward with
+    image_sizes, each smaller one every image's own pooled tokens in its own shrunk run)."""
     from tests.family_checks import shrink_runs_per_image
 
     cfg = anyres_cfg(

@@ -154,3 +154,23 @@ def test_data_tools_tokenize_with_the_presets_own_tokenizer_and_image_token(pres
     assert data.tokenizer.chat_template == built.tokenizer.chat_template
     assert data.tokenizer.get_vocab() == built.tokenizer.get_vocab()
     assert (data.image_token_id, data.image_markers) == (built.image_token_id, built.family.image_markers)
+
+
+def test_validate_counts_native_resolution_images_by_their_own_size(tmp_path, capsys):
+    """At Qwen's native resolution `data validate --config` counts each image as training does, from its header:
+    with data.max_len=33, a caption of a 16x16 image (4 tokens, 11 in all) fits, one of a 64x32 image (32 tokens,
+    the reference grid) does not; counted at the reference grid, both would be cut."""
+    import webdataset as wds
+
+    shard = str(tmp_path / "native-000000.tar")
+    with wds.TarWriter(shard) as sink:
+        for key, size in [("small", (16, 16)), ("large", (64, 32))]:
+            buffer = io.BytesIO()
+            Image.new("RGB", size, (200, 30, 30)).save(buffer, format="PNG")
+            sink.write({"__key__": key, "png": buffer.getvalue(), "txt": b"a shape."})
+    config = [str(REPO / "configs/tiny.yaml"), "model.preset=tiny-qwen2-vl", "matryoshka.tokens.mode=none"]
+    assert (
+        main(["data", "validate", shard, "--config", *config, "model.image_pixels=[256,2048]", "data.max_len=33"]) == 1
+    )
+    problems = capsys.readouterr().out
+    assert "large" in problems and "nothing_learned" in problems and "small" not in problems

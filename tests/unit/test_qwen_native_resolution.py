@@ -2,9 +2,11 @@
 aspect ratios and sizes, each its own merged grid and token count. At full scale the logits equal the stock
 model's forward on the stock processor's output; the one-pass all-scale loss equals separate per-scale stock
 forwards, each image pooled by the scale's factor with M-RoPE ids from its pooled grid; packed documents give
-their unpacked losses; Qwen3-VL's DeepStack sets alike; the loader fits each image's run to its own count."""
+their unpacked losses; Qwen3-VL's DeepStack sets alike; the loader expands each image to its own count, read from its header."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
@@ -179,8 +181,9 @@ def test_packed_documents_give_their_unpacked_losses_with_per_image_mrope_ids(pr
 
 
 def test_the_loader_gives_every_image_its_own_grid_and_token_count(tmp_path):
-    """Real shards through the real loader, packed: each <image> is expanded to the reference grid's 32 tokens
-    (an upper bound, so packing never overflows), then cut to its image's own count once decoded; the batch
+    """Real shards through the real loader, packed: each <image> is expanded to its image's own count, read from
+    the image's header when planning (read again whole where the header lies past the first 64 KiB; checked
+    against the decoded image's grid); the batch
     carries every image's patches in one sequence and its `image_grid_thw`, and trains."""
     import io
 
@@ -195,9 +198,13 @@ def test_the_loader_gives_every_image_its_own_grid_and_token_count(tmp_path):
     sizes = [(32, 48), (64, 16), (50, 40), (64, 16)]  # (50, 40) is resized: smart_resize to 48 x 32 (w x h)
     with wds.TarWriter(str(tmp_path / "shard-000000.tar")) as sink:
         for index, size in enumerate(sizes):
-            buffer = io.BytesIO()
-            Image.new("RGB", size, COLOURS[index]).save(buffer, format="PNG")
-            sink.write({"__key__": f"s{index}", "png": buffer.getvalue(), "txt": f"shape number {index}".encode()})
+            buffer, image = io.BytesIO(), Image.new("RGB", size, COLOURS[index])
+            if index == 2:  # a 100 KB ICC profile puts the JPEG's size past the planner's 64 KiB header read
+                image.save(buffer, format="JPEG", icc_profile=bytes(range(256)) * 400)
+            else:
+                image.save(buffer, format="PNG")
+            member = "jpg" if index == 2 else "png"
+            sink.write({"__key__": f"s{index}", member: buffer.getvalue(), "txt": f"shape number {index}".encode()})
     settings = LoaderSettings(sources=((str(tmp_path / "shard-000000.tar"), 1.0),), batch_size=2, seed=0, packing=True)
     spec, counter = token_spec(cfg, built), image_token_counter(cfg, built)
     loader = build_loader(settings, 0, 1, spec, built.image_processor, built.visual_tokens, image_tokens=counter)
@@ -266,16 +273,143 @@ def test_native_resolution_is_checked_before_any_process_group(tmp_path):
     assert "scale 4 is no pooling factor of the 32-token reference grid" in problem and "[2, 8, 32]" in problem
 
 
-def test_fitting_runs_and_stacking_pixels_fail_with_errors_that_name_the_fix():
-    from data_pipeline.images import stack_crops
-    from data_pipeline.tokenize import TokenizedSample, fit_image_runs
+def test_header_counts_equal_the_stock_processors_on_any_size():
+    """The planner's count from an image's size alone equals the token count of the grid the processor gives:
+    the stock processor's (no M3 pooling multiple), and the M3-aligned resize of ours; extreme aspect ratios
+    included, where smart_resize goes past max_pixels (so the reference grid is no bound there)."""
+    from mtrain.model.families.qwen2_vl import NativeSizeImageProcessor
 
-    doc = TokenizedSample("k", [1, 9, 9, 9, 2, 9, 9, 9, 3], [-100] * 8 + [3], [(1, 4), (5, 8)], [])
-    fit_image_runs(doc, [2, 1])
-    assert (doc.input_ids, doc.image_spans, len(doc.labels)) == ([1, 9, 9, 2, 9, 3], [(1, 3), (4, 5)], 6)
-    with pytest.raises(ValueError, match="an image has 3 visual tokens but its <image> was expanded to 2"):
-        fit_image_runs(doc, [3, 1])
+    stock = Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=256, max_pixels=2048)
+    sizes = [(8, 8), (5, 7), (17, 23), (300, 20), (64, 32), (33, 95), (1000, 1000), (640, 480), (31, 1500)]
+    for pooling, processor in [(1, stock), (2, None)]:
+        native = NativeSizeImageProcessor(stock, 256, 2048, pooling)
+        processor = processor or native
+        for width, height in sizes:
+            (grid,) = processor(images=Image.new("RGB", (width, height)), return_tensors="pt")["image_grid_thw"]
+            assert native.size_tokens((height, width)) == native.visual_tokens(grid.tolist()), (pooling, width, height)
+    assert NativeSizeImageProcessor(stock, 256, 2048, 1).size_tokens((1500, 31)) == 39  # over the 32 of max_pixels
+
+
+def test_packing_plans_rows_at_each_images_own_count_from_its_header(tmp_path):
+    """Two large images (32 tokens, the reference grid) and four small ones (4 tokens), captions of one length:
+    rows planned at every image's own count hold three documents each; planned at the reference grid's upper
+    bound (the old plan), one each. Every run in the batch is its image's count and no row passes max_len."""
+    import io
+
+    import webdataset as wds
+
+    from data_pipeline.loader import LoaderSettings, build_loader
+    from mtrain.engine.data import image_token_counter, token_spec
+    from mtrain.model.build import build_model
+
+    cfg = m3_lora_config("tiny-qwen2-vl", SCALES, PIXELS, "data.packing=true")
+    built = build_model(cfg.model, torch.float32, None, seed=0, tokens=cfg.matryoshka.tokens)
+    sizes = [(64, 32), (16, 16), (16, 16), (64, 32), (16, 16), (16, 16)]  # (width, height): 8x4 and 2x2 merged
+    shard = tmp_path / "shard-000000.tar"
+    with wds.TarWriter(str(shard)) as sink:
+        for index, size in enumerate(sizes):
+            buffer = io.BytesIO()
+            Image.new("RGB", size, COLOURS[index % 4]).save(buffer, format="PNG")
+            sink.write({"__key__": f"s{index}", "png": buffer.getvalue(), "txt": b"a shape."})
+    counter = image_token_counter(cfg, built)
+    text = 7  # the prompt's newline, the caption's 3 tokens, two image markers and EOS
+    large, small = text + 32, text + 4
+    spec = replace(token_spec(cfg, built), max_len=large + 2 * small)  # below two documents at the upper bound
+
+    def rows(image_tokens) -> list[list[str]]:
+        settings = LoaderSettings(sources=((str(shard), 1.0),), batch_size=1, seed=0, packing=True)
+        loader = build_loader(
+            settings, 0, 1, spec, built.image_processor, built.visual_tokens, image_tokens=image_tokens
+        )
+        taken: list[list[str]] = []
+        while sum(map(len, taken)) < len(sizes):
+            batch = next(loader)
+            taken.append(batch["keys"])
+            assert batch[ROW_TOKENS][0] <= spec.max_len
+            if image_tokens is not None:
+                runs = (batch["input_ids"][0] == built.image_token_id).sum()
+                assert int(runs) == sum(t * h * w // 4 for t, h, w in batch[IMAGE_GRID_THW])
+        return taken
+
+    assert [len(row) for row in rows(counter)] == [3, 3]
+    assert [len(row) for row in rows(None)] == [1] * 6
+
+
+def test_checking_runs_and_stacking_pixels_fail_with_errors_that_name_the_fix():
+    from data_pipeline.images import stack_crops
+    from data_pipeline.tokenize import TokenizedSample, check_image_runs
+
+    doc = TokenizedSample("k", [1, 9, 9, 2, 9, 3], [-100] * 5 + [3], [(1, 3), (4, 5)], [], image_sizes=[(8, 8), (4, 4)])
+    check_image_runs(doc, [(8, 8), (4, 4)], [2, 1])
+    with pytest.raises(ValueError, match=r"planned at sizes \[\(8, 8\), \(4, 4\)\] with \[2, 1\] visual tokens"):
+        check_image_runs(doc, [(8, 8), (4, 4)], [3, 1])
+    with pytest.raises(ValueError, match=r"decode to sizes \[\(8, 8\), \(4, 4\)\].*must resize alike"):
+        check_image_runs(doc, [(8, 8), (5, 4)], [2, 1])
     padded = stack_crops([torch.ones(5, 3, 4, 4), torch.ones(3, 3, 4, 4)])  # anyres crops: zero-padded to the most
     assert padded.shape == (2, 5, 3, 4, 4) and not padded[1, 3:].any()
     with pytest.raises(ValueError, match=r"shapes \[\(3, 4, 4\), \(3, 8, 8\)\], which no batch stacks"):
         stack_crops([torch.ones(3, 4, 4), torch.ones(3, 8, 8)])
+
+
+def test_contrastive_at_native_resolution_pools_the_stock_forwards_last_token(tmp_path):
+    """Pairs from the real pair loader whose query images have two sizes: each image is planned at its own count
+    (from its header), its grid the stock processor's; the embedding is the last real token's final hidden state
+    of the stock forward on the stock processor's output, whole or in GradCache chunks (patches sliced per image)
+    or through the embed API, and the InfoNCE loss trains."""
+    import io
+
+    import webdataset as wds
+
+    from data_pipeline.loader import LoaderSettings, build_loader
+    from data_pipeline.pairs import PairForm
+    from mtrain.config import load_config
+    from mtrain.embed import Embedder
+    from mtrain.engine.data import pair_spec
+    from mtrain.model.build import build_model
+    from mtrain.task.contrastive import slice_pairs
+    from mtrain.task.registry import build_task
+
+    cfg = load_config(None, ["model.preset=tiny-qwen2-vl", PIXELS, "task.objective=contrastive", "data.max_len=96"])
+    built = build_model(cfg.model, torch.float32, None, seed=0)
+    task = build_task(cfg, built, rank=0)
+    pictures = images(2)  # 32x48 and 64x16 (width x height): merged grids 6x4 and 2x8
+    with wds.TarWriter(str(tmp_path / "pairs-000000.tar")) as sink:
+        for index, picture in enumerate(pictures):
+            buffer = io.BytesIO()
+            picture.save(buffer, format="PNG")
+            sink.write(
+                {"__key__": f"p{index}", "query.png": buffer.getvalue(), "positive.txt": f"shape {index}".encode()}
+            )
+    settings = LoaderSettings(sources=((str(tmp_path / "pairs-000000.tar"), 1.0),), batch_size=2, seed=0, shuffle=False)
+    loader = build_loader(
+        settings, 0, 1, None, built.image_processor, built.visual_tokens, form=PairForm(pair_spec(cfg, built))
+    )
+    batch = next(loader)
+    stock = [built.image_processor.processor(images=p, return_tensors="pt") for p in pictures]  # Qwen's own resize
+    grid_thw = torch.cat([out["image_grid_thw"] for out in stock])
+    assert batch["query_image_grid_thw"] == grid_thw.tolist() == [[1, 12, 8], [1, 4, 16]]
+    ids, mask = batch["query_input_ids"], batch["query_attention_mask"]
+    is_image = ids == built.image_token_id
+    assert is_image.sum(1).tolist() == [24, 16]  # each run its image's own count
+    with torch.no_grad():
+        queries, _ = task.encode_pairs(batch, [task.depth])
+        hidden = task.llava.model(
+            input_ids=ids,
+            attention_mask=mask,
+            pixel_values=torch.cat([out["pixel_values"] for out in stock]),
+            image_grid_thw=grid_thw,
+            mm_token_type_ids=is_image.int(),
+            output_hidden_states=True,
+        ).hidden_states[-1]
+        chunks = [task(slice_pairs(batch, row, row + 1, task), embed_layers=[task.depth])[0] for row in range(2)]
+    want = hidden[torch.arange(2), mask.sum(1) - 1]
+    torch.testing.assert_close(queries[0], want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat(chunks, dim=1)[0], want, rtol=1e-5, atol=1e-5)
+    loss, _ = task(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and task.llava.model.visual.merger.mlp[0].weight.grad.abs().sum() > 0
+    # The embed API (retrieval, `mtrain embed`): in-memory images, each its own count and grid, the same vectors.
+    embedder = Embedder(task, pair_spec(cfg, built), built.image_processor)
+    instruction = cfg.task.contrastive.query_instruction
+    embedded = embedder.raw_embeddings([(p, "") for p in pictures], task.depth, instruction)
+    torch.testing.assert_close(embedded, want, rtol=1e-5, atol=1e-5)

@@ -25,9 +25,9 @@ next larger one. The unpadding is recomputed at each pooled size with the stock 
 kept rows nest up to that rounding. Every rank computes the same counts from the same `image_sizes`.
 
 Images of other sizes in one batch: each image is treated as a single-image anyres input (the stock
-model's default when `batch_num_images` is not given). The data expands each `<image>` to
-`visual_tokens`, the count of a square image at least as large as the largest pinpoint (the most an
-image has), and the loader cuts each run to its image's own count once decoded (`image_tokens`,
+model's default when `batch_num_images` is not given). `visual_tokens` is the count of a square image at
+least as large as the largest pinpoint (the most an image has); the loader's planner reads each image's size
+from its header and expands its `<image>` to that image's own count (`image_tokens`,
 `mtrain.engine.data.image_token_counter`); a batch's crops are zero-padded to the most crops, as the stock
 processor pads them. The task then keeps one count per scale when every image gives the data's count, and
 each image's own counts otherwise (`token_layout.ImageGrids`, `scaled_image_features`); a batch whose runs

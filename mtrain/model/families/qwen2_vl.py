@@ -37,15 +37,15 @@
   transformer after the merger reads each image's merged tokens (`mtrain/model/mqt_head.py`); its
   query tokens take text ids, all three axes the 1-D id (`layout_position_ids(query_tokens=True)`):
   a query is no image location, and text ids keep the first m queries' ids the same at every scale.
-  The contrastive task: every image at full size, M-RoPE ids from `get_rope_index` as here.
+  The contrastive task: every image at full size, M-RoPE ids from `get_rope_index` as here (at native
+  resolution from each image's own grid, the pair batch's `{side}_image_grid_thw`).
 
 `qwen2_5_vl` (`Qwen2_5_VLFamily`) reuses all of this: its tower adds window attention, with the
 same merger, image token and M-RoPE. `qwen3_vl` (`qwen3_vl.py`) subclasses it and adds DeepStack
 (tower features added in the first language-model layers, pooled as the main tokens are).
 
-Not yet: MQT, the contrastive objective and generation at native resolution (refused at config load), and
-a saved `Qwen2VLProcessor` in exports (its video processor needs torchvision, which the CPU stack leaves
-out).
+Not yet: MQT and generation at native resolution (refused at config load), and a saved `Qwen2VLProcessor`
+in exports (its video processor needs torchvision, which the CPU stack leaves out).
 """
 
 from __future__ import annotations
@@ -263,6 +263,13 @@ class NativeSizeImageProcessor:
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize  # noqa: PLC0415
 
         return smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
+
+    def size_tokens(self, size: tuple[int, int]) -> int:
+        """Merged tokens of an image of (height, width) pixels before the resize: what `visual_tokens` gives for
+        its `image_grid_thw`, known from the size alone (the loader reads it from the image's header)."""
+        height, width = self.size_for(*size)
+        unit = self.processor.patch_size * self.processor.merge_size
+        return (height // unit) * (width // unit)
 
     def visual_tokens(self, grid_thw: list[int]) -> int:
         """Merged tokens of an image of `image_grid_thw` row (t, h, w) in patches."""
