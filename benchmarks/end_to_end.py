@@ -104,11 +104,10 @@ ATTENTION_NOTE = """\
 Reading the figures: tokens/s per computed position is what packing cannot change; packing raises
 the non-pad share of the positions (printed per side). On the CPU, sdpa has no varlen kernel: a
 block-diagonal mask still computes every score of its row. mtrain's packed rows are max_len long, so
-each position pays attention over max_len, where a length-grouped padded row pays over about its own
-length; hf_flat's one row holds
-the whole micro-batch, so its attention grows with the square of the micro-batch's tokens. On a GPU
-flash-attention's varlen path (model.attn_implementation=auto picks it when it imports) computes only
-each document's own block, which removes both costs."""
+each position pays attention over max_len, where a padded row pays over its batch's longest sample;
+hf_flat's one row holds the whole micro-batch, so its attention grows with the square of the
+micro-batch's tokens. On a GPU flash-attention's varlen path (model.attn_implementation=auto picks it
+when it imports) computes only each document's own block, which removes both costs."""
 
 
 # ── counting what each side trains on ─────────────────────────────────────────────────────────
