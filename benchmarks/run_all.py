@@ -99,8 +99,8 @@ def llava7b_config(folder: Path) -> Path:
 
 def merged(old: str, sections: list[str], summary: list[str], names: list[str]) -> str:
     """The existing RESULTS.md with the rows and sections of the re-run benchmarks replaced."""
-    # A section is known by its title up to the colon ("9. End to end"), so a re-worded title replaces the old one.
-    titles = [BENCHMARKS[name][2].split(":")[0] + ":" if name in BENCHMARKS else "GPU projection" for name in names]
+    # A section is known by its number ("9. "), so a re-worded title replaces the old section, not joins it.
+    titles = [BENCHMARKS[name][2].split()[0] + " " if name in BENCHMARKS else "GPU projection" for name in names]
     head, _, details = old.partition("## Details\n")
     rerun = f"Re-run on their own later (`--only {' '.join(names)} --merge`): {', '.join(names)}.\n\n## Every ratio"
     head = head.replace("## Every ratio", rerun, 1)
