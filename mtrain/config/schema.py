@@ -154,8 +154,11 @@ class ModelConfig(Checkable):
         "Jinja chat template that renders conversations, for a model folder whose tokenizer has none (or to replace "
         "it); empty: the tokenizer's own. It must render an image part as <image>.",
     )
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = setting(
-        "auto", "auto uses flash_attention_2 when flash-attn imports on a GPU, else sdpa."
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "mtrain_varlen_sdpa"] = setting(
+        "auto",
+        "auto: flash_attention_2 when flash-attn imports on a GPU; else, where rows are packed (data.packing, or M3's "
+        "packed layout) and the family's attention is plain causal (not gemma3), mtrain_varlen_sdpa (sdpa's causal "
+        "kernel on each document's own block, the CPU's varlen path); else sdpa.",
     )
     activation_checkpointing: bool = setting(
         False,

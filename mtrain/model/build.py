@@ -58,6 +58,7 @@ from mtrain.model.mqt_head import (
 from mtrain.model.scale_lora import ScaleRouting, adapter_names, attach_scale_lora
 from mtrain.model.token_scales import reference_factor
 from mtrain.model.tokenizer import IMAGE_TOKEN, build_tiny_tokenizer, pad_with_eos_or_unk
+from mtrain.model.varlen_attention import VARLEN_SDPA, register_varlen_sdpa
 
 # Loading code never reaches a hub: everything comes from the preset or a local folder.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -92,8 +93,9 @@ class BuiltModel:
     zero3_context: Any = field(default=None, repr=False)
 
 
-def attention_implementation(requested: str) -> str:
-    """flash_attention_2 when asked or (auto) when it imports on a GPU; otherwise sdpa."""
+def attention_implementation(requested: str, packed_rows: bool = False) -> str:
+    """`requested`, or for auto: flash_attention_2 when it imports on a GPU; else mtrain_varlen_sdpa where rows
+    are packed (sdpa would compute every score of a packed row's block-diagonal mask); else sdpa."""
     if requested != "auto":
         return requested
     if torch.cuda.is_available():
@@ -103,14 +105,20 @@ def attention_implementation(requested: str) -> str:
             return "flash_attention_2"
         except ImportError:
             pass
-    return "sdpa"
+    return VARLEN_SDPA if packed_rows else "sdpa"
+
+
+def rows_are_packed(data_packing: bool, tokens: TokenScalesConfig) -> bool:
+    """Whether a run's rows hold several documents: data.packing, or scale variants in M3/MQT's packed layout."""
+    return data_packing or (tokens.mode != "none" and tokens.layout == "packed")
 
 
 def family_attention(family: ModelFamily, attn: str) -> str:
-    """`attn`, or SDPA where the family's model cannot run flash_attention_2 (said once, on rank 0)."""
-    if attn != "flash_attention_2" or family.flash_attention:
+    """`attn`, or SDPA where the family's attention is more than causal within documents (Gemma 3's
+    bidirectional image blocks), which flash_attention_2 and mtrain_varlen_sdpa compute alone (said on rank 0)."""
+    if attn not in ("flash_attention_2", VARLEN_SDPA) or family.flash_attention:
         return attn
-    print0(f"a {family.model_type} model does not run flash_attention_2 (its image attention needs a mask); using sdpa")
+    print0(f"a {family.model_type} model does not run {attn} (its image attention needs a mask); using sdpa")
     return "sdpa"
 
 
@@ -158,6 +166,7 @@ def build_model(
     seed: int,
     tokens: TokenScalesConfig | None = None,
     config_only: bool = False,
+    data_packing: bool = False,
 ) -> BuiltModel:
     """Build or load the model described by `cfg`, partitioned under ZeRO-3 when a config is given.
 
@@ -167,12 +176,15 @@ def build_model(
     scale-specific `lora.strategy` one PEFT adapter per scale is attached. `config_only` builds a
     local model from its config.json alone (no weights, tokenizer or image processor read): called
     under `torch.device("meta")` it gives the exact parameter layout of a 7B model in seconds.
+    `data_packing` (the run's data.packing) lets `model.attn_implementation=auto` pick the packed rows' attention.
     """
     tokens = tokens or TokenScalesConfig()
     from transformers.integrations import HfDeepSpeedConfig  # noqa: PLC0415
 
     zero3_context = HfDeepSpeedConfig(zero3_ds_config) if zero3_ds_config else None
-    attn = attention_implementation(cfg.attn_implementation)
+    attn = attention_implementation(cfg.attn_implementation, rows_are_packed(data_packing, tokens))
+    if attn == VARLEN_SDPA:
+        register_varlen_sdpa()
     torch.manual_seed(seed)  # identical initial weights (and LoRA init) on every rank
     if cfg.path:
         built = _load_local(cfg.path, dtype, attn, tokens, config_only, cfg.image_size, cfg.image_pixels)
@@ -185,7 +197,7 @@ def build_model(
         if tokens.mode == "mqt" and llava_config.model_type == "llava":
             llava_config = mqt_llava_config(llava_config, tokens)  # the mtrain_mqt_llava family
         family = family_for(llava_config.model_type)
-        llava_config._attn_implementation = attn
+        llava_config._attn_implementation = family_attention(family, attn)
         model = family.model_class()._from_config(llava_config, dtype=dtype)
         built = BuiltModel(
             model=model,
@@ -262,7 +274,7 @@ def _tiny_qwen(cfg: ModelConfig, dtype: torch.dtype, attn: str, tokens: TokenSca
     Qwen's image processor at the square tiny.image_size (or at native resolution, `model.image_pixels`)."""
     tokenizer, config = preset_config(cfg)
     family = family_for(config.model_type)
-    config._attn_implementation = attn
+    config._attn_implementation = family_attention(family, attn)
     model = family.model_class()._from_config(config, dtype=dtype)
     if cfg.image_pixels:
         from transformers import Qwen2VLImageProcessorPil  # noqa: PLC0415
