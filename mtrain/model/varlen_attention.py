@@ -93,8 +93,9 @@ def varlen_sdpa_mask(
 
 
 def is_document_marker(attention_mask: torch.Tensor | None) -> bool:
-    """Whether `attention_mask` is `varlen_sdpa_mask`'s marker (2-D integer starts), not a 4-D boolean mask."""
-    return attention_mask is not None and attention_mask.ndim == 2 and not attention_mask.is_floating_point()
+    """Whether `attention_mask` is `varlen_sdpa_mask`'s marker (document starts carrying their spans), not a
+    mask for stock sdpa."""
+    return attention_mask is not None and hasattr(attention_mask, DOCUMENT_SPANS)
 
 
 def varlen_sdpa_attention_forward(
@@ -117,13 +118,11 @@ def varlen_sdpa_attention_forward(
         use_gqa_in_sdpa,
     )
 
-    if not is_document_marker(attention_mask) or is_causal is False:
+    if not is_document_marker(attention_mask):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
-    spans = getattr(attention_mask, DOCUMENT_SPANS, None)
-    if spans is None:  # the marker was copied on its way (a .to()): its attribute stayed behind
-        spans = document_spans(attention_mask)
+    spans = getattr(attention_mask, DOCUMENT_SPANS)
     sdpa_kwargs: dict[str, Any] = {}
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:  # grouped-query attention as transformers' sdpa does it with no mask

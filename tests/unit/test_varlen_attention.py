@@ -4,6 +4,9 @@ document, with the same loss and gradients as sdpa under transformers' block-dia
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -36,21 +39,29 @@ def loss_and_grads(task, batch: dict, attention: str) -> tuple[torch.Tensor, lis
     return loss.detach(), list(torch.autograd.grad(loss, trainable, allow_unused=True))
 
 
-def assert_varlen_equals_block_diagonal_sdpa(task, batch: dict) -> None:
-    """The packed `batch` through mtrain_varlen_sdpa (its per-document path taken) gives sdpa's loss and gradients."""
+@contextlib.contextmanager
+def per_document_path_taken() -> Iterator[None]:
+    """Inside: at least one mask is recognised as packed documents (a row of two or more), or the check fails:
+    an equality with stock sdpa proves nothing if the varlen path never ran."""
     spans_taken = []
     original = varlen_attention.document_spans
 
-    def counted(starts):
+    def recorded(starts):
         spans_taken.append(original(starts))
         return spans_taken[-1]
 
-    varlen_attention.document_spans = counted
+    varlen_attention.document_spans = recorded
     try:
-        loss, grads = loss_and_grads(task, batch, VARLEN_SDPA)
+        yield
     finally:
         varlen_attention.document_spans = original
-    assert spans_taken and any(len(row) > 1 for row in spans_taken[0]), "the per-document path never ran"
+    assert any(len(row) > 1 for spans in spans_taken for row in spans), "the per-document path never ran"
+
+
+def assert_varlen_equals_block_diagonal_sdpa(task, batch: dict) -> None:
+    """The packed `batch` through mtrain_varlen_sdpa (its per-document path taken) gives sdpa's loss and gradients."""
+    with per_document_path_taken():
+        loss, grads = loss_and_grads(task, batch, VARLEN_SDPA)
     want_loss, want_grads = loss_and_grads(task, batch, "sdpa")
     torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
     for got, want in zip(grads, want_grads, strict=True):
@@ -123,6 +134,27 @@ def test_padded_rows_run_stock_sdpa_bitwise():
     want_loss, want_grads = loss_and_grads(task, batch, "sdpa")
     assert torch.equal(loss, want_loss)
     assert all(torch.equal(g, w) for g, w in zip(grads, want_grads, strict=True) if w is not None)
+
+
+def test_grouped_query_attention_of_a_packed_row_equals_the_block_diagonal_mask():
+    """A Llama language model with 2 key/value heads for 4 query heads, two packed rows of uneven documents."""
+    from transformers import LlamaConfig, LlamaModel  # noqa: PLC0415
+
+    register_varlen_sdpa()
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=64)  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaModel(config)
+    embeds = torch.randn(2, 12, 32, requires_grad=True)
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3]])
+    outputs = {}
+    for name in (VARLEN_SDPA, "sdpa"):
+        config._attn_implementation = name
+        with per_document_path_taken() if name == VARLEN_SDPA else contextlib.nullcontext():
+            hidden = model(inputs_embeds=embeds, position_ids=positions, use_cache=False).last_hidden_state
+        outputs[name] = (hidden, torch.autograd.grad(hidden.square().sum(), embeds)[0])
+    for got, want in zip(outputs[VARLEN_SDPA], outputs["sdpa"], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_auto_picks_varlen_for_packed_rows_of_plain_causal_families_only():
