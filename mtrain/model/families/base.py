@@ -27,7 +27,8 @@ class ModelFamily:
     # commands which fail early never import a model's code).
     model_class_path: str = ""
 
-    # Whether the model class runs under flash_attention_2 (Gemma 3 does not: it drops the image mask).
+    # Whether the model's attention is causal within documents and nothing more, so flash_attention_2 and
+    # mtrain_varlen_sdpa run it (Gemma 3's is not: they would drop its bidirectional image mask).
     flash_attention: bool = True
 
     # The `task.objective`s whose tasks run this family.
