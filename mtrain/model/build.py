@@ -94,8 +94,10 @@ class BuiltModel:
 
 
 def attention_implementation(requested: str, packed_rows: bool = False) -> str:
-    """`requested`, or for auto: flash_attention_2 when it imports on a GPU; else mtrain_varlen_sdpa where rows
-    are packed (sdpa would compute every score of a packed row's block-diagonal mask); else sdpa."""
+    """`requested`, or for auto: on a GPU flash_attention_2 when it imports, else sdpa; on the CPU
+    mtrain_varlen_sdpa where rows are packed (sdpa would compute every score of a packed row's block-diagonal
+    mask), else sdpa. The varlen path reads its documents' spans on the host once per forward, free on the
+    CPU, so auto never picks it on an accelerator."""
     if requested != "auto":
         return requested
     if torch.cuda.is_available():
@@ -104,7 +106,7 @@ def attention_implementation(requested: str, packed_rows: bool = False) -> str:
 
             return "flash_attention_2"
         except ImportError:
-            pass
+            return "sdpa"
     return VARLEN_SDPA if packed_rows else "sdpa"
 
 
