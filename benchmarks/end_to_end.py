@@ -102,12 +102,12 @@ is judged against the baseline LLaVA trains with; group_by_length's line against
 the strongest padded baseline), its ceiling being that ratio of shares."""
 ATTENTION_NOTE = """\
 Reading the figures: tokens/s per computed position is what packing cannot change; packing raises
-the non-pad share of the positions (printed per side). On the CPU, stock sdpa has no varlen kernel: a
-block-diagonal mask still computes every score of its row, so hf_flat's one row (the whole
-micro-batch) pays attention over the square of the micro-batch's tokens. mtrain's side runs what
-model.attn_implementation=auto picks for packed rows: on the CPU mtrain_varlen_sdpa, sdpa's causal
-kernel on each document's own block (a padded row pays over its batch's longest sample); on a GPU
-flash-attention's varlen path when it imports. Both compute only each document's own block."""
+the non-pad share of the positions (printed per side). On the CPU, sdpa has no varlen kernel: a
+block-diagonal mask still computes every score of its row. mtrain's packed rows are max_len long, so
+each position pays attention over max_len, where a padded row pays over its batch's longest sample;
+hf_flat's one row holds the whole micro-batch, so its attention grows with the square of the
+micro-batch's tokens. On a GPU flash-attention's varlen path (model.attn_implementation=auto picks it
+when it imports) computes only each document's own block, which removes both costs."""
 
 
 # ── counting what each side trains on ─────────────────────────────────────────────────────────
@@ -489,12 +489,7 @@ def worker(args: argparse.Namespace) -> None:
     strategy = "group_by_length" if hf == "hf_pad" else "random"  # hf_llava: its own sampler (hf_trainer_for)
     hf_args = dataclasses.replace(hf_arguments(cfg_h, ds_h, cfg_m.run.max_steps), logging_steps=args.block,
                                   per_device_train_batch_size=args.samples_per_rank, train_sampling_strategy=strategy)  # fmt: skip
-    # mtrain's side gets the attention a user's packed run gets (model.attn_implementation=auto with
-    # data.packing: mtrain_varlen_sdpa on the CPU); the HF sides the stock sdpa HF's users get.
-    built = {
-        name: build_model(cfg_m.model, torch.float32, ds_m, cfg_m.run.seed, data_packing=name == "mtrain" and cfg_m.data.packing)
-        for name in sides
-    }  # fmt: skip
+    built = {name: build_model(cfg_m.model, torch.float32, ds_m, cfg_m.run.seed) for name in sides}
 
     engine = initialize_engine(cfg_m, built["mtrain"], ds_m, world.rank)
     loader = CountedBatches(build_data_loader(cfg_m, built["mtrain"], world), sides["mtrain"])

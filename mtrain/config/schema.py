@@ -156,9 +156,8 @@ class ModelConfig(Checkable):
     )
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "mtrain_varlen_sdpa"] = setting(
         "auto",
-        "auto: flash_attention_2 when flash-attn imports on a GPU; else, where rows are packed (data.packing, or M3's "
-        "packed layout) and the family's attention is plain causal (not gemma3), mtrain_varlen_sdpa (sdpa's causal "
-        "kernel on each document's own block, the CPU's varlen path); else sdpa.",
+        "auto uses flash_attention_2 when flash-attn imports on a GPU, else sdpa; mtrain_varlen_sdpa (by name) attends "
+        "each packed document's own block through sdpa's causal kernel (the CPU's varlen path; gemma3 runs sdpa).",
     )
     activation_checkpointing: bool = setting(
         False,

@@ -179,10 +179,7 @@ def set_up(cfg: TrainConfig) -> Run:
     ds_config = checkpointer.prepare_resume(ds_config_base)
     objective = objective_for(cfg)
     zero3 = ds_config if cfg.zero.stage == 3 else None
-    built = build_model(
-        checkpointer.model_config(), placement.dtype, zero3, cfg.run.seed, cfg.matryoshka.tokens,
-        data_packing=cfg.data.packing,
-    )  # fmt: skip
+    built = build_model(checkpointer.model_config(), placement.dtype, zero3, cfg.run.seed, cfg.matryoshka.tokens)
     checkpointer.load_init_adapters(built.model)
     engine = initialize_engine(cfg, built, ds_config, world.rank)
     report_model(cfg, world, run_dir, built, engine, placement.device)

@@ -93,11 +93,12 @@ class BuiltModel:
     zero3_context: Any = field(default=None, repr=False)
 
 
-def attention_implementation(requested: str, packed_rows: bool = False) -> str:
-    """`requested`, or for auto: on a GPU flash_attention_2 when it imports, else sdpa; on the CPU
-    mtrain_varlen_sdpa where rows are packed (sdpa would compute every score of a packed row's block-diagonal
-    mask), else sdpa. The varlen path reads its documents' spans on the host once per forward, free on the
-    CPU, so auto never picks it on an accelerator."""
+def attention_implementation(requested: str) -> str:
+    """`requested`, or for auto: flash_attention_2 when flash-attn imports on a GPU, else sdpa.
+
+    mtrain_varlen_sdpa (packed rows' documents attended one by one through sdpa's causal kernel) is
+    chosen by name only: on the CPU it computes only each document's block, but at tiny width its one
+    call per document costs more than it saves (benchmarks/RESULTS.md, issue 20's note)."""
     if requested != "auto":
         return requested
     if torch.cuda.is_available():
@@ -106,13 +107,8 @@ def attention_implementation(requested: str, packed_rows: bool = False) -> str:
 
             return "flash_attention_2"
         except ImportError:
-            return "sdpa"
-    return VARLEN_SDPA if packed_rows else "sdpa"
-
-
-def rows_are_packed(data_packing: bool, tokens: TokenScalesConfig) -> bool:
-    """Whether a run's rows hold several documents: data.packing, or scale variants in M3/MQT's packed layout."""
-    return data_packing or (tokens.mode != "none" and tokens.layout == "packed")
+            pass
+    return "sdpa"
 
 
 def family_attention(family: ModelFamily, attn: str) -> str:
@@ -168,7 +164,6 @@ def build_model(
     seed: int,
     tokens: TokenScalesConfig | None = None,
     config_only: bool = False,
-    data_packing: bool = False,
 ) -> BuiltModel:
     """Build or load the model described by `cfg`, partitioned under ZeRO-3 when a config is given.
 
@@ -178,13 +173,12 @@ def build_model(
     scale-specific `lora.strategy` one PEFT adapter per scale is attached. `config_only` builds a
     local model from its config.json alone (no weights, tokenizer or image processor read): called
     under `torch.device("meta")` it gives the exact parameter layout of a 7B model in seconds.
-    `data_packing` (the run's data.packing) lets `model.attn_implementation=auto` pick the packed rows' attention.
     """
     tokens = tokens or TokenScalesConfig()
     from transformers.integrations import HfDeepSpeedConfig  # noqa: PLC0415
 
     zero3_context = HfDeepSpeedConfig(zero3_ds_config) if zero3_ds_config else None
-    attn = attention_implementation(cfg.attn_implementation, rows_are_packed(data_packing, tokens))
+    attn = attention_implementation(cfg.attn_implementation)
     if attn == VARLEN_SDPA:
         register_varlen_sdpa()
     torch.manual_seed(seed)  # identical initial weights (and LoRA init) on every rank

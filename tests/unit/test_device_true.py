@@ -75,9 +75,7 @@ OBJECTIVES = {
 
 
 def build(overrides: list[str]):
-    # sdpa, as auto picks on an accelerator without flash-attn: the CPU-only mtrain_varlen_sdpa reads its
-    # documents' spans on the host by design (mtrain/model/build.py attention_implementation).
-    cfg = load_config(None, ["model.lora.dropout=0.0", "model.attn_implementation=sdpa", *overrides])
+    cfg = load_config(None, ["model.lora.dropout=0.0", *overrides])
     torch.manual_seed(0)
     built = build_model(cfg.model, torch.float32, None, seed=0, tokens=cfg.matryoshka.tokens)
     task = build_task(cfg, built, rank=0)

@@ -12,7 +12,7 @@ import torch
 
 from mtrain.config import load_config
 from mtrain.model import varlen_attention
-from mtrain.model.build import attention_implementation, build_model, family_attention, rows_are_packed
+from mtrain.model.build import attention_implementation, build_model, family_attention
 from mtrain.model.families import family_for
 from mtrain.model.varlen_attention import VARLEN_SDPA, register_varlen_sdpa
 from mtrain.task.registry import build_task
@@ -82,6 +82,7 @@ def llava_m3():
             "model.lora.enabled=true",
             "model.lora.dropout=0.0",
             "model.freeze.always_train=[lm_head]",
+            f"model.attn_implementation={VARLEN_SDPA}",
         ],
     )
     return lora_task(cfg)
@@ -89,21 +90,30 @@ def llava_m3():
 
 def test_packed_m3_one_pass_equals_the_block_diagonal_mask_llava(llava_m3):
     task, built = llava_m3
-    assert built.model.config.text_config._attn_implementation == VARLEN_SDPA  # auto: M3's packed layout
+    assert built.model.config.text_config._attn_implementation == VARLEN_SDPA
     assert_varlen_equals_block_diagonal_sdpa(task, make_batch(built))
 
 
 def test_packed_m3_one_pass_equals_the_block_diagonal_mask_qwen2_vl_mrope():
     from tests.unit.test_qwen2_vl_family import padded_batch as qwen_padded_batch  # noqa: PLC0415
 
-    task, built = lora_task(m3_lora_config("tiny-qwen2-vl", QWEN_SCALES, "model.lora.strategy=shared_plus_per_scale"))
+    task, built = lora_task(
+        m3_lora_config(
+            "tiny-qwen2-vl",
+            QWEN_SCALES,
+            "model.lora.strategy=shared_plus_per_scale",
+            f"model.attn_implementation={VARLEN_SDPA}",
+        )
+    )
     docs = documents(built, "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
     assert_varlen_equals_block_diagonal_sdpa(task, qwen_padded_batch(built, docs))
 
 
 def lm_task():
-    cfg = load_config(None, ["model.freeze.language_model=false", "data.packing=true"])
-    built = build_model(cfg.model, torch.float32, None, seed=0, tokens=cfg.matryoshka.tokens, data_packing=True)
+    cfg = load_config(
+        None, ["model.freeze.language_model=false", "data.packing=true", f"model.attn_implementation={VARLEN_SDPA}"]
+    )
+    built = build_model(cfg.model, torch.float32, None, seed=0, tokens=cfg.matryoshka.tokens)
     return build_task(cfg, built, rank=0), built
 
 
@@ -157,17 +167,9 @@ def test_grouped_query_attention_of_a_packed_row_equals_the_block_diagonal_mask(
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_auto_picks_varlen_for_packed_rows_of_plain_causal_families_only():
-    from mtrain.config.schema import TokenScalesConfig  # noqa: PLC0415
-
-    assert rows_are_packed(True, TokenScalesConfig())  # data.packing
-    assert rows_are_packed(False, TokenScalesConfig(mode="m3", scales=[1, 4]))  # M3's packed layout
-    assert not rows_are_packed(False, TokenScalesConfig())
+def test_varlen_is_chosen_by_name_for_plain_causal_families_only():
     if not torch.cuda.is_available():
-        assert attention_implementation("auto", packed_rows=True) == VARLEN_SDPA
-        assert attention_implementation("auto", packed_rows=False) == "sdpa"
-    else:  # flash_attention_2, or sdpa: the varlen path reads spans on the host, never picked on a GPU
-        assert attention_implementation("auto", packed_rows=True) in ("flash_attention_2", "sdpa")
+        assert attention_implementation("auto") == "sdpa"  # the default stays stock sdpa
     assert attention_implementation(VARLEN_SDPA) == VARLEN_SDPA  # by name, anywhere
     for model_type in ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         assert family_attention(family_for(model_type), VARLEN_SDPA) == VARLEN_SDPA
