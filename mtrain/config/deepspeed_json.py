@@ -21,9 +21,10 @@ class ZeroSizes:
     """Elements of parameters gathered ahead of use (ZeRO-3)."""
 
 
-BUCKET_FLOOR = 10_000_000
-"""Fewest elements per ZeRO bucket: 20 MB in bf16, a size whose collectives run at bandwidth rather
-than latency on NVLink and InfiniBand, and more than a whole tiny model (which then gathers at once)."""
+BUCKET_FLOOR = 50_000_000
+"""Fewest elements per ZeRO bucket: DeepSpeed's own default bucket (100 MB in bf16), a size whose
+collectives run at bandwidth rather than latency on NVLink and InfiniBand. At 1e7 the 8x-wider tiny
+model stepped 0.87x as fast as at 5e7 (benchmarks/zero_defaults.py, issue 20's note)."""
 
 
 def zero_sizes(zero: ZeroConfig, hidden_size: int) -> ZeroSizes:
@@ -38,7 +39,8 @@ def zero_sizes(zero: ZeroConfig, hidden_size: int) -> ZeroSizes:
       gathers during forward, and no rank holds a replica.
     - reduce bucket h^2 and prefetch bucket 0.9h^2, as Hugging Face's "auto" sizes them, but at
       least `BUCKET_FLOOR` elements, so a small model does not split its gathers and reductions into
-      many tiny collectives. From h of about 3,300 up (LLaVA-1.5-7B: 4,096) the floor no longer applies.
+      many tiny collectives. From h of about 7,100 up the floor no longer applies (LLaVA-1.5-7B, h = 4,096,
+      gets DeepSpeed's 5e7 buckets: 0.13 GiB per GPU more than HF's h^2, `mtrain plan`).
     """
     threshold, reduce, prefetch = zero.param_persistence_threshold, zero.reduce_bucket_size, zero.prefetch_bucket_size
     return ZeroSizes(

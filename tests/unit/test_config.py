@@ -113,15 +113,18 @@ def test_zero3_sizes_follow_the_hidden_size_unless_set(tmp_path):
         return tuple(section[key] for key in keys)
 
     floor = BUCKET_FLOOR
-    assert floor == 10_000_000
+    assert floor == 50_000_000
     assert sizes(zero()) == (0, floor, floor)  # the tiny preset: h = 64, h^2 far under the floor
     assert sizes(zero("model.tiny.hidden_size=128", "model.tiny.num_heads=4")) == (0, floor, floor)
     # A local model folder: the language model's width, read from its config before any weight loads.
-    # At LLaVA-1.5-7B's h = 4096 the buckets are HF's h^2 and 0.9h^2, above the floor.
+    # At LLaVA-1.5-7B's h = 4096 the buckets are still the floor (h^2 = 1.7e7); at h = 8192 HF's h^2 and 0.9h^2.
     text = LlamaConfig(hidden_size=4096, num_hidden_layers=1, num_attention_heads=32, intermediate_size=128)
     vision = CLIPVisionConfig(hidden_size=32, num_attention_heads=4)
     LlavaConfig(text_config=text, vision_config=vision).save_pretrained(tmp_path)
-    assert sizes(zero("model.preset=none", f"model.path={tmp_path}")) == (0, 4096**2, int(0.9 * 4096**2))
+    assert sizes(zero("model.preset=none", f"model.path={tmp_path}")) == (0, floor, floor)
+    text = LlamaConfig(hidden_size=8192, num_hidden_layers=1, num_attention_heads=64, intermediate_size=128)
+    LlavaConfig(text_config=text, vision_config=vision).save_pretrained(tmp_path)
+    assert sizes(zero("model.preset=none", f"model.path={tmp_path}")) == (0, 8192**2, int(0.9 * 8192**2))
     assert sizes(zero("zero.param_persistence_threshold=640")) == (640, floor, floor)
     assert sizes(zero("zero.reduce_bucket_size=500", "zero.prefetch_bucket_size=700")) == (0, 500, 700)
     assert "reduce_bucket_size" in zero("zero.stage=2") and "stage3_prefetch_bucket_size" not in zero("zero.stage=2")
