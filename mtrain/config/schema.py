@@ -336,7 +336,8 @@ class ZeroConfig(Checkable):
     )
     overlap_comm: bool = setting(True, "Overlap gradient reduction with the backward pass.")
     reduce_bucket_size: int | None = setting(
-        None, "Elements per gradient-reduction bucket; null: the hidden size squared, at least 5e7 (DeepSpeed's default)."
+        None,
+        "Elements per gradient-reduction bucket; null: the hidden size squared, at least 5e7 (DeepSpeed's default).",
     )
     prefetch_bucket_size: int | None = setting(
         None, "Elements of parameters prefetched ahead of use; null: 0.9 x the hidden size squared, at least 5e7."
