@@ -16,7 +16,6 @@ The built-in tiny preset is checked by the config itself (mtrain/config/schema.p
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -78,7 +77,7 @@ def model_problems(cfg: Any) -> list[str]:
 
     config = load_model_config(path)  # an MQT folder's config without running its code
     if cfg.model.image_pixels:
-        found = native_resolution_problems(family, config, cfg.matryoshka.tokens, cfg.model.image_pixels)
+        found = family.native_resolution_problems(config, cfg.matryoshka.tokens, cfg.model.image_pixels)
     else:
         found = family.problems(config, cfg.matryoshka.tokens, cfg.model.image_size)
     tokens = cfg.matryoshka.tokens
@@ -101,30 +100,6 @@ def model_problems(cfg: Any) -> list[str]:
     problems = [f"{where}: {problem}" for problem in found]
     pad = pad_token_problem(AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False), where)
     return problems + ([pad] if pad else [])
-
-
-def native_resolution_problems(family: Any, config: Any, tokens: Any, image_pixels: list[int]) -> list[str]:
-    """What makes `model.image_pixels` (Qwen's native resolution) unusable with a folder's model: a family
-    without per-image grids, M3 scales that are no pooling factor of the reference grid, and what the family
-    refuses whatever its images' sizes (its problems with one fitting size and no scales)."""
-    from mtrain.model.families.qwen2_vl import Qwen2VLFamily  # noqa: PLC0415
-    from mtrain.model.token_scales import reference_factor  # noqa: PLC0415
-
-    if not isinstance(family, Qwen2VLFamily):
-        return [
-            f"model.image_pixels={image_pixels} is Qwen's native resolution; a {config.model_type} model has one "
-            "image size, drop it"
-        ]
-    vision = config.vision_config
-    unit = vision.patch_size * vision.spatial_merge_size
-    reference = image_pixels[1] // (unit * unit)
-    found = family.problems(config, dataclasses.replace(tokens, scales=[]), [unit, unit])
-    for scale in tokens.scales if tokens.mode == "m3" else []:
-        try:
-            reference_factor(reference, scale)
-        except ValueError as exc:
-            found.append(f"matryoshka.tokens.scales: {exc} (model.image_pixels={image_pixels})")
-    return found
 
 
 def check_model(cfg: Any) -> None:

@@ -78,6 +78,14 @@ class ModelFamily:
         resize to it) or the model config unusable together; empty when fine."""
         return []
 
+    def native_resolution_problems(self, config: Any, tokens: Any, image_pixels: list[int]) -> list[str]:
+        """What makes `model.image_pixels` (images at their own sizes, each its own grid) unusable with this
+        model; a family with one image size refuses it."""
+        return [
+            f"model.image_pixels={image_pixels} is Qwen's native resolution; a {config.model_type} model has one "
+            "image size, drop it"
+        ]
+
     def scale_tokens(self, config: Any, scale: int | None, image_size: tuple[int, int]) -> int:
         """Tokens an image of `image_size` (height, width) stands for at M3 scale `scale` (None: unpooled).
 

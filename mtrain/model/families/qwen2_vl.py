@@ -50,7 +50,10 @@ in exports (its video processor needs torchvision, which the CPU stack leaves ou
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -59,7 +62,13 @@ from data_pipeline.chat_template import message_text_template
 from mtrain.model.families.base import ModelFamily, tiny_text_sizes
 
 # merged_grid and pool_merged (Qwen's M3 pooling, mtrain/model/token_scales.py) are imported from here too.
-from mtrain.model.token_scales import grid_factor, merged_grid, pool_merged, pooled_grid_thw  # noqa: F401
+from mtrain.model.token_scales import (  # noqa: F401
+    grid_factor,
+    merged_grid,
+    pool_merged,
+    pooled_grid_thw,
+    reference_factor,
+)
 
 IMAGE_PAD = "<|image_pad|>"  # the image token: one per visual token in the sequence
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"  # around every image's run of IMAGE_PAD
@@ -306,6 +315,18 @@ def tiny_qwen_image_processor(image_size: int, patch_size: int) -> FixedSizeImag
     return FixedSizeImageProcessor(stock, image_size, image_size)
 
 
+def scale_problems(tokens: Any, fit: Callable[[int], int], size_rule: str) -> list[str]:
+    """Each M3 scale that `fit` (its pooling factor on the grid, raising ValueError) refuses, named with the
+    config's size rule."""
+    found = []
+    for scale in tokens.scales if tokens.mode == "m3" else []:
+        try:
+            fit(scale)
+        except ValueError as exc:
+            found.append(f"matryoshka.tokens.scales: {exc} ({size_rule})")
+    return found
+
+
 class Qwen2VLFamily(ModelFamily):
     model_type = "qwen2_vl"
     generates = True
@@ -337,13 +358,17 @@ class Qwen2VLFamily(ModelFamily):
         if image_size[0] % unit or image_size[1] % unit:
             return [f"model.image_size={image_size}: each side must be a multiple of patch_size * merge_size = {unit}"]
         grid = (image_size[0] // unit, image_size[1] // unit)
-        problems = []
-        for scale in tokens.scales if tokens.mode == "m3" else []:
-            try:
-                grid_factor(grid, scale)
-            except ValueError as exc:
-                problems.append(f"matryoshka.tokens.scales: {exc} (model.image_size={image_size})")
-        return problems
+        return scale_problems(tokens, lambda scale: grid_factor(grid, scale), f"model.image_size={image_size}")
+
+    def native_resolution_problems(self, config: Any, tokens: Any, image_pixels: list[int]) -> list[str]:
+        """M3 scales that are no pooling factor of the reference grid, and what the family refuses whatever
+        its images' sizes (its problems with one fitting size and no scales)."""
+        vision = config.vision_config
+        unit = vision.patch_size * vision.spatial_merge_size
+        reference = image_pixels[1] // (unit * unit)
+        found = self.problems(config, dataclasses.replace(tokens, scales=[]), [unit, unit])
+        fit = functools.partial(reference_factor, reference)
+        return found + scale_problems(tokens, fit, f"model.image_pixels={image_pixels}")
 
     def patch_grid_thw(self, config: Any, grid: tuple[int, int], images: int, device: Any) -> torch.Tensor:
         """`image_grid_thw` rows (1, h, w) in patches for `images` images of merged grid `grid`."""
